@@ -1,0 +1,73 @@
+"""The bus: live fan-out between server processes and the small shared state they must agree on.
+
+Implementations: ``memory`` (one process, the default) and ``redis`` (many processes). Both pass the
+same contract suite (``tests/contract/test_bus_contract.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+# Called for every message on a subscribed topic, from the bus's own reader; it must not block.
+# ``seq`` is the sequence number given by ``publish_sequenced`` (0 for ``publish``).
+BusHandler = Callable[[str, int, bytes], None]
+
+
+class Bus(Protocol):
+    """Guarantees every implementation keeps:
+
+    - Delivery is at most once. A process subscribed to a topic receives each message published on it
+      after the subscription took effect, once; a message published while the process was cut off from
+      the bus is not replayed (the caller fills gaps from the store, see ``on_reconnect``).
+    - ``publish_sequenced`` gives the next number of ``counter`` and publishes ``(seq, body)`` as one
+      atomic step, so every subscriber sees a counter's messages in strictly increasing ``seq`` order,
+      whichever process published them. A number is never handed out twice while the bus remembers the
+      counter. If the bus has forgotten the counter (new bus, or a Redis restart without persistence)
+      the call returns ``None`` and publishes nothing: the caller re-seeds it from the store with
+      ``seed_sequence`` and tries again.
+    - Key/value operations are atomic across all processes sharing the bus; values expire after their
+      ``ttl`` (seconds). ``take`` and ``compare_and_set`` are the primitives for single-use challenges
+      and for state machines that several processes drive (peeks).
+    """
+
+    async def start(self, handler: BusHandler, on_reconnect: Callable[[], None] | None = None) -> None:
+        """Connect and start delivering messages of subscribed topics to ``handler``.
+
+        ``on_reconnect`` is called after the bus lost and regained its connection (subscriptions have
+        been restored by then); messages published meanwhile were not delivered.
+        """
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise ``Unavailable('bus_unavailable')`` if the bus cannot be reached now."""
+
+    async def subscribe(self, topic: str) -> None: ...
+
+    async def unsubscribe(self, topic: str) -> None: ...
+
+    async def publish(self, topic: str, body: bytes) -> None: ...
+
+    async def publish_sequenced(self, topic: str, counter: str, body: bytes) -> int | None: ...
+
+    async def seed_sequence(self, counter: str, floor: int) -> None:
+        """Make the counter at least ``floor``, so the next number handed out is above it."""
+
+    async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bytes | None:
+        """Store ``value`` unless ``key`` exists. Returns ``None`` if stored, else the existing value."""
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None: ...
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def take(self, key: str) -> bytes | None:
+        """Get and delete in one step: of several concurrent callers, exactly one gets the value."""
+
+    async def delete(self, key: str) -> None: ...
+
+    async def compare_and_set(self, key: str, expected: bytes | None, new: bytes, ttl: float) -> bool:
+        """Set ``key`` to ``new`` only if its value is ``expected`` (``None``: absent). True if set."""
+
+    async def incr(self, key: str, ttl: float) -> int:
+        """Add one to an integer counter, creating it (expiring after ``ttl``) if absent; the new value."""

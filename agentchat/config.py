@@ -1,0 +1,130 @@
+"""Settings: one dataclass, filled from defaults, then ``AGENTCHAT_*`` environment variables, then flags.
+
+One setting per backend, chosen by URL scheme:
+
+- ``bus``: ``memory://`` (default, one process) or ``redis://host:port/db``
+- ``store``: ``file://./data`` (default) or ``s3://bucket?endpoint=...&region=...``
+- ``payments``: ``dev://`` (default, no money moves) or ``stripe://`` (keys from their own settings)
+
+Anything the parser does not understand is rejected with a sentence, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "AGENTCHAT_"
+
+
+class ConfigError(ValueError):
+    """A setting has a value the server cannot use."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every size and rate the server enforces; all can be set (``AGENTCHAT_MAX_FRAME_BYTES`` ...)."""
+
+    max_body_bytes: int = 256 * 1024
+    max_frame_bytes: int = 128 * 1024
+    max_ciphertext_bytes: int = 64 * 1024
+    max_name_chars: int = 64
+    max_channel_members: int = 256
+    max_channels_per_agent: int = 1000
+    history_page_max: int = 500
+    # Frames an agent's socket may send per second (token bucket, burst of twice the rate).
+    frames_per_second: int = 2000
+    # Requests an address may make per second to the unauthenticated auth routes.
+    auth_requests_per_second: int = 20
+    # Messages waiting for one socket before it is closed as too slow (it resumes on reconnect).
+    send_queue_max: int = 4096
+    # Messages sequenced but not yet stored, per process, before sends get ``store_unavailable``.
+    pending_writes_max: int = 50_000
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    bus: str = "memory://"
+    store: str = "file://./data"
+    payments: str = "dev://"
+    # Signs session tokens. Empty: a random secret is made once and kept in the store.
+    token_secret: str = ""
+    token_ttl_seconds: int = 3600
+    challenge_ttl_seconds: int = 60
+    # Group commit: a batch is written when it holds this many messages or is this old.
+    batch_max_messages: int = 1000
+    batch_max_delay_ms: int = 5
+    # Peeks
+    peek_price_cents: int = 500
+    refusal_fee_cents: int = 100
+    peek_refusal_window_seconds: int = 60
+    peek_duration_seconds: int = 600
+    stripe_secret_key: str = ""
+    stripe_publishable_key: str = ""
+    stripe_webhook_secret: str = ""
+    stripe_api_base: str = ""
+    log_level: str = "info"
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        scheme_of = lambda url: urlsplit(url).scheme  # noqa: E731
+        if scheme_of(self.bus) not in ("memory", "redis", "rediss"):
+            raise ConfigError(f"bus {self.bus!r}: use memory:// or redis://host:port/db")
+        if scheme_of(self.store) not in ("file", "s3"):
+            raise ConfigError(f"store {self.store!r}: use file://DIR or s3://bucket?endpoint=...")
+        if scheme_of(self.payments) not in ("dev", "stripe"):
+            raise ConfigError(f"payments {self.payments!r}: use dev:// or stripe://")
+        if not 0 < self.port < 65536 and self.port != 0:
+            raise ConfigError(f"port {self.port} is out of range")
+
+
+def _coerce(name: str, raw: str, kind: type) -> object:
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    return raw
+
+
+def _field_types(cls: type) -> dict[str, type]:
+    hints = {"int": int, "str": str}
+    return {f.name: hints.get(str(f.type), str) for f in dataclasses.fields(cls) if f.name != "limits"}
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Defaults, then ``AGENTCHAT_<NAME>`` from ``env`` (default ``os.environ``), then ``overrides``.
+
+    Limits are read from the same namespace (``AGENTCHAT_MAX_FRAME_BYTES``). Unknown ``AGENTCHAT_``
+    variables are an error, so a typo does not silently leave a default in place.
+    """
+    env = os.environ if env is None else env
+    top_types = _field_types(Settings)
+    limit_types = _field_types(Limits)
+    top: dict[str, object] = {}
+    limits: dict[str, object] = {}
+    for key, raw in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name in top_types:
+            top[name] = _coerce(key, raw, top_types[name])
+        elif name in limit_types:
+            limits[name] = _coerce(key, raw, limit_types[name])
+        else:
+            raise ConfigError(f"unknown setting {key}")
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if name in top_types:
+            top[name] = value
+        elif name in limit_types:
+            limits[name] = value
+        else:
+            raise ConfigError(f"unknown setting {name}")
+    return Settings(**top, limits=Limits(**limits))  # type: ignore[arg-type]

@@ -1,0 +1,54 @@
+"""The store: durable objects (agents, channels, message segments, peeks, ledger) by key.
+
+The interface is the part of S3 the product needs, so the local directory store and S3/R2 store are
+interchangeable; both pass ``tests/contract/test_store_contract.py``. Keys are ``/``-separated paths
+of printable ASCII (see ``keys.py``); values are opaque bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class PreconditionFailed(Exception):
+    """A conditional write lost: the object exists (``if_none_match``) or changed (``if_match``).
+
+    Not an ``AgentChatError``: callers decide what it means (usually retry or ``conflict``).
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    data: bytes
+    etag: str
+
+
+class ObjectStore(Protocol):
+    """Guarantees every implementation keeps:
+
+    - ``put`` is atomic and durable when it returns: a reader sees the whole old or the whole new
+      object, and a returned write survives a crash of the process.
+    - ``put(..., if_none_match=True)`` succeeds for exactly one of several racing writers of a key;
+      ``put(..., if_match=etag)`` only if the object still has that etag. Losers get
+      ``PreconditionFailed`` and nothing is written.
+    - ``list`` returns keys under ``prefix`` in ascending byte order, strictly after ``start_after``.
+    - Transient failures are retried inside the implementation; what escapes is
+      ``Unavailable('store_unavailable')``.
+    """
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def get(self, key: str) -> StoredObject | None: ...
+
+    async def put(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        """Write ``data`` at ``key``; returns the new etag."""
+
+    async def list(self, prefix: str, *, start_after: str = "", limit: int = 1000) -> list[str]: ...
+
+    async def delete(self, key: str) -> None:
+        """Remove ``key``; removing a missing key is not an error."""
