@@ -1,0 +1,253 @@
+"""The in-process bus: the default when one server process is enough.
+
+A ``MemoryBroker`` holds what Redis would hold (topic subscriptions, sequence counters, expiring
+values); each ``MemoryBus`` is one "process" attached to it. Several buses on one broker behave like
+several server processes on one Redis, which is how the contract suite and multi-node tests in one
+process use it.
+
+Delivery is synchronous: ``publish`` calls the handler of every subscribed bus before it returns, with
+no task or callback scheduled per message. A handler that publishes from inside a delivery does not
+jump the queue: the broker finishes the delivery in progress first, so every subscriber sees messages
+in publish order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+
+from agentchat.bus.base import BusHandler
+
+log = logging.getLogger(__name__)
+
+# Expired values are dropped when read, and by a sweep of the whole table once the number of writes
+# since the last sweep reaches the table's size (at least this many), so memory stays bounded and the
+# sweep costs O(1) per write on average.
+_SWEEP_MIN_WRITES = 1024
+
+_Entry = tuple[bytes | int, float]  # (value, monotonic deadline); ``incr`` counters are ints
+
+
+def _check_ttl(ttl: float) -> None:
+    if not ttl > 0:
+        raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+
+
+def _as_bytes(value: bytes | int) -> bytes:
+    return str(value).encode() if isinstance(value, int) else value
+
+
+class MemoryBroker:
+    """The shared state of every ``MemoryBus`` attached to it (one event loop, one thread)."""
+
+    __slots__ = ("topics", "counters", "_values", "_writes", "_queue", "_dispatching", "__weakref__")
+
+    def __init__(self) -> None:
+        # topic -> subscribed buses. Replaced, never mutated, so a delivery in progress iterates the
+        # subscribers as they were when the message was published.
+        self.topics: dict[str, tuple[MemoryBus, ...]] = {}
+        self.counters: dict[str, int] = {}
+        self._values: dict[str, _Entry] = {}
+        self._writes = 0
+        self._queue: deque[tuple[tuple[MemoryBus, ...], str, int, bytes]] = deque()
+        self._dispatching = False
+
+    # -- fan-out -------------------------------------------------------------------------------
+
+    def deliver(self, subscribers: tuple[MemoryBus, ...], topic: str, seq: int, body: bytes) -> None:
+        if self._dispatching:  # published from inside a handler: after the delivery in progress
+            self._queue.append((subscribers, topic, seq, body))
+            return
+        self._dispatching = True
+        try:
+            for bus in subscribers:
+                bus._deliver(topic, seq, body)
+            queue = self._queue
+            while queue:
+                subscribers, topic, seq, body = queue.popleft()
+                for bus in subscribers:
+                    bus._deliver(topic, seq, body)
+        finally:
+            self._dispatching = False
+
+    def subscribe(self, topic: str, bus: MemoryBus) -> None:
+        current = self.topics.get(topic, ())
+        if bus not in current:
+            self.topics[topic] = (*current, bus)
+
+    def unsubscribe(self, topic: str, bus: MemoryBus) -> None:
+        current = self.topics.get(topic, ())
+        remaining = tuple(b for b in current if b is not bus)
+        if remaining:
+            self.topics[topic] = remaining
+        else:
+            self.topics.pop(topic, None)
+
+    # -- expiring values -----------------------------------------------------------------------
+
+    def live(self, key: str, now: float) -> _Entry | None:
+        entry = self._values.get(key)
+        if entry is not None and entry[1] <= now:
+            del self._values[key]
+            return None
+        return entry
+
+    def store(self, key: str, value: bytes | int, deadline: float) -> None:
+        self._values[key] = (value, deadline)
+        self._writes += 1
+        if self._writes >= _SWEEP_MIN_WRITES and self._writes >= len(self._values):
+            self._sweep(time.monotonic())
+
+    def pop(self, key: str) -> _Entry | None:
+        return self._values.pop(key, None)
+
+    def _sweep(self, now: float) -> None:
+        self._writes = 0
+        expired = [k for k, (_, deadline) in self._values.items() if deadline <= now]
+        for k in expired:
+            del self._values[k]
+
+
+# ``memory://NAME`` attaches to a broker shared by every bus of this process given the same name, so
+# tests can run several server "processes" in one interpreter. The broker lives while a bus uses it.
+_named: weakref.WeakValueDictionary[str, MemoryBroker] = weakref.WeakValueDictionary()
+
+
+def named_broker(name: str) -> MemoryBroker:
+    broker = _named.get(name)
+    if broker is None:
+        broker = _named[name] = MemoryBroker()
+    return broker
+
+
+class MemoryBus:
+    """A ``Bus`` inside one process. ``MemoryBus()`` has a broker of its own."""
+
+    def __init__(self, broker: MemoryBroker | None = None) -> None:
+        self._broker = broker if broker is not None else MemoryBroker()
+        self._handler: BusHandler | None = None
+        self._topics: set[str] = set()
+
+    @classmethod
+    def from_url(cls, url: str) -> MemoryBus:
+        """``memory://`` (a broker of its own) or ``memory://NAME`` (shared within the process)."""
+        rest = url.removeprefix("memory://")
+        if rest == url or "/" in rest.rstrip("/") or "?" in rest:
+            raise ValueError(f"bus {url!r}: use memory:// or memory://NAME")
+        name = rest.rstrip("/")
+        return cls(named_broker(name) if name else None)
+
+    def _deliver(self, topic: str, seq: int, body: bytes) -> None:
+        handler = self._handler
+        if handler is None:
+            return
+        try:
+            handler(topic, seq, body)
+        except Exception:  # one broken handler must not stop the fan-out to the others
+            log.exception("bus handler failed on topic %s", topic)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self, handler: BusHandler, on_reconnect: Callable[[], None] | None = None) -> None:
+        # ``on_reconnect`` is never called: an in-process bus cannot lose its connection.
+        self._handler = handler
+
+    async def close(self) -> None:
+        for topic in self._topics:
+            self._broker.unsubscribe(topic, self)
+        self._topics.clear()
+        self._handler = None
+
+    async def ping(self) -> None:
+        return None
+
+    # -- pub/sub -------------------------------------------------------------------------------
+
+    async def subscribe(self, topic: str) -> None:
+        if self._handler is None:
+            raise RuntimeError("call start() before subscribe()")
+        if topic not in self._topics:
+            self._topics.add(topic)
+            self._broker.subscribe(topic, self)
+
+    async def unsubscribe(self, topic: str) -> None:
+        if topic in self._topics:
+            self._topics.discard(topic)
+            self._broker.unsubscribe(topic, self)
+
+    async def publish(self, topic: str, body: bytes) -> None:
+        broker = self._broker
+        subscribers = broker.topics.get(topic)
+        if subscribers:
+            broker.deliver(subscribers, topic, 0, body)
+
+    async def publish_sequenced(self, topic: str, counter: str, body: bytes) -> int | None:
+        broker = self._broker
+        counters = broker.counters
+        seq = counters.get(counter)
+        if seq is None:
+            return None
+        seq += 1
+        counters[counter] = seq
+        subscribers = broker.topics.get(topic)
+        if subscribers:
+            broker.deliver(subscribers, topic, seq, body)
+        return seq
+
+    async def seed_sequence(self, counter: str, floor: int) -> None:
+        counters = self._broker.counters
+        current = counters.get(counter)
+        if current is None or current < floor:
+            counters[counter] = floor
+
+    # -- values --------------------------------------------------------------------------------
+
+    async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bytes | None:
+        _check_ttl(ttl)
+        now = time.monotonic()
+        entry = self._broker.live(key, now)
+        if entry is not None:
+            return _as_bytes(entry[0])
+        self._broker.store(key, value, now + ttl)
+        return None
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        _check_ttl(ttl)
+        self._broker.store(key, value, time.monotonic() + ttl)
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._broker.live(key, time.monotonic())
+        return None if entry is None else _as_bytes(entry[0])
+
+    async def take(self, key: str) -> bytes | None:
+        entry = self._broker.pop(key)
+        if entry is None or entry[1] <= time.monotonic():
+            return None
+        return _as_bytes(entry[0])
+
+    async def delete(self, key: str) -> None:
+        self._broker.pop(key)
+
+    async def compare_and_set(self, key: str, expected: bytes | None, new: bytes, ttl: float) -> bool:
+        _check_ttl(ttl)
+        now = time.monotonic()
+        entry = self._broker.live(key, now)
+        current = None if entry is None else _as_bytes(entry[0])
+        if current != expected:
+            return False
+        self._broker.store(key, new, now + ttl)
+        return True
+
+    async def incr(self, key: str, ttl: float) -> int:
+        _check_ttl(ttl)
+        now = time.monotonic()
+        entry = self._broker.live(key, now)
+        if entry is None:
+            self._broker.store(key, 1, now + ttl)
+            return 1
+        value = int(entry[0]) + 1  # like Redis INCR, a non-integer value is an error
+        self._broker.store(key, value, entry[1])
+        return value
