@@ -1,0 +1,182 @@
+"""Real external services for the tests: a ``redis-server`` process and moto's S3 server.
+
+Each runs on a free port of 127.0.0.1 and is stopped by its fixture. The session fixtures at the end
+(``redis_server``, ``s3_server``) can be imported into any ``conftest.py``::
+
+    from tests.services import redis_server, s3_server  # noqa: F401
+
+Tests that stop, kill or restart a server start their own with ``start_redis`` / ``start_s3``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisProcess:
+    """One ``redis-server`` child process on a fixed port; ``restart`` keeps the port (and, with
+    ``appendonly``, the data: every write is fsynced to the append-only file)."""
+
+    def __init__(self, port: int, directory: Path, appendonly: bool) -> None:
+        self.port = port
+        self.directory = directory
+        self.appendonly = appendonly
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 10.0) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed: apt-get install -y redis-server")
+        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--daemonize", "no",
+                "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log")]
+        if self.appendonly:
+            args += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            args += ["--appendonly", "no"]
+        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not self.ping():
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"redis-server on port {self.port} exited: {self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"redis-server on port {self.port} did not answer: {self.log_tail()}")
+            time.sleep(0.01)
+
+    def ping(self) -> bool:
+        """True if the server answers PING (a server still loading its data answers -LOADING)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """Shut down gracefully (SIGTERM); what was not fsynced is lost, like a restart in production."""
+        self._end(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Die at once (SIGKILL), as in a crash."""
+        self._end(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def _end(self, sig: int) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            return " | ".join((self.directory / "redis.log").read_text().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def start_redis(tmpdir: str | os.PathLike[str], appendonly: bool = False) -> RedisProcess:
+    """Start ``redis-server`` on a free port, data (if any) and log under ``tmpdir``."""
+    directory = Path(tmpdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    for attempt in range(5):  # another program may take the port between choosing and binding it
+        proc = RedisProcess(free_port(), directory, appendonly)
+        try:
+            proc.start()
+            return proc
+        except RuntimeError:
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
+class S3Server:
+    """moto's S3 server in a thread of this process."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        self.region = "us-east-1"
+        self.access_key = "test"
+        self.secret_key = "test"
+        self._client: Any = None
+
+    def create_bucket(self, name: str | None = None) -> str:
+        if self._client is None:  # made once: building a boto3 client costs about 0.4 s
+            import boto3
+
+            self._client = boto3.client(
+                "s3", endpoint_url=self.endpoint, region_name=self.region,
+                aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key)
+        name = name or f"test-{uuid.uuid4().hex[:16]}"
+        self._client.create_bucket(Bucket=name)
+        return name
+
+    def url(self, bucket: str) -> str:
+        """The ``store`` setting for ``bucket`` on this server."""
+        return (f"s3://{bucket}?endpoint={self.endpoint}&region={self.region}"
+                f"&access_key={self.access_key}&secret_key={self.secret_key}")
+
+    def stop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        self._server.stop()
+
+
+def start_s3() -> S3Server:
+    return S3Server()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """A Redis without persistence for the whole session; isolate tests by key namespace."""
+    proc = start_redis(tmp_path_factory.mktemp("redis"))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """One S3 server for the session; give each test its own bucket (``create_bucket()``)."""
+    server = start_s3()
+    yield server
+    server.stop()
