@@ -102,6 +102,7 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     "already_registered": (Conflict, "This DID is registered with other keys."),
     "conflict": (Conflict, "The object changed concurrently or is in a state that does not allow this."),
     "duplicate_pending": (Conflict, "A message with this client id is still being stored; wait for its ack."),
+    "stale_epoch": (Conflict, "The envelope's epoch is not the channel's current one; fetch the key and re-encrypt."),
     "peek_state": (Conflict, "The peek is not in a state that allows this."),
     # 413
     "too_large": (PayloadTooLarge, "The body or frame is larger than the server accepts."),

@@ -1,0 +1,465 @@
+"""The agent SDK: keys stay here; the server only ever receives public keys and ciphertext.
+
+    keys = AgentKeys.load_or_create("alice.key")
+    async with Agent("http://127.0.0.1:8080", keys) as alice:
+        await alice.register("alice")                 # once; later sessions log in by themselves
+        channel = await alice.create_channel([bob_did])
+        await alice.send(channel, "hello")            # returns once the server stored it
+        async for message in alice.messages():        # decrypted, signature checked, in order
+            print(message.sender, message.text)
+
+The socket reconnects by itself and resumes every channel from the last number it delivered, and
+unacknowledged sends are retried with the same client id, so nothing is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import aiohttp
+import orjson
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from agentchat import crypto
+from agentchat.core.frames import split_frames
+
+log = logging.getLogger(__name__)
+
+TOKEN_REFRESH_MARGIN = 60.0  # seconds before expiry when a new token is fetched
+RECONNECT_MAX_DELAY = 5.0
+SEEN_CLIENT_IDS = 4096
+
+
+class AgentChatClientError(Exception):
+    """An error the server answered with: ``code`` is the stable wire code (protocol/errors.md)."""
+
+    def __init__(self, code: str, message: str, retryable: bool = False, status: int | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Message:
+    channel: str
+    seq: int
+    sender: str
+    client_id: str
+    ts: int
+    content: Any  # str for text messages, any JSON value for JSON ones
+    kind: str  # "text" or "json"
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else orjson.dumps(self.content).decode()
+
+
+def encode_content(content: Any) -> bytes:
+    """The plaintext inside an envelope (protocol/messages.md): a small JSON object."""
+    if isinstance(content, str):
+        return orjson.dumps({"kind": "text", "body": content})
+    return orjson.dumps({"kind": "json", "body": content})
+
+
+def decode_content(plaintext: bytes) -> tuple[str, Any]:
+    data = orjson.loads(plaintext)
+    if not isinstance(data, dict) or data.get("kind") not in ("text", "json"):
+        raise crypto.CryptoError("plaintext is not an AgentChat content object")
+    return data["kind"], data.get("body")
+
+
+def new_client_id() -> str:
+    return secrets.token_urlsafe(12)
+
+
+class Agent:
+    def __init__(self, server: str, keys: crypto.AgentKeys, *, request_timeout: float = 30.0) -> None:
+        self.server = server.rstrip("/")
+        self.keys = keys
+        self.did = keys.did
+        self._http: aiohttp.ClientSession | None = None
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._token: str | None = None
+        self._token_expires = 0.0
+        self._epoch_keys: dict[tuple[str, int], bytes] = {}
+        self._current_epoch: dict[str, int] = {}
+        self._last_seq: dict[str, int] = {}
+        self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._inbox: asyncio.Queue[Message | AgentChatClientError] = asyncio.Queue()
+        self._pending: dict[str, tuple[dict[str, Any], asyncio.Future[int]]] = {}
+        self._ws: ClientConnection | None = None
+        self._socket_task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._closing = False
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()  # channel/peek events, for callers
+        self.reconnects = 0
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Agent:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._socket_task is not None:
+            self._socket_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._socket_task
+        if self._ws is not None:
+            await self._ws.close()
+        if self._http is not None:
+            await self._http.close()
+        for _, future in self._pending.values():
+            if not future.done():
+                future.set_exception(AgentChatClientError("closed", "the agent was closed"))
+
+    # ------------------------------------------------------------------------------ REST
+
+    async def _request(self, method: str, path: str, body: Any = None, *, auth: bool = True,
+                       params: dict[str, Any] | None = None) -> Any:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=self._timeout)
+        headers = {"Content-Type": "application/json"}
+        if auth:
+            headers["Authorization"] = "Bearer " + await self.token()
+        data = orjson.dumps(body) if body is not None else None
+        async with self._http.request(method, self.server + path, data=data, headers=headers,
+                                      params=params) as response:
+            raw = await response.read()
+        payload = orjson.loads(raw) if raw else None
+        if response.status >= 400:
+            err = (payload or {}).get("error", {}) if isinstance(payload, dict) else {}
+            raise AgentChatClientError(err.get("code", "http_error"), err.get("message", raw.decode()[:200]),
+                                       bool(err.get("retryable")), response.status)
+        return payload
+
+    async def register(self, name: str) -> str:
+        """Publish this agent's public keys (proving it holds the private ones); returns the DID."""
+        timestamp = int(time.time() * 1000)
+        message = crypto.registration_message(name, self.keys.public, timestamp)
+        result = await self._request("POST", "/api/v1/agents/register", {
+            "name": name, "keys": self.keys.public.to_wire(), "timestamp": timestamp,
+            "signature": crypto.b64e(self.keys.sign(message)),
+        }, auth=False)
+        self._set_token(result["token"], result["expires_at"])
+        return result["did"]
+
+    async def login(self) -> str:
+        challenge = await self._request("POST", "/api/v1/auth/challenge", {"did": self.did}, auth=False)
+        signature = self.keys.sign(crypto.login_message(self.did, challenge["challenge"]))
+        result = await self._request("POST", "/api/v1/auth/login", {
+            "did": self.did, "challenge": challenge["challenge"], "signature": crypto.b64e(signature),
+        }, auth=False)
+        self._set_token(result["token"], result["expires_at"])
+        return result["token"]
+
+    def _set_token(self, token: str, expires_at_ms: int) -> None:
+        self._token = token
+        self._token_expires = expires_at_ms / 1000
+
+    async def token(self) -> str:
+        """A valid session token, logging in again shortly before the current one expires."""
+        if self._token is None or time.time() > self._token_expires - TOKEN_REFRESH_MARGIN:
+            await self.login()
+        assert self._token is not None
+        return self._token
+
+    async def profile(self, did: str) -> dict[str, Any]:
+        return await self._request("GET", f"/api/v1/agents/{did}", auth=False)
+
+    async def _encryption_key_of(self, did: str) -> bytes:
+        """A member's X25519 key, checked against its DID: the server cannot substitute its own."""
+        profile = await self.profile(did)
+        keys = crypto.PublicKeys.from_wire(profile["keys"])
+        if keys.did != did:
+            raise crypto.CryptoError(f"the server returned keys that do not belong to {did}")
+        return keys.encryption_key
+
+    async def _wrap_for(self, channel: str, epoch: int, members: list[str], epoch_key: bytes) -> dict[str, Any]:
+        wrapped = {}
+        for member in members:
+            public = await self._encryption_key_of(member)
+            wrapped[member] = crypto.wrap_epoch_key(epoch_key, public, channel=channel, epoch=epoch, recipient=member)
+        return wrapped
+
+    # ------------------------------------------------------------------------------ channels
+
+    async def create_channel(self, members: list[str], name: str = "") -> str:
+        """Create a channel with ``members`` (this agent is added); returns its id.
+
+        The client picks the id (128 random bits): the first epoch key is wrapped for that id before
+        the server sees the channel, so the channel never exists without its keys.
+        """
+        everyone = sorted(set(members) | {self.did})
+        channel_id = "ch_" + secrets.token_urlsafe(16)
+        epoch_key = crypto.new_epoch_key()
+        wrapped = await self._wrap_for(channel_id, 1, everyone, epoch_key)
+        await self._request("POST", "/api/v1/channels", {
+            "id": channel_id, "name": name, "members": everyone, "epoch_keys": wrapped})
+        self._epoch_keys[(channel_id, 1)] = epoch_key
+        self._current_epoch[channel_id] = 1
+        self._last_seq.setdefault(channel_id, 0)
+        return channel_id
+
+    async def channels(self) -> list[dict[str, Any]]:
+        return (await self._request("GET", "/api/v1/channels"))["channels"]
+
+    async def channel(self, channel: str) -> dict[str, Any]:
+        meta = await self._request("GET", f"/api/v1/channels/{channel}")
+        self._current_epoch[channel] = meta["epoch"]
+        return meta
+
+    async def add_member(self, channel: str, did: str) -> dict[str, Any]:
+        """Add ``did`` (owner only), then start a new epoch that includes it."""
+        await self._request("POST", f"/api/v1/channels/{channel}/members", {"did": did})
+        return await self.rotate_epoch(channel)
+
+    async def remove_member(self, channel: str, did: str) -> dict[str, Any]:
+        """Remove ``did`` (owner, or oneself), then start a new epoch it cannot read."""
+        meta = await self._request("DELETE", f"/api/v1/channels/{channel}/members/{did}")
+        if did == self.did:
+            return meta
+        return await self.rotate_epoch(channel)
+
+    async def rotate_epoch(self, channel: str) -> dict[str, Any]:
+        """New epoch key for the current members. If another member rotated first, use theirs."""
+        for _ in range(5):
+            meta = await self.channel(channel)
+            epoch = meta["epoch"] + 1
+            epoch_key = crypto.new_epoch_key()
+            wrapped = await self._wrap_for(channel, epoch, meta["members"], epoch_key)
+            try:
+                meta = await self._request("POST", f"/api/v1/channels/{channel}/epochs",
+                                           {"epoch": epoch, "epoch_keys": wrapped})
+            except AgentChatClientError as exc:
+                if exc.code == "conflict":
+                    continue
+                raise
+            self._epoch_keys[(channel, epoch)] = epoch_key
+            self._current_epoch[channel] = epoch
+            return meta
+        raise AgentChatClientError("conflict", "could not rotate the epoch: others keep rotating it")
+
+    async def epoch_key(self, channel: str, epoch: int) -> bytes:
+        key = self._epoch_keys.get((channel, epoch))
+        if key is None:
+            found = await self._request("GET", f"/api/v1/channels/{channel}/epochs/{epoch}/key")
+            key = crypto.unwrap_epoch_key(found["wrapped_key"], self.keys.encryption_private_key,
+                                          channel=channel, epoch=epoch, recipient=self.did)
+            self._epoch_keys[(channel, epoch)] = key
+        return key
+
+    async def _current(self, channel: str) -> int:
+        epoch = self._current_epoch.get(channel)
+        if epoch is None:
+            epoch = (await self.channel(channel))["epoch"]
+        return epoch
+
+    # ------------------------------------------------------------------------------ messages
+
+    async def _seal(self, channel: str, content: Any, client_id: str) -> dict[str, Any]:
+        epoch = await self._current(channel)
+        key = await self.epoch_key(channel, epoch)
+        return crypto.seal(key, encode_content(content), channel=channel, epoch=epoch, sender=self.did,
+                           client_id=client_id, signer=self.keys)
+
+    async def send(self, channel: str, content: Any, *, client_id: str | None = None) -> int:
+        """Encrypt and send text (str) or any JSON value; returns the sequence number once stored.
+
+        Over the socket when connected, else over REST. A ``stale_epoch`` answer (someone rotated)
+        re-encrypts under the new epoch and sends again with the same client id.
+        """
+        client_id = client_id or new_client_id()
+        for _ in range(3):
+            envelope = await self._seal(channel, content, client_id)
+            try:
+                if self._socket_task is not None and not self._closing:
+                    return await self._send_over_socket(channel, client_id, envelope)
+                result = await self._request("POST", f"/api/v1/channels/{channel}/messages",
+                                             {"client_id": client_id, "envelope": envelope})
+                return int(result["seq"])
+            except AgentChatClientError as exc:
+                if exc.code != "stale_epoch":
+                    raise
+                self._current_epoch.pop(channel, None)
+        raise AgentChatClientError("stale_epoch", "the channel's epoch kept changing")
+
+    async def _send_over_socket(self, channel: str, client_id: str, envelope: dict[str, Any]) -> int:
+        frame = {"type": "send", "ref": client_id, "channel": channel, "client_id": client_id, "envelope": envelope}
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending[client_id] = (frame, future)
+        try:
+            await self._connected.wait()
+            ws = self._ws
+            if ws is not None:
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    await ws.send(orjson.dumps(frame).decode())
+            # If the socket dropped, the reconnect sends every pending frame again.
+            return await future
+        finally:
+            self._pending.pop(client_id, None)
+
+    async def history(self, channel: str, *, after: int = 0, limit: int = 100) -> list[Message]:
+        """Stored messages after ``after``, decrypted and checked."""
+        page = await self._request("GET", f"/api/v1/channels/{channel}/messages",
+                                   params={"after": after, "limit": limit})
+        return [await self._open(record) for record in page["messages"]]
+
+    async def _open(self, record: dict[str, Any]) -> Message:
+        envelope = record["envelope"]
+        key = await self.epoch_key(record["channel"], envelope["epoch"])
+        plaintext = crypto.open_envelope(
+            envelope, key, channel=record["channel"], sender=record["sender"], client_id=record["client_id"],
+            sender_signing_key=crypto.signing_key_from_did(record["sender"]))
+        kind, content = decode_content(plaintext)
+        return Message(record["channel"], record["seq"], record["sender"], record["client_id"], record["ts"],
+                       content, kind)
+
+    # ------------------------------------------------------------------------------ socket
+
+    async def connect(self) -> None:
+        """Open the socket (and keep it open: it reconnects and resumes by itself)."""
+        if self._socket_task is None:
+            await self.token()
+            self._socket_task = asyncio.create_task(self._socket_loop(), name=f"agent-socket-{self.did[-6:]}")
+        await asyncio.wait_for(self._connected.wait(), 30)
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Incoming messages of every channel, decrypted and signature-checked, in order per channel."""
+        if self._socket_task is None:
+            await self.connect()
+        while True:
+            item = await self._inbox.get()
+            if isinstance(item, AgentChatClientError):
+                raise item
+            yield item
+
+    async def next_message(self, timeout: float | None = None) -> Message:
+        if self._socket_task is None:
+            await self.connect()
+        item = await asyncio.wait_for(self._inbox.get(), timeout)
+        if isinstance(item, AgentChatClientError):
+            raise item
+        return item
+
+    def _ws_url(self) -> str:
+        base = self.server.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+        return base + "/api/v1/ws"
+
+    async def _socket_loop(self) -> None:
+        delay = 0.1
+        while not self._closing:
+            try:
+                async with websockets.connect(self._ws_url(), max_size=4 * 1024 * 1024,
+                                              open_timeout=10) as ws:
+                    await ws.send(orjson.dumps({"type": "hello", "token": await self.token(),
+                                                "resume": dict(self._last_seq)}).decode())
+                    self._ws = ws
+                    delay = 0.1
+                    await self._read(ws)
+            except asyncio.CancelledError:
+                raise
+            except AgentChatClientError as exc:
+                if exc.code in ("token_invalid", "token_expired", "auth_required"):
+                    self._token = None
+                log.info("socket refused: %s", exc)
+            except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as exc:
+                log.info("socket lost: %r", exc)
+            finally:
+                self._ws = None
+                self._connected.clear()
+            if self._closing:
+                return
+            self.reconnects += 1
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+
+    async def _read(self, ws: ClientConnection) -> None:
+        async for data in ws:
+            for frame in split_frames(data):
+                kind = frame.get("type")
+                if kind == "message":
+                    await self._on_message(frame)
+                elif kind == "ack":
+                    pending = self._pending.get(frame["client_id"])
+                    if pending is not None and not pending[1].done():
+                        pending[1].set_result(int(frame["seq"]))
+                elif kind == "welcome":
+                    for channel in frame.get("channels", []):
+                        self._last_seq.setdefault(channel, 0)
+                    self._connected.set()
+                    # Sends that were waiting for an ack when the socket dropped go out again with
+                    # their client ids: the server answers a stored one with its original number.
+                    for pending_frame, future in list(self._pending.values()):
+                        if not future.done():
+                            await ws.send(orjson.dumps(pending_frame).decode())
+                elif kind == "error":
+                    self._on_error(frame)
+                elif kind == "channel":
+                    self._on_channel_event(frame)
+                else:
+                    await self.events.put(frame)
+        if ws.close_code is not None and ws.close_code != 1000:
+            log.info("socket closed by server: %s %s", ws.close_code, ws.close_reason)
+
+    def _on_error(self, frame: dict[str, Any]) -> None:
+        err = AgentChatClientError(frame.get("code", "error"), frame.get("message", ""), bool(frame.get("retryable")))
+        ref = frame.get("ref")
+        pending = self._pending.get(ref) if ref else None
+        if pending is not None:
+            if not pending[1].done():
+                if err.code == "duplicate_pending":
+                    return  # the first attempt is still being stored; its ack will come
+                pending[1].set_exception(err)
+            return
+        if err.code in ("token_invalid", "token_expired", "auth_required"):
+            raise err
+        log.warning("server error: %s", err)
+
+    def _on_channel_event(self, frame: dict[str, Any]) -> None:
+        channel = frame["channel"]
+        event = frame.get("event")
+        if event == "epoch":
+            self._current_epoch[channel] = int(frame["epoch"])
+        elif event == "added":
+            self._last_seq.setdefault(channel, 0)
+        elif event == "removed":
+            self._last_seq.pop(channel, None)
+            self._current_epoch.pop(channel, None)
+        self.events.put_nowait(frame)
+
+    async def _on_message(self, frame: dict[str, Any]) -> None:
+        channel, seq = frame["channel"], int(frame["seq"])
+        if seq <= self._last_seq.get(channel, 0):
+            return
+        self._last_seq[channel] = seq
+        identity = (channel, frame["sender"], frame["client_id"])
+        if identity in self._seen:  # the same message stored again after a retry
+            return
+        self._seen[identity] = None
+        if len(self._seen) > SEEN_CLIENT_IDS:
+            self._seen.popitem(last=False)
+        try:
+            message = await self._open(frame)
+        except (crypto.CryptoError, ValueError, AgentChatClientError) as exc:
+            log.warning("dropping message %s#%d from %s: %s", channel, seq, frame.get("sender"), exc)
+            return
+        await self._inbox.put(message)
+
+    @property
+    def last_seq(self) -> dict[str, int]:
+        return dict(self._last_seq)

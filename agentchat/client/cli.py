@@ -1,0 +1,201 @@
+"""Command line for trying AgentChat, built on the SDK. Every command takes ``--server`` and ``--key``
+(defaults: ``$AGENTCHAT_SERVER`` or http://127.0.0.1:8080, and ``$AGENTCHAT_KEY`` or ./agent.key).
+
+    agentchat keygen --key alice.key
+    agentchat register alice --key alice.key
+    agentchat channel create --key alice.key --member did:agentchat:z6Mk...   # prints the channel id
+    agentchat send CHANNEL "hello" --key alice.key
+    agentchat history CHANNEL --key bob.key
+    agentchat listen --key bob.key
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from agentchat import crypto
+from agentchat.client.agent import Agent, AgentChatClientError, Message
+
+DEFAULT_SERVER = "http://127.0.0.1:8080"
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=os.environ.get("AGENTCHAT_SERVER", DEFAULT_SERVER),
+                        help="server URL (default $AGENTCHAT_SERVER or %(default)s)")
+    parser.add_argument("--key", default=os.environ.get("AGENTCHAT_KEY", "agent.key"),
+                        help="private key file (default $AGENTCHAT_KEY or ./agent.key)")
+
+
+def _print_message(message: Message, as_json: bool) -> None:
+    if as_json:
+        print(orjson.dumps({"channel": message.channel, "seq": message.seq, "sender": message.sender,
+                            "ts": message.ts, "kind": message.kind, "content": message.content}).decode(),
+              flush=True)
+    else:
+        print(f"[{message.channel} #{message.seq}] {message.sender}: {message.text}", flush=True)
+
+
+def _load_keys(path: str) -> crypto.AgentKeys:
+    try:
+        return crypto.AgentKeys.load(path)
+    except FileNotFoundError:
+        raise SystemExit(f"agentchat: no key file at {path}; run 'agentchat keygen --key {path}' first") from None
+
+
+def _run(action: Callable[[argparse.Namespace], Awaitable[int | None]]) -> Callable[[argparse.Namespace], int]:
+    def runner(args: argparse.Namespace) -> int:
+        try:
+            return asyncio.run(action(args)) or 0
+        except AgentChatClientError as exc:
+            print(f"agentchat: {exc.code}: {exc.message}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+        except OSError as exc:
+            print(f"agentchat: cannot reach {args.server}: {exc}", file=sys.stderr)
+            return 1
+    return runner
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    keys = crypto.AgentKeys.generate()
+    try:
+        keys.save(args.key, overwrite=args.force)
+    except FileExistsError:
+        print(f"agentchat: {args.key} exists; use --force to replace it", file=sys.stderr)
+        return 1
+    print(keys.did)
+    return 0
+
+
+async def _register(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key)) as agent:
+        print(await agent.register(args.name))
+    return 0
+
+
+async def _channel_create(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key)) as agent:
+        print(await agent.create_channel(args.member or [], name=args.name or ""))
+    return 0
+
+
+async def _channel_list(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key)) as agent:
+        for channel in await agent.channels():
+            print(f"{channel['id']}  {channel['name'] or '-'}  members={len(channel['members'])} "
+                  f"epoch={channel['epoch']}")
+    return 0
+
+
+async def _channel_add(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key)) as agent:
+        meta = await agent.add_member(args.channel, args.did)
+        print(f"{meta['id']} epoch={meta['epoch']} members={len(meta['members'])}")
+    return 0
+
+
+async def _channel_remove(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key)) as agent:
+        meta = await agent.remove_member(args.channel, args.did)
+        print(f"{meta['id']} epoch={meta['epoch']} members={len(meta['members'])}")
+    return 0
+
+
+async def _send(args: argparse.Namespace) -> int:
+    content: Any = args.text
+    if args.json:
+        try:
+            content = orjson.loads(args.text)
+        except orjson.JSONDecodeError:
+            print("agentchat: --json given but the message is not valid JSON", file=sys.stderr)
+            return 2
+    async with Agent(args.server, _load_keys(args.key)) as agent:
+        seq = await agent.send(args.channel, content)
+        print(seq)
+    return 0
+
+
+async def _history(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key)) as agent:
+        after = args.after
+        while True:
+            page = await agent.history(args.channel, after=after, limit=100)
+            for message in page:
+                _print_message(message, args.json)
+            if len(page) < 100:
+                return 0
+            after = page[-1].seq
+
+
+async def _listen(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key)) as agent:
+        await agent.connect()
+        print(f"listening as {agent.did}", file=sys.stderr, flush=True)
+        count = 0
+        async for message in agent.messages():
+            _print_message(message, args.json)
+            count += 1
+            if args.count and count >= args.count:
+                return 0
+    return 0
+
+
+def add_commands(commands: Any) -> None:
+    keygen = commands.add_parser("keygen", help="make a new agent key file (0600)")
+    _common(keygen)
+    keygen.add_argument("--force", action="store_true", help="replace an existing key file")
+    keygen.set_defaults(run=_keygen)
+
+    register = commands.add_parser("register", help="register this key's agent under a name")
+    _common(register)
+    register.add_argument("name")
+    register.set_defaults(run=_run(_register))
+
+    channel = commands.add_parser("channel", help="create, list and change channels")
+    channel_commands = channel.add_subparsers(dest="channel_command", required=True)
+    create = channel_commands.add_parser("create", help="create a channel; prints its id")
+    _common(create)
+    create.add_argument("--member", action="append", help="a member's DID (repeat for more)")
+    create.add_argument("--name", help="a display name")
+    create.set_defaults(run=_run(_channel_create))
+    listing = channel_commands.add_parser("list", help="the channels this agent is in")
+    _common(listing)
+    listing.set_defaults(run=_run(_channel_list))
+    add = channel_commands.add_parser("add", help="add a member (owner only); rotates the key")
+    _common(add)
+    add.add_argument("channel")
+    add.add_argument("did")
+    add.set_defaults(run=_run(_channel_add))
+    remove = channel_commands.add_parser("remove", help="remove a member; rotates the key")
+    _common(remove)
+    remove.add_argument("channel")
+    remove.add_argument("did")
+    remove.set_defaults(run=_run(_channel_remove))
+
+    send = commands.add_parser("send", help="send an encrypted message; prints its sequence number")
+    _common(send)
+    send.add_argument("channel")
+    send.add_argument("text")
+    send.add_argument("--json", action="store_true", help="send the text as a JSON value")
+    send.set_defaults(run=_run(_send))
+
+    history = commands.add_parser("history", help="print a channel's stored messages, decrypted")
+    _common(history)
+    history.add_argument("channel")
+    history.add_argument("--after", type=int, default=0, help="only messages after this number")
+    history.add_argument("--json", action="store_true", help="one JSON object per line")
+    history.set_defaults(run=_run(_history))
+
+    listen = commands.add_parser("listen", help="print incoming messages live, decrypted")
+    _common(listen)
+    listen.add_argument("--json", action="store_true", help="one JSON object per line")
+    listen.add_argument("--count", type=int, default=0, help="stop after this many messages")
+    listen.set_defaults(run=_run(_listen))

@@ -1,0 +1,141 @@
+"""``build_app(settings)``: the aiohttp application, its routes, and the lifetime of every backend.
+
+Start order (``cleanup_ctx``, closed in reverse): store → token secret → bus → segment writer → hub.
+On shutdown the sockets are closed first (1001 going away, after their queued frames), then the hub,
+then the writer flushes every queued message, then the bus and the store close.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from agentchat.bus import bus_from_url
+from agentchat.config import Settings
+from agentchat.errors import AgentChatError, error
+from agentchat.server import ws
+from agentchat.server.api import agents, channels
+from agentchat.server.http import error_middleware, json_response
+from agentchat.server.hub import Hub
+from agentchat.server.keys import (BUS, HISTORY, HUB, METRICS, RECORDS, SESSIONS, SETTINGS, STORE, TOKENS,
+                                   WRITER)
+from agentchat.server.metrics import Metrics
+from agentchat.server.tokens import TokenIssuer
+from agentchat.store import keys as store_keys
+from agentchat.store import store_from_url
+from agentchat.store.base import ObjectStore
+from agentchat.store.messages import MessageLog, SegmentWriter
+from agentchat.store.records import Records
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_DIR = Path(__file__).resolve().parents[2] / "protocol"
+STARTED_AT = time.time()
+
+
+async def _token_secret(settings: Settings, store: ObjectStore) -> bytes:
+    """The configured secret, or one made once and kept in the store so every process shares it."""
+    if settings.token_secret:
+        return settings.token_secret.encode()
+    candidate = secrets.token_bytes(32)
+    try:
+        await store.put(store_keys.server_secret(), candidate, if_none_match=True)
+        return candidate
+    except Exception:  # PreconditionFailed: another process (or an earlier run) made it
+        found = await store.get(store_keys.server_secret())
+        if found is None:
+            raise
+        return found.data
+
+
+async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    store = store_from_url(settings.store)
+    await store.start()
+    app[STORE] = store
+    app[RECORDS] = Records(store)
+    app[HISTORY] = MessageLog(store)
+    app[TOKENS] = TokenIssuer(await _token_secret(settings, store), settings.token_ttl_seconds)
+    bus = bus_from_url(settings.bus)
+    app[BUS] = bus
+    writer = SegmentWriter(store, max_messages=settings.batch_max_messages,
+                           max_delay=settings.batch_max_delay_ms / 1000,
+                           pending_max=settings.limits.pending_writes_max)
+    app[WRITER] = writer
+    hub = Hub(bus, app[RECORDS], app[HISTORY], writer, metrics=app[METRICS],
+              send_queue_max=settings.limits.send_queue_max)
+    app[HUB] = hub
+    await writer.start()
+    await hub.start()
+    log.info("agentchat ready: bus=%s store=%s payments=%s", _scheme(settings.bus), _scheme(settings.store),
+             _scheme(settings.payments))
+    try:
+        yield
+    finally:
+        await hub.close()
+        await writer.close()
+        await bus.close()
+        await store.close()
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0]
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 when every component answers, else 503 naming the failing ones."""
+    app = request.app
+    components: dict[str, str] = {}
+    try:
+        await app[BUS].ping()
+        components["bus"] = "ok"
+    except AgentChatError as exc:
+        components["bus"] = exc.code
+    try:
+        await app[STORE].get(store_keys.server_secret())
+        components["store"] = "ok" if app[WRITER].healthy else "store_unavailable"
+    except AgentChatError as exc:
+        components["store"] = exc.code
+    failing = [name for name, state in components.items() if state != "ok"]
+    body = {
+        "status": "healthy" if not failing else "unhealthy",
+        "timestamp": int(time.time() * 1000),
+        "uptime_seconds": round(time.time() - STARTED_AT, 1),
+        "components": components,
+        "sessions": app[METRICS].sessions,
+        "pending_writes": app[WRITER].pending,
+    }
+    if failing:
+        body["failing"] = failing
+    return json_response(body, 200 if not failing else 503)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=(PROTOCOL_DIR / "openapi.json").read_bytes(), content_type="application/json")
+
+
+async def on_shutdown(app: web.Application) -> None:
+    await ws.close_all_sessions(app)
+
+
+def build_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.limits.max_body_bytes)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[SESSIONS] = set()
+    app.cleanup_ctx.append(backends_ctx)
+    app.on_shutdown.append(on_shutdown)
+    app.router.add_get("/health", health)
+    app.router.add_get("/api/v1/openapi.json", openapi)
+    app.router.add_get("/api/v1/ws", ws.websocket)
+    app.router.add_routes(agents.routes)
+    app.router.add_routes(channels.routes)
+    return app
+
+
+__all__ = ["build_app", "error"]

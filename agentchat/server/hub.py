@@ -1,0 +1,423 @@
+"""The hub: this process's view of live channels, and the one path every message takes.
+
+Send: check membership and epoch → claim the client id (idempotency) → ``bus.publish_sequenced``
+(number + live fan-out to every process, in number order) → queue for group commit → ack through
+``on_ack`` once the segment holding it is stored.
+
+Bus topics: ``c:<channel>`` carries messages, ``e:<channel>`` channel events (membership, epoch),
+``a:<did>`` events for one agent (added to a channel). A process subscribes to a channel's topics while
+it has a room for it (a local reader, or a send in the last ``ROOM_IDLE_SECONDS``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from agentchat.bus.base import Bus
+from agentchat.core import frames
+from agentchat.errors import AgentChatError, error
+from agentchat.server.metrics import Metrics
+from agentchat.server.session import CLOSE_REMOVED, Cursor, Session
+from agentchat.store.messages import MessageLog, SegmentWriter, frame_seq
+from agentchat.store.records import Records
+
+log = logging.getLogger(__name__)
+
+RECENT_MESSAGES = 1024
+ROOM_IDLE_SECONDS = 60.0
+HISTORY_PAGE = 500
+# A claimed client id expires if its message is never stored (the process died holding it).
+CLAIM_PENDING_TTL = 30.0
+# How long a stored message's client id is remembered for idempotent retries.
+CLAIM_DONE_TTL = 24 * 3600.0
+# When the bus has forgotten a channel's counter, it restarts this far above the highest stored
+# number, skipping every number that could have been handed out but not yet stored (at most the
+# writers' pending limit per process), so no number is ever reused.
+SEQ_RESEED_GAP = 1 << 20
+PENDING = b"p"
+
+
+def topic_messages(channel: str) -> str:
+    return "c:" + channel
+
+
+def topic_events(channel: str) -> str:
+    return "e:" + channel
+
+
+def topic_agent(did: str) -> str:
+    return "a:" + did
+
+
+def counter_key(channel: str) -> str:
+    return "seq:" + channel
+
+
+def claim_key(channel: str, sender: str, client_id: str) -> str:
+    return f"cid:{channel}:{sender}:{client_id}"
+
+
+class Room:
+    """A channel with a presence in this process."""
+
+    __slots__ = ("id", "members", "epoch", "owner", "subscribers", "recent", "complete_from", "last_seq",
+                 "last_used")
+
+    def __init__(self, meta: dict[str, Any]) -> None:
+        self.id: str = meta["id"]
+        self.subscribers: set[Session] = set()
+        self.recent: deque[tuple[int, bytes]] = deque(maxlen=RECENT_MESSAGES)
+        # Every message numbered complete_from or above is in ``recent`` (0: nothing seen live yet).
+        self.complete_from = 0
+        self.last_seq = 0
+        self.last_used = time.monotonic()
+        self.apply(meta)
+
+    def apply(self, meta: dict[str, Any]) -> None:
+        self.members: frozenset[str] = frozenset(meta["members"])
+        self.epoch: int = meta["epoch"]
+        self.owner: str = meta["owner"]
+
+    def on_message(self, seq: int, frame: bytes) -> None:
+        if seq <= self.last_seq:
+            return
+        self.last_seq = seq
+        recent = self.recent
+        if len(recent) == RECENT_MESSAGES:
+            recent.popleft()
+            self.complete_from = recent[0][0]
+        recent.append((seq, frame))
+        if not self.complete_from:
+            self.complete_from = seq
+        for session in self.subscribers:
+            session.offer(self.id, seq, frame)
+
+    def forget_recent(self) -> None:
+        self.recent.clear()
+        self.complete_from = 0
+
+    def recent_after(self, after: int) -> list[bytes] | None:
+        """Frames numbered above ``after`` if the recent buffer holds all of them, else None."""
+        if not self.complete_from or after + 1 < self.complete_from:
+            return None
+        return [frame for seq, frame in self.recent if seq > after]
+
+
+class Hub:
+    def __init__(self, bus: Bus, records: Records, history: MessageLog, writer: SegmentWriter,
+                 *, metrics: Metrics, send_queue_max: int) -> None:
+        self.bus = bus
+        self.records = records
+        self.history = history
+        self.writer = writer
+        self.metrics = metrics
+        self.send_queue_max = send_queue_max
+        self.rooms: dict[str, Room] = {}
+        self._room_loading: dict[str, asyncio.Future[Room]] = {}
+        self.sessions: dict[str, set[Session]] = {}
+        self._claims_done: list[tuple[str, int]] = []
+        self._claims_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self.bus.start(self._on_bus, self._on_bus_reconnect)
+        self._tasks.append(asyncio.create_task(self._claims_loop(), name="hub-claims"))
+        self._tasks.append(asyncio.create_task(self._sweep_loop(), name="hub-sweep"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._store_claims()
+
+    # ------------------------------------------------------------------------------ rooms
+
+    async def room(self, channel: str) -> Room:
+        room = self.rooms.get(channel)
+        if room is not None:
+            room.last_used = time.monotonic()
+            return room
+        loading = self._room_loading.get(channel)
+        if loading is not None:
+            return await asyncio.shield(loading)
+        future: asyncio.Future[Room] = asyncio.get_running_loop().create_future()
+        self._room_loading[channel] = future
+        try:
+            meta = await self.records.get_channel(channel)
+            if meta is None:
+                raise error("channel_not_found", f"no channel {channel}")
+            room = Room(meta)
+            self.rooms[channel] = room
+            await self.bus.subscribe(topic_messages(channel))
+            await self.bus.subscribe(topic_events(channel))
+            future.set_result(room)
+            return room
+        except BaseException as exc:
+            self.rooms.pop(channel, None)
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._room_loading[channel]
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(ROOM_IDLE_SECONDS / 4)
+            now = time.monotonic()
+            for channel, room in list(self.rooms.items()):
+                if not room.subscribers and now - room.last_used > ROOM_IDLE_SECONDS:
+                    del self.rooms[channel]
+                    try:
+                        await self.bus.unsubscribe(topic_messages(channel))
+                        await self.bus.unsubscribe(topic_events(channel))
+                    except AgentChatError:
+                        log.warning("could not unsubscribe from %s", channel)
+
+    # ------------------------------------------------------------------------------ bus events
+
+    def _on_bus(self, topic: str, seq: int, body: bytes) -> None:
+        kind = topic[:2]
+        if kind == "c:":
+            room = self.rooms.get(topic[2:])
+            if room is not None:
+                self.metrics.messages_fanned_out += 1
+                room.on_message(seq, frames.message_frame(seq, body))
+        elif kind == "e:":
+            asyncio.get_running_loop().create_task(self._on_channel_event(topic[2:], orjson.loads(body)))
+        elif kind == "a:":
+            asyncio.get_running_loop().create_task(self._on_agent_event(topic[2:], orjson.loads(body)))
+
+    def _on_bus_reconnect(self) -> None:
+        # Messages published while the bus was away were not delivered here: every local reader
+        # catches up from the store, from the last number it has.
+        log.warning("bus reconnected; catching up %d rooms from the store", len(self.rooms))
+        self.metrics.bus_reconnects += 1
+        for room in self.rooms.values():
+            room.forget_recent()
+            for session in list(room.subscribers):
+                cursor = session.cursors.get(room.id)
+                if cursor is not None and not cursor.catching_up:
+                    asyncio.get_running_loop().create_task(self._catch_up_safely(session, room, cursor.last))
+
+    async def _on_channel_event(self, channel: str, event: dict[str, Any]) -> None:
+        room = self.rooms.get(channel)
+        if room is None:
+            return
+        meta = await self.records.get_channel(channel)
+        if meta is None:
+            return
+        room.apply(meta)
+        notice = frames.encode({"type": "channel", "channel": channel, **event})
+        for session in list(room.subscribers):
+            did = session.principal.subject
+            if session.principal.is_agent and did not in room.members:
+                self.detach(session, channel)
+                session.push(frames.encode({"type": "channel", "channel": channel, "event": "removed"}))
+            else:
+                session.push(notice)
+        if event.get("event") == "peek_ended":
+            for session in list(room.subscribers):
+                if not session.principal.is_agent and session.principal.subject == event.get("peek"):
+                    session.close_soon(CLOSE_REMOVED, "peek_ended")
+
+    async def _on_agent_event(self, did: str, event: dict[str, Any]) -> None:
+        if event.get("event") != "added":
+            return
+        channel = event["channel"]
+        for session in list(self.sessions.get(did, ())):
+            if channel not in session.cursors:
+                try:
+                    await self.attach(session, channel, resume_after=None)
+                except AgentChatError:
+                    continue
+                session.push(frames.encode({"type": "channel", "channel": channel, "event": "added"}))
+
+    async def publish_channel_event(self, channel: str, event: dict[str, Any]) -> None:
+        await self.bus.publish(topic_events(channel), orjson.dumps(event))
+
+    async def publish_agent_event(self, did: str, event: dict[str, Any]) -> None:
+        await self.bus.publish(topic_agent(did), orjson.dumps(event))
+
+    # ------------------------------------------------------------------------------ sessions
+
+    async def register_session(self, session: Session) -> None:
+        if session.principal.is_agent:
+            did = session.principal.subject
+            local = self.sessions.setdefault(did, set())
+            if not local:
+                await self.bus.subscribe(topic_agent(did))
+            local.add(session)
+        self.metrics.sessions += 1
+
+    async def unregister_session(self, session: Session) -> None:
+        for channel in list(session.cursors):
+            self.detach(session, channel)
+        self.metrics.sessions -= 1
+        if session.principal.is_agent:
+            did = session.principal.subject
+            local = self.sessions.get(did)
+            if local is not None:
+                local.discard(session)
+                if not local:
+                    del self.sessions[did]
+                    await self.bus.unsubscribe(topic_agent(did))
+
+    def readable_by(self, room: Room, session_or_principal: Any) -> bool:
+        principal = getattr(session_or_principal, "principal", session_or_principal)
+        if principal.is_agent:
+            return principal.subject in room.members
+        return principal.channel == room.id
+
+    async def attach(self, session: Session, channel: str, resume_after: int | None) -> None:
+        """Start live delivery of ``channel`` to ``session``; with ``resume_after``, first everything
+        stored or recent after that number, with no gap and no duplicate at the seam."""
+        room = await self.room(channel)
+        if not self.readable_by(room, session):
+            raise error("not_member", f"not a member of {channel}")
+        existing = session.cursors.get(channel)
+        if existing is not None and resume_after is None:
+            return
+        cursor = Cursor(last=resume_after or 0, catching_up=resume_after is not None)
+        if resume_after is None:
+            cursor.last = room.last_seq
+        session.cursors[channel] = cursor
+        room.subscribers.add(session)
+        if resume_after is not None:
+            await self._catch_up_safely(session, room, resume_after)
+
+    def detach(self, session: Session, channel: str) -> None:
+        session.cursors.pop(channel, None)
+        room = self.rooms.get(channel)
+        if room is not None:
+            room.subscribers.discard(session)
+            room.last_used = time.monotonic()
+
+    async def _catch_up_safely(self, session: Session, room: Room, after: int) -> None:
+        try:
+            await self._catch_up(session, room, after)
+        except AgentChatError as exc:
+            session.push(frames.error_frame(exc.to_wire()))
+            cursor = session.cursors.get(room.id)
+            if cursor is not None:
+                cursor.catching_up = False
+
+    async def _catch_up(self, session: Session, room: Room, after: int) -> None:
+        cursor = session.cursors.get(room.id)
+        if cursor is None:
+            return
+        cursor.catching_up = True
+        cursor.last = max(cursor.last, after)
+        recent = room.recent_after(cursor.last)
+        while recent is None:
+            page = await self.history.read(room.id, cursor.last, HISTORY_PAGE)
+            if not page:
+                break
+            for frame in page:
+                cursor.last = frame_seq(frame)
+                session.push(frame)
+            if session.closed:
+                return
+            if session.backlog() > self.send_queue_max // 2:
+                await session.wait_drained()
+            recent = room.recent_after(cursor.last)
+        for frame in recent or ():
+            seq = frame_seq(frame)
+            if seq > cursor.last:
+                cursor.last = seq
+                session.push(frame)
+        held, cursor.held = cursor.held, []
+        cursor.catching_up = False
+        for seq, frame in held:
+            if seq > cursor.last:
+                cursor.last = seq
+                session.push(frame)
+
+    # ------------------------------------------------------------------------------ send
+
+    async def send(self, sender: str, channel: str, client_id: str, envelope: dict[str, Any],
+                   on_ack: Callable[[int], None]) -> None:
+        """Sequence, fan out and store one message; ``on_ack(seq)`` runs once it is durable (at once
+        for a retry of a stored message). Raises before anything is published if it cannot be taken."""
+        room = await self.room(channel)
+        if sender not in room.members:
+            raise error("not_member", f"not a member of {channel}")
+        if envelope["epoch"] != room.epoch:
+            raise error("stale_epoch", f"channel {channel} is at epoch {room.epoch}; fetch its key and re-encrypt")
+        claim = claim_key(channel, sender, client_id)
+        previous = await self.bus.set_if_absent(claim, PENDING, CLAIM_PENDING_TTL)
+        if previous is not None:
+            if previous == PENDING:
+                raise error("duplicate_pending")
+            on_ack(int(previous))
+            return
+        try:
+            if not self.writer.has_room():
+                raise error("store_unavailable", "too many messages are waiting to be stored; retry shortly")
+            body = frames.message_body(channel, sender, client_id, int(time.time() * 1000), envelope)
+            seq = await self._publish(channel, body)
+        except BaseException:
+            await self._release_claim(claim)
+            raise
+        room.last_used = time.monotonic()
+        self.metrics.messages_in += 1
+
+        def durable(stored_seq: int) -> None:
+            self._claims_done.append((claim, stored_seq))
+            self._claims_wake.set()
+            on_ack(stored_seq)
+
+        self.writer.add(channel, seq, frames.message_frame(seq, body), durable)
+
+    async def _release_claim(self, claim: str) -> None:
+        try:
+            await self.bus.delete(claim)
+        except AgentChatError:
+            pass
+
+    async def _publish(self, channel: str, body: bytes) -> int:
+        seq = await self.bus.publish_sequenced(topic_messages(channel), counter_key(channel), body)
+        if seq is None:
+            await self._reseed(channel)
+            seq = await self.bus.publish_sequenced(topic_messages(channel), counter_key(channel), body)
+            if seq is None:
+                raise error("bus_unavailable", "the bus lost the channel's counter twice; retry")
+        return seq
+
+    async def _reseed(self, channel: str) -> None:
+        """The bus forgot this channel's counter: restart it above anything ever handed out, and
+        remember the client ids of the latest stored messages so retries stay idempotent."""
+        tail = await self.history.tail(channel, RECENT_MESSAGES)
+        last = frame_seq(tail[-1]) if tail else 0
+        floor = last + SEQ_RESEED_GAP
+        for frame in tail:
+            record = orjson.loads(frame)
+            await self.bus.set_if_absent(claim_key(channel, record["sender"], record["client_id"]),
+                                         str(record["seq"]).encode(), CLAIM_DONE_TTL)
+        await self.bus.seed_sequence(counter_key(channel), floor)
+        log.info("re-seeded the counter of %s at %d", channel, floor)
+
+    async def seed_new_channel(self, channel: str) -> None:
+        await self.bus.seed_sequence(counter_key(channel), 0)
+
+    async def _claims_loop(self) -> None:
+        while True:
+            await self._claims_wake.wait()
+            self._claims_wake.clear()
+            await self._store_claims()
+
+    async def _store_claims(self) -> None:
+        done, self._claims_done = self._claims_done, []
+        for claim, seq in done:
+            try:
+                await self.bus.set(claim, str(seq).encode(), CLAIM_DONE_TTL)
+            except AgentChatError:
+                log.warning("could not record the stored client id %s", claim)

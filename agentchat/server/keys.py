@@ -1,0 +1,30 @@
+"""Typed application state (``web.AppKey``): everything a handler may reach, wired in ``app.py``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from agentchat.bus.base import Bus
+from agentchat.config import Settings
+from agentchat.server.hub import Hub
+from agentchat.server.metrics import Metrics
+from agentchat.server.tokens import TokenIssuer
+from agentchat.store.base import ObjectStore
+from agentchat.store.messages import MessageLog, SegmentWriter
+from agentchat.store.records import Records
+
+if TYPE_CHECKING:
+    from agentchat.server.session import Session
+
+SETTINGS = web.AppKey("settings", Settings)
+BUS = web.AppKey("bus", Bus)
+STORE = web.AppKey("store", ObjectStore)
+RECORDS = web.AppKey("records", Records)
+HISTORY = web.AppKey("history", MessageLog)
+WRITER = web.AppKey("writer", SegmentWriter)
+HUB = web.AppKey("hub", Hub)
+TOKENS = web.AppKey("tokens", TokenIssuer)
+METRICS = web.AppKey("metrics", Metrics)
+SESSIONS = web.AppKey("sessions", set)  # set[Session]: every open socket, closed on shutdown

@@ -1,0 +1,158 @@
+"""One client socket's outgoing side: a bounded queue, one writer task, and per-channel cursors.
+
+The hub never awaits a socket: it appends frames to the session's queue and the session's own writer
+task sends them, several queued frames coalesced into one WebSocket message (newline-separated), so a
+slow peer can only fill its own queue. When the queue is over its limit the socket is closed with
+``4008 slow_consumer``; the client reconnects and resumes from its last sequence number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiohttp import WSMsgType, web
+
+from agentchat.server.tokens import Principal
+
+if TYPE_CHECKING:
+    from agentchat.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_SLOW_CONSUMER = 4008
+CLOSE_AUTH = 4001
+CLOSE_REMOVED = 4003
+
+# How many bytes of queued frames one WebSocket message may carry.
+COALESCE_BYTES = 64 * 1024
+
+
+@dataclass(slots=True)
+class Cursor:
+    """Where a session is in one channel: the last number it was given, and live frames held back
+    while it catches up from history."""
+
+    last: int = 0
+    catching_up: bool = False
+    held: list[tuple[int, bytes]] = field(default_factory=list)
+
+
+class Session:
+    def __init__(self, ws: web.WebSocketResponse, principal: Principal, queue_max: int,
+                 metrics: Metrics | None = None) -> None:
+        self.ws = ws
+        self.principal = principal
+        self.queue_max = queue_max
+        self.cursors: dict[str, Cursor] = {}
+        self._queue: deque[bytes] = deque()
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._closed = False
+        self._metrics = metrics
+        self._writer = asyncio.create_task(self._write_loop(), name="session-writer")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def push(self, frame: bytes) -> None:
+        """Queue a frame (ack, error, event) for this socket."""
+        if self._closed:
+            return
+        if len(self._queue) >= self.queue_max:
+            self.close_soon(CLOSE_SLOW_CONSUMER, "slow_consumer")
+            return
+        self._queue.append(frame)
+        if len(self._queue) == 1:
+            self._drained.clear()
+            self._wake.set()
+
+    def offer(self, channel: str, seq: int, frame: bytes) -> None:
+        """A live channel message: sent once, in order, unless the session is catching up."""
+        cursor = self.cursors.get(channel)
+        if cursor is None:
+            return
+        if cursor.catching_up:
+            cursor.held.append((seq, frame))
+            if len(cursor.held) > self.queue_max:
+                self.close_soon(CLOSE_SLOW_CONSUMER, "slow_consumer")
+            return
+        if seq <= cursor.last:
+            return
+        cursor.last = seq
+        self.push(frame)
+
+    def backlog(self) -> int:
+        return len(self._queue)
+
+    async def wait_drained(self) -> None:
+        await self._drained.wait()
+
+    def close_soon(self, code: int, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.clear()
+        self._wake.set()
+        asyncio.get_running_loop().create_task(self._close(code, reason))
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            await self.ws.close(code=code, message=reason.encode())
+        except Exception:  # the peer may already be gone
+            pass
+
+    async def aclose(self, code: int = CLOSE_GOING_AWAY, reason: str = "") -> None:
+        self._closed = True
+        self._wake.set()
+        self._writer.cancel()
+        await self._close(code, reason)
+
+    async def flush_and_stop(self) -> None:
+        """Let the writer send what is queued, then stop it (used before a graceful close)."""
+        if not self._closed and self._queue:
+            try:
+                await asyncio.wait_for(self._drained.wait(), 2.0)
+            except asyncio.TimeoutError:
+                pass
+        self._writer.cancel()
+
+    async def _write_loop(self) -> None:
+        queue = self._queue
+        ws = self.ws
+        try:
+            while not self._closed:
+                if not queue:
+                    self._drained.set()
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                if len(queue) == 1:
+                    data = queue.popleft()
+                    count = 1
+                else:
+                    parts = []
+                    size = 0
+                    while queue and size < COALESCE_BYTES:
+                        frame = queue.popleft()
+                        parts.append(frame)
+                        size += len(frame) + 1
+                    data = b"\n".join(parts)
+                    count = len(parts)
+                await ws.send_frame(data, WSMsgType.TEXT)
+                if self._metrics is not None:
+                    self._metrics.frames_out += count
+        except asyncio.CancelledError:
+            pass
+        except (ConnectionError, RuntimeError) as exc:  # peer went away mid-write
+            log.debug("socket write failed: %r", exc)
+            self._closed = True
+        finally:
+            self._drained.set()

@@ -1,0 +1,64 @@
+"""Every object key the product writes, in one place (the seed's layout: agents/, channels/, messages/,
+peeks/, plus ledger/ and memberships/).
+
+Numbers are zero-padded so that byte order (the order S3 lists keys in) is numeric order.
+"""
+
+from __future__ import annotations
+
+SEQ_WIDTH = 16
+EPOCH_WIDTH = 10
+
+
+def agent(did: str) -> str:
+    return f"agents/{did}.json"
+
+
+def channel(channel_id: str) -> str:
+    return f"channels/{channel_id}/meta.json"
+
+
+def epoch(channel_id: str, number: int) -> str:
+    return f"channels/{channel_id}/epochs/{number:0{EPOCH_WIDTH}d}.json"
+
+
+def membership_prefix(did: str) -> str:
+    return f"memberships/{did}/"
+
+
+def membership(did: str, channel_id: str) -> str:
+    return f"memberships/{did}/{channel_id}"
+
+
+def channel_index(channel_id: str) -> str:
+    """Empty marker listing every channel (public indicators walk it)."""
+    return f"channel-index/{channel_id}"
+
+
+def segment_prefix(channel_id: str) -> str:
+    return f"messages/{channel_id}/"
+
+
+def segment(channel_id: str, first_seq: int, last_seq: int) -> str:
+    # Named by last then first: listing with start_after=segment_after(ch, n) yields exactly the
+    # segments that can hold a number above n.
+    return f"messages/{channel_id}/{last_seq:0{SEQ_WIDTH}d}-{first_seq:0{SEQ_WIDTH}d}.seg"
+
+
+def segment_after(channel_id: str, seq: int) -> str:
+    return f"messages/{channel_id}/{seq:0{SEQ_WIDTH}d}-{'9' * SEQ_WIDTH}.seg"
+
+
+def parse_segment(key: str) -> tuple[int, int]:
+    """(first, last) sequence numbers of a segment key."""
+    name = key.rsplit("/", 1)[1].removesuffix(".seg")
+    last, first = name.split("-")
+    return int(first), int(last)
+
+
+def peek(peek_id: str) -> str:
+    return f"peeks/{peek_id}.json"
+
+
+def server_secret() -> str:
+    return "server/token-secret"
