@@ -1,0 +1,302 @@
+"""The ``Bus`` contract (``agentchat/bus/base.py``), run against every implementation.
+
+Two buses on one backend stand for two server processes. "Nothing was delivered" is checked with a
+marker: a message published afterwards on another subscribed topic; the bus delivers in order, so once
+the marker arrives, anything published before it would have arrived too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from tests.contract.conftest import Node, NodeMaker
+
+_markers = itertools.count(1)
+
+
+async def flush(publisher: Node, *subscribers: Node) -> None:
+    """Publish a marker and wait until every subscriber has it."""
+    marker = f"marker-{next(_markers)}"
+    for node in subscribers:
+        await node.bus.subscribe(marker)
+    await publisher.bus.publish(marker, b"m")
+    for node in subscribers:
+        await node.received.wait_count(marker, 1)
+
+
+# -- pub/sub ------------------------------------------------------------------------------------
+
+
+async def test_publish_reaches_every_subscribed_bus(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    await a.bus.subscribe("t")
+    await b.bus.subscribe("t")
+    await a.bus.publish("t", b"hello")
+    await a.received.wait_count("t", 1)
+    await b.received.wait_count("t", 1)
+    assert a.received.on("t") == [(0, b"hello")]
+    assert b.received.on("t") == [(0, b"hello")]
+
+
+async def test_subscription_is_in_effect_when_subscribe_returns(make_node: NodeMaker) -> None:
+    a, b = await make_node(), await make_node()
+    for i in range(20):  # published the moment subscribe returns, from the other process
+        await b.bus.subscribe(f"t{i}")
+        await a.bus.publish(f"t{i}", b"x")
+    for i in range(20):
+        await b.received.wait_count(f"t{i}", 1)
+
+
+async def test_only_subscribed_topics_are_delivered(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    await b.bus.subscribe("wanted")
+    await a.bus.publish("other", b"no")
+    await a.bus.publish("wanted", b"yes")
+    await flush(a, b)
+    assert [t for t, _, _ in b.received.messages if not t.startswith("marker")] == ["wanted"]
+
+
+async def test_bodies_are_opaque_bytes(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    body = bytes(range(256)) + b"12:34:" + b"\x00" * 3
+    await b.bus.subscribe("bin")
+    await a.bus.publish("bin", body)
+    await a.bus.publish("bin", b"")
+    await a.bus.seed_sequence("c", 0)
+    seq = await a.bus.publish_sequenced("bin", "c", body)
+    await b.received.wait_count("bin", 3)
+    assert b.received.on("bin") == [(0, body), (0, b""), (seq, body)]
+
+
+async def test_at_most_once_and_not_before_subscribing(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    await a.bus.publish("t", b"before")
+    await b.bus.subscribe("t")
+    await b.bus.subscribe("t")  # subscribing twice does not double delivery
+    await a.bus.publish("t", b"after")
+    await flush(a, b)
+    assert b.received.on("t") == [(0, b"after")]
+
+
+async def test_concurrent_subscribes(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    topics = [f"many-{i}" for i in range(50)]
+    await asyncio.gather(*(b.bus.subscribe(t) for t in topics))
+    await asyncio.gather(*(a.bus.publish(t, t.encode()) for t in topics))
+    for t in topics:
+        await b.received.wait_count(t, 1)
+        assert b.received.on(t) == [(0, t.encode())]
+
+
+async def test_unsubscribe_stops_delivery(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    await a.bus.subscribe("t")
+    await b.bus.subscribe("t")
+    await a.bus.publish("t", b"1")
+    await b.received.wait_count("t", 1)
+    await b.bus.unsubscribe("t")
+    await b.bus.unsubscribe("t")  # unsubscribing twice is harmless
+    await b.bus.unsubscribe("never-subscribed")
+    await a.bus.publish("t", b"2")
+    await flush(a, a, b)
+    assert b.received.on("t") == [(0, b"1")]
+    assert a.received.on("t") == [(0, b"1"), (0, b"2")]  # the other process still has it
+    await b.bus.subscribe("t")  # and a topic can be subscribed again
+    await a.bus.publish("t", b"3")
+    await b.received.wait_count("t", 2)
+    assert b.received.on("t") == [(0, b"1"), (0, b"3")]
+
+
+async def test_a_failing_handler_does_not_stop_delivery(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    b.received.fail_on = b"boom"
+    await b.bus.subscribe("t")
+    await a.bus.publish("t", b"boom")
+    await a.bus.publish("t", b"fine")
+    await b.received.wait_count("t", 2)
+    assert b.received.on("t") == [(0, b"boom"), (0, b"fine")]
+
+
+async def test_ping(nodes: tuple[Node, Node]) -> None:
+    await nodes[0].bus.ping()
+
+
+# -- sequencing ---------------------------------------------------------------------------------
+
+
+async def test_forgotten_counter_returns_none_and_publishes_nothing(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    await b.bus.subscribe("t")
+    assert await a.bus.publish_sequenced("t", "never-seeded", b"x") is None
+    await flush(a, b)
+    assert b.received.on("t") == []
+
+
+async def test_seed_sequence_only_raises_the_counter(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    await a.bus.seed_sequence("c", 41)
+    assert await a.bus.publish_sequenced("t", "c", b"x") == 42
+    await b.bus.seed_sequence("c", 10)  # lower than the counter: no change
+    assert await b.bus.publish_sequenced("t", "c", b"x") == 43
+    await b.bus.seed_sequence("c", 43)
+    assert await a.bus.publish_sequenced("t", "c", b"x") == 44
+    await b.bus.seed_sequence("c", 100)
+    assert await a.bus.publish_sequenced("t", "c", b"x") == 101
+    await a.bus.seed_sequence("zero", 0)
+    assert await a.bus.publish_sequenced("t", "zero", b"x") == 1
+
+
+async def test_sequenced_publishes_are_delivered_in_order_across_processes(
+    make_node: NodeMaker,
+) -> None:
+    a, b, reader = await make_node(), await make_node(), await make_node()
+    for node in (a, b, reader):
+        await node.bus.subscribe("ch")
+    await a.bus.seed_sequence("ch-seq", 0)
+    n = 300
+
+    async def send(node: Node, i: int) -> tuple[int | None, bytes]:
+        body = f"msg-{i}".encode()
+        return await node.bus.publish_sequenced("ch", "ch-seq", body), body
+
+    sent = await asyncio.gather(*(send(a if i % 2 else b, i) for i in range(n)))
+    assert sorted(seq for seq, _ in sent) == list(range(1, n + 1))  # each number handed out once
+    expected = sorted((seq, body) for seq, body in sent)
+    for node in (a, b, reader):
+        await node.received.wait_count("ch", n)
+        assert node.received.on("ch") == expected  # strictly increasing, each once, body with its seq
+
+
+async def test_counters_are_independent(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    await a.bus.seed_sequence("c1", 0)
+    await a.bus.seed_sequence("c2", 7)
+    assert await a.bus.publish_sequenced("t", "c1", b"x") == 1
+    assert await b.bus.publish_sequenced("t", "c2", b"x") == 8
+    assert await b.bus.publish_sequenced("t", "c1", b"x") == 2
+
+
+# -- values -------------------------------------------------------------------------------------
+
+
+async def test_set_get_delete(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    assert await a.bus.get("k") is None
+    await a.bus.set("k", b"\x00v1\xff", ttl=30)
+    assert await b.bus.get("k") == b"\x00v1\xff"
+    await b.bus.set("k", b"v2", ttl=30)
+    assert await a.bus.get("k") == b"v2"
+    await a.bus.delete("k")
+    await a.bus.delete("k")  # deleting a missing key is fine
+    assert await b.bus.get("k") is None
+
+
+async def test_set_if_absent_race_has_one_winner(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    results = await asyncio.gather(
+        *((a if i % 2 else b).bus.set_if_absent("once", f"v{i}".encode(), ttl=30) for i in range(50))
+    )
+    winners = [i for i, r in enumerate(results) if r is None]
+    assert len(winners) == 1
+    stored = f"v{winners[0]}".encode()
+    assert all(r == stored for r in results if r is not None)  # losers are told the existing value
+    assert await a.bus.get("once") == stored
+
+
+async def test_take_race_has_one_winner(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    await a.bus.set("challenge", b"nonce", ttl=30)
+    results = await asyncio.gather(*((a if i % 2 else b).bus.take("challenge") for i in range(50)))
+    assert results.count(b"nonce") == 1
+    assert results.count(None) == 49
+    assert await a.bus.get("challenge") is None
+    assert await a.bus.take("missing") is None
+
+
+async def test_compare_and_set(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    assert await a.bus.compare_and_set("state", b"x", b"y", ttl=30) is False  # absent, not b"x"
+    assert await a.bus.compare_and_set("state", None, b"countdown", ttl=30) is True
+    assert await b.bus.compare_and_set("state", None, b"other", ttl=30) is False  # no longer absent
+    assert await b.bus.compare_and_set("state", b"wrong", b"other", ttl=30) is False
+    assert await b.bus.get("state") == b"countdown"
+    assert await b.bus.compare_and_set("state", b"countdown", b"active", ttl=30) is True
+    assert await a.bus.get("state") == b"active"
+
+
+async def test_compare_and_set_race_has_one_winner(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes  # a refusal racing the deadline: exactly one outcome
+    await a.bus.set("peek", b"countdown", ttl=30)
+    results = await asyncio.gather(
+        *((a if i % 2 else b).bus.compare_and_set("peek", b"countdown", f"end-{i}".encode(), ttl=30)
+          for i in range(50))
+    )
+    assert results.count(True) == 1
+    assert await b.bus.get("peek") == f"end-{results.index(True)}".encode()
+
+
+async def test_compare_and_set_from_absent_race_has_one_winner(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    results = await asyncio.gather(
+        *((a if i % 2 else b).bus.compare_and_set("lock", None, f"{i}".encode(), ttl=30) for i in range(50))
+    )
+    assert results.count(True) == 1
+
+
+async def test_incr_counts_across_processes(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    results = await asyncio.gather(*((a if i % 2 else b).bus.incr("hits", ttl=30) for i in range(100)))
+    assert sorted(results) == list(range(1, 101))
+    assert await a.bus.get("hits") == b"100"
+
+
+# -- expiry -------------------------------------------------------------------------------------
+
+TTL = 0.15  # seconds; long enough to read the value back on a loaded machine
+AFTER = TTL + 0.1
+
+
+async def test_values_expire(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    await a.bus.set("short", b"1", ttl=TTL)
+    await a.bus.set("long", b"1", ttl=30)
+    assert await a.bus.set_if_absent("once", b"1", ttl=TTL) is None
+    assert await a.bus.compare_and_set("cas", None, b"1", ttl=TTL) is True
+    await a.bus.set("taken", b"1", ttl=TTL)
+    assert await b.bus.get("short") == b"1"
+    await asyncio.sleep(AFTER)
+    assert await b.bus.get("short") is None
+    assert await b.bus.get("long") == b"1"
+    assert await b.bus.take("taken") is None
+    assert await b.bus.set_if_absent("once", b"2", ttl=30) is None  # expired: absent again
+    assert await b.bus.compare_and_set("cas", None, b"2", ttl=30) is True
+
+
+async def test_set_replaces_the_ttl(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    await a.bus.set("k", b"1", ttl=TTL)
+    await a.bus.set("k", b"2", ttl=30)
+    await asyncio.sleep(AFTER)
+    assert await b.bus.get("k") == b"2"
+
+
+async def test_incr_window_starts_at_creation(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes  # a fixed window: later increments do not extend it
+    assert await a.bus.incr("rate", ttl=TTL) == 1
+    await asyncio.sleep(TTL / 2)
+    assert await b.bus.incr("rate", ttl=TTL) == 2
+    await asyncio.sleep(AFTER - TTL / 2)
+    assert await a.bus.get("rate") is None
+    assert await a.bus.incr("rate", ttl=30) == 1
+
+
+@pytest.mark.parametrize("ttl", [0, -1])
+async def test_ttl_must_be_positive(nodes: tuple[Node, Node], ttl: float) -> None:
+    bus = nodes[0].bus
+    with pytest.raises(ValueError):
+        await bus.set("k", b"v", ttl=ttl)
+    with pytest.raises(ValueError):
+        await bus.incr("k", ttl=ttl)
