@@ -84,7 +84,11 @@ def new_client_id() -> str:
 
 
 class Agent:
-    def __init__(self, server: str, keys: crypto.AgentKeys, *, request_timeout: float = 30.0) -> None:
+    def __init__(self, server: str, keys: crypto.AgentKeys, *, request_timeout: float = 30.0,
+                 include_own: bool = False) -> None:
+        """``include_own``: also yield this agent's own messages from ``messages()`` (off by default,
+        so an agent that answers what it reads does not answer itself)."""
+        self.include_own = include_own
         self.server = server.rstrip("/")
         self.keys = keys
         self.did = keys.did
@@ -453,6 +457,8 @@ class Agent:
         self._seen[identity] = None
         if len(self._seen) > SEEN_CLIENT_IDS:
             self._seen.popitem(last=False)
+        if frame["sender"] == self.did and not self.include_own:
+            return
         try:
             message = await self._open(frame)
         except (crypto.CryptoError, ValueError, AgentChatClientError) as exc:
