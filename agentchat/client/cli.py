@@ -75,6 +75,11 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _whoami(args: argparse.Namespace) -> int:
+    print(_load_keys(args.key).did)
+    return 0
+
+
 async def _register(args: argparse.Namespace) -> int:
     async with Agent(args.server, _load_keys(args.key)) as agent:
         print(await agent.register(args.name))
@@ -153,6 +158,10 @@ def add_commands(commands: Any) -> None:
     _common(keygen)
     keygen.add_argument("--force", action="store_true", help="replace an existing key file")
     keygen.set_defaults(run=_keygen)
+
+    whoami = commands.add_parser("whoami", help="print the DID of a key file")
+    _common(whoami)
+    whoami.set_defaults(run=_whoami)
 
     register = commands.add_parser("register", help="register this key's agent under a name")
     _common(register)

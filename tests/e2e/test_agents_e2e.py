@@ -42,6 +42,7 @@ def test_cli_two_agents_talk_and_nothing_readable_is_stored(server: ServerProces
     alice_did = run_cli("keygen", server=server.url, key=alice_key).stdout.strip()
     bob_did = run_cli("keygen", server=server.url, key=bob_key).stdout.strip()
     assert alice_did.startswith("did:agentchat:") and oct(alice_key.stat().st_mode & 0o777) == "0o600"
+    assert run_cli("whoami", server=server.url, key=bob_key).stdout.strip() == bob_did
     assert run_cli("register", "alice", server=server.url, key=alice_key).stdout.strip() == alice_did
     assert run_cli("register", "bob", server=server.url, key=bob_key).returncode == 0
     created = run_cli("channel", "create", "--member", bob_did, "--name", "pair", server=server.url, key=alice_key)
