@@ -19,10 +19,11 @@ import orjson
 
 from agentchat.errors import error
 
-CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-CHANNEL_ID_RE = re.compile(r"^ch_[A-Za-z0-9_-]{16,32}$")
-PEEK_ID_RE = re.compile(r"^pk_[A-Za-z0-9_-]{16,32}$")
-B64URL_RE = re.compile(r"^[A-Za-z0-9_-]*$")
+# \Z, not $: Python's $ also matches before a final newline, so "ch_...\n" would pass.
+CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+CHANNEL_ID_RE = re.compile(r"^ch_[A-Za-z0-9_-]{16,32}\Z")
+PEEK_ID_RE = re.compile(r"^pk_[A-Za-z0-9_-]{16,32}\Z")
+B64URL_RE = re.compile(r"^[A-Za-z0-9_-]*\Z")
 MAX_EPOCH = 2**31 - 1
 MAX_SEQ = 2**63 - 1
 
@@ -241,6 +242,8 @@ def decode_client_frame(data: bytes | str, *, max_bytes: int, max_ciphertext_byt
     if kind == "grant_key":
         _only(frame, _GRANT, "grant_key")
         epoch = _field(frame, "epoch", int)
+        if not 0 <= epoch <= MAX_EPOCH:
+            raise error("invalid_field", "field 'epoch' is out of range")
         wrapped = check_wrapped_key(frame.get("wrapped_key"), "wrapped_key")
         return GrantKey(peek=check_peek_id(frame.get("peek")), epoch=epoch, wrapped_key=wrapped, ref=_ref(frame))
     if kind == "watch_indicators":
