@@ -1,8 +1,8 @@
 """``build_app(settings)``: the aiohttp application, its routes, and the lifetime of every backend.
 
 Start order (``cleanup_ctx``, closed in reverse): store → token secret → bus → segment writer → hub.
-On shutdown the sockets are closed first (1001 going away, after their queued frames), then the hub,
-then the writer flushes every queued message, then the bus and the store close.
+On shutdown the writer stores every queued message first (their acks still go out), then the sockets
+are closed (1001 going away, after their queued frames), then the hub, the bus and the store.
 """
 
 from __future__ import annotations
@@ -67,8 +67,10 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
                            max_delay=settings.batch_max_delay_ms / 1000,
                            pending_max=settings.limits.pending_writes_max)
     app[WRITER] = writer
+    several_processes = _scheme(settings.bus) != "memory"
     hub = Hub(bus, app[RECORDS], app[HISTORY], writer, metrics=app[METRICS],
-              send_queue_max=settings.limits.send_queue_max)
+              send_queue_max=settings.limits.send_queue_max,
+              gap_fill_wait=(settings.batch_max_delay_ms / 1000 + 0.05) if several_processes else 0.0)
     app[HUB] = hub
     await writer.start()
     await hub.start()
@@ -120,6 +122,9 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 async def on_shutdown(app: web.Application) -> None:
+    # Store what is queued first, so its acks still reach open sockets (new sends are refused with a
+    # retryable store_unavailable meanwhile), then close the sockets with 1001.
+    await app[WRITER].close()
     await ws.close_all_sessions(app)
 
 

@@ -42,6 +42,7 @@ CLAIM_DONE_TTL = 24 * 3600.0
 # writers' pending limit per process), so no number is ever reused.
 SEQ_RESEED_GAP = 1 << 20
 PENDING = b"p"
+GAP_FILL_TRIES = 4
 
 
 def topic_messages(channel: str) -> str:
@@ -112,7 +113,11 @@ class Room:
 
 class Hub:
     def __init__(self, bus: Bus, records: Records, history: MessageLog, writer: SegmentWriter,
-                 *, metrics: Metrics, send_queue_max: int) -> None:
+                 *, metrics: Metrics, send_queue_max: int, gap_fill_wait: float = 0.0) -> None:
+        """``gap_fill_wait``: with several processes, how long a resume waits (up to
+        ``GAP_FILL_TRIES`` times) for numbers another process has sent but not yet stored; 0 for one
+        process, where every such number is in this process's recent buffer."""
+        self.gap_fill_wait = gap_fill_wait
         self.bus = bus
         self.records = records
         self.history = history
@@ -317,9 +322,19 @@ class Hub:
         cursor.catching_up = True
         cursor.last = max(cursor.last, after)
         recent = room.recent_after(cursor.last)
+        gap_fill_tries = GAP_FILL_TRIES if self.gap_fill_wait else 0
         while recent is None:
             page = await self.history.read(room.id, cursor.last, HISTORY_PAGE)
             if not page:
+                if gap_fill_tries and room.complete_from and cursor.last + 1 < room.complete_from:
+                    # Numbers between the store's end and the first one this process saw live may
+                    # still sit in another process's group commit: give them a moment to land.
+                    gap_fill_tries -= 1
+                    await asyncio.sleep(self.gap_fill_wait)
+                    continue
+                # The store has nothing more: whatever lies between it and the recent buffer was
+                # never stored (a burned number) and never will be.
+                recent = [frame for seq, frame in room.recent if seq > cursor.last]
                 break
             for frame in page:
                 cursor.last = frame_seq(frame)
@@ -329,7 +344,7 @@ class Hub:
             if session.backlog() > self.send_queue_max // 2:
                 await session.wait_drained()
             recent = room.recent_after(cursor.last)
-        for frame in recent or ():
+        for frame in recent:
             seq = frame_seq(frame)
             if seq > cursor.last:
                 cursor.last = seq
