@@ -62,13 +62,23 @@ class Settings:
     # Peeks
     peek_price_cents: int = 500
     refusal_fee_cents: int = 100
-    peek_refusal_window_seconds: int = 60
-    peek_duration_seconds: int = 600
+    peek_refusal_window_seconds: float = 60.0
+    # How long an active peek lasts: ten minutes of reading for $5 (protocol/peek.md, Timings).
+    peek_duration_seconds: float = 600.0
+    # How long the human has to authorise the payment before the peek expires.
+    peek_payment_timeout_seconds: float = 900.0
+    # Every process re-reads the open peeks this often and drives those that are due, so a deadline
+    # is enforced even when the process that armed its timer is gone.
+    peek_scan_seconds: float = 2.0
+    # Bearer token of the operator's revenue view (GET /api/v1/operator/revenue); empty: disabled.
+    operator_token: str = ""
     stripe_secret_key: str = ""
     stripe_publishable_key: str = ""
     stripe_webhook_secret: str = ""
     stripe_api_base: str = ""
     log_level: str = "info"
+    # Bearer token for /metrics; empty: /metrics answers loopback clients only.
+    metrics_token: str = ""
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -79,6 +89,10 @@ class Settings:
             raise ConfigError(f"store {self.store!r}: use file://DIR or s3://bucket?endpoint=...")
         if scheme_of(self.payments) not in ("dev", "stripe"):
             raise ConfigError(f"payments {self.payments!r}: use dev:// or stripe://")
+        for name in ("peek_refusal_window_seconds", "peek_duration_seconds", "peek_payment_timeout_seconds",
+                     "peek_scan_seconds"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds")
         if not 0 < self.port < 65536 and self.port != 0:
             raise ConfigError(f"port {self.port} is out of range")
 
@@ -89,11 +103,16 @@ def _coerce(name: str, raw: str, kind: type) -> object:
             return int(raw)
         except ValueError:
             raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if kind is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
     return raw
 
 
 def _field_types(cls: type) -> dict[str, type]:
-    hints = {"int": int, "str": str}
+    hints = {"int": int, "str": str, "float": float}
     return {f.name: hints.get(str(f.type), str) for f in dataclasses.fields(cls) if f.name != "limits"}
 
 

@@ -7,10 +7,12 @@ are closed (1001 going away, after their queued frames), then the hub, the bus a
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -20,7 +22,7 @@ from agentchat.config import Settings
 from agentchat.errors import AgentChatError, error
 from agentchat.server import ws
 from agentchat.server.api import agents, channels
-from agentchat.server.http import error_middleware, json_response
+from agentchat.server.http import bearer_token, error_middleware, json_response
 from agentchat.server.hub import Hub
 from agentchat.server.keys import (BUS, HISTORY, HUB, METRICS, RECORDS, SESSIONS, SETTINGS, STORE, TOKENS,
                                    WRITER)
@@ -29,6 +31,7 @@ from agentchat.server.tokens import TokenIssuer
 from agentchat.store import keys as store_keys
 from agentchat.store import store_from_url
 from agentchat.store.base import ObjectStore
+from agentchat.store.instrumented import CountingStore
 from agentchat.store.messages import MessageLog, SegmentWriter
 from agentchat.store.records import Records
 
@@ -55,7 +58,8 @@ async def _token_secret(settings: Settings, store: ObjectStore) -> bytes:
 
 async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    store = store_from_url(settings.store)
+    metrics = app[METRICS]
+    store = CountingStore(store_from_url(settings.store), metrics.store_ops, metrics.store_errors)
     await store.start()
     app[STORE] = store
     app[RECORDS] = Records(store)
@@ -65,7 +69,7 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
     app[BUS] = bus
     writer = SegmentWriter(store, max_messages=settings.batch_max_messages,
                            max_delay=settings.batch_max_delay_ms / 1000,
-                           pending_max=settings.limits.pending_writes_max)
+                           pending_max=settings.limits.pending_writes_max, on_flush=_observe_flush(metrics))
     app[WRITER] = writer
     several_processes = _scheme(settings.bus) != "memory"
     hub = Hub(bus, app[RECORDS], app[HISTORY], writer, metrics=app[METRICS],
@@ -83,6 +87,13 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
         await writer.close()
         await bus.close()
         await store.close()
+
+
+def _observe_flush(metrics: Metrics) -> Callable[[int, float], None]:
+    def observe(count: int, seconds: float) -> None:
+        metrics.batch_messages.observe(count)
+        metrics.batch_flush_seconds.observe(seconds)
+    return observe
 
 
 def _scheme(url: str) -> str:
@@ -117,6 +128,26 @@ async def health(request: web.Request) -> web.Response:
     return json_response(body, 200 if not failing else 503)
 
 
+async def metrics_page(request: web.Request) -> web.Response:
+    """Prometheus text format. With ``AGENTCHAT_METRICS_TOKEN`` set it needs that bearer token;
+    without, only loopback clients may read it (a scraper on the same host or through a sidecar)."""
+    settings = request.app[SETTINGS]
+    if settings.metrics_token:
+        if not hmac.compare_digest(bearer_token(request), settings.metrics_token):
+            raise error("forbidden", "wrong metrics token")
+    elif not _is_loopback(request.remote):
+        raise error("forbidden", "set AGENTCHAT_METRICS_TOKEN to read /metrics from another host")
+    return web.Response(body=request.app[METRICS].exposition(),
+                        content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
+
+
+def _is_loopback(remote: str | None) -> bool:
+    try:
+        return remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=(PROTOCOL_DIR / "openapi.json").read_bytes(), content_type="application/json")
 
@@ -136,6 +167,7 @@ def build_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(backends_ctx)
     app.on_shutdown.append(on_shutdown)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/api/v1/openapi.json", openapi)
     app.router.add_get("/api/v1/ws", ws.websocket)
     app.router.add_routes(agents.routes)

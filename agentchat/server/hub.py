@@ -23,7 +23,7 @@ import orjson
 from agentchat.bus.base import Bus
 from agentchat.core import frames
 from agentchat.errors import AgentChatError, error
-from agentchat.server.metrics import Metrics
+from agentchat.server.metrics import LATENCY_SAMPLE_EVERY, Metrics
 from agentchat.server.session import CLOSE_REMOVED, Cursor, Session
 from agentchat.store.messages import MessageLog, SegmentWriter, frame_seq
 from agentchat.store.records import Records
@@ -128,6 +128,7 @@ class Hub:
         self._room_loading: dict[str, asyncio.Future[Room]] = {}
         self.sessions: dict[str, set[Session]] = {}
         self._claims_done: list[tuple[str, int]] = []
+        self._probes: dict[tuple[str, int], float] = {}  # sampled sends awaiting local fan-out
         self._claims_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -196,6 +197,10 @@ class Hub:
             if room is not None:
                 self.metrics.messages_fanned_out += 1
                 room.on_message(seq, frames.message_frame(seq, body))
+                if self._probes:
+                    started = self._probes.pop((room.id, seq), None)
+                    if started is not None:
+                        self.metrics.fanout_latency.observe(time.perf_counter() - started)
         elif kind == "e:":
             asyncio.get_running_loop().create_task(self._on_channel_event(topic[2:], orjson.loads(body)))
         elif kind == "a:":
@@ -378,12 +383,18 @@ class Hub:
             if not self.writer.has_room():
                 raise error("store_unavailable", "too many messages are waiting to be stored; retry shortly")
             body = frames.message_body(channel, sender, client_id, int(time.time() * 1000), envelope)
+            started = time.perf_counter()
             seq = await self._publish(channel, body)
         except BaseException:
             await self._release_claim(claim)
             raise
         room.last_used = time.monotonic()
         self.metrics.messages_in += 1
+        if self.metrics.messages_in % LATENCY_SAMPLE_EVERY == 0:
+            if room.last_seq >= seq:  # the bus fanned it out locally before publish returned
+                self.metrics.fanout_latency.observe(time.perf_counter() - started)
+            elif len(self._probes) < 1000:
+                self._probes[(channel, seq)] = started
 
         def durable(stored_seq: int) -> None:
             self._claims_done.append((claim, stored_seq))

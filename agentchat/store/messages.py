@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from agentchat.store import keys
 from agentchat.store.base import ObjectStore, PreconditionFailed
@@ -112,13 +112,15 @@ class WriterStats:
     messages_written: int = 0
     write_failures: int = 0
     last_flush_seconds: float = 0.0
-    flush_sizes: list[int] = field(default_factory=list)
 
 
 class SegmentWriter:
     def __init__(
-        self, store: ObjectStore, *, max_messages: int, max_delay: float, pending_max: int
+        self, store: ObjectStore, *, max_messages: int, max_delay: float, pending_max: int,
+        on_flush: Callable[[int, float], None] | None = None,
     ) -> None:
+        """``on_flush(messages, seconds)`` is called after each batch is stored (for metrics)."""
+        self.on_flush = on_flush
         self.store = store
         self.max_messages = max_messages
         self.max_delay = max_delay
@@ -212,9 +214,12 @@ class SegmentWriter:
             if failed:
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
+        count = sum(len(items) for items in batch.values())
         self.stats.segments_written += len(batch)
-        self.stats.messages_written += sum(len(items) for items in batch.values())
+        self.stats.messages_written += count
         self.stats.last_flush_seconds = time.monotonic() - started
+        if self.on_flush is not None:
+            self.on_flush(count, self.stats.last_flush_seconds)
 
     async def _put(self, key: str, data: bytes) -> None:
         try:

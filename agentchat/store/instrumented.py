@@ -1,0 +1,57 @@
+"""A store wrapper that counts operations and failures (for ``/metrics`` and the persistence bench)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from agentchat.store.base import ObjectStore, PreconditionFailed, StoredObject
+
+
+class CountingStore:
+    """Passes every call through to ``inner``; counts it in ``ops`` (and in ``errors`` if it raised,
+    a lost conditional write not counting as an error)."""
+
+    def __init__(self, inner: ObjectStore, ops: Counter[str], errors: Counter[str]) -> None:
+        self.inner = inner
+        self.ops = ops
+        self.errors = errors
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def get(self, key: str) -> StoredObject | None:
+        self.ops["get"] += 1
+        try:
+            return await self.inner.get(key)
+        except Exception:
+            self.errors["get"] += 1
+            raise
+
+    async def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
+        self.ops["put"] += 1
+        try:
+            return await self.inner.put(key, data, if_none_match=if_none_match, if_match=if_match)
+        except PreconditionFailed:
+            raise
+        except Exception:
+            self.errors["put"] += 1
+            raise
+
+    async def list(self, prefix: str, *, start_after: str = "", limit: int = 1000) -> list[str]:
+        self.ops["list"] += 1
+        try:
+            return await self.inner.list(prefix, start_after=start_after, limit=limit)
+        except Exception:
+            self.errors["list"] += 1
+            raise
+
+    async def delete(self, key: str) -> None:
+        self.ops["delete"] += 1
+        try:
+            await self.inner.delete(key)
+        except Exception:
+            self.errors["delete"] += 1
+            raise
