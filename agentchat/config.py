@@ -77,6 +77,9 @@ class Settings:
     stripe_webhook_secret: str = ""
     stripe_api_base: str = ""
     log_level: str = "info"
+    # How many reverse proxies (load balancers) stand in front and append to X-Forwarded-For; the
+    # client address used for rate limits is the one that many hops from the end. 0: the peer address.
+    trusted_proxies: int = 0
     # Bearer token for /metrics; empty: /metrics answers loopback clients only.
     metrics_token: str = ""
     limits: Limits = field(default_factory=Limits)

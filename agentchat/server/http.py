@@ -94,9 +94,20 @@ def agent_did(request: web.Request) -> str:
     return principal(request).did
 
 
+def client_address(request: web.Request) -> str:
+    """The client's address: the peer's, or behind ``trusted_proxies`` load balancers the entry they
+    appended to X-Forwarded-For (entries further left are the client's to forge)."""
+    hops = request.app[SETTINGS].trusted_proxies
+    if hops:
+        forwarded = [part.strip() for part in request.headers.get("X-Forwarded-For", "").split(",") if part.strip()]
+        if len(forwarded) >= hops:
+            return forwarded[-hops]
+    return request.remote or "unknown"
+
+
 async def rate_limit(request: web.Request, bucket: str, per_second: int) -> None:
     """Fixed one-second window per client address, shared by every process through the bus."""
-    address = request.remote or "unknown"
+    address = client_address(request)
     window = int(time.time())
     count = await request.app[BUS].incr(f"rl:{bucket}:{address}:{window}", 2.0)
     if count > per_second:

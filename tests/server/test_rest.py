@@ -283,3 +283,21 @@ async def test_message_errors(client, make_agent) -> None:
     assert body["error"]["code"] == "invalid_field"
     status, body = await alice.call("GET", url + "?after=-1")
     assert body["error"]["code"] == "invalid_field"
+
+
+async def test_rate_limits_behind_a_trusted_proxy_use_the_forwarded_address(aiohttp_client, tmp_path) -> None:
+    settings = load_settings(env={}, store=f"file://{tmp_path}/data", auth_requests_per_second=3,
+                             trusted_proxies=1)
+    client = await aiohttp_client(build_app(settings))
+    did = crypto.AgentKeys.generate().did
+
+    async def codes(address: str, n: int) -> list[str]:
+        found = []
+        for _ in range(n):
+            response = await client.post("/api/v1/auth/challenge", json={"did": did},
+                                         headers={"X-Forwarded-For": f"6.6.6.6, {address}"})
+            found.append((await response.json())["error"]["code"])
+        return found
+
+    assert "rate_limited" in await codes("10.0.0.1", 12)
+    assert (await codes("10.0.0.2", 1)) == ["agent_not_found"]  # another client is not held back
