@@ -12,7 +12,8 @@ client as an ``error`` frame with the same fields (and the ``ref`` of the frame 
      ├── Conflict             409   state does not allow it (already registered, peek not refusable)
      ├── PayloadTooLarge      413   body or frame over its limit
      ├── RateLimited          429   too many requests or frames; retry later
-     └── Unavailable          503   a backend is down or backpressure applies; retry later
+     ├── Unavailable          503   a backend is down or backpressure applies; retry later
+     └── InternalError        500   a bug on the server's side (logged); retry later
 
 ``CODES`` maps every wire code to its class and is the source of ``protocol/errors.md`` (a test keeps
 the two in step).
@@ -77,6 +78,13 @@ class Unavailable(AgentChatError):
     retryable = True
 
 
+class InternalError(AgentChatError):
+    """A bug on the server's side; the request may be retried."""
+
+    status = 500
+    retryable = True
+
+
 # code -> (class, what it means). Keep in step with protocol/errors.md.
 CODES: dict[str, tuple[type[AgentChatError], str]] = {
     # 400
@@ -97,6 +105,7 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     "not_found": (NotFound, "No such route."),
     "agent_not_found": (NotFound, "No agent has this DID."),
     "channel_not_found": (NotFound, "No channel has this id."),
+    "key_not_found": (NotFound, "There is no wrapped key for the caller in this epoch."),
     "peek_not_found": (NotFound, "No peek has this id."),
     # 409
     "already_registered": (Conflict, "This DID is registered with other keys."),
@@ -104,6 +113,8 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     "duplicate_pending": (Conflict, "A message with this client id is still being stored; wait for its ack."),
     "stale_epoch": (Conflict, "The envelope's epoch is not the channel's current one; fetch the key and re-encrypt."),
     "peek_state": (Conflict, "The peek is not in a state that allows this."),
+    "refusal_unfunded": (Conflict, "The refusal fee cannot be paid: no earnings balance covers it and no card is on file."),
+    "payment_declined": (Conflict, "The payment provider declined the payment."),
     # 413
     "too_large": (PayloadTooLarge, "The body or frame is larger than the server accepts."),
     # 429
@@ -113,6 +124,8 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     "bus_unavailable": (Unavailable, "The message bus is unreachable."),
     "payments_unavailable": (Unavailable, "The payment provider is unreachable."),
     "shutting_down": (Unavailable, "The server is shutting down; reconnect."),
+    # 500
+    "internal": (InternalError, "An unexpected error on the server; it has been logged."),
 }
 
 

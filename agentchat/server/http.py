@@ -45,7 +45,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return json_response({"error": {"code": "internal", "message": "internal error", "retryable": True}}, 500)
+        return error_response(error("internal"))
 
 
 async def read_json(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:

@@ -55,6 +55,7 @@ class Session:
         self._drained = asyncio.Event()
         self._drained.set()
         self._closed = False
+        self._close_with: tuple[int, str] | None = None
         self._metrics = metrics
         self._writer = asyncio.create_task(self._write_loop(), name="session-writer")
 
@@ -99,6 +100,7 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        self._close_with = (code, reason)
         self._queue.clear()
         self._wake.set()
         asyncio.get_running_loop().create_task(self._close(code, reason))
@@ -110,9 +112,11 @@ class Session:
             pass
 
     async def aclose(self, code: int = CLOSE_GOING_AWAY, reason: str = "") -> None:
+        """Close now; a reason given earlier by ``close_soon`` wins over this one."""
         self._closed = True
         self._wake.set()
         self._writer.cancel()
+        code, reason = self._close_with or (code, reason)
         await self._close(code, reason)
 
     async def flush_and_stop(self) -> None:

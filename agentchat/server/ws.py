@@ -111,6 +111,7 @@ async def _serve(ws: web.WebSocketResponse, session: Session, hub: Hub, request:
     limits = request.app[SETTINGS].limits
     metrics = request.app[METRICS]
     bucket = TokenBucket(limits.frames_per_second, limits.frames_per_second * 2, time.monotonic())
+    refused_in_a_row = 0  # frames refused for rate since the last accepted one
     principal = session.principal
     async for msg in ws:
         if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
@@ -119,7 +120,9 @@ async def _serve(ws: web.WebSocketResponse, session: Session, hub: Hub, request:
         ref = None
         try:
             if not bucket.take(time.monotonic()):
+                refused_in_a_row += 1
                 raise error("rate_limited", f"more than {limits.frames_per_second} frames per second")
+            refused_in_a_row = 0
             frame = frames.decode_client_frame(msg.data, max_bytes=limits.max_frame_bytes,
                                                max_ciphertext_bytes=limits.max_ciphertext_bytes)
             ref = frame.ref
@@ -127,7 +130,8 @@ async def _serve(ws: web.WebSocketResponse, session: Session, hub: Hub, request:
         except AgentChatError as exc:
             metrics.errors_sent += 1
             session.push(frames.error_frame(exc.to_wire(), ref or _guess_ref(msg.data)))
-            if exc.code == "rate_limited" and bucket.tokens < -limits.frames_per_second:
+            # A client that keeps sending through a second of refusals is not listening: cut it off.
+            if refused_in_a_row > limits.frames_per_second:
                 session.close_soon(CLOSE_POLICY, "rate_limited")
         if session.closed:
             break

@@ -222,3 +222,22 @@ async def test_slow_consumer_is_cut_off_and_others_are_not(aiohttp_client, tmp_p
             closed = msg
             break
     assert closed is not None and closed.data == 4008 and closed.extra == "slow_consumer"
+
+
+async def test_a_flooding_socket_gets_rate_limited_then_closed(aiohttp_client, tmp_path) -> None:
+    settings = load_settings(env={}, store=f"file://{tmp_path}/data", frames_per_second=5)
+    client = await aiohttp_client(build_app(settings))
+    from tests.conftest import RestAgent
+
+    alice = await RestAgent(client, "alice").register()
+    ws = await hello(client, alice.token)
+    for i in range(40):
+        await ws.send_str(f'{{"type":"ping","ref":"p{i}"}}')
+    codes = []
+    while True:
+        msg = await asyncio.wait_for(ws.receive(), 5)
+        if msg.type != WSMsgType.TEXT:
+            break
+        codes += [f.get("code", f["type"]) for f in split_frames(msg.data)]
+    assert "pong" in codes and "rate_limited" in codes
+    assert msg.type == WSMsgType.CLOSE and msg.data == 1008

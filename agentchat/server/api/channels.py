@@ -173,7 +173,9 @@ async def rotate_epoch(request: web.Request) -> web.Response:
     meta = await _member_channel(request, did)
     body = await read_json(request, frozenset({"epoch", "epoch_keys"}))
     epoch = body.get("epoch")
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch != meta["epoch"] + 1:
+    if not isinstance(epoch, int) or isinstance(epoch, bool):
+        raise error("invalid_field", "field 'epoch' must be the next epoch number")
+    if epoch != meta["epoch"] + 1:
         raise error("conflict", f"the next epoch of this channel is {meta['epoch'] + 1}")
     epoch_keys = _check_keys_cover(body.get("epoch_keys"), set(meta["members"]))
     records = request.app[RECORDS]
@@ -208,7 +210,7 @@ async def epoch_key(request: web.Request) -> web.Response:
         raise error("invalid_field", "epoch must be a number or 'current'")
     record = await request.app[RECORDS].get_epoch(meta["id"], epoch)
     if record is None or did not in record["keys"]:
-        raise error("not_found", f"no key for you in epoch {epoch} of this channel")
+        raise error("key_not_found", f"no key for you in epoch {epoch} of this channel")
     return json_response({"channel": meta["id"], "epoch": epoch, "created_by": record["created_by"],
                           "wrapped_key": record["keys"][did]})
 
