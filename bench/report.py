@@ -1,0 +1,207 @@
+"""A run's rows as a table (Markdown, printed and saved), a JSON file and a PNG chart.
+
+Ratios are AgentChat's number divided by each peer's, from the same run: for throughput a ratio
+above 1 means AgentChat is ahead; for latency and memory a ratio below 1 does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.stats import ratio
+
+Row = dict[str, Any]
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers came from."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    node = ""
+    if shutil.which("node"):
+        node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+    try:
+        memory_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        memory_gb = None
+    return {"cpu": model or platform.processor(), "cores": os.cpu_count(), "memory_gb": memory_gb,
+            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(), "node": node}
+
+
+def _num(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, (int, float)):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}x"
+
+
+def _latency(row: Row, key: str) -> Any:
+    return (row.get("latency_ms") or {}).get(key)
+
+
+# One table per workload: (title, columns as (header, getter, digits), key metric for the ratio).
+Column = tuple[str, Callable[[Row], Any], int]
+TABLES: dict[str, tuple[str, list[Column], Callable[[Row], Any]]] = {
+    "fanout": ("fan-out, saturated", [
+        ("deliveries/s", lambda r: r.get("delivered_per_s"), 0),
+        ("sends/s", lambda r: r.get("sent_per_s"), 0),
+        ("p50 ms", lambda r: _latency(r, "p50"), 2),
+        ("p99 ms", lambda r: _latency(r, "p99"), 2),
+        ("p99.9 ms", lambda r: _latency(r, "p999"), 2),
+        ("server CPU", lambda r: r.get("server_cpu"), 2),
+        ("load CPU", lambda r: r.get("load_cpu"), 2),
+    ], lambda r: r.get("delivered_per_s")),
+    "paced": ("fan-out, paced", [
+        ("target/s", lambda r: r.get("target_per_s"), 0),
+        ("deliveries/s", lambda r: r.get("delivered_per_s"), 0),
+        ("p50 ms", lambda r: _latency(r, "p50"), 2),
+        ("p99 ms", lambda r: _latency(r, "p99"), 2),
+        ("p99.9 ms", lambda r: _latency(r, "p999"), 2),
+        ("server CPU", lambda r: r.get("server_cpu"), 2),
+    ], lambda r: _latency(r, "p99")),
+    "idle": ("idle sessions", [
+        ("sessions", lambda r: r.get("sessions"), 0),
+        ("server RSS MB", lambda r: r.get("rss_mb"), 1),
+        ("KB/session", lambda r: r.get("kb_per_session"), 2),
+    ], lambda r: r.get("kb_per_session")),
+    "storm": ("connect storm", [
+        ("sessions", lambda r: r.get("sessions"), 0),
+        ("sessions/s", lambda r: r.get("sessions_per_s"), 0),
+        ("p50 ms", lambda r: _latency(r, "p50"), 2),
+        ("p99 ms", lambda r: _latency(r, "p99"), 2),
+        ("server CPU", lambda r: r.get("server_cpu"), 2),
+    ], lambda r: r.get("sessions_per_s")),
+    "persistence": ("persistence cost", [
+        ("messages", lambda r: r.get("messages"), 0),
+        ("store ops", lambda r: r.get("store_ops"), 0),
+        ("ops/1,000 msgs", lambda r: r.get("ops_per_1000_messages"), 2),
+        ("msgs/batch", lambda r: r.get("messages_per_batch"), 1),
+        ("flush ms", lambda r: r.get("flush_ms"), 1),
+        ("deliveries/s", lambda r: r.get("delivered_per_s"), 0),
+    ], lambda r: None),
+    "multiprocess": ("multi-process (Redis bus)", [
+        ("deliveries/s", lambda r: r.get("delivered_per_s"), 0),
+        ("p50 ms", lambda r: _latency(r, "p50"), 2),
+        ("p99 ms", lambda r: _latency(r, "p99"), 2),
+        ("server CPU", lambda r: r.get("server_cpu"), 2),
+    ], lambda r: None),
+    "peek": ("peek under load", [], lambda r: None),
+}
+
+
+def table(rows: list[Row], workload: str) -> str:
+    """The Markdown table of one workload's rows, with AgentChat's ratio to each peer."""
+    title, columns, key = TABLES[workload]
+    mine = [r for r in rows if r.get("workload") == workload]
+    if not mine:
+        return ""
+    ours = next((key(r) for r in mine if r.get("server") == "agentchat"), None)
+    show_ratio = ours is not None and any(r.get("server") != "agentchat" for r in mine)
+    headers = ["server", *(c[0] for c in columns)] + (["AgentChat ratio"] if show_ratio else []) + ["note"]
+    lines = [f"**{title}**", "", "| " + " | ".join(headers) + " |",
+             "|" + "|".join("---" if i == 0 or h == "note" else "---:" for i, h in enumerate(headers)) + "|"]
+    for r in mine:
+        cells = [str(r.get("server", ""))] + [_num(getter(r), digits) for _, getter, digits in columns]
+        if show_ratio:
+            cells.append("" if r.get("server") == "agentchat" else _ratio(ratio(ours, key(r))))
+        note = "; ".join(str(r[k]) for k in ("note", "first_error") if r.get(k))
+        cells.append(note.replace("|", "/")[:160])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render(run: dict[str, Any]) -> str:
+    m = run["machine"]
+    o = run["options"]
+    header = [
+        f"# AgentChat bench: {run['started']}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, {m['os']}, Python {m['python']}, "
+        f"Node {m['node'] or 'none'}. Server on CPU {o['server_cpus']}, load generators on CPU {o['load_cpus']}. "
+        f"Load average {run['loadavg_before']} before, {run['loadavg_after']} after (other work on the machine).",
+        "",
+        f"Fan-out: {o['agents']} agents in channels of {o['group']}, {o['payload']}-byte sealed payloads, "
+        f"window {o['window']} per sender, {o['duration']} s measured after {o['warmup']} s warm-up; paced at "
+        f"{o['paced_rate']:,} deliveries/s. Ratio = AgentChat / peer (throughput: higher is better; latency, "
+        "memory: lower is better).",
+    ]
+    parts = ["\n".join(header)]
+    for workload in TABLES:
+        text = table(run["rows"], workload)
+        if text:
+            parts.append(text)
+    return "\n\n".join(parts) + "\n"
+
+
+def write_json(run: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(run, indent=2) + "\n")
+
+
+def chart(run: dict[str, Any], path: Path) -> bool:
+    """The PNG chart: saturated throughput, paced latency percentiles, memory and connect rate per
+    server (panels without data are left out). False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = run["rows"]
+    panels: list[tuple[str, str, list[Row]]] = []
+    for workload, label in (("fanout", "fan-out: deliveries/s (saturated)"),
+                            ("paced", f"latency at {run['options']['paced_rate']:,} deliveries/s (ms)"),
+                            ("idle", "memory per idle session (KB)"), ("storm", "connect storm: sessions/s")):
+        mine = [r for r in rows if r.get("workload") == workload and r.get("server")]
+        if mine:
+            panels.append((workload, label, mine))
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    colors = {"agentchat": "#1f77b4", "node-ws": "#7f7f7f", "socketio-node": "#bcbd22", "socketio-py": "#ff7f0e"}
+    for ax, (workload, label, mine) in zip(axes[0], panels):
+        names = [r["server"] for r in mine]
+        if workload == "paced":
+            width = 0.27
+            for k, (key, shade) in enumerate((("p50", 1.0), ("p99", 0.7), ("p999", 0.45))):
+                values = [_latency(r, key) or 0 for r in mine]
+                xs = [i + (k - 1) * width for i in range(len(mine))]
+                ax.bar(xs, values, width, label=key, color=[colors.get(n, "#444") for n in names], alpha=shade)
+            ax.set_yscale("log")
+            ax.legend(fontsize=7)
+        else:
+            key = {"fanout": "delivered_per_s", "idle": "kb_per_session", "storm": "sessions_per_s"}[workload]
+            values = [r.get(key) or 0 for r in mine]
+            bars = ax.bar(range(len(mine)), values, color=[colors.get(n, "#444") for n in names])
+            for bar_, value in zip(bars, values):
+                ax.annotate(f"{value:,.0f}" if value >= 100 else f"{value:.1f}",
+                            (bar_.get_x() + bar_.get_width() / 2, bar_.get_height()),
+                            ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(mine)))
+        ax.set_xticklabels(names, rotation=20, fontsize=8)
+        ax.set_title(label, fontsize=9)
+    m = run["machine"]
+    fig.suptitle(f"AgentChat bench {run['started'][:16]} · {m['cpu']} · {m['cores']} cores", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

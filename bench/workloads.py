@@ -1,0 +1,536 @@
+"""The workloads: each starts its server(s), drives generator processes, and returns result rows.
+
+A row is a plain dict: ``{"workload": ..., "server": ..., <numbers>}``; ``bench.report`` turns the
+rows of one run into the table, the JSON file and the chart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import fixture as fixtures
+from bench import servers
+from bench.progress import Progress
+from bench.stats import Histogram, cpu_share, latency_summary_ms, rate
+
+WORKLOADS = ("fanout", "paced", "idle", "storm", "persistence", "peek", "multiprocess")
+# What "all" runs, in order; ``fanout`` and ``paced`` are the two modes of the fan-out workload.
+ALL_WORKLOADS = WORKLOADS
+PEER_WORKLOADS = {"fanout", "paced", "idle", "storm"}
+
+
+@dataclass
+class Options:
+    servers: list[str]
+    duration: float = 10.0
+    warmup: float = 2.0
+    agents: int = 200
+    group: int = 10
+    payload: int = 256
+    window: int = 16
+    paced_rate: int = 90_000  # deliveries per second
+    processes: int = 2  # load generator processes
+    server_cpus: str | None = "0"
+    load_cpus: str | None = "1"
+    idle_sessions: int = 5_000
+    idle_agents: int = 200
+    storm_sessions: int = 5_000
+    storm_concurrency: int = 200
+    mp_processes: int = 2
+    pool: int = 0  # sealed frames per agent; 0: enough for the duration
+    url: str | None = None  # a running server to use instead of starting one
+    profile: bool = False  # py-spy the AgentChat server during the measured window
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="agentchat-bench-")))
+    cache: Path = servers.BENCH_DIR / "results" / "cache"
+
+    def pool_size(self) -> int:
+        # 220 messages/s per agent is 440k deliveries/s with the default 200 agents in groups of 10.
+        return self.pool or max(500, int((self.warmup + self.duration) * 220))
+
+
+# ---------------------------------------------------------------------------------- generators
+
+
+class Generators:
+    """Load generator processes (``python -m bench.loadgen``) pinned to the load cores."""
+
+    def __init__(self, jobs: list[dict[str, Any]], options: Options, label: str) -> None:
+        self.jobs = jobs
+        self.options = options
+        self.label = label
+        self.procs: list[asyncio.subprocess.Process] = []
+        self.ready: list[dict[str, Any]] = []
+        self.results: list[dict[str, Any]] = []
+        self.progress: dict[int, int] = {}
+
+    async def start(self) -> list[dict[str, Any]]:
+        workdir = self.options.workdir
+        for n, job in enumerate(self.jobs):
+            path = workdir / f"job-{self.label}-{n}.json"
+            path.write_text(json.dumps(job))
+            log = open(workdir / f"loadgen-{self.label}-{n}.log", "wb")
+            command = servers.pinned([sys.executable, "-m", "bench.loadgen", str(path)], self.options.load_cpus)
+            proc = await asyncio.create_subprocess_exec(
+                *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
+                cwd=servers.REPO, env={**os.environ, "PYTHONPATH": str(servers.REPO)}, limit=1 << 24)
+            self.procs.append(proc)
+        self.ready = [await self._expect(proc, "ready", 300) for proc in self.procs]
+        return self.ready
+
+    async def _expect(self, proc: asyncio.subprocess.Process, event: str, timeout: float) -> dict[str, Any]:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            line = await asyncio.wait_for(proc.stdout.readline(), max(0.1, deadline - time.monotonic()))
+            if not line:
+                raise RuntimeError(f"a load generator exited (see {self.options.workdir}/loadgen-*.log)")
+            message = json.loads(line)
+            if message["event"] == "progress":
+                self.progress[id(proc)] = message["delivered"]
+                continue
+            if message["event"] == event:
+                return message
+
+    def send(self, command: str) -> None:
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write((command + "\n").encode())
+
+    def delivered_so_far(self) -> int:
+        return sum(self.progress.values())
+
+    async def collect(self, timeout: float) -> list[dict[str, Any]]:
+        self.results = list(await asyncio.gather(*(self._expect(p, "result", timeout) for p in self.procs)))
+        return self.results
+
+    async def stop(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None and proc.stdin is not None:
+                try:
+                    proc.stdin.write(b"stop\n")
+                    proc.stdin.close()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+        for proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+def split(items: list[Any], parts: int) -> list[list[Any]]:
+    """``items`` dealt into ``parts`` lists of near-equal length, order kept within each."""
+    parts = max(1, min(parts, len(items))) if items else 1
+    size = math.ceil(len(items) / parts) if items else 0
+    return [items[i * size:(i + 1) * size] for i in range(parts)] if items else [[]]
+
+
+def source_addresses(sessions: int, per_address: int = 20_000) -> list[str]:
+    """Loopback source addresses enough for ``sessions`` client sockets (each address has about 28k
+    ephemeral ports towards one server port)."""
+    count = max(1, math.ceil(sessions / per_address))
+    return [f"127.0.0.{2 + i}" for i in range(count)]
+
+
+# ---------------------------------------------------------------------------------- servers
+
+
+class Target:
+    """The server of one measurement: started here (and stopped after), or one the user runs."""
+
+    def __init__(self, name: str, options: Options) -> None:
+        self.name = name
+        self.options = options
+        self.process: servers.ServerProcess | None = None
+        if options.url is None:
+            if name == "agentchat":
+                self.process = servers.agentchat_server(options.workdir / f"{name}-{time.monotonic_ns()}",
+                                                        options.server_cpus)
+            else:
+                self.process = servers.peer_server(name, options.workdir, options.server_cpus)
+
+    def __enter__(self) -> Target:
+        if self.process is not None:
+            self.process.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    @property
+    def ws_url(self) -> str:
+        if self.process is not None:
+            return self.process.ws_url
+        assert self.options.url is not None
+        url = self.options.url.rstrip("/")
+        if self.name == "agentchat" and not url.endswith("/api/v1/ws"):
+            url += "/api/v1/ws"
+        elif self.name.startswith("socketio") and "socket.io" not in url:
+            url += "/socket.io/?EIO=4&transport=websocket"
+        return url
+
+    @property
+    def http_base(self) -> str:
+        if self.process is not None:
+            return self.process.http_base
+        url = self.ws_url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
+        return url.split("/api/v1/ws")[0]
+
+    def cpu_seconds(self) -> float | None:
+        return self.process.cpu_seconds() if self.process is not None else None
+
+    def rss_bytes(self) -> int | None:
+        return self.process.rss_bytes() if self.process is not None else None
+
+
+ProgressFn = Callable[[float, str], None]
+
+
+# ---------------------------------------------------------------------------------- fan-out
+
+
+def fanout_jobs(fixture: fixtures.Fixture, tokens: list[str], urls: list[str], options: Options,
+                protocol: str, rate_msgs: float | None) -> list[dict[str, Any]]:
+    """Whole channels per generator process (so a delivery's latency is read on one clock).
+    Agent i connects to ``urls[i % len(urls)]`` (several URLs: several server processes)."""
+    channels = list(fixture.channels.items())
+    jobs = []
+    for share in split(channels, options.processes):
+        clients = []
+        for channel, info in share:
+            for i in info["members"]:
+                agent = fixture.agents[i]
+                clients.append({"token": tokens[i] if tokens else "", "room": channel,
+                                "frames": str(fixture.frames_path(i)), "tag": agent.tag,
+                                "url": urls[i % len(urls)]})
+        job_rate = rate_msgs * len(clients) / len(fixture.agents) if rate_msgs else None
+        jobs.append({"protocol": protocol, "url": urls[0], "mode": "fanout", "clients": clients,
+                     "window": options.window, "rate": job_rate, "warmup": options.warmup,
+                     "duration": options.duration, "connect_concurrency": 50})
+    return jobs
+
+
+async def start_profiler(pid: int, seconds: float, out: Path) -> asyncio.subprocess.Process | None:
+    """``py-spy record`` of ``pid`` for ``seconds``, as collapsed stacks (``out``), or None without py-spy."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        print("bench: --profile needs py-spy (pip install -e '.[bench]')", file=sys.stderr)
+        return None
+    return await asyncio.create_subprocess_exec(
+        spy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))), "--rate", "250",
+        "--format", "raw", "--output", str(out), "--nonblocking",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+
+async def drive_fanout(jobs: list[dict[str, Any]], options: Options, label: str, progress: Progress,
+                       cpu_of: Callable[[], float | None], profile_pid: int | None = None) -> dict[str, Any]:
+    """Run fan-out jobs; returns delivered/s, sent/s, latency, and server CPU share over the window.
+    With ``profile_pid`` (and ``--profile``), that process is sampled by py-spy during the window."""
+    generators = Generators(jobs, options, label)
+    profiler = None
+    try:
+        ready = await generators.start()
+        failures = sum(r["failures"] for r in ready)
+        if failures:
+            first = next(r["first_failure"] for r in ready if r["failures"])
+            raise RuntimeError(f"{failures} clients could not connect: {first}")
+        start_at = time.time() + 0.5
+        generators.send(f"go {start_at}")
+        total = options.warmup + options.duration
+        await asyncio.sleep(max(0.0, start_at + options.warmup - time.time()))
+        cpu_before = cpu_of()
+        window_start = time.monotonic()
+        if options.profile and profile_pid is not None:
+            profiler = await start_profiler(profile_pid, options.duration,
+                                            options.workdir.parent / f"profile-{label}.txt")
+        last, last_t = generators.delivered_so_far(), time.monotonic()
+        collecting = asyncio.ensure_future(generators.collect(total + 120))
+        cpu_after = None
+        while not collecting.done():
+            await asyncio.wait({collecting}, timeout=0.25)
+            now = time.monotonic()
+            if cpu_after is None and now - window_start >= options.duration:
+                cpu_after = cpu_of()
+            delivered = generators.delivered_so_far()
+            if now - last_t >= 1.0:
+                current = (delivered - last) / (now - last_t)
+                last, last_t = delivered, now
+                progress.update((options.warmup + now - window_start) / total, f"{current:,.0f} deliveries/s")
+        if cpu_after is None:
+            cpu_after = cpu_of()
+        results = collecting.result()
+    finally:
+        await generators.stop()
+        if profiler is not None:
+            await profiler.wait()
+    hist = Histogram()
+    for r in results:
+        hist.merge(Histogram.from_json(r["latency"]))
+    seconds = max(r["seconds"] for r in results)
+    delivered = sum(r["delivered"] for r in results)
+    sent = sum(r["sent"] for r in results)
+    row: dict[str, Any] = {
+        "delivered_per_s": round(rate(delivered, seconds)),
+        "sent_per_s": round(rate(sent, seconds)),
+        "latency_ms": latency_summary_ms(hist),
+        "load_cpu": round(sum(r["cpu_seconds"] for r in results) / seconds, 2),
+        "errors": sum(r["errors"] for r in results),
+        "seconds": round(seconds, 2),
+    }
+    if cpu_before is not None and cpu_after is not None:
+        row["server_cpu"] = round(cpu_share(cpu_after - cpu_before, options.duration), 2)
+    first_error = next((r["first_error"] for r in results if r["first_error"]), "")
+    if first_error:
+        row["first_error"] = first_error
+    exhausted = sum(r["exhausted"] for r in results)
+    if exhausted:
+        row["note"] = f"{exhausted} senders ran out of sealed messages: raise --pool"
+    return row
+
+
+def prepare_fixture(options: Options) -> fixtures.Fixture:
+    progress = Progress("sealing messages")
+    made = fixtures.load_or_make(options.cache, agents=options.agents, group=options.group,
+                                 payload=options.payload, per_agent=options.pool_size(),
+                                 report=lambda done, total: progress.update(done / total, f"{done}/{total} agents"))
+    progress.done(f"{len(made.agents)} agents x {made.per_agent} sealed {options.payload}-byte messages")
+    return made
+
+
+async def fanout_one(server: str, fixture: fixtures.Fixture, options: Options, paced: bool) -> dict[str, Any]:
+    workload = "paced" if paced else "fanout"
+    label = f"{workload}-{server}"
+    progress = Progress(f"{workload} {server}")
+    rate_msgs = options.paced_rate / options.group if paced else None
+    with Target(server, options) as target:
+        tokens: list[str] = []
+        if server == "agentchat":
+            progress.update(0.0, "registering agents, creating channels")
+            tokens, _ = await fixtures.setup_agentchat(target.http_base, fixture)
+        jobs = fanout_jobs(fixture, tokens, [target.ws_url], options, servers.PROTOCOL[server], rate_msgs)
+        row = await drive_fanout(jobs, options, label, progress, target.cpu_seconds,
+                                 target.process.pid if target.process is not None and server == "agentchat" else None)
+    progress.done(f"{row['delivered_per_s']:,} deliveries/s, p99 {row['latency_ms']['p99']} ms")
+    row.update({"workload": workload, "server": server})
+    if paced:
+        row["target_per_s"] = options.paced_rate
+    return row
+
+
+# ---------------------------------------------------------------------------------- idle, storm
+
+
+def session_jobs(server: str, url: str, tokens: list[str], sessions: int, options: Options, mode: str,
+                 concurrency: int) -> list[dict[str, Any]]:
+    hard = servers.fd_hard_limit()
+    per_process = max(1, hard - 200)
+    processes = max(options.processes, math.ceil(sessions / per_process))
+    specs = [{"token": tokens[i % len(tokens)] if tokens else "", "room": f"idle-{i % 1000}"}
+             for i in range(sessions)]
+    sources = source_addresses(sessions)
+    return [{"protocol": servers.PROTOCOL[server], "url": url, "mode": mode, "clients": share,
+             "source_ips": sources, "connect_concurrency": max(1, concurrency // processes)}
+            for share in split(specs, processes)]
+
+
+def session_cap(requested: int) -> tuple[int, str]:
+    """Sessions one server process can hold here: its open-files hard limit bounds it."""
+    cap = servers.fd_hard_limit() - 200
+    if requested > cap:
+        return cap, f"capped at {cap:,} sessions by the open-files hard limit ({servers.fd_hard_limit():,})"
+    return requested, ""
+
+
+async def idle_one(server: str, options: Options) -> dict[str, Any]:
+    sessions, note = session_cap(options.idle_sessions)
+    progress = Progress(f"idle {server}")
+    with Target(server, options) as target:
+        tokens: list[str] = []
+        if server == "agentchat":
+            progress.update(0.0, "registering agents")
+            _, tokens = await fixtures.setup_agentchat(target.http_base, None,
+                                                       extra_agents=min(sessions, options.idle_agents))
+        await asyncio.sleep(1.0)
+        rss_before = target.rss_bytes()
+        jobs = session_jobs(server, target.ws_url, tokens, sessions, options, "idle", 200)
+        generators = Generators(jobs, options, f"idle-{server}")
+        try:
+            progress.update(0.1, f"opening {sessions:,} sessions")
+            ready = await generators.start()
+            opened = sum(r["clients"] for r in ready)
+            await asyncio.sleep(2.0)
+            rss_after = target.rss_bytes()
+            generators.send("go 0")
+            generators.send("stop")
+            results = await generators.collect(60)
+        finally:
+            await generators.stop()
+    row: dict[str, Any] = {"workload": "idle", "server": server, "sessions": opened,
+                           "failures": sum(r["failures"] for r in ready),
+                           "disconnected": sum(r["disconnected"] for r in results)}
+    if rss_before is not None and rss_after is not None and opened:
+        row["rss_mb"] = round(rss_after / 2**20, 1)
+        row["kb_per_session"] = round((rss_after - rss_before) / opened / 1024, 2)
+    first = next((r["first_failure"] for r in ready if r["failures"]), "")
+    if first:
+        row["first_error"] = first
+    if note:
+        row["note"] = note
+    progress.done(f"{opened:,} sessions, {row.get('kb_per_session', '?')} KB each")
+    return row
+
+
+async def storm_one(server: str, options: Options) -> dict[str, Any]:
+    sessions, note = session_cap(options.storm_sessions)
+    progress = Progress(f"storm {server}")
+    with Target(server, options) as target:
+        tokens: list[str] = []
+        if server == "agentchat":
+            progress.update(0.0, "registering agents")
+            _, tokens = await fixtures.setup_agentchat(target.http_base, None,
+                                                       extra_agents=min(sessions, options.idle_agents))
+        jobs = session_jobs(server, target.ws_url, tokens, sessions, options, "storm", options.storm_concurrency)
+        generators = Generators(jobs, options, f"storm-{server}")
+        try:
+            await generators.start()  # processes up, nothing connected yet
+            cpu_before = target.cpu_seconds()
+            started = time.monotonic()
+            generators.send(f"go {time.time()}")
+            progress.update(0.2, f"connecting {sessions:,} sessions")
+            results = await generators.collect(300)
+            elapsed = time.monotonic() - started
+            cpu_after = target.cpu_seconds()
+            generators.send("stop")
+        finally:
+            await generators.stop()
+    opened = sum(r["clients"] for r in results)
+    seconds = max(r["connect_seconds"] for r in results)
+    hist = Histogram()
+    for r in results:
+        hist.merge(Histogram.from_json(r["connect_latency"]))
+    row: dict[str, Any] = {"workload": "storm", "server": server, "sessions": opened,
+                           "sessions_per_s": round(rate(opened, seconds)), "latency_ms": latency_summary_ms(hist),
+                           "failures": sum(r["failures"] for r in results), "seconds": round(seconds, 2)}
+    if cpu_before is not None and cpu_after is not None:
+        row["server_cpu"] = round(cpu_share(cpu_after - cpu_before, elapsed), 2)
+    first = next((r["first_failure"] for r in results if r["failures"]), "")
+    if first:
+        row["first_error"] = first
+    if note:
+        row["note"] = note
+    progress.done(f"{row['sessions_per_s']:,} sessions/s")
+    return row
+
+
+# ---------------------------------------------------------------------------------- persistence
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> ``{"name{labels}": value}`` (comments skipped)."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            values[name] = float(value)
+        except ValueError:
+            continue
+    return values
+
+
+def scrape(base: str) -> dict[str, float]:
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as response:
+        return parse_prometheus(response.read().decode())
+
+
+def persistence_cost(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """Store operations per 1,000 messages between two scrapes of ``/metrics``."""
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    messages = int(delta("agentchat_messages_in_total"))
+    prefix = 'agentchat_store_operations_total{op="'
+    ops = {key[len(prefix):-2]: int(delta(key)) for key in after if key.startswith(prefix)}
+    total = sum(ops.values())
+    batches = int(delta("agentchat_batch_messages_count"))
+    return {"messages": messages, "store_ops": total,
+            "ops_per_1000_messages": round(total / messages * 1000, 2) if messages else None,
+            "ops": {k: v for k, v in ops.items() if v}, "batches": batches,
+            "messages_per_batch": round(delta("agentchat_batch_messages_sum") / batches, 1) if batches else None,
+            "flush_ms": round(delta("agentchat_batch_flush_seconds_sum") / batches * 1000, 1) if batches else None}
+
+
+async def persistence(fixture: fixtures.Fixture, options: Options) -> dict[str, Any]:
+    """Store operations per 1,000 messages while fan-out runs paced (``--rate``), read from the
+    server's own ``/metrics`` (``agentchat_store_operations_total``, ``agentchat_messages_in_total``)."""
+    progress = Progress("persistence agentchat")
+    samples: list[dict[str, float]] = []
+    with Target("agentchat", options) as target:
+        tokens, _ = await fixtures.setup_agentchat(target.http_base, fixture)
+        jobs = fanout_jobs(fixture, tokens, [target.ws_url], options, "agentchat", options.paced_rate / options.group)
+
+        def sample() -> float | None:
+            samples.append(scrape(target.http_base))
+            return target.cpu_seconds()
+
+        row = await drive_fanout(jobs, options, "persistence", progress, sample)
+    result = {"workload": "persistence", "server": "agentchat", **persistence_cost(samples[0], samples[-1]),
+              "delivered_per_s": row["delivered_per_s"]}
+    progress.done(f"{result['ops_per_1000_messages']} store operations per 1,000 messages")
+    return result
+
+
+# ---------------------------------------------------------------------------------- multi-process
+
+
+async def multiprocess(fixture: fixtures.Fixture, options: Options) -> dict[str, Any]:
+    """Saturated fan-out against ``--mp-processes`` AgentChat processes sharing a Redis bus and one
+    store directory; agent i connects to process i mod N, so every channel spans the processes."""
+    n = options.mp_processes
+    label = f"agentchat x{n} (redis)"
+    progress = Progress(f"multiprocess {label}")
+    if not (servers.REPO / "agentchat" / "bus" / "redis.py").exists():
+        return {"workload": "multiprocess", "server": label, "note": "not available: no Redis bus"}
+    workdir = options.workdir / f"multi-{time.monotonic_ns()}"
+    redis = servers.RedisServer(servers.free_port(), workdir / "redis", options.server_cpus).start()
+    procs: list[servers.ServerProcess] = []
+    try:
+        for i in range(n):
+            procs.append(servers.agentchat_server(workdir, options.server_cpus, bus=redis.url,
+                                                  store=workdir / "store", tag=f"agentchat-{i}").start())
+        tokens, _ = await fixtures.setup_agentchat(procs[0].http_base, fixture)
+        jobs = fanout_jobs(fixture, tokens, [p.ws_url for p in procs], options, "agentchat", None)
+
+        def cpu() -> float:
+            return sum(p.cpu_seconds() for p in procs) + servers.proc_cpu_seconds(redis.proc.pid)  # type: ignore[union-attr]
+
+        row = await drive_fanout(jobs, options, "multiprocess", progress, cpu)
+    finally:
+        for p in procs:
+            p.stop()
+        redis.stop()
+    row.update({"workload": "multiprocess", "server": label, "processes": n})
+    progress.done(f"{row['delivered_per_s']:,} deliveries/s, p99 {row['latency_ms']['p99']} ms")
+    return row
+
+
+def peek_unavailable() -> dict[str, Any]:
+    available = (servers.REPO / "agentchat" / "server" / "peeks.py").exists()
+    note = ("not available: the bench has no peek driver yet" if available
+            else "not available: the server has no peeks yet (agentchat/server/peeks.py)")
+    return {"workload": "peek", "server": "agentchat", "note": note}

@@ -1,0 +1,224 @@
+"""The bench's pure parts: percentile maths, the table and files it writes, argument parsing, the
+fixture's sealed frames, the store counter. No timing is asserted here (numbers belong to bench/)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from pathlib import Path
+
+import orjson
+import pytest
+
+from agentchat import crypto
+from bench import cli, report
+from bench.fixture import client_tag, load_or_make, plaintext_of
+from bench.loadgen import client_id_of, socketio_event
+from bench.stats import Histogram, exact_percentile, latency_summary_ms, ratio
+from bench.workloads import parse_prometheus, persistence_cost, source_addresses, split
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------------------------- percentiles
+
+
+def test_histogram_percentiles_are_within_one_percent_of_exact() -> None:
+    rng = random.Random(7)
+    values = [rng.lognormvariate(6, 1.2) for _ in range(20_000)]  # µs, long tail
+    hist = Histogram()
+    hist.record_many(values)
+    for p in (50, 90, 99, 99.9):
+        exact = exact_percentile(values, p)
+        assert exact is not None
+        assert hist.percentile(p) == pytest.approx(exact, rel=0.011)
+    assert hist.percentile(100) == max(values)
+    assert hist.total == len(values)
+
+
+def test_histograms_merge_as_if_recorded_together_and_survive_json() -> None:
+    a, b, both = Histogram(), Histogram(), Histogram()
+    for i in range(1, 1001):
+        (a if i % 3 else b).record(i * 10.0)
+        both.record(i * 10.0)
+    merged = Histogram.from_json(json.loads(json.dumps(a.to_json())))
+    merged.merge(Histogram.from_json(b.to_json()))
+    for p in (1, 50, 99, 99.9, 100):
+        assert merged.percentile(p) == both.percentile(p)
+    assert merged.total == 1000 and merged.min_us == 10.0
+
+
+def test_empty_histogram_and_small_values() -> None:
+    hist = Histogram()
+    assert hist.percentile(99) is None
+    assert latency_summary_ms(hist) == {"p50": None, "p99": None, "p999": None, "max": None, "samples": 0}
+    hist.record(0.2)
+    hist.record(0.5)
+    assert hist.percentile(50) == 0.5  # clamped to what was recorded
+    with pytest.raises(ValueError):
+        hist.percentile(101)
+
+
+def test_latency_summary_is_in_milliseconds() -> None:
+    hist = Histogram()
+    hist.record_many([1000.0] * 99 + [50_000.0])
+    summary = latency_summary_ms(hist)
+    assert summary["p50"] == pytest.approx(1.0, rel=0.01)
+    assert summary["max"] == 50.0 and summary["samples"] == 100
+
+
+def test_ratio() -> None:
+    assert ratio(300, 400) == 0.75
+    assert ratio(None, 400) is None and ratio(3, 0) is None
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+def run_of(rows: list[dict]) -> dict:
+    return {"started": "2026-01-01 00:00:00", "machine": {"cpu": "test cpu", "cores": 2, "memory_gb": 1.0,
+            "os": "Linux", "python": "3.11", "node": "v20"}, "loadavg_before": [0, 0, 0],
+            "loadavg_after": [0, 0, 0], "rows": rows,
+            "options": {"server_cpus": "0", "load_cpus": "1", "agents": 200, "group": 10, "payload": 256,
+                        "window": 16, "duration": 10, "warmup": 2, "paced_rate": 90000}}
+
+
+ROWS = [
+    {"workload": "fanout", "server": "agentchat", "delivered_per_s": 300_000, "sent_per_s": 30_000,
+     "latency_ms": {"p50": 1.0, "p99": 2.5, "p999": 4.0}, "server_cpu": 1.0, "load_cpu": 0.8},
+    {"workload": "fanout", "server": "node-ws", "delivered_per_s": 400_000, "sent_per_s": 40_000,
+     "latency_ms": {"p50": 0.5, "p99": 1.5, "p999": 3.0}, "server_cpu": 1.0, "load_cpu": 0.9},
+    {"workload": "idle", "server": "agentchat", "sessions": 1000, "rss_mb": 50.0, "kb_per_session": 12.0},
+    {"workload": "idle", "server": "node-ws", "sessions": 1000, "rss_mb": 40.0, "kb_per_session": 8.0,
+     "note": "a | b"},
+    {"workload": "peek", "server": "agentchat", "note": "not available: the server has no peeks yet"},
+]
+
+
+def test_table_shows_agentchat_ratio_to_each_peer() -> None:
+    text = report.table(ROWS, "fanout")
+    lines = text.splitlines()
+    assert lines[0] == "**fan-out, saturated**"
+    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert header[0] == "server" and "AgentChat ratio" in header
+    node = next(line for line in lines if line.startswith("| node-ws"))
+    cells = [c.strip() for c in node.strip("|").split("|")]
+    assert cells[1] == "400,000"
+    assert cells[header.index("AgentChat ratio")] == "0.75x"
+    idle = report.table(ROWS, "idle")
+    assert "1.50x" in idle and "a / b" in idle  # a pipe in a note cannot break the table
+    assert report.table(ROWS, "storm") == ""
+
+
+def test_render_and_files(tmp_path: Path) -> None:
+    run = run_of(ROWS)
+    text = report.render(run)
+    assert "test cpu, 2 cores" in text and "**peek under load**" in text and "not available" in text
+    report.write_json(run, tmp_path / "results.json")
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["delivered_per_s"] == 300_000
+    pytest.importorskip("matplotlib")
+    assert report.chart(run, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------- arguments
+
+
+def test_arguments() -> None:
+    args = cli.build_parser().parse_args(["run", "fanout,idle", "--server", "agentchat,node-ws",
+                                          "--duration", "3", "--server-cpus", "none"])
+    assert args.workload == ["fanout", "idle"]
+    assert args.server == ["agentchat", "node-ws"]
+    options = cli.options_from(args)
+    assert options.duration == 3 and options.server_cpus is None and options.load_cpus == "1"
+    everything = cli.build_parser().parse_args(["run", "all"])
+    assert everything.server == ["agentchat", "node-ws", "socketio-node", "socketio-py"]
+    assert "multiprocess" in everything.workload and "peek" in everything.workload
+
+
+@pytest.mark.parametrize("argv", [["run", "nope"], ["run", "fanout", "--server", "nginx"], ["run"]])
+def test_bad_arguments_are_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(argv)
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_url_needs_one_server() -> None:
+    args = cli.build_parser().parse_args(["run", "fanout", "--url", "ws://127.0.0.1:1"])
+    with pytest.raises(SystemExit):
+        cli.options_from(args)
+    with pytest.raises(argparse.ArgumentTypeError):
+        cli.parse_servers("")
+
+
+# ---------------------------------------------------------------------------------- load pieces
+
+
+def test_client_ids_are_found_in_every_protocol_shape() -> None:
+    send = b'{"type":"send","channel":"ch_x","client_id":"a00001m0000002","envelope":{}}'
+    message = b'{"type":"message","seq":7,"channel":"ch_x","sender":"did:x","client_id":"a00001m0000002","ts":1}'
+    assert client_id_of(send) == client_id_of(message) == b"a00001m0000002"
+    assert client_id_of(socketio_event(send)) == b"a00001m0000002"
+    assert socketio_event(b"{}") == b'42["m",{}]'
+    assert client_id_of(b"joined") is None
+
+
+def test_split_and_source_addresses() -> None:
+    assert split(list(range(5)), 2) == [[0, 1, 2], [3, 4]]
+    assert split([1], 4) == [[1]]
+    assert source_addresses(10) == ["127.0.0.2"]
+    assert source_addresses(100_000) == [f"127.0.0.{i}" for i in range(2, 7)]
+
+
+def test_fixture_frames_are_real_sealed_envelopes(tmp_path: Path) -> None:
+    fixture = load_or_make(tmp_path, agents=4, group=2, payload=256, per_agent=3)
+    assert len(fixture.channels) == 2 and fixture.per_agent == 3
+    agent = fixture.agents[3]
+    key = fixture.channels[agent.channel]["epoch_key"]
+    frames = fixture.frames_path(3).read_bytes().split(b"\n")[:-1]
+    assert len(frames) == 3
+    ids = set()
+    for raw in frames:
+        frame = orjson.loads(raw)
+        assert frame["type"] == "send" and frame["channel"] == agent.channel
+        assert re.fullmatch(r"[A-Za-z0-9_-]{1,64}", frame["client_id"]) and frame["client_id"].startswith(client_tag(3))
+        ids.add(frame["client_id"])
+        plaintext = crypto.open_envelope(frame["envelope"], key, channel=agent.channel, sender=agent.keys.did,
+                                         client_id=frame["client_id"],
+                                         sender_signing_key=crypto.signing_key_from_did(agent.keys.did))
+        assert len(plaintext) == 256
+    assert len(ids) == 3
+    # the cache is reused and extended, never re-keyed
+    again = load_or_make(tmp_path, agents=4, group=2, payload=256, per_agent=5)
+    assert again.agents[3].keys.did == agent.keys.did
+    assert len(again.frames_path(3).read_bytes().split(b"\n")[:-1]) == 5
+    assert plaintext_of(256, 12345)[:8] == b'{"kind":'
+
+
+def test_persistence_cost_from_two_scrapes_of_metrics() -> None:
+    before = parse_prometheus(
+        "# HELP agentchat_messages_in_total messages\n# TYPE agentchat_messages_in_total counter\n"
+        "agentchat_messages_in_total 100.0\n"
+        'agentchat_store_operations_total{op="put"} 40.0\n'
+        "agentchat_batch_messages_count 10.0\nagentchat_batch_messages_sum 100.0\n")
+    after = parse_prometheus(
+        "agentchat_messages_in_total 2100.0\n"
+        'agentchat_store_operations_total{op="put"} 42.0\n'
+        'agentchat_store_operations_total{op="get"} 1.0\n'
+        "agentchat_batch_messages_count 12.0\nagentchat_batch_messages_sum 2100.0\n")
+    cost = persistence_cost(before, after)
+    assert cost["messages"] == 2000 and cost["store_ops"] == 3
+    assert cost["ops_per_1000_messages"] == 1.5
+    assert cost["ops"] == {"put": 2, "get": 1}
+    assert cost["messages_per_batch"] == 1000.0
+
+
+def test_bench_pins_match_the_bench_extra() -> None:
+    import tomllib
+
+    extra = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["bench"])
+    for requirements in (REPO / "bench" / "requirements.txt", REPO / "bench" / "peers" / "socketio-py" / "requirements.txt"):
+        pins = {line.strip() for line in requirements.read_text().splitlines() if line.strip() and not line.startswith("#")}
+        assert pins <= extra, f"{requirements.name}: {pins - extra} not in the bench extra"
