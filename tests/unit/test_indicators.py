@@ -1,0 +1,207 @@
+"""The indicators maths, driven with plain values and an injected clock: no event loop."""
+
+from __future__ import annotations
+
+import pytest
+
+from agentchat.core.indicators import (MINUTE_MS, ChannelIndicators, IndicatorBook, RateWindow, Report,
+                                       ReportBuilder, Throttle, coarse_minute_ms, sort_indicators)
+
+T0 = 1_767_225_600.0  # a whole minute
+
+
+# ------------------------------------------------------------------------------ messages per minute
+
+
+def test_rate_counts_the_last_sixty_seconds() -> None:
+    rate = RateWindow()
+    for i in range(60):
+        rate.add(int(T0) + i, 2, T0 + i)
+    assert rate.total(T0 + 59.9) == 120
+    # every second the oldest bucket leaves the window
+    assert rate.total(T0 + 60) == 118
+    assert rate.total(T0 + 90) == 58
+    assert rate.total(T0 + 118) == 2
+    assert rate.total(T0 + 119) == 0
+
+
+def test_rate_buckets_wrap_around_without_mixing_old_counts() -> None:
+    rate = RateWindow(window=5)
+    rate.add(int(T0), 7, T0)
+    rate.add(int(T0) + 5, 1, T0 + 5)  # same slot, five seconds later: the 7 is gone
+    assert rate.total(T0 + 5) == 1
+    rate.add(int(T0) + 5, 1, T0 + 5.5)
+    assert rate.total(T0 + 5.5) == 2
+
+
+def test_rate_drops_too_old_counts_and_clamps_future_ones() -> None:
+    rate = RateWindow()
+    rate.add(int(T0) - 60, 5, T0)  # just out of the window
+    rate.add(int(T0) - 59, 1, T0)  # just in it
+    rate.add(int(T0) + 3, 4, T0)  # a process whose clock runs ahead: counted as now
+    assert rate.total(T0) == 5
+    assert rate.total(T0 + 59) == 4
+    assert rate.total(T0 + 60) == 0
+    rate.add(int(T0), 0, T0)
+    rate.add(int(T0), -3, T0)
+    assert rate.total(T0) == 5
+    with pytest.raises(ValueError):
+        RateWindow(window=0)
+
+
+def test_last_activity_is_coarse_to_the_minute() -> None:
+    assert coarse_minute_ms(T0) == int(T0) * 1000
+    assert coarse_minute_ms(T0 + 59.999) == int(T0) * 1000
+    assert coarse_minute_ms(T0 + 60) == int(T0) * 1000 + MINUTE_MS
+
+
+# ------------------------------------------------------------------------------ throttle
+
+
+def test_throttle_sends_at_most_once_per_second_whatever_the_rate() -> None:
+    throttle: Throttle[str] = Throttle(1.0)
+    sent: list[float] = []
+    now = T0
+    # 1,000 changes a second for five seconds, polling due() whenever the clock moves
+    for step in range(5000):
+        now = T0 + step / 1000
+        if throttle.offer("ch", now):
+            sent.append(now)
+        sent.extend(now for _ in throttle.due(now))
+    assert 5 <= len(sent) <= 6
+    assert all(b - a >= 1.0 - 1e-9 for a, b in zip(sent, sent[1:]))
+
+
+def test_throttle_sends_a_change_at_once_then_holds_the_next_for_the_rest_of_the_second() -> None:
+    throttle: Throttle[str] = Throttle(1.0)
+    assert throttle.offer("a", T0)
+    assert not throttle.offer("a", T0 + 0.2)
+    assert not throttle.offer("a", T0 + 0.3)  # already pending: still one update to send
+    assert throttle.next_due() == T0 + 1.0
+    assert throttle.due(T0 + 0.99) == []
+    assert throttle.due(T0 + 1.0) == ["a"]
+    assert throttle.next_due() is None
+    assert throttle.due(T0 + 5) == []
+    assert throttle.offer("a", T0 + 2.5)  # quiet for over a second: at once again
+
+
+def test_throttle_keys_are_independent_and_pruned() -> None:
+    throttle: Throttle[str] = Throttle(1.0)
+    assert throttle.offer("a", T0)
+    assert throttle.offer("b", T0 + 0.5)
+    assert not throttle.offer("a", T0 + 0.6)
+    assert throttle.due(T0 + 1.0) == ["a"]
+    throttle.prune(T0 + 3)
+    assert throttle.offer("a", T0 + 3) and throttle.offer("b", T0 + 3)
+
+
+# ------------------------------------------------------------------------------ reports
+
+
+def test_report_round_trips_and_refuses_garbage() -> None:
+    report = Report("p1", int(T0), {"ch_a": (3, 10)}, {"ch_a": 2, "ch_b": 0}, full=True)
+    assert Report.from_bytes(report.to_bytes()) == report
+    for bad in (b"", b"[]", b'{"v":2}', b'{"v":1,"p":"x","t":1,"m":{"c":[1]},"o":{},"f":false}',
+                b'{"v":1,"p":"x","t":1,"m":{},"f":false}'):
+        with pytest.raises(ValueError):
+            Report.from_bytes(bad)
+
+
+def test_builder_reports_presence_changes_then_the_whole_table_periodically() -> None:
+    builder = ReportBuilder("p1", full_every=3)
+    first = builder.build(1, {}, {"a": 1, "b": 2})
+    assert first is not None and first.full and first.presence == {"a": 1, "b": 2}
+    second = builder.build(2, {}, {"a": 1, "b": 3})
+    assert second is not None and not second.full and second.presence == {"b": 3}
+    third = builder.build(3, {"a": (4, 40)}, {"b": 3})
+    assert third is not None and third.presence == {"a": 0} and third.messages == {"a": (4, 40)}
+    fourth = builder.build(4, {}, {"b": 3})
+    assert fourth is not None and fourth.full and fourth.presence == {"b": 3}
+    # nobody online and nothing said: nothing to publish (except the periodic full table)
+    idle = ReportBuilder("p2", full_every=3)
+    assert idle.build(1, {}, {}) is not None  # first: full
+    assert idle.build(2, {}, {}) is None
+    assert idle.build(3, {}, {}) is None
+    assert idle.build(4, {}, {}) is not None
+
+
+def test_builder_heartbeats_while_agents_are_online() -> None:
+    builder = ReportBuilder("p1", full_every=100)
+    builder.build(1, {}, {"a": 1})
+    heartbeat = builder.build(2, {}, {"a": 1})
+    assert heartbeat is not None and heartbeat.presence == {} and heartbeat.messages == {}
+
+
+# ------------------------------------------------------------------------------ merging processes
+
+
+def test_book_merges_message_deltas_of_several_processes() -> None:
+    book = IndicatorBook()
+    s = int(T0)
+    book.apply(Report("p1", s, {"ch": (3, 3)}), T0)
+    book.apply(Report("p2", s, {"ch": (2, 5)}), T0)
+    book.apply(Report("p1", s + 1, {"ch": (1, 6)}), T0 + 1)
+    assert book.per_minute("ch", T0 + 1) == 6
+    assert book.total("ch") == 6
+    assert book.last_activity_ms("ch") == coarse_minute_ms(T0)
+    # totals only grow: a report delivered late does not lower the total
+    assert book.apply(Report("p2", s, {"ch": (0, 5)}), T0 + 1) == set()
+    assert book.total("ch") == 6
+    assert book.per_minute("ch", T0 + 61) == 0
+    assert book.per_minute("unknown", T0) == 0 and book.total("unknown") == 0
+
+
+def test_book_presence_sums_processes_and_forgets_the_silent_ones() -> None:
+    book = IndicatorBook(presence_ttl=5.0)
+    assert book.apply(Report("p1", 1, {}, {"ch": 2, "other": 1}, full=True), T0) == {"ch", "other"}
+    assert book.apply(Report("p2", 1, {}, {"ch": 1}, full=True), T0) == {"ch"}
+    assert book.online("ch") == 3
+    assert book.apply(Report("p1", 2, {}, {"ch": 0}), T0 + 1) == {"ch"}
+    assert book.online("ch") == 1 and book.online("other") == 1
+    assert book.apply(Report("p1", 3, {}, {}), T0 + 4) == set()  # heartbeat
+    assert book.expire(T0 + 5.5) == {"ch"}  # p2 has been silent for 5.5 s
+    assert book.online("ch") == 0 and book.online("other") == 1
+    # a full table replaces the previous one
+    assert book.apply(Report("p1", 4, {}, {"ch": 4}, full=True), T0 + 6) == {"ch", "other"}
+    assert book.online("other") == 0 and book.online("ch") == 4
+
+
+def test_book_takes_stored_numbers_without_going_backwards() -> None:
+    book = IndicatorBook()
+    assert book.set_stored("ch", 100, coarse_minute_ms(T0))
+    assert not book.set_stored("ch", 90, coarse_minute_ms(T0) - MINUTE_MS)
+    assert book.total("ch") == 100 and book.last_activity_ms("ch") == coarse_minute_ms(T0)
+    book.apply(Report("p1", int(T0) + 61, {"ch": (1, 101)}), T0 + 61)
+    assert book.total("ch") == 101 and book.last_activity_ms("ch") == coarse_minute_ms(T0) + MINUTE_MS
+
+
+def test_book_lists_channels_whose_rate_slides_until_it_is_zero() -> None:
+    book = IndicatorBook()
+    book.apply(Report("p1", int(T0), {"ch": (1, 1)}), T0)
+    assert book.sliding(T0 + 30) == {"ch"}
+    assert book.sliding(T0 + 60) == {"ch"}  # the last look that sees it drop to 0
+    assert book.sliding(T0 + 61) == set()
+
+
+# ------------------------------------------------------------------------------ views
+
+
+def indicators(channel: str, **numbers: int) -> ChannelIndicators:
+    base = {"members": 0, "agents_online": 0, "messages_total": 0, "messages_per_minute": 0,
+            "last_activity_at": 0, "peeks_total": 0, "peeks_active": 0}
+    return ChannelIndicators(channel=channel, name="", **{**base, **numbers})  # type: ignore[arg-type]
+
+
+def test_sorts_break_ties_by_channel_id() -> None:
+    items = [indicators("ch_c", messages_per_minute=5), indicators("ch_a", messages_per_minute=5, agents_online=1),
+             indicators("ch_b", messages_total=9), indicators("ch_d", messages_per_minute=5)]
+    assert [i.channel for i in sort_indicators(items, "active")] == ["ch_a", "ch_c", "ch_d", "ch_b"]
+    assert [i.channel for i in sort_indicators(items, "messages")] == ["ch_b", "ch_a", "ch_c", "ch_d"]
+    assert [i.channel for i in sort_indicators(items, "channel")] == ["ch_a", "ch_b", "ch_c", "ch_d"]
+
+
+def test_the_wire_view_has_counts_only() -> None:
+    wire = indicators("ch_a", members=3, peeks_total=2, peeks_active=1).to_wire()
+    assert wire["peeks"] == {"total": 2, "active": 1}
+    assert set(wire) == {"channel", "name", "members", "agents_online", "messages_total", "messages_per_minute",
+                         "last_activity_at", "peeks"}
