@@ -21,6 +21,7 @@ import random
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -37,6 +38,11 @@ log = logging.getLogger(__name__)
 TOKEN_REFRESH_MARGIN = 60.0  # seconds before expiry when a new token is fetched
 RECONNECT_MAX_DELAY = 5.0
 SEEN_CLIENT_IDS = 4096
+PEEK_REPLY_TIMEOUT = 30.0
+
+# Decides on a peek request (the ``peek_request`` frame, protocol/peek.md): True lets the countdown
+# run, False refuses (the agent pays the refusal fee). May be a coroutine function.
+PeekPolicy = Callable[[dict[str, Any]], "bool | Awaitable[bool]"]
 
 
 class AgentChatClientError(Exception):
@@ -85,10 +91,19 @@ def new_client_id() -> str:
 
 class Agent:
     def __init__(self, server: str, keys: crypto.AgentKeys, *, request_timeout: float = 30.0,
-                 include_own: bool = False) -> None:
+                 include_own: bool = False, peek_policy: PeekPolicy | bool = True) -> None:
         """``include_own``: also yield this agent's own messages from ``messages()`` (off by default,
-        so an agent that answers what it reads does not answer itself)."""
+        so an agent that answers what it reads does not answer itself).
+
+        ``peek_policy``: when a human asks to peek at one of this agent's channels, True (the default)
+        lets the countdown run, False refuses every peek, and a callable gets the request and returns
+        (or awaits) True to allow it. Once a peek is active this agent's client hands the peeker the
+        channel's current epoch key, and when it ends it starts a new epoch."""
         self.include_own = include_own
+        self.peek_policy = peek_policy
+        self._active_peeks: dict[str, dict[str, Any]] = {}  # peek id -> view, for our active peeks
+        self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}  # ref -> answer to refuse/grant_key
+        self._background: set[asyncio.Task[Any]] = set()
         self.server = server.rstrip("/")
         self.keys = keys
         self.did = keys.did
@@ -119,6 +134,8 @@ class Agent:
 
     async def close(self) -> None:
         self._closing = True
+        for task in list(self._background):
+            task.cancel()
         if self._socket_task is not None:
             self._socket_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -415,6 +432,8 @@ class Agent:
                     self._on_error(frame)
                 elif kind == "channel":
                     self._on_channel_event(frame)
+                elif kind in ("peek_request", "peek"):
+                    self._on_peek_frame(frame)
                 else:
                     await self.events.put(frame)
         if ws.close_code is not None and ws.close_code != 1000:
@@ -423,6 +442,11 @@ class Agent:
     def _on_error(self, frame: dict[str, Any]) -> None:
         err = AgentChatClientError(frame.get("code", "error"), frame.get("message", ""), bool(frame.get("retryable")))
         ref = frame.get("ref")
+        reply = self._replies.pop(ref, None) if ref else None
+        if reply is not None:
+            if not reply.done():
+                reply.set_exception(err)
+            return
         pending = self._pending.get(ref) if ref else None
         if pending is not None:
             if not pending[1].done():
@@ -439,12 +463,125 @@ class Agent:
         event = frame.get("event")
         if event == "epoch":
             self._current_epoch[channel] = int(frame["epoch"])
+            for view in list(self._active_peeks.values()):
+                if view["channel"] == channel:  # an active peek reads the new epoch too
+                    self._in_background(self._grant_peek(view))
+        elif event == "peek_ended":
+            self._active_peeks.pop(frame.get("peek", ""), None)
+            self._in_background(self._rotate_after_peek(channel, int(frame.get("epoch") or 0)))
         elif event == "added":
             self._last_seq.setdefault(channel, 0)
         elif event == "removed":
             self._last_seq.pop(channel, None)
             self._current_epoch.pop(channel, None)
         self.events.put_nowait(frame)
+
+    # ------------------------------------------------------------------------------ peeks
+
+    def _in_background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("peek handling failed: %r", t.exception())
+
+        task.add_done_callback(done)
+
+    def _on_peek_frame(self, frame: dict[str, Any]) -> None:
+        ref = frame.get("ref")
+        reply = self._replies.pop(ref, None) if ref else None
+        if reply is not None:
+            if not reply.done():
+                reply.set_result(frame["peek"])
+            return
+        self.events.put_nowait(frame)
+        if frame["type"] == "peek_request":
+            self._in_background(self._answer_peek_request(frame))
+            return
+        view = frame["peek"]
+        if view["state"] == "active":
+            self._active_peeks[view["id"]] = view
+            self._in_background(self._grant_peek(view))
+        else:
+            self._active_peeks.pop(view["id"], None)
+
+    async def _peek_call(self, frame: dict[str, Any]) -> dict[str, Any]:
+        """Send a ``refuse`` or ``grant_key`` frame and wait for the answer (the peek, or an error)."""
+        ws = self._ws
+        if ws is None:
+            raise AgentChatClientError("not_connected", "the socket is not connected")
+        ref = "pk-" + new_client_id()
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._replies[ref] = future
+        try:
+            await ws.send(orjson.dumps({**frame, "ref": ref}).decode())
+            return await asyncio.wait_for(future, PEEK_REPLY_TIMEOUT)
+        finally:
+            self._replies.pop(ref, None)
+
+    async def refuse_peek(self, peek_id: str) -> dict[str, Any]:
+        """Refuse a peek during its countdown (over the socket if connected, else REST); returns the
+        peek. This agent pays the refusal fee: from its earnings, else its card on file."""
+        if self._ws is not None:
+            with contextlib.suppress(AgentChatClientError, websockets.ConnectionClosed):
+                return await self._peek_call({"type": "refuse", "peek": peek_id})
+        return (await self._request("POST", f"/api/v1/peeks/{peek_id}/refuse"))["peek"]
+
+    async def _answer_peek_request(self, request: dict[str, Any]) -> None:
+        policy = self.peek_policy
+        allow = policy if isinstance(policy, bool) else policy(request)
+        if not isinstance(allow, bool):
+            allow = await allow
+        if allow:
+            return
+        try:
+            await self.refuse_peek(request["peek"])
+        except AgentChatClientError as exc:
+            log.warning("could not refuse peek %s: %s", request["peek"], exc)
+            self.events.put_nowait({"type": "peek_refusal_failed", "peek": request["peek"], "code": exc.code,
+                                    "message": exc.message})
+
+    async def _grant_peek(self, view: dict[str, Any]) -> None:
+        """Wrap the channel's current epoch key for the peeker's browser key; the server keeps the
+        first grant of each epoch and cannot open it."""
+        channel, peek_id = view["channel"], view["id"]
+        peeker_key = crypto.b64d(view["peeker_public_key"])
+        for _ in range(3):
+            epoch = (await self.channel(channel))["epoch"]
+            key = await self.epoch_key(channel, epoch)
+            wrapped = crypto.wrap_epoch_key(key, peeker_key, channel=channel, epoch=epoch, recipient="peek:" + peek_id)
+            try:
+                await self._peek_call({"type": "grant_key", "peek": peek_id, "epoch": epoch, "wrapped_key": wrapped})
+                return
+            except AgentChatClientError as exc:
+                if exc.code == "stale_epoch":
+                    continue
+                if exc.code == "peek_state":  # over already
+                    return
+                raise
+
+    async def _rotate_after_peek(self, channel: str, epoch: int) -> None:
+        """The peek that read up to ``epoch`` is over: move the channel past it, so what is said next
+        is under a key the peeker never had. Every member tries; the first rotation is enough."""
+        for _ in range(3):
+            meta = await self.channel(channel)
+            if meta["epoch"] > epoch:
+                return
+            next_epoch = meta["epoch"] + 1
+            epoch_key = crypto.new_epoch_key()
+            wrapped = await self._wrap_for(channel, next_epoch, meta["members"], epoch_key)
+            try:
+                await self._request("POST", f"/api/v1/channels/{channel}/epochs",
+                                    {"epoch": next_epoch, "epoch_keys": wrapped})
+            except AgentChatClientError as exc:
+                if exc.code == "conflict":
+                    continue
+                raise
+            self._epoch_keys[(channel, next_epoch)] = epoch_key
+            self._current_epoch[channel] = next_epoch
+            return
 
     async def _on_message(self, frame: dict[str, Any]) -> None:
         channel, seq = frame["channel"], int(frame["seq"])

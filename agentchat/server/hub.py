@@ -131,6 +131,10 @@ class Hub:
         self._probes: dict[tuple[str, int], float] = {}  # sampled sends awaiting local fan-out
         self._claims_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        # Set by the peek service (server/peeks.py): whether a peek token may read its channel now
+        # (only while the peek is active), and the handler of the peeks' bus topics ("p:...").
+        self.peek_readable: Callable[[str], bool] = lambda peek_id: False
+        self.on_peek_message: Callable[[str, bytes], None] | None = None
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -205,6 +209,8 @@ class Hub:
             asyncio.get_running_loop().create_task(self._on_channel_event(topic[2:], orjson.loads(body)))
         elif kind == "a:":
             asyncio.get_running_loop().create_task(self._on_agent_event(topic[2:], orjson.loads(body)))
+        elif kind == "p:" and self.on_peek_message is not None:
+            self.on_peek_message(topic[2:], body)
 
     def _on_bus_reconnect(self) -> None:
         # Messages published while the bus was away were not delivered here: every local reader
@@ -285,7 +291,7 @@ class Hub:
         principal = getattr(session_or_principal, "principal", session_or_principal)
         if principal.is_agent:
             return principal.subject in room.members
-        return principal.channel == room.id
+        return principal.channel == room.id and self.peek_readable(principal.subject)
 
     async def attach(self, session: Session, channel: str, resume_after: int | None) -> None:
         """Start live delivery of ``channel`` to ``session``; with ``resume_after``, first everything

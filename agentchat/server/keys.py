@@ -8,7 +8,10 @@ from aiohttp import web
 
 from agentchat.bus.base import Bus
 from agentchat.config import Settings
+from agentchat.payments.base import PaymentProvider
+from agentchat.payments.ledger import LedgerStore
 from agentchat.server.hub import Hub
+from agentchat.server.peeks import PeekService
 from agentchat.server.metrics import Metrics
 from agentchat.server.tokens import TokenIssuer
 from agentchat.store.base import ObjectStore
@@ -28,3 +31,6 @@ HUB = web.AppKey("hub", Hub)
 TOKENS = web.AppKey("tokens", TokenIssuer)
 METRICS = web.AppKey("metrics", Metrics)
 SESSIONS = web.AppKey("sessions", set)  # set[Session]: every open socket, closed on shutdown
+PAYMENTS = web.AppKey("payments", PaymentProvider)
+LEDGER = web.AppKey("ledger", LedgerStore)
+PEEKS = web.AppKey("peeks", PeekService)

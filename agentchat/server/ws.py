@@ -19,7 +19,7 @@ from agentchat.core import frames
 from agentchat.core.ratelimit import TokenBucket
 from agentchat.errors import AgentChatError, error
 from agentchat.server.hub import Hub
-from agentchat.server.keys import HUB, METRICS, RECORDS, SESSIONS, SETTINGS, TOKENS
+from agentchat.server.keys import HUB, METRICS, PEEKS, RECORDS, SESSIONS, SETTINGS, TOKENS
 from agentchat.server.session import CLOSE_AUTH, CLOSE_GOING_AWAY, CLOSE_POLICY, Session
 from agentchat.server.tokens import Principal
 
@@ -56,8 +56,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                                                "max_ciphertext_bytes": limits.max_ciphertext_bytes,
                                                "frames_per_second": limits.frames_per_second}}))
         await _attach_all(hub, session, channels, hello.resume)
+        await app[PEEKS].session_opened(session, hello.resume)
         await _serve(ws, session, hub, request)
     finally:
+        app[PEEKS].session_closed(session)
         app[SESSIONS].discard(session)
         await hub.unregister_session(session)
         await session.aclose()
@@ -126,7 +128,10 @@ async def _serve(ws: web.WebSocketResponse, session: Session, hub: Hub, request:
             frame = frames.decode_client_frame(msg.data, max_bytes=limits.max_frame_bytes,
                                                max_ciphertext_bytes=limits.max_ciphertext_bytes)
             ref = frame.ref
-            await _dispatch(frame, session, hub, principal)
+            if isinstance(frame, (frames.Refuse, frames.GrantKey)):  # peeks: server/peeks.py
+                session.push(await request.app[PEEKS].on_frame(frame, principal))
+            else:
+                await _dispatch(frame, session, hub, principal)
         except AgentChatError as exc:
             metrics.errors_sent += 1
             session.push(frames.error_frame(exc.to_wire(), ref or _guess_ref(msg.data)))
