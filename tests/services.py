@@ -87,6 +87,15 @@ class RedisProcess:
         """Die at once (SIGKILL), as in a crash."""
         self._end(signal.SIGKILL)
 
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open and nothing answers, as in a hang."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
+
     def restart(self) -> None:
         self.stop()
         self.start()
@@ -96,6 +105,7 @@ class RedisProcess:
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(sig)
+        proc.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

@@ -20,7 +20,7 @@ from agentchat.bus.base import Bus
 from agentchat.store.base import ObjectStore
 from tests.services import RedisProcess, S3Server, redis_server, s3_server  # noqa: F401
 
-BUS_KINDS = ["memory"]
+BUS_KINDS = ["memory", "redis"]
 STORE_KINDS = ["local"]
 
 

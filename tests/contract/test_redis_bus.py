@@ -1,0 +1,197 @@
+"""What only the Redis bus can do: lose its server and get it back. Each test has its own Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from agentchat.bus.redis import RedisBus
+from agentchat.errors import Unavailable
+from tests.contract.conftest import Node, Recorder
+from tests.services import RedisProcess, free_port, start_redis
+
+
+@pytest.fixture
+def redis_proc(tmp_path: Path) -> AsyncIterator[RedisProcess]:
+    proc = start_redis(tmp_path / "redis")
+    yield proc  # type: ignore[misc]
+    proc.kill()
+
+
+@pytest.fixture
+async def connect(redis_proc: RedisProcess) -> AsyncIterator[Callable[..., Awaitable[Node]]]:
+    started: list[RedisBus] = []
+
+    async def make(url: str | None = None) -> Node:
+        bus = RedisBus(url or redis_proc.url, reconnect_max_delay=0.2)
+        node = Node(bus, Recorder(), [])
+        await bus.start(node.received, lambda: node.reconnects.append(time.monotonic()))
+        started.append(bus)
+        return node
+
+    yield make
+    for bus in started:
+        await bus.close()
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+async def test_restart_restores_subscriptions_then_calls_on_reconnect(
+    redis_proc: RedisProcess, connect: Callable[..., Awaitable[Node]]
+) -> None:
+    a, b = await connect(), await connect()
+    await b.bus.subscribe("t1")
+    await b.bus.subscribe("t2")
+    await a.bus.publish("t1", b"before")
+    await b.received.wait_count("t1", 1)
+
+    redis_proc.restart()
+    await wait_until(lambda: len(b.reconnects) == 1)
+    # on_reconnect came after the topics were subscribed again: a publish now is delivered.
+    await a.bus.publish("t1", b"after")
+    await a.bus.publish("t2", b"after")
+    await b.received.wait_count("t1", 2)
+    await b.received.wait_count("t2", 1)
+    assert b.received.on("t1") == [(0, b"before"), (0, b"after")]
+    assert len(b.reconnects) == 1
+
+
+async def test_subscribe_while_down_takes_effect_on_reconnect(
+    redis_proc: RedisProcess, connect: Callable[..., Awaitable[Node]]
+) -> None:
+    a, b = await connect(), await connect()
+    redis_proc.stop()
+    await asyncio.sleep(0.05)
+    await b.bus.subscribe("late")  # returns without waiting for Redis
+    await b.bus.unsubscribe("gone")
+    redis_proc.start()
+    await wait_until(lambda: len(b.reconnects) == 1)
+    await a.bus.publish("late", b"x")
+    await b.received.wait_count("late", 1)
+
+
+async def test_restart_without_persistence_forgets_counters(
+    redis_proc: RedisProcess, connect: Callable[..., Awaitable[Node]]
+) -> None:
+    a = await connect()
+    await a.bus.seed_sequence("ch", 10)
+    assert await a.bus.publish_sequenced("t", "ch", b"x") == 11
+    redis_proc.restart()
+    await wait_until(lambda: len(a.reconnects) == 1)
+    assert await a.bus.publish_sequenced("t", "ch", b"x") is None  # the caller must re-seed
+    await a.bus.seed_sequence("ch", 11)
+    assert await a.bus.publish_sequenced("t", "ch", b"x") == 12
+
+
+async def test_restart_with_persistence_keeps_counters(tmp_path: Path) -> None:
+    proc = start_redis(tmp_path / "aof", appendonly=True)
+    try:
+        bus = RedisBus(proc.url, reconnect_max_delay=0.2)
+        await bus.start(Recorder())
+        await bus.seed_sequence("ch", 0)
+        assert await bus.publish_sequenced("t", "ch", b"x") == 1
+        proc.kill()  # a crash: only what was fsynced survives (appendfsync always: everything)
+        await asyncio.sleep(0.05)  # let the pool see its connections close, as it would in service
+        proc.start()
+        assert await bus.publish_sequenced("t", "ch", b"x") == 2
+        await bus.close()
+    finally:
+        proc.kill()
+
+
+async def test_down_means_bus_unavailable(redis_proc: RedisProcess, connect: Callable[..., Awaitable[Node]]) -> None:
+    a = await connect()
+    await a.bus.ping()
+    redis_proc.stop()
+    with pytest.raises(Unavailable) as info:
+        await a.bus.ping()
+    assert info.value.code == "bus_unavailable"
+    assert "127.0.0.1" in info.value.message
+    for call in (
+        a.bus.publish("t", b"x"),
+        a.bus.publish_sequenced("t", "c", b"x"),
+        a.bus.seed_sequence("c", 1),
+        a.bus.set("k", b"v", ttl=1),
+        a.bus.get("k"),
+        a.bus.take("k"),
+        a.bus.set_if_absent("k", b"v", ttl=1),
+        a.bus.compare_and_set("k", None, b"v", ttl=1),
+        a.bus.incr("k", ttl=1),
+        a.bus.delete("k"),
+    ):
+        with pytest.raises(Unavailable):
+            await call
+    redis_proc.start()
+    await a.bus.ping()  # commands work again without any action from the caller
+
+
+async def test_start_fails_fast_when_unreachable() -> None:
+    bus = RedisBus(f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(Unavailable) as info:
+        await bus.start(Recorder())
+    assert info.value.code == "bus_unavailable"
+    await bus.close()
+
+
+async def test_namespaces_do_not_see_each_other(
+    redis_proc: RedisProcess, connect: Callable[..., Awaitable[Node]]
+) -> None:
+    a = await connect(redis_proc.url + "?namespace=one")
+    b = await connect(redis_proc.url + "?namespace=two")
+    await a.bus.set("k", b"1", ttl=30)
+    assert await b.bus.get("k") is None
+    await a.bus.seed_sequence("c", 0)
+    assert await b.bus.publish_sequenced("t", "c", b"x") is None
+    await b.bus.subscribe("t")
+    await a.bus.subscribe("t")
+    await a.bus.publish("t", b"x")
+    await a.received.wait_count("t", 1)
+    await b.bus.publish("t", b"y")
+    await b.received.wait_count("t", 1)
+    assert b.received.on("t") == [(0, b"y")]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:6379", "redis://127.0.0.1:6379/0?nope=1", "redis://127.0.0.1/0?namespace=a:b",
+     "redis://127.0.0.1/0?protocol=3"],
+)
+def test_url_is_checked(url: str) -> None:
+    with pytest.raises(ValueError):
+        RedisBus(url)
+
+
+def test_password_is_not_echoed() -> None:
+    bus = RedisBus("redis://:s3cret@127.0.0.1:1/0?namespace=x&socket_timeout=1")
+    assert "s3cret" not in bus.location
+
+
+async def test_a_hung_redis_times_out_then_recovers(redis_proc: RedisProcess) -> None:
+    bus = RedisBus(redis_proc.url, reconnect_max_delay=0.1, command_timeout=0.3, health_interval=0.2)
+    node = Node(bus, Recorder(), [])
+    await bus.start(node.received, lambda: node.reconnects.append(time.monotonic()))
+    try:
+        await bus.subscribe("t")
+        redis_proc.pause()
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            await bus.get("k")
+        assert time.monotonic() - started < 2
+        # The silent pub/sub connection is dropped too (PING unanswered) and made again on resume.
+        await asyncio.sleep(0.8)
+        redis_proc.resume()
+        await wait_until(lambda: len(node.reconnects) >= 1)
+        await bus.publish("t", b"back")
+        await node.received.wait_count("t", 1)
+    finally:
+        redis_proc.resume()
+        await bus.close()
