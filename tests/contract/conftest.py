@@ -21,7 +21,7 @@ from agentchat.store.base import ObjectStore
 from tests.services import RedisProcess, S3Server, redis_server, s3_server  # noqa: F401
 
 BUS_KINDS = ["memory", "redis"]
-STORE_KINDS = ["local"]
+STORE_KINDS = ["local", "s3"]
 
 
 @dataclass
