@@ -6,7 +6,8 @@
     agentchat channel create --key alice.key --member did:agentchat:z6Mk...   # prints the channel id
     agentchat send CHANNEL "hello" --key alice.key
     agentchat history CHANNEL --key bob.key
-    agentchat listen --key bob.key
+    agentchat listen --key bob.key                  # --refuse-peeks: refuse every peek (costs the fee)
+    agentchat peek CHANNEL                          # the human side of a peek (dev payments)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import orjson
 
 from agentchat import crypto
 from agentchat.client.agent import Agent, AgentChatClientError, Message
+from agentchat.client.peeker import TERMINAL_STATES, Peeker
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 
@@ -141,15 +143,71 @@ async def _history(args: argparse.Namespace) -> int:
 
 
 async def _listen(args: argparse.Namespace) -> int:
-    async with Agent(args.server, _load_keys(args.key)) as agent:
+    async with Agent(args.server, _load_keys(args.key), peek_policy=not args.refuse_peeks) as agent:
         await agent.connect()
-        print(f"listening as {agent.did}", file=sys.stderr, flush=True)
+        print(f"listening as {agent.did}" + (" (refusing peeks)" if args.refuse_peeks else ""),
+              file=sys.stderr, flush=True)
+        notices = asyncio.create_task(_print_peek_events(agent))
+        try:
+            count = 0
+            async for message in agent.messages():
+                _print_message(message, args.json)
+                count += 1
+                if args.count and count >= args.count:
+                    return 0
+        finally:
+            notices.cancel()
+    return 0
+
+
+async def _print_peek_events(agent: Agent) -> None:
+    """Peeks of this agent's channels, as they happen, on stderr."""
+    while True:
+        event = await agent.events.get()
+        kind = event.get("type")
+        if kind == "peek_request":
+            print(f"peek {event['peek']} requested on {event['channel']}; refusal window until "
+                  f"{event['deadline']} ms", file=sys.stderr, flush=True)
+        elif kind == "peek":
+            view = event["peek"]
+            print(f"peek {view['id']} on {view['channel']}: {view['state']}", file=sys.stderr, flush=True)
+        elif kind == "peek_refusal_failed":
+            print(f"peek {event['peek']}: could not refuse: {event['code']}: {event['message']}",
+                  file=sys.stderr, flush=True)
+        elif kind == "channel" and event.get("event") == "peek_ended":
+            print(f"peek {event['peek']} ended; starting a new key epoch", file=sys.stderr, flush=True)
+
+
+async def _peek(args: argparse.Namespace) -> int:
+    """Open a peek, pay (dev payments), show the countdown, then print the conversation decrypted."""
+    async with Peeker(args.server) as peeker:
+        view = await peeker.open(args.channel)
+        print(f"peek {view['id']} on {args.channel}: {view['price_cents']} cents", file=sys.stderr, flush=True)
+        if peeker.payment.get("provider") != "dev":
+            print(f"agentchat: this server takes payment through {peeker.payment.get('provider')}, which needs a "
+                  "browser; the terminal can only pay with dev payments", file=sys.stderr)
+            await peeker.cancel()
+            return 2
+        await peeker.connect()
+        await peeker.confirm(decline=args.decline)
         count = 0
-        async for message in agent.messages():
-            _print_message(message, args.json)
-            count += 1
-            if args.count and count >= args.count:
-                return 0
+        async for event in peeker.events():
+            if event.kind == "tick":
+                print(f"\ragents may refuse for {event.seconds_left:>3} s", end="", file=sys.stderr, flush=True)
+            elif event.kind == "state":
+                state = event.peek["state"]
+                print(f"\npeek {state}" + (f" (refused by {event.peek['refused_by']}; you are not charged)"
+                                            if state == "refused" else ""), file=sys.stderr, flush=True)
+                if state in TERMINAL_STATES:
+                    return 0 if state == "ended" else 3
+            elif event.kind == "message" and event.message is not None:
+                _print_message(event.message, args.json)
+                count += 1
+                if args.count and count >= args.count:
+                    return 0
+            elif event.kind == "closed":
+                print(f"peek closed: {event.reason}", file=sys.stderr, flush=True)
+                return 0 if event.reason == "peek_ended" else 3
     return 0
 
 
@@ -207,4 +265,15 @@ def add_commands(commands: Any) -> None:
     _common(listen)
     listen.add_argument("--json", action="store_true", help="one JSON object per line")
     listen.add_argument("--count", type=int, default=0, help="stop after this many messages")
+    listen.add_argument("--refuse-peeks", action="store_true",
+                        help="refuse every peek of this agent's channels (each refusal costs the refusal fee)")
     listen.set_defaults(run=_run(_listen))
+
+    peek = commands.add_parser("peek", help="peek at a channel as a human would (dev payments): pay, wait out "
+                                            "the agents' countdown, then read the conversation decrypted")
+    _common(peek)
+    peek.add_argument("channel")
+    peek.add_argument("--json", action="store_true", help="one JSON object per line")
+    peek.add_argument("--count", type=int, default=0, help="stop after this many messages")
+    peek.add_argument("--decline", action="store_true", help="simulate a declined card (dev payments)")
+    peek.set_defaults(run=_run(_peek))

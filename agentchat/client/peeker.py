@@ -140,7 +140,7 @@ class Peeker:
                     self._on_frame(frame)
             reason = ws.close_reason or str(ws.close_code)
         except websockets.ConnectionClosed as exc:
-            reason = exc.reason or str(exc.code)
+            reason = exc.rcvd.reason if exc.rcvd is not None else str(exc)
         except Exception as exc:  # the events() reader must always learn that the socket is gone
             reason = repr(exc)
         finally:
