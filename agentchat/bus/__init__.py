@@ -1,20 +1,26 @@
-"""Bus implementations, chosen by URL: ``memory://`` (one process) or ``redis://host:port/db``."""
+"""The bus: live fan-out between server processes and the small shared state they agree on.
+
+``bus_from_url`` picks the implementation from the ``bus`` setting's scheme; the Redis client is
+imported only when a ``redis://`` bus is asked for.
+"""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from agentchat.bus.base import Bus, BusHandler
 
-from agentchat.bus.base import Bus
+__all__ = ["Bus", "BusHandler", "bus_from_url"]
 
 
 def bus_from_url(url: str) -> Bus:
-    scheme = urlsplit(url).scheme
+    """``memory://`` (one process; ``memory://NAME`` shares a broker within the process) or
+    ``redis://[:password@]host:port/db[?namespace=NAME]`` (``rediss://`` for TLS)."""
+    scheme = url.partition("://")[0] if "://" in url else ""
     if scheme == "memory":
         from agentchat.bus.memory import MemoryBus
 
-        return MemoryBus()
+        return MemoryBus.from_url(url)
     if scheme in ("redis", "rediss"):
-        from agentchat.bus.redis import RedisBus  # imports redis only when it is used
+        from agentchat.bus.redis import RedisBus
 
-        return RedisBus(url)
-    raise ValueError(f"bus {url!r}: use memory:// or redis://host:port/db")
+        return RedisBus.from_url(url)
+    raise ValueError(f"The bus URL scheme {scheme or url!r} is not supported; use memory:// or redis://host:port/db.")

@@ -1,21 +1,28 @@
-"""Store implementations, chosen by URL: ``file://DIR`` (local directory) or ``s3://bucket?...``."""
+"""The store: durable objects by key.
+
+``store_from_url`` picks the implementation from the ``store`` setting's scheme; aiobotocore is
+imported only when an ``s3://`` store is asked for.
+"""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from agentchat.store.base import ObjectStore, PreconditionFailed, StoredObject
 
-from agentchat.store.base import ObjectStore
+__all__ = ["ObjectStore", "PreconditionFailed", "StoredObject", "store_from_url"]
 
 
 def store_from_url(url: str) -> ObjectStore:
-    parts = urlsplit(url)
-    if parts.scheme == "file":
+    """``file://DIR`` (``file://./data`` is relative to the working directory) or
+    ``s3://bucket[/prefix]?endpoint=...&region=...`` (see ``agentchat.store.s3``)."""
+    scheme = url.partition("://")[0] if "://" in url else ""
+    if scheme == "file":
         from agentchat.store.local import LocalStore
 
-        # file://./data (relative) and file:///var/lib/agentchat (absolute) both work.
-        return LocalStore((parts.netloc + parts.path) or ".")
-    if parts.scheme == "s3":
-        from agentchat.store.s3 import S3Store  # imports aiobotocore only when it is used
+        return LocalStore.from_url(url)
+    if scheme == "s3":
+        from agentchat.store.s3 import S3Store
 
         return S3Store.from_url(url)
-    raise ValueError(f"store {url!r}: use file://DIR or s3://bucket?endpoint=...")
+    raise ValueError(
+        f"The store URL scheme {scheme or url!r} is not supported; use file://DIR or s3://bucket?endpoint=..."
+    )
