@@ -7,11 +7,11 @@ count per second (live updates) and the minute of the last message.
 
 How the numbers come together across server processes (``server/indicators.py`` does the I/O):
 
-- Each process counts the messages it sequences per channel (``Hub.send``) and, once a second, adds
-  them to the channel's shared total on the bus, then publishes one ``Report``: per channel, the
-  count of that second and the total after its addition, plus how many distinct agents hold a
-  session for the channel on that process (changes only, the whole table every ``FULL_PRESENCE_EVERY``
-  reports).
+- Each process counts the messages it sequences per channel and second of their time stamp
+  (``Hub.send``) and, once a second, adds them to the channel's ``SharedCount`` on the bus, then
+  publishes one ``Report``: those counts, the totals after its additions, and how many distinct
+  agents hold a session for each channel on that process (changes only, the whole table every
+  ``FULL_PRESENCE_EVERY`` reports).
 - Every process merges every report (its own included) into an ``IndicatorBook``: per-second counts
   into a sliding ``RateWindow`` (so every process computes the same messages-per-minute), totals by
   maximum (a total only grows, so a late or repeated report cannot lower it), presence per process,
@@ -124,6 +124,69 @@ class Throttle(Generic[K]):
             del self._sent[key]
 
 
+# ------------------------------------------------------------------------------ the shared counter
+
+
+@dataclass(frozen=True, slots=True)
+class SharedCount:
+    """A channel's total as kept on the bus, and how it survives the bus forgetting it.
+
+    When the counter is missing it is made afresh with ``since``, a Unix second: from then on every
+    process adds the messages whose ``ts`` falls in ``since`` or later, and one process recounts those
+    before ``since`` from the store (``with_recount``; ``counted`` says it is done). Counts are kept per
+    second of the messages' own time stamps, so no message is on both sides of the line.
+    """
+
+    total: int = 0
+    last_activity_ms: int | None = None
+    since: int = 0
+    counted: bool = True
+
+    def add(self, counts: dict[int, int]) -> SharedCount:
+        """Add per-second counts; seconds before ``since`` are left to the recount."""
+        kept = {second: n for second, n in counts.items() if second >= self.since and n > 0}
+        if not kept:
+            return self
+        last = coarse_minute_ms(max(kept))
+        return SharedCount(self.total + sum(kept.values()),
+                           last if self.last_activity_ms is None else max(last, self.last_activity_ms),
+                           self.since, self.counted)
+
+    def with_recount(self, total: int, last_activity_ms: int | None) -> SharedCount:
+        """Add what the store holds from before ``since`` (once)."""
+        if self.counted:
+            return self
+        last = self.last_activity_ms
+        if last_activity_ms is not None and (last is None or last_activity_ms > last):
+            last = last_activity_ms
+        return SharedCount(self.total + total, last, self.since, True)
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps({"total": self.total, "last": self.last_activity_ms, "since": self.since,
+                             "counted": self.counted})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SharedCount:
+        raw = orjson.loads(data)
+        return cls(int(raw["total"]), raw.get("last"), int(raw.get("since", 0)), bool(raw.get("counted", True)))
+
+
+def group_by_channel(counted: dict[tuple[str, int], int]) -> dict[str, dict[int, int]]:
+    """``{(channel, second): n}`` (as the hub counts) to ``{channel: {second: n}}``."""
+    grouped: dict[str, dict[int, int]] = {}
+    for (channel, second), n in counted.items():
+        per_second = grouped.setdefault(channel, {})
+        per_second[second] = per_second.get(second, 0) + n
+    return grouped
+
+
+def merge_counts(into: dict[str, dict[int, int]], more: dict[str, dict[int, int]]) -> None:
+    for channel, counts in more.items():
+        target = into.setdefault(channel, {})
+        for second, n in counts.items():
+            target[second] = target.get(second, 0) + n
+
+
 # ------------------------------------------------------------------------------ reports between processes
 
 
@@ -132,18 +195,20 @@ class Report:
     """What one process tells the others once a second (bus topic ``i:reports``)."""
 
     process: str
-    second: int
-    # channel -> (messages this process sequenced since its last report, the channel's total after
-    # adding them to the shared counter; 0 if the addition is still pending)
-    messages: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # channel -> {second of the messages' ts: messages this process sequenced since its last report}
+    messages: dict[str, dict[int, int]] = field(default_factory=dict)
+    # channel -> the channel's total after this process's addition to the shared counter
+    totals: dict[str, int] = field(default_factory=dict)
     # channel -> distinct agents with a session for it on this process (changes, or all if ``full``)
     presence: dict[str, int] = field(default_factory=dict)
     full: bool = False
+    # channels created on this process since its last report
+    created: list[str] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps({"v": REPORT_VERSION, "p": self.process, "t": self.second,
-                             "m": {ch: [n, total] for ch, (n, total) in self.messages.items()},
-                             "o": self.presence, "f": self.full})
+        return orjson.dumps({"v": REPORT_VERSION, "p": self.process,
+                             "m": {ch: sorted(counts.items()) for ch, counts in self.messages.items()},
+                             "n": self.totals, "o": self.presence, "f": self.full, "c": self.created})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Report:
@@ -152,9 +217,11 @@ class Report:
             raw = orjson.loads(data)
             if raw.get("v") != REPORT_VERSION:
                 raise ValueError(f"report version {raw.get('v')!r}")
-            messages = {str(ch): (int(n), int(total)) for ch, (n, total) in raw["m"].items()}
+            messages = {str(ch): {int(second): int(n) for second, n in counts} for ch, counts in raw["m"].items()}
+            totals = {str(ch): int(total) for ch, total in raw["n"].items()}
             presence = {str(ch): int(count) for ch, count in raw["o"].items()}
-            return cls(str(raw["p"]), int(raw["t"]), messages, presence, bool(raw["f"]))
+            created = [str(ch) for ch in raw.get("c", [])]
+            return cls(str(raw["p"]), messages, totals, presence, bool(raw["f"]), created)
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError) as exc:
             raise ValueError(f"malformed indicators report: {exc!r}") from None
 
@@ -168,12 +235,13 @@ class ReportBuilder:
         self._published: dict[str, int] = {}  # presence as last reported
         self._count = 0
 
-    def build(self, second: int, messages: dict[str, tuple[int, int]], presence: dict[str, int]) -> Report | None:
+    def build(self, messages: dict[str, dict[int, int]], totals: dict[str, int],
+              presence: dict[str, int], created: list[str] | None = None) -> Report | None:
         """``presence``: this process's current count of every channel it has agents on (channels
         not listed have none). None when there is nothing to say: no messages, no presence change, and
         no agent online here (a process with agents online reports every second, as a heartbeat)."""
         self._count += 1
-        full = self._count % self.full_every == 1 or self.full_every == 1
+        full = self.full_every == 1 or self._count % self.full_every == 1
         current = {ch: n for ch, n in presence.items() if n > 0}
         if full:
             changes = dict(current)
@@ -181,9 +249,9 @@ class ReportBuilder:
             changes = {ch: n for ch, n in current.items() if self._published.get(ch) != n}
             changes.update({ch: 0 for ch in self._published if ch not in current})
         self._published = current
-        if not messages and not changes and not current and not full:
+        if not messages and not totals and not changes and not current and not full and not created:
             return None
-        return Report(self.process, second, dict(messages), changes, full)
+        return Report(self.process, dict(messages), dict(totals), changes, full, list(created or ()))
 
 
 # ------------------------------------------------------------------------------ merging
@@ -219,18 +287,22 @@ class IndicatorBook:
     def apply(self, report: Report, now: float) -> set[str]:
         """Merge one report; the channels whose numbers it changed."""
         changed: set[str] = set()
-        for channel, (count, total) in report.messages.items():
+        for channel, counts in report.messages.items():
             entry = self._channel(channel)
-            if count > 0:
-                entry.rate.add(report.second, count, now)
-                entry.rate_seen = True
-                minute = coarse_minute_ms(report.second)
-                if entry.last_activity_ms is None or minute > entry.last_activity_ms:
-                    entry.last_activity_ms = minute
-                changed.add(channel)
+            for second, count in counts.items():
+                if count > 0:
+                    entry.rate.add(second, count, now)
+                    entry.rate_seen = True
+                    minute = coarse_minute_ms(second)
+                    if entry.last_activity_ms is None or minute > entry.last_activity_ms:
+                        entry.last_activity_ms = minute
+                    changed.add(channel)
+        for channel, total in report.totals.items():
+            entry = self._channel(channel)
             if total > entry.total:
                 entry.total = total
                 changed.add(channel)
+        changed.update(report.created)
         self._heard[report.process] = now
         table = self._presence.get(report.process)
         if report.full or table is None:

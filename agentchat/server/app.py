@@ -1,7 +1,7 @@
 """``build_app(settings)``: the aiohttp application, its routes, and the lifetime of every backend.
 
 Start order (``cleanup_ctx``, closed in reverse): store → token secret → bus → segment writer → hub,
-then payments → peek service (``api/peeks.py``).
+then payments → peek service (``api/peeks.py``) → indicators (``api/indicators.py``).
 On shutdown the writer stores every queued message first (their acks still go out), then the sockets
 are closed (1001 going away, after their queued frames), then the hub, the bus and the store.
 """
@@ -22,7 +22,7 @@ from agentchat.bus import bus_from_url
 from agentchat.config import Settings
 from agentchat.errors import AgentChatError, error
 from agentchat.server import ws
-from agentchat.server.api import agents, channels, peeks
+from agentchat.server.api import agents, channels, indicators, peeks
 from agentchat.server.http import bearer_token, error_middleware, json_response
 from agentchat.server.hub import Hub
 from agentchat.server.keys import (BUS, HISTORY, HUB, METRICS, RECORDS, SESSIONS, SETTINGS, STORE, TOKENS,
@@ -167,6 +167,7 @@ def build_app(settings: Settings) -> web.Application:
     app[SESSIONS] = set()
     app.cleanup_ctx.append(backends_ctx)
     app.cleanup_ctx.append(peeks.peeks_ctx)
+    app.cleanup_ctx.append(indicators.indicators_ctx)
     app.on_shutdown.append(on_shutdown)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_page)
@@ -175,6 +176,7 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_routes(agents.routes)
     app.router.add_routes(channels.routes)
     app.router.add_routes(peeks.routes)
+    app.router.add_routes(indicators.routes)
     return app
 
 

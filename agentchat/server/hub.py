@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -135,6 +135,11 @@ class Hub:
         # (only while the peek is active), and the handler of the peeks' bus topics ("p:...").
         self.peek_readable: Callable[[str], bool] = lambda peek_id: False
         self.on_peek_message: Callable[[str, bytes], None] | None = None
+        # Messages sequenced here per (channel, second of their ``ts``) since the indicators last took
+        # them (server/indicators.py), and the handler of the indicators' bus topics ("i:...").
+        self.sequenced: dict[tuple[str, int], int] = {}
+        self.on_indicators: Callable[[str, bytes], None] | None = None
+        self.on_channel_created: Callable[[str], Awaitable[None]] | None = None
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -211,6 +216,8 @@ class Hub:
             asyncio.get_running_loop().create_task(self._on_agent_event(topic[2:], orjson.loads(body)))
         elif kind == "p:" and self.on_peek_message is not None:
             self.on_peek_message(topic[2:], body)
+        elif kind == "i:" and self.on_indicators is not None:
+            self.on_indicators(topic[2:], body)
 
     def _on_bus_reconnect(self) -> None:
         # Messages published while the bus was away were not delivered here: every local reader
@@ -388,7 +395,8 @@ class Hub:
         try:
             if not self.writer.has_room():
                 raise error("store_unavailable", "too many messages are waiting to be stored; retry shortly")
-            body = frames.message_body(channel, sender, client_id, int(time.time() * 1000), envelope)
+            ts_ms = int(time.time() * 1000)
+            body = frames.message_body(channel, sender, client_id, ts_ms, envelope)
             started = time.perf_counter()
             seq = await self._publish(channel, body)
         except BaseException:
@@ -396,6 +404,8 @@ class Hub:
             raise
         room.last_used = time.monotonic()
         self.metrics.messages_in += 1
+        sequenced, counted = self.sequenced, (channel, ts_ms // 1000)
+        sequenced[counted] = sequenced.get(counted, 0) + 1
         if self.metrics.messages_in % LATENCY_SAMPLE_EVERY == 0:
             if room.last_seq >= seq:  # the bus fanned it out locally before publish returned
                 self.metrics.fanout_latency.observe(time.perf_counter() - started)
@@ -408,6 +418,12 @@ class Hub:
             on_ack(stored_seq)
 
         self.writer.add(channel, seq, frames.message_frame(seq, body), durable)
+
+    def take_sequenced(self) -> dict[tuple[str, int], int]:
+        """Per (channel, second), the messages sequenced here since the last call (the indicators'
+        counts; the second is that of the messages' ``ts``)."""
+        taken, self.sequenced = self.sequenced, {}
+        return taken
 
     async def _release_claim(self, claim: str) -> None:
         try:
@@ -439,6 +455,8 @@ class Hub:
 
     async def seed_new_channel(self, channel: str) -> None:
         await self.bus.seed_sequence(counter_key(channel), 0)
+        if self.on_channel_created is not None:
+            await self.on_channel_created(channel)
 
     async def _claims_loop(self) -> None:
         while True:

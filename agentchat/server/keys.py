@@ -11,6 +11,7 @@ from agentchat.config import Settings
 from agentchat.payments.base import PaymentProvider
 from agentchat.payments.ledger import LedgerStore
 from agentchat.server.hub import Hub
+from agentchat.server.indicators import IndicatorService
 from agentchat.server.peeks import PeekService
 from agentchat.server.metrics import Metrics
 from agentchat.server.tokens import TokenIssuer
@@ -34,3 +35,4 @@ SESSIONS = web.AppKey("sessions", set)  # set[Session]: every open socket, close
 PAYMENTS = web.AppKey("payments", PaymentProvider)
 LEDGER = web.AppKey("ledger", LedgerStore)
 PEEKS = web.AppKey("peeks", PeekService)
+INDICATORS = web.AppKey("indicators", IndicatorService)

@@ -19,7 +19,7 @@ from agentchat.core import frames
 from agentchat.core.ratelimit import TokenBucket
 from agentchat.errors import AgentChatError, error
 from agentchat.server.hub import Hub
-from agentchat.server.keys import HUB, METRICS, PEEKS, RECORDS, SESSIONS, SETTINGS, TOKENS
+from agentchat.server.keys import HUB, INDICATORS, METRICS, PEEKS, RECORDS, SESSIONS, SETTINGS, TOKENS
 from agentchat.server.session import CLOSE_AUTH, CLOSE_GOING_AWAY, CLOSE_POLICY, Session
 from agentchat.server.tokens import Principal
 
@@ -60,6 +60,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         await _serve(ws, session, hub, request)
     finally:
         app[PEEKS].session_closed(session)
+        app[INDICATORS].unwatch(session)
         app[SESSIONS].discard(session)
         await hub.unregister_session(session)
         await session.aclose()
@@ -130,6 +131,8 @@ async def _serve(ws: web.WebSocketResponse, session: Session, hub: Hub, request:
             ref = frame.ref
             if isinstance(frame, (frames.Refuse, frames.GrantKey)):  # peeks: server/peeks.py
                 session.push(await request.app[PEEKS].on_frame(frame, principal))
+            elif isinstance(frame, frames.WatchIndicators):  # public indicators: server/indicators.py
+                session.push(await request.app[INDICATORS].watch(session, frame.channels, ref))
             else:
                 await _dispatch(frame, session, hub, principal)
         except AgentChatError as exc:

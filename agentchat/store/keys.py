@@ -60,5 +60,15 @@ def peek(peek_id: str) -> str:
     return f"peeks/{peek_id}.json"
 
 
+def peek_index_prefix(channel_id: str = "") -> str:
+    """Markers of one channel's peeks, or (no channel) of every channel's."""
+    return f"peek-index/{channel_id}/" if channel_id else "peek-index/"
+
+
+def peek_index(channel_id: str, peek_id: str) -> str:
+    """Empty marker: this peek of the channel became active (public indicators count them)."""
+    return f"peek-index/{channel_id}/{peek_id}"
+
+
 def server_secret() -> str:
     return "server/token-secret"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from agentchat.core.indicators import (MINUTE_MS, ChannelIndicators, IndicatorBook, RateWindow, Report,
-                                       ReportBuilder, Throttle, coarse_minute_ms, sort_indicators)
+                                       ReportBuilder, SharedCount, Throttle, coarse_minute_ms, group_by_channel,
+                                       merge_counts, sort_indicators)
 
 T0 = 1_767_225_600.0  # a whole minute
 
@@ -99,37 +100,77 @@ def test_throttle_keys_are_independent_and_pruned() -> None:
 
 
 def test_report_round_trips_and_refuses_garbage() -> None:
-    report = Report("p1", int(T0), {"ch_a": (3, 10)}, {"ch_a": 2, "ch_b": 0}, full=True)
+    report = Report("p1", {"ch_a": {int(T0): 3, int(T0) + 1: 1}}, {"ch_a": 10}, {"ch_a": 2, "ch_b": 0}, full=True,
+                    created=["ch_c"])
     assert Report.from_bytes(report.to_bytes()) == report
-    for bad in (b"", b"[]", b'{"v":2}', b'{"v":1,"p":"x","t":1,"m":{"c":[1]},"o":{},"f":false}',
-                b'{"v":1,"p":"x","t":1,"m":{},"f":false}'):
+    for bad in (b"", b"[]", b'{"v":2}', b'{"v":1,"p":"x","m":{"c":[1]},"n":{},"o":{},"f":false}',
+                b'{"v":1,"p":"x","m":{},"n":{},"f":false}', b'{"v":1,"p":"x","m":{},"n":{"c":"x"},"o":{},"f":1}'):
         with pytest.raises(ValueError):
             Report.from_bytes(bad)
 
 
+def test_counts_grouped_by_channel_and_merged() -> None:
+    grouped = group_by_channel({("a", 1): 2, ("a", 2): 1, ("b", 1): 5})
+    assert grouped == {"a": {1: 2, 2: 1}, "b": {1: 5}}
+    merge_counts(grouped, {"a": {2: 3}, "c": {9: 1}})
+    assert grouped == {"a": {1: 2, 2: 4}, "b": {1: 5}, "c": {9: 1}}
+
+
 def test_builder_reports_presence_changes_then_the_whole_table_periodically() -> None:
     builder = ReportBuilder("p1", full_every=3)
-    first = builder.build(1, {}, {"a": 1, "b": 2})
+    first = builder.build({}, {}, {"a": 1, "b": 2})
     assert first is not None and first.full and first.presence == {"a": 1, "b": 2}
-    second = builder.build(2, {}, {"a": 1, "b": 3})
+    second = builder.build({}, {}, {"a": 1, "b": 3})
     assert second is not None and not second.full and second.presence == {"b": 3}
-    third = builder.build(3, {"a": (4, 40)}, {"b": 3})
-    assert third is not None and third.presence == {"a": 0} and third.messages == {"a": (4, 40)}
-    fourth = builder.build(4, {}, {"b": 3})
+    third = builder.build({"a": {1: 4}}, {"a": 40}, {"b": 3})
+    assert third is not None and third.presence == {"a": 0} and third.messages == {"a": {1: 4}}
+    fourth = builder.build({}, {}, {"b": 3})
     assert fourth is not None and fourth.full and fourth.presence == {"b": 3}
     # nobody online and nothing said: nothing to publish (except the periodic full table)
     idle = ReportBuilder("p2", full_every=3)
-    assert idle.build(1, {}, {}) is not None  # first: full
-    assert idle.build(2, {}, {}) is None
-    assert idle.build(3, {}, {}) is None
-    assert idle.build(4, {}, {}) is not None
+    assert idle.build({}, {}, {}) is not None  # first: full
+    assert idle.build({}, {}, {}) is None
+    assert idle.build({}, {}, {}) is None
+    assert idle.build({}, {}, {}) is not None
+    assert idle.build({}, {"a": 3}, {}) is not None  # a total that was waiting
+    assert idle.build({}, {}, {}, ["ch_new"]) is not None  # a channel was created
 
 
 def test_builder_heartbeats_while_agents_are_online() -> None:
     builder = ReportBuilder("p1", full_every=100)
-    builder.build(1, {}, {"a": 1})
-    heartbeat = builder.build(2, {}, {"a": 1})
+    builder.build({}, {}, {"a": 1})
+    heartbeat = builder.build({}, {}, {"a": 1})
     assert heartbeat is not None and heartbeat.presence == {} and heartbeat.messages == {}
+
+
+# ------------------------------------------------------------------------------ the shared counter
+
+
+def test_shared_count_adds_per_second_counts_and_keeps_the_last_minute() -> None:
+    s = int(T0)
+    count = SharedCount().add({s: 3, s + 61: 2})
+    assert count.total == 5 and count.last_activity_ms == coarse_minute_ms(s + 61)
+    assert count.add({s: 1}).last_activity_ms == coarse_minute_ms(s + 61)  # never goes back
+    assert count.add({}) is count and count.add({s: 0}) is count
+    assert SharedCount.from_bytes(count.to_bytes()) == count
+
+
+def test_a_forgotten_counter_is_split_at_since_between_deltas_and_the_recount() -> None:
+    """Messages before ``since`` are the recount's, those from ``since`` on the deltas': each message
+    is counted once, whichever side of the line its process's report falls."""
+    s = int(T0)
+    fresh = SharedCount(since=s, counted=False)
+    # a late report with seconds before and after the line: only the part from ``since`` on is added
+    after = fresh.add({s - 2: 4, s - 1: 1, s: 2, s + 1: 3})
+    assert after.total == 5 and not after.counted
+    assert after.add({s - 5: 9}) is after
+    # the recount: what the store holds from before ``since``
+    done = after.with_recount(5, coarse_minute_ms(s - 1))
+    assert done.total == 10 and done.counted and done.last_activity_ms == coarse_minute_ms(s + 1)
+    assert done.with_recount(5, None) is done  # only once
+    assert SharedCount.from_bytes(done.to_bytes()) == done
+    # an old counter written before ``since`` existed reads as counted
+    assert SharedCount.from_bytes(b'{"total": 7, "last": null}') == SharedCount(7, None, 0, True)
 
 
 # ------------------------------------------------------------------------------ merging processes
@@ -138,31 +179,32 @@ def test_builder_heartbeats_while_agents_are_online() -> None:
 def test_book_merges_message_deltas_of_several_processes() -> None:
     book = IndicatorBook()
     s = int(T0)
-    book.apply(Report("p1", s, {"ch": (3, 3)}), T0)
-    book.apply(Report("p2", s, {"ch": (2, 5)}), T0)
-    book.apply(Report("p1", s + 1, {"ch": (1, 6)}), T0 + 1)
+    book.apply(Report("p1", {"ch": {s: 3}}, {"ch": 3}), T0)
+    book.apply(Report("p2", {"ch": {s: 2}}, {"ch": 5}), T0)
+    book.apply(Report("p1", {"ch": {s + 1: 1}}, {"ch": 6}), T0 + 1)
     assert book.per_minute("ch", T0 + 1) == 6
     assert book.total("ch") == 6
     assert book.last_activity_ms("ch") == coarse_minute_ms(T0)
     # totals only grow: a report delivered late does not lower the total
-    assert book.apply(Report("p2", s, {"ch": (0, 5)}), T0 + 1) == set()
+    assert book.apply(Report("p2", {}, {"ch": 5}), T0 + 1) == set()
     assert book.total("ch") == 6
     assert book.per_minute("ch", T0 + 61) == 0
+    assert book.apply(Report("p2", created=["new"]), T0 + 61) == {"new"}
     assert book.per_minute("unknown", T0) == 0 and book.total("unknown") == 0
 
 
 def test_book_presence_sums_processes_and_forgets_the_silent_ones() -> None:
     book = IndicatorBook(presence_ttl=5.0)
-    assert book.apply(Report("p1", 1, {}, {"ch": 2, "other": 1}, full=True), T0) == {"ch", "other"}
-    assert book.apply(Report("p2", 1, {}, {"ch": 1}, full=True), T0) == {"ch"}
+    assert book.apply(Report("p1", presence={"ch": 2, "other": 1}, full=True), T0) == {"ch", "other"}
+    assert book.apply(Report("p2", presence={"ch": 1}, full=True), T0) == {"ch"}
     assert book.online("ch") == 3
-    assert book.apply(Report("p1", 2, {}, {"ch": 0}), T0 + 1) == {"ch"}
+    assert book.apply(Report("p1", presence={"ch": 0}), T0 + 1) == {"ch"}
     assert book.online("ch") == 1 and book.online("other") == 1
-    assert book.apply(Report("p1", 3, {}, {}), T0 + 4) == set()  # heartbeat
+    assert book.apply(Report("p1"), T0 + 4) == set()  # heartbeat
     assert book.expire(T0 + 5.5) == {"ch"}  # p2 has been silent for 5.5 s
     assert book.online("ch") == 0 and book.online("other") == 1
     # a full table replaces the previous one
-    assert book.apply(Report("p1", 4, {}, {"ch": 4}, full=True), T0 + 6) == {"ch", "other"}
+    assert book.apply(Report("p1", presence={"ch": 4}, full=True), T0 + 6) == {"ch", "other"}
     assert book.online("other") == 0 and book.online("ch") == 4
 
 
@@ -171,13 +213,13 @@ def test_book_takes_stored_numbers_without_going_backwards() -> None:
     assert book.set_stored("ch", 100, coarse_minute_ms(T0))
     assert not book.set_stored("ch", 90, coarse_minute_ms(T0) - MINUTE_MS)
     assert book.total("ch") == 100 and book.last_activity_ms("ch") == coarse_minute_ms(T0)
-    book.apply(Report("p1", int(T0) + 61, {"ch": (1, 101)}), T0 + 61)
+    book.apply(Report("p1", {"ch": {int(T0) + 61: 1}}, {"ch": 101}), T0 + 61)
     assert book.total("ch") == 101 and book.last_activity_ms("ch") == coarse_minute_ms(T0) + MINUTE_MS
 
 
 def test_book_lists_channels_whose_rate_slides_until_it_is_zero() -> None:
     book = IndicatorBook()
-    book.apply(Report("p1", int(T0), {"ch": (1, 1)}), T0)
+    book.apply(Report("p1", {"ch": {int(T0): 1}}, {"ch": 1}), T0)
     assert book.sliding(T0 + 30) == {"ch"}
     assert book.sliding(T0 + 60) == {"ch"}  # the last look that sees it drop to 0
     assert book.sliding(T0 + 61) == set()

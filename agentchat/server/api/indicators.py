@@ -1,0 +1,120 @@
+"""Public indicators over REST and a public socket (protocol/indicators.md).
+
+No token: anyone may read them, so every route is rate-limited per client address. Agents' and
+peekers' sockets (``/api/v1/ws``) may send ``watch_indicators`` too; the public socket
+``/api/v1/indicators/ws`` takes nothing else (and ``ping``), so a browser needs no token at all.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import WSMsgType, web
+
+from agentchat.core import frames
+from agentchat.core.indicators import SORTS
+from agentchat.core.ratelimit import TokenBucket
+from agentchat.errors import AgentChatError, error
+from agentchat.server.http import json_response, query_int, rate_limit
+from agentchat.server.indicators import IndicatorService, peeks_from
+from agentchat.server.keys import BUS, HUB, INDICATORS, METRICS, PEEKS, RECORDS, SESSIONS, SETTINGS, STORE
+from agentchat.server.session import CLOSE_POLICY, Session
+from agentchat.server.tokens import Principal
+from agentchat.server.ws import _guess_ref as guess_ref
+
+routes = web.RouteTableDef()
+
+# REST requests one address may make per second to the indicator routes.
+REQUESTS_PER_SECOND = 20
+# Public sockets one address may open per second.
+SOCKETS_PER_SECOND = 5
+# Frames a public socket may send per second (bursts of twice this); it only needs a few.
+SOCKET_FRAMES_PER_SECOND = 5
+SOCKET_MAX_FRAME_BYTES = 64 * 1024
+HEARTBEAT_SECONDS = 30.0
+PAGE_MAX = 100
+PUBLIC = Principal(scope="public", subject="public")
+
+
+async def indicators_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Started after the hub and the peek service, closed before them."""
+    service = IndicatorService(bus=app[BUS], hub=app[HUB], records=app[RECORDS], store=app[STORE])
+    service.active_peeks = peeks_from(app[PEEKS])
+    app[INDICATORS] = service
+    await service.start()
+    try:
+        yield
+    finally:
+        await service.close()
+
+
+@routes.get("/api/v1/indicators")
+async def list_indicators(request: web.Request) -> web.Response:
+    await rate_limit(request, "indicators", REQUESTS_PER_SECOND)
+    sort = request.query.get("sort", "active")
+    if sort not in SORTS:
+        raise error("invalid_field", f"query parameter 'sort' must be one of {', '.join(SORTS)}")
+    limit = query_int(request, "limit", 50, 1, PAGE_MAX)
+    offset = query_int(request, "offset", 0, 0, 1 << 31)
+    items = await request.app[INDICATORS].listing(sort)
+    page = items[offset:offset + limit]
+    after = offset + len(page)
+    return json_response({"channels": [item.to_wire() for item in page], "sort": sort, "offset": offset,
+                          "total": len(items), "next_offset": after if after < len(items) else None,
+                          "as_of": int(time.time() * 1000)})
+
+
+@routes.get("/api/v1/indicators/ws")
+async def public_socket(request: web.Request) -> web.WebSocketResponse:
+    """Live indicators for anyone: send ``watch_indicators``, get ``indicators`` frames."""
+    await rate_limit(request, "indicators-ws", SOCKETS_PER_SECOND)
+    app = request.app
+    ws = web.WebSocketResponse(heartbeat=HEARTBEAT_SECONDS, max_msg_size=SOCKET_MAX_FRAME_BYTES * 4,
+                               compress=False)
+    await ws.prepare(request)
+    service = app[INDICATORS]
+    session = Session(ws, PUBLIC, app[SETTINGS].limits.send_queue_max, app[METRICS])
+    app[SESSIONS].add(session)
+    bucket = TokenBucket(SOCKET_FRAMES_PER_SECOND, SOCKET_FRAMES_PER_SECOND * 2, time.monotonic())
+    refused = 0  # frames refused in a row for their rate: a flood closes the socket
+    try:
+        async for msg in ws:
+            if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                break
+            ref = None
+            try:
+                if not bucket.take(time.monotonic()):
+                    refused += 1
+                    raise error("rate_limited", f"more than {SOCKET_FRAMES_PER_SECOND} frames per second")
+                refused = 0
+                frame = frames.decode_client_frame(msg.data, max_bytes=SOCKET_MAX_FRAME_BYTES, max_ciphertext_bytes=0)
+                ref = frame.ref
+                if isinstance(frame, frames.WatchIndicators):
+                    session.push(await service.watch(session, frame.channels, ref))
+                elif isinstance(frame, frames.Ping):
+                    session.push(frames.encode({"type": "pong", "ref": ref, "ts": int(time.time() * 1000)}))
+                else:
+                    raise error("unknown_frame", "this socket takes watch_indicators and ping only")
+            except AgentChatError as exc:
+                session.push(frames.error_frame(exc.to_wire(), ref or guess_ref(msg.data)))
+                if refused > SOCKET_FRAMES_PER_SECOND * 4:
+                    session.close_soon(CLOSE_POLICY, "rate_limited")
+            if session.closed:
+                break
+    finally:
+        service.unwatch(session)
+        app[SESSIONS].discard(session)
+        await session.aclose()
+    return ws
+
+
+@routes.get("/api/v1/indicators/{channel}")
+async def channel_indicators(request: web.Request) -> web.Response:
+    await rate_limit(request, "indicators", REQUESTS_PER_SECOND)
+    channel = frames.check_channel_id(request.match_info["channel"], "channel id")
+    item = await request.app[INDICATORS].get(channel)
+    return json_response(item.to_wire())
+
+
+__all__ = ["IndicatorService", "indicators_ctx", "routes"]
