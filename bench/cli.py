@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cache", type=Path, default=RESULTS / "cache",
                      help="where sealed messages are kept between runs (default bench/results/cache)")
     run.add_argument("--out", type=Path, default=None, help="results directory (default bench/results/<time>)")
+    run.add_argument("--repeat", type=int, default=1,
+                     help="runs per server, taking turns; the median is reported (default 1)")
     run.add_argument("--profile", action="store_true",
                      help="sample AgentChat with py-spy during each fan-out window (profile-*.txt, collapsed stacks)")
     run.add_argument("--publish", action="store_true", help="also copy the table and chart to bench/latest.*")
@@ -98,42 +100,64 @@ def options_from(args: argparse.Namespace) -> Options:
                    processes=args.processes, server_cpus=args.server_cpus, load_cpus=args.load_cpus,
                    idle_sessions=args.sessions, storm_sessions=args.storm_sessions,
                    storm_concurrency=args.storm_concurrency, mp_processes=args.mp_processes, pool=args.pool,
-                   url=args.url, profile=args.profile, cache=args.cache)
+                   url=args.url, profile=args.profile, cache=args.cache,
+                   repeat=max(1, args.repeat))
+
+
+async def run_one(workload: str, server: str, fixture: Any, options: Options) -> dict[str, Any]:
+    from bench import workloads as w
+
+    try:
+        if workload in ("fanout", "paced"):
+            return await w.fanout_one(server, fixture, options, paced=workload == "paced")
+        if workload == "idle":
+            return await w.idle_one(server, options)
+        if workload == "storm":
+            return await w.storm_one(server, options)
+        if workload == "persistence":
+            return await w.persistence(fixture, options)
+        if workload == "multiprocess":
+            return await w.multiprocess(fixture, options)
+        return w.peek_unavailable()
+    except Exception as exc:  # one failing server must not lose the others' numbers
+        print(f"bench: {workload} on {server} failed: {exc}", file=sys.stderr)
+        return {"workload": workload, "server": server, "note": f"failed: {exc}"[:300]}
+
+
+def median_row(rows: list[dict[str, Any]], workload: str) -> dict[str, Any]:
+    """Of several runs of one server, the one with the median key number (``report.TABLES``); the
+    key numbers of every run are kept in ``runs``."""
+    if len(rows) == 1:
+        return rows[0]
+    key = report.TABLES[workload][2]
+    measured = [r for r in rows if key(r) is not None]
+    if not measured:
+        return rows[-1]
+    measured.sort(key=key)
+    chosen = dict(measured[(len(measured) - 1) // 2])
+    chosen["runs"] = [key(r) for r in rows]
+    return chosen
 
 
 async def run_workloads(workloads: list[str], options: Options) -> list[dict[str, Any]]:
+    """Every workload on every server it applies to; with ``repeat`` > 1 the servers take turns
+    (a, b, c, a, b, c, ...) so slow phases of a shared machine hit them alike, and the median is kept."""
     from bench import workloads as w
 
     rows: list[dict[str, Any]] = []
     fixture = None
     needs_fixture = {"fanout", "paced", "persistence", "multiprocess"}
     for workload in workloads:
+        if workload not in PEER_WORKLOADS and "agentchat" not in options.servers:
+            continue
         if workload in needs_fixture and fixture is None:
             fixture = w.prepare_fixture(options)
         names = options.servers if workload in PEER_WORKLOADS else ["agentchat"]
-        if workload not in PEER_WORKLOADS and "agentchat" not in options.servers:
-            continue
-        for server in names:
-            try:
-                if workload in ("fanout", "paced"):
-                    assert fixture is not None
-                    row = await w.fanout_one(server, fixture, options, paced=workload == "paced")
-                elif workload == "idle":
-                    row = await w.idle_one(server, options)
-                elif workload == "storm":
-                    row = await w.storm_one(server, options)
-                elif workload == "persistence":
-                    assert fixture is not None
-                    row = await w.persistence(fixture, options)
-                elif workload == "multiprocess":
-                    assert fixture is not None
-                    row = await w.multiprocess(fixture, options)
-                else:
-                    row = w.peek_unavailable()
-            except Exception as exc:  # one failing server must not lose the others' numbers
-                print(f"bench: {workload} on {server} failed: {exc}", file=sys.stderr)
-                row = {"workload": workload, "server": server, "note": f"failed: {exc}"[:300]}
-            rows.append(row)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for _ in range(1 if workload == "peek" else options.repeat):
+            for server in names:
+                runs[server].append(await run_one(workload, server, fixture, options))
+        rows.extend(median_row(runs[server], workload) for server in names)
     return rows
 
 

@@ -26,17 +26,22 @@ import asyncio
 import json
 import os
 import resource
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from itertools import cycle
 from typing import Any
+from urllib.parse import urlsplit
 
 from picows import WSListener, WSMsgType, ws_connect
 
 from bench.stats import Histogram
 
 CID_MARK = b'"client_id":"'
+# Linux: pick the source port at connect() time, by the full 4-tuple, so a bound source address
+# is not limited to ports that are free towards every destination (TIME_WAIT sockets of earlier runs).
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 PROGRESS_SECONDS = 0.5
 
 
@@ -251,6 +256,23 @@ def load_frames(path: str | None) -> list[bytes]:
         return [line for line in f.read().split(b"\n") if line]
 
 
+def bound_socket_factory(source: str, host: str, port: int) -> Any:
+    """A picows ``socket_factory``: a TCP socket from ``source`` (a 127.0.0.x address) to host:port."""
+    async def make(_parsed_url: object) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source, 0))
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        except BaseException:
+            sock.close()
+            raise
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    return make
+
+
 async def connect_all(job: dict[str, Any], shared: Shared, saturate: bool) -> tuple[list[Client], list[str]]:
     protocol = job["protocol"]
     url = job["url"]
@@ -268,10 +290,13 @@ async def connect_all(job: dict[str, Any], shared: Shared, saturate: bool) -> tu
         async with limit:
             client.connect_started = time.perf_counter()
             kwargs: dict[str, Any] = {}
+            target = spec.get("url") or url
             if source:
-                kwargs["local_addr"] = (source, 0)
+                parsed = urlsplit(target)
+                kwargs["socket_factory"] = bound_socket_factory(source, parsed.hostname or "127.0.0.1",
+                                                                parsed.port or 80)
             try:
-                await ws_connect(lambda: client, spec.get("url") or url, max_frame_size=1 << 24, websocket_handshake_timeout=30,
+                await ws_connect(lambda: client, target, max_frame_size=1 << 24, websocket_handshake_timeout=30,
                                  **kwargs)
                 await asyncio.wait_for(client.ready, 30)
             except Exception as exc:  # counted and reported; the run goes on with the others

@@ -54,6 +54,10 @@ def _ratio(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}x"
 
 
+def _runs(values: list[Any]) -> str:
+    return " / ".join(_num(v, 2 if isinstance(v, float) and v < 100 else 0) for v in values)
+
+
 def _latency(row: Row, key: str) -> Any:
     return (row.get("latency_ms") or {}).get(key)
 
@@ -68,6 +72,7 @@ TABLES: dict[str, tuple[str, list[Column], Callable[[Row], Any]]] = {
         ("p99 ms", lambda r: _latency(r, "p99"), 2),
         ("p99.9 ms", lambda r: _latency(r, "p999"), 2),
         ("server CPU", lambda r: r.get("server_cpu"), 2),
+        ("server core busy", lambda r: r.get("server_core_busy"), 2),
         ("load CPU", lambda r: r.get("load_cpu"), 2),
     ], lambda r: r.get("delivered_per_s")),
     "paced": ("fan-out, paced", [
@@ -77,6 +82,7 @@ TABLES: dict[str, tuple[str, list[Column], Callable[[Row], Any]]] = {
         ("p99 ms", lambda r: _latency(r, "p99"), 2),
         ("p99.9 ms", lambda r: _latency(r, "p999"), 2),
         ("server CPU", lambda r: r.get("server_cpu"), 2),
+        ("server core busy", lambda r: r.get("server_core_busy"), 2),
     ], lambda r: _latency(r, "p99")),
     "idle": ("idle sessions", [
         ("sessions", lambda r: r.get("sessions"), 0),
@@ -90,20 +96,21 @@ TABLES: dict[str, tuple[str, list[Column], Callable[[Row], Any]]] = {
         ("p99 ms", lambda r: _latency(r, "p99"), 2),
         ("server CPU", lambda r: r.get("server_cpu"), 2),
     ], lambda r: r.get("sessions_per_s")),
-    "persistence": ("persistence cost", [
+    "persistence": ("persistence cost (paced fan-out)", [
         ("messages", lambda r: r.get("messages"), 0),
         ("store ops", lambda r: r.get("store_ops"), 0),
         ("ops/1,000 msgs", lambda r: r.get("ops_per_1000_messages"), 2),
         ("msgs/batch", lambda r: r.get("messages_per_batch"), 1),
         ("flush ms", lambda r: r.get("flush_ms"), 1),
         ("deliveries/s", lambda r: r.get("delivered_per_s"), 0),
-    ], lambda r: None),
+    ], lambda r: r.get("ops_per_1000_messages")),
     "multiprocess": ("multi-process (Redis bus)", [
         ("deliveries/s", lambda r: r.get("delivered_per_s"), 0),
         ("p50 ms", lambda r: _latency(r, "p50"), 2),
         ("p99 ms", lambda r: _latency(r, "p99"), 2),
         ("server CPU", lambda r: r.get("server_cpu"), 2),
-    ], lambda r: None),
+        ("server core busy", lambda r: r.get("server_core_busy"), 2),
+    ], lambda r: r.get("delivered_per_s")),
     "peek": ("peek under load", [], lambda r: None),
 }
 
@@ -124,6 +131,8 @@ def table(rows: list[Row], workload: str) -> str:
         if show_ratio:
             cells.append("" if r.get("server") == "agentchat" else _ratio(ratio(ours, key(r))))
         note = "; ".join(str(r[k]) for k in ("note", "first_error") if r.get(k))
+        if r.get("runs"):
+            note = (f"median of {_runs(r['runs'])}; " + note).rstrip("; ")
         cells.append(note.replace("|", "/")[:160])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -142,7 +151,8 @@ def render(run: dict[str, Any]) -> str:
         f"Fan-out: {o['agents']} agents in channels of {o['group']}, {o['payload']}-byte sealed payloads, "
         f"window {o['window']} per sender, {o['duration']} s measured after {o['warmup']} s warm-up; paced at "
         f"{o['paced_rate']:,} deliveries/s. Ratio = AgentChat / peer (throughput: higher is better; latency, "
-        "memory: lower is better).",
+        "memory: lower is better). Server CPU is the server process's own time (1.00 = one core); server "
+        "core busy is its core's user + system + softirq time, where loopback TCP work is charged.",
     ]
     parts = ["\n".join(header)]
     for workload in TABLES:

@@ -66,6 +66,50 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def parse_cpu_list(cpus: str | None) -> list[int]:
+    """``"0"``, ``"0,2"``, ``"0-3"`` -> CPU numbers (empty for None: not pinned)."""
+    found: list[int] = []
+    for part in (cpus or "").split(","):
+        if "-" in part:
+            low, high = part.split("-", 1)
+            found.extend(range(int(low), int(high) + 1))
+        elif part.strip():
+            found.append(int(part))
+    return found
+
+
+def cpu_ticks(cpus: list[int]) -> dict[str, int]:
+    """Clock ticks of these CPUs from /proc/stat: ``tasks`` (user + nice + system: time some process
+    ran), ``irq`` (interrupts and softirqs, where the kernel does loopback TCP work that no process is
+    charged for) and ``total``."""
+    ticks = {"tasks": 0, "irq": 0, "total": 0, "cpus": max(1, len(cpus))}
+    wanted = {f"cpu{n}" for n in cpus}
+    with open("/proc/stat") as f:
+        for line in f:
+            parts = line.split()
+            if parts and parts[0] in wanted:
+                user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in parts[1:9])
+                ticks["tasks"] += user + nice + system
+                ticks["irq"] += irq + softirq
+                ticks["total"] += user + nice + system + idle + iowait + irq + softirq + steal
+    return ticks
+
+
+def core_usage(before: dict[str, int], after: dict[str, int], server_cpu: float | None) -> dict[str, float]:
+    """``server_core_busy`` (share of the server cores not idle) and ``foreign_cpu`` (share that went
+    to processes other than the server: other work on a shared machine) between two samples."""
+    total = after["total"] - before["total"]
+    if total <= 0:
+        return {}
+    tasks = (after["tasks"] - before["tasks"]) / total
+    irq = (after["irq"] - before["irq"]) / total
+    usage = {"server_core_busy": round(tasks + irq, 2)}
+    if server_cpu is not None:
+        # server_cpu is in cores; the shares above are of all the server cores together
+        usage["foreign_cpu"] = round(max(0.0, tasks - server_cpu / before.get("cpus", 1)), 2)
+    return usage
+
+
 def proc_rss_bytes(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:

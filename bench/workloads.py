@@ -29,6 +29,8 @@ WORKLOADS = ("fanout", "paced", "idle", "storm", "persistence", "peek", "multipr
 # What "all" runs, in order; ``fanout`` and ``paced`` are the two modes of the fan-out workload.
 ALL_WORKLOADS = WORKLOADS
 PEER_WORKLOADS = {"fanout", "paced", "idle", "storm"}
+# A row notes when more than this share of the server's core ran other processes (a shared machine).
+FOREIGN_CPU_NOTE = 0.1
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Options:
     pool: int = 0  # sealed frames per agent; 0: enough for the duration
     url: str | None = None  # a running server to use instead of starting one
     profile: bool = False  # py-spy the AgentChat server during the measured window
+    repeat: int = 1  # runs per server (taking turns); the median is reported
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="agentchat-bench-")))
     cache: Path = servers.BENCH_DIR / "results" / "cache"
 
@@ -140,9 +143,10 @@ def split(items: list[Any], parts: int) -> list[list[Any]]:
 
 def source_addresses(sessions: int, per_address: int = 20_000) -> list[str]:
     """Loopback source addresses enough for ``sessions`` client sockets (each address has about 28k
-    ephemeral ports towards one server port)."""
-    count = max(1, math.ceil(sessions / per_address))
-    return [f"127.0.0.{2 + i}" for i in range(count)]
+    ephemeral ports towards one server port); none (the kernel's choice) when one address is enough."""
+    if sessions <= per_address:
+        return []
+    return [f"127.0.0.{2 + i}" for i in range(math.ceil(sessions / per_address))]
 
 
 # ---------------------------------------------------------------------------------- servers
@@ -253,6 +257,8 @@ async def drive_fanout(jobs: list[dict[str, Any]], options: Options, label: str,
         total = options.warmup + options.duration
         await asyncio.sleep(max(0.0, start_at + options.warmup - time.time()))
         cpu_before = cpu_of()
+        server_cores = servers.parse_cpu_list(options.server_cpus)
+        ticks_before = servers.cpu_ticks(server_cores)
         window_start = time.monotonic()
         if options.profile and profile_pid is not None:
             profiler = await start_profiler(profile_pid, options.duration,
@@ -265,6 +271,7 @@ async def drive_fanout(jobs: list[dict[str, Any]], options: Options, label: str,
             now = time.monotonic()
             if cpu_after is None and now - window_start >= options.duration:
                 cpu_after = cpu_of()
+                ticks_after = servers.cpu_ticks(server_cores)
             delivered = generators.delivered_so_far()
             if now - last_t >= 1.0:
                 current = (delivered - last) / (now - last_t)
@@ -272,6 +279,7 @@ async def drive_fanout(jobs: list[dict[str, Any]], options: Options, label: str,
                 progress.update((options.warmup + now - window_start) / total, f"{current:,.0f} deliveries/s")
         if cpu_after is None:
             cpu_after = cpu_of()
+            ticks_after = servers.cpu_ticks(server_cores)
         results = collecting.result()
     finally:
         await generators.stop()
@@ -293,6 +301,11 @@ async def drive_fanout(jobs: list[dict[str, Any]], options: Options, label: str,
     }
     if cpu_before is not None and cpu_after is not None:
         row["server_cpu"] = round(cpu_share(cpu_after - cpu_before, options.duration), 2)
+    if server_cores:
+        row.update(servers.core_usage(ticks_before, ticks_after, row.get("server_cpu")))
+        if row.get("foreign_cpu", 0) > FOREIGN_CPU_NOTE:
+            row["note"] = (f"{row['foreign_cpu']:.0%} of the server core went to other processes; "
+                           "numbers are low")
     first_error = next((r["first_error"] for r in results if r["first_error"]), "")
     if first_error:
         row["first_error"] = first_error

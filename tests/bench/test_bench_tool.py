@@ -168,7 +168,7 @@ def test_client_ids_are_found_in_every_protocol_shape() -> None:
 def test_split_and_source_addresses() -> None:
     assert split(list(range(5)), 2) == [[0, 1, 2], [3, 4]]
     assert split([1], 4) == [[1]]
-    assert source_addresses(10) == ["127.0.0.2"]
+    assert source_addresses(10) == []
     assert source_addresses(100_000) == [f"127.0.0.{i}" for i in range(2, 7)]
 
 
@@ -222,3 +222,28 @@ def test_bench_pins_match_the_bench_extra() -> None:
     for requirements in (REPO / "bench" / "requirements.txt", REPO / "bench" / "peers" / "socketio-py" / "requirements.txt"):
         pins = {line.strip() for line in requirements.read_text().splitlines() if line.strip() and not line.startswith("#")}
         assert pins <= extra, f"{requirements.name}: {pins - extra} not in the bench extra"
+
+
+def test_cpu_lists_and_ticks() -> None:
+    from bench.servers import cpu_ticks, parse_cpu_list
+
+    assert parse_cpu_list("0") == [0] and parse_cpu_list("0,2-3") == [0, 2, 3] and parse_cpu_list(None) == []
+    ticks = cpu_ticks([0])
+    assert 0 <= ticks["tasks"] + ticks["irq"] <= ticks["total"] and ticks["total"] > 0
+
+
+def test_core_usage_separates_other_processes() -> None:
+    from bench.servers import core_usage
+
+    before = {"tasks": 0, "irq": 0, "total": 0, "cpus": 1}
+    after = {"tasks": 80, "irq": 15, "total": 100, "cpus": 1}
+    assert core_usage(before, after, 0.5) == {"server_core_busy": 0.95, "foreign_cpu": 0.3}
+    assert core_usage(before, before, 0.5) == {}
+
+
+def test_repeated_runs_keep_the_median_and_list_every_run() -> None:
+    runs = [{"workload": "fanout", "server": "node-ws", "delivered_per_s": v} for v in (300, 100, 200)]
+    chosen = cli.median_row(runs, "fanout")
+    assert chosen["delivered_per_s"] == 200 and chosen["runs"] == [300, 100, 200]
+    assert "median of 300 / 100 / 200" in report.table([chosen], "fanout")
+    assert cli.median_row(runs[:1], "fanout") is runs[0]
