@@ -135,9 +135,10 @@ def start_redis(tmpdir: str | os.PathLike[str], appendonly: bool = False) -> Red
 
 
 class S3Server:
-    """moto's S3 server in a thread of this process."""
+    """moto's S3 server in a thread of this process, with one bucket made (``bucket``, ``store_url``);
+    ``create_bucket()`` makes more."""
 
-    def __init__(self) -> None:
+    def __init__(self, bucket: str = "agentchat") -> None:
         from moto.server import ThreadedMotoServer
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
@@ -149,6 +150,7 @@ class S3Server:
         self.access_key = "test"
         self.secret_key = "test"
         self._client: Any = None
+        self.bucket = self.create_bucket(bucket)
 
     def create_bucket(self, name: str | None = None) -> str:
         if self._client is None:  # made once: building a boto3 client costs about 0.4 s
@@ -161,6 +163,11 @@ class S3Server:
         self._client.create_bucket(Bucket=name)
         return name
 
+    @property
+    def store_url(self) -> str:
+        """The ``store`` setting for the bucket made at start."""
+        return self.url(self.bucket)
+
     def url(self, bucket: str) -> str:
         """The ``store`` setting for ``bucket`` on this server."""
         return (f"s3://{bucket}?endpoint={self.endpoint}&region={self.region}"
@@ -172,8 +179,9 @@ class S3Server:
         self._server.stop()
 
 
-def start_s3() -> S3Server:
-    return S3Server()
+def start_s3(bucket: str = "agentchat") -> S3Server:
+    """Start moto's S3 server on a free port of 127.0.0.1 and make ``bucket`` on it."""
+    return S3Server(bucket)
 
 
 @pytest.fixture(scope="session")

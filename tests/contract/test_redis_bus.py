@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,9 +16,9 @@ from tests.services import RedisProcess, free_port, start_redis
 
 
 @pytest.fixture
-def redis_proc(tmp_path: Path) -> AsyncIterator[RedisProcess]:
+def redis_proc(tmp_path: Path) -> Iterator[RedisProcess]:
     proc = start_redis(tmp_path / "redis")
-    yield proc  # type: ignore[misc]
+    yield proc
     proc.kill()
 
 
