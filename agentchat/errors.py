@@ -10,6 +10,7 @@ client as an ``error`` frame with the same fields (and the ``ref`` of the frame 
      ├── Forbidden            403   authenticated but not allowed (not a member, wrong scope)
      ├── NotFound             404   unknown DID, channel, peek
      ├── Conflict             409   state does not allow it (already registered, peek not refusable)
+     │    └── Pending         409   an earlier attempt is still in progress; retry shortly
      ├── PayloadTooLarge      413   body or frame over its limit
      ├── RateLimited          429   too many requests or frames; retry later
      ├── Unavailable          503   a backend is down or backpressure applies; retry later
@@ -64,6 +65,12 @@ class Conflict(AgentChatError):
     status = 409
 
 
+class Pending(Conflict):
+    """409, but worth retrying shortly: an earlier attempt is still in progress."""
+
+    retryable = True
+
+
 class PayloadTooLarge(AgentChatError):
     status = 413
 
@@ -110,7 +117,7 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     # 409
     "already_registered": (Conflict, "This DID is registered with other keys."),
     "conflict": (Conflict, "The object changed concurrently or is in a state that does not allow this."),
-    "duplicate_pending": (Conflict, "A message with this client id is still being stored; wait for its ack."),
+    "duplicate_pending": (Pending, "A message with this client id is still being stored; wait for its ack."),
     "stale_epoch": (Conflict, "The envelope's epoch is not the channel's current one; fetch the key and re-encrypt."),
     "peek_state": (Conflict, "The peek is not in a state that allows this."),
     "refusal_unfunded": (Conflict, "The refusal fee cannot be paid: no earnings balance covers it and no card is on file."),

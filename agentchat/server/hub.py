@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -41,7 +42,11 @@ CLAIM_DONE_TTL = 24 * 3600.0
 # number, skipping every number that could have been handed out but not yet stored (at most the
 # writers' pending limit per process), so no number is ever reused.
 SEQ_RESEED_GAP = 1 << 20
-PENDING = b"p"
+# A claimed client id whose message is not stored yet: b"p:" + the claiming process's instance id.
+PENDING = b"p:"
+# Every process refreshes its heartbeat key this often (a third of its lifetime); a claim whose
+# process has no heartbeat belongs to a dead process.
+HEARTBEAT_TTL = 3.0
 GAP_FILL_TRIES = 4
 
 
@@ -59,6 +64,10 @@ def topic_agent(did: str) -> str:
 
 def counter_key(channel: str) -> str:
     return "seq:" + channel
+
+
+def heartbeat_key(instance: str) -> str:
+    return "proc:" + instance
 
 
 def claim_key(channel: str, sender: str, client_id: str) -> str:
@@ -118,6 +127,8 @@ class Hub:
         ``GAP_FILL_TRIES`` times) for numbers another process has sent but not yet stored; 0 for one
         process, where every such number is in this process's recent buffer."""
         self.gap_fill_wait = gap_fill_wait
+        self.instance = secrets.token_hex(8)  # this process, in claims and heartbeats
+        self._pending_mark = PENDING + self.instance.encode()
         self.bus = bus
         self.records = records
         self.history = history
@@ -145,6 +156,8 @@ class Hub:
 
     async def start(self) -> None:
         await self.bus.start(self._on_bus, self._on_bus_reconnect)
+        await self.bus.set(heartbeat_key(self.instance), b"1", HEARTBEAT_TTL)
+        self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="hub-heartbeat"))
         self._tasks.append(asyncio.create_task(self._claims_loop(), name="hub-claims"))
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="hub-sweep"))
 
@@ -300,9 +313,12 @@ class Hub:
             return principal.subject in room.members
         return principal.channel == room.id and self.peek_readable(principal.subject)
 
-    async def attach(self, session: Session, channel: str, resume_after: int | None) -> None:
-        """Start live delivery of ``channel`` to ``session``; with ``resume_after``, first everything
-        stored or recent after that number, with no gap and no duplicate at the seam."""
+    async def attach(self, session: Session, channel: str, resume_after: int | None, *,
+                     defer_catch_up: bool = False) -> None:
+        """Start live delivery of ``channel`` to ``session``: every message published after this
+        returns reaches it. With ``resume_after``, first everything stored or recent after that
+        number, with no gap and no duplicate at the seam (live messages are held back meanwhile);
+        ``defer_catch_up`` leaves that to a later ``catch_up`` call."""
         room = await self.room(channel)
         if not self.readable_by(room, session):
             raise error("not_member", f"not a member of {channel}")
@@ -314,8 +330,15 @@ class Hub:
             cursor.last = room.last_seq
         session.cursors[channel] = cursor
         room.subscribers.add(session)
-        if resume_after is not None:
+        if resume_after is not None and not defer_catch_up:
             await self._catch_up_safely(session, room, resume_after)
+
+    async def catch_up(self, session: Session, channel: str) -> None:
+        """Run the catch-up that ``attach(..., defer_catch_up=True)`` left pending."""
+        room = self.rooms.get(channel)
+        cursor = session.cursors.get(channel)
+        if room is not None and cursor is not None and cursor.catching_up:
+            await self._catch_up_safely(session, room, cursor.last)
 
     def detach(self, session: Session, channel: str) -> None:
         session.cursors.pop(channel, None)
@@ -386,12 +409,13 @@ class Hub:
         if envelope["epoch"] != room.epoch:
             raise error("stale_epoch", f"channel {channel} is at epoch {room.epoch}; fetch its key and re-encrypt")
         claim = claim_key(channel, sender, client_id)
-        previous = await self.bus.set_if_absent(claim, PENDING, CLAIM_PENDING_TTL)
+        previous = await self.bus.set_if_absent(claim, self._pending_mark, CLAIM_PENDING_TTL)
         if previous is not None:
-            if previous == PENDING:
+            if not previous.startswith(PENDING):
+                on_ack(int(previous))
+                return
+            if not await self._take_over_claim(claim, previous):
                 raise error("duplicate_pending")
-            on_ack(int(previous))
-            return
         try:
             if not self.writer.has_room():
                 raise error("store_unavailable", "too many messages are waiting to be stored; retry shortly")
@@ -424,6 +448,22 @@ class Hub:
         counts; the second is that of the messages' ``ts``)."""
         taken, self.sequenced = self.sequenced, {}
         return taken
+
+    async def _take_over_claim(self, claim: str, previous: bytes) -> bool:
+        """A claim still pending from a process that died (no heartbeat) will never be stored by it:
+        take it over so the retry goes through now rather than when the claim expires."""
+        owner = previous[len(PENDING):]
+        if owner == self.instance.encode() or await self.bus.get(heartbeat_key(owner.decode())) is not None:
+            return False
+        return await self.bus.compare_and_set(claim, previous, self._pending_mark, CLAIM_PENDING_TTL)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                await self.bus.set(heartbeat_key(self.instance), b"1", HEARTBEAT_TTL)
+            except AgentChatError:
+                log.warning("could not write this process's heartbeat to the bus")
+            await asyncio.sleep(HEARTBEAT_TTL / 3)
 
     async def _release_claim(self, claim: str) -> None:
         try:

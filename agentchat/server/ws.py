@@ -50,12 +50,19 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     app[SESSIONS].add(session)
     try:
         channels = await _readable_channels(request, principal)
+        # Subscribe first, welcome second: once the client has the welcome, every message sent from
+        # then on reaches it. Catch-up on resumed channels follows the welcome.
+        await _attach_all(hub, session, channels, hello.resume)
         session.push(frames.encode({"type": "welcome", "ref": hello.ref, "subject": principal.subject,
                                     "scope": principal.scope, "channels": channels,
                                     "limits": {"max_frame_bytes": limits.max_frame_bytes,
                                                "max_ciphertext_bytes": limits.max_ciphertext_bytes,
                                                "frames_per_second": limits.frames_per_second}}))
-        await _attach_all(hub, session, channels, hello.resume)
+        for channel in sorted(hello.resume.keys() - set(channels)):
+            session.push(frames.error_frame(error("not_member", f"cannot resume {channel}: not a member").to_wire()))
+        for channel in channels:
+            if channel in hello.resume:
+                await hub.catch_up(session, channel)
         await app[PEEKS].session_opened(session, hello.resume)
         await _serve(ws, session, hub, request)
     finally:
@@ -100,12 +107,9 @@ async def _readable_channels(request: web.Request, principal: Principal) -> list
 
 
 async def _attach_all(hub: Hub, session: Session, channels: list[str], resume: dict[str, int]) -> None:
-    unknown = resume.keys() - set(channels)
-    for channel in sorted(unknown):
-        session.push(frames.error_frame(error("not_member", f"cannot resume {channel}: not a member").to_wire()))
     for channel in channels:
         try:
-            await hub.attach(session, channel, resume.get(channel))
+            await hub.attach(session, channel, resume.get(channel), defer_catch_up=True)
         except AgentChatError as exc:  # e.g. removed between listing and attaching
             log.debug("attach %s failed: %r", channel, exc)
 
