@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from agentchat.config import ConfigError, load_settings
+from agentchat.config import ConfigError, load_settings, redact_url
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -31,8 +31,8 @@ def _serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:  # uvloop is optional (not on Windows)
         pass
-    print(f"AgentChat listening on http://{settings.host}:{settings.port} "
-          f"(bus {settings.bus}, store {settings.store}, payments {settings.payments})", flush=True)
+    print(f"AgentChat listening on http://{settings.host}:{settings.port} (bus {redact_url(settings.bus)}, "
+          f"store {redact_url(settings.store)}, payments {redact_url(settings.payments)})", flush=True)
     web.run_app(build_app(settings), host=settings.host, port=settings.port, print=None,
                 shutdown_timeout=10.0, access_log=None)
     return 0

@@ -15,7 +15,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 ENV_PREFIX = "AGENTCHAT_"
 
@@ -98,6 +98,22 @@ class Settings:
                 raise ConfigError(f"{name} must be a positive number of seconds")
         if not 0 < self.port < 65536 and self.port != 0:
             raise ConfigError(f"port {self.port} is out of range")
+
+
+_SECRET_PARAMS = {"secret_key", "access_key", "password", "token"}
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password and secret query parameters masked, for logs and banners."""
+    parts = urlsplit(url)
+    if not parts.password and not parts.query:
+        return url
+    netloc = parts.netloc
+    if parts.password:
+        netloc = netloc.replace(":" + parts.password + "@", ":***@", 1)
+    query = "&".join(f"{k}=***" if k in _SECRET_PARAMS else f"{k}={v}"
+                     for k, v in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _coerce(name: str, raw: str, kind: type) -> object:

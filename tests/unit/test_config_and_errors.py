@@ -50,3 +50,12 @@ def test_token_bucket_refills_with_time() -> None:
     assert bucket.take(0.0) and bucket.take(0.0)
     assert not bucket.take(0.1)
     assert bucket.take(0.6)
+
+
+def test_urls_are_redacted_for_logs() -> None:
+    from agentchat.config import redact_url
+
+    assert redact_url("s3://b?endpoint=http://h:9&access_key=AK&secret_key=SK") == \
+        "s3://b?endpoint=http://h:9&access_key=***&secret_key=***"
+    assert redact_url("redis://:hunter2@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert redact_url("memory://") == "memory://"
