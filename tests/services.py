@@ -10,6 +10,7 @@ Tests that stop, kill or restart a server start their own with ``start_redis`` /
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
@@ -29,6 +30,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# Servers still running when the interpreter exits (a test or script that died half-way) are killed,
+# so no redis-server outlives the run that started it.
+_running: set[RedisProcess] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for proc in list(_running):
+        proc.kill()
 
 
 class RedisProcess:
@@ -61,6 +73,7 @@ class RedisProcess:
             args += ["--appendonly", "no"]
         self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL)
+        _running.add(self)
         deadline = time.monotonic() + timeout
         while not self.ping():
             if self._proc.poll() is not None:
@@ -102,6 +115,7 @@ class RedisProcess:
 
     def _end(self, sig: int) -> None:
         proc, self._proc = self._proc, None
+        _running.discard(self)
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(sig)
