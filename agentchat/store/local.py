@@ -208,6 +208,8 @@ class LocalStore:
     # -- writes --------------------------------------------------------------------------------
 
     def _slot(self, key: str) -> int:
+        if self._lock_fd < 0:
+            raise RuntimeError("call start() before writing to the store")
         return zlib.crc32(key.encode()) % _LOCK_SLOTS
 
     async def put(
