@@ -402,7 +402,7 @@ class PeekService:
     async def _after(self, peek: Peek, effects: Any) -> None:
         """Tell everyone, then execute the effects in order; a terminal peek whose effects all went
         through leaves the open index."""
-        self._observe(peek, origin=True)
+        self._observe(peek, arm=False)
         await self._publish(TOPIC_STATE, peek.to_bytes())
         try:
             for effect in effects:
@@ -601,8 +601,10 @@ class PeekService:
     def _arm_at(self, peek_id: str, version: int, at: float) -> None:
         if self._closing:
             return
-        current = self._timers.pop(peek_id, None)
+        current = self._timers.get(peek_id)
         if current is not None:
+            if current[0] > version:  # a timer for a later state of the peek stands
+                return
             current[1].cancel()
         # A hair late rather than early: the deadline event is only accepted once it is due.
         delay = max(0.0, at - self.clock()) + TIMER_SLACK
@@ -618,7 +620,7 @@ class PeekService:
     async def _wake(self, peek_id: str) -> None:
         self._timers.pop(peek_id, None)
         peek = await self.load(peek_id)
-        self._observe(peek)
+        self._observe(peek, arm=False)
         await self._drive(peek)
 
     async def _drive(self, peek: Peek) -> None:
@@ -628,6 +630,7 @@ class PeekService:
         at = peek.wake_at
         if at is not None and now >= at:
             event: Event = TimeUp() if peek.state is PeekState.ACTIVE else DeadlineReached()
+            log.info("peek %s: %s is due (%.3f s late)", peek.id, event.name, now - at)
             try:
                 await self.apply(peek.id, lambda _: event)
             except AgentChatError as exc:
@@ -669,7 +672,7 @@ class PeekService:
                     self.known.pop(peek_id, None)
                     continue
                 peek = Peek.from_bytes(found.data)
-                self._observe(peek)
+                self._observe(peek, arm=False)
                 if peek_id in open_ids:
                     await self._drive(peek)
             except AgentChatError as exc:
@@ -706,9 +709,10 @@ class PeekService:
         except (ValueError, KeyError) as exc:
             log.warning("ignoring a malformed peek message on %s: %r", topic, exc)
 
-    def _observe(self, peek: Peek, *, origin: bool = False) -> None:
+    def _observe(self, peek: Peek, *, arm: bool = True) -> None:
         """Take note of a peek's state (from this process, the bus or the store) and tell the local
-        sockets about it once per version."""
+        sockets about it once per version. ``arm``: also arm a backup timer for its next time (the
+        caller that drives the peek itself arms its own)."""
         if peek.state.terminal:
             self.known.pop(peek.id, None)
             self._disarm(peek.id)
@@ -716,7 +720,7 @@ class PeekService:
             current = self.known.get(peek.id)
             if current is None or current.version <= peek.version:
                 self.known[peek.id] = peek
-            if not origin and peek.wake_at is not None:
+            if arm and peek.wake_at is not None:
                 self._arm(peek, peek.wake_at, backup=True)
         if self._delivered.get(peek.id, 0) >= peek.version:
             return
