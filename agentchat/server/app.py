@@ -18,6 +18,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from agentchat import web as webpage
 from agentchat.bus import bus_from_url
 from agentchat.config import Settings
 from agentchat.errors import AgentChatError, error
@@ -177,6 +178,7 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_routes(channels.routes)
     app.router.add_routes(peeks.routes)
     app.router.add_routes(indicators.routes)
+    webpage.add_routes(app)
     return app
 
 

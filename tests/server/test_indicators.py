@@ -259,3 +259,34 @@ async def test_peeks_active_and_total(aiohttp_client, tmp_path: Path) -> None:
     await eventually(indicators_of(client, channel), lambda i: i["peeks"] == {"total": 1, "active": 0})
     pushed = updates_for(watcher, channel)
     assert any(u["peeks"]["active"] == 1 for u in pushed) and pushed[-1]["peeks"] == {"total": 1, "active": 0}
+
+
+# ------------------------------------------------------------------------------ the page
+
+
+async def test_the_page_and_its_files_are_served_with_a_strict_policy(client) -> None:
+    response = await client.get("/")
+    assert response.status == 200 and response.content_type == "text/html"
+    html = await response.text()
+    assert 'data-price-cents="500"' in html and 'data-refusal-window="60"' in html and "__" not in html
+    policy = response.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in policy and "connect-src 'self'" in policy and "https:" not in policy
+    for name, kind in (("app.js", "javascript"), ("crypto.js", "javascript"), ("style.css", "text/css")):
+        served = await client.get(f"/web/{name}")
+        assert served.status == 200 and kind in served.content_type, (name, served.content_type)
+    for missing in ("/web/__init__.py", "/web/../__init__.py", "/web/nope.js", "/web/"):
+        answer = await client.get(missing)
+        assert answer.status in (403, 404), missing
+
+
+def test_stripe_js_is_allowed_only_when_stripe_payments_have_a_publishable_key(tmp_path: Path) -> None:
+    from agentchat.web import content_security_policy, render_index, uses_stripe
+
+    dev = load_settings(env={}, store=f"file://{tmp_path}/data")
+    stripe = load_settings(env={}, store=f"file://{tmp_path}/data", payments="stripe://",
+                           stripe_secret_key="sk_test_x", stripe_publishable_key="pk_test_x")
+    keyless = load_settings(env={}, store=f"file://{tmp_path}/data", payments="stripe://", stripe_secret_key="sk_test_x")
+    assert not uses_stripe(dev) and uses_stripe(stripe) and not uses_stripe(keyless)
+    assert "js.stripe.com" not in content_security_policy(False)
+    assert "script-src 'self' https://js.stripe.com" in content_security_policy(True)
+    assert 'data-payments="stripe"' in render_index(stripe) and 'data-payments="dev"' in render_index(dev)

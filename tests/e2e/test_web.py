@@ -1,0 +1,231 @@
+"""The public page in Debian's Chromium (Playwright, the system browser, never a download) against a
+real server process, with SDK agents talking: the live list, a peek that goes through and shows the
+conversation decrypted in the browser, a refused peek, and the page's crypto checked against the
+protocol's vectors. Screenshots of every state go to artifacts/web/ (docs/screenshot.png, in the README,
+is artifacts/web/peek-active.png)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentchat import crypto
+from agentchat.client import Agent
+from tests.e2e.processes import REPO, ServerProcess
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = REPO / "artifacts" / "web"
+VECTORS = json.loads((REPO / "protocol" / "vectors" / "crypto.json").read_text(encoding="utf-8"))
+PEEKS = {"AGENTCHAT_PEEK_REFUSAL_WINDOW_SECONDS": "3", "AGENTCHAT_PEEK_DURATION_SECONDS": "8",
+         "AGENTCHAT_PEEK_SCAN_SECONDS": "0.5"}
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Any:
+    process = ServerProcess(store=f"file://{tmp_path}/data", env=PEEKS, log_path=tmp_path / "server.log").start()
+    yield process
+    process.close()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (scripts/bootstrap.sh test does it)")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"])
+        yield chromium
+        await chromium.close()
+
+
+class Page:
+    """A page of the server, every request it makes recorded (none may leave the server)."""
+
+    def __init__(self, page: Any, server: ServerProcess) -> None:
+        self.page = page
+        self.server = server
+        self.requests: list[str] = []
+        self.errors: list[str] = []
+        page.on("request", lambda request: self.requests.append(request.url))
+        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+
+    async def shot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / f"{name}.png"
+        await self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    def assert_local_only(self) -> None:
+        origins = ("http://127.0.0.1:", "ws://127.0.0.1:", "data:")
+        foreign = [url for url in self.requests if not url.startswith(origins)
+                   or (url.startswith(("http://127.0.0.1:", "ws://127.0.0.1:")) and f":{self.server.port}/" not in url)]
+        assert not foreign, f"the page fetched from elsewhere: {foreign}"
+        assert not self.errors, f"errors in the page: {self.errors}"
+
+
+async def open_page(browser: Any, server: ServerProcess, viewport: dict[str, int] = DESKTOP, path: str = "/") -> Page:
+    context = await browser.new_context(viewport=viewport)
+    page = Page(await context.new_page(), server)
+    await page.page.goto(server.url + path)
+    await page.page.get_by_text("Live: updates arrive").wait_for(state="attached")
+    return page
+
+
+async def agent(server: ServerProcess, name: str, **options: Any) -> Agent:
+    made = Agent(server.url, crypto.AgentKeys.generate(), **options)
+    await made.register(name)
+    return made
+
+
+def card(page: Page, channel: str) -> Any:
+    return page.page.locator(f'li[data-channel="{channel}"]')
+
+
+async def stat(locator: Any, key: str) -> str:
+    return (await locator.locator(f'[data-stat="{key}"]').inner_text()).strip()
+
+
+async def wait_stat(locator: Any, key: str, expected: str, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (value := await stat(locator, key)) != expected:
+        assert asyncio.get_running_loop().time() < deadline, f"{key} stayed {value!r}, expected {expected!r}"
+        await asyncio.sleep(0.1)
+
+
+async def test_the_channel_list_updates_live_without_reload(server: ServerProcess, browser: Any) -> None:
+    page = await open_page(browser, server)
+    phone = await open_page(browser, server, PHONE)
+    alice, bob = await agent(server, "alice"), await agent(server, "bob")
+    try:
+        channel = await alice.create_channel([bob.did], name="research")
+        quiet = await bob.create_channel([], name="quiet corner")
+        row = card(page, channel)
+        await row.wait_for()  # a new channel appears without a reload
+        assert await row.locator("h2").inner_text() == "research"
+        await card(page, quiet).wait_for()
+        await alice.connect()
+        await bob.connect()
+        await wait_stat(row, "agents_online", "2 of 2")
+        for i in range(6):
+            await alice.send(channel, f"reading list item {i}")
+        await wait_stat(row, "messages_total", "6")
+        await wait_stat(row, "messages_per_minute", "6")
+        assert await stat(row, "last_activity_at") == "this minute"
+        await bob.send(channel, "thanks")
+        await wait_stat(row, "messages_total", "7")
+        # the liveliest channel comes first, and no content ever reaches the page
+        assert await page.page.locator("li.card").first.get_attribute("data-channel") == channel
+        assert "reading list" not in await page.page.content()
+        await wait_stat(card(phone, channel), "messages_total", "7")
+        await page.shot("list-desktop")
+        await phone.shot("list-phone")
+        # keyboard: tab to the channel's link and open it
+        link = row.locator("h2 a")
+        await link.focus()
+        await page.page.keyboard.press("Enter")
+        await page.page.get_by_role("button", name="Peek for $5").wait_for()
+        assert await page.page.locator("#channel-title").inner_text() == "research"
+        page.assert_local_only()
+        phone.assert_local_only()
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+async def test_a_peek_that_no_agent_refuses_shows_the_conversation_decrypted(
+        server: ServerProcess, browser: Any, tmp_path: Path) -> None:
+    alice, bob = await agent(server, "alice"), await agent(server, "bob")
+    said = [f"before the peek {secrets.token_hex(3)}", f"during the peek {secrets.token_hex(3)}"]
+    try:
+        channel = await alice.create_channel([bob.did], name="planning")
+        await alice.connect()
+        await bob.connect()
+        await alice.send(channel, said[0])
+        await bob.send(channel, {"plan": "ship it", "steps": 3})
+        page = await open_page(browser, server, path=f"/#/c/{channel}")
+        ui = page.page
+        peek = ui.locator("#peek")
+        await ui.get_by_role("button", name="Peek for $5").press("Enter")  # the keyboard is enough
+        await ui.get_by_role("button", name="Confirm payment of $5").wait_for()
+        await page.shot("peek-payment")
+        await ui.get_by_role("button", name="Confirm payment of $5").click()
+        await ui.locator('#peek[data-state="countdown"]').wait_for()
+        await ui.locator("#countdown-seconds").wait_for()
+        assert int(await ui.locator("#countdown-seconds").inner_text()) <= 3
+        await page.shot("peek-countdown")
+        await ui.locator('#peek[data-state="active"]').wait_for(timeout=15000)
+        messages = ui.locator("#messages li")
+        await ui.get_by_text(said[0]).wait_for()  # history, decrypted in the browser
+        await ui.get_by_text('"plan": "ship it"').wait_for()
+        await alice.send(channel, said[1])  # sent after activation: arrives live
+        await ui.get_by_text(said[1]).wait_for()
+        assert await messages.count() == 3
+        assert await messages.first.get_attribute("data-seq") == "1"
+        assert "signed by the sender" in await messages.first.inner_text()
+        assert (await ui.locator("#time-left").inner_text()).startswith("0:0")
+        await page.shot("peek-active")
+        await ui.locator('#peek[data-state="ended"]').wait_for(timeout=20000)
+        await ui.get_by_text("The peek has ended.").wait_for()
+        await page.shot("peek-ended")
+        assert await peek.locator("#peek-outcome").is_visible()
+        page.assert_local_only()
+        # what the browser read never reached the server's disk in the clear
+        for path in (tmp_path / "data").rglob("*"):
+            if path.is_file():
+                assert not any(text.encode() in path.read_bytes() for text in said), path
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+async def test_a_refused_peek_shows_the_refusal_and_no_charge(server: ServerProcess, browser: Any) -> None:
+    alice = await agent(server, "alice", peek_policy=False)
+    try:
+        setup = await alice._request("POST", "/api/v1/agents/me/card")  # a dev card pays the refusal fee
+        await alice._request("POST", "/api/v1/agents/me/card/confirm", {"setup": setup["setup"]})
+        channel = await alice.create_channel([], name="private")
+        await alice.connect()
+        page = await open_page(browser, server, PHONE, path=f"/#/c/{channel}")
+        ui = page.page
+        await ui.get_by_role("button", name="Peek for $5").click()
+        await ui.get_by_role("button", name="Confirm payment of $5").click()
+        await ui.locator('#peek[data-state="refused"]').wait_for(timeout=15000)
+        outcome = ui.locator("#peek-outcome")
+        assert "Refused" in await outcome.inner_text()
+        assert "You were not charged." in await outcome.inner_text()
+        assert await ui.locator("#messages li").count() == 0
+        await page.shot("peek-refused-phone")
+        page.assert_local_only()
+    finally:
+        await alice.close()
+
+
+async def test_the_page_crypto_reproduces_the_protocol_vectors(server: ServerProcess, browser: Any) -> None:
+    page = await open_page(browser, server)
+    result = await page.page.evaluate("(vectors) => window.agentchatCrypto.selfTest(vectors)", VECTORS)
+    assert result["failures"] == [] and result["checked"] > 90
+    assert result["ed25519"] is True  # Chromium verifies the senders' signatures
+    # the key a peek is opened with is made in the browser and its private half cannot be exported
+    exported = await page.page.evaluate("""async () => {
+        const key = await window.agentchatCrypto.newPeekerKey();
+        try { await crypto.subtle.exportKey("jwk", key.privateKey); return "exported"; }
+        catch (err) { return err.name; }
+    }""")
+    assert exported == "InvalidAccessError"
+    response = await page.page.request.get(server.url + "/")
+    policy = response.headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "stripe" not in policy
+    page.assert_local_only()
