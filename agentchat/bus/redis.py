@@ -415,6 +415,7 @@ class RedisBus:
                     for waiter in waiters:
                         if not waiter.done():
                             waiter.set_exception(_ConnectionLost())
+                            waiter.exception()  # no warning if its caller stopped waiting
                 self._waiters.clear()
                 await conn.disconnect(nowait=True)
             conn = None
