@@ -4,12 +4,14 @@ socket, counts across two server processes sharing a bus, the recount after the 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from agentchat.config import load_settings
 from agentchat.core.indicators import MINUTE_MS
 from agentchat.server.app import build_app
@@ -20,6 +22,7 @@ from tests.server.test_frames_conformance import Socket, kind, open_socket
 from tests.server.test_openapi import Api
 from tests.server.test_peeks import open_peek, wait_state
 from tests.server.test_rest import create_channel, envelope
+from tests.services import redis_server  # noqa: F401  (fixture)
 from tests.unit.test_protocol import FRAMES, SERVER_FRAME, assert_valid, validator_for
 
 INDICATORS_FRAME = validator_for(FRAMES / "server" / "indicators.json")
@@ -199,10 +202,22 @@ async def test_agents_online_and_the_agents_socket_can_watch(client, make_agent)
 # ------------------------------------------------------------------------------ across processes
 
 
-async def test_two_processes_sharing_a_bus_show_the_same_numbers(aiohttp_client, tmp_path: Path) -> None:
+def shared_bus(kind: str, request: Any) -> str:
+    """A bus URL two apps in this test share: a named in-process broker, or a namespace on Redis."""
+    name = f"indicators{secrets.token_hex(4)}"
+    if kind == "memory":
+        return f"memory://{name}"
+    redis = request.getfixturevalue("redis_server")
+    return f"{redis.url}?namespace={name}"
+
+
+@pytest.mark.parametrize("bus", ["memory", "redis"])
+async def test_two_processes_sharing_a_bus_show_the_same_numbers(aiohttp_client, tmp_path: Path, bus: str,
+                                                                 request: Any) -> None:
+    bus_url = shared_bus(bus, request)
+
     def settings() -> Any:
-        return load_settings(env={}, store=f"file://{tmp_path}/data", bus="memory://indicators-two",
-                             token_secret="t" * 40)
+        return load_settings(env={}, store=f"file://{tmp_path}/data", bus=bus_url, token_secret="t" * 40)
     one = await aiohttp_client(build_app(settings()))
     two = await aiohttp_client(build_app(settings()))
     alice, bob = await RestAgent(one, "alice").register(), await RestAgent(one, "bob").register()
@@ -222,16 +237,29 @@ async def test_two_processes_sharing_a_bus_show_the_same_numbers(aiohttp_client,
     await watcher.wait_for(lambda f: any(c["messages_total"] == 7 for c in f.get("channels", ())))
 
 
-async def test_totals_are_recounted_from_the_store_when_the_bus_forgot_them(aiohttp_client, tmp_path: Path) -> None:
+@pytest.mark.parametrize("bus", ["memory", "redis"])
+async def test_totals_are_recounted_from_the_store_when_the_bus_forgot_them(aiohttp_client, tmp_path: Path,
+                                                                            bus: str, request: Any) -> None:
     store = f"file://{tmp_path}/data"
-    first = await aiohttp_client(build_app(load_settings(env={}, store=store, token_secret="t" * 40)))
+    bus_url = shared_bus(bus, request)
+    first = await aiohttp_client(build_app(load_settings(env={}, store=store, bus=bus_url, token_secret="t" * 40)))
     alice = await RestAgent(first, "alice").register()
     channel, key = await create_channel(alice, [])
     await send(first, alice, channel, key, 6)
     await eventually(indicators_of(first, channel), lambda i: i["messages_total"] == 6)
     await first.close()
-    # a new process on a new bus (as after a Redis restart without persistence): same store
-    second = await aiohttp_client(build_app(load_settings(env={}, store=store, token_secret="t" * 40)))
+    if bus == "redis":  # Redis restarted without persistence: everything this server kept there is gone
+        import redis.asyncio as aioredis
+
+        client = aioredis.from_url(request.getfixturevalue("redis_server").url)
+        namespace = bus_url.split("namespace=", 1)[1]
+        forgotten = [key async for key in client.scan_iter(match=f"{namespace}:*")]
+        assert forgotten
+        await client.delete(*forgotten)
+        await client.aclose()
+    else:  # a new in-process bus
+        bus_url = shared_bus(bus, request)
+    second = await aiohttp_client(build_app(load_settings(env={}, store=store, bus=bus_url, token_secret="t" * 40)))
     alice.client = second
     item = await eventually(indicators_of(second, channel), lambda i: i["messages_total"] == 6)
     assert item["last_activity_at"] is not None and item["messages_per_minute"] == 0
