@@ -259,4 +259,4 @@ async def revenue(request: web.Request) -> web.Response:
     })
 
 
-__all__ = ["peeks_ctx", "routes", "PeekService"]
+__all__ = ["peeks_ctx", "routes"]
