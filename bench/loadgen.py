@@ -308,6 +308,30 @@ async def connect_all(job: dict[str, Any], shared: Shared, saturate: bool) -> tu
     return clients, failures
 
 
+async def hold_sessions(job: dict[str, Any]) -> tuple[list[Any], list[str], Histogram]:
+    """Idle and storm: open every session of the job with the lean client (``bench.sessions``)."""
+    from bench.sessions import open_session
+
+    limit = asyncio.Semaphore(int(job.get("connect_concurrency", 100)))
+    sources = cycle(job.get("source_ips") or [None])
+    held: list[Any] = []
+    failures: list[str] = []
+    hist = Histogram()
+
+    async def one(spec: dict[str, Any], source: str | None) -> None:
+        async with limit:
+            try:
+                session, seconds = await open_session(job["protocol"], spec.get("url") or job["url"], spec, source)
+            except Exception as exc:  # counted and reported
+                failures.append(f"{type(exc).__name__}: {exc}"[:300])
+                return
+        held.append(session)
+        hist.record(seconds * 1e6)
+
+    await asyncio.gather(*(one(spec, next(sources)) for spec in job["clients"]))
+    return held, failures, hist
+
+
 async def read_command(reader: asyncio.StreamReader) -> list[str]:
     line = await reader.readline()
     return line.decode().split() or ["stop"]
@@ -321,29 +345,35 @@ async def run(job: dict[str, Any]) -> None:
     mode = job["mode"]
     rate = job.get("rate")  # messages per second for this process; None: as fast as the window allows
     saturate = mode == "fanout" and not rate
-    if mode == "storm":
-        # the clock starts at "go": every session of this process connects and authenticates
-        emit("ready", clients=0, failures=0, first_failure="")
+    if mode in ("idle", "storm"):
+        if mode == "storm":  # the clock starts at "go"
+            emit("ready", clients=0, failures=0, first_failure="")
+            await read_command(reader)
+        started = time.perf_counter()
+        cpu_started = time.process_time()
+        held, failures, hist = await hold_sessions(job)
+        summary = {"clients": len(held), "failures": len(failures),
+                   "first_failure": failures[0] if failures else "",
+                   "connect_seconds": time.perf_counter() - started,
+                   "cpu_seconds": time.process_time() - cpu_started, "connect_latency": hist.to_json()}
+        if mode == "idle":
+            emit("ready", **summary)
+            await read_command(reader)  # go: the orchestrator measures the server meanwhile
+        emit("result", disconnected=sum(1 for h in held if h.closed), **summary)
         await read_command(reader)
+        for h in held:
+            h.close()
+        return
     started = time.perf_counter()
     clients, failures = await connect_all(job, shared, saturate)
     connect_elapsed = time.perf_counter() - started
     connect_hist = Histogram()
     for client in clients:
         connect_hist.record(client.connect_seconds * 1e6)
-    summary = {"clients": len(clients), "failures": len(failures),
-               "first_failure": failures[0] if failures else "", "connect_seconds": connect_elapsed,
-               "connect_latency": connect_hist.to_json()}
-    if mode == "storm":
-        emit("result", errors=shared.errors, first_error=shared.first_error, **summary)
-        await read_command(reader)
-        return
-    emit("ready", **summary)
+    emit("ready", clients=len(clients), failures=len(failures), first_failure=failures[0] if failures else "",
+         connect_seconds=connect_elapsed, connect_latency=connect_hist.to_json())
     command = await read_command(reader)
-    if command[0] != "go" or mode != "fanout":
-        # idle and storm: the orchestrator measures while these sockets are held, then says stop
-        if command[0] == "go":
-            await read_command(reader)
+    if command[0] != "go":
         emit("result", errors=shared.errors, first_error=shared.first_error, disconnected=shared.disconnected)
         return
     start_at = float(command[1])

@@ -95,6 +95,7 @@ TABLES: dict[str, tuple[str, list[Column], Callable[[Row], Any]]] = {
         ("p50 ms", lambda r: _latency(r, "p50"), 2),
         ("p99 ms", lambda r: _latency(r, "p99"), 2),
         ("server CPU", lambda r: r.get("server_cpu"), 2),
+        ("load CPU", lambda r: r.get("load_cpu"), 2),
     ], lambda r: r.get("sessions_per_s")),
     "persistence": ("persistence cost (paced fan-out)", [
         ("messages", lambda r: r.get("messages"), 0),

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -228,16 +229,30 @@ def fanout_jobs(fixture: fixtures.Fixture, tokens: list[str], urls: list[str], o
     return jobs
 
 
-async def start_profiler(pid: int, seconds: float, out: Path) -> asyncio.subprocess.Process | None:
-    """``py-spy record`` of ``pid`` for ``seconds``, as collapsed stacks (``out``), or None without py-spy."""
+async def start_profiler(pid: int, seconds: float | None, out: Path) -> asyncio.subprocess.Process | None:
+    """``py-spy record`` of ``pid`` for ``seconds`` (None: until ``stop_profiler``), as collapsed
+    stacks in ``out``; None without py-spy."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         print("bench: --profile needs py-spy (pip install -e '.[bench]')", file=sys.stderr)
         return None
+    duration = ["--duration", str(max(1, int(seconds)))] if seconds else []
     return await asyncio.create_subprocess_exec(
-        spy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))), "--rate", "250",
-        "--format", "raw", "--output", str(out), "--nonblocking",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        spy, "record", "--pid", str(pid), *duration, "--rate", "250", "--format", "raw", "--output", str(out),
+        "--nonblocking", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+
+async def stop_profiler(profiler: asyncio.subprocess.Process | None) -> None:
+    """End an open-ended ``py-spy record`` (SIGINT makes it write its output)."""
+    if profiler is None:
+        return
+    if profiler.returncode is None:
+        profiler.send_signal(signal.SIGINT)
+    try:
+        await asyncio.wait_for(profiler.wait(), 30)
+    except asyncio.TimeoutError:
+        profiler.kill()
+        await profiler.wait()
 
 
 async def drive_fanout(jobs: list[dict[str, Any]], options: Options, label: str, progress: Progress,
@@ -420,6 +435,11 @@ async def storm_one(server: str, options: Options) -> dict[str, Any]:
         generators = Generators(jobs, options, f"storm-{server}")
         try:
             await generators.start()  # processes up, nothing connected yet
+            profiler = None
+            if options.profile and server == "agentchat" and target.process is not None:
+                profiler = await start_profiler(target.process.pid, None,
+                                                options.workdir.parent / f"profile-storm-{server}.txt")
+                await asyncio.sleep(0.5)  # py-spy attaches
             cpu_before = target.cpu_seconds()
             started = time.monotonic()
             generators.send(f"go {time.time()}")
@@ -427,6 +447,7 @@ async def storm_one(server: str, options: Options) -> dict[str, Any]:
             results = await generators.collect(300)
             elapsed = time.monotonic() - started
             cpu_after = target.cpu_seconds()
+            await stop_profiler(profiler)
             generators.send("stop")
         finally:
             await generators.stop()
@@ -437,7 +458,8 @@ async def storm_one(server: str, options: Options) -> dict[str, Any]:
         hist.merge(Histogram.from_json(r["connect_latency"]))
     row: dict[str, Any] = {"workload": "storm", "server": server, "sessions": opened,
                            "sessions_per_s": round(rate(opened, seconds)), "latency_ms": latency_summary_ms(hist),
-                           "failures": sum(r["failures"] for r in results), "seconds": round(seconds, 2)}
+                           "failures": sum(r["failures"] for r in results), "seconds": round(seconds, 2),
+                           "load_cpu": round(sum(r["cpu_seconds"] for r in results) / seconds, 2) if seconds else None}
     if cpu_before is not None and cpu_after is not None:
         row["server_cpu"] = round(cpu_share(cpu_after - cpu_before, elapsed), 2)
     first = next((r["first_failure"] for r in results if r["failures"]), "")

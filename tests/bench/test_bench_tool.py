@@ -247,3 +247,18 @@ def test_repeated_runs_keep_the_median_and_list_every_run() -> None:
     assert chosen["delivered_per_s"] == 200 and chosen["runs"] == [300, 100, 200]
     assert "median of 300 / 100 / 200" in report.table([chosen], "fanout")
     assert cli.median_row(runs[:1], "fanout") is runs[0]
+
+
+def test_lean_session_frames() -> None:
+    from bench.sessions import client_frame, parse_frames, upgrade_request
+
+    small = client_frame(b"hi")
+    assert small == b"\x81\x82\x00\x00\x00\x00hi"  # final text frame, masked with the zero key
+    medium = client_frame(b"x" * 300)
+    assert medium[1] == 0x80 | 126 and int.from_bytes(medium[2:4], "big") == 300
+    buffer = bytearray(b"\x81\x05hello" + b"\x89\x00" + b"\x81\x7e\x01\x2c" + b"y" * 300 + b"\x81\x05par")
+    assert parse_frames(buffer) == [(1, b"hello"), (9, b""), (1, b"y" * 300)]
+    assert buffer == bytearray(b"\x81\x05par")  # an incomplete frame stays for the next read
+    request = upgrade_request("ws://127.0.0.1:8080/socket.io/?EIO=4&transport=websocket")
+    assert request.startswith(b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n")
+    assert request.endswith(b"\r\n\r\n") and b"Sec-WebSocket-Version: 13" in request
