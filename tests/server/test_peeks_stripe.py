@@ -212,3 +212,34 @@ async def test_a_card_setup_must_be_complete_and_ones_own(client: Any, browser: 
     assert (status, body["error"]["code"]) == (404, "not_found")
     status, body = await alice.call("POST", "/api/v1/agents/me/card/confirm", json={"setup": setup["setup"]})
     assert status == 200 and body["card"]["label"] == "visa ending 4242"
+
+
+async def test_every_call_that_moves_money_carries_an_idempotency_key_from_the_peek(
+        stripe_server: LocalStripe, browser: Any, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    from agentchat.payments.stripe import StripePayments
+    from agentchat.server.peeks import idempotency_key
+
+    sent: list[tuple[str, str, str | None]] = []
+
+    class Recording(stripe.AIOHTTPClient):  # type: ignore[misc]
+        async def request_async(self, method: str, url: str, headers: Any, post_data: Any = None) -> Any:
+            sent.append((method, url.rsplit("/v1/", 1)[1], dict(headers).get("Idempotency-Key")))
+            return await super().request_async(method, url, headers, post_data)
+
+    monkeypatch.setattr(stripe, "AIOHTTPClient", Recording)
+    provider = StripePayments(**{k.removeprefix("stripe_"): v for k, v in stripe_server.settings().items()})
+    await provider.start()
+    try:
+        peek_id = "pk_" + "k" * 20
+        held = await provider.authorize(peek_id, 500, key=idempotency_key(peek_id, "authorize"))
+        await pay(browser, held.ref)
+        await provider.capture(held.ref, key=idempotency_key(peek_id, "capture"))
+        other = await provider.authorize(peek_id + "x", 500, key=idempotency_key(peek_id + "x", "authorize"))
+        await provider.cancel(other.ref, key=idempotency_key(peek_id + "x", "cancel"))
+    finally:
+        await provider.close()
+    posts = [(path, key) for method, path, key in sent if method == "post"]
+    assert posts == [("payment_intents", f"agentchat-peek-{peek_id}-authorize"),
+                     (f"payment_intents/{held.ref}/capture", f"agentchat-peek-{peek_id}-capture"),
+                     ("payment_intents", f"agentchat-peek-{peek_id}x-authorize"),
+                     (f"payment_intents/{other.ref}/cancel", f"agentchat-peek-{peek_id}x-cancel")]
