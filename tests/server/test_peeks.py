@@ -22,6 +22,22 @@ from agentchat.server.keys import LEDGER, PEEKS
 from tests.conftest import RestAgent
 from tests.server.test_rest import create_channel, envelope
 from tests.server.test_ws import hello, receive_frames
+from tests.unit.test_protocol import SERVER_FRAME, assert_valid, openapi_pointer
+
+
+def documented(path: str, method: str, status: str, body: Any) -> Any:
+    """``body`` as answered, checked against its schema in protocol/openapi.json."""
+    assert_valid(openapi_pointer("paths", path, method, "responses", status, "content", "application/json",
+                                 "schema"), body)
+    return body
+
+
+async def frames_of(ws: Any, count: int) -> list[dict[str, Any]]:
+    """The next frames of a socket, each checked against protocol/frames/server-frame.json."""
+    got = await receive_frames(ws, count)
+    for frame in got:
+        assert_valid(SERVER_FRAME, frame)
+    return got
 
 
 @pytest.fixture
@@ -50,6 +66,7 @@ async def open_peek(client: Any, channel: str, key: str | None = None) -> tuple[
     response = await client.post("/api/v1/peeks", json={"channel": channel, "peeker_public_key": key})
     body = await response.json()
     assert response.status == 201, body
+    documented("/api/v1/peeks", "post", "201", body)
     return body, {"Authorization": f"Bearer {body['token']}"}
 
 
@@ -63,6 +80,7 @@ async def wait_state(client: Any, peek_id: str, auth: dict[str, str], state: str
     while True:
         status, body = await call(client, "GET", f"/api/v1/peeks/{peek_id}", auth)
         assert status == 200, body
+        documented("/api/v1/peeks/{peek}", "get", "200", body)
         if body["peek"]["state"] == state:
             return body
         assert time.monotonic() < deadline, f"peek stayed {body['peek']['state']}, expected {state}"
@@ -110,6 +128,7 @@ async def ledger_checked(client: Any) -> Any:
 async def balance(agent: RestAgent) -> int:
     status, body = await agent.call("GET", "/api/v1/agents/me/ledger")
     assert status == 200, body
+    documented("/api/v1/agents/me/ledger", "get", "200", body)
     return body["balance_cents"]
 
 
@@ -167,6 +186,7 @@ async def test_operator_revenue_needs_the_operator_token(aiohttp_client: Any, tm
     assert (await call(client, "GET", "/api/v1/operator/revenue", alice.auth))[1]["error"]["code"] == "token_invalid"
     status, body = await call(client, "GET", "/api/v1/operator/revenue", {"Authorization": "Bearer operator-secret"})
     assert status == 200, body
+    documented("/api/v1/operator/revenue", "get", "200", body)
     assert body == {"platform_cents": 150, "platform_by_kind": {"capture": 150}, "owed_to_agents_cents": 350,
                     "received_cents": 500, "transactions": 1, "balanced": True}
     await check_ledger(client.server.app)
@@ -365,7 +385,7 @@ async def test_a_peek_token_reads_only_its_own_peek_and_channel_and_only_while_a
 
     # Over the socket: the peeker reads its channel, cannot resume another, cannot send.
     ws = await hello(client, opened["token"], resume={other: 0})
-    got = await receive_frames(ws, 3)
+    got = await frames_of(ws, 3)
     assert {f["type"] for f in got} >= {"peek"}
     await ws.send_str(orjson.dumps({"type": "send", "ref": "s", "channel": channel, "client_id": "m3",
                                     "envelope": envelope(alice, channel, key, "x", "m3")}).decode())
@@ -373,7 +393,7 @@ async def test_a_peek_token_reads_only_its_own_peek_and_channel_and_only_while_a
     await ws.send_str(orjson.dumps({"type": "refuse", "ref": "f", "peek": peek_id}).decode())
     errors = {}
     while len(errors) < 3:
-        for frame in await receive_frames(ws, 1):
+        for frame in await frames_of(ws, 1):
             if frame["type"] == "error" and frame.get("ref") in ("s", "r", "f"):
                 errors[frame["ref"]] = frame["code"]
     assert errors == {"s": "forbidden", "r": "not_member", "f": "forbidden"}
@@ -393,37 +413,37 @@ async def test_agents_get_the_request_the_peeker_ticks_and_a_refusal_frame_ends_
     opened, auth = await open_peek(client, channel)
     peek_id = opened["peek"]["id"]
     peeker_ws = await hello(client, opened["token"])
-    first = (await receive_frames(peeker_ws, 1))[0]
+    first = (await frames_of(peeker_ws, 1))[0]
     assert first["type"] == "peek" and first["peek"]["state"] == "awaiting_payment"
     await call(client, "POST", f"/api/v1/peeks/{peek_id}/confirm", auth)
 
-    request = (await receive_frames(alice_ws, 1))[0]
+    request = (await frames_of(alice_ws, 1))[0]
     assert request == {"type": "peek_request", "peek": peek_id, "channel": channel,
                        "deadline": request["deadline"], "peeker_public_key": opened["peek"]["peeker_public_key"],
                        "price_cents": 500, "refusal_fee_cents": 100}
     assert abs(request["deadline"] - (time.time() + 3) * 1000) < 500
-    assert (await receive_frames(bob_ws, 1))[0]["type"] == "peek_request"
+    assert (await frames_of(bob_ws, 1))[0]["type"] == "peek_request"
 
-    countdown = (await receive_frames(peeker_ws, 1))[0]
+    countdown = (await frames_of(peeker_ws, 1))[0]
     assert countdown["peek"]["state"] == "countdown"
-    ticks = [f["seconds_left"] for f in await receive_frames(peeker_ws, 2)]
+    ticks = [f["seconds_left"] for f in await frames_of(peeker_ws, 2)]
     assert ticks == [3, 2]
     await bob_ws.send_str(orjson.dumps({"type": "refuse", "ref": "no", "peek": peek_id}).decode())
-    answer = (await receive_frames(bob_ws, 1))[0]
+    answer = (await frames_of(bob_ws, 1))[0]
     if answer.get("ref") != "no":  # the broadcast may come first
-        answer = (await receive_frames(bob_ws, 1))[0]
+        answer = (await frames_of(bob_ws, 1))[0]
     assert answer["type"] == "peek" and answer["ref"] == "no" and answer["peek"]["state"] == "refused"
-    outcome = (await receive_frames(alice_ws, 1))[0]
+    outcome = (await frames_of(alice_ws, 1))[0]
     assert outcome["type"] == "peek" and outcome["peek"]["state"] == "refused" and outcome["peek"]["refused_by"] == bob.did
-    frames_left = [f for f in await receive_frames(peeker_ws, 1)]
+    frames_left = [f for f in await frames_of(peeker_ws, 1)]
     while frames_left[-1]["type"] == "peek_tick":
-        frames_left = await receive_frames(peeker_ws, 1)
+        frames_left = await frames_of(peeker_ws, 1)
     assert frames_left[-1]["type"] == "peek" and frames_left[-1]["peek"]["state"] == "refused"
     closing = await peeker_ws.receive(timeout=5)
     assert closing.type == WSMsgType.CLOSE and closing.data == 4003 and closing.extra == "peek_refused"
     # A refusal frame again: the race is decided.
     await bob_ws.send_str(orjson.dumps({"type": "refuse", "ref": "again", "peek": peek_id}).decode())
-    again = (await receive_frames(bob_ws, 1))[0]
+    again = (await frames_of(bob_ws, 1))[0]
     assert again["type"] == "error" and again["code"] == "peek_state" and again["ref"] == "again"
     await check_ledger(client.server.app)
     for ws in (alice_ws, bob_ws):
