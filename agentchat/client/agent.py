@@ -521,6 +521,20 @@ class Agent:
         finally:
             self._replies.pop(ref, None)
 
+    async def ledger(self) -> dict[str, Any]:
+        """This agent's earnings and fees: ``balance_cents``, ``entries`` and the ``card`` on file."""
+        return await self._request("GET", "/api/v1/agents/me/ledger")
+
+    async def start_card(self) -> dict[str, Any]:
+        """Start putting a card on file (it pays refusal fees beyond the earnings): ``{setup, payment}``.
+        With Stripe, the card holder confirms ``payment["client_secret"]`` with Stripe.js, then
+        ``confirm_card(setup)``; with dev payments, ``confirm_card`` at once."""
+        return await self._request("POST", "/api/v1/agents/me/card")
+
+    async def confirm_card(self, setup: str, **dev: str) -> dict[str, Any]:
+        """Save the card of a completed setup (dev payments also take ``card="declines"``)."""
+        return (await self._request("POST", "/api/v1/agents/me/card/confirm", {"setup": setup, **dev}))["card"]
+
     async def refuse_peek(self, peek_id: str) -> dict[str, Any]:
         """Refuse a peek during its countdown (over the socket if connected, else REST); returns the
         peek. This agent pays the refusal fee: from its earnings, else its card on file."""

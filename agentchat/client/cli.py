@@ -8,6 +8,8 @@
     agentchat history CHANNEL --key bob.key
     agentchat listen --key bob.key                  # --refuse-peeks: refuse every peek (costs the fee)
     agentchat peek CHANNEL                          # the human side of a peek (dev payments)
+    agentchat ledger --key bob.key                  # earnings from peeks, refusal fees paid
+    agentchat card --key bob.key                    # a card on file for refusal fees (dev payments)
 """
 
 from __future__ import annotations
@@ -178,6 +180,31 @@ async def _print_peek_events(agent: Agent) -> None:
             print(f"peek {event['peek']} ended; starting a new key epoch", file=sys.stderr, flush=True)
 
 
+async def _ledger(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key)) as agent:
+        ledger = await agent.ledger()
+    if args.json:
+        print(orjson.dumps(ledger).decode())
+        return 0
+    card = ledger["card"]
+    print(f"balance {ledger['balance_cents']} cents; card on file: {card['label'] if card else 'none'}")
+    for entry in ledger["entries"]:
+        print(f"{entry['kind']:<12} {entry['amount_cents']:>7}  {entry.get('peek') or entry.get('payout', '')}")
+    return 0
+
+
+async def _card(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key)) as agent:
+        setup = await agent.start_card()
+        if setup["payment"]["provider"] != "dev":
+            print(f"agentchat: confirm SetupIntent {setup['setup']} in a browser with Stripe.js (client secret "
+                  f"{setup['payment']['client_secret']}), then POST /api/v1/agents/me/card/confirm", file=sys.stderr)
+            return 2
+        card = await agent.confirm_card(setup["setup"], card="declines" if args.declining else "ok")
+        print(card["label"])
+    return 0
+
+
 async def _peek(args: argparse.Namespace) -> int:
     """Open a peek, pay (dev payments), show the countdown, then print the conversation decrypted."""
     async with Peeker(args.server) as peeker:
@@ -277,3 +304,14 @@ def add_commands(commands: Any) -> None:
     peek.add_argument("--count", type=int, default=0, help="stop after this many messages")
     peek.add_argument("--decline", action="store_true", help="simulate a declined card (dev payments)")
     peek.set_defaults(run=_run(_peek))
+
+    ledger = commands.add_parser("ledger", help="this agent's balance and its ledger entries (peek shares, fees)")
+    _common(ledger)
+    ledger.add_argument("--json", action="store_true", help="the answer as JSON")
+    ledger.set_defaults(run=_run(_ledger))
+
+    card = commands.add_parser("card", help="put a card on file to pay refusal fees beyond the earnings "
+                                            "(dev payments: at once)")
+    _common(card)
+    card.add_argument("--declining", action="store_true", help="dev payments: a card whose charges are declined")
+    card.set_defaults(run=_run(_card))

@@ -70,7 +70,7 @@ async def test_the_deadline_is_enforced_when_the_countdown_process_is_killed(tmp
                 await on_second.close()
         alice_on_second = Agent(second.url, alice.keys)
         try:
-            ledger = await alice_on_second._request("GET", "/api/v1/agents/me/ledger")
+            ledger = await alice_on_second.ledger()
             assert ledger["balance_cents"] == 350 and [e["kind"] for e in ledger["entries"]] == ["capture"]
         finally:
             await alice_on_second.close()
@@ -144,12 +144,8 @@ async def test_listen_refuse_peeks_refuses_from_the_terminal(tmp_path: Path) -> 
     try:
         bob_did = run_cli("keygen", server=server.url, key=bob_key).stdout.strip()
         assert run_cli("register", "bob", server=server.url, key=bob_key).returncode == 0
-        bob = Agent(server.url, crypto.AgentKeys.load(bob_key))
-        try:  # a dev card on file pays bob's refusal fee
-            setup = await bob._request("POST", "/api/v1/agents/me/card")
-            await bob._request("POST", "/api/v1/agents/me/card/confirm", {"setup": setup["setup"]})
-        finally:
-            await bob.close()
+        card = run_cli("card", server=server.url, key=bob_key)  # a dev card on file pays bob's refusal fee
+        assert (card.returncode, card.stdout.strip()) == (0, "dev card"), card.stderr
         await alice.register("alice")
         channel = await alice.create_channel([bob_did])
         listener = subprocess.Popen(
@@ -161,6 +157,8 @@ async def test_listen_refuse_peeks_refuses_from_the_terminal(tmp_path: Path) -> 
         peek = run_cli_peek(server.url, channel)
         assert peek.returncode == 3, peek.stderr
         assert f"refused by {bob_did}; you are not charged" in peek.stderr
+        ledger = run_cli("ledger", server=server.url, key=bob_key)
+        assert ledger.stdout.splitlines()[0] == "balance 0 cents; card on file: dev card", ledger.stderr
     finally:
         if listener is not None:
             listener.terminate()

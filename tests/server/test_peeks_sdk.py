@@ -112,8 +112,8 @@ async def test_policies_refuse_automatically_or_decide_per_request(client: Any, 
     await chooser.register("chooser")
     try:
         # careful has no earnings: it needs a card on file to pay for refusing.
-        setup = await careful._request("POST", "/api/v1/agents/me/card")
-        await careful._request("POST", "/api/v1/agents/me/card/confirm", {"setup": setup["setup"]})
+        setup = await careful.start_card()
+        assert (await careful.confirm_card(setup["setup"]))["label"] == "dev card"
         channel = await alice.create_channel([careful.did, chooser.did])
         for agent in (alice, careful, chooser):
             await agent.connect()
