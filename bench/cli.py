@@ -51,6 +51,16 @@ def parse_workloads(text: str) -> list[str]:
     return names
 
 
+def rates(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give deliveries per second, e.g. 90000 or 30000,90000")
+    return values
+
+
 def cpus(text: str) -> str | None:
     return None if text in ("", "none") else text
 
@@ -72,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--group", type=int, default=10, help="agents per channel (default 10)")
     run.add_argument("--payload", type=int, default=256, help="plaintext bytes per message (default 256)")
     run.add_argument("--window", type=int, default=16, help="unacknowledged messages per sender (default 16)")
-    run.add_argument("--rate", type=int, default=90_000, help="paced deliveries per second (default 90000)")
+    run.add_argument("--rate", type=rates, default=[90_000],
+                     help="paced deliveries per second, or several comma-separated (default 90000)")
     run.add_argument("--processes", type=int, default=2, help="load generator processes (default 2)")
     run.add_argument("--server-cpus", type=cpus, default="0", help="taskset list for servers (default 0; none)")
     run.add_argument("--load-cpus", type=cpus, default="1", help="taskset list for the load (default 1; none)")
@@ -96,7 +107,7 @@ def options_from(args: argparse.Namespace) -> Options:
     if args.url and len(args.server) != 1:
         raise SystemExit("bench: --url needs exactly one --server (the kind of server at that URL)")
     return Options(servers=args.server, duration=args.duration, warmup=args.warmup, agents=args.agents,
-                   group=args.group, payload=args.payload, window=args.window, paced_rate=args.rate,
+                   group=args.group, payload=args.payload, window=args.window, paced_rates=args.rate,
                    processes=args.processes, server_cpus=args.server_cpus, load_cpus=args.load_cpus,
                    idle_sessions=args.sessions, storm_sessions=args.storm_sessions,
                    storm_concurrency=args.storm_concurrency, mp_processes=args.mp_processes, pool=args.pool,
@@ -108,8 +119,10 @@ async def run_one(workload: str, server: str, fixture: Any, options: Options) ->
     from bench import workloads as w
 
     try:
-        if workload in ("fanout", "paced"):
-            return await w.fanout_one(server, fixture, options, paced=workload == "paced")
+        if workload == "fanout":
+            return await w.fanout_one(server, fixture, options)
+        if workload.startswith("paced@"):
+            return await w.fanout_one(server, fixture, options, paced_rate=int(workload[6:]))
         if workload == "idle":
             return await w.idle_one(server, options)
         if workload == "storm":
@@ -153,11 +166,13 @@ async def run_workloads(workloads: list[str], options: Options) -> list[dict[str
         if workload in needs_fixture and fixture is None:
             fixture = w.prepare_fixture(options)
         names = options.servers if workload in PEER_WORKLOADS else ["agentchat"]
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-        for _ in range(1 if workload == "peek" else options.repeat):
-            for server in names:
-                runs[server].append(await run_one(workload, server, fixture, options))
-        rows.extend(median_row(runs[server], workload) for server in names)
+        variants = [f"paced@{rate}" for rate in options.paced_rates] if workload == "paced" else [workload]
+        for variant in variants:
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+            for _ in range(1 if workload == "peek" else options.repeat):
+                for server in names:
+                    runs[server].append(await run_one(variant, server, fixture, options))
+            rows.extend(median_row(runs[server], workload) for server in names)
     return rows
 
 

@@ -1,5 +1,6 @@
 """``python -m bench.profile FILE [--top N]``: read a py-spy collapsed-stack file (``--profile``)
-and print where the samples are: by own frame (self time) and by any frame on the stack (total)."""
+and print where the samples are: by thread, by file and by own frame (self time), and by any frame on
+the stack (total)."""
 
 from __future__ import annotations
 
@@ -30,17 +31,41 @@ def short(frame: str) -> str:
     return f"{name} ({path})" if path else name
 
 
+def split_thread(frames: list[str]) -> tuple[str, list[str]]:
+    """py-spy ``--threads`` puts ``thread (0x..)`` first: (thread name, the rest)."""
+    if frames and frames[0].startswith(("thread (", "process ")):
+        name = frames[0]
+        rest = frames[1:]
+        if rest and rest[0].startswith("thread ("):
+            name, rest = rest[0], rest[1:]
+        return name, rest
+    return "", frames
+
+
 def summarize(stacks: list[tuple[list[str], int]], top: int = 25) -> str:
     total = sum(count for _, count in stacks) or 1
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
+    by_file: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
     for frames, count in stacks:
+        _, frames = split_thread(frames)
         if not frames:
             continue
-        own[short(frames[-1])] += count
+        # thread pool frames run under concurrent.futures' _worker; everything else is the event loop
+        # (py-spy --nonblocking sometimes cuts a stack short, so its root is not always run_app)
+        threads["worker threads (to_thread)" if any(f.startswith("_worker (") for f in frames)
+                else "event loop"] += count
+        leaf = short(frames[-1])
+        own[leaf] += count
+        by_file[leaf.partition(" (")[2].rstrip(")") or "?"] += count
         for frame in {short(f) for f in frames}:
             inclusive[frame] += count
-    lines = [f"{total} samples", "", f"{'self %':>7}  function"]
+    lines = [f"{total} samples", "", f"{'%':>7}  thread"]
+    lines += [f"{100 * n / total:6.1f}%  {name}" for name, n in threads.most_common()]
+    lines += ["", f"{'self %':>7}  file"]
+    lines += [f"{100 * n / total:6.1f}%  {name}" for name, n in by_file.most_common(top)]
+    lines += ["", f"{'self %':>7}  function"]
     lines += [f"{100 * n / total:6.1f}%  {name}" for name, n in own.most_common(top)]
     lines += ["", f"{'total %':>7}  function"]
     lines += [f"{100 * n / total:6.1f}%  {name}" for name, n in inclusive.most_common(top)]

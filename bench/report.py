@@ -117,11 +117,21 @@ TABLES: dict[str, tuple[str, list[Column], Callable[[Row], Any]]] = {
 
 
 def table(rows: list[Row], workload: str) -> str:
-    """The Markdown table of one workload's rows, with AgentChat's ratio to each peer."""
-    title, columns, key = TABLES[workload]
+    """The Markdown table(s) of one workload's rows, with AgentChat's ratio to each peer; paced rows
+    get one table per target rate."""
     mine = [r for r in rows if r.get("workload") == workload]
+    targets = sorted({r["target_per_s"] for r in mine if r.get("target_per_s")})
+    if len(targets) > 1:
+        return "\n\n".join(_table([r for r in mine if r.get("target_per_s") == t], workload) for t in targets)
+    return _table(mine, workload)
+
+
+def _table(mine: list[Row], workload: str) -> str:
+    title, columns, key = TABLES[workload]
     if not mine:
         return ""
+    if mine[0].get("target_per_s"):
+        title += f" at {mine[0]['target_per_s']:,} deliveries/s"
     ours = next((key(r) for r in mine if r.get("server") == "agentchat"), None)
     show_ratio = ours is not None and any(r.get("server") != "agentchat" for r in mine)
     headers = ["server", *(c[0] for c in columns)] + (["AgentChat ratio"] if show_ratio else []) + ["note"]
@@ -151,7 +161,7 @@ def render(run: dict[str, Any]) -> str:
         "",
         f"Fan-out: {o['agents']} agents in channels of {o['group']}, {o['payload']}-byte sealed payloads, "
         f"window {o['window']} per sender, {o['duration']} s measured after {o['warmup']} s warm-up; paced at "
-        f"{o['paced_rate']:,} deliveries/s. Ratio = AgentChat / peer (throughput: higher is better; latency, "
+        f"{' and '.join(f'{r:,}' for r in o['paced_rates'])} deliveries/s. Ratio = AgentChat / peer (throughput: higher is better; latency, "
         "memory: lower is better). Server CPU is the server process's own time (1.00 = one core); server "
         "core busy is its core's user + system + softirq time, where loopback TCP work is charged.",
     ]
@@ -179,10 +189,12 @@ def chart(run: dict[str, Any], path: Path) -> bool:
         return False
     rows = run["rows"]
     panels: list[tuple[str, str, list[Row]]] = []
+    lowest = min(run["options"]["paced_rates"])
     for workload, label in (("fanout", "fan-out: deliveries/s (saturated)"),
-                            ("paced", f"latency at {run['options']['paced_rate']:,} deliveries/s (ms)"),
+                            ("paced", f"latency at {lowest:,} deliveries/s (ms)"),
                             ("idle", "memory per idle session (KB)"), ("storm", "connect storm: sessions/s")):
-        mine = [r for r in rows if r.get("workload") == workload and r.get("server")]
+        mine = [r for r in rows if r.get("workload") == workload and r.get("server")
+                and r.get("target_per_s", lowest) == lowest]
         if mine:
             panels.append((workload, label, mine))
     if not panels:

@@ -43,7 +43,7 @@ class Options:
     group: int = 10
     payload: int = 256
     window: int = 16
-    paced_rate: int = 90_000  # deliveries per second
+    paced_rates: list[int] = field(default_factory=lambda: [90_000])  # deliveries per second
     processes: int = 2  # load generator processes
     server_cpus: str | None = "0"
     load_cpus: str | None = "1"
@@ -239,7 +239,7 @@ async def start_profiler(pid: int, seconds: float | None, out: Path) -> asyncio.
     duration = ["--duration", str(max(1, int(seconds)))] if seconds else []
     return await asyncio.create_subprocess_exec(
         spy, "record", "--pid", str(pid), *duration, "--rate", "250", "--format", "raw", "--output", str(out),
-        "--nonblocking", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        "--nonblocking", "--threads", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
 
 
 async def stop_profiler(profiler: asyncio.subprocess.Process | None) -> None:
@@ -339,11 +339,14 @@ def prepare_fixture(options: Options) -> fixtures.Fixture:
     return made
 
 
-async def fanout_one(server: str, fixture: fixtures.Fixture, options: Options, paced: bool) -> dict[str, Any]:
+async def fanout_one(server: str, fixture: fixtures.Fixture, options: Options,
+                     paced_rate: int | None = None) -> dict[str, Any]:
+    """Saturated fan-out, or paced at ``paced_rate`` deliveries per second."""
+    paced = paced_rate is not None
     workload = "paced" if paced else "fanout"
-    label = f"{workload}-{server}"
-    progress = Progress(f"{workload} {server}")
-    rate_msgs = options.paced_rate / options.group if paced else None
+    label = f"{workload}-{server}" + (f"-{paced_rate}" if paced else "")
+    progress = Progress(f"{workload} {server}" + (f" @{paced_rate:,}/s" if paced else ""))
+    rate_msgs = paced_rate / options.group if paced_rate else None
     with Target(server, options) as target:
         tokens: list[str] = []
         if server == "agentchat":
@@ -355,7 +358,7 @@ async def fanout_one(server: str, fixture: fixtures.Fixture, options: Options, p
     progress.done(f"{row['delivered_per_s']:,} deliveries/s, p99 {row['latency_ms']['p99']} ms")
     row.update({"workload": workload, "server": server})
     if paced:
-        row["target_per_s"] = options.paced_rate
+        row["target_per_s"] = paced_rate
     return row
 
 
@@ -511,13 +514,14 @@ def persistence_cost(before: dict[str, float], after: dict[str, float]) -> dict[
 
 
 async def persistence(fixture: fixtures.Fixture, options: Options) -> dict[str, Any]:
-    """Store operations per 1,000 messages while fan-out runs paced (``--rate``), read from the
+    """Store operations per 1,000 messages while fan-out runs paced (the lowest ``--rate``), read from the
     server's own ``/metrics`` (``agentchat_store_operations_total``, ``agentchat_messages_in_total``)."""
     progress = Progress("persistence agentchat")
     samples: list[dict[str, float]] = []
     with Target("agentchat", options) as target:
         tokens, _ = await fixtures.setup_agentchat(target.http_base, fixture)
-        jobs = fanout_jobs(fixture, tokens, [target.ws_url], options, "agentchat", options.paced_rate / options.group)
+        jobs = fanout_jobs(fixture, tokens, [target.ws_url], options, "agentchat",
+                           min(options.paced_rates) / options.group)
 
         def sample() -> float | None:
             samples.append(scrape(target.http_base))

@@ -82,7 +82,7 @@ def run_of(rows: list[dict]) -> dict:
             "os": "Linux", "python": "3.11", "node": "v20"}, "loadavg_before": [0, 0, 0],
             "loadavg_after": [0, 0, 0], "rows": rows,
             "options": {"server_cpus": "0", "load_cpus": "1", "agents": 200, "group": 10, "payload": 256,
-                        "window": 16, "duration": 10, "warmup": 2, "paced_rate": 90000}}
+                        "window": 16, "duration": 10, "warmup": 2, "paced_rates": [30000, 90000]}}
 
 
 ROWS = [
@@ -94,6 +94,10 @@ ROWS = [
     {"workload": "idle", "server": "node-ws", "sessions": 1000, "rss_mb": 40.0, "kb_per_session": 8.0,
      "note": "a | b"},
     {"workload": "peek", "server": "agentchat", "note": "not available: the server has no peeks yet"},
+    {"workload": "paced", "server": "agentchat", "target_per_s": 30000, "latency_ms": {"p99": 1.0}},
+    {"workload": "paced", "server": "node-ws", "target_per_s": 30000, "latency_ms": {"p99": 2.0}},
+    {"workload": "paced", "server": "agentchat", "target_per_s": 90000, "latency_ms": {"p99": 9.0}},
+    {"workload": "paced", "server": "node-ws", "target_per_s": 90000, "latency_ms": {"p99": 3.0}},
 ]
 
 
@@ -110,6 +114,9 @@ def test_table_shows_agentchat_ratio_to_each_peer() -> None:
     idle = report.table(ROWS, "idle")
     assert "1.50x" in idle and "a / b" in idle  # a pipe in a note cannot break the table
     assert report.table(ROWS, "storm") == ""
+    paced = report.table(ROWS, "paced")
+    assert "**fan-out, paced at 30,000 deliveries/s**" in paced and "**fan-out, paced at 90,000 deliveries/s**" in paced
+    assert "0.50x" in paced and "3.00x" in paced
 
 
 def test_render_and_files(tmp_path: Path) -> None:
@@ -128,17 +135,19 @@ def test_render_and_files(tmp_path: Path) -> None:
 
 def test_arguments() -> None:
     args = cli.build_parser().parse_args(["run", "fanout,idle", "--server", "agentchat,node-ws",
-                                          "--duration", "3", "--server-cpus", "none"])
+                                          "--duration", "3", "--server-cpus", "none", "--rate", "30000,90000"])
     assert args.workload == ["fanout", "idle"]
     assert args.server == ["agentchat", "node-ws"]
     options = cli.options_from(args)
     assert options.duration == 3 and options.server_cpus is None and options.load_cpus == "1"
+    assert options.paced_rates == [30000, 90000]
     everything = cli.build_parser().parse_args(["run", "all"])
     assert everything.server == ["agentchat", "node-ws", "socketio-node", "socketio-py"]
     assert "multiprocess" in everything.workload and "peek" in everything.workload
 
 
-@pytest.mark.parametrize("argv", [["run", "nope"], ["run", "fanout", "--server", "nginx"], ["run"]])
+@pytest.mark.parametrize("argv", [["run", "nope"], ["run", "fanout", "--server", "nginx"], ["run"],
+                                  ["run", "paced", "--rate", "fast"]])
 def test_bad_arguments_are_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(argv)
@@ -262,3 +271,16 @@ def test_lean_session_frames() -> None:
     request = upgrade_request("ws://127.0.0.1:8080/socket.io/?EIO=4&transport=websocket")
     assert request.startswith(b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n")
     assert request.endswith(b"\r\n\r\n") and b"Sec-WebSocket-Version: 13" in request
+
+
+def test_profile_summary_of_collapsed_stacks() -> None:
+    from bench.profile import parse, summarize
+
+    text = ("thread (0x1);<module> (agentchat/__main__.py:9);run_app (aiohttp/web.py:1);send (agentchat/server/hub.py:5) 30\n"
+            "thread (0x2);_bootstrap (threading.py:1);_worker (concurrent/futures/thread.py:83);"
+            "_put_sync (agentchat/store/local.py:7) 10\n")
+    summary = summarize(parse(text), top=5)
+    assert "40 samples" in summary
+    assert " 75.0%  event loop" in summary and " 25.0%  worker threads (to_thread)" in summary
+    assert " 75.0%  agentchat/server/hub.py" in summary
+    assert " 75.0%  send (agentchat/server/hub.py)" in summary
