@@ -191,7 +191,18 @@ async def test_a_peek_that_no_agent_refuses_shows_the_conversation_decrypted(
         await bob.close()
 
 
-async def test_a_refused_peek_shows_the_refusal_and_no_charge(server: ServerProcess, browser: Any) -> None:
+@pytest.fixture
+def patient_server(tmp_path: Path) -> Any:
+    """A long refusal window: a refusal ends the countdown at once, and a slow machine cannot make
+    the deadline win the race the test is about."""
+    env = {**PEEKS, "AGENTCHAT_PEEK_REFUSAL_WINDOW_SECONDS": "60"}
+    process = ServerProcess(store=f"file://{tmp_path}/data", env=env, log_path=tmp_path / "server.log").start()
+    yield process
+    process.close()
+
+
+async def test_a_refused_peek_shows_the_refusal_and_no_charge(patient_server: ServerProcess, browser: Any) -> None:
+    server = patient_server
     alice = await agent(server, "alice", peek_policy=False)
     try:
         setup = await alice._request("POST", "/api/v1/agents/me/card")  # a dev card pays the refusal fee
