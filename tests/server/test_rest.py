@@ -301,3 +301,24 @@ async def test_rate_limits_behind_a_trusted_proxy_use_the_forwarded_address(aioh
 
     assert "rate_limited" in await codes("10.0.0.1", 12)
     assert (await codes("10.0.0.2", 1)) == ["agent_not_found"]  # another client is not held back
+
+
+async def test_health_is_503_naming_the_failing_component(client) -> None:
+    from agentchat.errors import error
+    from agentchat.server.keys import BUS, STORE
+
+    async def broken(*args, **kwargs):
+        raise error("store_unavailable")
+
+    async def bus_down():
+        raise error("bus_unavailable")
+
+    client.app[STORE].inner.get = broken
+    response = await client.get("/health")
+    body = await response.json()
+    assert response.status == 503
+    assert body["status"] == "unhealthy" and body["failing"] == ["store"]
+    client.app[BUS].ping = bus_down
+    body = await (await client.get("/health")).json()
+    assert body["failing"] == ["bus", "store"]
+    assert body["components"] == {"bus": "bus_unavailable", "store": "store_unavailable"}
