@@ -71,6 +71,7 @@ CAS_ATTEMPTS = 32
 # wins alone, and another takes over if it is gone.
 BACKUP_DELAY = 0.25
 TIMER_SLACK = 0.002
+SCAN_TIMEOUT_SECONDS = 30.0
 # A peek found in ``capturing`` for this long gets its capture re-issued (by any process).
 CAPTURE_RETRY_SECONDS = 5.0
 # How long a peeker's socket may take to receive its last frames before it is closed.
@@ -663,6 +664,7 @@ class PeekService:
                 break
             open_ids.update(key[len(OPEN_PREFIX):] for key in page)
             start_after = page[-1]
+        log.debug("peek scan: %d open, %d known", len(open_ids), len(self.known))
         for peek_id in sorted(open_ids | set(self.known)):
             try:
                 found = await self.store.get(store_keys.peek(peek_id))
@@ -682,12 +684,18 @@ class PeekService:
         self._grants_delivered = {(i, e) for i, e in self._grants_delivered if i in open_ids}
 
     async def _scan_loop(self) -> None:
+        # A scan stuck on a backend is abandoned rather than left to hold up every later one.
+        limit = max(SCAN_TIMEOUT_SECONDS, 10 * self.settings.peek_scan_seconds)
         while True:
             await asyncio.sleep(self.settings.peek_scan_seconds)
             try:
-                await self.scan()
+                await asyncio.wait_for(self.scan(), limit)
             except asyncio.CancelledError:
-                raise
+                if self._closing:
+                    raise
+                log.warning("a peek scan was cancelled; the next one starts on time")
+            except asyncio.TimeoutError:
+                log.warning("a peek scan took over %.0f s and was abandoned", limit)
             except Exception:
                 log.exception("peek scan failed")
 

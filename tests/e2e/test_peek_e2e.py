@@ -46,8 +46,9 @@ async def test_the_deadline_is_enforced_when_the_countdown_process_is_killed(tmp
     redis = start_redis(tmp_path / "redis") if bus == "redis" else None
     bus_url = f"{redis.url}?namespace=peek{secrets.token_hex(4)}" if redis else "memory://"
     store = f"file://{tmp_path}/data"
-    first = ServerProcess(store=store, bus=bus_url, env=FAST_PEEKS, log_path=tmp_path / "a.log").start()
-    second = ServerProcess(store=store, bus=bus_url, env=FAST_PEEKS, log_path=tmp_path / "b.log").start()
+    env = {**FAST_PEEKS, "AGENTCHAT_LOG_LEVEL": "debug"}
+    first = ServerProcess(store=store, bus=bus_url, env=env, log_path=tmp_path / "a.log").start()
+    second = ServerProcess(store=store, bus=bus_url, env=env, log_path=tmp_path / "b.log").start()
     alice = Agent(first.url, crypto.AgentKeys.generate())
     try:
         await alice.register("alice")
@@ -61,7 +62,11 @@ async def test_the_deadline_is_enforced_when_the_countdown_process_is_killed(tmp
             on_second.peek_id, on_second.token = on_first.peek_id, on_first.token
             try:
                 started = time.monotonic()
-                active = await wait_for_state(on_second, "active", timeout=15)
+                try:
+                    active = await wait_for_state(on_second, "active", timeout=15)
+                except AssertionError as exc:  # with what the survivor logged, to tell why
+                    log = (tmp_path / "b.log").read_text().splitlines()
+                    raise AssertionError(f"{exc}\nsurvivor's log:\n" + "\n".join(log[-40:])) from None
                 # Captured within the window plus one scan (and the capture itself), by the survivor.
                 assert active["activated_at"] >= peek["deadline"]
                 assert time.monotonic() - started < 2 + 0.5 + 5
