@@ -7,12 +7,15 @@
 
 Results go to ``bench/results/<time>/`` (results.json, results.md, chart.png); ``--publish`` also
 copies the table and chart to ``bench/latest.md`` and ``bench/latest.png`` for the README.
+``python -m bench report A B --publish`` renders saved runs again, merged (a later row replaces an
+earlier one of the same workload, server and rate).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import sys
@@ -91,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--storm-sessions", type=int, default=5_000, help="sessions in the connect storm (default 5000)")
     run.add_argument("--storm-concurrency", type=int, default=200, help="handshakes in flight (default 200)")
     run.add_argument("--mp-processes", type=int, default=2, help="AgentChat processes for multiprocess (default 2)")
+    run.add_argument("--peeks", type=int, default=20, help="peeks opened in the peek workload (default 20)")
+    run.add_argument("--peek-window", type=float, default=60.0,
+                     help="refusal window of those peeks in seconds (default 60, the product's)")
+    run.add_argument("--peek-rate", type=int, default=0,
+                     help="deliveries/s during the peek workload (default: half the saturated fan-out of this run)")
     run.add_argument("--pool", type=int, default=0, help="sealed messages per agent (default: enough for the run)")
     run.add_argument("--cache", type=Path, default=RESULTS / "cache",
                      help="where sealed messages are kept between runs (default bench/results/cache)")
@@ -100,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", action="store_true",
                      help="sample AgentChat with py-spy during each fan-out window (profile-*.txt, collapsed stacks)")
     run.add_argument("--publish", action="store_true", help="also copy the table and chart to bench/latest.*")
+    again = commands.add_parser("report", help="render saved results again, merging several runs", description=(
+        "Re-render results.json files (table, JSON, chart) into one report; a later file's row replaces "
+        "an earlier one of the same workload, server and rate."))
+    again.add_argument("results", type=Path, nargs="+", help="results.json files or the directories holding them")
+    again.add_argument("--out", type=Path, default=None, help="where to write (default bench/results/<time>-merged)")
+    again.add_argument("--publish", action="store_true", help="also copy the table and chart to bench/latest.*")
     return parser
 
 
@@ -112,10 +126,12 @@ def options_from(args: argparse.Namespace) -> Options:
                    idle_sessions=args.sessions, storm_sessions=args.storm_sessions,
                    storm_concurrency=args.storm_concurrency, mp_processes=args.mp_processes, pool=args.pool,
                    url=args.url, profile=args.profile, cache=args.cache,
-                   repeat=max(1, args.repeat))
+                   repeat=max(1, args.repeat), peeks=args.peeks, peek_window=args.peek_window,
+                   peek_rate=args.peek_rate)
 
 
-async def run_one(workload: str, server: str, fixture: Any, options: Options) -> dict[str, Any]:
+async def run_one(workload: str, server: str, fixture: Any, options: Options,
+                  saturated: float | None = None) -> dict[str, Any]:
     from bench import workloads as w
 
     try:
@@ -131,7 +147,9 @@ async def run_one(workload: str, server: str, fixture: Any, options: Options) ->
             return await w.persistence(fixture, options)
         if workload == "multiprocess":
             return await w.multiprocess(fixture, options)
-        return w.peek_unavailable()
+        if workload == "peek":
+            return await w.peek_under_load(fixture, options, saturated)
+        raise ValueError(f"unknown workload {workload}")
     except Exception as exc:  # one failing server must not lose the others' numbers
         print(f"bench: {workload} on {server} failed: {exc}", file=sys.stderr)
         return {"workload": workload, "server": server, "note": f"failed: {exc}"[:300]}
@@ -159,7 +177,7 @@ async def run_workloads(workloads: list[str], options: Options) -> list[dict[str
 
     rows: list[dict[str, Any]] = []
     fixture = None
-    needs_fixture = {"fanout", "paced", "persistence", "multiprocess"}
+    needs_fixture = {"fanout", "paced", "persistence", "multiprocess", "peek"}
     for workload in workloads:
         if workload not in PEER_WORKLOADS and "agentchat" not in options.servers:
             continue
@@ -170,14 +188,18 @@ async def run_workloads(workloads: list[str], options: Options) -> list[dict[str
         for variant in variants:
             runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
             for _ in range(1 if workload == "peek" else options.repeat):
+                saturated = next((r.get("delivered_per_s") for r in rows
+                                  if r.get("workload") == "fanout" and r.get("server") == "agentchat"), None)
                 for server in names:
-                    runs[server].append(await run_one(variant, server, fixture, options))
+                    runs[server].append(await run_one(variant, server, fixture, options, saturated))
             rows.extend(median_row(runs[server], workload) for server in names)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "report":
+        return report_main(args)
     options = options_from(args)
     servers.raise_fd_limit()
     servers.ensure_python_requirements(servers.BENCH_DIR / "requirements.txt", "picows")
@@ -195,16 +217,55 @@ def main(argv: list[str] | None = None) -> int:
            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
            "workloads": args.workload, "rows": rows}
+    write_report(run, out, args.publish)
+    for store in options.workdir.glob("**/*store"):  # message segments: large, and of no further use
+        shutil.rmtree(store, ignore_errors=True)
+    return 0
+
+
+def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (row.get("workload"), row.get("server"), row.get("target_per_s"))
+
+
+def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run from several: the first's header, every row, a later row replacing an earlier one with
+    the same workload, server and rate; the merged runs' start times are listed."""
+    merged = dict(runs[0])
+    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for run in runs:
+        for row in run["rows"]:
+            rows.pop(row_key(row), None)
+            rows[row_key(row)] = row
+    order = {name: i for i, name in enumerate(report.TABLES)}
+    merged["rows"] = sorted(rows.values(), key=lambda r: order.get(r.get("workload"), len(order)))
+    if len(runs) > 1:
+        merged["started"] = " + ".join(run["started"] for run in runs)
+        merged["loadavg_after"] = runs[-1]["loadavg_after"]
+    return merged
+
+
+def write_report(run: dict[str, Any], out: Path, publish: bool) -> None:
+    """Print the table; write results.json, results.md and chart.png to ``out``; with ``publish``
+    copy the table and chart to bench/latest.md and bench/latest.png."""
     text = report.render(run)
     print(text)
     report.write_json(run, out / "results.json")
     (out / "results.md").write_text(text)
     charted = report.chart(run, out / "chart.png")
-    shutil.rmtree(options.workdir / "agentchat-store", ignore_errors=True)
     print(f"bench: results in {out}/ (results.json, results.md{', chart.png' if charted else ''})", file=sys.stderr)
-    if args.publish:
+    if publish:
         shutil.copy(out / "results.md", servers.BENCH_DIR / "latest.md")
         if charted:
             shutil.copy(out / "chart.png", servers.BENCH_DIR / "latest.png")
         print("bench: copied to bench/latest.md and bench/latest.png", file=sys.stderr)
+
+
+def report_main(args: argparse.Namespace) -> int:
+    runs = []
+    for path in args.results:
+        path = path / "results.json" if path.is_dir() else path
+        runs.append(json.loads(path.read_text()))
+    out = args.out or RESULTS / (time.strftime("%Y%m%d-%H%M%S") + "-merged")
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(merge_runs(runs), out, args.publish)
     return 0

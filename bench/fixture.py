@@ -137,7 +137,7 @@ class SetupError(RuntimeError):
     """The server refused a set-up request (registration, channel creation)."""
 
 
-async def _post(http: aiohttp.ClientSession, url: str, body: Any, token: str | None = None) -> dict[str, Any]:
+async def post_json(http: aiohttp.ClientSession, url: str, body: Any, token: str | None = None) -> dict[str, Any]:
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -157,7 +157,7 @@ async def register(http: aiohttp.ClientSession, base: str, keys: crypto.AgentKey
     """Register an agent exactly as the SDK does (``Agent.register``); returns its session token."""
     timestamp = int(time.time() * 1000)
     message = crypto.registration_message(name, keys.public, timestamp)
-    result = await _post(http, base + "/api/v1/agents/register", {
+    result = await post_json(http, base + "/api/v1/agents/register", {
         "name": name, "keys": keys.public.to_wire(), "timestamp": timestamp,
         "signature": crypto.b64e(keys.sign(message))})
     return str(result["token"])
@@ -168,7 +168,7 @@ async def create_channel(http: aiohttp.ClientSession, base: str, token: str, cha
     """Create ``channel`` with its first epoch key wrapped for every member (``Agent.create_channel``)."""
     wrapped = {m.did: crypto.wrap_epoch_key(epoch_key, m.public.encryption_key, channel=channel, epoch=1,
                                             recipient=m.did) for m in members}
-    await _post(http, base + "/api/v1/channels", {
+    await post_json(http, base + "/api/v1/channels", {
         "id": channel, "name": "bench", "members": sorted(m.did for m in members), "epoch_keys": wrapped}, token)
 
 

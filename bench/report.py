@@ -112,7 +112,15 @@ TABLES: dict[str, tuple[str, list[Column], Callable[[Row], Any]]] = {
         ("server CPU", lambda r: r.get("server_cpu"), 2),
         ("server core busy", lambda r: r.get("server_core_busy"), 2),
     ], lambda r: r.get("delivered_per_s")),
-    "peek": ("peek under load", [], lambda r: None),
+    "peek": ("peek under load", [
+        ("peeks", lambda r: r.get("peeks"), 0),
+        ("outcomes", lambda r: ", ".join(f"{k} {v}" for k, v in sorted((r.get("outcomes") or {}).items())) or None, 0),
+        ("late p50 ms", lambda r: (r.get("late_ms") or {}).get("p50"), 1),
+        ("late p99 ms", lambda r: (r.get("late_ms") or {}).get("p99"), 1),
+        ("late max ms", lambda r: (r.get("late_ms") or {}).get("max"), 1),
+        ("server-side p99 ms", lambda r: (r.get("server_late_ms") or {}).get("p99"), 1),
+        ("deliveries/s", lambda r: r.get("delivered_per_s"), 0),
+    ], lambda r: (r.get("late_ms") or {}).get("p99")),
 }
 
 

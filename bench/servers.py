@@ -249,7 +249,7 @@ class ServerProcess:
 
 
 def agentchat_server(workdir: Path, cpus: str | None, *, bus: str = "memory://", store: Path | None = None,
-                     tag: str = "agentchat") -> ServerProcess:
+                     tag: str = "agentchat", env: dict[str, str] | None = None) -> ServerProcess:
     """``python -m agentchat serve`` on a free port with a store directory under ``workdir``.
 
     The per-address limit of the auth routes is raised (every bench agent registers from 127.0.0.1);
@@ -259,7 +259,7 @@ def agentchat_server(workdir: Path, cpus: str | None, *, bus: str = "memory://",
     store_dir = store or (workdir / f"{tag}-store")
     command = pinned([sys.executable, "-m", "agentchat", "serve", "--port", str(port), "--store", f"file://{store_dir}",
                       "--bus", bus, "--log-level", "warning"], cpus)
-    env = {"AGENTCHAT_AUTH_REQUESTS_PER_SECOND": "1000000", "PYTHONPATH": str(REPO)}
+    env = {"AGENTCHAT_AUTH_REQUESTS_PER_SECOND": "1000000", "PYTHONPATH": str(REPO), **(env or {})}
     return ServerProcess(tag, command, port, REPO, env, workdir / f"{tag}.log", "/api/v1/ws", "/health")
 
 
@@ -302,10 +302,12 @@ class RedisServer:
         if exe is None:
             raise ServerError("the multi-process workload needs redis-server (apt-get install -y redis-server)")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        output = open(self.workdir / "redis-output.log", "wb")
         self.proc = subprocess.Popen(
             pinned([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                     "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")], self.cpus),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
+        output.close()
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -317,7 +319,13 @@ class RedisServer:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise ServerError("redis-server did not start")
+                said = ""
+                for name in ("redis-output.log", "redis.log"):
+                    try:
+                        said += (self.workdir / name).read_text(errors="replace")[-300:]
+                    except OSError:
+                        pass
+                raise ServerError(f"redis-server did not start on port {self.port}: {said.strip()}")
             time.sleep(0.05)
 
     def stop(self) -> None:

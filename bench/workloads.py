@@ -7,6 +7,7 @@ rows of one run into the table, the JSON file and the chart.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -16,10 +17,13 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from bench import fixture as fixtures
 from bench import servers
@@ -56,6 +60,9 @@ class Options:
     url: str | None = None  # a running server to use instead of starting one
     profile: bool = False  # py-spy the AgentChat server during the measured window
     repeat: int = 1  # runs per server (taking turns); the median is reported
+    peeks: int = 20  # peeks opened during the peek workload (one per channel, round robin)
+    peek_window: float = 60.0  # the refusal window (AGENTCHAT_PEEK_REFUSAL_WINDOW_SECONDS)
+    peek_rate: int = 0  # deliveries/s during the peek workload; 0: half the saturated rate
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="agentchat-bench-")))
     cache: Path = servers.BENCH_DIR / "results" / "cache"
 
@@ -156,14 +163,14 @@ def source_addresses(sessions: int, per_address: int = 20_000) -> list[str]:
 class Target:
     """The server of one measurement: started here (and stopped after), or one the user runs."""
 
-    def __init__(self, name: str, options: Options) -> None:
+    def __init__(self, name: str, options: Options, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.options = options
         self.process: servers.ServerProcess | None = None
         if options.url is None:
             if name == "agentchat":
                 self.process = servers.agentchat_server(options.workdir / f"{name}-{time.monotonic_ns()}",
-                                                        options.server_cpus)
+                                                        options.server_cpus, env=env)
             else:
                 self.process = servers.peer_server(name, options.workdir, options.server_cpus)
 
@@ -558,7 +565,7 @@ async def multiprocess(fixture: fixtures.Fixture, options: Options) -> dict[str,
         def cpu() -> float:
             return sum(p.cpu_seconds() for p in procs) + servers.proc_cpu_seconds(redis.proc.pid)  # type: ignore[union-attr]
 
-        row = await drive_fanout(jobs, options, "multiprocess", progress, cpu)
+        row = await drive_fanout(jobs, options, "multiprocess", progress, cpu, procs[0].pid)
     finally:
         for p in procs:
             p.stop()
@@ -568,8 +575,81 @@ async def multiprocess(fixture: fixtures.Fixture, options: Options) -> dict[str,
     return row
 
 
-def peek_unavailable() -> dict[str, Any]:
-    available = (servers.REPO / "agentchat" / "server" / "peeks.py").exists()
-    note = ("not available: the bench has no peek driver yet" if available
-            else "not available: the server has no peeks yet (agentchat/server/peeks.py)")
-    return {"workload": "peek", "server": "agentchat", "note": note}
+async def watch_peek(http: Any, base: str, ws_url: str, channel: str, opened_at: float) -> dict[str, Any]:
+    """Open a peek on ``channel`` as a human would (dev payments: confirm pays at once), watch it over
+    the peeker's socket, and report when its deadline outcome arrived relative to the deadline."""
+    import websockets
+
+    from agentchat import crypto
+    from agentchat.core.frames import split_frames
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    await asyncio.sleep(max(0.0, opened_at - time.monotonic()))
+    browser_key = crypto.b64e(X25519PrivateKey.generate().public_key().public_bytes_raw())
+    opened = await fixtures.post_json(http, base + "/api/v1/peeks", {"channel": channel, "peeker_public_key": browser_key})
+    token, peek_id = opened["token"], opened["peek"]["id"]
+    deadline = None
+    async with websockets.connect(ws_url, max_size=1 << 24) as ws:
+        await ws.send(json.dumps({"type": "hello", "token": token}))
+        confirmed = await fixtures.post_json(http, f"{base}/api/v1/peeks/{peek_id}/confirm", {}, token)
+        deadline = confirmed["peek"]["deadline"]
+        async for data in ws:
+            for frame in split_frames(data):
+                if frame.get("type") != "peek":
+                    continue
+                peek = frame["peek"]
+                if peek["state"] in ("countdown", "awaiting_payment"):
+                    continue
+                return {"state": peek["state"], "observed_ms": time.time() * 1000 - deadline,
+                        "server_ms": peek["updated_at"] - deadline if peek["state"] == "capturing" else None}
+    return {"state": "closed", "observed_ms": None, "server_ms": None}
+
+
+async def peek_under_load(fixture: fixtures.Fixture, options: Options, saturated: float | None) -> dict[str, Any]:
+    """Peeks opened while fan-out runs at half load: how far from the deadline their outcomes land.
+
+    ``--peeks`` peeks are opened (one per channel, round robin) over the first seconds after warm-up;
+    nobody refuses, so each one's outcome is the deadline's (``capturing``, then ``active``). Measured:
+    the peeker's socket receiving the first state after the countdown minus the peek's ``deadline``
+    (both on this machine's clock), and the server's own ``updated_at`` of that state minus the deadline.
+    """
+    rate = options.peek_rate or int((saturated or 90_000) / 2)
+    progress = Progress("peek agentchat")
+    window = options.peek_window
+    stagger = min(5.0, window / 2)
+    run_options = dataclasses.replace(options, duration=window + stagger + 5.0)
+    env = {"AGENTCHAT_PEEK_REFUSAL_WINDOW_SECONDS": f"{window:g}"}
+    with Target("agentchat", run_options, env) as target:
+        if target.process is None:
+            return {"workload": "peek", "server": "agentchat", "note": "needs a server started by the bench"}
+        tokens, _ = await fixtures.setup_agentchat(target.http_base, fixture)
+        jobs = fanout_jobs(fixture, tokens, [target.ws_url], run_options, "agentchat", rate / options.group)
+        channels = list(fixture.channels)
+        first = time.monotonic() + 2.0 + options.warmup  # generators start about 1.5 s after this
+        timeout = aiohttp.ClientTimeout(total=window + 60)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            watchers = [asyncio.ensure_future(watch_peek(http, target.http_base, target.ws_url,
+                                                         channels[i % len(channels)],
+                                                         first + stagger * i / max(1, options.peeks)))
+                        for i in range(options.peeks)]
+            row = await drive_fanout(jobs, run_options, "peek", progress, target.cpu_seconds)
+            outcomes = await asyncio.gather(*watchers, return_exceptions=True)
+    observed, server_side, states, failures = Histogram(), Histogram(), Counter(), []
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            failures.append(f"{type(outcome).__name__}: {outcome}"[:200])
+            continue
+        states[outcome["state"]] += 1
+        if outcome["observed_ms"] is not None:
+            observed.record(max(0.0, outcome["observed_ms"]) * 1000)
+        if outcome["server_ms"] is not None:
+            server_side.record(max(0.0, outcome["server_ms"]) * 1000)
+    result: dict[str, Any] = {
+        "workload": "peek", "server": "agentchat", "peeks": len(outcomes), "outcomes": dict(states),
+        "late_ms": latency_summary_ms(observed), "server_late_ms": latency_summary_ms(server_side),
+        "delivered_per_s": row["delivered_per_s"], "target_per_s": rate, "window_s": window,
+    }
+    if failures:
+        result["note"] = f"{len(failures)} peeks failed: {failures[0]}"
+    progress.done(f"outcomes p99 {result['late_ms']['p99']} ms after the deadline")
+    return result

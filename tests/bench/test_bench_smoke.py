@@ -29,3 +29,20 @@ def test_fanout_smoke_run_against_agentchat(tmp_path: Path) -> None:
     assert row["delivered_per_s"] > 0 and row["latency_ms"]["samples"] > 0
     assert "| agentchat |" in result.stdout
     assert (out / "results.md").exists()
+
+
+@pytest.mark.slow
+def test_peek_smoke_run_reports_outcomes_against_the_deadline(tmp_path: Path) -> None:
+    pytest.importorskip("picows")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "run", "peek", "--server", "agentchat", "--agents", "20", "--group", "5",
+         "--peeks", "3", "--peek-window", "2", "--peek-rate", "2000", "--warmup", "0.5", "--pool", "200",
+         "--processes", "1", "--server-cpus", "none", "--load-cpus", "none", "--cache", str(tmp_path / "cache"),
+         "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [row] = json.loads((out / "results.json").read_text())["rows"]
+    assert row["workload"] == "peek" and row["peeks"] == 3, row
+    assert sum(row["outcomes"].values()) == 3 and set(row["outcomes"]) <= {"capturing", "active"}, row
+    assert row["late_ms"]["samples"] == 3

@@ -94,6 +94,8 @@ ROWS = [
     {"workload": "idle", "server": "node-ws", "sessions": 1000, "rss_mb": 40.0, "kb_per_session": 8.0,
      "note": "a | b"},
     {"workload": "peek", "server": "agentchat", "note": "not available: the server has no peeks yet"},
+    {"workload": "peek", "server": "agentchat", "peeks": 20, "outcomes": {"capturing": 19, "active": 1},
+     "late_ms": {"p50": 3.0, "p99": 41.5, "max": 41.5}, "server_late_ms": {"p99": 12.0}, "delivered_per_s": 30000},
     {"workload": "paced", "server": "agentchat", "target_per_s": 30000, "latency_ms": {"p99": 1.0}},
     {"workload": "paced", "server": "node-ws", "target_per_s": 30000, "latency_ms": {"p99": 2.0}},
     {"workload": "paced", "server": "agentchat", "target_per_s": 90000, "latency_ms": {"p99": 9.0}},
@@ -123,6 +125,7 @@ def test_render_and_files(tmp_path: Path) -> None:
     run = run_of(ROWS)
     text = report.render(run)
     assert "test cpu, 2 cores" in text and "**peek under load**" in text and "not available" in text
+    assert "| agentchat | 20 | active 1, capturing 19 | 3.0 | 41.5 | 41.5 | 12.0 | 30,000 |" in text
     report.write_json(run, tmp_path / "results.json")
     assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["delivered_per_s"] == 300_000
     pytest.importorskip("matplotlib")
@@ -284,3 +287,24 @@ def test_profile_summary_of_collapsed_stacks() -> None:
     assert " 75.0%  event loop" in summary and " 25.0%  worker threads (to_thread)" in summary
     assert " 75.0%  agentchat/server/hub.py" in summary
     assert " 75.0%  send (agentchat/server/hub.py)" in summary
+
+
+def test_merging_runs_replaces_rows_of_the_same_workload_server_and_rate(tmp_path: Path) -> None:
+    first = run_of(ROWS)
+    later = run_of([{"workload": "peek", "server": "agentchat", "peeks": 5, "late_ms": {"p99": 7.0}},
+                    {"workload": "paced", "server": "node-ws", "target_per_s": 30000, "latency_ms": {"p99": 4.0}}])
+    later["started"] = "2026-01-01 01:00:00"
+    merged = cli.merge_runs([first, later])
+    assert merged["started"] == "2026-01-01 00:00:00 + 2026-01-01 01:00:00"
+    peeks = [r for r in merged["rows"] if r["workload"] == "peek"]
+    assert peeks == [later["rows"][0]]
+    paced = {(r["server"], r["target_per_s"]): r["latency_ms"]["p99"] for r in merged["rows"] if r["workload"] == "paced"}
+    assert paced == {("agentchat", 30000): 1.0, ("node-ws", 30000): 4.0, ("agentchat", 90000): 9.0,
+                     ("node-ws", 90000): 3.0}
+    assert [r["workload"] for r in merged["rows"]][:2] == ["fanout", "fanout"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    for path, run in ((a, first), (b, later)):
+        path.mkdir()
+        (path / "results.json").write_text(json.dumps(run))
+    assert cli.main(["report", str(a), str(b / "results.json"), "--out", str(tmp_path / "merged")]) == 0
+    assert "**peek under load**" in (tmp_path / "merged" / "results.md").read_text()
