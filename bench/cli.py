@@ -69,7 +69,8 @@ def cpus(text: str) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench", description="AgentChat load bench with side-by-side peers.")
+    parser = argparse.ArgumentParser(prog="python -m bench",
+                                     description="AgentChat load bench with side-by-side peers.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run workloads and report", description=(
         "Workloads: fanout (saturated), paced (fan-out at --rate deliveries/s), idle, storm, "
@@ -125,9 +126,9 @@ def options_from(args: argparse.Namespace) -> Options:
                    processes=args.processes, server_cpus=args.server_cpus, load_cpus=args.load_cpus,
                    idle_sessions=args.sessions, storm_sessions=args.storm_sessions,
                    storm_concurrency=args.storm_concurrency, mp_processes=args.mp_processes, pool=args.pool,
-                   url=args.url, profile=args.profile, cache=args.cache,
-                   repeat=max(1, args.repeat), peeks=args.peeks, peek_window=args.peek_window,
-                   peek_rate=args.peek_rate)
+                   url=args.url, profile=args.profile,
+                   repeat=max(1, args.repeat), cache=args.cache.resolve(), peeks=args.peeks,
+                   peek_window=args.peek_window, peek_rate=args.peek_rate)
 
 
 async def run_one(workload: str, server: str, fixture: Any, options: Options,
@@ -152,7 +153,8 @@ async def run_one(workload: str, server: str, fixture: Any, options: Options,
         raise ValueError(f"unknown workload {workload}")
     except Exception as exc:  # one failing server must not lose the others' numbers
         print(f"bench: {workload} on {server} failed: {exc}", file=sys.stderr)
-        return {"workload": workload, "server": server, "note": f"failed: {exc}"[:300]}
+        name = f"agentchat x{options.mp_processes} (redis)" if workload == "multiprocess" else server
+        return {"workload": workload.split("@")[0], "server": name, "note": f"failed: {exc}"[:300]}
 
 
 def median_row(rows: list[dict[str, Any]], workload: str) -> dict[str, Any]:
@@ -207,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         if options.url is None and name != "agentchat":
             servers.ensure_installed(name)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    out = args.out or RESULTS / time.strftime("%Y%m%d-%H%M%S")
+    # absolute: servers run in other working directories (redis-server even changes its own)
+    out = (args.out or RESULTS / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     options.workdir = out / "work"
     options.workdir.mkdir(exist_ok=True)
@@ -224,20 +227,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (row.get("workload"), row.get("server"), row.get("target_per_s"))
+    rate = row.get("target_per_s") if row.get("workload") == "paced" else None
+    return (row.get("workload"), row.get("server"), rate)
 
 
 def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One run from several: the first's header, every row, a later row replacing an earlier one with
-    the same workload, server and rate; the merged runs' start times are listed."""
+    the same workload, server and rate, and a failed row dropped where its workload was measured; the
+    merged runs' start times are listed."""
     merged = dict(runs[0])
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}
     for run in runs:
         for row in run["rows"]:
             rows.pop(row_key(row), None)
             rows[row_key(row)] = row
+    measured = {r.get("workload") for r in rows.values() if not str(r.get("note", "")).startswith("failed")}
+    kept = [r for r in rows.values()
+            if not (str(r.get("note", "")).startswith("failed") and r.get("workload") in measured)]
     order = {name: i for i, name in enumerate(report.TABLES)}
-    merged["rows"] = sorted(rows.values(), key=lambda r: order.get(r.get("workload"), len(order)))
+    merged["rows"] = sorted(kept, key=lambda r: order.get(r.get("workload"), len(order)))
     if len(runs) > 1:
         merged["started"] = " + ".join(run["started"] for run in runs)
         merged["loadavg_after"] = runs[-1]["loadavg_after"]

@@ -169,7 +169,8 @@ def render(run: dict[str, Any]) -> str:
         "",
         f"Fan-out: {o['agents']} agents in channels of {o['group']}, {o['payload']}-byte sealed payloads, "
         f"window {o['window']} per sender, {o['duration']} s measured after {o['warmup']} s warm-up; paced at "
-        f"{' and '.join(f'{r:,}' for r in o['paced_rates'])} deliveries/s. Ratio = AgentChat / peer (throughput: higher is better; latency, "
+        f"{' and '.join(f'{r:,}' for r in o['paced_rates'])} deliveries/s. "
+        "Ratio = AgentChat / peer (throughput: higher is better; latency, "
         "memory: lower is better). Server CPU is the server process's own time (1.00 = one core); server "
         "core busy is its core's user + system + softirq time, where loopback TCP work is charged.",
     ]

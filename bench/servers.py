@@ -301,6 +301,7 @@ class RedisServer:
         exe = shutil.which("redis-server")
         if exe is None:
             raise ServerError("the multi-process workload needs redis-server (apt-get install -y redis-server)")
+        self.workdir = self.workdir.resolve()  # redis-server resolves paths after changing to --dir
         self.workdir.mkdir(parents=True, exist_ok=True)
         output = open(self.workdir / "redis-output.log", "wb")
         self.proc = subprocess.Popen(

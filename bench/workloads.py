@@ -563,7 +563,8 @@ async def multiprocess(fixture: fixtures.Fixture, options: Options) -> dict[str,
         jobs = fanout_jobs(fixture, tokens, [p.ws_url for p in procs], options, "agentchat", None)
 
         def cpu() -> float:
-            return sum(p.cpu_seconds() for p in procs) + servers.proc_cpu_seconds(redis.proc.pid)  # type: ignore[union-attr]
+            assert redis.proc is not None
+            return sum(p.cpu_seconds() for p in procs) + servers.proc_cpu_seconds(redis.proc.pid)
 
         row = await drive_fanout(jobs, options, "multiprocess", progress, cpu, procs[0].pid)
     finally:
@@ -586,7 +587,8 @@ async def watch_peek(http: Any, base: str, ws_url: str, channel: str, opened_at:
 
     await asyncio.sleep(max(0.0, opened_at - time.monotonic()))
     browser_key = crypto.b64e(X25519PrivateKey.generate().public_key().public_bytes_raw())
-    opened = await fixtures.post_json(http, base + "/api/v1/peeks", {"channel": channel, "peeker_public_key": browser_key})
+    opened = await fixtures.post_json(http, base + "/api/v1/peeks",
+                                      {"channel": channel, "peeker_public_key": browser_key})
     token, peek_id = opened["token"], opened["peek"]["id"]
     deadline = None
     async with websockets.connect(ws_url, max_size=1 << 24) as ws:

@@ -231,8 +231,10 @@ def test_bench_pins_match_the_bench_extra() -> None:
     import tomllib
 
     extra = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["bench"])
-    for requirements in (REPO / "bench" / "requirements.txt", REPO / "bench" / "peers" / "socketio-py" / "requirements.txt"):
-        pins = {line.strip() for line in requirements.read_text().splitlines() if line.strip() and not line.startswith("#")}
+    for requirements in (REPO / "bench" / "requirements.txt",
+                         REPO / "bench" / "peers" / "socketio-py" / "requirements.txt"):
+        lines = [line.strip() for line in requirements.read_text().splitlines()]
+        pins = {line for line in lines if line and not line.startswith("#")}
         assert pins <= extra, f"{requirements.name}: {pins - extra} not in the bench extra"
 
 
@@ -279,7 +281,8 @@ def test_lean_session_frames() -> None:
 def test_profile_summary_of_collapsed_stacks() -> None:
     from bench.profile import parse, summarize
 
-    text = ("thread (0x1);<module> (agentchat/__main__.py:9);run_app (aiohttp/web.py:1);send (agentchat/server/hub.py:5) 30\n"
+    text = ("thread (0x1);<module> (agentchat/__main__.py:9);run_app (aiohttp/web.py:1);"
+            "send (agentchat/server/hub.py:5) 30\n"
             "thread (0x2);_bootstrap (threading.py:1);_worker (concurrent/futures/thread.py:83);"
             "_put_sync (agentchat/store/local.py:7) 10\n")
     summary = summarize(parse(text), top=5)
@@ -291,20 +294,30 @@ def test_profile_summary_of_collapsed_stacks() -> None:
 
 def test_merging_runs_replaces_rows_of_the_same_workload_server_and_rate(tmp_path: Path) -> None:
     first = run_of(ROWS)
+    first["rows"] = [*first["rows"], {"workload": "multiprocess", "server": "agentchat", "note": "failed: no redis"}]
     later = run_of([{"workload": "peek", "server": "agentchat", "peeks": 5, "late_ms": {"p99": 7.0}},
+                    {"workload": "multiprocess", "server": "agentchat x2 (redis)", "delivered_per_s": 5},
                     {"workload": "paced", "server": "node-ws", "target_per_s": 30000, "latency_ms": {"p99": 4.0}}])
     later["started"] = "2026-01-01 01:00:00"
     merged = cli.merge_runs([first, later])
     assert merged["started"] == "2026-01-01 00:00:00 + 2026-01-01 01:00:00"
     peeks = [r for r in merged["rows"] if r["workload"] == "peek"]
     assert peeks == [later["rows"][0]]
-    paced = {(r["server"], r["target_per_s"]): r["latency_ms"]["p99"] for r in merged["rows"] if r["workload"] == "paced"}
+    paced = {(r["server"], r["target_per_s"]): r["latency_ms"]["p99"]
+             for r in merged["rows"] if r["workload"] == "paced"}
     assert paced == {("agentchat", 30000): 1.0, ("node-ws", 30000): 4.0, ("agentchat", 90000): 9.0,
                      ("node-ws", 90000): 3.0}
     assert [r["workload"] for r in merged["rows"]][:2] == ["fanout", "fanout"]
+    assert [r["server"] for r in merged["rows"] if r["workload"] == "multiprocess"] == ["agentchat x2 (redis)"]
     a, b = tmp_path / "a", tmp_path / "b"
     for path, run in ((a, first), (b, later)):
         path.mkdir()
         (path / "results.json").write_text(json.dumps(run))
     assert cli.main(["report", str(a), str(b / "results.json"), "--out", str(tmp_path / "merged")]) == 0
     assert "**peek under load**" in (tmp_path / "merged" / "results.md").read_text()
+
+
+def test_a_measured_peek_row_replaces_an_unavailable_one() -> None:
+    first = run_of([{"workload": "peek", "server": "agentchat", "note": "not available"}])
+    later = run_of([{"workload": "peek", "server": "agentchat", "target_per_s": 36000, "peeks": 20}])
+    assert cli.merge_runs([first, later])["rows"] == later["rows"]
