@@ -279,7 +279,8 @@ async def drive_fanout(jobs: list[dict[str, Any]], options: Options, label: str,
         total = options.warmup + options.duration
         await asyncio.sleep(max(0.0, start_at + options.warmup - time.time()))
         cpu_before = cpu_of()
-        server_cores = servers.parse_cpu_list(options.server_cpus)
+        # a server the bench did not start is not pinned by it: its cores are unknown
+        server_cores = [] if options.url else servers.parse_cpu_list(options.server_cpus)
         ticks_before = servers.cpu_ticks(server_cores)
         window_start = time.monotonic()
         if options.profile and profile_pid is not None:
