@@ -150,9 +150,12 @@ def _table(mine: list[Row], workload: str) -> str:
         if show_ratio:
             cells.append("" if r.get("server") == "agentchat" else _ratio(ratio(ours, key(r))))
         note = "; ".join(str(r[k]) for k in ("note", "first_error") if r.get(k))
+        target, achieved = r.get("target_per_s"), r.get("delivered_per_s")
+        if workload == "paced" and target and achieved is not None and achieved < 0.95 * target:
+            note = f"overloaded: kept {achieved / target:.0%} of the rate, latency is queueing; " + note
         if r.get("runs"):
             note = (f"median of {_runs(r['runs'])}; " + note).rstrip("; ")
-        cells.append(note.replace("|", "/")[:160])
+        cells.append(note.replace("|", "/")[:240])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -98,7 +98,8 @@ ROWS = [
      "late_ms": {"p50": 3.0, "p99": 41.5, "max": 41.5}, "server_late_ms": {"p99": 12.0}, "delivered_per_s": 30000},
     {"workload": "paced", "server": "agentchat", "target_per_s": 30000, "latency_ms": {"p99": 1.0}},
     {"workload": "paced", "server": "node-ws", "target_per_s": 30000, "latency_ms": {"p99": 2.0}},
-    {"workload": "paced", "server": "agentchat", "target_per_s": 90000, "latency_ms": {"p99": 9.0}},
+    {"workload": "paced", "server": "agentchat", "target_per_s": 90000, "latency_ms": {"p99": 9.0},
+     "delivered_per_s": 45000},
     {"workload": "paced", "server": "node-ws", "target_per_s": 90000, "latency_ms": {"p99": 3.0}},
 ]
 
@@ -119,6 +120,7 @@ def test_table_shows_agentchat_ratio_to_each_peer() -> None:
     paced = report.table(ROWS, "paced")
     assert "**fan-out, paced at 30,000 deliveries/s**" in paced and "**fan-out, paced at 90,000 deliveries/s**" in paced
     assert "0.50x" in paced and "3.00x" in paced
+    assert "overloaded: kept 50% of the rate" in paced and paced.count("overloaded") == 1
 
 
 def test_render_and_files(tmp_path: Path) -> None:
