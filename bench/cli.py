@@ -247,8 +247,16 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     order = {name: i for i, name in enumerate(report.TABLES)}
     merged["rows"] = sorted(kept, key=lambda r: order.get(r.get("workload"), len(order)))
     if len(runs) > 1:
-        merged["started"] = " + ".join(run["started"] for run in runs)
+        merged["started"] = runs[-1]["started"]
         merged["loadavg_after"] = runs[-1]["loadavg_after"]
+        merged["sources"] = []
+        for run in runs:
+            mine = [r for r in merged["rows"] if any(r is row for row in run["rows"])]
+            names = sorted({r["workload"] + (f" at {r['target_per_s']:,}/s" if r["workload"] == "paced" else "")
+                            for r in mine}, key=str)
+            if names:
+                merged["sources"].append({"started": run["started"], "loadavg_before": run["loadavg_before"],
+                                          "loadavg_after": run["loadavg_after"], "workloads": names})
     return merged
 
 

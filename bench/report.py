@@ -150,6 +150,10 @@ def _table(mine: list[Row], workload: str) -> str:
         if show_ratio:
             cells.append("" if r.get("server") == "agentchat" else _ratio(ratio(ours, key(r))))
         note = "; ".join(str(r[k]) for k in ("note", "first_error") if r.get(k))
+        load, busy = r.get("load_cpu"), r.get("server_core_busy")
+        if workload == "fanout" and load is not None and busy is not None and load >= 0.95 and busy < 0.9:
+            note = (f"load generator saturated (load CPU {load:.2f}, server core {busy:.2f}): "
+                    "the server can go faster than this; " + note)
         target, achieved = r.get("target_per_s"), r.get("delivered_per_s")
         if workload == "paced" and target and achieved is not None and achieved < 0.95 * target:
             note = f"overloaded: kept {achieved / target:.0%} of the rate, latency is queueing; " + note
@@ -167,8 +171,9 @@ def render(run: dict[str, Any]) -> str:
         f"# AgentChat bench: {run['started']}",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, {m['os']}, Python {m['python']}, "
-        f"Node {m['node'] or 'none'}. Server on CPU {o['server_cpus']}, load generators on CPU {o['load_cpus']}. "
-        f"Load average {run['loadavg_before']} before, {run['loadavg_after']} after (other work on the machine).",
+        f"Node {m['node'] or 'none'}. Server on CPU {o['server_cpus']}, load generators on CPU {o['load_cpus']}."
+        + ("" if run.get("sources") else f" Load average {run['loadavg_before']} before, {run['loadavg_after']} "
+           "after (other work on the machine)."),
         "",
         f"Fan-out: {o['agents']} agents in channels of {o['group']}, {o['payload']}-byte sealed payloads, "
         f"window {o['window']} per sender, {o['duration']} s measured after {o['warmup']} s warm-up; paced at "
@@ -177,6 +182,11 @@ def render(run: dict[str, Any]) -> str:
         "memory: lower is better). Server CPU is the server process's own time (1.00 = one core); server "
         "core busy is its core's user + system + softirq time, where loopback TCP work is charged.",
     ]
+    for source in run.get("sources", []):
+        header.append(f"- run of {source['started']} (load average {source['loadavg_before']} before, "
+                      f"{source['loadavg_after']} after): {', '.join(source['workloads'])}")
+    if run.get("sources"):
+        header.insert(-len(run["sources"]), "\nThe tables come from these runs, with the same options:\n")
     parts = ["\n".join(header)]
     for workload in TABLES:
         text = table(run["rows"], workload)

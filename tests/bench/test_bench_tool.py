@@ -89,7 +89,8 @@ ROWS = [
     {"workload": "fanout", "server": "agentchat", "delivered_per_s": 300_000, "sent_per_s": 30_000,
      "latency_ms": {"p50": 1.0, "p99": 2.5, "p999": 4.0}, "server_cpu": 1.0, "load_cpu": 0.8},
     {"workload": "fanout", "server": "node-ws", "delivered_per_s": 400_000, "sent_per_s": 40_000,
-     "latency_ms": {"p50": 0.5, "p99": 1.5, "p999": 3.0}, "server_cpu": 1.0, "load_cpu": 0.9},
+     "latency_ms": {"p50": 0.5, "p99": 1.5, "p999": 3.0}, "server_cpu": 0.7, "load_cpu": 0.98,
+     "server_core_busy": 0.75},
     {"workload": "idle", "server": "agentchat", "sessions": 1000, "rss_mb": 50.0, "kb_per_session": 12.0},
     {"workload": "idle", "server": "node-ws", "sessions": 1000, "rss_mb": 40.0, "kb_per_session": 8.0,
      "note": "a | b"},
@@ -114,6 +115,7 @@ def test_table_shows_agentchat_ratio_to_each_peer() -> None:
     cells = [c.strip() for c in node.strip("|").split("|")]
     assert cells[1] == "400,000"
     assert cells[header.index("AgentChat ratio")] == "0.75x"
+    assert "load generator saturated (load CPU 0.98, server core 0.75)" in cells[-1]
     idle = report.table(ROWS, "idle")
     assert "1.50x" in idle and "a / b" in idle  # a pipe in a note cannot break the table
     assert report.table(ROWS, "storm") == ""
@@ -302,7 +304,10 @@ def test_merging_runs_replaces_rows_of_the_same_workload_server_and_rate(tmp_pat
                     {"workload": "paced", "server": "node-ws", "target_per_s": 30000, "latency_ms": {"p99": 4.0}}])
     later["started"] = "2026-01-01 01:00:00"
     merged = cli.merge_runs([first, later])
-    assert merged["started"] == "2026-01-01 00:00:00 + 2026-01-01 01:00:00"
+    assert merged["started"] == "2026-01-01 01:00:00"
+    assert [s["started"] for s in merged["sources"]] == ["2026-01-01 00:00:00", "2026-01-01 01:00:00"]
+    assert "paced at 30,000/s" in merged["sources"][1]["workloads"]
+    assert "- run of 2026-01-01 01:00:00" in report.render(merged)
     peeks = [r for r in merged["rows"] if r["workload"] == "peek"]
     assert peeks == [later["rows"][0]]
     paced = {(r["server"], r["target_per_s"]): r["latency_ms"]["p99"]
