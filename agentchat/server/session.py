@@ -44,6 +44,12 @@ class Cursor:
 
 
 class Session:
+    """The writer task exists only while frames are queued (one per burst, never one per frame), so
+    an idle session holds no task, no event and no frame."""
+
+    __slots__ = ("ws", "principal", "queue_max", "cursors", "_queue", "_writer", "_drain_waiters",
+                 "_closed", "_close_with", "_metrics", "__weakref__")
+
     def __init__(self, ws: web.WebSocketResponse, principal: Principal, queue_max: int,
                  metrics: Metrics | None = None) -> None:
         self.ws = ws
@@ -51,13 +57,11 @@ class Session:
         self.queue_max = queue_max
         self.cursors: dict[str, Cursor] = {}
         self._queue: deque[bytes] = deque()
-        self._wake = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._drained.set()
+        self._writer: asyncio.Task[None] | None = None
+        self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed = False
         self._close_with: tuple[int, str] | None = None
         self._metrics = metrics
-        self._writer = asyncio.create_task(self._write_loop(), name="session-writer")
 
     @property
     def closed(self) -> bool:
@@ -67,13 +71,13 @@ class Session:
         """Queue a frame (ack, error, event) for this socket."""
         if self._closed:
             return
-        if len(self._queue) >= self.queue_max:
+        queue = self._queue
+        if len(queue) >= self.queue_max:
             self.close_soon(CLOSE_SLOW_CONSUMER, "slow_consumer")
             return
-        self._queue.append(frame)
-        if len(self._queue) == 1:
-            self._drained.clear()
-            self._wake.set()
+        queue.append(frame)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
     def offer(self, channel: str, seq: int, frame: bytes) -> None:
         """A live channel message: sent once, in order, unless the session is catching up."""
@@ -94,7 +98,12 @@ class Session:
         return len(self._queue)
 
     async def wait_drained(self) -> None:
-        await self._drained.wait()
+        """Return once every queued frame has been handed to the socket (or the session closed)."""
+        if self._writer is None:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
 
     def close_soon(self, code: int, reason: str) -> None:
         if self._closed:
@@ -102,7 +111,6 @@ class Session:
         self._closed = True
         self._close_with = (code, reason)
         self._queue.clear()
-        self._wake.set()
         asyncio.get_running_loop().create_task(self._close(code, reason))
 
     async def _close(self, code: int, reason: str) -> None:
@@ -114,30 +122,26 @@ class Session:
     async def aclose(self, code: int = CLOSE_GOING_AWAY, reason: str = "") -> None:
         """Close now; a reason given earlier by ``close_soon`` wins over this one."""
         self._closed = True
-        self._wake.set()
-        self._writer.cancel()
+        if self._writer is not None:
+            self._writer.cancel()
         code, reason = self._close_with or (code, reason)
         await self._close(code, reason)
 
     async def flush_and_stop(self) -> None:
-        """Let the writer send what is queued, then stop it (used before a graceful close)."""
-        if not self._closed and self._queue:
+        """Let the writer send what is queued (for up to 2 s), then stop it (before a graceful close)."""
+        if not self._closed and self._writer is not None:
             try:
-                await asyncio.wait_for(self._drained.wait(), 2.0)
+                await asyncio.wait_for(self.wait_drained(), 2.0)
             except asyncio.TimeoutError:
                 pass
-        self._writer.cancel()
+        if self._writer is not None:
+            self._writer.cancel()
 
     async def _write_loop(self) -> None:
         queue = self._queue
         ws = self.ws
         try:
-            while not self._closed:
-                if not queue:
-                    self._drained.set()
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
+            while queue and not self._closed:
                 if len(queue) == 1:
                     data = queue.popleft()
                     count = 1
@@ -159,4 +163,10 @@ class Session:
             log.debug("socket write failed: %r", exc)
             self._closed = True
         finally:
-            self._drained.set()
+            # No await between the loop's last look at the queue and this: a frame pushed after it
+            # starts a new writer.
+            self._writer = None
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
