@@ -11,5 +11,9 @@ test:           ## the whole test suite, installing what it needs first
 test-quick:     ## everything but the slow end-to-end tests
 	scripts/test.sh -m "not slow"
 
+bench:          ## saturated fan-out, AgentChat beside the Node ws, socket.io and python-socketio relays
+	@scripts/bootstrap.sh test
+	.venv/bin/python -m bench run fanout
+
 clean:
 	rm -rf .venv data .pytest_cache artifacts
