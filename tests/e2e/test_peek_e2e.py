@@ -61,15 +61,14 @@ async def test_the_deadline_is_enforced_when_the_countdown_process_is_killed(tmp
             on_second = Peeker(second.url)
             on_second.peek_id, on_second.token = on_first.peek_id, on_first.token
             try:
-                started = time.monotonic()
                 try:
                     active = await wait_for_state(on_second, "active", timeout=15)
                 except AssertionError as exc:  # with what the survivor logged, to tell why
                     log = (tmp_path / "b.log").read_text().splitlines()
                     raise AssertionError(f"{exc}\nsurvivor's log:\n" + "\n".join(log[-40:])) from None
-                # Captured within the window plus one scan (and the capture itself), by the survivor.
+                # Captured by the survivor, never before the deadline. (How late is measured in
+                # bench/'s peek workload, not asserted here.)
                 assert active["activated_at"] >= peek["deadline"]
-                assert time.monotonic() - started < 2 + 0.5 + 5
                 await wait_for_state(on_second, "ended", timeout=15)
             finally:
                 await on_second.close()
