@@ -6,7 +6,7 @@ same contract suite (``tests/contract/test_bus_contract.py``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 # Called for every message on a subscribed topic, from the bus's own reader; it must not block.
@@ -58,6 +58,9 @@ class Bus(Protocol):
         """Store ``value`` unless ``key`` exists. Returns ``None`` if stored, else the existing value."""
 
     async def set(self, key: str, value: bytes, ttl: float) -> None: ...
+
+    async def set_many(self, items: Sequence[tuple[str, bytes]], ttl: float) -> None:
+        """``set`` for several keys in one step (one round trip where the bus has round trips)."""
 
     async def get(self, key: str) -> bytes | None: ...
 

@@ -17,7 +17,7 @@ import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Sequence, Callable
 
 from agentchat.bus.base import BusHandler
 
@@ -217,6 +217,12 @@ class MemoryBus:
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         _check_ttl(ttl)
         self._broker.store(key, value, time.monotonic() + ttl)
+
+    async def set_many(self, items: Sequence[tuple[str, bytes]], ttl: float) -> None:
+        _check_ttl(ttl)
+        expires = time.monotonic() + ttl
+        for key, value in items:
+            self._broker.store(key, value, expires)
 
     async def get(self, key: str) -> bytes | None:
         entry = self._broker.live(key, time.monotonic())

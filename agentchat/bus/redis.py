@@ -32,7 +32,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Sequence, Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -73,6 +73,12 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local seq = redis.call('INCR', KEYS[1])
 redis.call('PUBLISH', ARGV[1], string.format('%d:', seq) .. ARGV[2])
 return seq
+""")
+# KEYS[i] key, ARGV[i] its value; ARGV[#KEYS + 1] ttl ms.
+SET_MANY = _Script("""
+local ttl = ARGV[#KEYS + 1]
+for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[i], 'PX', ttl) end
+return #KEYS
 """)
 # KEYS[1] counter; ARGV[1] floor.
 SEED_SEQUENCE = _Script("""
@@ -567,6 +573,17 @@ class RedisBus:
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         await self._call("SET", self._value_prefix + key, value, "PX", _ttl_ms(ttl))
+
+    async def set_many(self, items: Sequence[tuple[str, bytes]], ttl: float) -> None:
+        if not items:
+            return
+        keys = [self._value_prefix + key for key, _ in items]
+        args: list[Any] = [value for _, value in items]
+        args.append(_ttl_ms(ttl))
+        try:
+            await self._commands.script(SET_MANY, keys, args)
+        except _CONNECTION_ERRORS as exc:
+            raise self._unavailable(exc) from exc
 
     async def get(self, key: str) -> bytes | None:
         value = await self._call("GET", self._value_prefix + key)

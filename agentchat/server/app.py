@@ -158,6 +158,7 @@ async def on_shutdown(app: web.Application) -> None:
     # Store what is queued first, so its acks still reach open sockets (new sends are refused with a
     # retryable store_unavailable meanwhile), then close the sockets with 1001.
     await app[WRITER].close()
+    await app[HUB].flush_claims()
     await ws.close_all_sessions(app)
 
 

@@ -138,7 +138,7 @@ class Hub:
         self.rooms: dict[str, Room] = {}
         self._room_loading: dict[str, asyncio.Future[Room]] = {}
         self.sessions: dict[str, set[Session]] = {}
-        self._claims_done: list[tuple[str, int]] = []
+        self._claims_done: list[tuple[str, int, Callable[[int], None]]] = []
         self._probes: dict[tuple[str, int], float] = {}  # sampled sends awaiting local fan-out
         self._claims_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -165,7 +165,7 @@ class Hub:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._store_claims()
+        await self.flush_claims()
 
     # ------------------------------------------------------------------------------ rooms
 
@@ -437,9 +437,10 @@ class Hub:
                 self._probes[(channel, seq)] = started
 
         def durable(stored_seq: int) -> None:
-            self._claims_done.append((claim, stored_seq))
+            # The ack waits until the claim records the number: a retry that reaches another
+            # process after this one dies must find the stored message, not a stale claim.
+            self._claims_done.append((claim, stored_seq, on_ack))
             self._claims_wake.set()
-            on_ack(stored_seq)
 
         self.writer.add(channel, seq, frames.message_frame(seq, body), durable)
 
@@ -502,12 +503,21 @@ class Hub:
         while True:
             await self._claims_wake.wait()
             self._claims_wake.clear()
-            await self._store_claims()
+            await self.flush_claims()
 
-    async def _store_claims(self) -> None:
+    async def flush_claims(self) -> None:
+        """Record the numbers of stored messages in their claims, then ack them (all at once)."""
         done, self._claims_done = self._claims_done, []
-        for claim, seq in done:
+        if not done:
+            return
+        try:
+            await self.bus.set_many([(claim, str(seq).encode()) for claim, seq, _ in done], CLAIM_DONE_TTL)
+        except AgentChatError:
+            # The messages are stored whatever happens here; if the bus lost the claims too, a
+            # retry finds them again through the store (see _reseed).
+            log.warning("could not record %d stored client ids on the bus", len(done))
+        for _, seq, on_ack in done:
             try:
-                await self.bus.set(claim, str(seq).encode(), CLAIM_DONE_TTL)
-            except AgentChatError:
-                log.warning("could not record the stored client id %s", claim)
+                on_ack(seq)
+            except Exception:
+                log.exception("ack callback failed")

@@ -194,6 +194,16 @@ async def test_set_get_delete(nodes: tuple[Node, Node]) -> None:
     assert await b.bus.get("k") is None
 
 
+async def test_set_many_sets_every_key_with_its_ttl(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    await a.bus.set("old", b"x", ttl=30)
+    await a.bus.set_many([("m1", b"\x00one"), ("m2", b"two"), ("old", b"new")], ttl=TTL)
+    assert [await b.bus.get(k) for k in ("m1", "m2", "old")] == [b"\x00one", b"two", b"new"]
+    await a.bus.set_many([], ttl=30)  # nothing to do is fine
+    await asyncio.sleep(AFTER)
+    assert [await b.bus.get(k) for k in ("m1", "m2", "old")] == [None, None, None]
+
+
 async def test_set_if_absent_race_has_one_winner(nodes: tuple[Node, Node]) -> None:
     a, b = nodes
     results = await asyncio.gather(
