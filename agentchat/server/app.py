@@ -25,7 +25,7 @@ from agentchat.errors import AgentChatError, error
 from agentchat.server import ws
 from agentchat.server.api import agents, channels, indicators, peeks
 from agentchat.server.http import bearer_token, error_middleware, json_response
-from agentchat.server.hub import Hub
+from agentchat.server.hub import SEQ_RESEED_GAP, Hub
 from agentchat.server.keys import (BUS, HISTORY, HUB, METRICS, RECORDS, SESSIONS, SETTINGS, STORE, TOKENS,
                                    WRITER)
 from agentchat.server.metrics import Metrics
@@ -74,9 +74,13 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
                            pending_max=settings.limits.pending_writes_max, on_flush=_observe_flush(metrics))
     app[WRITER] = writer
     several_processes = _scheme(settings.bus) != "memory"
+    # One process on the in-process bus that stopped cleanly stored every number it handed out, so its
+    # counters can restart right after the stored ones; any other start keeps the safety gap.
+    clean_restart = not several_processes and await _take_clean_shutdown_mark(store)
     hub = Hub(bus, app[RECORDS], app[HISTORY], writer, metrics=app[METRICS],
               send_queue_max=settings.limits.send_queue_max,
-              gap_fill_wait=(settings.batch_max_delay_ms / 1000 + 0.05) if several_processes else 0.0)
+              gap_fill_wait=(settings.batch_max_delay_ms / 1000 + 0.05) if several_processes else 0.0,
+              reseed_gap=0 if clean_restart else SEQ_RESEED_GAP)
     app[HUB] = hub
     await writer.start()
     await hub.start()
@@ -87,8 +91,17 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         await hub.close()
         await writer.close()
+        if not several_processes and writer.pending == 0:
+            await store.put(store_keys.clean_shutdown(), b"")
         await bus.close()
         await store.close()
+
+
+async def _take_clean_shutdown_mark(store: ObjectStore) -> bool:
+    if await store.get(store_keys.clean_shutdown()) is None:
+        return False
+    await store.delete(store_keys.clean_shutdown())  # a crash from now on must not find it
+    return True
 
 
 def _observe_flush(metrics: Metrics) -> Callable[[int, float], None]:

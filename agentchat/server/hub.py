@@ -122,11 +122,13 @@ class Room:
 
 class Hub:
     def __init__(self, bus: Bus, records: Records, history: MessageLog, writer: SegmentWriter,
-                 *, metrics: Metrics, send_queue_max: int, gap_fill_wait: float = 0.0) -> None:
+                 *, metrics: Metrics, send_queue_max: int, gap_fill_wait: float = 0.0,
+                 reseed_gap: int = SEQ_RESEED_GAP) -> None:
         """``gap_fill_wait``: with several processes, how long a resume waits (up to
         ``GAP_FILL_TRIES`` times) for numbers another process has sent but not yet stored; 0 for one
         process, where every such number is in this process's recent buffer."""
         self.gap_fill_wait = gap_fill_wait
+        self.reseed_gap = reseed_gap
         self.instance = secrets.token_hex(8)  # this process, in claims and heartbeats
         self._pending_mark = PENDING + self.instance.encode()
         self.bus = bus
@@ -486,7 +488,7 @@ class Hub:
         remember the client ids of the latest stored messages so retries stay idempotent."""
         tail = await self.history.tail(channel, RECENT_MESSAGES)
         last = frame_seq(tail[-1]) if tail else 0
-        floor = last + SEQ_RESEED_GAP
+        floor = last + self.reseed_gap
         for frame in tail:
             record = orjson.loads(frame)
             await self.bus.set_if_absent(claim_key(channel, record["sender"], record["client_id"]),

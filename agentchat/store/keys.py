@@ -72,3 +72,8 @@ def peek_index(channel_id: str, peek_id: str) -> str:
 
 def server_secret() -> str:
     return "server/token-secret"
+
+
+def clean_shutdown() -> str:
+    """Present only between a clean stop of a single-process server and its next start."""
+    return "server/clean-shutdown"

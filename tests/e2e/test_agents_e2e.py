@@ -93,7 +93,9 @@ async def test_sdk_agents_survive_restart_and_crash_without_losing_acked_message
         # graceful restart: both SDKs reconnect by themselves and carry on
         assert server.stop() == 0
         server.start()
+        before = acked[-1]
         acked += await say(10)
+        assert acked[-10] == before + 1, "after a clean stop the numbers simply go on"
         got = [await bob.next_message(15) for _ in range(10)]
         assert [m.seq for m in got] == acked[-10:]
 
@@ -102,6 +104,10 @@ async def test_sdk_agents_survive_restart_and_crash_without_losing_acked_message
         acked += await say(15)
         server.kill()
         server.start()
+        after_crash = await alice.send(channel, "after the crash")
+        said.append("after the crash")
+        assert after_crash > acked[-1] + 1, "after a crash, numbers that may have been handed out are skipped"
+        acked.append(after_crash)
         bob_again = Agent(server.url, bob.keys)
         history = await bob_again.history(channel, after=0, limit=500)
         assert [m.seq for m in history] == acked, "every acknowledged message is in history after a crash"
