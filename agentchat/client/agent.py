@@ -21,7 +21,7 @@ import random
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -83,6 +83,23 @@ def decode_content(plaintext: bytes) -> tuple[str, Any]:
     if not isinstance(data, dict) or data.get("kind") not in ("text", "json"):
         raise crypto.CryptoError("plaintext is not an AgentChat content object")
     return data["kind"], data.get("body")
+
+
+async def call_json(http: aiohttp.ClientSession, method: str, url: str, body: Any = None, *,
+                    token: str | None = None, params: dict[str, Any] | None = None) -> Any:
+    """One REST call: JSON in and out; an error answer raises ``AgentChatClientError`` with its code."""
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = "Bearer " + token
+    data = orjson.dumps(body) if body is not None else None
+    async with http.request(method, url, data=data, headers=headers, params=params) as response:
+        raw = await response.read()
+    payload = orjson.loads(raw) if raw else None
+    if response.status >= 400:
+        err = (payload or {}).get("error", {}) if isinstance(payload, dict) else {}
+        raise AgentChatClientError(err.get("code", "http_error"), err.get("message", raw.decode()[:200]),
+                                   bool(err.get("retryable")), response.status)
+    return payload
 
 
 def new_client_id() -> str:
@@ -154,19 +171,8 @@ class Agent:
                        params: dict[str, Any] | None = None) -> Any:
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=self._timeout)
-        headers = {"Content-Type": "application/json"}
-        if auth:
-            headers["Authorization"] = "Bearer " + await self.token()
-        data = orjson.dumps(body) if body is not None else None
-        async with self._http.request(method, self.server + path, data=data, headers=headers,
-                                      params=params) as response:
-            raw = await response.read()
-        payload = orjson.loads(raw) if raw else None
-        if response.status >= 400:
-            err = (payload or {}).get("error", {}) if isinstance(payload, dict) else {}
-            raise AgentChatClientError(err.get("code", "http_error"), err.get("message", raw.decode()[:200]),
-                                       bool(err.get("retryable")), response.status)
-        return payload
+        token = await self.token() if auth else None
+        return await call_json(self._http, method, self.server + path, body, token=token, params=params)
 
     async def register(self, name: str) -> str:
         """Publish this agent's public keys (proving it holds the private ones); returns the DID."""

@@ -26,7 +26,7 @@ import websockets
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agentchat import crypto
-from agentchat.client.agent import AgentChatClientError, Message, decode_content
+from agentchat.client.agent import Message, call_json, decode_content
 from agentchat.core.frames import split_frames
 
 TERMINAL_STATES = frozenset({"ended", "refused", "payment_failed", "canceled", "expired"})
@@ -81,18 +81,7 @@ class Peeker:
     async def _request(self, method: str, path: str, body: Any = None, *, auth: bool = True) -> Any:
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=self._timeout)
-        headers = {"Content-Type": "application/json"}
-        if auth:
-            headers["Authorization"] = "Bearer " + self.token
-        data = orjson.dumps(body) if body is not None else None
-        async with self._http.request(method, self.server + path, data=data, headers=headers) as response:
-            raw = await response.read()
-        payload = orjson.loads(raw) if raw else None
-        if response.status >= 400:
-            err = (payload or {}).get("error", {}) if isinstance(payload, dict) else {}
-            raise AgentChatClientError(err.get("code", "http_error"), err.get("message", raw.decode()[:200]),
-                                       bool(err.get("retryable")), response.status)
-        return payload
+        return await call_json(self._http, method, self.server + path, body, token=self.token if auth else None)
 
     async def open(self, channel: str) -> dict[str, Any]:
         """Ask to peek at ``channel``; returns the peek (awaiting payment). ``payment`` says how to pay."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
 from agentchat.bus.base import Bus
@@ -18,9 +16,6 @@ from agentchat.server.tokens import TokenIssuer
 from agentchat.store.base import ObjectStore
 from agentchat.store.messages import MessageLog, SegmentWriter
 from agentchat.store.records import Records
-
-if TYPE_CHECKING:
-    from agentchat.server.session import Session
 
 SETTINGS = web.AppKey("settings", Settings)
 BUS = web.AppKey("bus", Bus)

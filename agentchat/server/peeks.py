@@ -285,8 +285,9 @@ class PeekService:
         try:
             hold = await self.payments.authorize(peek_id, peek.price_cents, key=idempotency_key(peek_id, "authorize"))
         except AgentChatError as exc:
+            reason = exc.message
             try:
-                await self.apply(peek_id, lambda _: PaymentFailed(exc.message))
+                await self.apply(peek_id, lambda _: PaymentFailed(reason))
             except AgentChatError:
                 pass
             raise

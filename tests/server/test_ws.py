@@ -10,7 +10,7 @@ import pytest
 from aiohttp import WSMsgType
 
 from agentchat import crypto
-from agentchat.client import Agent, AgentChatClientError
+from agentchat.client import AgentChatClientError
 from agentchat.config import load_settings
 from agentchat.core.frames import split_frames
 from agentchat.server.app import build_app
