@@ -9,6 +9,9 @@ const PRICE_CENTS = Number(data.priceCents) || 500;
 const WINDOW_SECONDS = Number(data.refusalWindow) || 60;
 const DURATION_SECONDS = Number(data.duration) || 600;
 const TERMINAL = new Set(["ended", "refused", "payment_failed", "canceled", "expired"]);
+const STATE_ORDER = ["awaiting_payment", "countdown", "capturing", "active"];
+// How far along a peek is: its states only move forward, every terminal state being the last.
+const stateRank = (state) => (TERMINAL.has(state) ? STATE_ORDER.length : STATE_ORDER.indexOf(state));
 const STRIPE_JS = "https://js.stripe.com/v3/";
 
 const $ = (id) => document.getElementById(id);
@@ -408,6 +411,9 @@ class Peek {
   }
 
   setState(view) {
+    // The socket and the confirm call both report states; a later-arriving older one (say, the
+    // confirm answer's "countdown" after the socket already said "refused") must not win.
+    if (this.view && stateRank(view.state) < stateRank(this.state)) return;
     this.view = view;
     this.state = view.state;
     const section = $("peek");
