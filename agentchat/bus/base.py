@@ -13,6 +13,17 @@ from typing import Protocol
 # ``seq`` is the sequence number given by ``publish_sequenced`` (0 for ``publish``).
 BusHandler = Callable[[str, int, bytes], None]
 
+# Scores of sorted indexes are integers of at most this size: Redis keeps them as doubles.
+MAX_INDEX_SCORE = 2**53
+
+
+def check_index_score(score: int) -> int:
+    """``score`` as an ``int``; ``ValueError`` if it is out of the range every bus keeps exactly."""
+    value = int(score)
+    if not -MAX_INDEX_SCORE <= value <= MAX_INDEX_SCORE:
+        raise ValueError(f"index score must be within ±2**53, got {score!r}")
+    return value
+
 
 class Bus(Protocol):
     """Guarantees every implementation keeps:
@@ -29,6 +40,13 @@ class Bus(Protocol):
     - Key/value operations are atomic across all processes sharing the bus; values expire after their
       ``ttl`` (seconds). ``take`` and ``compare_and_set`` are the primitives for single-use challenges
       and for state machines that several processes drive (peeks).
+    - Sorted indexes (``index_add`` / ``index_range`` / ``index_remove``) are sets of ``str`` members,
+      each with an integer score (up to 2**53), shared by all processes and never expiring. Their names
+      are apart from the key/value keys: an index and a value may have the same name. The message
+      writer records in ``"wal:<channel>"`` which write-ahead objects hold a channel's not yet compacted
+      messages (member: the object's key; score: the channel's last sequence number in that object),
+      so any process can find them. Like the counters, they are lost with a Redis restart without
+      persistence.
     """
 
     async def start(self, handler: BusHandler, on_reconnect: Callable[[], None] | None = None) -> None:
@@ -74,3 +92,15 @@ class Bus(Protocol):
 
     async def incr(self, key: str, ttl: float) -> int:
         """Add one to an integer counter, creating it (expiring after ``ttl``) if absent; the new value."""
+
+    async def index_add(self, items: Sequence[tuple[str, str, int]]) -> None:
+        """For each ``(index, member, score)``, put ``member`` in ``index`` with ``score`` (replacing
+        the score of a member already there). One step, one round trip; no items: nothing to do."""
+
+    async def index_range(self, index: str, min_score: int) -> list[tuple[str, int]]:
+        """The ``(member, score)`` pairs of ``index`` with a score of at least ``min_score``, by score
+        then member (ascending). A missing index is empty: ``[]``."""
+
+    async def index_remove(self, items: Sequence[tuple[str, str]]) -> None:
+        """Remove each ``(index, member)`` in one step; a missing one is no error. An index left empty
+        no longer exists."""

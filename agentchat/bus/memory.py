@@ -1,9 +1,9 @@
 """The in-process bus: the default when one server process is enough.
 
 A ``MemoryBroker`` holds what Redis would hold (topic subscriptions, sequence counters, expiring
-values); each ``MemoryBus`` is one "process" attached to it. Several buses on one broker behave like
-several server processes on one Redis, which is how the contract suite and multi-node tests in one
-process use it.
+values, sorted indexes); each ``MemoryBus`` is one "process" attached to it. Several buses on one
+broker behave like several server processes on one Redis, which is how the contract suite and
+multi-node tests in one process use it.
 
 Delivery is synchronous: ``publish`` calls the handler of every subscribed bus before it returns, with
 no task or callback scheduled per message. A handler that publishes from inside a delivery does not
@@ -19,7 +19,7 @@ import weakref
 from collections import deque
 from collections.abc import Sequence, Callable
 
-from agentchat.bus.base import BusHandler
+from agentchat.bus.base import BusHandler, check_index_score
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,16 @@ def _as_bytes(value: bytes | int) -> bytes:
 class MemoryBroker:
     """The shared state of every ``MemoryBus`` attached to it (one event loop, one thread)."""
 
-    __slots__ = ("topics", "counters", "_values", "_writes", "_queue", "_dispatching", "__weakref__")
+    __slots__ = (
+        "topics", "counters", "indexes", "_values", "_writes", "_queue", "_dispatching", "__weakref__"
+    )
 
     def __init__(self) -> None:
         # topic -> subscribed buses. Replaced, never mutated, so a delivery in progress iterates the
         # subscribers as they were when the message was published.
         self.topics: dict[str, tuple[MemoryBus, ...]] = {}
         self.counters: dict[str, int] = {}
+        self.indexes: dict[str, dict[str, int]] = {}  # index -> member -> score; never empty
         self._values: dict[str, _Entry] = {}
         self._writes = 0
         self._queue: deque[tuple[tuple[MemoryBus, ...], str, int, bytes]] = deque()
@@ -257,3 +260,26 @@ class MemoryBus:
         value = int(entry[0]) + 1  # like Redis INCR, a non-integer value is an error
         self._broker.store(key, value, entry[1])
         return value
+
+    # -- sorted indexes ------------------------------------------------------------------------
+
+    async def index_add(self, items: Sequence[tuple[str, str, int]]) -> None:
+        checked = [(index, member, check_index_score(score)) for index, member, score in items]
+        indexes = self._broker.indexes
+        for index, member, score in checked:  # all or nothing, like the one Redis script
+            indexes.setdefault(index, {})[member] = score
+
+    async def index_range(self, index: str, min_score: int) -> list[tuple[str, int]]:
+        min_score = check_index_score(min_score)
+        members = self._broker.indexes.get(index)
+        if not members:
+            return []
+        found = sorted((score, member) for member, score in members.items() if score >= min_score)
+        return [(member, score) for score, member in found]
+
+    async def index_remove(self, items: Sequence[tuple[str, str]]) -> None:
+        indexes = self._broker.indexes
+        for index, member in items:
+            members = indexes.get(index)
+            if members is not None and members.pop(member, None) is not None and not members:
+                del indexes[index]

@@ -45,7 +45,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from agentchat.bus.base import BusHandler
+from agentchat.bus.base import BusHandler, check_index_score
 from agentchat.errors import AgentChatError, error
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 # Every name this module gives Redis, after the namespace (``NAME:``):
 SEQUENCE_PREFIX = "seq:"  # sequence counters; no expiry (re-seeded from the store if lost)
 VALUE_PREFIX = "kv:"  # set / set_if_absent / take / compare_and_set / incr; all expire
+INDEX_PREFIX = "ix:"  # sorted sets of index_add / index_range / index_remove; no expiry
 TOPIC_PREFIX = "t:"  # pub/sub channels
 DEFAULT_NAMESPACE = "agentchat"
 
@@ -78,6 +79,16 @@ return seq
 SET_MANY = _Script("""
 local ttl = ARGV[#KEYS + 1]
 for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[i], 'PX', ttl) end
+return #KEYS
+""")
+# KEYS[i] index, ARGV[2i - 1] the score of member ARGV[2i]. ZADD replaces the score of a member.
+INDEX_ADD = _Script("""
+for i = 1, #KEYS do redis.call('ZADD', KEYS[i], ARGV[2 * i - 1], ARGV[2 * i]) end
+return #KEYS
+""")
+# KEYS[i] index, ARGV[i] member. Redis deletes a sorted set when its last member goes.
+INDEX_REMOVE = _Script("""
+for i = 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[i]) end
 return #KEYS
 """)
 # KEYS[1] counter; ARGV[1] floor.
@@ -310,6 +321,7 @@ class RedisBus:
         self._commands = _Commands(self._command_connection, self.location, command_timeout)
         self._seq_prefix = f"{namespace}:{SEQUENCE_PREFIX}"
         self._value_prefix = f"{namespace}:{VALUE_PREFIX}"
+        self._index_prefix = f"{namespace}:{INDEX_PREFIX}"
         self._topic_prefix = f"{namespace}:{TOPIC_PREFIX}"
 
         self._handler: BusHandler | None = None
@@ -369,8 +381,11 @@ class RedisBus:
             raise self._unavailable(exc) from exc
 
     async def _run_script(self, script: _Script, key: str, *args: Any) -> Any:
+        return await self._run_script_many(script, [key], list(args))
+
+    async def _run_script_many(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
         try:
-            return await self._commands.script(script, [key], list(args))
+            return await self._commands.script(script, keys, args)
         except _CONNECTION_ERRORS as exc:
             raise self._unavailable(exc) from exc
 
@@ -580,10 +595,7 @@ class RedisBus:
         keys = [self._value_prefix + key for key, _ in items]
         args: list[Any] = [value for _, value in items]
         args.append(_ttl_ms(ttl))
-        try:
-            await self._commands.script(SET_MANY, keys, args)
-        except _CONNECTION_ERRORS as exc:
-            raise self._unavailable(exc) from exc
+        await self._run_script_many(SET_MANY, keys, args)
 
     async def get(self, key: str) -> bytes | None:
         value = await self._call("GET", self._value_prefix + key)
@@ -606,3 +618,27 @@ class RedisBus:
 
     async def incr(self, key: str, ttl: float) -> int:
         return int(await self._run_script(INCR, self._value_prefix + key, _ttl_ms(ttl)))
+
+    # -- sorted indexes ------------------------------------------------------------------------
+
+    async def index_add(self, items: Sequence[tuple[str, str, int]]) -> None:
+        if not items:
+            return
+        keys = [self._index_prefix + index for index, _, _ in items]
+        args: list[Any] = []
+        for _, member, score in items:
+            args += (check_index_score(score), member)
+        await self._run_script_many(INDEX_ADD, keys, args)
+
+    async def index_range(self, index: str, min_score: int) -> list[tuple[str, int]]:
+        flat = await self._call(
+            "ZRANGEBYSCORE", self._index_prefix + index, check_index_score(min_score), "+inf", "WITHSCORES"
+        )
+        # Scores come back as doubles in text; every integer up to 2**53 is one exactly.
+        return [(flat[i].decode(), int(float(flat[i + 1]))) for i in range(0, len(flat), 2)]
+
+    async def index_remove(self, items: Sequence[tuple[str, str]]) -> None:
+        if not items:
+            return
+        keys = [self._index_prefix + index for index, _ in items]
+        await self._run_script_many(INDEX_REMOVE, keys, [member for _, member in items])

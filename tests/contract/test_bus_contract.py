@@ -310,3 +310,69 @@ async def test_ttl_must_be_positive(nodes: tuple[Node, Node], ttl: float) -> Non
         await bus.set("k", b"v", ttl=ttl)
     with pytest.raises(ValueError):
         await bus.incr("k", ttl=ttl)
+
+
+# -- sorted indexes -----------------------------------------------------------------------------
+
+
+async def test_index_range_orders_by_score_then_member_from_min_score(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    assert await a.bus.index_range("wal:c", 0) == []  # a missing index is empty
+    await a.bus.index_add([
+        ("wal:c", "wal/b/3", 30), ("wal:c", "wal/b/1", 10), ("wal:c", "wal/a/2", 20), ("wal:c", "wal/b/2", 20)
+    ])
+    everything = [("wal/b/1", 10), ("wal/a/2", 20), ("wal/b/2", 20), ("wal/b/3", 30)]
+    assert await b.bus.index_range("wal:c", 0) == everything
+    assert await b.bus.index_range("wal:c", 20) == everything[1:]  # min_score is included
+    assert await b.bus.index_range("wal:c", 21) == everything[3:]
+    assert await b.bus.index_range("wal:c", 31) == []
+
+
+async def test_index_add_replaces_the_score_and_keeps_indexes_apart(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    big = 2**53
+    await a.bus.index_add([("i1", "m", 5), ("i2", "m", 7), ("i1", "n", 6)])
+    await b.bus.index_add([("i1", "m", big)])
+    assert await a.bus.index_range("i1", 0) == [("n", 6), ("m", big)]
+    assert await a.bus.index_range("i1", big) == [("m", big)]
+    assert await a.bus.index_range("i2", 0) == [("m", 7)]
+    await a.bus.set("i1", b"a value", ttl=30)  # values and indexes have names of their own
+    assert await b.bus.index_range("i1", 0) == [("n", 6), ("m", big)]
+    assert await b.bus.get("i1") == b"a value"
+
+
+async def test_index_remove(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    await a.bus.index_add([("i1", "m1", 1), ("i1", "m2", 2), ("i2", "m1", 1)])
+    await b.bus.index_remove([("i1", "m1"), ("i1", "missing"), ("missing", "m1"), ("i2", "m1")])
+    assert await a.bus.index_range("i1", 0) == [("m2", 2)]
+    assert await a.bus.index_range("i2", 0) == []  # left empty: gone
+    await b.bus.index_add([("i2", "m3", 3)])  # and usable again
+    assert await a.bus.index_range("i2", 0) == [("m3", 3)]
+
+
+async def test_index_operations_with_no_items_do_nothing(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    await a.bus.index_add([("i", "m", 1)])
+    await a.bus.index_add([])
+    await b.bus.index_remove([])
+    assert await b.bus.index_range("i", 0) == [("m", 1)]
+
+
+async def test_concurrent_index_writers_on_two_processes(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    await asyncio.gather(
+        *((a if i % 2 else b).bus.index_add([("wal:c", f"wal/{i:04d}", i)]) for i in range(50))
+    )
+    assert await a.bus.index_range("wal:c", 40) == [(f"wal/{i:04d}", i) for i in range(40, 50)]
+    await asyncio.gather(
+        *((a if i % 2 else b).bus.index_remove([("wal:c", f"wal/{i:04d}")]) for i in range(45))
+    )
+    assert await b.bus.index_range("wal:c", 0) == [(f"wal/{i:04d}", i) for i in range(45, 50)]
+
+
+async def test_index_scores_must_be_within_2_pow_53(nodes: tuple[Node, Node]) -> None:
+    bus = nodes[0].bus
+    with pytest.raises(ValueError):
+        await bus.index_add([("i", "ok", 1), ("i", "m", 2**53 + 1)])
+    assert await bus.index_range("i", 0) == []  # nothing of a refused call was added
