@@ -7,8 +7,11 @@ of printable ASCII (see ``keys.py``); values are opaque bytes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+DELETE_BATCH = 1000  # keys per request of ``delete_many`` (S3 DeleteObjects takes at most 1000)
 
 
 class PreconditionFailed(Exception):
@@ -52,3 +55,8 @@ class ObjectStore(Protocol):
 
     async def delete(self, key: str) -> None:
         """Remove ``key``; removing a missing key is not an error."""
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove every key of ``keys``, in one request where the store has one (S3 DeleteObjects, up
+        to ``DELETE_BATCH`` keys per request); missing keys are not an error, no keys: nothing to do.
+        Every key is checked before anything is removed; a failure part way may leave some removed."""

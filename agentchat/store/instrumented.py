@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
+from collections.abc import Sequence
 
-from agentchat.store.base import ObjectStore, PreconditionFailed, StoredObject
+from agentchat.store.base import DELETE_BATCH, ObjectStore, PreconditionFailed, StoredObject
 
 
 class CountingStore:
     """Passes every call through to ``inner``; counts it in ``ops`` (and in ``errors`` if it raised,
-    a lost conditional write not counting as an error)."""
+    a lost conditional write not counting as an error). ``delete_many`` counts as the requests it
+    takes on S3: one ``delete`` per ``DELETE_BATCH`` keys."""
 
     def __init__(self, inner: ObjectStore, ops: Counter[str], errors: Counter[str]) -> None:
         self.inner = inner
@@ -54,4 +57,15 @@ class CountingStore:
             await self.inner.delete(key)
         except Exception:
             self.errors["delete"] += 1
+            raise
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        requests = math.ceil(len(keys) / DELETE_BATCH)
+        self.ops["delete"] += requests
+        try:
+            await self.inner.delete_many(keys)
+        except Exception:
+            self.errors["delete"] += requests
             raise

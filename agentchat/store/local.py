@@ -28,6 +28,7 @@ import os
 import secrets
 import struct
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 from agentchat.errors import error
@@ -304,6 +305,13 @@ class LocalStore:
                 await asyncio.to_thread(self._delete_sync, parts, slot)
             except OSError as exc:
                 raise error("store_unavailable", f"cannot delete {key}: {exc.strerror}") from exc
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        # A directory has no batch delete: one key after the other, each under its own lock slot.
+        for key in keys:
+            check_key(key)
+        for key in keys:
+            await self.delete(key)
 
     def _delete_sync(self, parts: list[str], slot: int) -> None:
         path = self._object_path(parts)

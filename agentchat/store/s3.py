@@ -29,7 +29,7 @@ import collections
 import logging
 import random
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
@@ -41,7 +41,7 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from agentchat.errors import AgentChatError, error
-from agentchat.store.base import PreconditionFailed, StoredObject
+from agentchat.store.base import DELETE_BATCH, PreconditionFailed, StoredObject
 from agentchat.store.local import check_key, check_prefix
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class S3Store:
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
         self.page_size = PAGE_SIZE  # keys per ListObjectsV2 request
+        self.delete_batch = DELETE_BATCH  # keys per DeleteObjects request
         self._client_args: dict[str, Any] = {
             "endpoint_url": endpoint,
             "region_name": region,
@@ -254,6 +255,43 @@ class S3Store:
     async def delete(self, key: str) -> None:
         check_key(key)
         await self._retry("delete", key, lambda: self._client.delete_object(Bucket=self.bucket, Key=self.prefix + key))
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            check_key(key)
+        unique = list(dict.fromkeys(keys))  # a key twice in one request is not portable
+        batch = self.delete_batch
+        for start in range(0, len(unique), batch):
+            await self._delete_objects(unique[start : start + batch])
+
+    async def _delete_objects(self, keys: list[str]) -> None:
+        """One DeleteObjects request (retried). It answers 200 even when some keys failed: those are
+        in ``Errors``, and are the only ones the next attempt sends again."""
+        remaining = keys
+        strip = len(self.prefix)
+
+        async def attempt() -> None:
+            nonlocal remaining
+            response = await self._client.delete_objects(
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": self.prefix + key} for key in remaining], "Quiet": True},
+            )
+            failed = response.get("Errors") or []
+            if failed:
+                remaining = [str(item.get("Key", ""))[strip:] for item in failed]
+                first = failed[0]
+                # As a ClientError, the first key's error code decides whether _retry tries again.
+                message = f"{len(failed)} keys not deleted, {remaining[0]}: {first.get('Message', '')}"
+                raise ClientError(
+                    {
+                        "Error": {"Code": first.get("Code", ""), "Message": message},
+                        "ResponseMetadata": response.get("ResponseMetadata", {}),
+                    },
+                    "DeleteObjects",
+                )
+
+        label = keys[0] if len(keys) == 1 else f"{len(keys)} keys ({keys[0]} ...)"
+        await self._retry("delete", label, attempt)
 
     # -- retries -------------------------------------------------------------------------------
 

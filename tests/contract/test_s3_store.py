@@ -25,12 +25,14 @@ def _s3_error(status: int, code: str) -> web.Response:
 class FaultyProxy:
     """Forwards to S3, except that the next requests follow ``plan``: ``slowdown`` (503), ``error``
     (500), ``conflict`` (409 ConditionalRequestConflict), ``applied-then-error`` (forwarded, then 500
-    instead of the real answer) or ``forward``."""
+    instead of the real answer), ``key-error:CODE:KEY`` (a DeleteObjects forwarded, then answered as
+    if KEY had failed with CODE) or ``forward``. ``bodies`` has every request's body."""
 
     def __init__(self, target: str) -> None:
         self.target = target
         self.plan: list[str] = []
         self.seen: list[tuple[str, str]] = []
+        self.bodies: list[bytes] = []
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self.endpoint = ""
@@ -54,6 +56,7 @@ class FaultyProxy:
         action = self.plan.pop(0) if self.plan else "forward"
         self.seen.append((request.method, action))
         body = await request.read()
+        self.bodies.append(body)
         if action == "slowdown":
             return _s3_error(503, "SlowDown")
         if action == "error":
@@ -68,6 +71,11 @@ class FaultyProxy:
             payload = await upstream.read()
             if action == "applied-then-error":
                 return _s3_error(500, "InternalError")
+            if action.startswith("key-error:"):
+                _, code, key = action.split(":", 2)
+                failed = f"<Error><Key>{key}</Key><Code>{code}</Code><Message>{code}</Message></Error>"
+                result = f'<?xml version="1.0" encoding="UTF-8"?><DeleteResult>{failed}</DeleteResult>'
+                return web.Response(status=200, body=result.encode(), content_type="application/xml")
             out = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS | {"date", "server"}}
             return web.Response(status=upstream.status, headers=out, body=payload)
 
@@ -144,6 +152,35 @@ async def test_listing_pages(store: S3Store) -> None:
     assert await store.list("m/") == keys
     assert await store.list("m/", limit=7) == keys[:7]
     assert await store.list("m/", start_after="m/0002", limit=5) == keys[3:8]
+
+
+async def test_delete_many_in_batches(store: S3Store) -> None:
+    store.delete_batch = 3  # small batches, to cross batch boundaries with a few keys
+    keys = [f"wal/{i}" for i in range(7)]
+    for k in keys:
+        await store.put(k, b"x")
+    await store.delete_many([*keys, "wal/missing"])
+    assert await store.list("") == []
+    assert store.ops["delete"] == 3
+
+
+async def test_delete_many_retries_only_the_keys_that_failed(store: S3Store, proxy: FaultyProxy) -> None:
+    keys = [f"wal/{i}" for i in range(3)]
+    for k in keys:
+        await store.put(k, b"x")
+    proxy.plan = ["slowdown", "key-error:InternalError:wal/1"]
+    await store.delete_many(keys)
+    assert await store.list("") == []
+    assert store.ops["delete.retry"] == 2
+    *_, last_delete = (body for body in proxy.bodies if b"<Delete" in body)
+    assert b"wal/1" in last_delete and b"wal/0" not in last_delete
+    # A key that fails for good makes the call fail.
+    await store.put("wal/0", b"x")
+    proxy.plan = ["key-error:AccessDenied:wal/0"]
+    with pytest.raises(Unavailable) as info:
+        await store.delete_many(["wal/0"])
+    assert "AccessDenied" in info.value.message
+    assert store.ops["delete.error"] == 1
 
 
 async def test_unreachable_service_is_unavailable() -> None:

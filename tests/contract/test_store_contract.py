@@ -209,6 +209,25 @@ async def test_delete_is_idempotent(store: ObjectStore) -> None:
     await store.put("tmp/x", b"3", if_none_match=True)  # a deleted key is absent again
 
 
+async def test_delete_many_removes_present_and_ignores_missing_keys(make_store: StartedStoreMaker) -> None:
+    a, b = await make_store(), await make_store()
+    for key in ("wal/a/1", "wal/a/2", "wal/b/1", "keep/1"):
+        await a.put(key, b"x")
+    await b.delete_many(["wal/a/1", "never/existed", "wal/a/2", "wal/b/1", "wal/a/1"])
+    assert await a.list("") == ["keep/1"]
+    await b.delete_many([])  # nothing to do is fine
+    await b.delete_many(["wal/a/1"])  # all missing is fine
+    assert await a.list("") == ["keep/1"]
+    await a.put("wal/a/1", b"again", if_none_match=True)  # a deleted key is absent again
+
+
+async def test_delete_many_checks_every_key_first(store: ObjectStore) -> None:
+    await store.put("k/1", b"x")
+    with pytest.raises(ValueError):
+        await store.delete_many(["k/1", "a//b"])
+    assert await store.list("") == ["k/1"]
+
+
 # -- keys ---------------------------------------------------------------------------------------
 
 
@@ -222,6 +241,8 @@ async def test_invalid_keys_are_refused(store: ObjectStore, key: str) -> None:
         await store.get(key)
     with pytest.raises(ValueError):
         await store.delete(key)
+    with pytest.raises(ValueError):
+        await store.delete_many([key])
 
 
 async def test_valid_key_characters(store: ObjectStore) -> None:
