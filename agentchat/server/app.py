@@ -1,6 +1,6 @@
 """``build_app(settings)``: the aiohttp application, its routes, and the lifetime of every backend.
 
-Start order (``cleanup_ctx``, closed in reverse): store → token secret → bus → segment writer → hub,
+Start order (``cleanup_ctx``, closed in reverse): store → token secret → bus → hub → message writer,
 then payments → peek service (``api/peeks.py``) → indicators (``api/indicators.py``).
 On shutdown the writer stores every queued message first (their acks still go out), then the sockets
 are closed (1001 going away, after their queued frames), then the hub, the bus and the store.
@@ -34,7 +34,7 @@ from agentchat.store import keys as store_keys
 from agentchat.store import store_from_url
 from agentchat.store.base import ObjectStore
 from agentchat.store.instrumented import CountingStore
-from agentchat.store.messages import MessageLog, SegmentWriter
+from agentchat.store.messages import MessageLog, MessageWriter
 from agentchat.store.records import Records
 
 log = logging.getLogger(__name__)
@@ -65,25 +65,27 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
     await store.start()
     app[STORE] = store
     app[RECORDS] = Records(store)
-    app[HISTORY] = MessageLog(store)
     app[TOKENS] = TokenIssuer(await _token_secret(settings, store), settings.token_ttl_seconds)
     bus = bus_from_url(settings.bus)
     app[BUS] = bus
-    writer = SegmentWriter(store, max_messages=settings.batch_max_messages,
-                           max_delay=settings.batch_max_delay_ms / 1000,
+    instance = secrets.token_hex(8)  # this process, in claims, heartbeats and write-ahead keys
+    writer = MessageWriter(store, bus, instance=instance, max_wait=settings.batch_max_wait_ms / 1000,
+                           max_messages=settings.batch_max_messages,
                            pending_max=settings.limits.pending_writes_max, on_flush=_observe_flush(metrics))
     app[WRITER] = writer
+    app[HISTORY] = MessageLog(store, bus, writer)
     several_processes = _scheme(settings.bus) != "memory"
     # One process on the in-process bus that stopped cleanly stored every number it handed out, so its
     # counters can restart right after the stored ones; any other start keeps the safety gap.
     clean_restart = not several_processes and await _take_clean_shutdown_mark(store)
-    hub = Hub(bus, app[RECORDS], app[HISTORY], writer, metrics=app[METRICS],
+    hub = Hub(bus, app[RECORDS], app[HISTORY], writer, metrics=app[METRICS], instance=instance,
               send_queue_max=settings.limits.send_queue_max,
-              gap_fill_wait=(settings.batch_max_delay_ms / 1000 + 0.05) if several_processes else 0.0,
+              gap_fill_wait=(settings.batch_max_wait_ms / 1000 + 0.05) if several_processes else 0.0,
               reseed_gap=0 if clean_restart else SEQ_RESEED_GAP)
     app[HUB] = hub
-    await writer.start()
     await hub.start()
+    # Recovers what stopped processes left in write-ahead objects before anything is served.
+    await writer.start(hub.is_alive)
     log.info("agentchat ready: bus=%s store=%s payments=%s", _scheme(settings.bus), _scheme(settings.store),
              _scheme(settings.payments))
     try:

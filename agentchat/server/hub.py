@@ -26,7 +26,7 @@ from agentchat.core import frames
 from agentchat.errors import AgentChatError, error
 from agentchat.server.metrics import LATENCY_SAMPLE_EVERY, Metrics
 from agentchat.server.session import CLOSE_REMOVED, Cursor, Session
-from agentchat.store.messages import MessageLog, SegmentWriter, frame_seq
+from agentchat.store.messages import MessageLog, MessageWriter, frame_seq
 from agentchat.store.records import Records
 
 log = logging.getLogger(__name__)
@@ -121,15 +121,15 @@ class Room:
 
 
 class Hub:
-    def __init__(self, bus: Bus, records: Records, history: MessageLog, writer: SegmentWriter,
-                 *, metrics: Metrics, send_queue_max: int, gap_fill_wait: float = 0.0,
+    def __init__(self, bus: Bus, records: Records, history: MessageLog, writer: MessageWriter,
+                 *, metrics: Metrics, send_queue_max: int, instance: str = "", gap_fill_wait: float = 0.0,
                  reseed_gap: int = SEQ_RESEED_GAP) -> None:
         """``gap_fill_wait``: with several processes, how long a resume waits (up to
         ``GAP_FILL_TRIES`` times) for numbers another process has sent but not yet stored; 0 for one
         process, where every such number is in this process's recent buffer."""
         self.gap_fill_wait = gap_fill_wait
         self.reseed_gap = reseed_gap
-        self.instance = secrets.token_hex(8)  # this process, in claims and heartbeats
+        self.instance = instance or secrets.token_hex(8)  # this process, in claims and heartbeats
         self._pending_mark = PENDING + self.instance.encode()
         self.bus = bus
         self.records = records
@@ -236,15 +236,31 @@ class Hub:
 
     def _on_bus_reconnect(self) -> None:
         # Messages published while the bus was away were not delivered here: every local reader
-        # catches up from the store, from the last number it has.
+        # catches up from the store, from the last number it has; live messages are held meanwhile.
         log.warning("bus reconnected; catching up %d rooms from the store", len(self.rooms))
         self.metrics.bus_reconnects += 1
+        readers: list[tuple[Session, Room, int]] = []
         for room in self.rooms.values():
             room.forget_recent()
-            for session in list(room.subscribers):
+            for session in room.subscribers:
                 cursor = session.cursors.get(room.id)
                 if cursor is not None and not cursor.catching_up:
-                    asyncio.get_running_loop().create_task(self._catch_up_safely(session, room, cursor.last))
+                    cursor.catching_up = True
+                    readers.append((session, room, cursor.last))
+        asyncio.get_running_loop().create_task(self._after_reconnect(readers))
+
+    async def _after_reconnect(self, readers: list[tuple[Session, Room, int]]) -> None:
+        # The bus may have lost the index of stored but not yet compacted messages: put ours back,
+        # and (several processes) give the others as long to do the same before reading it.
+        try:
+            await self.writer.reindex()
+        except AgentChatError as exc:
+            log.warning("could not re-index stored messages after the bus came back: %r", exc)
+        if self.gap_fill_wait:
+            await asyncio.sleep(self.gap_fill_wait * GAP_FILL_TRIES)
+        for session, room, after in readers:
+            if not session.closed and room.id in session.cursors:
+                asyncio.get_running_loop().create_task(self._catch_up_safely(session, room, after))
 
     async def _on_channel_event(self, channel: str, event: dict[str, Any]) -> None:
         room = self.rooms.get(channel)
@@ -459,6 +475,10 @@ class Hub:
         if owner == self.instance.encode() or await self.bus.get(heartbeat_key(owner.decode())) is not None:
             return False
         return await self.bus.compare_and_set(claim, previous, self._pending_mark, CLAIM_PENDING_TTL)
+
+    async def is_alive(self, instance: str) -> bool:
+        """Whether the process ``instance`` still writes its heartbeat."""
+        return await self.bus.get(heartbeat_key(instance)) is not None
 
     async def _heartbeat_loop(self) -> None:
         while True:

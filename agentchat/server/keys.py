@@ -14,7 +14,7 @@ from agentchat.server.peeks import PeekService
 from agentchat.server.metrics import Metrics
 from agentchat.server.tokens import TokenIssuer
 from agentchat.store.base import ObjectStore
-from agentchat.store.messages import MessageLog, SegmentWriter
+from agentchat.store.messages import MessageLog, MessageWriter
 from agentchat.store.records import Records
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -22,7 +22,7 @@ BUS = web.AppKey("bus", Bus)
 STORE = web.AppKey("store", ObjectStore)
 RECORDS = web.AppKey("records", Records)
 HISTORY = web.AppKey("history", MessageLog)
-WRITER = web.AppKey("writer", SegmentWriter)
+WRITER = web.AppKey("writer", MessageWriter)
 HUB = web.AppKey("hub", Hub)
 TOKENS = web.AppKey("tokens", TokenIssuer)
 METRICS = web.AppKey("metrics", Metrics)

@@ -1,5 +1,5 @@
 """Every object key the product writes, in one place (the seed's layout: agents/, channels/, messages/,
-peeks/, plus ledger/ and memberships/).
+peeks/, plus ledger/, memberships/ and the write-ahead batches under wal/).
 
 Numbers are zero-padded so that byte order (the order S3 lists keys in) is numeric order.
 """
@@ -54,6 +54,24 @@ def parse_segment(key: str) -> tuple[int, int]:
     name = key.rsplit("/", 1)[1].removesuffix(".seg")
     last, first = name.split("-")
     return int(first), int(last)
+
+
+WAL_PREFIX = "wal/"
+
+
+def wal_prefix(instance: str) -> str:
+    return f"{WAL_PREFIX}{instance}/"
+
+
+def wal(instance: str, number: int) -> str:
+    """One flush of a server process: every channel's messages of that batch (store/messages.py)."""
+    return f"{WAL_PREFIX}{instance}/{number:0{SEQ_WIDTH}d}.wal"
+
+
+def parse_wal(key: str) -> tuple[str, int]:
+    """(instance, number) of a write-ahead object key."""
+    _, instance, name = key.split("/")
+    return instance, int(name.removesuffix(".wal"))
 
 
 def peek(peek_id: str) -> str:

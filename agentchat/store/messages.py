@@ -1,14 +1,35 @@
-"""Channel history as segment objects, and the group-commit writer that makes them.
+"""Channel history: one write-ahead object per flush, compacted later into per-channel segments.
 
-A segment holds many messages of one channel: the exact ``message`` frames sent on the wire, one per
-line, in sequence order, so serving history or a resume needs no re-encoding. Its key names its last
-and first sequence numbers (``keys.segment``).
+Why two layers: a message must be durable before it is acked, and each storage write costs money (R2
+and S3 bill per request) and time. Writing one object per channel per flush costs a write for every
+channel that spoke in the last few milliseconds; writing everything of a flush, every channel together,
+as one object costs one write per flush whatever the number of channels. Per-channel segments, which
+make history cheap to read, are then written rarely and large.
 
-Group commit: ``SegmentWriter.add`` queues a frame; a background loop writes every queued frame as one
-segment per channel when the queue holds ``max_messages`` or its oldest entry is ``max_delay`` old,
-then calls each frame's ``on_durable``. A failed write is retried (backoff, no limit) with the same
-keys, so a message that was queued is either stored or lost with the process, never dropped; what
-bounds memory is admission: ``has_room()`` turns away new sends while ``pending_max`` frames wait.
+Write path (``MessageWriter``):
+
+1. ``add`` queues a ``message`` frame. The writer stores everything queued as ONE write-ahead object
+   ``wal/<instance>/<n>`` (``keys.wal``). How long the oldest queued message waits for company grows
+   with the arrival rate: ``max_wait`` at ``FULL_WAIT_RATE`` messages/s or more, proportionally less
+   below, so a lone message is written at once and a busy process writes a few large objects a second.
+2. It records in the bus index ``wal:<channel>`` which objects hold which channel's numbers (member:
+   the object key, score: the channel's last number in it), keeps each channel's frames in memory (its
+   *tail*), and only then calls every frame's ``on_durable`` (the ack).
+3. The compactor writes a channel's tail as one segment ``messages/<channel>/<last>-<first>.seg`` once
+   it holds ``segment_messages`` frames or is ``segment_age`` old (and everything at shutdown), then
+   removes its index entries and deletes the write-ahead objects no channel needs any more, many in one
+   request (``delete_many``).
+
+Read path (``MessageLog``): the index says which write-ahead objects hold numbers above ``after``; their
+frames come from this process's memory (its own objects) or the store (other processes', cached); then
+the segments. A message briefly present in both is taken once. The index is read first and segments
+last, so a compaction in between is harmless: it writes the segment before it touches the index or
+deletes an object.
+
+Recovery: a process that dies leaves write-ahead objects behind. Every process, at start and every
+``RECOVERY_SECONDS``, lists ``wal/`` and for the objects of an instance with no heartbeat writes what
+no segment holds yet, then deletes them. If the bus forgets the index (a Redis restart without
+persistence), each process re-adds its own entries on reconnect (``reindex``).
 """
 
 from __future__ import annotations
@@ -17,15 +38,35 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
+from agentchat.bus.base import Bus
+from agentchat.errors import AgentChatError
 from agentchat.store import keys
 from agentchat.store.base import ObjectStore, PreconditionFailed
 
 log = logging.getLogger(__name__)
 
 OnDurable = Callable[[int], None]
+IsAlive = Callable[[str], Awaitable[bool]]
+
+# Write-ahead objects of other processes kept decoded for readers (they never change once written).
+WAL_CACHE_OBJECTS = 32
+RECOVERY_SECONDS = 30.0
+COMPACT_CHECK_SECONDS = 1.0
+# Arrival rate (messages/s, whole process) from which a batch waits the full ``max_wait``. A sender
+# that waits for each ack before the next send sees about sqrt(max_wait / FULL_WAIT_RATE) per message
+# (7 ms with the default 100 ms).
+FULL_WAIT_RATE = 2000.0
+RATE_SAMPLE_SECONDS = 0.25
+LIST_PAGE = 1000
+
+
+def wal_index(channel: str) -> str:
+    """Bus index of the write-ahead objects holding a channel's not yet compacted messages."""
+    return "wal:" + channel
 
 
 def parse_segment_frames(data: bytes) -> list[bytes]:
@@ -38,11 +79,55 @@ def frame_seq(frame: bytes) -> int:
     return int(frame[start:frame.index(b",", start)])
 
 
-class MessageLog:
-    """Reads a channel's stored history."""
+def encode_wal(sections: dict[str, list[bytes]]) -> bytes:
+    """A write-ahead object: for each channel a line ``#<channel>`` then its frames, one per line.
+    Frames are JSON objects (they start with ``{``), so a ``#`` line cannot be mistaken for one."""
+    lines: list[bytes] = []
+    for channel, frames in sections.items():
+        lines.append(b"#" + channel.encode())
+        lines.extend(frames)
+    return b"\n".join(lines)
 
-    def __init__(self, store: ObjectStore) -> None:
+
+def decode_wal(data: bytes) -> dict[str, list[bytes]]:
+    sections: dict[str, list[bytes]] = {}
+    current: list[bytes] | None = None
+    for line in data.split(b"\n"):
+        if not line:
+            continue
+        if line[:1] == b"#":
+            current = sections.setdefault(line[1:].decode(), [])
+        elif current is not None:
+            current.append(line)
+    return sections
+
+
+async def put_until_stored(store: ObjectStore, key: str, data: bytes, on_failure: Callable[[], None]) -> None:
+    """Create ``key`` with ``data``, retrying with backoff and jitter until it is stored. Keys and
+    contents are fixed before the first attempt, so an attempt that was stored before its answer was
+    lost shows up as ``PreconditionFailed`` on the retry: the same bytes are there."""
+    delay = 0.05
+    while True:
+        try:
+            await store.put(key, data, if_none_match=True)
+            return
+        except PreconditionFailed:
+            return
+        except Exception as exc:
+            on_failure()
+            log.warning("storing %s failed: %r; retrying", key, exc)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 5.0)
+
+
+class MessageLog:
+    """Reads a channel's stored history: segments plus the write-ahead tail."""
+
+    def __init__(self, store: ObjectStore, bus: Bus, writer: MessageWriter | None = None) -> None:
         self.store = store
+        self.bus = bus
+        self.writer = writer  # this process's writer: its tails are read from memory
+        self._wal_cache: OrderedDict[str, dict[str, list[bytes]]] = OrderedDict()
 
     async def read(self, channel: str, after: int, limit: int) -> list[bytes]:
         """Stored ``message`` frames with ``seq > after``, in order, at most ``limit``.
@@ -51,9 +136,12 @@ class MessageLog:
         stores 101 and 103, B stores 102), so a frame is returned only once no unread segment could
         hold a smaller number.
         """
-        listing = await self._list(channel, after, max_keys=1000)
-        if not listing:
-            return []
+        collected = await self._wal_frames(channel, after)
+        listing = await self._list(channel, after, max_keys=LIST_PAGE)
+        if len(listing) == LIST_PAGE:
+            # Segments beyond this page may hold numbers below the write-ahead ones: leave those out.
+            ceiling = keys.parse_segment(listing[-1])[1]
+            collected = {seq: frame for seq, frame in collected.items() if seq <= ceiling}
         spans = [keys.parse_segment(key) for key in listing]
         # lowest first-seq among the segments after position i
         floor_after = [0] * len(spans)
@@ -61,21 +149,62 @@ class MessageLog:
         for i in range(len(spans) - 1, -1, -1):
             floor_after[i] = lowest
             lowest = min(lowest, spans[i][0])
-        collected: list[tuple[int, bytes]] = []
         for i, key in enumerate(listing):
             obj = await self.store.get(key)
-            if obj is None:  # removed by compaction between list and get; the caller retries later
+            if obj is None:  # cannot happen (segments are never deleted) unless removed by hand
                 break
             for frame in parse_segment_frames(obj.data):
                 seq = frame_seq(frame)
                 if seq > after:
-                    collected.append((seq, frame))
+                    collected[seq] = frame
             safe_below = floor_after[i]
-            ready = sum(1 for seq, _ in collected if seq < safe_below)
-            if ready >= limit:
+            if sum(1 for seq in collected if seq < safe_below) >= limit:
                 break
-        collected.sort(key=lambda item: item[0])
-        return [frame for _, frame in collected[:limit]]
+        return [collected[seq] for seq in sorted(collected)[:limit]]
+
+    async def _wal_frames(self, channel: str, after: int) -> dict[int, bytes]:
+        """Frames above ``after`` that are durable but not yet in a segment (any process's)."""
+        entries = await self.bus.index_range(wal_index(channel), after + 1)
+        found: dict[int, bytes] = {}
+        own_prefix = self.writer.wal_prefix if self.writer is not None else None
+        gone: list[tuple[str, str]] = []
+        for key, _ in entries:
+            if own_prefix is not None and key.startswith(own_prefix):
+                continue  # read from memory below
+            frames = await self._wal_section(key, channel)
+            if frames is None:
+                gone.append((wal_index(channel), key))
+                continue
+            for frame in frames:
+                seq = frame_seq(frame)
+                if seq > after:
+                    found[seq] = frame
+        if self.writer is not None:
+            for seq, frame in self.writer.tail(channel):
+                if seq > after:
+                    found[seq] = frame
+        if gone:
+            # Compacted and deleted (its segment is listed next) by a process that could not update
+            # the index: drop the stale entries.
+            try:
+                await self.bus.index_remove(gone)
+            except AgentChatError:
+                pass
+        return found
+
+    async def _wal_section(self, key: str, channel: str) -> list[bytes] | None:
+        sections = self._wal_cache.get(key)
+        if sections is None:
+            obj = await self.store.get(key)
+            if obj is None:
+                return None
+            sections = decode_wal(obj.data)
+            self._wal_cache[key] = sections
+            if len(self._wal_cache) > WAL_CACHE_OBJECTS:
+                self._wal_cache.popitem(last=False)
+        else:
+            self._wal_cache.move_to_end(key)
+        return sections.get(channel, [])
 
     async def _list(self, channel: str, after: int, max_keys: int) -> list[str]:
         return await self.store.list(
@@ -84,10 +213,12 @@ class MessageLog:
 
     async def last_seq(self, channel: str) -> int:
         """Highest stored sequence number of a channel (0 if none)."""
-        prefix = keys.segment_prefix(channel)
-        highest, start_after = 0, ""
+        highest = max((score for _, score in await self.bus.index_range(wal_index(channel), 0)), default=0)
+        if self.writer is not None:
+            highest = max(highest, max((seq for seq, _ in self.writer.tail(channel)), default=0))
+        prefix, start_after = keys.segment_prefix(channel), ""
         while True:
-            page = await self.store.list(prefix, start_after=start_after, limit=1000)
+            page = await self.store.list(prefix, start_after=start_after, limit=LIST_PAGE)
             if not page:
                 return highest
             highest = max(highest, *(keys.parse_segment(key)[1] for key in page))
@@ -106,34 +237,70 @@ class _Pending:
     on_durable: OnDurable | None
 
 
+@dataclass(slots=True)
+class _Tail:
+    """A channel's durable frames not yet in a segment, and the write-ahead objects holding them."""
+    frames: list[tuple[int, bytes]] = field(default_factory=list)
+    objects: list[tuple[str, int]] = field(default_factory=list)  # (key, this channel's last seq in it)
+    since: float = field(default_factory=time.monotonic)
+
+
 @dataclass
 class WriterStats:
+    wal_objects_written: int = 0
     segments_written: int = 0
     messages_written: int = 0
     write_failures: int = 0
+    objects_recovered: int = 0
     last_flush_seconds: float = 0.0
 
 
-class SegmentWriter:
+class MessageWriter:
     def __init__(
-        self, store: ObjectStore, *, max_messages: int, max_delay: float, pending_max: int,
-        on_flush: Callable[[int, float], None] | None = None,
+        self, store: ObjectStore, bus: Bus, *, instance: str, max_wait: float, max_messages: int,
+        pending_max: int, segment_messages: int = 4000, segment_age: float = 60.0,
+        tails_max: int = 200_000, on_flush: Callable[[int, float], None] | None = None,
     ) -> None:
-        """``on_flush(messages, seconds)`` is called after each batch is stored (for metrics)."""
-        self.on_flush = on_flush
+        """``max_wait``: the longest a message waits for others before its batch is written (under
+        load; see ``FULL_WAIT_RATE``). ``max_messages``: write sooner once this many are queued.
+        ``pending_max``: queued messages beyond which ``has_room`` turns sends away. A channel's tail
+        becomes a segment at ``segment_messages`` frames or ``segment_age`` seconds; all tails together
+        stay under about ``tails_max`` frames (the largest are compacted first).
+        ``on_flush(messages, seconds)`` is called after each batch is stored (for metrics)."""
         self.store = store
+        self.bus = bus
+        self.instance = instance
+        self.wal_prefix = keys.wal_prefix(instance)
+        self.max_wait = max_wait
         self.max_messages = max_messages
-        self.max_delay = max_delay
         self.pending_max = pending_max
+        self.segment_messages = segment_messages
+        self.segment_age = segment_age
+        self.tails_max = tails_max
+        self.on_flush = on_flush
         self._queue: dict[str, list[_Pending]] = {}
         self._queued = 0
         self._in_flight = 0
         self._oldest = 0.0
+        self._arrivals = 0
+        self._rate = 0.0  # messages/s over the last RATE_SAMPLE_SECONDS or more
+        self._rate_sample = (time.monotonic(), 0)
+        self._next_number = 1
+        self._tails: dict[str, _Tail] = {}
+        self._tail_frames = 0
+        self._object_refs: dict[str, int] = {}  # write-ahead object -> channels not yet compacted
+        self._deletable: list[str] = []
+        self._compacting = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._compact_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._closing = False
+        self._is_alive: IsAlive | None = None
         self.stats = WriterStats()
         self.healthy = True
+
+    # ------------------------------------------------------------------------------ queue
 
     @property
     def pending(self) -> int:
@@ -143,6 +310,7 @@ class SegmentWriter:
         return not self._closing and self.pending + n <= self.pending_max
 
     def add(self, channel: str, seq: int, frame: bytes, on_durable: OnDurable | None) -> None:
+        self._arrivals += 1
         if self._queued == 0:
             self._oldest = time.monotonic()
         self._queue.setdefault(channel, []).append(_Pending(seq, frame, on_durable))
@@ -150,20 +318,39 @@ class SegmentWriter:
         if self._queued >= self.max_messages or self._queued == 1:
             self._wake.set()
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="segment-writer")
+    def tail(self, channel: str) -> list[tuple[int, bytes]]:
+        """This process's durable, not yet compacted frames of ``channel`` as (seq, frame)."""
+        found = self._tails.get(channel)
+        return list(found.frames) if found is not None else []
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    async def start(self, is_alive: IsAlive) -> None:
+        """Recover what dead processes left (before anything is served), then start writing.
+        ``is_alive(instance)`` tells whether another process is still running."""
+        self._is_alive = is_alive
+        await self.recover()
+        self._flusher = asyncio.create_task(self._flush_loop(), name="message-writer")
+        self._tasks.append(asyncio.create_task(self._compact_loop(), name="message-compactor"))
 
     async def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued (for up to ``timeout`` seconds), then stop."""
+        """Write what is queued and compact every tail (for up to ``timeout`` seconds), then stop."""
         self._closing = True
         self._wake.set()
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(self._task, timeout)
-            except asyncio.TimeoutError:
-                log.error("shutdown: %d messages could not be stored in time", self.pending)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            async with asyncio.timeout(timeout):
+                if self._flusher is not None:
+                    await asyncio.gather(self._flusher, return_exceptions=True)
+                await self.compact(list(self._tails))
+        except TimeoutError:
+            log.error("shutdown: %d messages could not be stored in time", self.pending)
 
-    async def _run(self) -> None:
+    # ------------------------------------------------------------------------------ write-ahead
+
+    async def _flush_loop(self) -> None:
         while True:
             if self._queued == 0:
                 if self._closing:
@@ -171,18 +358,18 @@ class SegmentWriter:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            wait = self._oldest + self.max_delay - time.monotonic()
+            wait = self._oldest + self._linger() - time.monotonic()
             if wait > 0 and self._queued < self.max_messages and not self._closing:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), wait)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 continue
             batch, self._queue = self._queue, {}
             count, self._queued = self._queued, 0
             self._in_flight = count
-            await self._write_until_stored(batch)
+            await self._write_batch(batch, count)
             self._in_flight = 0
             for items in batch.values():
                 for item in items:
@@ -192,39 +379,215 @@ class SegmentWriter:
                         except Exception:  # one broken callback must not stop the writer
                             log.exception("on_durable callback failed")
 
-    async def _write_until_stored(self, batch: dict[str, list[_Pending]]) -> None:
+    def _linger(self) -> float:
+        """How long the oldest queued message may wait for others, from the recent arrival rate."""
+        now = time.monotonic()
+        since, arrivals = self._rate_sample
+        if now - since >= RATE_SAMPLE_SECONDS:
+            self._rate = (self._arrivals - arrivals) / (now - since)
+            self._rate_sample = (now, self._arrivals)
+        return self.max_wait * min(1.0, self._rate / FULL_WAIT_RATE)
+
+    async def _write_batch(self, batch: dict[str, list[_Pending]], count: int) -> None:
         started = time.monotonic()
-        todo = {}
+        key = keys.wal(self.instance, self._next_number)
+        self._next_number += 1
+        sections: dict[str, list[bytes]] = {}
         for channel, items in batch.items():
             items.sort(key=lambda item: item.seq)
-            key = keys.segment(channel, items[0].seq, items[-1].seq)
-            todo[key] = b"\n".join(item.frame for item in items)
-        delay = 0.05
-        while todo:
-            results = await asyncio.gather(*(self._put(key, data) for key, data in todo.items()),
-                                           return_exceptions=True)
-            failed = {}
-            for (key, data), result in zip(todo.items(), results):
-                if isinstance(result, BaseException):
-                    failed[key] = data
-                    self.stats.write_failures += 1
-                    log.warning("storing segment %s failed: %r; retrying", key, result)
-            todo = failed
-            self.healthy = not failed
-            if failed:
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 5.0)
-        count = sum(len(items) for items in batch.values())
-        self.stats.segments_written += len(batch)
+            sections[channel] = [item.frame for item in items]
+
+        def failed() -> None:
+            self.stats.write_failures += 1
+            self.healthy = False
+
+        await put_until_stored(self.store, key, encode_wal(sections), failed)
+        self.healthy = True
+        # Indexed before the acks: a reader on another process, asked right after the ack, finds it.
+        entries = [(wal_index(channel), key, items[-1].seq) for channel, items in batch.items()]
+        try:
+            await self.bus.index_add(entries)
+        except AgentChatError as exc:
+            # Stored all the same; the index is rebuilt when the bus comes back (reindex).
+            log.warning("could not index %s on the bus: %r", key, exc)
+        for channel, items in batch.items():
+            tail = self._tails.get(channel)
+            if tail is None:
+                tail = self._tails[channel] = _Tail()
+            tail.frames.extend((item.seq, item.frame) for item in items)
+            tail.objects.append((key, items[-1].seq))
+            if len(tail.frames) >= self.segment_messages:
+                self._compact_wake.set()
+        self._object_refs[key] = len(batch)
+        self._tail_frames += count
+        if self._tail_frames > self.tails_max:
+            self._compact_wake.set()
+        self.stats.wal_objects_written += 1
         self.stats.messages_written += count
         self.stats.last_flush_seconds = time.monotonic() - started
         if self.on_flush is not None:
             self.on_flush(count, self.stats.last_flush_seconds)
 
-    async def _put(self, key: str, data: bytes) -> None:
+    async def reindex(self) -> None:
+        """Add this process's index entries again (after the bus may have lost them)."""
+        entries = [(wal_index(channel), key, last)
+                   for channel, tail in self._tails.items() for key, last in tail.objects]
+        if entries:
+            await self.bus.index_add(entries)
+            log.info("re-indexed %d write-ahead entries", len(entries))
+
+    # ------------------------------------------------------------------------------ compaction
+
+    async def _compact_loop(self) -> None:
+        last_recovery = time.monotonic()
+        while True:
+            try:
+                await asyncio.wait_for(self._compact_wake.wait(), COMPACT_CHECK_SECONDS)
+            except TimeoutError:
+                pass
+            self._compact_wake.clear()
+            try:
+                await self.compact(self._due())
+                if time.monotonic() - last_recovery >= RECOVERY_SECONDS:
+                    last_recovery = time.monotonic()
+                    await self.recover()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("compaction failed; retrying")
+
+    def _due(self) -> list[str]:
+        now = time.monotonic()
+        due = [channel for channel, tail in self._tails.items()
+               if len(tail.frames) >= self.segment_messages or now - tail.since >= self.segment_age]
+        if self._tail_frames > self.tails_max:
+            chosen = set(due)
+            remaining = self._tail_frames - sum(len(self._tails[c].frames) for c in due)
+            for channel in sorted(self._tails, key=lambda c: len(self._tails[c].frames), reverse=True):
+                if remaining <= self.tails_max // 2:
+                    break
+                if channel not in chosen:
+                    due.append(channel)
+                    remaining -= len(self._tails[channel].frames)
+        return due
+
+    async def compact(self, channels: list[str]) -> None:
+        """Write each channel's tail as one segment, then forget it and delete the write-ahead objects
+        nothing needs any more."""
+        async with self._compacting:
+            # What is in the tails now; frames added while the segments are written stay for next time.
+            cut = {channel: (len(tail.frames), len(tail.objects))
+                   for channel in channels if (tail := self._tails.get(channel)) is not None and tail.frames}
+            if not cut:
+                await self._delete_unneeded()
+                return
+
+            def failed() -> None:
+                self.stats.write_failures += 1
+
+            async def write(channel: str, frames: list[tuple[int, bytes]]) -> None:
+                frames = sorted(frames, key=lambda item: item[0])
+                key = keys.segment(channel, frames[0][0], frames[-1][0])
+                await put_until_stored(self.store, key, b"\n".join(frame for _, frame in frames), failed)
+
+            await asyncio.gather(*(write(channel, self._tails[channel].frames[:n])
+                                   for channel, (n, _) in cut.items()))
+            self.stats.segments_written += len(cut)
+            removed: list[tuple[str, str]] = []
+            for channel, (n, m) in cut.items():
+                tail = self._tails[channel]
+                for key, _ in tail.objects[:m]:
+                    removed.append((wal_index(channel), key))
+                    self._object_refs[key] -= 1
+                    if self._object_refs[key] == 0:
+                        del self._object_refs[key]
+                        self._deletable.append(key)
+                del tail.frames[:n]
+                del tail.objects[:m]
+                self._tail_frames -= n
+                if tail.frames:
+                    tail.since = time.monotonic()
+                else:
+                    del self._tails[channel]
+            try:
+                await self.bus.index_remove(removed)
+            except AgentChatError as exc:
+                # Readers drop entries whose object is gone (MessageLog._wal_frames).
+                log.warning("could not remove %d write-ahead index entries: %r", len(removed), exc)
+            await self._delete_unneeded()
+
+    async def _delete_unneeded(self) -> None:
+        if not self._deletable:
+            return
+        doomed, self._deletable = self._deletable, []
         try:
-            await self.store.put(key, data, if_none_match=True)
-        except PreconditionFailed:
-            # An earlier attempt was stored before its answer was lost: the same key holds the same
-            # frames, because keys and contents are fixed when the batch is cut.
-            pass
+            await self.store.delete_many(doomed)
+        except Exception as exc:  # left for the next pass; nothing depends on their removal
+            log.warning("could not delete %d write-ahead objects: %r", len(doomed), exc)
+            self._deletable.extend(doomed)
+
+    # ------------------------------------------------------------------------------ recovery
+
+    async def recover(self) -> None:
+        """Store in segments what dead processes left in write-ahead objects only, then delete those."""
+        if self._is_alive is None:
+            return
+        by_instance: dict[str, list[str]] = {}
+        start_after = ""
+        while True:
+            page = await self.store.list(keys.WAL_PREFIX, start_after=start_after, limit=LIST_PAGE)
+            if not page:
+                break
+            for key in page:
+                by_instance.setdefault(keys.parse_wal(key)[0], []).append(key)
+            start_after = page[-1]
+        for instance, wal_keys in by_instance.items():
+            if instance == self.instance or await self._is_alive(instance):
+                continue
+            await self._recover_instance(instance, wal_keys)
+
+    async def _recover_instance(self, instance: str, wal_keys: list[str]) -> None:
+        by_channel: dict[str, dict[int, bytes]] = {}
+        entries: list[tuple[str, str]] = []
+        for key in wal_keys:
+            obj = await self.store.get(key)
+            if obj is None:
+                continue
+            for channel, frames in decode_wal(obj.data).items():
+                found = by_channel.setdefault(channel, {})
+                for frame in frames:
+                    found[frame_seq(frame)] = frame
+                entries.append((wal_index(channel), key))
+        written = 0
+        for channel, found in by_channel.items():
+            for seq in await self._stored_among(channel, min(found), max(found)):
+                found.pop(seq, None)
+            if found:
+                ordered = sorted(found)
+                await put_until_stored(self.store, keys.segment(channel, ordered[0], ordered[-1]),
+                                       b"\n".join(found[seq] for seq in ordered), lambda: None)
+                written += len(found)
+        try:
+            await self.bus.index_remove(entries)
+        except AgentChatError as exc:
+            log.warning("could not remove the index entries of a dead process: %r", exc)
+        await self.store.delete_many(wal_keys)
+        self.stats.objects_recovered += len(wal_keys)
+        log.warning("recovered %d write-ahead objects of stopped process %s (%d messages not yet in "
+                    "segments)", len(wal_keys), instance, written)
+
+    async def _stored_among(self, channel: str, first: int, last: int) -> set[int]:
+        """Numbers between ``first`` and ``last`` that segments of ``channel`` already hold."""
+        stored: set[int] = set()
+        start_after = keys.segment_after(channel, first - 1)
+        while True:
+            page = await self.store.list(keys.segment_prefix(channel), start_after=start_after, limit=LIST_PAGE)
+            if not page:
+                return stored
+            for key in page:
+                low, high = keys.parse_segment(key)
+                if low <= last and high >= first:
+                    obj = await self.store.get(key)
+                    if obj is not None:
+                        stored.update(frame_seq(frame) for frame in parse_segment_frames(obj.data))
+            start_after = page[-1]
