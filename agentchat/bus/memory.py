@@ -200,6 +200,26 @@ class MemoryBus:
             broker.deliver(subscribers, topic, seq, body)
         return seq
 
+    async def claim_and_publish(
+        self, claim: str, mark: bytes, ttl: float, topic: str, counter: str, body: bytes
+    ) -> int | bytes | None:
+        _check_ttl(ttl)
+        broker = self._broker
+        now = time.monotonic()
+        entry = broker.live(claim, now)
+        if entry is not None:
+            return _as_bytes(entry[0])
+        seq = broker.counters.get(counter)
+        if seq is None:
+            return None
+        broker.store(claim, mark, now + ttl)
+        seq += 1
+        broker.counters[counter] = seq
+        subscribers = broker.topics.get(topic)
+        if subscribers:
+            broker.deliver(subscribers, topic, seq, body)
+        return seq
+
     async def seed_sequence(self, counter: str, floor: int) -> None:
         counters = self._broker.counters
         current = counters.get(counter)

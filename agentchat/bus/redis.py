@@ -75,6 +75,17 @@ local seq = redis.call('INCR', KEYS[1])
 redis.call('PUBLISH', ARGV[1], string.format('%d:', seq) .. ARGV[2])
 return seq
 """)
+# KEYS[1] claim, KEYS[2] counter; ARGV[1] mark, ARGV[2] ttl ms, ARGV[3] channel, ARGV[4] body.
+# {1, seq} if claimed and published, {0, value} if the claim exists, {2} if the counter is unknown.
+CLAIM_AND_PUBLISH = _Script("""
+local current = redis.call('GET', KEYS[1])
+if current then return {0, current} end
+if redis.call('EXISTS', KEYS[2]) == 0 then return {2} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local seq = redis.call('INCR', KEYS[2])
+redis.call('PUBLISH', ARGV[3], string.format('%d:', seq) .. ARGV[4])
+return {1, seq}
+""")
 # KEYS[i] key, ARGV[i] its value; ARGV[#KEYS + 1] ttl ms.
 SET_MANY = _Script("""
 local ttl = ARGV[#KEYS + 1]
@@ -576,6 +587,22 @@ class RedisBus:
     async def publish_sequenced(self, topic: str, counter: str, body: bytes) -> int | None:
         seq = await self._run_script(PUBLISH_SEQUENCED, self._seq_prefix + counter, self._topic_prefix + topic, body)
         return None if seq is None else int(seq)
+
+    async def claim_and_publish(
+        self, claim: str, mark: bytes, ttl: float, topic: str, counter: str, body: bytes
+    ) -> int | bytes | None:
+        keys = [self._value_prefix + claim, self._seq_prefix + counter]
+        try:
+            reply = await self._commands.script(CLAIM_AND_PUBLISH, keys,
+                                                [mark, _ttl_ms(ttl), self._topic_prefix + topic, body])
+        except _CONNECTION_ERRORS as exc:
+            raise self._unavailable(exc) from exc
+        outcome = int(reply[0])
+        if outcome == 1:
+            return int(reply[1])
+        if outcome == 0:
+            return bytes(reply[1])
+        return None
 
     async def seed_sequence(self, counter: str, floor: int) -> None:
         await self._run_script(SEED_SEQUENCE, self._seq_prefix + counter, int(floor))

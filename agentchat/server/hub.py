@@ -1,8 +1,8 @@
 """The hub: this process's view of live channels, and the one path every message takes.
 
-Send: check membership and epoch → claim the client id (idempotency) → ``bus.publish_sequenced``
-(number + live fan-out to every process, in number order) → queue for group commit → ack through
-``on_ack`` once the segment holding it is stored.
+Send: check membership and epoch → ``bus.claim_and_publish``: claim the client id (idempotency), take
+the next number and fan out live to every process, in number order, in one bus call → queue for group
+commit → ack through ``on_ack`` once the batch holding it is stored.
 
 Bus topics: ``c:<channel>`` carries messages, ``e:<channel>`` channel events (membership, epoch),
 ``a:<did>`` events for one agent (added to a channel). A process subscribes to a channel's topics while
@@ -427,23 +427,32 @@ class Hub:
         if envelope["epoch"] != room.epoch:
             raise error("stale_epoch", f"channel {channel} is at epoch {room.epoch}; fetch its key and re-encrypt")
         claim = claim_key(channel, sender, client_id)
-        previous = await self.bus.set_if_absent(claim, self._pending_mark, CLAIM_PENDING_TTL)
-        if previous is not None:
-            if not previous.startswith(PENDING):
-                on_ack(int(previous))
+        if not self.writer.has_room():
+            previous = await self.bus.get(claim)
+            if previous is not None and not previous.startswith(PENDING):
+                on_ack(int(previous))  # a retry of a stored message needs no room
                 return
-            if not await self._take_over_claim(claim, previous):
+            raise error("store_unavailable", "too many messages are waiting to be stored; retry shortly")
+        ts_ms = int(time.time() * 1000)
+        body = frames.message_body(channel, sender, client_id, ts_ms, envelope)
+        started = time.perf_counter()
+        # The claim (idempotency) and the number are one bus call. If that call fails ambiguously the
+        # claim may be left pending under this process's mark: retries get duplicate_pending until it
+        # expires (CLAIM_PENDING_TTL), never a second number for a stored message.
+        outcome = await self._claim_and_publish(claim, channel, body)
+        if isinstance(outcome, bytes):
+            if not outcome.startswith(PENDING):
+                on_ack(int(outcome))
+                return
+            if not await self._take_over_claim(claim, outcome):
                 raise error("duplicate_pending")
-        try:
-            if not self.writer.has_room():
-                raise error("store_unavailable", "too many messages are waiting to be stored; retry shortly")
-            ts_ms = int(time.time() * 1000)
-            body = frames.message_body(channel, sender, client_id, ts_ms, envelope)
-            started = time.perf_counter()
-            seq = await self._publish(channel, body)
-        except BaseException:
-            await self._release_claim(claim)
-            raise
+            try:
+                seq = await self._publish(channel, body)
+            except BaseException:
+                await self._release_claim(claim)
+                raise
+        else:
+            seq = outcome
         room.last_used = time.monotonic()
         self.metrics.messages_in += 1
         sequenced, counted = self.sequenced, (channel, ts_ms // 1000)
@@ -493,6 +502,17 @@ class Hub:
             await self.bus.delete(claim)
         except AgentChatError:
             pass
+
+    async def _claim_and_publish(self, claim: str, channel: str, body: bytes) -> int | bytes:
+        """The number of the published message, or the claim's existing value (nothing published)."""
+        args = (claim, self._pending_mark, CLAIM_PENDING_TTL, topic_messages(channel), counter_key(channel), body)
+        outcome = await self.bus.claim_and_publish(*args)
+        if outcome is None:
+            await self._reseed(channel)
+            outcome = await self.bus.claim_and_publish(*args)
+            if outcome is None:
+                raise error("bus_unavailable", "the bus lost the channel's counter twice; retry")
+        return outcome
 
     async def _publish(self, channel: str, body: bytes) -> int:
         seq = await self.bus.publish_sequenced(topic_messages(channel), counter_key(channel), body)

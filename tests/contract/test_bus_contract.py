@@ -376,3 +376,21 @@ async def test_index_scores_must_be_within_2_pow_53(nodes: tuple[Node, Node]) ->
     with pytest.raises(ValueError):
         await bus.index_add([("i", "ok", 1), ("i", "m", 2**53 + 1)])
     assert await bus.index_range("i", 0) == []  # nothing of a refused call was added
+
+
+async def test_claim_and_publish(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    await b.bus.subscribe("c:ch")
+    # Unknown counter: nothing claimed, nothing published.
+    assert await a.bus.claim_and_publish("cid:1", b"p:a", 30, "c:ch", "seq:ch", b"one") is None
+    assert await a.bus.get("cid:1") is None
+    await a.bus.seed_sequence("seq:ch", 10)
+    assert await a.bus.claim_and_publish("cid:1", b"p:a", 30, "c:ch", "seq:ch", b"one") == 11
+    assert await a.bus.get("cid:1") == b"p:a"
+    await b.received.wait_count("c:ch", 1)
+    assert b.received.on("c:ch") == [(11, b"one")]
+    # The claim exists (another process, or a retry): its value comes back and nothing is published.
+    assert await b.bus.claim_and_publish("cid:1", b"p:b", 30, "c:ch", "seq:ch", b"again") == b"p:a"
+    assert await a.bus.claim_and_publish("cid:2", b"p:a", 30, "c:ch", "seq:ch", b"two") == 12
+    await b.received.wait_count("c:ch", 2)
+    assert b.received.on("c:ch") == [(11, b"one"), (12, b"two")]

@@ -42,7 +42,7 @@ async def eventually(get: Callable[[], Any], check: Callable[[Any], bool], timeo
         if check(value):
             return value
         assert time.monotonic() < deadline, f"still {value}"
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)  # under the route's 20 requests/s per address, however long it takes
 
 
 def indicators_of(client: Any, channel: str) -> Callable[[], Any]:
