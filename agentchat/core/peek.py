@@ -34,7 +34,8 @@ Decisions
   any instant exactly one of the two is accepted, so the deadline wins a tie at the boundary.
 - ``capturing`` is a short state between the deadline and the capture's result. It makes the deadline a
   transition of its own, so exactly one process issues the capture and a late refusal is refused by
-  state as well as by time.
+  state as well as by time. It is also the countdown's outcome (nobody refused), so the agents and the
+  peeker are told at once rather than after the payment provider answers.
 - ``expired`` means the payment was never authorised before ``payment_expires_at`` (the payment is
   canceled so it cannot be authorised afterwards). A capture that fails at the deadline ends in
   ``payment_failed``, like an authorisation that fails: in both the peeker pays nothing and sees nothing.
@@ -526,7 +527,12 @@ def _deadline_passed(peek: Peek, event: Event, now: float, to: PeekState) -> tup
     assert peek.deadline is not None
     if now < peek.deadline:
         raise errors.error("peek_state", "The peek's refusal window is still open.")
-    return peek, [CapturePayment(peek.id, peek.payment_ref, peek.price_cents)]
+    # The outcome of the countdown is decided here: everyone hears it now, not after the capture.
+    return peek, [
+        NotifyAgents(peek.id, peek.channel, to),
+        NotifyPeeker(peek.id, to),
+        CapturePayment(peek.id, peek.payment_ref, peek.price_cents),
+    ]
 
 
 def _captured(peek: Peek, event: Event, now: float, to: PeekState) -> tuple[Peek, list[Effect]]:

@@ -8,8 +8,9 @@ Layout (one object per transaction, plus one per entry for reading an account)::
 A transaction object is written create-if-absent: that write is the transaction, and it happens once
 whatever number of processes or retries record it. Recording it again with the same amounts is a
 no-op; with other amounts it is refused (``LedgerError``). The account objects are an index, written
-after the transaction (again on every replay), so a crash between the two is repaired by recording the
-transaction again, which is what the peek service does for every effect it may have cut short.
+after the transaction; a replay writes the ones that are missing, so a crash between the two is repaired
+by recording the transaction again, which is what the peek service does for every effect it may have
+cut short (on every process that finds the peek open: a replay that finds the index whole only reads).
 Nothing is ever overwritten with other content or deleted.
 """
 
@@ -75,6 +76,9 @@ class LedgerStore:
             stored, new = await self._write_transaction(txn_id, lines)
             if new:
                 added.extend(lines)
+            else:  # a replay: only what a crash may have left out
+                present = await asyncio.gather(*(self.store.get(entry_key(e)) for e in stored))
+                stored = [e for e, found in zip(stored, present) if found is None]
             await asyncio.gather(*(self.store.put(entry_key(e), orjson.dumps(entry_to_json(e))) for e in stored))
         return added
 

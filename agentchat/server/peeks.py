@@ -25,7 +25,10 @@ Live delivery
 -------------
 Every transition is published on ``p:state``; each process tells its own sockets: the channel's agents
 (``peek_request`` at the countdown, ``peek`` for later states) and the peeker (``peek`` for every
-state, ``peek_tick`` every second of the countdown, ``peek_grant`` for each wrapped key). While the peek
+state, ``peek_tick`` every second of the countdown, ``peek_grant`` for each wrapped key). The process
+that wins a compare-and-set tells its sockets and the bus before it executes any effect, so an outcome
+goes out as soon as the store holds it: at the deadline that is ``capturing`` (nobody refused), and
+the capture, the ``active`` state and the ledger entries follow. While the peek
 is active the peeker's socket reads the channel (history, then live); when it ends the socket is closed
 and the channel's agents get a ``peek_ended`` channel event, on which the SDK starts a new epoch.
 """
@@ -58,7 +61,7 @@ from agentchat.server.hub import Hub
 from agentchat.server.session import CLOSE_REMOVED, Session
 from agentchat.server.tokens import Principal
 from agentchat.store import keys as store_keys
-from agentchat.store.base import ObjectStore, PreconditionFailed
+from agentchat.store.base import ObjectStore, PreconditionFailed, StoredObject
 from agentchat.store.records import Records
 
 log = logging.getLogger(__name__)
@@ -76,7 +79,9 @@ SCAN_TIMEOUT_SECONDS = 30.0
 CAPTURE_RETRY_SECONDS = 5.0
 # How long a peeker's socket may take to receive its last frames before it is closed.
 CLOSE_FLUSH_SECONDS = 2.0
-ENDED_STATES_AGENTS_HEAR = frozenset({PeekState.REFUSED, PeekState.ACTIVE, PeekState.ENDED, PeekState.PAYMENT_FAILED})
+# The states after the countdown that the channel's agents are sent (``peek`` frames).
+STATES_AGENTS_HEAR = frozenset({PeekState.REFUSED, PeekState.CAPTURING, PeekState.ACTIVE, PeekState.ENDED,
+                                PeekState.PAYMENT_FAILED})
 
 
 # --- store keys of the peek service ------------------------------------------------------------------
@@ -383,12 +388,15 @@ class PeekService:
 
     # ------------------------------------------------------------------------------ transitions
 
-    async def apply(self, peek_id: str, event_for: Callable[[Peek], Event]) -> Peek:
+    async def apply(self, peek_id: str, event_for: Callable[[Peek], Event],
+                    found: StoredObject | None = None) -> Peek:
         """Load, step, compare-and-set, then execute the effects (only the winner does). Raises
-        ``peek_state`` if the event does not apply, including when another process got there first."""
+        ``peek_state`` if the event does not apply, including when another process got there first.
+        ``found``: the peek as the caller just read it from the store, which saves the first read."""
         key = store_keys.peek(peek_id)
         for _ in range(CAS_ATTEMPTS):
-            found = await self.store.get(key)
+            if found is None:
+                found = await self.store.get(key)
             if found is None:
                 raise error("peek_not_found", f"no peek {peek_id}")
             peek = Peek.from_bytes(found.data)
@@ -396,6 +404,7 @@ class PeekService:
             try:
                 await self.store.put(key, transition.peek.to_bytes(), if_match=found.etag)
             except PreconditionFailed:
+                found = None
                 continue
             await self._after(transition.peek, transition.effects)
             return transition.peek
@@ -414,6 +423,10 @@ class PeekService:
         except AgentChatError as exc:
             # The scan redoes what is missing (every effect is idempotent).
             log.warning("peek %s (%s): an effect failed, the scan will retry: %r", peek.id, peek.state, exc)
+            return
+        # A transition's effects include what its state implies (``_durable_effects``): this
+        # process's scan need not redo them.
+        self._settled.add((peek.id, peek.version))
 
     async def _execute(self, peek: Peek, effect: Effect) -> None:
         if isinstance(effect, ArmTimer):
@@ -488,8 +501,9 @@ class PeekService:
 
     async def _record_split(self, peek: Peek) -> None:
         txn = f"{money.EntryKind.CAPTURE}/{peek.id}"
-        if await self.ledger.transaction(txn):
-            await self.ledger.record(await self.ledger.transaction(txn))  # repairs the account index
+        recorded = await self.ledger.transaction(txn)
+        if recorded:
+            await self.ledger.record(recorded)  # repairs the account index
             return
         meta = await self.records.get_channel(peek.channel)
         members = sorted(meta["members"]) if meta else []
@@ -621,20 +635,23 @@ class PeekService:
 
     async def _wake(self, peek_id: str) -> None:
         self._timers.pop(peek_id, None)
-        peek = await self.load(peek_id)
+        found = await self.store.get(store_keys.peek(peek_id))
+        if found is None:
+            return
+        peek = Peek.from_bytes(found.data)
         self._observe(peek, arm=False)
-        await self._drive(peek)
+        await self._drive(peek, found)
 
-    async def _drive(self, peek: Peek) -> None:
-        """Do what is due for ``peek`` now: its time event, a capture left hanging, or the effects a
-        crash may have cut short."""
+    async def _drive(self, peek: Peek, found: StoredObject) -> None:
+        """Do what is due for ``peek`` (stored as ``found``) now: its time event, a capture left
+        hanging, or the effects a crash may have cut short."""
         now = self.clock()
         at = peek.wake_at
         if at is not None and now >= at:
             event: Event = TimeUp() if peek.state is PeekState.ACTIVE else DeadlineReached()
             log.info("peek %s: %s is due (%.3f s late)", peek.id, event.name, now - at)
             try:
-                await self.apply(peek.id, lambda _: event)
+                await self.apply(peek.id, lambda _: event, found)
             except AgentChatError as exc:
                 if exc.code != "peek_state":
                     raise
@@ -677,7 +694,7 @@ class PeekService:
                 peek = Peek.from_bytes(found.data)
                 self._observe(peek, arm=False)
                 if peek_id in open_ids:
-                    await self._drive(peek)
+                    await self._drive(peek, found)
             except AgentChatError as exc:
                 log.warning("peek %s: scan could not drive it: %r", peek_id, exc)
         self._settled = {(i, v) for i, v in self._settled if i in open_ids}
@@ -740,7 +757,7 @@ class PeekService:
         agents_frame: bytes | None = None
         if peek.state is PeekState.COUNTDOWN:
             agents_frame = request_frame(peek)
-        elif peek.state in ENDED_STATES_AGENTS_HEAR and peek.deadline is not None:
+        elif peek.state in STATES_AGENTS_HEAR and peek.deadline is not None:
             agents_frame = peek_frame(peek)
         room = self.hub.rooms.get(peek.channel)
         if agents_frame is not None and room is not None:
@@ -781,7 +798,7 @@ class PeekService:
                 if peek.channel in session.cursors:
                     if peek.state is PeekState.COUNTDOWN:
                         session.push(request_frame(peek))
-                    elif peek.state is PeekState.ACTIVE:
+                    elif peek.state in (PeekState.CAPTURING, PeekState.ACTIVE):
                         session.push(peek_frame(peek))
             return
         peek_id = principal.subject

@@ -403,6 +403,32 @@ async def test_a_peek_token_reads_only_its_own_peek_and_channel_and_only_while_a
 # ------------------------------------------------------------------------------ the socket
 
 
+async def test_at_the_deadline_agents_hear_the_outcome_before_the_capture_and_then_active(
+        aiohttp_client: Any, tmp_path: Path) -> None:
+    """Nobody refuses: the countdown's outcome (``capturing``) reaches the agents as soon as it is
+    stored, each frame carrying the peek as it was stored, then ``active`` once the price is taken."""
+    client = await aiohttp_client(build_app(fast(tmp_path)))
+    alice, bob = await RestAgent(client, "alice").register(), await RestAgent(client, "bob").register()
+    channel, _ = await create_channel(alice, [bob])
+    alice_ws = await hello(client, alice.token)
+    opened, auth = await open_peek(client, channel)
+    peek_id = opened["peek"]["id"]
+    await call(client, "POST", f"/api/v1/peeks/{peek_id}/confirm", auth)
+    request, decided, active = await frames_of(alice_ws, 3)
+    assert request["type"] == "peek_request" and request["peek"] == peek_id
+    assert decided["type"] == "peek" and decided["peek"]["state"] == "capturing"
+    assert decided["peek"]["updated_at"] >= request["deadline"]
+    assert active["type"] == "peek" and active["peek"]["state"] == "active"
+    assert active["peek"]["activated_at"] >= decided["peek"]["updated_at"]
+    # An agent whose socket opens now hears of the active peek it may grant a key to.
+    bob_ws = await hello(client, bob.token)
+    again = (await frames_of(bob_ws, 1))[0]
+    assert again["type"] == "peek" and again["peek"]["state"] == "active" and again["peek"]["id"] == peek_id
+    await check_ledger(client.server.app, lambda l: l.transaction(f"capture/{peek_id}"))
+    for ws in (alice_ws, bob_ws):
+        await ws.close()
+
+
 async def test_agents_get_the_request_the_peeker_ticks_and_a_refusal_frame_ends_it(
         aiohttp_client: Any, tmp_path: Path) -> None:
     client = await aiohttp_client(build_app(fast(tmp_path, peek_refusal_window_seconds=3.0)))

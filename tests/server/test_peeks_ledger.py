@@ -5,6 +5,7 @@ it balanced to the cent, with every account's index holding exactly its entries.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agentchat.core import ledger as money
-from agentchat.payments.ledger import LedgerStore
+from agentchat.payments.ledger import LedgerStore, entry_key
+from agentchat.store.instrumented import CountingStore
 from agentchat.store.local import LocalStore
 
 DIDS = [f"did:agentchat:z6Mk{letter * 44}" for letter in "abcd"]
@@ -95,6 +97,28 @@ async def test_a_transaction_recorded_again_with_other_amounts_is_refused(tmp_pa
         with pytest.raises(money.LedgerError):  # does not sum to zero: nothing is written
             await durable.record([money.Entry(money.PLATFORM, 5, money.EntryKind.CAPTURE, 1.0, peek_id=PEEKS[1])])
         assert await durable.transaction(f"capture/{PEEKS[1]}") == []
+        assert await durable.balance(money.PLATFORM) == 150
+    finally:
+        await store.close()
+
+
+async def test_a_replay_writes_only_the_index_entries_a_crash_left_out(tmp_path: Path) -> None:
+    ops: Counter[str] = Counter()
+    store = CountingStore(LocalStore(str(tmp_path)), ops, Counter())
+    await store.start()
+    try:
+        durable = LedgerStore(store)
+        entries = money.split_capture(PEEKS[0], 500, DIDS[:3], created_at=1.0)
+        await durable.record(entries)
+        lost = entries[1]
+        await store.delete(entry_key(lost))  # as if the process died before writing it
+        ops.clear()
+        assert await durable.record(entries) == []
+        assert ops["put"] == 2  # the transaction's create-if-absent (refused) and the missing entry
+        assert [e.entry_id for e in await durable.entries(lost.account)] == [lost.entry_id]
+        ops.clear()
+        await durable.record(entries)
+        assert ops["put"] == 1  # the index is whole: nothing but the transaction's attempt
         assert await durable.balance(money.PLATFORM) == 150
     finally:
         await store.close()

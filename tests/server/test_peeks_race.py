@@ -14,6 +14,7 @@ from agentchat.core.peek import PeekState
 from agentchat.errors import AgentChatError
 from agentchat.server.app import build_app
 from agentchat.server.keys import LEDGER, PEEKS
+from agentchat.server.peeks import refusal_key
 from tests.conftest import RestAgent
 from tests.server.test_peeks import call, check_ledger, fund_with_dev_card, open_peek
 from tests.server.test_rest import create_channel
@@ -28,8 +29,9 @@ async def two_processes(aiohttp_client: Any, tmp_path: Path, **peeks: Any) -> tu
 
 async def test_refusal_against_the_deadline_with_an_injected_clock(aiohttp_client: Any, tmp_path: Path) -> None:
     """Process A takes a refusal a hair before the deadline while process B, whose clock says the
-    deadline is here, drives the peek; B starts after a varying number of scheduling steps, so each
-    side wins some of the runs."""
+    deadline is here, drives the peek; B starts after a varying number of scheduling steps, in every
+    other run only once A has secured the refusal fee (A's write is then under way), so each side
+    wins some of the runs."""
     a, b = await two_processes(aiohttp_client, tmp_path, peek_refusal_window_seconds=60.0,
                                peek_duration_seconds=60.0, peek_scan_seconds=3600.0)
     alice = await RestAgent(a, "alice").register()
@@ -46,7 +48,9 @@ async def test_refusal_against_the_deadline_with_an_injected_clock(aiohttp_clien
         service_a.clock = lambda: deadline - 1e-4
         service_b.clock = lambda: deadline
 
-        async def drive_b(steps: int = run % 8) -> None:
+        async def drive_b(steps: int = run % 8, after_fee: bool = bool(run % 2)) -> None:
+            while after_fee and await service_a.store.get(refusal_key(peek_id, alice.did)) is None:
+                await asyncio.sleep(0)
             for _ in range(steps):
                 await asyncio.sleep(0)
             await service_b.scan()

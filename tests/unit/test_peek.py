@@ -195,7 +195,11 @@ def test_refusal_cancels_the_payment_and_charges_the_agent() -> None:
 def test_deadline_without_refusal_captures() -> None:
     peek, effects = step(counting_down(), DeadlineReached(), DEADLINE)
     assert peek.state is S.CAPTURING
-    assert effects == (CapturePayment("pk_1", "pi_1", 500),)
+    assert effects == (
+        NotifyAgents("pk_1", "ch_1", S.CAPTURING),
+        NotifyPeeker("pk_1", S.CAPTURING),
+        CapturePayment("pk_1", "pi_1", 500),
+    )
 
 
 def test_capture_activates_the_peek() -> None:
