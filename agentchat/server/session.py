@@ -1,9 +1,12 @@
-"""One client socket's outgoing side: a bounded queue, one writer task, and per-channel cursors.
+"""One client socket's outgoing side: a bounded queue, its flushing, and per-channel cursors.
 
-The hub never awaits a socket: it appends frames to the session's queue and the session's own writer
-task sends them, several queued frames coalesced into one WebSocket message (newline-separated), so a
-slow peer can only fill its own queue. When the queue is over its limit the socket is closed with
-``4008 slow_consumer``; the client reconnects and resumes from its last sequence number.
+The hub never awaits a socket: it appends frames to the session's queue. Once per event-loop turn,
+one callback flushes every session that has frames queued, several frames coalesced into one WebSocket
+message (newline-separated), written straight to the socket's transport while its write buffer is
+small: no task and no coroutine per delivery. A session whose transport is backed up gets a writer
+task that waits for it to drain (aiohttp's flow control), so a slow peer can only fill its own queue.
+When the queue is over its limit the socket is closed with ``4008 slow_consumer``; the client
+reconnects and resumes from its last sequence number.
 """
 
 from __future__ import annotations
@@ -31,6 +34,35 @@ CLOSE_REMOVED = 4003
 
 # How many bytes of queued frames one WebSocket message may carry.
 COALESCE_BYTES = 64 * 1024
+# Above this many bytes waiting in a transport's write buffer, a session's frames go through the
+# writer task, which waits for the buffer to drain.
+WRITE_BUFFER_HIGH = 256 * 1024
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete unmasked server-to-client WebSocket text message (RFC 6455, section 5.2)."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 65536:
+        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + size.to_bytes(8, "big") + payload
+
+
+# Sessions with frames queued since the last flush, and whether a flush is scheduled (one event loop
+# per process; sessions are only touched from it).
+_dirty: list[Session] = []
+_flush_scheduled = False
+
+
+def _flush_dirty() -> None:
+    global _flush_scheduled
+    _flush_scheduled = False
+    dirty = _dirty[:]
+    _dirty.clear()
+    for session in dirty:
+        session._dirty = False
+        session._flush()
 
 
 @dataclass(slots=True)
@@ -48,11 +80,15 @@ class Session:
     an idle session holds no task, no event and no frame."""
 
     __slots__ = ("ws", "principal", "queue_max", "cursors", "_queue", "_writer", "_drain_waiters",
-                 "_closed", "_close_with", "_metrics", "__weakref__")
+                 "_closed", "_close_with", "_metrics", "_transport", "_dirty", "__weakref__")
 
     def __init__(self, ws: web.WebSocketResponse, principal: Principal, queue_max: int,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, transport: asyncio.Transport | None = None) -> None:
+        """``transport``: the socket's (``request.transport``), written to directly while its buffer
+        is small; without it every frame goes through ``ws.send_frame``."""
         self.ws = ws
+        self._transport = transport
+        self._dirty = False
         self.principal = principal
         self.queue_max = queue_max
         self.cursors: dict[str, Cursor] = {}
@@ -76,8 +112,39 @@ class Session:
             self.close_soon(CLOSE_SLOW_CONSUMER, "slow_consumer")
             return
         queue.append(frame)
-        if self._writer is None:
+        if self._writer is None and not self._dirty:
+            global _flush_scheduled
+            self._dirty = True
+            _dirty.append(self)
+            if not _flush_scheduled:
+                _flush_scheduled = True
+                asyncio.get_running_loop().call_soon(_flush_dirty)
+
+    def _flush(self) -> None:
+        """Send what is queued now if the transport takes it, else hand over to the writer task."""
+        queue = self._queue
+        if not queue or self._closed or self._writer is not None:
+            return
+        transport = self._transport
+        if (transport is None or transport.is_closing() or self.ws.closed
+                or transport.get_write_buffer_size() > WRITE_BUFFER_HIGH):
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+            return
+        count = len(queue)
+        while queue:
+            if len(queue) == 1:
+                data = queue.popleft()
+            else:
+                parts = []
+                size = 0
+                while queue and size < COALESCE_BYTES:
+                    frame = queue.popleft()
+                    parts.append(frame)
+                    size += len(frame) + 1
+                data = b"\n".join(parts)
+            transport.write(text_frame(data))
+        if self._metrics is not None:
+            self._metrics.frames_out += count
 
     def offer(self, channel: str, seq: int, frame: bytes) -> None:
         """A live channel message: sent once, in order, unless the session is catching up."""
@@ -99,6 +166,8 @@ class Session:
 
     async def wait_drained(self) -> None:
         """Return once every queued frame has been handed to the socket (or the session closed)."""
+        while self._dirty:
+            await asyncio.sleep(0)  # the flush scheduled for this turn runs first
         if self._writer is None:
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -129,7 +198,7 @@ class Session:
 
     async def flush_and_stop(self) -> None:
         """Let the writer send what is queued (for up to 2 s), then stop it (before a graceful close)."""
-        if not self._closed and self._writer is not None:
+        if not self._closed and (self._writer is not None or self._dirty):
             try:
                 await asyncio.wait_for(self.wait_drained(), 2.0)
             except asyncio.TimeoutError:

@@ -45,7 +45,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         return ws
     hub = app[HUB]
     metrics = app[METRICS]
-    session = Session(ws, principal, limits.send_queue_max, metrics)
+    session = Session(ws, principal, limits.send_queue_max, metrics, request.transport)
     await hub.register_session(session)
     app[SESSIONS].add(session)
     try:

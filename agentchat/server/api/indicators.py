@@ -74,7 +74,7 @@ async def public_socket(request: web.Request) -> web.WebSocketResponse:
                                compress=False)
     await ws.prepare(request)
     service = app[INDICATORS]
-    session = Session(ws, PUBLIC, app[SETTINGS].limits.send_queue_max, app[METRICS])
+    session = Session(ws, PUBLIC, app[SETTINGS].limits.send_queue_max, app[METRICS], request.transport)
     app[SESSIONS].add(session)
     bucket = TokenBucket(SOCKET_FRAMES_PER_SECOND, SOCKET_FRAMES_PER_SECOND * 2, time.monotonic())
     refused = 0  # frames refused in a row for their rate: a flood closes the socket
