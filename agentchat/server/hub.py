@@ -77,11 +77,13 @@ def claim_key(channel: str, sender: str, client_id: str) -> str:
 class Room:
     """A channel with a presence in this process."""
 
-    __slots__ = ("id", "members", "epoch", "owner", "subscribers", "recent", "complete_from", "last_seq",
-                 "last_used")
+    __slots__ = ("id", "topic", "counter", "members", "epoch", "owner", "subscribers", "recent",
+                 "complete_from", "last_seq", "last_used")
 
     def __init__(self, meta: dict[str, Any]) -> None:
         self.id: str = meta["id"]
+        self.topic = topic_messages(self.id)
+        self.counter = counter_key(self.id)
         self.subscribers: set[Session] = set()
         self.recent: deque[tuple[int, bytes]] = deque(maxlen=RECENT_MESSAGES)
         # Every message numbered complete_from or above is in ``recent`` (0: nothing seen live yet).
@@ -106,8 +108,9 @@ class Room:
         recent.append((seq, frame))
         if not self.complete_from:
             self.complete_from = seq
+        channel = self.id
         for session in self.subscribers:
-            session.offer(self.id, seq, frame)
+            session.offer(channel, seq, frame)
 
     def forget_recent(self) -> None:
         self.recent.clear()
@@ -421,7 +424,7 @@ class Hub:
                    on_ack: Callable[[int], None]) -> None:
         """Sequence, fan out and store one message; ``on_ack(seq)`` runs once it is durable (at once
         for a retry of a stored message). Raises before anything is published if it cannot be taken."""
-        room = await self.room(channel)
+        room = self.rooms.get(channel) or await self.room(channel)
         if sender not in room.members:
             raise error("not_member", f"not a member of {channel}")
         if envelope["epoch"] != room.epoch:
@@ -439,7 +442,10 @@ class Hub:
         # The claim (idempotency) and the number are one bus call. If that call fails ambiguously the
         # claim may be left pending under this process's mark: retries get duplicate_pending until it
         # expires (CLAIM_PENDING_TTL), never a second number for a stored message.
-        outcome = await self._claim_and_publish(claim, channel, body)
+        outcome = await self.bus.claim_and_publish(claim, self._pending_mark, CLAIM_PENDING_TTL, room.topic,
+                                                   room.counter, body)
+        if outcome is None:  # the bus forgot the channel's counter
+            outcome = await self._reseed_and_claim(claim, room, body)
         if isinstance(outcome, bytes):
             if not outcome.startswith(PENDING):
                 on_ack(int(outcome))
@@ -503,15 +509,12 @@ class Hub:
         except AgentChatError:
             pass
 
-    async def _claim_and_publish(self, claim: str, channel: str, body: bytes) -> int | bytes:
-        """The number of the published message, or the claim's existing value (nothing published)."""
-        args = (claim, self._pending_mark, CLAIM_PENDING_TTL, topic_messages(channel), counter_key(channel), body)
-        outcome = await self.bus.claim_and_publish(*args)
+    async def _reseed_and_claim(self, claim: str, room: Room, body: bytes) -> int | bytes:
+        await self._reseed(room.id)
+        outcome = await self.bus.claim_and_publish(claim, self._pending_mark, CLAIM_PENDING_TTL, room.topic,
+                                                   room.counter, body)
         if outcome is None:
-            await self._reseed(channel)
-            outcome = await self.bus.claim_and_publish(*args)
-            if outcome is None:
-                raise error("bus_unavailable", "the bus lost the channel's counter twice; retry")
+            raise error("bus_unavailable", "the bus lost the channel's counter twice; retry")
         return outcome
 
     async def _publish(self, channel: str, body: bytes) -> int:

@@ -240,7 +240,7 @@ class _Pending:
 @dataclass(slots=True)
 class _Tail:
     """A channel's durable frames not yet in a segment, and the write-ahead objects holding them."""
-    frames: list[tuple[int, bytes]] = field(default_factory=list)
+    frames: list[_Pending] = field(default_factory=list)  # their callbacks already called and dropped
     objects: list[tuple[str, int]] = field(default_factory=list)  # (key, this channel's last seq in it)
     since: float = field(default_factory=time.monotonic)
 
@@ -321,7 +321,7 @@ class MessageWriter:
     def tail(self, channel: str) -> list[tuple[int, bytes]]:
         """This process's durable, not yet compacted frames of ``channel`` as (seq, frame)."""
         found = self._tails.get(channel)
-        return list(found.frames) if found is not None else []
+        return [(item.seq, item.frame) for item in found.frames] if found is not None else []
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -373,9 +373,11 @@ class MessageWriter:
             self._in_flight = 0
             for items in batch.values():
                 for item in items:
-                    if item.on_durable is not None:
+                    on_durable = item.on_durable
+                    if on_durable is not None:
+                        item.on_durable = None  # the item stays in its channel's tail; the callback need not
                         try:
-                            item.on_durable(item.seq)
+                            on_durable(item.seq)
                         except Exception:  # one broken callback must not stop the writer
                             log.exception("on_durable callback failed")
 
@@ -414,7 +416,7 @@ class MessageWriter:
             tail = self._tails.get(channel)
             if tail is None:
                 tail = self._tails[channel] = _Tail()
-            tail.frames.extend((item.seq, item.frame) for item in items)
+            tail.frames.extend(items)
             tail.objects.append((key, items[-1].seq))
             if len(tail.frames) >= self.segment_messages:
                 self._compact_wake.set()
@@ -485,10 +487,10 @@ class MessageWriter:
             def failed() -> None:
                 self.stats.write_failures += 1
 
-            async def write(channel: str, frames: list[tuple[int, bytes]]) -> None:
-                frames = sorted(frames, key=lambda item: item[0])
-                key = keys.segment(channel, frames[0][0], frames[-1][0])
-                await put_until_stored(self.store, key, b"\n".join(frame for _, frame in frames), failed)
+            async def write(channel: str, items: list[_Pending]) -> None:
+                items = sorted(items, key=lambda item: item.seq)
+                key = keys.segment(channel, items[0].seq, items[-1].seq)
+                await put_until_stored(self.store, key, b"\n".join(item.frame for item in items), failed)
 
             await asyncio.gather(*(write(channel, self._tails[channel].frames[:n])
                                    for channel, (n, _) in cut.items()))
