@@ -313,6 +313,16 @@ def encode(frame: dict[str, Any]) -> bytes:
     return orjson.dumps(frame)
 
 
+def ack_prefix(channel: str, client_id: str, ref: str | None) -> bytes:
+    """Everything of an ``ack`` frame before its number; ``ack_prefix(...) + b"%d}" % seq`` is the
+    frame (the same bytes ``encode`` gives for the dict). Built before the number is known, so the
+    ack itself is one concatenation."""
+    head = b'{"type":"ack","channel":' + orjson.dumps(channel) + b',"client_id":' + orjson.dumps(client_id)
+    if ref is not None:
+        head += b',"ref":' + orjson.dumps(ref)
+    return head + b',"seq":'
+
+
 def error_frame(err_wire: dict[str, Any], ref: str | None = None) -> bytes:
     frame: dict[str, Any] = {"type": "error", **err_wire}
     if ref is not None:

@@ -166,11 +166,10 @@ async def _dispatch(frame: frames.ClientFrame, session: Session, hub: Hub, princ
         ref = frame.ref
         channel, client_id = frame.channel, frame.client_id
 
+        ack = frames.ack_prefix(channel, client_id, ref)
+
         def on_ack(seq: int) -> None:
-            ack: dict[str, Any] = {"type": "ack", "channel": channel, "client_id": client_id, "seq": seq}
-            if ref is not None:
-                ack["ref"] = ref
-            session.push(frames.encode(ack))
+            session.push(b"%s%d}" % (ack, seq))
 
         await hub.send(principal.subject, channel, client_id, frame.envelope, on_ack)
     elif isinstance(frame, frames.Ping):

@@ -77,3 +77,12 @@ def test_split_frames_reads_coalesced_messages() -> None:
 def test_error_frame_carries_ref() -> None:
     frame = orjson.loads(frames.error_frame({"code": "x", "message": "y", "retryable": False}, "r9"))
     assert frame == {"type": "error", "code": "x", "message": "y", "retryable": False, "ref": "r9"}
+
+
+@pytest.mark.parametrize("ref", [None, "r-1", 'quote " and \\ backslash', "ünïcode"])
+def test_ack_prefix_gives_the_same_bytes_as_encoding_the_frame(ref: str | None) -> None:
+    frame = {"type": "ack", "channel": "ch_" + "a" * 22, "client_id": "c-1_x", "seq": 12345}
+    if ref is not None:
+        frame["ref"] = ref
+    built = frames.ack_prefix(frame["channel"], frame["client_id"], ref) + b"%d}" % 12345
+    assert orjson.loads(built) == frame
