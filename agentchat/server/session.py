@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -49,18 +50,13 @@ def text_frame(payload: bytes) -> bytes:
     return b"\x81\x7f" + size.to_bytes(8, "big") + payload
 
 
-# Sessions with frames queued since the last flush, and whether a flush is scheduled (one event loop
-# per process; sessions are only touched from it).
-_dirty: list[Session] = []
-_flush_scheduled = False
+# Per event loop, the sessions with frames queued since its last flush; a loop has an entry exactly
+# while a flush is scheduled on it (tests run many loops in one process; servers run one).
+_dirty: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[Session]] = weakref.WeakKeyDictionary()
 
 
-def _flush_dirty() -> None:
-    global _flush_scheduled
-    _flush_scheduled = False
-    dirty = _dirty[:]
-    _dirty.clear()
-    for session in dirty:
+def _flush_dirty(loop: asyncio.AbstractEventLoop) -> None:
+    for session in _dirty.pop(loop, ()):
         session._dirty = False
         session._flush()
 
@@ -76,8 +72,8 @@ class Cursor:
 
 
 class Session:
-    """The writer task exists only while frames are queued (one per burst, never one per frame), so
-    an idle session holds no task, no event and no frame."""
+    """An idle session holds no task, no event and no frame; a writer task exists only while its
+    transport is backed up."""
 
     __slots__ = ("ws", "principal", "queue_max", "cursors", "_queue", "_writer", "_drain_waiters",
                  "_closed", "_close_with", "_metrics", "_transport", "_dirty", "__weakref__")
@@ -113,12 +109,16 @@ class Session:
             return
         queue.append(frame)
         if self._writer is None and not self._dirty:
-            global _flush_scheduled
-            self._dirty = True
-            _dirty.append(self)
-            if not _flush_scheduled:
-                _flush_scheduled = True
-                asyncio.get_running_loop().call_soon(_flush_dirty)
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        self._dirty = True
+        loop = asyncio.get_running_loop()
+        waiting = _dirty.get(loop)
+        if waiting is None:
+            waiting = _dirty[loop] = []
+            loop.call_soon(_flush_dirty, loop)
+        waiting.append(self)
 
     def _flush(self) -> None:
         """Send what is queued now if the transport takes it, else hand over to the writer task."""
@@ -159,7 +159,16 @@ class Session:
         if seq <= cursor.last:
             return
         cursor.last = seq
-        self.push(frame)
+        # push(), inlined: this runs once per delivery
+        queue = self._queue
+        if self._closed:
+            return
+        if len(queue) >= self.queue_max:
+            self.close_soon(CLOSE_SLOW_CONSUMER, "slow_consumer")
+            return
+        queue.append(frame)
+        if self._writer is None and not self._dirty:
+            self._schedule_flush()
 
     def backlog(self) -> int:
         return len(self._queue)
