@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -51,8 +50,10 @@ def text_frame(payload: bytes) -> bytes:
 
 
 # Per event loop, the sessions with frames queued since its last flush; a loop has an entry exactly
-# while a flush is scheduled on it (tests run many loops in one process; servers run one).
-_dirty: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[Session]] = weakref.WeakKeyDictionary()
+# while a flush is scheduled on it (tests run many loops in one process; servers run one). A plain
+# dict, looked up once per session per turn: a loop closed with a flush pending (tests) leaves its
+# entry behind, which costs a little memory and nothing else.
+_dirty: dict[asyncio.AbstractEventLoop, list[Session]] = {}
 
 
 def _flush_dirty(loop: asyncio.AbstractEventLoop) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -120,6 +121,7 @@ async def _serve(ws: web.WebSocketResponse, session: Session, hub: Hub, request:
     bucket = TokenBucket(limits.frames_per_second, limits.frames_per_second * 2, time.monotonic())
     refused_in_a_row = 0  # frames refused for rate since the last accepted one
     principal = session.principal
+    is_agent, subject = principal.is_agent, principal.subject
     async for msg in ws:
         if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
             break
@@ -133,7 +135,12 @@ async def _serve(ws: web.WebSocketResponse, session: Session, hub: Hub, request:
             frame = frames.decode_client_frame(msg.data, max_bytes=limits.max_frame_bytes,
                                                max_ciphertext_bytes=limits.max_ciphertext_bytes)
             ref = frame.ref
-            if isinstance(frame, (frames.Refuse, frames.GrantKey)):  # peeks: server/peeks.py
+            if type(frame) is frames.Send:  # the common case, without a coroutine of its own
+                if not is_agent:
+                    raise error("forbidden", "a peek token can read, not send")
+                await hub.send(subject, frame.channel, frame.client_id, frame.envelope,
+                               _acker(session, frames.ack_prefix(frame.channel, frame.client_id, ref)))
+            elif isinstance(frame, (frames.Refuse, frames.GrantKey)):  # peeks: server/peeks.py
                 session.push(await request.app[PEEKS].on_frame(frame, principal))
             elif isinstance(frame, frames.WatchIndicators):  # public indicators: server/indicators.py
                 session.push(await request.app[INDICATORS].watch(session, frame.channels, ref))
@@ -159,20 +166,15 @@ def _guess_ref(data: Any) -> str | None:
     return ref if isinstance(ref, str) and len(ref) <= 64 else None
 
 
+def _acker(session: Session, ack_prefix: bytes) -> Callable[[int], None]:
+    """The ``on_ack`` of one send: the ack frame, once the message is stored."""
+    def on_ack(seq: int) -> None:
+        session.push(b"%s%d}" % (ack_prefix, seq))
+    return on_ack
+
+
 async def _dispatch(frame: frames.ClientFrame, session: Session, hub: Hub, principal: Principal) -> None:
-    if isinstance(frame, frames.Send):
-        if not principal.is_agent:
-            raise error("forbidden", "a peek token can read, not send")
-        ref = frame.ref
-        channel, client_id = frame.channel, frame.client_id
-
-        ack = frames.ack_prefix(channel, client_id, ref)
-
-        def on_ack(seq: int) -> None:
-            session.push(b"%s%d}" % (ack, seq))
-
-        await hub.send(principal.subject, channel, client_id, frame.envelope, on_ack)
-    elif isinstance(frame, frames.Ping):
+    if isinstance(frame, frames.Ping):
         session.push(frames.encode({"type": "pong", "ref": frame.ref, "ts": int(time.time() * 1000)}))
     elif isinstance(frame, frames.Resume):
         for channel, after in frame.resume.items():
