@@ -240,7 +240,9 @@ class _Pending:
 @dataclass(slots=True)
 class _Tail:
     """A channel's durable frames not yet in a segment, and the write-ahead objects holding them."""
-    frames: list[_Pending] = field(default_factory=list)  # their callbacks already called and dropped
+    # Two flat lists rather than an object per message: the garbage collector need not visit them.
+    seqs: list[int] = field(default_factory=list)
+    frames: list[bytes] = field(default_factory=list)
     objects: list[tuple[str, int]] = field(default_factory=list)  # (key, this channel's last seq in it)
     since: float = field(default_factory=time.monotonic)
 
@@ -321,7 +323,7 @@ class MessageWriter:
     def tail(self, channel: str) -> list[tuple[int, bytes]]:
         """This process's durable, not yet compacted frames of ``channel`` as (seq, frame)."""
         found = self._tails.get(channel)
-        return [(item.seq, item.frame) for item in found.frames] if found is not None else []
+        return list(zip(found.seqs, found.frames)) if found is not None else []
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -375,7 +377,6 @@ class MessageWriter:
                 for item in items:
                     on_durable = item.on_durable
                     if on_durable is not None:
-                        item.on_durable = None  # the item stays in its channel's tail; the callback need not
                         try:
                             on_durable(item.seq)
                         except Exception:  # one broken callback must not stop the writer
@@ -416,7 +417,8 @@ class MessageWriter:
             tail = self._tails.get(channel)
             if tail is None:
                 tail = self._tails[channel] = _Tail()
-            tail.frames.extend(items)
+            tail.seqs.extend([item.seq for item in items])
+            tail.frames.extend(sections[channel])
             tail.objects.append((key, items[-1].seq))
             if len(tail.frames) >= self.segment_messages:
                 self._compact_wake.set()
@@ -487,12 +489,14 @@ class MessageWriter:
             def failed() -> None:
                 self.stats.write_failures += 1
 
-            async def write(channel: str, items: list[_Pending]) -> None:
-                items = sorted(items, key=lambda item: item.seq)
-                key = keys.segment(channel, items[0].seq, items[-1].seq)
-                await put_until_stored(self.store, key, b"\n".join(item.frame for item in items), failed)
+            async def write(channel: str, seqs: list[int], frames: list[bytes]) -> None:
+                if any(a > b for a, b in zip(seqs, seqs[1:])):  # batches of one channel can overlap
+                    order = sorted(range(len(seqs)), key=seqs.__getitem__)
+                    seqs, frames = [seqs[i] for i in order], [frames[i] for i in order]
+                key = keys.segment(channel, seqs[0], seqs[-1])
+                await put_until_stored(self.store, key, b"\n".join(frames), failed)
 
-            await asyncio.gather(*(write(channel, self._tails[channel].frames[:n])
+            await asyncio.gather(*(write(channel, self._tails[channel].seqs[:n], self._tails[channel].frames[:n])
                                    for channel, (n, _) in cut.items()))
             self.stats.segments_written += len(cut)
             removed: list[tuple[str, str]] = []
@@ -504,6 +508,7 @@ class MessageWriter:
                     if self._object_refs[key] == 0:
                         del self._object_refs[key]
                         self._deletable.append(key)
+                del tail.seqs[:n]
                 del tail.frames[:n]
                 del tail.objects[:m]
                 self._tail_frames -= n
