@@ -185,6 +185,7 @@ def build_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(backends_ctx)
     app.cleanup_ctx.append(peeks.peeks_ctx)
     app.cleanup_ctx.append(indicators.indicators_ctx)
+    app.cleanup_ctx.append(ws.heartbeat_ctx)
     app.on_shutdown.append(on_shutdown)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_page)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -37,6 +36,17 @@ COALESCE_BYTES = 64 * 1024
 # Above this many bytes waiting in a transport's write buffer, a session's frames go through the
 # writer task, which waits for the buffer to drain.
 WRITE_BUFFER_HIGH = 256 * 1024
+# A WebSocket ping with no payload (RFC 6455, section 5.5.2), written as is by the heartbeat.
+PING_FRAME = b"\x89\x00"
+
+
+def _coalesce_end(queue: list[bytes], start: int) -> int:
+    """Where the run of queued frames from ``start`` that one WebSocket message carries ends."""
+    end, count, size = start, len(queue), 0
+    while end < count and size < COALESCE_BYTES:
+        size += len(queue[end]) + 1
+        end += 1
+    return end
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -76,8 +86,8 @@ class Session:
     """An idle session holds no task, no event and no frame; a writer task exists only while its
     transport is backed up."""
 
-    __slots__ = ("ws", "principal", "queue_max", "cursors", "_queue", "_writer", "_drain_waiters",
-                 "_closed", "_close_with", "_metrics", "_transport", "_dirty", "__weakref__")
+    __slots__ = ("ws", "principal", "queue_max", "cursors", "silent_ticks", "_queue", "_writer",
+                 "_drain_waiters", "_closed", "_close_with", "_metrics", "_transport", "_dirty", "__weakref__")
 
     def __init__(self, ws: web.WebSocketResponse, principal: Principal, queue_max: int,
                  metrics: Metrics | None = None, transport: asyncio.Transport | None = None) -> None:
@@ -89,9 +99,13 @@ class Session:
         self.principal = principal
         self.queue_max = queue_max
         self.cursors: dict[str, Cursor] = {}
-        self._queue: deque[bytes] = deque()
+        # Heartbeat ticks since the client last sent anything; None: the heartbeat does not watch it.
+        self.silent_ticks: int | None = None
+        # A list, emptied by each flush: an empty deque would hold a 624-byte block for as long as the
+        # socket is open, an empty list holds nothing but itself.
+        self._queue: list[bytes] = []
         self._writer: asyncio.Task[None] | None = None
-        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._drain_waiters: list[asyncio.Future[None]] | None = None
         self._closed = False
         self._close_with: tuple[int, str] | None = None
         self._metrics = metrics
@@ -132,18 +146,15 @@ class Session:
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())
             return
         count = len(queue)
-        while queue:
-            if len(queue) == 1:
-                data = queue.popleft()
-            else:
-                parts = []
-                size = 0
-                while queue and size < COALESCE_BYTES:
-                    frame = queue.popleft()
-                    parts.append(frame)
-                    size += len(frame) + 1
-                data = b"\n".join(parts)
-            transport.write(text_frame(data))
+        if count == 1:
+            transport.write(text_frame(queue[0]))
+        else:
+            start = 0
+            while start < count:
+                end = _coalesce_end(queue, start)
+                transport.write(text_frame(b"\n".join(queue[start:end])))
+                start = end
+        queue.clear()
         if self._metrics is not None:
             self._metrics.frames_out += count
 
@@ -181,6 +192,8 @@ class Session:
         if self._writer is None:
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._drain_waiters is None:
+            self._drain_waiters = []
         self._drain_waiters.append(waiter)
         await waiter
 
@@ -191,6 +204,28 @@ class Session:
         self._close_with = (code, reason)
         self._queue.clear()
         asyncio.get_running_loop().create_task(self._close(code, reason))
+
+    def heartbeat(self, ping_at: int, drop_at: int) -> None:
+        """One tick of the heartbeat (``server/ws.py``): after ``ping_at`` ticks without a frame from
+        the client it gets a ping; after ``drop_at`` its peer is taken for gone and the connection is
+        dropped without a close handshake (a lost connection, 1006). The socket's reader resets
+        ``silent_ticks`` on every frame, pongs included."""
+        ticks = self.silent_ticks
+        if ticks is None or self._closed:
+            return
+        ticks += 1
+        self.silent_ticks = ticks
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if ticks >= drop_at:
+            self._closed = True
+            self._queue.clear()
+            transport.abort()
+        elif ticks == ping_at and not self.ws.closed:
+            # Written as is, between two whole messages like every other write to the transport (none
+            # is ever written in parts), so the ping needs no task or coroutine.
+            transport.write(PING_FRAME)
 
     async def _close(self, code: int, reason: str) -> None:
         try:
@@ -221,18 +256,9 @@ class Session:
         ws = self.ws
         try:
             while queue and not self._closed:
-                if len(queue) == 1:
-                    data = queue.popleft()
-                    count = 1
-                else:
-                    parts = []
-                    size = 0
-                    while queue and size < COALESCE_BYTES:
-                        frame = queue.popleft()
-                        parts.append(frame)
-                        size += len(frame) + 1
-                    data = b"\n".join(parts)
-                    count = len(parts)
+                count = _coalesce_end(queue, 0)
+                data = queue[0] if count == 1 else b"\n".join(queue[:count])
+                del queue[:count]
                 await ws.send_frame(data, WSMsgType.TEXT)
                 if self._metrics is not None:
                     self._metrics.frames_out += count
@@ -245,7 +271,7 @@ class Session:
             # No await between the loop's last look at the queue and this: a frame pushed after it
             # starts a new writer.
             self._writer = None
-            waiters, self._drain_waiters = self._drain_waiters, []
-            for waiter in waiters:
+            waiters, self._drain_waiters = self._drain_waiters, None
+            for waiter in waiters or ():
                 if not waiter.done():
                     waiter.set_result(None)

@@ -68,4 +68,6 @@ class TokenIssuer:
         scope = claims.get("scope")
         if scope not in ("agent", "peek"):
             raise error("token_invalid")
+        # The literal rather than the decoded copy: one string shared by every principal.
+        scope = "agent" if scope == "agent" else "peek"
         return Principal(scope=scope, subject=claims["sub"], channel=claims.get("ch"), expires_at=claims["exp"])

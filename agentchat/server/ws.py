@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -19,6 +19,7 @@ from aiohttp import WSMsgType, web
 from agentchat.core import frames
 from agentchat.core.ratelimit import TokenBucket
 from agentchat.errors import AgentChatError, error
+from agentchat.server.http import answers_own_errors
 from agentchat.server.hub import Hub
 from agentchat.server.keys import HUB, INDICATORS, METRICS, PEEKS, RECORDS, SESSIONS, SETTINGS, TOKENS
 from agentchat.server.session import CLOSE_AUTH, CLOSE_GOING_AWAY, CLOSE_POLICY, Session
@@ -27,26 +28,101 @@ from agentchat.server.tokens import Principal
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
+# A socket that has sent nothing for HEARTBEAT_SECONDS gets a WebSocket ping; if it still sends nothing
+# for PONG_WAIT_SECONDS it is dropped. One task looks at every socket each HEARTBEAT_TICK seconds, so
+# an idle socket holds no timer of its own (aiohttp's per-socket heartbeat keeps one or two, ~1 KB).
 HEARTBEAT_SECONDS = 30.0
+PONG_WAIT_SECONDS = 15.0
+HEARTBEAT_TICK = 5.0
+# Sessions visited between two yields to the event loop during a heartbeat pass.
+HEARTBEAT_BATCH = 2000
 # Frames this far over the limit are cut off by the WebSocket layer (close 1009) instead of being
 # read and answered with a too_large error.
 HARD_FRAME_FACTOR = 4
 
 
+@answers_own_errors
 async def websocket(request: web.Request) -> web.WebSocketResponse:
+    """One client socket, from ``hello`` to close.
+
+    An idle socket's coroutine (the one that stays alive) waits in ``ws.receive()`` holding only what
+    the next frame needs: the hello, the channel list and the welcome live in ``_open`` and are gone
+    once it returns, the frame-rate bucket is made with the first frame, and liveness is the heartbeat
+    task's job."""
     app = request.app
-    limits = app[SETTINGS].limits
     ws = web.WebSocketResponse(
-        heartbeat=HEARTBEAT_SECONDS, max_msg_size=limits.max_frame_bytes * HARD_FRAME_FACTOR,
+        autoping=False, max_msg_size=app[SETTINGS].limits.max_frame_bytes * HARD_FRAME_FACTOR,
         compress=False, decode_text=False,
     )
     await ws.prepare(request)
-    principal, hello = await _hello(ws, request)
-    if principal is None or hello is None:
+    session = await _open(ws, request)
+    if session is None:
         return ws
+    limits = app[SETTINGS].limits
     hub = app[HUB]
     metrics = app[METRICS]
-    session = Session(ws, principal, limits.send_queue_max, metrics, request.transport)
+    principal = session.principal
+    is_agent, subject = principal.is_agent, principal.subject
+    bucket: TokenBucket | None = None  # made with the first frame: it starts full either way
+    refused_in_a_row = 0  # frames refused for rate since the last accepted one
+    try:
+        while True:
+            msg = await ws.receive()
+            session.silent_ticks = 0
+            kind = msg.type
+            if kind is not WSMsgType.TEXT and kind is not WSMsgType.BINARY:
+                if kind is WSMsgType.PING:
+                    await ws.pong(msg.data)
+                    continue
+                if kind is WSMsgType.PONG:
+                    continue
+                break
+            metrics.frames_in += 1
+            ref = None
+            try:
+                now = time.monotonic()
+                if bucket is None:
+                    bucket = TokenBucket(limits.frames_per_second, limits.frames_per_second * 2, now)
+                if not bucket.take(now):
+                    refused_in_a_row += 1
+                    raise error("rate_limited", f"more than {limits.frames_per_second} frames per second")
+                refused_in_a_row = 0
+                frame = frames.decode_client_frame(msg.data, max_bytes=limits.max_frame_bytes,
+                                                   max_ciphertext_bytes=limits.max_ciphertext_bytes)
+                ref = frame.ref
+                if type(frame) is frames.Send:  # the common case, without a coroutine of its own
+                    if not is_agent:
+                        raise error("forbidden", "a peek token can read, not send")
+                    await hub.send(subject, frame.channel, frame.client_id, frame.envelope,
+                                   _acker(session, frames.ack_prefix(frame.channel, frame.client_id, ref)))
+                elif isinstance(frame, (frames.Refuse, frames.GrantKey)):  # peeks: server/peeks.py
+                    session.push(await app[PEEKS].on_frame(frame, principal))
+                elif isinstance(frame, frames.WatchIndicators):  # public indicators: server/indicators.py
+                    session.push(await app[INDICATORS].watch(session, frame.channels, ref))
+                else:
+                    await _dispatch(frame, session, hub, principal)
+            except AgentChatError as exc:
+                metrics.errors_sent += 1
+                session.push(frames.error_frame(exc.to_wire(), ref or _guess_ref(msg.data)))
+                # A client that keeps sending through a second of refusals is not listening: cut it off.
+                if refused_in_a_row > limits.frames_per_second:
+                    session.close_soon(CLOSE_POLICY, "rate_limited")
+            if session.closed:
+                break
+    finally:
+        await _close(session, app)
+    return ws
+
+
+async def _open(ws: web.WebSocketResponse, request: web.Request) -> Session | None:
+    """Hello, then the session: registered, subscribed, welcomed and caught up; None if refused."""
+    principal, hello = await _hello(ws, request)
+    if principal is None or hello is None:
+        return None
+    app = request.app
+    limits = app[SETTINGS].limits
+    hub = app[HUB]
+    session = Session(ws, principal, limits.send_queue_max, app[METRICS], request.transport)
     await hub.register_session(session)
     app[SESSIONS].add(session)
     try:
@@ -65,14 +141,19 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
             if channel in hello.resume:
                 await hub.catch_up(session, channel)
         await app[PEEKS].session_opened(session, hello.resume)
-        await _serve(ws, session, hub, request)
-    finally:
-        app[PEEKS].session_closed(session)
-        app[INDICATORS].unwatch(session)
-        app[SESSIONS].discard(session)
-        await hub.unregister_session(session)
-        await session.aclose()
-    return ws
+    except BaseException:
+        await _close(session, app)
+        raise
+    session.silent_ticks = 0  # from now on the heartbeat watches this socket
+    return session
+
+
+async def _close(session: Session, app: web.Application) -> None:
+    app[PEEKS].session_closed(session)
+    app[INDICATORS].unwatch(session)
+    app[SESSIONS].discard(session)
+    await app[HUB].unregister_session(session)
+    await session.aclose()
 
 
 async def _hello(ws: web.WebSocketResponse, request: web.Request) -> tuple[Principal | None, frames.Hello | None]:
@@ -115,47 +196,6 @@ async def _attach_all(hub: Hub, session: Session, channels: list[str], resume: d
             log.debug("attach %s failed: %r", channel, exc)
 
 
-async def _serve(ws: web.WebSocketResponse, session: Session, hub: Hub, request: web.Request) -> None:
-    limits = request.app[SETTINGS].limits
-    metrics = request.app[METRICS]
-    bucket = TokenBucket(limits.frames_per_second, limits.frames_per_second * 2, time.monotonic())
-    refused_in_a_row = 0  # frames refused for rate since the last accepted one
-    principal = session.principal
-    is_agent, subject = principal.is_agent, principal.subject
-    async for msg in ws:
-        if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-            break
-        metrics.frames_in += 1
-        ref = None
-        try:
-            if not bucket.take(time.monotonic()):
-                refused_in_a_row += 1
-                raise error("rate_limited", f"more than {limits.frames_per_second} frames per second")
-            refused_in_a_row = 0
-            frame = frames.decode_client_frame(msg.data, max_bytes=limits.max_frame_bytes,
-                                               max_ciphertext_bytes=limits.max_ciphertext_bytes)
-            ref = frame.ref
-            if type(frame) is frames.Send:  # the common case, without a coroutine of its own
-                if not is_agent:
-                    raise error("forbidden", "a peek token can read, not send")
-                await hub.send(subject, frame.channel, frame.client_id, frame.envelope,
-                               _acker(session, frames.ack_prefix(frame.channel, frame.client_id, ref)))
-            elif isinstance(frame, (frames.Refuse, frames.GrantKey)):  # peeks: server/peeks.py
-                session.push(await request.app[PEEKS].on_frame(frame, principal))
-            elif isinstance(frame, frames.WatchIndicators):  # public indicators: server/indicators.py
-                session.push(await request.app[INDICATORS].watch(session, frame.channels, ref))
-            else:
-                await _dispatch(frame, session, hub, principal)
-        except AgentChatError as exc:
-            metrics.errors_sent += 1
-            session.push(frames.error_frame(exc.to_wire(), ref or _guess_ref(msg.data)))
-            # A client that keeps sending through a second of refusals is not listening: cut it off.
-            if refused_in_a_row > limits.frames_per_second:
-                session.close_soon(CLOSE_POLICY, "rate_limited")
-        if session.closed:
-            break
-
-
 def _guess_ref(data: Any) -> str | None:
     """The ``ref`` of a frame that failed validation, so the client can match the error to it."""
     try:
@@ -183,6 +223,29 @@ async def _dispatch(frame: frames.ClientFrame, session: Session, hub: Hub, princ
         raise error("invalid_field", "hello was already received on this socket")
     else:
         raise error("unknown_frame", f"{type(frame).__name__.lower()} frames are not available on this server yet")
+
+
+async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The one heartbeat of every socket served here (see ``HEARTBEAT_SECONDS``)."""
+    task = asyncio.create_task(_heartbeat(app[SESSIONS]), name="ws-heartbeat")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _heartbeat(sessions: set[Session]) -> None:
+    while True:
+        await asyncio.sleep(HEARTBEAT_TICK)
+        ping_at = round(HEARTBEAT_SECONDS / HEARTBEAT_TICK) + 1  # silent for at least HEARTBEAT_SECONDS
+        drop_at = ping_at + round(PONG_WAIT_SECONDS / HEARTBEAT_TICK)
+        watched = list(sessions)
+        for start in range(0, len(watched), HEARTBEAT_BATCH):
+            if start:
+                await asyncio.sleep(0)  # a long pass does not hold up deliveries
+            for session in watched[start:start + HEARTBEAT_BATCH]:
+                session.heartbeat(ping_at, drop_at)
 
 
 async def close_all_sessions(app: web.Application) -> None:

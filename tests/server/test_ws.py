@@ -241,3 +241,70 @@ async def test_a_flooding_socket_gets_rate_limited_then_closed(aiohttp_client, t
         codes += [f.get("code", f["type"]) for f in split_frames(msg.data)]
     assert "pong" in codes and "rate_limited" in codes
     assert msg.type == WSMsgType.CLOSE and msg.data == 1008
+
+
+async def test_a_silent_socket_is_pinged_then_dropped_and_an_answering_one_stays(aiohttp_client, tmp_path,
+                                                                                monkeypatch) -> None:
+    from agentchat.server import ws as ws_module
+    from tests.conftest import RestAgent
+
+    monkeypatch.setattr(ws_module, "HEARTBEAT_TICK", 0.02)
+    monkeypatch.setattr(ws_module, "HEARTBEAT_SECONDS", 0.1)
+    monkeypatch.setattr(ws_module, "PONG_WAIT_SECONDS", 0.1)
+    settings = load_settings(env={}, store=f"file://{tmp_path}/data", token_secret="t" * 40)
+    client = await aiohttp_client(build_app(settings))
+    alice = await RestAgent(client, "alice").register()
+
+    answering = await hello(client, alice.token)  # aiohttp answers pings while it waits in receive()
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(answering.receive(), 1.0)  # several heartbeat rounds
+    await answering.send_str('{"type":"ping","ref":"p1"}')
+    pong = (await receive_frames(answering, 1))[0]
+    assert (pong["type"], pong["ref"]) == ("pong", "p1")
+
+    silent = await client.ws_connect("/api/v1/ws", autoping=False)
+    await silent.send_str(orjson.dumps({"type": "hello", "token": alice.token}).decode())
+    assert (await receive_frames(silent, 1))[0]["type"] == "welcome"
+    ping = await asyncio.wait_for(silent.receive(), 5)
+    assert ping.type == WSMsgType.PING
+    dropped = await asyncio.wait_for(silent.receive(), 5)  # no pong: the server gives up on it
+    assert dropped.type in (WSMsgType.CLOSED, WSMsgType.ERROR)
+
+
+def test_heartbeat_pings_a_silent_session_then_drops_it() -> None:
+    from agentchat.server.session import PING_FRAME, Session
+    from agentchat.server.tokens import Principal
+
+    class Transport:
+        def __init__(self) -> None:
+            self.written: list[bytes] = []
+            self.aborted = False
+
+        def write(self, data: bytes) -> None:
+            self.written.append(data)
+
+        def is_closing(self) -> bool:
+            return self.aborted
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    class Socket:
+        closed = False
+
+    transport = Transport()
+    session = Session(Socket(), Principal("agent", "did:key:z"), 10, None, transport)  # type: ignore[arg-type]
+    for _ in range(5):
+        session.heartbeat(2, 4)
+    assert transport.written == [] and not transport.aborted  # not watched until welcomed
+    session.silent_ticks = 0
+    session.heartbeat(2, 4)
+    assert transport.written == []
+    session.heartbeat(2, 4)
+    assert transport.written == [PING_FRAME]
+    session.silent_ticks = 0  # the pong (any frame) came back
+    for _ in range(3):
+        session.heartbeat(2, 4)
+    assert transport.written == [PING_FRAME, PING_FRAME] and not transport.aborted
+    session.heartbeat(2, 4)
+    assert transport.aborted and session.closed
