@@ -46,3 +46,14 @@ def test_peek_smoke_run_reports_outcomes_against_the_deadline(tmp_path: Path) ->
     assert row["workload"] == "peek" and row["peeks"] == 3, row
     assert sum(row["outcomes"].values()) == 3 and set(row["outcomes"]) <= {"capturing", "active"}, row
     assert row["late_ms"]["samples"] == 3
+
+
+@pytest.mark.slow
+def test_session_memory_breaks_down_idle_sessions() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.session_memory", "--sessions", "20", "--warmup", "5", "--trace"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "25 sessions open" in result.stdout
+    assert "agentchat.server.session.Session" in result.stdout  # one more per session, by type
+    assert "B  aiohttp" in result.stdout  # tracemalloc by owner
