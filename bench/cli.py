@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    rate = row.get("target_per_s") if row.get("workload") == "paced" else None
+    rate = row.get("target_per_s") if row.get("workload") in ("paced", "persistence") else None
     return (row.get("workload"), row.get("server"), rate)
 
 

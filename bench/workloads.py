@@ -544,7 +544,7 @@ async def persistence(fixture: fixtures.Fixture, options: Options) -> dict[str, 
 
         row = await drive_fanout(jobs, options, "persistence", progress, sample)
     result = {"workload": "persistence", "server": "agentchat", **persistence_cost(samples[0], samples[-1]),
-              "delivered_per_s": row["delivered_per_s"]}
+              "target_per_s": min(options.paced_rates), "delivered_per_s": row["delivered_per_s"]}
     progress.done(f"{result['ops_per_1000_messages']} store operations per 1,000 messages")
     return result
 
