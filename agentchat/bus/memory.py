@@ -13,6 +13,7 @@ in publish order.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 import weakref
@@ -23,10 +24,11 @@ from agentchat.bus.base import BusHandler, check_index_score
 
 log = logging.getLogger(__name__)
 
-# Expired values are dropped when read, and by a sweep of the whole table once the number of writes
-# since the last sweep reaches the table's size (at least this many), so memory stays bounded and the
-# sweep costs O(1) per write on average.
-_SWEEP_MIN_WRITES = 1024
+# Expired values are dropped when read, and by each write, which removes up to this many of the
+# entries whose deadline has passed (oldest deadline first, from a heap): memory stays bounded and no
+# write ever pays for a sweep of the whole table (at a million remembered client ids, a full sweep
+# stalled the event loop for a few hundred milliseconds).
+_EXPIRE_PER_WRITE = 4
 
 _Entry = tuple[bytes | int, float]  # (value, monotonic deadline); ``incr`` counters are ints
 
@@ -44,7 +46,7 @@ class MemoryBroker:
     """The shared state of every ``MemoryBus`` attached to it (one event loop, one thread)."""
 
     __slots__ = (
-        "topics", "counters", "indexes", "_values", "_writes", "_queue", "_dispatching", "__weakref__"
+        "topics", "counters", "indexes", "_values", "_deadlines", "_queue", "_dispatching", "__weakref__"
     )
 
     def __init__(self) -> None:
@@ -54,7 +56,8 @@ class MemoryBroker:
         self.counters: dict[str, int] = {}
         self.indexes: dict[str, dict[str, int]] = {}  # index -> member -> score; never empty
         self._values: dict[str, _Entry] = {}
-        self._writes = 0
+        # (deadline, key) of every write; an item whose key was written again since is skipped.
+        self._deadlines: list[tuple[float, str]] = []
         self._queue: deque[tuple[tuple[MemoryBus, ...], str, int, bytes]] = deque()
         self._dispatching = False
 
@@ -99,19 +102,20 @@ class MemoryBroker:
         return entry
 
     def store(self, key: str, value: bytes | int, deadline: float) -> None:
-        self._values[key] = (value, deadline)
-        self._writes += 1
-        if self._writes >= _SWEEP_MIN_WRITES and self._writes >= len(self._values):
-            self._sweep(time.monotonic())
+        values, deadlines = self._values, self._deadlines
+        values[key] = (value, deadline)
+        heapq.heappush(deadlines, (deadline, key))
+        now = time.monotonic()
+        for _ in range(_EXPIRE_PER_WRITE):
+            if not deadlines or deadlines[0][0] > now:
+                break
+            _, due_key = heapq.heappop(deadlines)
+            entry = values.get(due_key)
+            if entry is not None and entry[1] <= now:
+                del values[due_key]
 
     def pop(self, key: str) -> _Entry | None:
         return self._values.pop(key, None)
-
-    def _sweep(self, now: float) -> None:
-        self._writes = 0
-        expired = [k for k, (_, deadline) in self._values.items() if deadline <= now]
-        for k in expired:
-            del self._values[k]
 
 
 # ``memory://NAME`` attaches to a broker shared by every bus of this process given the same name, so

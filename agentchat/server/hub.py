@@ -50,6 +50,8 @@ PENDING = b"p:"
 # process has no heartbeat belongs to a dead process.
 HEARTBEAT_TTL = 3.0
 GAP_FILL_TRIES = 4
+# Acks sent per event-loop turn when a stored batch releases many at once.
+ACKS_PER_TURN = 64
 
 
 def topic_messages(channel: str) -> str:
@@ -566,8 +568,11 @@ class Hub:
             # The messages are stored whatever happens here; if the bus lost the claims too, a
             # retry finds them again through the store (see _reseed).
             log.warning("could not record %d stored client ids on the bus", len(done))
-        for _, seq, on_ack in done:
+        for i, (_, seq, on_ack) in enumerate(done, 1):
             try:
                 on_ack(seq)
             except Exception:
                 log.exception("ack callback failed")
+            if i % ACKS_PER_TURN == 0 and i < len(done):
+                # A batch can hold thousands of acks: let the deliveries waiting behind them go first.
+                await asyncio.sleep(0)
