@@ -15,9 +15,7 @@ from agentchat.config import ConfigError, load_settings, redact_url
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-    from agentchat.server.app import build_app
+    from agentchat.server.app import build_app, run
 
     try:
         settings = load_settings(host=args.host, port=args.port, bus=args.bus, store=args.store,
@@ -41,8 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
     # are promoted, so full collections (40-60 ms of CPU each under fan-out, every ~2 s with the
     # defaults) become ten times rarer. They set the tail of delivery and peek-deadline latency.
     gc.set_threshold(10_000, 10, 10)
-    web.run_app(app, host=settings.host, port=settings.port, print=None,
-                shutdown_timeout=10.0, access_log=None)
+    run(app, settings.host, settings.port, shutdown_timeout=10.0)
     return 0
 
 

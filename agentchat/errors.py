@@ -100,6 +100,7 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     "unknown_frame": (InvalidInput, "The frame's type is not one the server accepts."),
     "bad_signature": (InvalidInput, "A signature in the request does not verify."),
     "stale_request": (InvalidInput, "The signed timestamp is too far from the server's clock."),
+    "bad_upgrade": (InvalidInput, "A WebSocket route was requested without a valid WebSocket upgrade."),
     # 401
     "auth_required": (Unauthenticated, "The request needs a bearer token (or the socket a hello frame)."),
     "token_invalid": (Unauthenticated, "The token is malformed, forged or revoked."),

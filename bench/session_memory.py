@@ -112,10 +112,11 @@ async def measure(sessions: int, warmup: int, trace: bool) -> None:
     from agentchat.config import load_settings
     from agentchat.server.app import build_app
     from agentchat.server.keys import METRICS, TOKENS
+    from agentchat.server.websocket import AgentChatRunner
 
     with tempfile.TemporaryDirectory() as data:
         app = build_app(load_settings(env={}, store=f"file://{data}/data", token_secret="s" * 40))
-        runner = web.AppRunner(app, access_log=None)
+        runner = AgentChatRunner(app, access_log=None)  # as agentchat serve
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()

@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from agentchat import crypto
 from agentchat.client import Agent
 from agentchat.config import Settings, load_settings
 from agentchat.server.app import build_app
+from agentchat.server.websocket import AgentChatRunner
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,6 +23,26 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return load_settings(env={}, store=f"file://{tmp_path}/data", token_secret="t" * 40)
+
+
+class AgentChatTestServer(TestServer):
+    """The application served the way ``agentchat serve`` serves it: WebSocket routes straight from
+    the listening socket (``server/websocket.py``), everything else through aiohttp."""
+
+    async def _make_runner(self, **kwargs: Any) -> AgentChatRunner:
+        return AgentChatRunner(self.app, **kwargs)
+
+
+@pytest.fixture
+def aiohttp_client(aiohttp_client: Any) -> Any:
+    """pytest-aiohttp's ``aiohttp_client``, serving applications through ``AgentChatTestServer``."""
+
+    async def serve(app_or_server: Any, **kwargs: Any) -> TestClient:
+        if isinstance(app_or_server, web.Application):
+            app_or_server = AgentChatTestServer(app_or_server)
+        return await aiohttp_client(app_or_server, **kwargs)
+
+    return serve
 
 
 @pytest.fixture

@@ -8,6 +8,8 @@ are closed (1001 going away, after their queued frames), then the hub, the bus a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import ipaddress
 import logging
@@ -30,6 +32,7 @@ from agentchat.server.keys import (BUS, HISTORY, HUB, METRICS, RECORDS, SESSIONS
                                    WRITER)
 from agentchat.server.metrics import Metrics
 from agentchat.server.tokens import TokenIssuer
+from agentchat.server.websocket import WEBSOCKET_ROUTES, AgentChatRunner
 from agentchat.store import keys as store_keys
 from agentchat.store import store_from_url
 from agentchat.store.base import ObjectStore
@@ -182,6 +185,9 @@ def build_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[SESSIONS] = set()
+    # Served straight from the listening socket (server/websocket.py); the aiohttp route below takes the
+    # upgrades that reach it anyway.
+    app[WEBSOCKET_ROUTES] = {"/api/v1/ws": ws.AgentSocket}
     app.cleanup_ctx.append(backends_ctx)
     app.cleanup_ctx.append(peeks.peeks_ctx)
     app.cleanup_ctx.append(indicators.indicators_ctx)
@@ -199,4 +205,31 @@ def build_app(settings: Settings) -> web.Application:
     return app
 
 
-__all__ = ["build_app", "error"]
+def run(app: web.Application, host: str, port: int, shutdown_timeout: float = 10.0) -> None:
+    """Serve ``app`` until SIGINT or SIGTERM, then shut down gracefully (what ``web.run_app`` does,
+    with ``AgentChatRunner`` so that WebSocket routes skip aiohttp's per-socket state)."""
+
+    async def serve() -> None:
+        runner = AgentChatRunner(app, handle_signals=True, access_log=None, shutdown_timeout=shutdown_timeout)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+            await asyncio.Event().wait()  # until a signal ends it
+        finally:
+            await runner.cleanup()
+
+    loop = asyncio.new_event_loop()
+    main = loop.create_task(serve())
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        main.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(main)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+__all__ = ["build_app", "error", "run"]

@@ -2,11 +2,11 @@
 
 The hub never awaits a socket: it appends frames to the session's queue. Once per event-loop turn,
 one callback flushes every session that has frames queued, several frames coalesced into one WebSocket
-message (newline-separated), written straight to the socket's transport while its write buffer is
-small: no task and no coroutine per delivery. A session whose transport is backed up gets a writer
-task that waits for it to drain (aiohttp's flow control), so a slow peer can only fill its own queue.
-When the queue is over its limit the socket is closed with ``4008 slow_consumer``; the client
-reconnects and resumes from its last sequence number.
+message (newline-separated), written straight to the socket's transport: no task and no coroutine per
+delivery. While the transport's write buffer is over its high mark (``server/websocket.py``) frames
+stay queued and go out when it drains, so a slow peer can only fill its own queue. When the queue is
+over its limit the socket is closed with ``4008 slow_consumer``; the client reconnects and resumes
+from its last sequence number.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from aiohttp import WSMsgType, web
-
+from agentchat.core.websocket import PING_FRAME, text_frame
 from agentchat.server.tokens import Principal
 
 if TYPE_CHECKING:
     from agentchat.server.metrics import Metrics
+    from agentchat.server.websocket import WebSocketConnection
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,6 @@ CLOSE_REMOVED = 4003
 
 # How many bytes of queued frames one WebSocket message may carry.
 COALESCE_BYTES = 64 * 1024
-# Above this many bytes waiting in a transport's write buffer, a session's frames go through the
-# writer task, which waits for the buffer to drain.
-WRITE_BUFFER_HIGH = 256 * 1024
-# A WebSocket ping with no payload (RFC 6455, section 5.5.2), written as is by the heartbeat.
-PING_FRAME = b"\x89\x00"
 
 
 def _coalesce_end(queue: list[bytes], start: int) -> int:
@@ -47,16 +42,6 @@ def _coalesce_end(queue: list[bytes], start: int) -> int:
         size += len(queue[end]) + 1
         end += 1
     return end
-
-
-def text_frame(payload: bytes) -> bytes:
-    """A complete unmasked server-to-client WebSocket text message (RFC 6455, section 5.2)."""
-    size = len(payload)
-    if size < 126:
-        return bytes((0x81, size)) + payload
-    if size < 65536:
-        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
-    return b"\x81\x7f" + size.to_bytes(8, "big") + payload
 
 
 # Per event loop, the sessions with frames queued since its last flush; a loop has an entry exactly
@@ -83,18 +68,16 @@ class Cursor:
 
 
 class Session:
-    """An idle session holds no task, no event and no frame; a writer task exists only while its
-    transport is backed up."""
+    """An idle session holds no task, no event and no frame."""
 
-    __slots__ = ("ws", "principal", "queue_max", "cursors", "silent_ticks", "_queue", "_writer",
-                 "_drain_waiters", "_closed", "_close_with", "_metrics", "_transport", "_dirty", "__weakref__")
+    __slots__ = ("connection", "principal", "queue_max", "cursors", "silent_ticks", "_queue",
+                 "_drain_waiters", "_closed", "_close_with", "_metrics", "_dirty", "__weakref__")
 
-    def __init__(self, ws: web.WebSocketResponse, principal: Principal, queue_max: int,
-                 metrics: Metrics | None = None, transport: asyncio.Transport | None = None) -> None:
-        """``transport``: the socket's (``request.transport``), written to directly while its buffer
-        is small; without it every frame goes through ``ws.send_frame``."""
-        self.ws = ws
-        self._transport = transport
+    def __init__(self, connection: WebSocketConnection, principal: Principal, queue_max: int,
+                 metrics: Metrics | None = None) -> None:
+        """``connection``: the socket, whose transport frames are written to (it calls ``_flush``
+        again when a full write buffer has drained)."""
+        self.connection = connection
         self._dirty = False
         self.principal = principal
         self.queue_max = queue_max
@@ -104,7 +87,6 @@ class Session:
         # A list, emptied by each flush: an empty deque would hold a 624-byte block for as long as the
         # socket is open, an empty list holds nothing but itself.
         self._queue: list[bytes] = []
-        self._writer: asyncio.Task[None] | None = None
         self._drain_waiters: list[asyncio.Future[None]] | None = None
         self._closed = False
         self._close_with: tuple[int, str] | None = None
@@ -123,7 +105,7 @@ class Session:
             self.close_soon(CLOSE_SLOW_CONSUMER, "slow_consumer")
             return
         queue.append(frame)
-        if self._writer is None and not self._dirty:
+        if not self._dirty:
             self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -136,14 +118,18 @@ class Session:
         waiting.append(self)
 
     def _flush(self) -> None:
-        """Send what is queued now if the transport takes it, else hand over to the writer task."""
+        """Send what is queued, unless the transport's write buffer is full (then the connection
+        calls this again once it has drained)."""
         queue = self._queue
-        if not queue or self._closed or self._writer is not None:
+        if not queue or self._closed:
             return
-        transport = self._transport
-        if (transport is None or transport.is_closing() or self.ws.closed
-                or transport.get_write_buffer_size() > WRITE_BUFFER_HIGH):
-            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        connection = self.connection
+        transport = connection.transport
+        if connection.write_paused or transport is None:
+            return
+        if connection.closing:  # nothing more may follow a close frame
+            queue.clear()
+            self._wake_drain_waiters()
             return
         count = len(queue)
         if count == 1:
@@ -157,6 +143,14 @@ class Session:
         queue.clear()
         if self._metrics is not None:
             self._metrics.frames_out += count
+        if self._drain_waiters is not None:
+            self._wake_drain_waiters()
+
+    def _wake_drain_waiters(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
 
     def offer(self, channel: str, seq: int, frame: bytes) -> None:
         """A live channel message: sent once, in order, unless the session is catching up."""
@@ -179,7 +173,7 @@ class Session:
             self.close_soon(CLOSE_SLOW_CONSUMER, "slow_consumer")
             return
         queue.append(frame)
-        if self._writer is None and not self._dirty:
+        if not self._dirty:
             self._schedule_flush()
 
     def backlog(self) -> int:
@@ -189,7 +183,7 @@ class Session:
         """Return once every queued frame has been handed to the socket (or the session closed)."""
         while self._dirty:
             await asyncio.sleep(0)  # the flush scheduled for this turn runs first
-        if self._writer is None:
+        if not self._queue or self._closed:
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._drain_waiters is None:
@@ -203,7 +197,8 @@ class Session:
         self._closed = True
         self._close_with = (code, reason)
         self._queue.clear()
-        asyncio.get_running_loop().create_task(self._close(code, reason))
+        self._wake_drain_waiters()
+        self.connection.close(code, reason)
 
     def heartbeat(self, ping_at: int, drop_at: int) -> None:
         """One tick of the heartbeat (``server/ws.py``): after ``ping_at`` ticks without a frame from
@@ -215,63 +210,33 @@ class Session:
             return
         ticks += 1
         self.silent_ticks = ticks
-        transport = self._transport
+        connection = self.connection
+        transport = connection.transport
         if transport is None or transport.is_closing():
             return
         if ticks >= drop_at:
             self._closed = True
             self._queue.clear()
+            self._wake_drain_waiters()
             transport.abort()
-        elif ticks == ping_at and not self.ws.closed:
+        elif ticks == ping_at and not connection.closing:
             # Written as is, between two whole messages like every other write to the transport (none
             # is ever written in parts), so the ping needs no task or coroutine.
             transport.write(PING_FRAME)
 
-    async def _close(self, code: int, reason: str) -> None:
-        try:
-            await self.ws.close(code=code, message=reason.encode())
-        except Exception:  # the peer may already be gone
-            pass
-
     async def aclose(self, code: int = CLOSE_GOING_AWAY, reason: str = "") -> None:
-        """Close now; a reason given earlier by ``close_soon`` wins over this one."""
+        """Close now (the close handshake finishes on its own); a reason given earlier by
+        ``close_soon`` wins over this one."""
         self._closed = True
-        if self._writer is not None:
-            self._writer.cancel()
+        self._queue.clear()
+        self._wake_drain_waiters()
         code, reason = self._close_with or (code, reason)
-        await self._close(code, reason)
+        self.connection.close(code, reason)
 
     async def flush_and_stop(self) -> None:
-        """Let the writer send what is queued (for up to 2 s), then stop it (before a graceful close)."""
-        if not self._closed and (self._writer is not None or self._dirty):
+        """Let what is queued go out (for up to 2 s), before a graceful close."""
+        if not self._closed and (self._queue or self._dirty):
             try:
                 await asyncio.wait_for(self.wait_drained(), 2.0)
             except asyncio.TimeoutError:
                 pass
-        if self._writer is not None:
-            self._writer.cancel()
-
-    async def _write_loop(self) -> None:
-        queue = self._queue
-        ws = self.ws
-        try:
-            while queue and not self._closed:
-                count = _coalesce_end(queue, 0)
-                data = queue[0] if count == 1 else b"\n".join(queue[:count])
-                del queue[:count]
-                await ws.send_frame(data, WSMsgType.TEXT)
-                if self._metrics is not None:
-                    self._metrics.frames_out += count
-        except asyncio.CancelledError:
-            pass
-        except (ConnectionError, RuntimeError) as exc:  # peer went away mid-write
-            log.debug("socket write failed: %r", exc)
-            self._closed = True
-        finally:
-            # No await between the loop's last look at the queue and this: a frame pushed after it
-            # starts a new writer.
-            self._writer = None
-            waiters, self._drain_waiters = self._drain_waiters, None
-            for waiter in waiters or ():
-                if not waiter.done():
-                    waiter.set_result(None)

@@ -1,4 +1,4 @@
-"""``/api/v1/ws``: the only place that awaits a client socket.
+"""``/api/v1/ws``: an agent's or a peeker's socket (``AgentSocket``, on ``server/websocket.py``).
 
 The first frame must be ``hello`` with a token (never in the URL). After ``welcome`` the socket gets
 live frames for every channel the token may read, catching up first on channels named in ``resume``.
@@ -14,9 +14,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from agentchat.core import frames
+from agentchat.core.websocket import text_frame
 from agentchat.core.ratelimit import TokenBucket
 from agentchat.errors import AgentChatError, error
 from agentchat.server.http import answers_own_errors
@@ -24,6 +25,7 @@ from agentchat.server.hub import Hub
 from agentchat.server.keys import HUB, INDICATORS, METRICS, PEEKS, RECORDS, SESSIONS, SETTINGS, TOKENS
 from agentchat.server.session import CLOSE_AUTH, CLOSE_GOING_AWAY, CLOSE_POLICY, Session
 from agentchat.server.tokens import Principal
+from agentchat.server.websocket import WebSocketConnection, upgrade_within_aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -41,114 +43,157 @@ HEARTBEAT_BATCH = 2000
 HARD_FRAME_FACTOR = 4
 
 
+class AgentSocket(WebSocketConnection):
+    """One agent's or peeker's socket, from ``hello`` to close.
+
+    Between frames it holds no task and no coroutine: each frame is handled as it is read, and only
+    a frame whose handling must wait (a bus round trip, a store read) becomes a task, with the frames
+    behind it waiting their turn. The hello, the channel list and the welcome live in ``_open`` and
+    are gone once it returns; the frame-rate bucket is made with the first frame after it; liveness is
+    the heartbeat task's job."""
+
+    __slots__ = ("app", "session", "_hello_timer", "_opening", "_bucket", "_refused_in_a_row")
+
+    def __init__(self, app: web.Application) -> None:
+        super().__init__(app[SETTINGS].limits.max_frame_bytes * HARD_FRAME_FACTOR)
+        self.app = app
+        self.session: Session | None = None
+        self._hello_timer: asyncio.TimerHandle | None = None
+        self._opening = False
+        self._bucket: TokenBucket | None = None  # made with the first frame: it starts full either way
+        self._refused_in_a_row = 0  # frames refused for rate since the last accepted one
+
+    def opened(self) -> None:
+        self._hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT, self._no_hello)
+
+    def _no_hello(self) -> None:
+        self._hello_timer = None
+        self._refuse(error("auth_required", "send a hello frame with a token first"))
+
+    def _refuse(self, exc: AgentChatError) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.write(text_frame(frames.error_frame(exc.to_wire(), None)))
+        self.close(CLOSE_AUTH, exc.code)
+
+    def activity(self) -> None:
+        if self.session is not None:
+            self.session.silent_ticks = 0
+
+    def writable(self) -> None:
+        if self.session is not None:
+            self.session._flush()
+
+    def lost(self) -> None:
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        if self.session is not None and not self._opening:  # else _open finds it lost and cleans up
+            asyncio.get_running_loop().create_task(_close(self.session, self.app))
+
+    async def message_received(self, data: bytes) -> None:
+        session = self.session
+        if session is None:
+            if not self._opening:
+                await self._hello(data)
+            return
+        app = self.app
+        limits = app[SETTINGS].limits
+        app[METRICS].frames_in += 1
+        ref = None
+        try:
+            now = time.monotonic()
+            bucket = self._bucket
+            if bucket is None:
+                bucket = self._bucket = TokenBucket(limits.frames_per_second, limits.frames_per_second * 2, now)
+            if not bucket.take(now):
+                self._refused_in_a_row += 1
+                raise error("rate_limited", f"more than {limits.frames_per_second} frames per second")
+            self._refused_in_a_row = 0
+            frame = frames.decode_client_frame(data, max_bytes=limits.max_frame_bytes,
+                                               max_ciphertext_bytes=limits.max_ciphertext_bytes)
+            ref = frame.ref
+            principal = session.principal
+            if type(frame) is frames.Send:  # the common case, without a coroutine of its own
+                if not principal.is_agent:
+                    raise error("forbidden", "a peek token can read, not send")
+                await app[HUB].send(principal.subject, frame.channel, frame.client_id, frame.envelope,
+                                    _acker(session, frames.ack_prefix(frame.channel, frame.client_id, ref)))
+            elif isinstance(frame, (frames.Refuse, frames.GrantKey)):  # peeks: server/peeks.py
+                session.push(await app[PEEKS].on_frame(frame, principal))
+            elif isinstance(frame, frames.WatchIndicators):  # public indicators: server/indicators.py
+                session.push(await app[INDICATORS].watch(session, frame.channels, ref))
+            else:
+                await _dispatch(frame, session, app[HUB], principal)
+        except AgentChatError as exc:
+            app[METRICS].errors_sent += 1
+            session.push(frames.error_frame(exc.to_wire(), ref or _guess_ref(data)))
+            # A client that keeps sending through a second of refusals is not listening: cut it off.
+            if self._refused_in_a_row > limits.frames_per_second:
+                session.close_soon(CLOSE_POLICY, "rate_limited")
+
+    async def _hello(self, data: bytes) -> None:
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        limits = self.app[SETTINGS].limits
+        try:
+            frame = frames.decode_client_frame(data, max_bytes=limits.max_frame_bytes,
+                                               max_ciphertext_bytes=limits.max_ciphertext_bytes)
+            if not isinstance(frame, frames.Hello):
+                raise error("auth_required", "the first frame must be hello with a token")
+            principal = self.app[TOKENS].verify(frame.token)
+        except AgentChatError as exc:
+            self._refuse(exc)
+            return
+        self._opening = True
+        try:
+            await self._open(principal, frame)
+        finally:
+            self._opening = False
+        if self.session is not None and self.closing and not self.session.closed:
+            await _close(self.session, self.app)  # lost while opening
+
+    async def _open(self, principal: Principal, hello: frames.Hello) -> None:
+        """The session: registered, subscribed, welcomed and caught up."""
+        app = self.app
+        limits = app[SETTINGS].limits
+        hub = app[HUB]
+        session = self.session = Session(self, principal, limits.send_queue_max, app[METRICS])
+        await hub.register_session(session)
+        app[SESSIONS].add(session)
+        try:
+            channels = await _readable_channels(app, principal)
+            # Subscribe first, welcome second: once the client has the welcome, every message sent from
+            # then on reaches it. Catch-up on resumed channels follows the welcome.
+            await _attach_all(hub, session, channels, hello.resume)
+            session.push(frames.encode({"type": "welcome", "ref": hello.ref, "subject": principal.subject,
+                                        "scope": principal.scope, "channels": channels,
+                                        "limits": {"max_frame_bytes": limits.max_frame_bytes,
+                                                   "max_ciphertext_bytes": limits.max_ciphertext_bytes,
+                                                   "frames_per_second": limits.frames_per_second}}))
+            for channel in sorted(hello.resume.keys() - set(channels)):
+                session.push(frames.error_frame(error("not_member", f"cannot resume {channel}: not a member").to_wire()))
+            for channel in channels:
+                if channel in hello.resume:
+                    await hub.catch_up(session, channel)
+            await app[PEEKS].session_opened(session, hello.resume)
+        except BaseException:
+            await _close(session, app)
+            raise
+        session.silent_ticks = 0  # from now on the heartbeat watches this socket
+
+
 @answers_own_errors
-async def websocket(request: web.Request) -> web.WebSocketResponse:
-    """One client socket, from ``hello`` to close.
-
-    An idle socket's coroutine (the one that stays alive) waits in ``ws.receive()`` holding only what
-    the next frame needs: the hello, the channel list and the welcome live in ``_open`` and are gone
-    once it returns, the frame-rate bucket is made with the first frame, and liveness is the heartbeat
-    task's job."""
-    app = request.app
-    ws = web.WebSocketResponse(
-        autoping=False, max_msg_size=app[SETTINGS].limits.max_frame_bytes * HARD_FRAME_FACTOR,
-        compress=False, decode_text=False,
-    )
-    await ws.prepare(request)
-    session = await _open(ws, request)
-    if session is None:
-        return ws
-    limits = app[SETTINGS].limits
-    hub = app[HUB]
-    metrics = app[METRICS]
-    principal = session.principal
-    is_agent, subject = principal.is_agent, principal.subject
-    bucket: TokenBucket | None = None  # made with the first frame: it starts full either way
-    refused_in_a_row = 0  # frames refused for rate since the last accepted one
-    try:
-        while True:
-            msg = await ws.receive()
-            session.silent_ticks = 0
-            kind = msg.type
-            if kind is not WSMsgType.TEXT and kind is not WSMsgType.BINARY:
-                if kind is WSMsgType.PING:
-                    await ws.pong(msg.data)
-                    continue
-                if kind is WSMsgType.PONG:
-                    continue
-                break
-            metrics.frames_in += 1
-            ref = None
-            try:
-                now = time.monotonic()
-                if bucket is None:
-                    bucket = TokenBucket(limits.frames_per_second, limits.frames_per_second * 2, now)
-                if not bucket.take(now):
-                    refused_in_a_row += 1
-                    raise error("rate_limited", f"more than {limits.frames_per_second} frames per second")
-                refused_in_a_row = 0
-                frame = frames.decode_client_frame(msg.data, max_bytes=limits.max_frame_bytes,
-                                                   max_ciphertext_bytes=limits.max_ciphertext_bytes)
-                ref = frame.ref
-                if type(frame) is frames.Send:  # the common case, without a coroutine of its own
-                    if not is_agent:
-                        raise error("forbidden", "a peek token can read, not send")
-                    await hub.send(subject, frame.channel, frame.client_id, frame.envelope,
-                                   _acker(session, frames.ack_prefix(frame.channel, frame.client_id, ref)))
-                elif isinstance(frame, (frames.Refuse, frames.GrantKey)):  # peeks: server/peeks.py
-                    session.push(await app[PEEKS].on_frame(frame, principal))
-                elif isinstance(frame, frames.WatchIndicators):  # public indicators: server/indicators.py
-                    session.push(await app[INDICATORS].watch(session, frame.channels, ref))
-                else:
-                    await _dispatch(frame, session, hub, principal)
-            except AgentChatError as exc:
-                metrics.errors_sent += 1
-                session.push(frames.error_frame(exc.to_wire(), ref or _guess_ref(msg.data)))
-                # A client that keeps sending through a second of refusals is not listening: cut it off.
-                if refused_in_a_row > limits.frames_per_second:
-                    session.close_soon(CLOSE_POLICY, "rate_limited")
-            if session.closed:
-                break
-    finally:
-        await _close(session, app)
-    return ws
-
-
-async def _open(ws: web.WebSocketResponse, request: web.Request) -> Session | None:
-    """Hello, then the session: registered, subscribed, welcomed and caught up; None if refused."""
-    principal, hello = await _hello(ws, request)
-    if principal is None or hello is None:
-        return None
-    app = request.app
-    limits = app[SETTINGS].limits
-    hub = app[HUB]
-    session = Session(ws, principal, limits.send_queue_max, app[METRICS], request.transport)
-    await hub.register_session(session)
-    app[SESSIONS].add(session)
-    try:
-        channels = await _readable_channels(request, principal)
-        # Subscribe first, welcome second: once the client has the welcome, every message sent from
-        # then on reaches it. Catch-up on resumed channels follows the welcome.
-        await _attach_all(hub, session, channels, hello.resume)
-        session.push(frames.encode({"type": "welcome", "ref": hello.ref, "subject": principal.subject,
-                                    "scope": principal.scope, "channels": channels,
-                                    "limits": {"max_frame_bytes": limits.max_frame_bytes,
-                                               "max_ciphertext_bytes": limits.max_ciphertext_bytes,
-                                               "frames_per_second": limits.frames_per_second}}))
-        for channel in sorted(hello.resume.keys() - set(channels)):
-            session.push(frames.error_frame(error("not_member", f"cannot resume {channel}: not a member").to_wire()))
-        for channel in channels:
-            if channel in hello.resume:
-                await hub.catch_up(session, channel)
-        await app[PEEKS].session_opened(session, hello.resume)
-    except BaseException:
-        await _close(session, app)
-        raise
-    session.silent_ticks = 0  # from now on the heartbeat watches this socket
-    return session
+async def websocket(request: web.Request) -> web.StreamResponse:
+    """``/api/v1/ws`` when the upgrade reaches aiohttp: a keep-alive connection that served HTTP
+    requests first, or a request that is not a valid upgrade (``bad_upgrade``). Fresh connections
+    are served by ``AgentSocket`` straight from the listening socket (``server/websocket.py``)."""
+    return await upgrade_within_aiohttp(request, AgentSocket(request.app))
 
 
 async def _close(session: Session, app: web.Application) -> None:
+    if session.closed and session not in app[SESSIONS]:
+        return
     app[PEEKS].session_closed(session)
     app[INDICATORS].unwatch(session)
     app[SESSIONS].discard(session)
@@ -156,35 +201,9 @@ async def _close(session: Session, app: web.Application) -> None:
     await session.aclose()
 
 
-async def _hello(ws: web.WebSocketResponse, request: web.Request) -> tuple[Principal | None, frames.Hello | None]:
-    limits = request.app[SETTINGS].limits
-    try:
-        msg = await asyncio.wait_for(ws.receive(), HELLO_TIMEOUT)
-    except asyncio.TimeoutError:
-        await _refuse(ws, error("auth_required", "send a hello frame with a token first"), None)
-        return None, None
-    if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-        return None, None
-    try:
-        frame = frames.decode_client_frame(msg.data, max_bytes=limits.max_frame_bytes,
-                                           max_ciphertext_bytes=limits.max_ciphertext_bytes)
-        if not isinstance(frame, frames.Hello):
-            raise error("auth_required", "the first frame must be hello with a token")
-        return request.app[TOKENS].verify(frame.token), frame
-    except AgentChatError as exc:
-        await _refuse(ws, exc, None)
-        return None, None
-
-
-async def _refuse(ws: web.WebSocketResponse, exc: AgentChatError, ref: str | None) -> None:
-    await ws.send_frame(frames.error_frame(exc.to_wire(), ref), WSMsgType.TEXT)
-    await ws.close(code=CLOSE_AUTH, message=exc.code.encode())
-
-
-async def _readable_channels(request: web.Request, principal: Principal) -> list[str]:
+async def _readable_channels(app: web.Application, principal: Principal) -> list[str]:
     if principal.is_agent:
-        return await request.app[RECORDS].list_memberships(
-            principal.subject, request.app[SETTINGS].limits.max_channels_per_agent)
+        return await app[RECORDS].list_memberships(principal.subject, app[SETTINGS].limits.max_channels_per_agent)
     return [principal.channel] if principal.channel else []
 
 

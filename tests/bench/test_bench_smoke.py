@@ -56,4 +56,4 @@ def test_session_memory_breaks_down_idle_sessions() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "25 sessions open" in result.stdout
     assert "agentchat.server.session.Session" in result.stdout  # one more per session, by type
-    assert "B  aiohttp" in result.stdout  # tracemalloc by owner
+    assert "B  agentchat" in result.stdout  # tracemalloc by owner

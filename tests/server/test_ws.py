@@ -289,11 +289,14 @@ def test_heartbeat_pings_a_silent_session_then_drops_it() -> None:
         def abort(self) -> None:
             self.aborted = True
 
-    class Socket:
-        closed = False
+    class Connection:
+        closing = False
+
+        def __init__(self, transport: Transport) -> None:
+            self.transport = transport
 
     transport = Transport()
-    session = Session(Socket(), Principal("agent", "did:key:z"), 10, None, transport)  # type: ignore[arg-type]
+    session = Session(Connection(transport), Principal("agent", "did:key:z"), 10, None)  # type: ignore[arg-type]
     for _ in range(5):
         session.heartbeat(2, 4)
     assert transport.written == [] and not transport.aborted  # not watched until welcomed

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from agentchat.core import frames
 from agentchat.core.indicators import SORTS
@@ -21,6 +21,7 @@ from agentchat.server.indicators import IndicatorService, peeks_from
 from agentchat.server.keys import BUS, HUB, INDICATORS, METRICS, PEEKS, RECORDS, SESSIONS, SETTINGS, STORE
 from agentchat.server.session import CLOSE_POLICY, Session
 from agentchat.server.tokens import Principal
+from agentchat.server.websocket import WebSocketConnection, upgrade_within_aiohttp
 from agentchat.server.ws import _guess_ref as guess_ref
 
 routes = web.RouteTableDef()
@@ -32,7 +33,6 @@ SOCKETS_PER_SECOND = 5
 # Frames a public socket may send per second (bursts of twice this); it only needs a few.
 SOCKET_FRAMES_PER_SECOND = 5
 SOCKET_MAX_FRAME_BYTES = 64 * 1024
-HEARTBEAT_SECONDS = 30.0
 PAGE_MAX = 100
 PUBLIC = Principal(scope="public", subject="public")
 
@@ -65,48 +65,67 @@ async def list_indicators(request: web.Request) -> web.Response:
                           "as_of": int(time.time() * 1000)})
 
 
+class IndicatorsSocket(WebSocketConnection):
+    """A public socket: ``watch_indicators`` in, ``indicators`` frames out (and ``ping``)."""
+
+    __slots__ = ("app", "session", "_bucket", "_refused")
+
+    def __init__(self, app: web.Application) -> None:
+        super().__init__(SOCKET_MAX_FRAME_BYTES * 4)
+        self.app = app
+        self.session: Session | None = None
+        self._bucket = TokenBucket(SOCKET_FRAMES_PER_SECOND, SOCKET_FRAMES_PER_SECOND * 2, time.monotonic())
+        self._refused = 0  # frames refused in a row for their rate: a flood closes the socket
+
+    def opened(self) -> None:
+        session = self.session = Session(self, PUBLIC, self.app[SETTINGS].limits.send_queue_max, self.app[METRICS])
+        session.silent_ticks = 0  # the heartbeat of server/ws.py watches it
+        self.app[SESSIONS].add(session)
+
+    def activity(self) -> None:
+        if self.session is not None:
+            self.session.silent_ticks = 0
+
+    def writable(self) -> None:
+        if self.session is not None:
+            self.session._flush()
+
+    def lost(self) -> None:
+        session = self.session
+        if session is not None:
+            self.app[INDICATORS].unwatch(session)
+            self.app[SESSIONS].discard(session)
+            session._closed = True
+
+    async def message_received(self, data: bytes) -> None:
+        session = self.session
+        assert session is not None
+        ref = None
+        try:
+            if not self._bucket.take(time.monotonic()):
+                self._refused += 1
+                raise error("rate_limited", f"more than {SOCKET_FRAMES_PER_SECOND} frames per second")
+            self._refused = 0
+            frame = frames.decode_client_frame(data, max_bytes=SOCKET_MAX_FRAME_BYTES, max_ciphertext_bytes=0)
+            ref = frame.ref
+            if isinstance(frame, frames.WatchIndicators):
+                session.push(await self.app[INDICATORS].watch(session, frame.channels, ref))
+            elif isinstance(frame, frames.Ping):
+                session.push(frames.encode({"type": "pong", "ref": ref, "ts": int(time.time() * 1000)}))
+            else:
+                raise error("unknown_frame", "this socket takes watch_indicators and ping only")
+        except AgentChatError as exc:
+            session.push(frames.error_frame(exc.to_wire(), ref or guess_ref(data)))
+            if self._refused > SOCKET_FRAMES_PER_SECOND * 4:
+                session.close_soon(CLOSE_POLICY, "rate_limited")
+
+
 @routes.get("/api/v1/indicators/ws")
-async def public_socket(request: web.Request) -> web.WebSocketResponse:
-    """Live indicators for anyone: send ``watch_indicators``, get ``indicators`` frames."""
+async def public_socket(request: web.Request) -> web.StreamResponse:
+    """Live indicators for anyone: send ``watch_indicators``, get ``indicators`` frames. It goes
+    through aiohttp (not straight from the listening socket) for the per-address rate limit."""
     await rate_limit(request, "indicators-ws", SOCKETS_PER_SECOND)
-    app = request.app
-    ws = web.WebSocketResponse(heartbeat=HEARTBEAT_SECONDS, max_msg_size=SOCKET_MAX_FRAME_BYTES * 4,
-                               compress=False)
-    await ws.prepare(request)
-    service = app[INDICATORS]
-    session = Session(ws, PUBLIC, app[SETTINGS].limits.send_queue_max, app[METRICS], request.transport)
-    app[SESSIONS].add(session)
-    bucket = TokenBucket(SOCKET_FRAMES_PER_SECOND, SOCKET_FRAMES_PER_SECOND * 2, time.monotonic())
-    refused = 0  # frames refused in a row for their rate: a flood closes the socket
-    try:
-        async for msg in ws:
-            if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-                break
-            ref = None
-            try:
-                if not bucket.take(time.monotonic()):
-                    refused += 1
-                    raise error("rate_limited", f"more than {SOCKET_FRAMES_PER_SECOND} frames per second")
-                refused = 0
-                frame = frames.decode_client_frame(msg.data, max_bytes=SOCKET_MAX_FRAME_BYTES, max_ciphertext_bytes=0)
-                ref = frame.ref
-                if isinstance(frame, frames.WatchIndicators):
-                    session.push(await service.watch(session, frame.channels, ref))
-                elif isinstance(frame, frames.Ping):
-                    session.push(frames.encode({"type": "pong", "ref": ref, "ts": int(time.time() * 1000)}))
-                else:
-                    raise error("unknown_frame", "this socket takes watch_indicators and ping only")
-            except AgentChatError as exc:
-                session.push(frames.error_frame(exc.to_wire(), ref or guess_ref(msg.data)))
-                if refused > SOCKET_FRAMES_PER_SECOND * 4:
-                    session.close_soon(CLOSE_POLICY, "rate_limited")
-            if session.closed:
-                break
-    finally:
-        service.unwatch(session)
-        app[SESSIONS].discard(session)
-        await session.aclose()
-    return ws
+    return await upgrade_within_aiohttp(request, IndicatorsSocket(request.app))
 
 
 @routes.get("/api/v1/indicators/{channel}")

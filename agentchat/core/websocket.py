@@ -1,0 +1,267 @@
+"""The server side of RFC 6455 WebSockets, without I/O: the opening handshake and the frame codec.
+
+``server/wsconn.py`` runs it on an asyncio transport. It exists because a socket served through
+aiohttp's ``WebSocketResponse`` keeps ~13 KB of HTTP and WebSocket state alive for as long as it is
+open (the parsed request, the HTTP protocol, two tasks, a reader, a writer and a queue); this codec
+keeps a few hundred bytes, and reads a frame in a handful of bytecode steps.
+
+What it accepts: masked client frames, text/binary messages (fragmented or not), ping, pong and close.
+No extension is ever negotiated (so no compression), so any reserved bit set is a protocol error.
+Text payloads are not checked for UTF-8 here: every text message is parsed as JSON right after, and
+the JSON parser refuses invalid UTF-8 with an ``invalid_json`` error frame.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Mapping
+
+try:  # the C helper of the websockets package, a dependency of the SDK
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - pure-Python fallback of the same package
+    from websockets.utils import apply_mask
+
+OP_CONTINUATION = 0x0
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+_KNOWN_OPCODES = frozenset((OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG))
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_NO_STATUS = 1005  # never sent: what a close frame without a payload means
+CLOSE_INVALID_DATA = 1007
+CLOSE_TOO_BIG = 1009
+
+# RFC 6455 section 1.3: the GUID every server appends to the client's key.
+_ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+# A WebSocket ping with no payload (section 5.5.2).
+PING_FRAME = b"\x89\x00"
+
+
+class ProtocolViolation(Exception):
+    """The peer broke RFC 6455: the connection is failed with this close code."""
+
+    def __init__(self, close_code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.close_code = close_code
+        self.reason = reason
+
+
+class UpgradeRefused(Exception):
+    """An HTTP request that cannot be upgraded to a WebSocket, with the HTTP status to answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+# -- opening handshake (section 4.2) --------------------------------------------------------------
+
+
+def _has_token(value: str, token: str) -> bool:
+    return any(part.strip().lower() == token for part in value.split(","))
+
+
+def accept_key(key: str) -> str:
+    """``Sec-WebSocket-Accept`` for a client's ``Sec-WebSocket-Key``."""
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _ACCEPT_GUID).digest()).decode("ascii")
+
+
+def check_upgrade(method: str, headers: Mapping[str, str]) -> str:
+    """The ``Sec-WebSocket-Accept`` value for a valid upgrade request; else ``UpgradeRefused``.
+
+    ``headers`` is looked up by lower-case name."""
+    if method != "GET":
+        raise UpgradeRefused(400, "a WebSocket upgrade is a GET request")
+    if not _has_token(headers.get("upgrade", ""), "websocket"):
+        raise UpgradeRefused(426, "this route is a WebSocket: send 'Upgrade: websocket'")
+    if not _has_token(headers.get("connection", ""), "upgrade"):
+        raise UpgradeRefused(400, "a WebSocket upgrade needs 'Connection: Upgrade'")
+    if headers.get("sec-websocket-version", "").strip() != "13":
+        raise UpgradeRefused(426, "only WebSocket version 13 is served (Sec-WebSocket-Version: 13)")
+    key = headers.get("sec-websocket-key", "").strip()
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            raise ValueError(key)
+    except ValueError:
+        raise UpgradeRefused(400, "Sec-WebSocket-Key must be 16 random bytes in base64") from None
+    return accept_key(key)
+
+
+def switching_protocols(accept: str) -> bytes:
+    """The complete ``101 Switching Protocols`` response."""
+    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept.encode("ascii") + b"\r\n\r\n")
+
+
+# -- frames the server sends (section 5.2: unmasked) -----------------------------------------------
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete unmasked text message."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 65536:
+        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + size.to_bytes(8, "big") + payload
+
+
+def _control_frame(opcode: int, payload: bytes) -> bytes:
+    return bytes((0x80 | opcode, len(payload))) + payload
+
+
+def pong_frame(payload: bytes) -> bytes:
+    """The answer to a ping: the same application data (at most 125 bytes, as the ping's)."""
+    return _control_frame(OP_PONG, payload[:125])
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    """A close frame; the reason is cut to fit a control frame (123 bytes of UTF-8)."""
+    data = reason.encode("utf-8")[:123]
+    while data:  # do not cut a character in two
+        try:
+            data.decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            data = data[:-1]
+    return _control_frame(OP_CLOSE, code.to_bytes(2, "big") + data)
+
+
+def _valid_close_code(code: int) -> bool:
+    # Section 7.4: 1004-1006 and 1015 are never sent; 1012-1014 are registered since (IANA).
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def parse_close(payload: bytes) -> tuple[int, str]:
+    """The code and reason of a received close frame."""
+    if not payload:
+        return CLOSE_NO_STATUS, ""
+    if len(payload) == 1:
+        raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "close frame with a 1-byte payload")
+    code = int.from_bytes(payload[:2], "big")
+    if not _valid_close_code(code):
+        raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"invalid close code {code}")
+    try:
+        reason = payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolViolation(CLOSE_INVALID_DATA, "close reason is not UTF-8") from None
+    return code, reason
+
+
+# -- frames the server reads ------------------------------------------------------------------------
+
+
+class FrameParser:
+    """Client-to-server frames in, whole messages and control frames out, in arrival order.
+
+    ``feed`` returns ``(opcode, payload)`` pairs: ``OP_TEXT``/``OP_BINARY`` with the whole (unmasked,
+    reassembled) message, or a control opcode with its payload. It raises ``ProtocolViolation`` for
+    anything RFC 6455 forbids, and for a message over ``max_message_bytes`` as soon as its header says
+    so (close code 1009), before its payload is buffered. Bytes of an unfinished frame are kept as the
+    chunks they came in and joined once, when enough have arrived."""
+
+    __slots__ = ("max_message_bytes", "_chunks", "_have", "_need", "_fragments", "_fragments_size",
+                 "_fragments_opcode")
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self.max_message_bytes = max_message_bytes
+        self._chunks: list[bytes] | None = None  # an unfinished frame's bytes, while there is one
+        self._have = 0
+        self._need = 0  # bytes the unfinished frame needs before parsing is worth trying again
+        self._fragments: list[bytes] | None = None  # a fragmented message's parts so far
+        self._fragments_size = 0
+        self._fragments_opcode = 0
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        chunks = self._chunks
+        if chunks is not None:
+            chunks.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return []
+            data = b"".join(chunks)
+            self._chunks = None
+        out: list[tuple[int, bytes]] = []
+        pos, end = 0, len(data)
+        while end - pos >= 2:
+            first, second = data[pos], data[pos + 1]
+            if first & 0x70:
+                raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension was negotiated)")
+            if not second & 0x80:
+                raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
+            opcode = first & 0x0F
+            length = second & 0x7F
+            head = pos + 2
+            if length == 126:
+                if end - head < 2:
+                    break
+                length = int.from_bytes(data[head:head + 2], "big")
+                head += 2
+            elif length == 127:
+                if end - head < 8:
+                    break
+                length = int.from_bytes(data[head:head + 8], "big")
+                head += 8
+                if length >> 63:
+                    raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "frame length over 2^63")
+            if opcode >= OP_CLOSE:
+                if opcode not in _KNOWN_OPCODES:
+                    raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+                if not first & 0x80 or length > 125:
+                    raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "control frames are single and at most 125 bytes")
+            elif opcode > OP_BINARY:
+                raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+            elif length + self._fragments_size > self.max_message_bytes:
+                raise ProtocolViolation(CLOSE_TOO_BIG, f"message over {self.max_message_bytes} bytes")
+            start = head + 4
+            stop = start + length
+            if stop > end:
+                break
+            payload = apply_mask(data[start:stop], data[head:start]) if length else b""
+            pos = stop
+            if opcode >= OP_CLOSE:
+                out.append((opcode, payload))
+            elif opcode == OP_CONTINUATION:
+                fragments = self._fragments
+                if fragments is None:
+                    raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "continuation frame without a message to continue")
+                fragments.append(payload)
+                self._fragments_size += length
+                if first & 0x80:
+                    out.append((self._fragments_opcode, b"".join(fragments)))
+                    self._fragments = None
+                    self._fragments_size = 0
+            elif self._fragments is not None:
+                raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "new message before the fragmented one ended")
+            elif first & 0x80:
+                out.append((opcode, payload))
+            else:
+                self._fragments = [payload]
+                self._fragments_size = length
+                self._fragments_opcode = opcode
+        if pos < end:
+            rest = data[pos:]
+            self._chunks = [rest]
+            self._have = len(rest)
+            # The whole frame once its header tells its size; until then, any byte more.
+            self._need = _frame_size(rest) or len(rest) + 1
+        return out
+
+
+def _frame_size(head: bytes) -> int:
+    """The size of the frame starting ``head`` (header, mask and payload), 0 if its header is unfinished."""
+    if len(head) < 2:
+        return 0
+    length = head[1] & 0x7F
+    if length == 126:
+        return 8 + int.from_bytes(head[2:4], "big") if len(head) >= 4 else 0
+    if length == 127:
+        return 14 + int.from_bytes(head[2:10], "big") if len(head) >= 10 else 0
+    return 6 + length
