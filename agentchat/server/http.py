@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -29,26 +28,9 @@ def error_response(exc: AgentChatError) -> web.Response:
     return response
 
 
-OWN_ERRORS = "agentchat_answers_own_errors"
-H = TypeVar("H", bound=Callable[..., Awaitable[web.StreamResponse]])
-
-
-def answers_own_errors(handler: H) -> H:
-    """Mark a handler that answers its own errors, a WebSocket's: ``error_middleware`` hands the request
-    straight to it, so no frame of the middleware's stays alive for as long as the socket is open."""
-    setattr(handler, OWN_ERRORS, True)
-    return handler
-
-
 @web.middleware
-def error_middleware(request: web.Request, handler: Any) -> Awaitable[web.StreamResponse]:
-    """Errors as ``{"error": {...}}`` with their status (a plain function: see ``answers_own_errors``)."""
-    if getattr(handler, OWN_ERRORS, False):
-        return handler(request)  # type: ignore[no-any-return]
-    return _answer_errors(request, handler)
-
-
-async def _answer_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Errors as ``{"error": {...}}`` with their status."""
     try:
         return await handler(request)
     except AgentChatError as exc:

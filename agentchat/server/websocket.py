@@ -401,6 +401,7 @@ async def upgrade_within_aiohttp(request: web.Request, connection: WebSocketConn
     transport = request.transport
     if transport is None or transport.is_closing():
         return response
+    http = transport.get_protocol()
     transport.set_protocol(connection)
     connection.connection_made(transport)
     try:
@@ -408,4 +409,8 @@ async def upgrade_within_aiohttp(request: web.Request, connection: WebSocketConn
     except asyncio.CancelledError:  # the server is shutting down
         connection.abort()
         raise
+    finally:
+        # aiohttp's protocol no longer gets the transport's events: tell it the connection is gone, so
+        # that its server forgets it (once this handler has returned).
+        asyncio.get_running_loop().call_soon(http.connection_lost, None)
     return response

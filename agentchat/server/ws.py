@@ -20,7 +20,6 @@ from agentchat.core import frames
 from agentchat.core.websocket import text_frame
 from agentchat.core.ratelimit import TokenBucket
 from agentchat.errors import AgentChatError, error
-from agentchat.server.http import answers_own_errors
 from agentchat.server.hub import Hub
 from agentchat.server.keys import HUB, INDICATORS, METRICS, PEEKS, RECORDS, SESSIONS, SETTINGS, TOKENS
 from agentchat.server.session import CLOSE_AUTH, CLOSE_GOING_AWAY, CLOSE_POLICY, Session
@@ -183,7 +182,6 @@ class AgentSocket(WebSocketConnection):
         session.silent_ticks = 0  # from now on the heartbeat watches this socket
 
 
-@answers_own_errors
 async def websocket(request: web.Request) -> web.StreamResponse:
     """``/api/v1/ws`` when the upgrade reaches aiohttp: a keep-alive connection that served HTTP
     requests first, or a request that is not a valid upgrade (``bad_upgrade``). Fresh connections

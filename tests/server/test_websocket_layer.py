@@ -247,20 +247,12 @@ async def test_upgrade_on_a_keep_alive_connection_after_an_http_request(client, 
         conn.close()
 
 
-BAD_UPGRADE_IS_500 = (
-    "ws.websocket is marked @answers_own_errors, so error_middleware passes it through, but "
-    "upgrade_within_aiohttp raises error('bad_upgrade') instead of answering it: aiohttp logs the "
-    "InvalidInput and answers 500 text/plain with Connection: close")
-
-
-@pytest.mark.xfail(reason=BAD_UPGRADE_IS_500, strict=True)
 async def test_route_without_upgrade_headers_is_a_bad_upgrade(client) -> None:
     response = await client.get("/api/v1/ws")
     assert response.status == 400
     assert (await response.json())["error"]["code"] == "bad_upgrade"
 
 
-@pytest.mark.xfail(reason=BAD_UPGRADE_IS_500, strict=True)
 @pytest.mark.parametrize("headers", [
     {"Sec_WebSocket_Version": "8"},
     {"Upgrade": "", "Connection": "", "Sec_WebSocket_Key": "", "Sec_WebSocket_Version": ""},
