@@ -205,6 +205,9 @@ def build_app(settings: Settings) -> web.Application:
     return app
 
 
+LISTEN_BACKLOG = 2048
+
+
 def run(app: web.Application, host: str, port: int, shutdown_timeout: float = 10.0) -> None:
     """Serve ``app`` until SIGINT or SIGTERM, then shut down gracefully (what ``web.run_app`` does,
     with ``AgentChatRunner`` so that WebSocket routes skip aiohttp's per-socket state)."""
@@ -213,7 +216,9 @@ def run(app: web.Application, host: str, port: int, shutdown_timeout: float = 10
         runner = AgentChatRunner(app, handle_signals=True, access_log=None, shutdown_timeout=shutdown_timeout)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port).start()
+            # A longer accept queue than the default 128: a burst of reconnecting clients (a process
+            # restarted, a network blip) would otherwise see SYNs dropped and retried a second later.
+            await web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG).start()
             await asyncio.Event().wait()  # until a signal ends it
         finally:
             await runner.cleanup()
