@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import struct
 from collections.abc import Mapping
 
 try:  # the C helper of the websockets package, a dependency of the SDK
@@ -103,14 +104,18 @@ def switching_protocols(accept: str) -> bytes:
 # -- frames the server sends (section 5.2: unmasked) -----------------------------------------------
 
 
+_TEXT_HEAD_16 = struct.Struct(">BBH").pack
+_TEXT_HEAD_64 = struct.Struct(">BBQ").pack
+
+
 def text_frame(payload: bytes) -> bytes:
-    """A complete unmasked text message."""
+    """A complete unmasked text message (built once per write: it is on the path of every delivery)."""
     size = len(payload)
     if size < 126:
         return bytes((0x81, size)) + payload
     if size < 65536:
-        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
-    return b"\x81\x7f" + size.to_bytes(8, "big") + payload
+        return _TEXT_HEAD_16(0x81, 126, size) + payload
+    return _TEXT_HEAD_64(0x81, 127, size) + payload
 
 
 def _control_frame(opcode: int, payload: bytes) -> bytes:

@@ -12,6 +12,7 @@ from its last sequence number.
 from __future__ import annotations
 
 import asyncio
+from asyncio import get_running_loop
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -110,7 +111,7 @@ class Session:
 
     def _schedule_flush(self) -> None:
         self._dirty = True
-        loop = asyncio.get_running_loop()
+        loop = get_running_loop()
         waiting = _dirty.get(loop)
         if waiting is None:
             waiting = _dirty[loop] = []
@@ -123,13 +124,11 @@ class Session:
         queue = self._queue
         if not queue or self._closed:
             return
-        connection = self.connection
-        transport = connection.transport
-        if connection.write_paused or transport is None:
-            return
-        if connection.closing:  # nothing more may follow a close frame
-            queue.clear()
-            self._wake_drain_waiters()
+        transport = self.connection.out
+        if transport is None:  # write buffer full (the connection calls again once drained), or closing
+            if self.connection.closing:  # nothing more may follow a close frame
+                queue.clear()
+                self._wake_drain_waiters()
             return
         count = len(queue)
         if count == 1:
@@ -173,8 +172,14 @@ class Session:
             self.close_soon(CLOSE_SLOW_CONSUMER, "slow_consumer")
             return
         queue.append(frame)
-        if not self._dirty:
-            self._schedule_flush()
+        if not self._dirty:  # _schedule_flush(), inlined
+            self._dirty = True
+            loop = get_running_loop()
+            waiting = _dirty.get(loop)
+            if waiting is None:
+                waiting = _dirty[loop] = []
+                loop.call_soon(_flush_dirty, loop)
+            waiting.append(self)
 
     def backlog(self) -> int:
         return len(self._queue)

@@ -83,11 +83,14 @@ class WebSocketConnection(asyncio.Protocol):
     once and only turned into a task if it has to wait; the next message waits for it), and may
     override ``opened``, ``activity``, ``writable`` and ``lost``."""
 
-    __slots__ = ("transport", "write_paused", "close_sent", "_parser", "_backlog", "_busy", "_close_timer",
-                 "_lost", "_lost_waiters", "__weakref__")
+    __slots__ = ("transport", "out", "write_paused", "close_sent", "_parser", "_backlog", "_busy",
+                 "_close_timer", "_lost", "_lost_waiters", "__weakref__")
 
     def __init__(self, max_message_bytes: int) -> None:
         self.transport: asyncio.Transport | None = None
+        # The transport while messages may be written to it now; None while its write buffer is full,
+        # once a close frame is sent and once it is gone (one test on the path of every delivery).
+        self.out: asyncio.Transport | None = None
         self.write_paused = False
         self.close_sent = False
         self._parser = codec.FrameParser(max_message_bytes)
@@ -128,6 +131,7 @@ class WebSocketConnection(asyncio.Protocol):
         if self.close_sent or self._lost or transport is None:
             return
         self.close_sent = True
+        self.out = None
         transport.write(codec.close_frame(code, reason))
         self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
 
@@ -148,7 +152,7 @@ class WebSocketConnection(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport = self.out = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self.opened()
 
@@ -228,6 +232,7 @@ class WebSocketConnection(asyncio.Protocol):
             return
         if not self.close_sent:  # the peer started it: answer with its code, then close (5.5.1)
             self.close_sent = True
+            self.out = None
             transport.write(codec.close_frame(codec.CLOSE_NORMAL if code == codec.CLOSE_NO_STATUS else code))
         transport.close()
 
@@ -239,14 +244,18 @@ class WebSocketConnection(asyncio.Protocol):
             return
         if not self.close_sent:
             self.close_sent = True
+            self.out = None
             transport.write(codec.close_frame(code, reason))
         transport.close()
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.out = None
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if not self.closing:
+            self.out = self.transport
         self.writable()
 
     def eof_received(self) -> bool | None:
@@ -254,6 +263,7 @@ class WebSocketConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        self.out = None
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
