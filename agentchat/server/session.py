@@ -12,7 +12,6 @@ from its last sequence number.
 from __future__ import annotations
 
 import asyncio
-from asyncio import get_running_loop
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -20,9 +19,10 @@ from typing import TYPE_CHECKING
 from agentchat.core.websocket import PING_FRAME, text_frame
 from agentchat.server.tokens import Principal
 
+from agentchat.server.websocket import WebSocketConnection
+
 if TYPE_CHECKING:
     from agentchat.server.metrics import Metrics
-    from agentchat.server.websocket import WebSocketConnection
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Session:
 
     def _schedule_flush(self) -> None:
         self._dirty = True
-        loop = get_running_loop()
+        loop = asyncio.get_running_loop()
         waiting = _dirty.get(loop)
         if waiting is None:
             waiting = _dirty[loop] = []
@@ -172,14 +172,8 @@ class Session:
             self.close_soon(CLOSE_SLOW_CONSUMER, "slow_consumer")
             return
         queue.append(frame)
-        if not self._dirty:  # _schedule_flush(), inlined
-            self._dirty = True
-            loop = get_running_loop()
-            waiting = _dirty.get(loop)
-            if waiting is None:
-                waiting = _dirty[loop] = []
-                loop.call_soon(_flush_dirty, loop)
-            waiting.append(self)
+        if not self._dirty:
+            self._schedule_flush()
 
     def backlog(self) -> int:
         return len(self._queue)
@@ -245,3 +239,22 @@ class Session:
                 await asyncio.wait_for(self.wait_drained(), 2.0)
             except asyncio.TimeoutError:
                 pass
+
+
+class SessionSocket(WebSocketConnection):
+    """A connection whose outgoing side is a ``Session`` (once it has one): every frame from the peer
+    counts as a sign of life for the heartbeat, and a drained write buffer sends what is queued."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, max_message_bytes: int) -> None:
+        super().__init__(max_message_bytes)
+        self.session: Session | None = None
+
+    def activity(self) -> None:
+        if self.session is not None:
+            self.session.silent_ticks = 0
+
+    def writable(self) -> None:
+        if self.session is not None:
+            self.session._flush()

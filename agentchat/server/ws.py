@@ -22,9 +22,9 @@ from agentchat.core.ratelimit import TokenBucket
 from agentchat.errors import AgentChatError, error
 from agentchat.server.hub import Hub
 from agentchat.server.keys import HUB, INDICATORS, METRICS, PEEKS, RECORDS, SESSIONS, SETTINGS, TOKENS
-from agentchat.server.session import CLOSE_AUTH, CLOSE_GOING_AWAY, CLOSE_POLICY, Session
+from agentchat.server.session import CLOSE_AUTH, CLOSE_GOING_AWAY, CLOSE_POLICY, Session, SessionSocket
 from agentchat.server.tokens import Principal
-from agentchat.server.websocket import WebSocketConnection, upgrade_within_aiohttp
+from agentchat.server.websocket import upgrade_within_aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ HEARTBEAT_BATCH = 2000
 HARD_FRAME_FACTOR = 4
 
 
-class AgentSocket(WebSocketConnection):
+class AgentSocket(SessionSocket):
     """One agent's or peeker's socket, from ``hello`` to close.
 
     Between frames it holds no task and no coroutine: each frame is handled as it is read, and only
@@ -51,12 +51,11 @@ class AgentSocket(WebSocketConnection):
     are gone once it returns; the frame-rate bucket is made with the first frame after it; liveness is
     the heartbeat task's job."""
 
-    __slots__ = ("app", "session", "_hello_timer", "_opening", "_bucket", "_refused_in_a_row")
+    __slots__ = ("app", "_hello_timer", "_opening", "_bucket", "_refused_in_a_row")
 
     def __init__(self, app: web.Application) -> None:
         super().__init__(app[SETTINGS].limits.max_frame_bytes * HARD_FRAME_FACTOR)
         self.app = app
-        self.session: Session | None = None
         self._hello_timer: asyncio.TimerHandle | None = None
         self._opening = False
         self._bucket: TokenBucket | None = None  # made with the first frame: it starts full either way
@@ -73,14 +72,6 @@ class AgentSocket(WebSocketConnection):
         if self.transport is not None and not self.closing:
             self.transport.write(text_frame(frames.error_frame(exc.to_wire(), None)))
         self.close(CLOSE_AUTH, exc.code)
-
-    def activity(self) -> None:
-        if self.session is not None:
-            self.session.silent_ticks = 0
-
-    def writable(self) -> None:
-        if self.session is not None:
-            self.session._flush()
 
     def lost(self) -> None:
         if self._hello_timer is not None:

@@ -19,9 +19,9 @@ from agentchat.errors import AgentChatError, error
 from agentchat.server.http import json_response, query_int, rate_limit
 from agentchat.server.indicators import IndicatorService, peeks_from
 from agentchat.server.keys import BUS, HUB, INDICATORS, METRICS, PEEKS, RECORDS, SESSIONS, SETTINGS, STORE
-from agentchat.server.session import CLOSE_POLICY, Session
+from agentchat.server.session import CLOSE_POLICY, Session, SessionSocket
 from agentchat.server.tokens import Principal
-from agentchat.server.websocket import WebSocketConnection, upgrade_within_aiohttp
+from agentchat.server.websocket import upgrade_within_aiohttp
 from agentchat.server.ws import _guess_ref as guess_ref
 
 routes = web.RouteTableDef()
@@ -65,15 +65,14 @@ async def list_indicators(request: web.Request) -> web.Response:
                           "as_of": int(time.time() * 1000)})
 
 
-class IndicatorsSocket(WebSocketConnection):
+class IndicatorsSocket(SessionSocket):
     """A public socket: ``watch_indicators`` in, ``indicators`` frames out (and ``ping``)."""
 
-    __slots__ = ("app", "session", "_bucket", "_refused")
+    __slots__ = ("app", "_bucket", "_refused")
 
     def __init__(self, app: web.Application) -> None:
         super().__init__(SOCKET_MAX_FRAME_BYTES * 4)
         self.app = app
-        self.session: Session | None = None
         self._bucket = TokenBucket(SOCKET_FRAMES_PER_SECOND, SOCKET_FRAMES_PER_SECOND * 2, time.monotonic())
         self._refused = 0  # frames refused in a row for their rate: a flood closes the socket
 
@@ -81,14 +80,6 @@ class IndicatorsSocket(WebSocketConnection):
         session = self.session = Session(self, PUBLIC, self.app[SETTINGS].limits.send_queue_max, self.app[METRICS])
         session.silent_ticks = 0  # the heartbeat of server/ws.py watches it
         self.app[SESSIONS].add(session)
-
-    def activity(self) -> None:
-        if self.session is not None:
-            self.session.silent_ticks = 0
-
-    def writable(self) -> None:
-        if self.session is not None:
-            self.session._flush()
 
     def lost(self) -> None:
         session = self.session
