@@ -3,8 +3,10 @@
 Fresh connections are upgraded by ``FrontProtocol`` straight from the listening socket; an upgrade on
 a keep-alive connection that served HTTP first is answered through aiohttp (``upgrade_within_aiohttp``).
 Raw-byte tests write client frames with the ``websockets`` serializer and read server frames by hand.
-Covered elsewhere and not repeated here: slow consumers and flooding sockets (``test_ws.py``, served by
-``AgentChatTestServer``), the public indicators socket (``test_indicators.py``).
+Write-side flow control is tested here on raw sockets that stop reading (the transport paused for
+writing, then drained; a queue over ``send_queue_max`` closed with 4008). Covered elsewhere and not
+repeated here: slow consumers seen through aiohttp's client and flooding sockets (``test_ws.py``, served
+by ``AgentChatTestServer``), the public indicators socket (``test_indicators.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import base64
 import os
 import secrets
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +27,11 @@ from websockets.frames import Close, Frame, Opcode
 from agentchat.config import load_settings
 from agentchat.core.frames import split_frames
 from agentchat.core.websocket import accept_key
+from agentchat.server import websocket as websocket_module
 from agentchat.server import ws as ws_module
 from agentchat.server.app import build_app
+from agentchat.server.keys import SESSIONS
+from agentchat.server.session import Session
 from tests.conftest import RestAgent
 from tests.server.test_rest import create_channel, envelope
 from tests.services import redis_server  # noqa: F401  (fixture)
@@ -454,3 +460,130 @@ async def test_sockets_get_1001_when_the_server_shuts_down(aiohttp_client, tmp_p
         await asyncio.wait_for(shutdown, TIMEOUT)
     finally:
         conn.close()
+
+
+# ------------------------------------------------------------------------------ write-side flow control
+
+
+async def stalled_socket(client: Any, agent: RestAgent, buffer: int = 4096) -> tuple[RawConnection, Session]:
+    """A fresh connection upgraded to /api/v1/ws and welcomed, and the server's session for it. Both
+    ends hold little of what the client does not read (a small receive buffer and stream buffer on the
+    client's socket, a small send buffer on the server's, so that kernel autotuning does not decide how
+    much fits): once the client stops reading, the server's side backs up after a few KB."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)  # before connecting: sets the window
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (client.host, client.port)), TIMEOUT)
+    except BaseException:
+        sock.close()
+        raise
+    reader, writer = await asyncio.open_connection(sock=sock, limit=buffer)
+    conn = RawConnection(reader, writer)
+    status, _, _ = await conn.upgrade()
+    assert status == 101
+    conn.send_json({"type": "hello", "ref": "h", "token": agent.token})
+    welcome = await conn.next_json()
+    assert welcome["type"] == "welcome", welcome
+    sessions = [s for s in client.server.app[SESSIONS] if s.principal.subject == agent.did]
+    assert len(sessions) == 1, sessions
+    server_transport = sessions[0].connection.transport
+    assert server_transport is not None
+    server_transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
+    return conn, sessions[0]
+
+
+async def until(predicate: Any, what: str) -> None:
+    """Poll ``predicate`` with short sleeps until it holds (at most ``TIMEOUT``)."""
+    for _ in range(int(TIMEOUT / 0.005)):
+        if predicate():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"never happened: {what}")
+
+
+def large_send(agent: RestAgent, channel: str, key: bytes, i: int, size: int = 8_000) -> bytes:
+    """A masked send frame carrying a message of ``size`` bytes."""
+    text = f"message {i} ".ljust(size, "x")
+    frame = {"type": "send", "ref": f"r{i}", "channel": channel, "client_id": f"m{i}",
+             "envelope": envelope(agent, channel, key, text, f"m{i}")}
+    return Frame(Opcode.TEXT, orjson.dumps(frame)).serialize(mask=True)
+
+
+async def test_a_reader_that_pauses_then_resumes_gets_every_message_in_order(client, make_agent,
+                                                                            monkeypatch) -> None:
+    monkeypatch.setattr(websocket_module, "WRITE_BUFFER_HIGH", 4096)  # read when each connection is made
+    alice, bob = await make_agent("alice"), await make_agent("bob")
+    channel, key = await create_channel(alice, [bob])
+    bob_conn, bob_session = await stalled_socket(client, bob)  # reads nothing more until told
+    bob_socket = bob_session.connection
+    alice_conn = await raw_socket(client, alice.token)
+    count = 300
+    try:
+        assert not bob_socket.write_paused
+        alice_conn.writer.write(b"".join(large_send(alice, channel, key, i) for i in range(count)))
+        acks = [await alice_conn.next_json(skip="message") for _ in range(count)]
+        assert [(a["type"], a["ref"]) for a in acks] == [("ack", f"r{i}") for i in range(count)]
+        seqs = [a["seq"] for a in acks]
+        assert seqs == list(range(1, count + 1))
+        # ~2.5 MB for bob, who reads nothing: his side of the connection is paused for writing
+        await until(lambda: bob_socket.write_paused, "bob's connection paused for writing")
+        assert not bob_socket.closing and not bob_session.closed
+        delivered = [await bob_conn.next_json() for _ in range(count)]  # bob reads again
+        assert [(m["type"], m["channel"], m["seq"]) for m in delivered] == [("message", channel, s) for s in seqs]
+        assert [m["client_id"] for m in delivered] == [f"m{i}" for i in range(count)]
+        # nothing after the last one but the answer to a ping (no duplicate), and writing resumed
+        bob_conn.send_json({"type": "ping", "ref": "after"})
+        pong = await bob_conn.next_json()
+        assert (pong["type"], pong["ref"]) == ("pong", "after")
+        assert not bob_socket.write_paused and bob_socket.out is not None
+    finally:
+        alice_conn.close()
+        bob_conn.close()
+
+
+async def test_a_reader_that_never_reads_is_closed_4008_and_the_others_keep_getting_messages(
+        aiohttp_client, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(websocket_module, "WRITE_BUFFER_HIGH", 4096)
+    settings = load_settings(env={}, store=f"file://{tmp_path}/data", token_secret="t" * 40, send_queue_max=50)
+    client = await aiohttp_client(build_app(settings))
+    alice = await RestAgent(client, "alice").register()
+    slow = await RestAgent(client, "slow").register()
+    fast = await RestAgent(client, "fast").register()
+    channel, key = await create_channel(alice, [slow, fast])
+    slow_conn, slow_session = await stalled_socket(client, slow)  # never reads until it is closed
+    fast_conn = await raw_socket(client, fast.token)
+    alice_conn = await raw_socket(client, alice.token)
+    seqs: list[int] = []
+
+    async def send_batch(first: int, size: int = 10) -> None:
+        # few enough at a time that alice's and fast's own queues (acks, messages) stay under 50
+        alice_conn.writer.write(b"".join(large_send(alice, channel, key, i) for i in range(first, first + size)))
+        acks = [await alice_conn.next_json(skip="message") for _ in range(size)]
+        assert [(a["type"], a["ref"]) for a in acks] == [("ack", f"r{i}") for i in range(first, first + size)]
+        delivered = [await fast_conn.next_json() for _ in range(size)]  # fast reads every one
+        assert [(m["type"], m["seq"]) for m in delivered] == [("message", a["seq"]) for a in acks]
+        seqs.extend(a["seq"] for a in acks)
+
+    try:
+        while not slow_session.closed and len(seqs) < 1000:
+            await send_batch(len(seqs))
+        assert slow_session.closed, "the reader that never reads was not closed"
+        assert not fast_conn.writer.is_closing()
+        for _ in range(3):  # the others keep getting messages
+            await send_batch(len(seqs))
+        assert seqs == list(range(1, len(seqs) + 1))
+        # what was written before the close reaches the slow reader in order, then the close frame
+        code, reason = await slow_conn.close_frame()
+        assert (code, reason) == (4008, "slow_consumer")
+        got = [f["seq"] for f in slow_conn.frames if f["type"] == "message"]
+        assert got == seqs[:len(got)]
+        slow_conn.send_close(code)
+        assert await slow_conn.at_eof()
+        await until(lambda: slow_session not in client.server.app[SESSIONS], "the slow session forgotten")
+        fast_conn.send_json({"type": "ping", "ref": "after"})
+        assert (await fast_conn.next_json())["ref"] == "after"
+    finally:
+        alice_conn.close()
+        slow_conn.close()
+        fast_conn.close()
