@@ -28,7 +28,7 @@ from agentchat.server import ws
 from agentchat.server.api import agents, channels, indicators, peeks
 from agentchat.server.http import bearer_token, error_middleware, json_response
 from agentchat.server.hub import SEQ_RESEED_GAP, Hub
-from agentchat.server.keys import (BUS, HISTORY, HUB, METRICS, RECORDS, SESSIONS, SETTINGS, STORE, TOKENS,
+from agentchat.server.keys import (BUS, HISTORY, HUB, METRICS, OPENING, RECORDS, SESSIONS, SETTINGS, STORE, TOKENS,
                                    WRITER)
 from agentchat.server.metrics import Metrics
 from agentchat.server.tokens import TokenIssuer
@@ -185,6 +185,7 @@ def build_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[SESSIONS] = set()
+    app[OPENING] = set()
     # Served straight from the listening socket (server/websocket.py); the aiohttp route below takes the
     # upgrades that reach it anyway.
     app[WEBSOCKET_ROUTES] = {"/api/v1/ws": ws.AgentSocket}

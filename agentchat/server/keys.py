@@ -27,6 +27,8 @@ HUB = web.AppKey("hub", Hub)
 TOKENS = web.AppKey("tokens", TokenIssuer)
 METRICS = web.AppKey("metrics", Metrics)
 SESSIONS = web.AppKey("sessions", set)  # set[Session]: every open socket, closed on shutdown
+# set[AgentSocket]: sockets upgraded but not yet welcomed (waiting for hello, or opening), closed on shutdown
+OPENING = web.AppKey("opening", set)
 PAYMENTS = web.AppKey("payments", PaymentProvider)
 LEDGER = web.AppKey("ledger", LedgerStore)
 PEEKS = web.AppKey("peeks", PeekService)

@@ -21,7 +21,7 @@ from agentchat.core.websocket import text_frame
 from agentchat.core.ratelimit import TokenBucket
 from agentchat.errors import AgentChatError, error
 from agentchat.server.hub import Hub
-from agentchat.server.keys import HUB, INDICATORS, METRICS, PEEKS, RECORDS, SESSIONS, SETTINGS, TOKENS
+from agentchat.server.keys import HUB, INDICATORS, METRICS, OPENING, PEEKS, RECORDS, SESSIONS, SETTINGS, TOKENS
 from agentchat.server.session import CLOSE_AUTH, CLOSE_GOING_AWAY, CLOSE_POLICY, Session, SessionSocket
 from agentchat.server.tokens import Principal
 from agentchat.server.websocket import upgrade_within_aiohttp
@@ -62,6 +62,7 @@ class AgentSocket(SessionSocket):
         self._refused_in_a_row = 0  # frames refused for rate since the last accepted one
 
     def opened(self) -> None:
+        self.app[OPENING].add(self)  # until welcomed or gone
         self._hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT, self._no_hello)
 
     def _no_hello(self) -> None:
@@ -74,6 +75,7 @@ class AgentSocket(SessionSocket):
         self.close(CLOSE_AUTH, exc.code)
 
     def lost(self) -> None:
+        self.app[OPENING].discard(self)
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
@@ -171,6 +173,7 @@ class AgentSocket(SessionSocket):
             await _close(session, app)
             raise
         session.silent_ticks = 0  # from now on the heartbeat watches this socket
+        app[OPENING].discard(self)
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
@@ -258,6 +261,8 @@ async def _heartbeat(sessions: set[Session]) -> None:
 
 async def close_all_sessions(app: web.Application) -> None:
     """On shutdown: queued frames go out, then every socket is closed with 1001 going away."""
+    for socket in list(app[OPENING]):  # not welcomed yet: nothing of theirs is queued
+        socket.close(CLOSE_GOING_AWAY, "shutting_down")
     sessions = list(app[SESSIONS])
     await asyncio.gather(*(session.flush_and_stop() for session in sessions), return_exceptions=True)
     await asyncio.gather(*(session.aclose(CLOSE_GOING_AWAY, "shutting_down") for session in sessions),

@@ -462,6 +462,19 @@ async def test_sockets_get_1001_when_the_server_shuts_down(aiohttp_client, tmp_p
         conn.close()
 
 
+async def test_a_socket_still_waiting_for_hello_gets_1001_when_the_server_shuts_down(client) -> None:
+    conn = await RawConnection.open(client)
+    try:
+        assert (await conn.upgrade())[0] == 101
+        shutdown = asyncio.create_task(client.server.close())
+        assert await conn.close_frame() == (1001, "shutting_down")
+        conn.send_close(1001)
+        assert await conn.at_eof()
+        await asyncio.wait_for(shutdown, TIMEOUT)
+    finally:
+        conn.close()
+
+
 # ------------------------------------------------------------------------------ write-side flow control
 
 
