@@ -201,6 +201,42 @@ async def test_large_tails_become_segments_by_themselves(make_process: ProcessMa
     assert seqs(await proc.log.read("ch_big", 120, 10)) == list(range(121, 131))
 
 
+async def test_paced_compaction_writes_one_segment_at_a_time_with_a_pause_per_byte(
+        make_process: ProcessMaker, monkeypatch: pytest.MonkeyPatch) -> None:
+    proc = await make_process()  # tails this small are left alone by the background compactor
+    channels = [f"ch_pace{i}" for i in range(4)]
+    for channel in channels:
+        await proc.store_messages(channel, list(range(1, 51)))
+    writing, most_at_once, pauses = 0, 0, []
+    put = proc.store.put
+
+    async def counting_put(key: str, data: bytes, **kwargs: object) -> str:
+        nonlocal writing, most_at_once
+        writing += 1
+        most_at_once = max(most_at_once, writing)
+        try:
+            return await put(key, data, **kwargs)
+        finally:
+            writing -= 1
+
+    real_sleep = asyncio.sleep
+
+    async def recording_sleep(seconds: float, *args: object) -> object:
+        pauses.append(seconds)
+        return await real_sleep(0)
+
+    monkeypatch.setattr(proc.store, "put", counting_put)
+    monkeypatch.setattr("agentchat.store.messages.asyncio.sleep", recording_sleep)
+    await proc.writer.compact(channels, pace_bytes_per_second=1000.0)
+    monkeypatch.undo()
+    assert most_at_once == 1  # one segment at a time
+    sizes = [len(b"\n".join(message(c, seq) for seq in range(1, 51))) for c in channels]
+    assert pauses == [size / 1000.0 for size in sizes]  # each segment's bytes at the pace
+    for channel in channels:
+        assert seqs(await proc.log.read(channel, 0, 100)) == list(range(1, 51))
+        assert len(await proc.store.list(keys.segment_prefix(channel))) == 1
+
+
 async def test_a_dead_process_is_recovered_into_segments_without_duplicates(make_process: ProcessMaker) -> None:
     dead = await make_process()
     await dead.store_messages("ch_done", [1, 2])
