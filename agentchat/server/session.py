@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 from agentchat.core.websocket import PING_FRAME, text_frame
 from agentchat.server.tokens import Principal
-
 from agentchat.server.websocket import WebSocketConnection
 
 if TYPE_CHECKING:

@@ -175,11 +175,11 @@ class WebSocketConnection(asyncio.Protocol):
             if len(backlog) > BACKLOG_MAX and self.transport is not None:
                 self.transport.pause_reading()
             return
-        self._run(messages, 0)
+        self._run(messages)
 
-    def _run(self, messages: list[tuple[int, bytes]], start: int) -> None:
-        """Handle messages in order from ``start``; stops (keeping the rest) when one has to wait."""
-        for index in range(start, len(messages)):
+    def _run(self, messages: list[tuple[int, bytes]]) -> None:
+        """Handle messages in order; stops (keeping the rest) when one has to wait."""
+        for index in range(len(messages)):
             opcode, payload = messages[index]
             if opcode <= codec.OP_BINARY:
                 if self.close_sent:
@@ -219,7 +219,7 @@ class WebSocketConnection(asyncio.Protocol):
             self._backlog = None
             if len(backlog) > BACKLOG_MAX and self.transport is not None and not self._lost:
                 self.transport.resume_reading()  # paused by data_received
-            self._run(backlog, 0)
+            self._run(backlog)
 
     def _close_received(self, payload: bytes) -> None:
         transport = self.transport
