@@ -163,16 +163,7 @@ class Session:
         if seq <= cursor.last:
             return
         cursor.last = seq
-        # push(), inlined: this runs once per delivery
-        queue = self._queue
-        if self._closed:
-            return
-        if len(queue) >= self.queue_max:
-            self.close_soon(CLOSE_SLOW_CONSUMER, "slow_consumer")
-            return
-        queue.append(frame)
-        if not self._dirty:
-            self._schedule_flush()
+        self.push(frame)
 
     def backlog(self) -> int:
         return len(self._queue)

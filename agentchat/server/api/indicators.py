@@ -19,7 +19,7 @@ from agentchat.errors import AgentChatError, error
 from agentchat.server.http import json_response, query_int, rate_limit
 from agentchat.server.indicators import IndicatorService, peeks_from
 from agentchat.server.keys import BUS, HUB, INDICATORS, METRICS, PEEKS, RECORDS, SESSIONS, SETTINGS, STORE
-from agentchat.server.session import CLOSE_POLICY, Session, SessionSocket
+from agentchat.server.session import CLOSE_GOING_AWAY, CLOSE_POLICY, Session, SessionSocket
 from agentchat.server.tokens import Principal
 from agentchat.server.websocket import upgrade_within_aiohttp
 from agentchat.server.ws import _guess_ref as guess_ref
@@ -86,7 +86,7 @@ class IndicatorsSocket(SessionSocket):
         if session is not None:
             self.app[INDICATORS].unwatch(session)
             self.app[SESSIONS].discard(session)
-            session._closed = True
+            session.close_soon(CLOSE_GOING_AWAY, "")  # nothing is sent: the connection is gone
 
     async def message_received(self, data: bytes) -> None:
         session = self.session
