@@ -285,6 +285,9 @@ async def test_peeks_active_and_total(aiohttp_client, tmp_path: Path) -> None:
     await eventually(indicators_of(client, channel), lambda i: i["peeks"] == {"total": 1, "active": 1})
     await wait_state(client, peek_id, auth, "ended")
     await eventually(indicators_of(client, channel), lambda i: i["peeks"] == {"total": 1, "active": 0})
+    # pushes go out on their own clock, so the REST answer may come first: wait for the push too
+    await watcher.wait_for(lambda f: "ref" not in f and any(
+        c["channel"] == channel and c["peeks"] == {"total": 1, "active": 0} for c in f.get("channels", ())))
     pushed = updates_for(watcher, channel)
     assert any(u["peeks"]["active"] == 1 for u in pushed) and pushed[-1]["peeks"] == {"total": 1, "active": 0}
 
