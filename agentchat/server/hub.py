@@ -2,7 +2,7 @@
 
 Send: check membership and epoch → ``bus.claim_and_publish``: claim the client id (idempotency), take
 the next number and fan out live to every process, in number order, in one bus call → queue for group
-commit → ack through ``on_ack`` once the batch holding it is stored.
+commit → ``ack_to.acked(ack_note, seq)`` once the batch holding it is stored.
 
 Bus topics: ``c:<channel>`` carries messages, ``e:<channel>`` channel events (membership, epoch),
 ``a:<did>`` events for one agent (added to a channel). A process subscribes to a channel's topics while
@@ -17,7 +17,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -78,7 +78,17 @@ def claim_key(channel: str, sender: str, client_id: str) -> str:
     return f"cid:{channel}:{sender}:{client_id}"
 
 
-def _claim_sender(done: tuple[str, int, Callable[[int], None]]) -> str:
+class AckTarget(Protocol):
+    """Who is told that a sent message is stored: a socket (``Session``) or a waiting REST request."""
+
+    def acked(self, note: bytes, seq: int) -> None:
+        """The message numbered ``seq`` is stored; ``note`` is what the sender gave ``Hub.send``."""
+
+
+StoredClaim = tuple[str, int, AckTarget, bytes]  # (claim, seq, ack_to, ack_note)
+
+
+def _claim_sender(done: StoredClaim) -> str:
     """``cid:<channel>:<sender>`` of a stored claim (client ids hold no colon)."""
     return done[0].rpartition(":")[0]
 
@@ -152,7 +162,8 @@ class Hub:
         self.rooms: dict[str, Room] = {}
         self._room_loading: dict[str, asyncio.Future[Room]] = {}
         self.sessions: dict[str, set[Session]] = {}
-        self._claims_done: list[tuple[str, int, Callable[[int], None]]] = []
+        self._claims_done: list[StoredClaim] = []
+        self._on_durable = self._durable  # one bound method for every message, not one per message
         self._probes: dict[tuple[str, int], float] = {}  # sampled sends awaiting local fan-out
         self._claims_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -430,9 +441,11 @@ class Hub:
     # ------------------------------------------------------------------------------ send
 
     async def send(self, sender: str, channel: str, client_id: str, envelope: dict[str, Any],
-                   on_ack: Callable[[int], None]) -> None:
-        """Sequence, fan out and store one message; ``on_ack(seq)`` runs once it is durable (at once
-        for a retry of a stored message). Raises before anything is published if it cannot be taken."""
+                   ack_to: AckTarget, ack_note: bytes = b"") -> None:
+        """Sequence, fan out and store one message; ``ack_to.acked(ack_note, seq)`` runs once it is
+        durable (at once for a retry of a stored message). Raises before anything is published if it
+        cannot be taken. An object and a note rather than a callback: a closure per message would
+        live until its batch is stored, and the garbage collector visits every such survivor."""
         room = self.rooms.get(channel) or await self.room(channel)
         if sender not in room.members:
             raise error("not_member", f"not a member of {channel}")
@@ -442,7 +455,7 @@ class Hub:
         if not self.writer.has_room():
             previous = await self.bus.get(claim)
             if previous is not None and not previous.startswith(PENDING):
-                on_ack(int(previous))  # a retry of a stored message needs no room
+                ack_to.acked(ack_note, int(previous))  # a retry of a stored message needs no room
                 return
             raise error("store_unavailable", "too many messages are waiting to be stored; retry shortly")
         ts_ms = int(time.time() * 1000)
@@ -457,7 +470,7 @@ class Hub:
             outcome = await self._reseed_and_claim(claim, room, body)
         if isinstance(outcome, bytes):
             if not outcome.startswith(PENDING):
-                on_ack(int(outcome))
+                ack_to.acked(ack_note, int(outcome))
                 return
             if not await self._take_over_claim(claim, outcome):
                 raise error("duplicate_pending")
@@ -477,17 +490,17 @@ class Hub:
                 self.metrics.fanout_latency.observe(time.perf_counter() - started)
             elif len(self._probes) < 1000:
                 self._probes[(channel, seq)] = started
-
-        def durable(stored_seq: int) -> None:
-            # The ack waits until the claim records the number: a retry that reaches another
-            # process after this one dies must find the stored message, not a stale claim.
-            self._claims_done.append((claim, stored_seq, on_ack))
-            self._claims_wake.set()
-
         recent = room.recent
         # The bus fanned it out here before returning (the in-process bus does): reuse that frame.
         frame = recent[-1][1] if recent and recent[-1][0] == seq else frames.message_frame(seq, body)
-        self.writer.add(channel, seq, frame, durable)
+        self.writer.add(channel, seq, frame, self._on_durable, (claim, ack_to, ack_note))
+
+    def _durable(self, stored_seq: int, note: tuple[str, AckTarget, bytes]) -> None:
+        # The ack waits until the claim records the number: a retry that reaches another process
+        # after this one dies must find the stored message, not a stale claim.
+        claim, ack_to, ack_note = note
+        self._claims_done.append((claim, stored_seq, ack_to, ack_note))
+        self._claims_wake.set()
 
     def take_sequenced(self) -> dict[tuple[str, int], int]:
         """Per (channel, second), the messages sequenced here since the last call (the indicators'
@@ -568,7 +581,7 @@ class Hub:
         if not done:
             return
         try:
-            await self.bus.set_many([(claim, str(seq).encode()) for claim, seq, _ in done], CLAIM_DONE_TTL)
+            await self.bus.set_many([(claim, str(seq).encode()) for claim, seq, _, _ in done], CLAIM_DONE_TTL)
         except AgentChatError:
             # The messages are stored whatever happens here; if the bus lost the claims too, a
             # retry finds them again through the store (see _reseed).
@@ -577,9 +590,9 @@ class Hub:
         # go out in one event-loop turn then reach few sockets, in few writes, instead of one write
         # to each of ACKS_PER_TURN senders.
         done.sort(key=_claim_sender)
-        for i, (_, seq, on_ack) in enumerate(done, 1):
+        for i, (_, seq, ack_to, ack_note) in enumerate(done, 1):
             try:
-                on_ack(seq)
+                ack_to.acked(ack_note, seq)
             except Exception:
                 log.exception("ack callback failed")
             if i % ACKS_PER_TURN == 0 and i < len(done):

@@ -108,6 +108,11 @@ class Session:
         if not self._dirty:
             self._schedule_flush()
 
+    def acked(self, note: bytes, seq: int) -> None:
+        """A message this socket sent is stored (``Hub.send``): ``note`` is its ack frame up to the
+        number (``frames.ack_prefix``)."""
+        self.push(b"%s%d}" % (note, seq))
+
     def _schedule_flush(self) -> None:
         self._dirty = True
         loop = asyncio.get_running_loop()

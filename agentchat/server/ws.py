@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -109,7 +109,7 @@ class AgentSocket(SessionSocket):
                 if not principal.is_agent:
                     raise error("forbidden", "a peek token can read, not send")
                 await app[HUB].send(principal.subject, frame.channel, frame.client_id, frame.envelope,
-                                    _acker(session, frames.ack_prefix(frame.channel, frame.client_id, ref)))
+                                    session, frames.ack_prefix(frame.channel, frame.client_id, ref))
             elif isinstance(frame, (frames.Refuse, frames.GrantKey)):  # peeks: server/peeks.py
                 session.push(await app[PEEKS].on_frame(frame, principal))
             elif isinstance(frame, frames.WatchIndicators):  # public indicators: server/indicators.py
@@ -215,13 +215,6 @@ def _guess_ref(data: Any) -> str | None:
         return None
     ref = frame.get("ref")
     return ref if isinstance(ref, str) and len(ref) <= 64 else None
-
-
-def _acker(session: Session, ack_prefix: bytes) -> Callable[[int], None]:
-    """The ``on_ack`` of one send: the ack frame, once the message is stored."""
-    def on_ack(seq: int) -> None:
-        session.push(b"%s%d}" % (ack_prefix, seq))
-    return on_ack
 
 
 async def _dispatch(frame: frames.ClientFrame, session: Session, hub: Hub, principal: Principal) -> None:

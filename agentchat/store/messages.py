@@ -14,7 +14,7 @@ Write path (``MessageWriter``):
    below, so a lone message is written at once and a busy process writes a few large objects a second.
 2. It records in the bus index ``wal:<channel>`` which objects hold which channel's numbers (member:
    the object key, score: the channel's last number in it), keeps each channel's frames in memory (its
-   *tail*), and only then calls every frame's ``on_durable`` (the ack).
+   *tail*), and only then calls every frame's ``on_durable(seq, note)`` (the ack).
 3. The compactor writes a channel's tail as one segment ``messages/<channel>/<last>-<first>.seg`` once
    it holds ``segment_messages`` frames or is ``segment_age`` old (and everything at shutdown), then
    removes its index entries and deletes the write-ahead objects no channel needs any more, many in one
@@ -41,6 +41,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from agentchat.bus.base import Bus
 from agentchat.errors import AgentChatError
@@ -49,7 +50,8 @@ from agentchat.store.base import ObjectStore, PreconditionFailed
 
 log = logging.getLogger(__name__)
 
-OnDurable = Callable[[int], None]
+# Called with a stored message's number and the ``note`` given to ``add`` with it.
+OnDurable = Callable[[int, Any], None]
 IsAlive = Callable[[str], Awaitable[bool]]
 
 # Write-ahead objects of other processes kept decoded for readers (they never change once written).
@@ -238,9 +240,25 @@ class MessageLog:
 
 @dataclass(slots=True)
 class _Pending:
-    seq: int
-    frame: bytes
-    on_durable: OnDurable | None
+    """A channel's messages waiting for the next write-ahead object.
+
+    Parallel lists rather than an object (and a callback closure) per message: a message waits up to
+    ``max_wait`` here, long enough to outlive a young garbage collection, and every object it brings
+    along is one more for each collection to visit while the event loop waits. With the callbacks
+    shared (a bound method made once) and the notes small tuples, a message adds one tracked object."""
+    seqs: list[int] = field(default_factory=list)
+    frames: list[bytes] = field(default_factory=list)
+    callbacks: list[OnDurable | None] = field(default_factory=list)
+    notes: list[Any] = field(default_factory=list)
+
+    def in_order(self) -> _Pending:
+        """The same messages by number (they arrive in order but for races between publishes)."""
+        seqs = self.seqs
+        if all(a < b for a, b in zip(seqs, seqs[1:])):
+            return self
+        order = sorted(range(len(seqs)), key=seqs.__getitem__)
+        return _Pending([seqs[i] for i in order], [self.frames[i] for i in order],
+                        [self.callbacks[i] for i in order], [self.notes[i] for i in order])
 
 
 @dataclass(slots=True)
@@ -286,7 +304,7 @@ class MessageWriter:
         self.segment_age = segment_age
         self.tails_max = tails_max
         self.on_flush = on_flush
-        self._queue: dict[str, list[_Pending]] = {}
+        self._queue: dict[str, _Pending] = {}
         self._queued = 0
         self._in_flight = 0
         self._oldest = 0.0
@@ -317,11 +335,19 @@ class MessageWriter:
     def has_room(self, n: int = 1) -> bool:
         return not self._closing and self.pending + n <= self.pending_max
 
-    def add(self, channel: str, seq: int, frame: bytes, on_durable: OnDurable | None) -> None:
+    def add(self, channel: str, seq: int, frame: bytes, on_durable: OnDurable | None = None,
+            note: Any = None) -> None:
+        """Queue one message; once it is stored, ``on_durable(seq, note)`` is called."""
         self._arrivals += 1
         if self._queued == 0:
             self._oldest = time.monotonic()
-        self._queue.setdefault(channel, []).append(_Pending(seq, frame, on_durable))
+        pending = self._queue.get(channel)
+        if pending is None:
+            pending = self._queue[channel] = _Pending()
+        pending.seqs.append(seq)
+        pending.frames.append(frame)
+        pending.callbacks.append(on_durable)
+        pending.notes.append(note)
         self._queued += 1
         if self._queued >= self.max_messages or self._queued == 1:
             self._wake.set()
@@ -374,17 +400,17 @@ class MessageWriter:
                 except TimeoutError:
                     pass
                 continue
-            batch, self._queue = self._queue, {}
+            batch = {channel: pending.in_order() for channel, pending in self._queue.items()}
+            self._queue = {}
             count, self._queued = self._queued, 0
             self._in_flight = count
             await self._write_batch(batch, count)
             self._in_flight = 0
-            for items in batch.values():
-                for item in items:
-                    on_durable = item.on_durable
+            for pending in batch.values():
+                for seq, on_durable, note in zip(pending.seqs, pending.callbacks, pending.notes):
                     if on_durable is not None:
                         try:
-                            on_durable(item.seq)
+                            on_durable(seq, note)
                         except Exception:  # one broken callback must not stop the writer
                             log.exception("on_durable callback failed")
 
@@ -397,14 +423,11 @@ class MessageWriter:
             self._rate_sample = (now, self._arrivals)
         return self.max_wait * min(1.0, self._rate / FULL_WAIT_RATE)
 
-    async def _write_batch(self, batch: dict[str, list[_Pending]], count: int) -> None:
+    async def _write_batch(self, batch: dict[str, _Pending], count: int) -> None:
         started = time.monotonic()
         key = keys.wal(self.instance, self._next_number)
         self._next_number += 1
-        sections: dict[str, list[bytes]] = {}
-        for channel, items in batch.items():
-            items.sort(key=lambda item: item.seq)
-            sections[channel] = [item.frame for item in items]
+        sections = {channel: pending.frames for channel, pending in batch.items()}
 
         def failed() -> None:
             self.stats.write_failures += 1
@@ -413,19 +436,19 @@ class MessageWriter:
         await put_until_stored(self.store, key, encode_wal(sections), failed)
         self.healthy = True
         # Indexed before the acks: a reader on another process, asked right after the ack, finds it.
-        entries = [(wal_index(channel), key, items[-1].seq) for channel, items in batch.items()]
+        entries = [(wal_index(channel), key, pending.seqs[-1]) for channel, pending in batch.items()]
         try:
             await self.bus.index_add(entries)
         except AgentChatError as exc:
             # Stored all the same; the index is rebuilt when the bus comes back (reindex).
             log.warning("could not index %s on the bus: %r", key, exc)
-        for channel, items in batch.items():
+        for channel, pending in batch.items():
             tail = self._tails.get(channel)
             if tail is None:
                 tail = self._tails[channel] = _Tail()
-            tail.seqs.extend([item.seq for item in items])
-            tail.frames.extend(sections[channel])
-            tail.objects.append((key, items[-1].seq))
+            tail.seqs.extend(pending.seqs)
+            tail.frames.extend(pending.frames)
+            tail.objects.append((key, pending.seqs[-1]))
             if len(tail.frames) >= self.segment_messages:
                 self._compact_wake.set()
         self._object_refs[key] = len(batch)

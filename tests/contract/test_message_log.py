@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -44,12 +45,14 @@ class Process:
         """Queue messages and wait until every one is durable (acked)."""
         acked: list[int] = []
         done = asyncio.Event()
+
+        def on_durable(stored: int, note: Any) -> None:
+            assert note == f"note {stored}"  # each message's note comes back with it
+            acked.append(stored)
+            if len(acked) == len(seqs):
+                done.set()
         for seq in seqs:
-            def on_durable(stored: int) -> None:
-                acked.append(stored)
-                if len(acked) == len(seqs):
-                    done.set()
-            self.writer.add(channel, seq, message(channel, seq), on_durable)
+            self.writer.add(channel, seq, message(channel, seq), on_durable, f"note {seq}")
         await asyncio.wait_for(done.wait(), 10)
         assert sorted(acked) == sorted(seqs)
 
@@ -130,7 +133,7 @@ async def test_one_write_per_flush_whatever_the_number_of_channels(make_process:
     before = proc.ops["put"]
     acked: list[int] = []
     for seq in range(1, 1001):
-        proc.writer.add(f"ch_{seq % 20}", seq, message(f"ch_{seq % 20}", seq), acked.append)
+        proc.writer.add(f"ch_{seq % 20}", seq, message(f"ch_{seq % 20}", seq), lambda seq, _: acked.append(seq))
     while len(acked) < 1000:
         await asyncio.sleep(0.01)
     # 1,000 messages in 20 channels, queued at once: one write-ahead object.
@@ -171,6 +174,19 @@ async def test_reads_see_the_tail_before_and_after_compaction(make_process: Proc
         assert seqs(await log.read("ch_x", 4, 100)) == [5, 6]
         assert await log.last_seq("ch_x") == 6
     assert [keys.parse_segment(k) for k in await writer_proc.store.list(keys.segment_prefix("ch_x"))] == [(1, 5)]
+
+
+async def test_messages_queued_out_of_order_are_stored_in_number_order(make_process: ProcessMaker) -> None:
+    # Two publishes racing on the bus can come back in either order; a batch is kept by number.
+    proc = await make_process(max_wait=0.2)
+    other = await reader(make_process)
+    await proc.store_messages("ch_o", [3, 1, 2, 5, 4])
+    assert [seq for seq, _ in proc.writer.tail("ch_o")] == [1, 2, 3, 4, 5]
+    for log in (proc.log, other):
+        assert seqs(await log.read("ch_o", 0, 100)) == [1, 2, 3, 4, 5]
+        assert seqs(await log.read("ch_o", 2, 2)) == [3, 4]
+    await proc.writer.compact(["ch_o"])
+    assert seqs(await other.read("ch_o", 0, 100)) == [1, 2, 3, 4, 5]
 
 
 async def test_two_writers_interleave_in_number(make_process: ProcessMaker) -> None:
@@ -282,7 +298,7 @@ async def test_close_stores_everything_in_segments(make_process: ProcessMaker) -
     proc = await make_process(max_wait=1.0)
     acked: list[int] = []
     for seq in range(1, 11):
-        proc.writer.add("ch_c", seq, message("ch_c", seq), acked.append)
+        proc.writer.add("ch_c", seq, message("ch_c", seq), lambda seq, _: acked.append(seq))
     await proc.writer.close()
     assert sorted(acked) == list(range(1, 11))
     assert await proc.store.list(keys.WAL_PREFIX) == []

@@ -218,6 +218,19 @@ async def epoch_key(request: web.Request) -> web.Response:
 # ------------------------------------------------------------------------------ messages (REST)
 
 
+class _Acked:
+    """The ack target of a message sent over REST: the request waits on ``seq``."""
+
+    __slots__ = ("seq",)
+
+    def __init__(self) -> None:
+        self.seq: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def acked(self, note: bytes, seq: int) -> None:
+        if not self.seq.done():
+            self.seq.set_result(seq)
+
+
 @routes.post("/api/v1/channels/{channel}/messages")
 async def post_message(request: web.Request) -> web.Response:
     did = agent_did(request)
@@ -226,16 +239,10 @@ async def post_message(request: web.Request) -> web.Response:
     body = await read_json(request, frozenset({"client_id", "envelope"}))
     client_id = frames.check_client_id(body.get("client_id"))
     envelope = frames.check_envelope(body.get("envelope"), limits.max_ciphertext_bytes)
-    loop = asyncio.get_running_loop()
-    acked: asyncio.Future[int] = loop.create_future()
-
-    def on_ack(seq: int) -> None:
-        if not acked.done():
-            acked.set_result(seq)
-
-    await request.app[HUB].send(did, channel, client_id, envelope, on_ack)
+    acked = _Acked()
+    await request.app[HUB].send(did, channel, client_id, envelope, acked)
     try:
-        seq = await asyncio.wait_for(asyncio.shield(acked), REST_ACK_TIMEOUT)
+        seq = await asyncio.wait_for(asyncio.shield(acked.seq), REST_ACK_TIMEOUT)
     except asyncio.TimeoutError:
         raise error("store_unavailable", "the message was not stored in time; retry with the same client_id") from None
     return json_response({"channel": channel, "client_id": client_id, "seq": seq}, 201)
