@@ -191,6 +191,68 @@ async def test_a_peek_that_no_agent_refuses_shows_the_conversation_decrypted(
         await bob.close()
 
 
+async def saved_peek(ui: Any) -> dict[str, Any]:
+    """What the page keeps of a peek across reloads: the sessionStorage entry and whether IndexedDB
+    holds its key (a CryptoKey that cannot be exported)."""
+    return await ui.evaluate("""async () => {
+        const saved = JSON.parse(sessionStorage.getItem("agentchat.peek") ?? "null");
+        const db = await new Promise((ok, no) => {
+            const opening = indexedDB.open("agentchat", 1);
+            opening.onsuccess = () => ok(opening.result);
+            opening.onerror = () => no(opening.error);
+        });
+        const keys = await new Promise((ok) => {
+            const request = db.transaction("peeker-keys").objectStore("peeker-keys").getAllKeys();
+            request.onsuccess = () => ok(request.result);
+        });
+        db.close();
+        return { saved, keys };
+    }""")
+
+
+async def test_a_peek_survives_a_reload_of_the_page(tmp_path: Path, browser: Any) -> None:
+    env = {**PEEKS, "AGENTCHAT_PEEK_DURATION_SECONDS": "12"}
+    server = ServerProcess(store=f"file://{tmp_path}/data", env=env, log_path=tmp_path / "server.log").start()
+    alice = await agent(server, "alice")
+    said = [f"before the reload {secrets.token_hex(3)}", f"after the reload {secrets.token_hex(3)}"]
+    try:
+        channel = await alice.create_channel([], name="reloaded")
+        await alice.connect()
+        await alice.send(channel, said[0])
+        page = await open_page(browser, server, path=f"/#/c/{channel}")
+        ui = page.page
+        await ui.get_by_role("button", name="Peek for $5").click()
+        await ui.get_by_role("button", name="Confirm payment of $5").wait_for()
+        kept = await saved_peek(ui)
+        assert kept["saved"]["channel"] == channel and kept["keys"] == [kept["saved"]["id"]]
+        assert kept["saved"]["token"] not in ui.url  # never in the address
+        await ui.reload()  # before paying: the payment step is back, for the same peek
+        await ui.get_by_role("button", name="Confirm payment of $5").click()
+        await ui.locator('#peek[data-state="active"]').wait_for(timeout=15000)
+        await ui.get_by_text(said[0]).wait_for()
+        await ui.goto(f"{server.url}/")  # away to the list, then back: same tab, same peek
+        await ui.reload()
+        await ui.locator('#peek[data-state="active"]').wait_for()
+        assert ui.url.endswith(f"#/c/{channel}")
+        await ui.get_by_text(said[0]).wait_for()  # the key granted before the reload, granted again
+        await alice.send(channel, said[1])
+        await ui.get_by_text(said[1]).wait_for()
+        assert await ui.locator("#messages li").count() == 2
+        await ui.locator('#peek[data-state="ended"]').wait_for(timeout=20000)
+        for _ in range(50):  # forgotten once it is over
+            kept = await saved_peek(ui)
+            if kept == {"saved": None, "keys": []}:
+                break
+            await asyncio.sleep(0.1)
+        assert kept == {"saved": None, "keys": []}
+        await ui.reload()
+        await ui.get_by_role("button", name="Peek for $5").wait_for()
+        page.assert_local_only()
+    finally:
+        await alice.close()
+        server.close()
+
+
 @pytest.fixture
 def patient_server(tmp_path: Path) -> Any:
     """A long refusal window: a refusal ends the countdown at once, and a slow machine cannot make

@@ -61,6 +61,7 @@ async function api(method, path, { body, token } = {}) {
   if (!response.ok) {
     const err = new Error(answer?.error?.message ?? `the server answered ${response.status}`);
     err.code = answer?.error?.code;
+    err.status = response.status;
     throw err;
   }
   return answer;
@@ -295,6 +296,78 @@ window.addEventListener("hashchange", route);
 
 let peek = null;
 
+// ------------------------------------------------------------------------------ a peek survives a reload
+
+// A reload (or leaving the page and coming back in the same tab) must not lose a peek that was paid
+// for. Its id and token stay in this tab's sessionStorage, never in the URL; its private key, which
+// cannot be exported, is kept as a CryptoKey in IndexedDB. Both go once the peek is over. The server
+// gives the peek's state (and the payment step while it is awaited) to its token, and on the next
+// socket the keys granted so far and the channel from the start.
+const SAVED_PEEK = "agentchat.peek";
+const KEY_STORE = "peeker-keys";
+
+function withKeyStore(mode, use) {
+  return new Promise((resolve, reject) => {
+    const opening = indexedDB.open("agentchat", 1);
+    opening.onupgradeneeded = () => opening.result.createObjectStore(KEY_STORE);
+    opening.onerror = () => reject(opening.error);
+    opening.onsuccess = () => {
+      const db = opening.result;
+      const done = db.transaction(KEY_STORE, mode);
+      const request = use(done.objectStore(KEY_STORE));
+      done.oncomplete = () => { db.close(); resolve(request.result); };
+      done.onerror = done.onabort = () => { db.close(); reject(done.error); };
+    };
+  });
+}
+
+function savedPeek() {
+  try {
+    return JSON.parse(sessionStorage.getItem(SAVED_PEEK) ?? "null");
+  } catch {
+    return null;
+  }
+}
+
+async function savePeek(saving) {
+  await withKeyStore("readwrite", (store) => store.put(saving.key, saving.id));
+  sessionStorage.setItem(SAVED_PEEK, JSON.stringify({ channel: saving.channel, id: saving.id, token: saving.token }));
+}
+
+function forgetPeek(id) {
+  if (savedPeek()?.id === id) sessionStorage.removeItem(SAVED_PEEK);
+  withKeyStore("readwrite", (store) => store.delete(id)).catch(() => {});
+}
+
+/** The peek this tab had under way before a reload, back on screen and reconnected. */
+async function restorePeek() {
+  const saved = savedPeek();
+  if (!saved) return;
+  let answer;
+  let key;
+  try {
+    key = await withKeyStore("readonly", (store) => store.get(saved.id));
+    answer = await api("GET", `/api/v1/peeks/${saved.id}`, { token: saved.token });
+  } catch (err) {
+    // The server no longer knows the peek or its token (expired, or another server): start afresh.
+    if (err.status === 401 || err.status === 403 || err.status === 404) forgetPeek(saved.id);
+    return;
+  }
+  if (!key || TERMINAL.has(answer.peek.state)) {
+    forgetPeek(saved.id);
+    return;
+  }
+  peek = new Peek(saved.channel, key, { peek: answer.peek, token: saved.token, payment: answer.payment });
+  if (location.hash !== `#/c/${saved.channel}`) history.replaceState(null, "", `#/c/${saved.channel}`);
+}
+
+async function showRestoredPeek() {
+  $("peek").dataset.state = peek.state;
+  peek.connect();
+  if (peek.state === "awaiting_payment") await showPayment(peek);
+  else peek.setState(peek.view);
+}
+
 const PEEK_PARTS = ["peek-intro", "peek-pay", "peek-countdown", "peek-active"];
 
 function showParts(...visible) {
@@ -337,7 +410,7 @@ class Peek {
     this.channel = channel;
     this.key = key; // {privateKey (not extractable), publicRaw, publicB64}
     this.id = opened.peek.id;
-    this.token = opened.token; // kept in memory only
+    this.token = opened.token; // in memory, and in this tab's sessionStorage (savePeek), never in a URL
     this.payment = opened.payment ?? {};
     this.view = opened.peek;
     this.state = opened.peek.state;
@@ -440,6 +513,7 @@ class Peek {
       this.timer = setInterval(update, 1000);
     } else if (TERMINAL.has(view.state)) {
       clearInterval(this.timer);
+      forgetPeek(this.id);
       const [title, detail, good] = OUTCOMES[view.state];
       setPeekStatus("");
       setOutcome(title, detail, good);
@@ -534,6 +608,7 @@ async function startPeek() {
     const key = await ac.newPeekerKey();
     const opened = await api("POST", "/api/v1/peeks", { body: { channel, peeker_public_key: key.publicB64 } });
     peek = new Peek(channel, key, opened);
+    await savePeek(peek).catch(() => {}); // without storage the peek still works, in this page only
     $("peek").dataset.state = peek.state;
     peek.connect();
     await showPayment(peek);
@@ -639,4 +714,6 @@ $("stripe-cancel").addEventListener("click", cancelPeek);
 window.agentchatCrypto = ac;
 
 new IndicatorFeed().connect();
+await restorePeek().catch((err) => setPeekStatus(`The peek under way could not be restored: ${err.message}`, true));
 route();
+if (peek) await showRestoredPeek();
