@@ -14,6 +14,31 @@ import sys
 from agentchat.config import ConfigError, load_settings, redact_url
 
 
+# Below this many open files a server is short of sockets for a real load; it says so at start.
+FEW_OPEN_FILES = 4096
+
+
+def raise_open_files_limit() -> int | None:
+    """Raise this process's open-files soft limit to its hard limit and return it (None where the
+    platform has no such limit).
+
+    Every session is a socket and every socket a file descriptor. The soft limit is often 1024 while
+    the hard one is far higher: left as it is, the 1,021st session would be refused."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError):  # a platform that caps the soft limit lower (macOS): keep it
+        return soft
+    return wanted
+
+
 def _serve(args: argparse.Namespace) -> int:
     from agentchat.server.app import build_app, run
 
@@ -30,8 +55,15 @@ def _serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:  # uvloop is optional (not on Windows)
         pass
+    open_files = raise_open_files_limit()
     print(f"AgentChat listening on http://{settings.host}:{settings.port} (bus {redact_url(settings.bus)}, "
-          f"store {redact_url(settings.store)}, payments {redact_url(settings.payments)})", flush=True)
+          f"store {redact_url(settings.store)}, payments {redact_url(settings.payments)}, "
+          f"open files {open_files if open_files is not None else 'unlimited'})", flush=True)
+    if open_files is not None and open_files < FEW_OPEN_FILES:
+        logging.getLogger("agentchat").warning(
+            "this process may open only %d files, so it holds fewer than %d sessions at once; raise the "
+            "hard limit (ulimit -Hn, LimitNOFILE= in a systemd unit, --ulimit nofile= for docker run)",
+            open_files, open_files)
     app = build_app(settings)
     # What is loaded by now lives as long as the process: no collection needs to scan it again.
     gc.freeze()

@@ -23,8 +23,11 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, *, store: str, bus: str = "memory://", port: int | None = None,
-                 env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
+                 env: dict[str, str] | None = None, log_path: Path | None = None,
+                 open_files: tuple[int, int] | None = None) -> None:
+        """``open_files``: the (soft, hard) open-files limit the process starts with."""
         self.port = port or free_port()
+        self.open_files = open_files
         self.store = store
         self.bus = bus
         self.env = {**os.environ, "AGENTCHAT_TOKEN_SECRET": "e2e-secret-" + "x" * 32, **(env or {})}
@@ -40,7 +43,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "agentchat", "serve", "--port", str(self.port), "--store", self.store,
              "--bus", self.bus],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self._limit,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -53,6 +56,12 @@ class ServerProcess:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("server did not become healthy in time")
+
+    def _limit(self) -> None:
+        if self.open_files is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, self.open_files)
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM: sockets closed with going-away, queued messages flushed."""
