@@ -9,18 +9,23 @@ How the numbers come together across server processes (``server/indicators.py`` 
 
 - Each process counts the messages it sequences per channel and second of their time stamp
   (``Hub.send``) and, once a second, adds them to the channel's ``SharedCount`` on the bus, then
-  publishes one ``Report``: those counts, the totals after its additions, and how many distinct
-  agents hold a session for each channel on that process (changes only, the whole table every
-  ``FULL_PRESENCE_EVERY`` reports).
+  publishes one ``Report``: those counts, the totals after its additions, and which agents hold a
+  session for each channel on that process, as short tags (``agent_tag``; changes only, the whole
+  table every ``FULL_PRESENCE_EVERY`` reports).
 - Every process merges every report (its own included) into an ``IndicatorBook``: per-second counts
   into a sliding ``RateWindow`` (so every process computes the same messages-per-minute), totals by
   maximum (a total only grows, so a late or repeated report cannot lower it), presence per process,
-  forgotten when a process stops reporting (``PRESENCE_TTL``).
+  forgotten when a process stops reporting (``PRESENCE_TTL``). Agents online are the distinct tags over
+  every process: an agent with sessions on two processes (a reconnect that lands elsewhere before the
+  old socket is gone) counts once.
 - Live updates go out through a ``Throttle``: at most one per channel per second, whatever the rate.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
+import hashlib
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -34,7 +39,18 @@ PRESENCE_TTL = 5.0
 # Every this many reports a process sends its whole presence table, so a process that just started
 # (or missed a report) converges within that many seconds.
 FULL_PRESENCE_EVERY = 10
-REPORT_VERSION = 1
+# 2: presence as agent tags per channel. Version 1 (counts) is still read, during a rolling upgrade:
+# its agents count as distinct from everyone else's.
+REPORT_VERSION = 2
+AGENT_TAG_BYTES = 6
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def agent_tag(did: str) -> str:
+    """An agent's short name in presence reports: 8 characters instead of a ~60-character DID. With at
+    most a few hundred members per channel, two agents of one channel sharing a tag (48 bits) would
+    take more channels than exist."""
+    return base64.urlsafe_b64encode(hashlib.sha256(did.encode()).digest()[:AGENT_TAG_BYTES]).decode()
 
 K = TypeVar("K", bound=Hashable)
 
@@ -199,8 +215,9 @@ class Report:
     messages: dict[str, dict[int, int]] = field(default_factory=dict)
     # channel -> the channel's total after this process's addition to the shared counter
     totals: dict[str, int] = field(default_factory=dict)
-    # channel -> distinct agents with a session for it on this process (changes, or all if ``full``)
-    presence: dict[str, int] = field(default_factory=dict)
+    # channel -> tags of the agents with a session for it on this process (the channels whose set
+    # changed, empty when nobody is left; every channel if ``full``)
+    presence: dict[str, frozenset[str]] = field(default_factory=dict)
     full: bool = False
     # channels created on this process since its last report
     created: list[str] = field(default_factory=list)
@@ -208,22 +225,35 @@ class Report:
     def to_bytes(self) -> bytes:
         return orjson.dumps({"v": REPORT_VERSION, "p": self.process,
                              "m": {ch: sorted(counts.items()) for ch, counts in self.messages.items()},
-                             "n": self.totals, "o": self.presence, "f": self.full, "c": self.created})
+                             "n": self.totals, "o": {ch: sorted(tags) for ch, tags in self.presence.items()},
+                             "f": self.full, "c": self.created})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Report:
         """Raises ``ValueError`` for anything malformed (the caller drops it)."""
         try:
             raw = orjson.loads(data)
-            if raw.get("v") != REPORT_VERSION:
-                raise ValueError(f"report version {raw.get('v')!r}")
+            version = raw.get("v")
+            if version not in (1, REPORT_VERSION):
+                raise ValueError(f"report version {version!r}")
+            process = str(raw["p"])
             messages = {str(ch): {int(second): int(n) for second, n in counts} for ch, counts in raw["m"].items()}
             totals = {str(ch): int(total) for ch, total in raw["n"].items()}
-            presence = {str(ch): int(count) for ch, count in raw["o"].items()}
+            if version == 1:  # a count: that many agents of that process, told apart from all others
+                presence = {str(ch): frozenset(f"{process}/{i}" for i in range(int(count)))
+                            for ch, count in raw["o"].items()}
+            else:
+                presence = {str(ch): frozenset(_tags(found)) for ch, found in raw["o"].items()}
             created = [str(ch) for ch in raw.get("c", [])]
-            return cls(str(raw["p"]), messages, totals, presence, bool(raw["f"]), created)
+            return cls(process, messages, totals, presence, bool(raw["f"]), created)
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError) as exc:
             raise ValueError(f"malformed indicators report: {exc!r}") from None
+
+
+def _tags(found: Any) -> list[str]:
+    if not isinstance(found, list) or not all(isinstance(tag, str) for tag in found):
+        raise TypeError("presence must be a list of agent tags")
+    return found
 
 
 class ReportBuilder:
@@ -232,22 +262,22 @@ class ReportBuilder:
     def __init__(self, process: str, full_every: int = FULL_PRESENCE_EVERY) -> None:
         self.process = process
         self.full_every = full_every
-        self._published: dict[str, int] = {}  # presence as last reported
+        self._published: dict[str, frozenset[str]] = {}  # presence as last reported
         self._count = 0
 
     def build(self, messages: dict[str, dict[int, int]], totals: dict[str, int],
-              presence: dict[str, int], created: list[str] | None = None) -> Report | None:
-        """``presence``: this process's current count of every channel it has agents on (channels
+              presence: dict[str, frozenset[str]], created: list[str] | None = None) -> Report | None:
+        """``presence``: the tags of the agents online here for every channel that has any (channels
         not listed have none). None when there is nothing to say: no messages, no presence change, and
         no agent online here (a process with agents online reports every second, as a heartbeat)."""
         self._count += 1
         full = self.full_every == 1 or self._count % self.full_every == 1
-        current = {ch: n for ch, n in presence.items() if n > 0}
+        current = {ch: tags for ch, tags in presence.items() if tags}
         if full:
             changes = dict(current)
         else:
-            changes = {ch: n for ch, n in current.items() if self._published.get(ch) != n}
-            changes.update({ch: 0 for ch in self._published if ch not in current})
+            changes = {ch: tags for ch, tags in current.items() if self._published.get(ch) != tags}
+            changes.update({ch: frozenset() for ch in self._published if ch not in current})
         self._published = current
         if not messages and not totals and not changes and not current and not full and not created:
             return None
@@ -272,7 +302,7 @@ class IndicatorBook:
         self.window = window
         self.presence_ttl = presence_ttl
         self._channels: dict[str, _Channel] = {}
-        self._presence: dict[str, dict[str, int]] = {}  # process -> channel -> agents
+        self._presence: dict[str, dict[str, frozenset[str]]] = {}  # process -> channel -> agent tags
         self._heard: dict[str, float] = {}  # process -> when its last report arrived
 
     def _channel(self, channel: str) -> _Channel:
@@ -307,15 +337,15 @@ class IndicatorBook:
         table = self._presence.get(report.process)
         if report.full or table is None:
             old = table or {}
-            table = {ch: n for ch, n in report.presence.items() if n > 0}
+            table = {ch: tags for ch, tags in report.presence.items() if tags}
             changed.update(ch for ch in old.keys() | table.keys() if old.get(ch) != table.get(ch))
             self._presence[report.process] = table
         else:
-            for channel, count in report.presence.items():
-                if table.get(channel, 0) != count:
+            for channel, tags in report.presence.items():
+                if table.get(channel, frozenset()) != tags:
                     changed.add(channel)
-                if count > 0:
-                    table[channel] = count
+                if tags:
+                    table[channel] = tags
                 else:
                     table.pop(channel, None)
         return changed
@@ -366,7 +396,11 @@ class IndicatorBook:
         return entry.rate.total(now) if entry else 0
 
     def online(self, channel: str) -> int:
-        return sum(table.get(channel, 0) for table in self._presence.values())
+        """Distinct agents with a session for ``channel`` on any process."""
+        found = [tags for table in self._presence.values() if (tags := table.get(channel))]
+        if len(found) == 1:
+            return len(found[0])
+        return len(frozenset().union(*found))
 
 
 # ------------------------------------------------------------------------------ what the public sees

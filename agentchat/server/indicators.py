@@ -5,8 +5,7 @@ What each number means (protocol/indicators.md is the public reference):
 - ``members``: the channel's members (its record; this process's live copy when it hosts the channel).
 - ``agents_online``: distinct member agents holding an open WebSocket session that delivers the
   channel, on any server process (every agent's session delivers all its channels, up to
-  ``max_channels_per_agent``). An agent connected to two processes at once counts twice until one of
-  the sessions closes.
+  ``max_channels_per_agent``); an agent with sessions on two processes at once counts once.
 - ``messages_total``: messages sequenced in the channel; ``messages_per_minute``: those of the last 60
   seconds; ``last_activity_at``: the start of the minute of the last one.
 - ``peeks``: ``total`` peeks that became active on the channel, ``active`` those active now.
@@ -16,8 +15,8 @@ Across processes
 ``Hub.send`` counts the messages this process sequences per (channel, second of their ``ts``): one
 dict increment, nothing else. Once a second this process adds those counts to each channel's shared
 counter on the bus (``ind:<channel>``, a ``core.indicators.SharedCount`` changed by compare-and-set),
-then publishes one report on ``i:reports``: the counts, the totals after its additions, and how many
-agents hold sessions for each channel here. Every process merges every report, so all of them show
+then publishes one report on ``i:reports``: the counts, the totals after its additions, and which
+agents (``agent_tag``) hold sessions for each channel here. Every process merges every report, so all of them show
 the same numbers, and pushes changes to the sockets watching (``watch_indicators``), at most once per
 second per channel.
 
@@ -47,7 +46,7 @@ from agentchat.bus.base import Bus
 from agentchat.core import frames
 from agentchat.core.peek import PeekState
 from agentchat.core.indicators import (ChannelIndicators, IndicatorBook, Report, ReportBuilder, SharedCount,
-                                       Throttle, coarse_minute_ms, group_by_channel, merge_counts,
+                                       Throttle, agent_tag, coarse_minute_ms, group_by_channel, merge_counts,
                                        sort_indicators)
 from agentchat.errors import AgentChatError, error
 from agentchat.server.hub import Hub
@@ -354,14 +353,14 @@ class IndicatorService:
 
     # ------------------------------------------------------------------------------ presence and peeks
 
-    def _local_presence(self) -> dict[str, int]:
-        """Per channel, the distinct agents whose sessions on this process deliver it."""
-        presence: dict[str, int] = {}
+    def _local_presence(self) -> dict[str, frozenset[str]]:
+        """Per channel, the tags of the agents whose sessions on this process deliver it."""
+        presence: dict[str, frozenset[str]] = {}
         for channel, room in self.hub.rooms.items():
             if room.subscribers:
-                agents = {s.principal.subject for s in room.subscribers if s.principal.is_agent}
+                agents = frozenset(agent_tag(s.principal.subject) for s in room.subscribers if s.principal.is_agent)
                 if agents:
-                    presence[channel] = len(agents)
+                    presence[channel] = agents
         return presence
 
     def _observe_peeks(self) -> set[str]:

@@ -235,6 +235,17 @@ async def test_two_processes_sharing_a_bus_show_the_same_numbers(aiohttp_client,
                                 lambda i: i["messages_total"] == 7 and i["agents_online"] == 1)
         assert item["messages_per_minute"] == 7
     await watcher.wait_for(lambda f: any(c["messages_total"] == 7 for c in f.get("channels", ())))
+    # bob also on the first process (a reconnect that landed there before the old socket went), and
+    # alice there too: two agents online, not three
+    ws_bob_again = await open_socket(one, {"type": "hello", "token": bob.token})
+    ws_alice = await open_socket(one, {"type": "hello", "token": alice.token})
+    await ws_bob_again.wait_for(kind("welcome"))
+    await ws_alice.wait_for(kind("welcome"))
+    for client in (one, two):
+        await eventually(indicators_of(client, channel), lambda i: i["agents_online"] == 2)
+    await asyncio.sleep(UPDATE_INTERVAL * 1.5)  # another round of reports
+    for client in (one, two):
+        assert (await indicators_of(client, channel)())["agents_online"] == 2
 
 
 @pytest.mark.parametrize("bus", ["memory", "redis"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agentchat.core.indicators import (MINUTE_MS, ChannelIndicators, IndicatorBook, RateWindow, Report,
-                                       ReportBuilder, SharedCount, Throttle, coarse_minute_ms, group_by_channel,
+                                       ReportBuilder, SharedCount, Throttle, agent_tag, coarse_minute_ms, group_by_channel,
                                        merge_counts, sort_indicators)
 
 T0 = 1_767_225_600.0  # a whole minute
@@ -99,14 +99,37 @@ def test_throttle_keys_are_independent_and_pruned() -> None:
 # ------------------------------------------------------------------------------ reports
 
 
+def tags(*names: str) -> frozenset[str]:
+    return frozenset(agent_tag(f"did:agentchat:{name}") for name in names)
+
+
 def test_report_round_trips_and_refuses_garbage() -> None:
-    report = Report("p1", {"ch_a": {int(T0): 3, int(T0) + 1: 1}}, {"ch_a": 10}, {"ch_a": 2, "ch_b": 0}, full=True,
-                    created=["ch_c"])
+    report = Report("p1", {"ch_a": {int(T0): 3, int(T0) + 1: 1}}, {"ch_a": 10},
+                    {"ch_a": tags("alice", "bob"), "ch_b": frozenset()}, full=True, created=["ch_c"])
     assert Report.from_bytes(report.to_bytes()) == report
-    for bad in (b"", b"[]", b'{"v":2}', b'{"v":1,"p":"x","m":{"c":[1]},"n":{},"o":{},"f":false}',
-                b'{"v":1,"p":"x","m":{},"n":{},"f":false}', b'{"v":1,"p":"x","m":{},"n":{"c":"x"},"o":{},"f":1}'):
+    for bad in (b"", b"[]", b'{"v":3}', b'{"v":2,"p":"x","m":{"c":[1]},"n":{},"o":{},"f":false}',
+                b'{"v":2,"p":"x","m":{},"n":{},"f":false}', b'{"v":2,"p":"x","m":{},"n":{"c":"x"},"o":{},"f":1}',
+                b'{"v":2,"p":"x","m":{},"n":{},"o":{"c":3},"f":false}',
+                b'{"v":2,"p":"x","m":{},"n":{},"o":{"c":[1]},"f":false}'):
         with pytest.raises(ValueError):
             Report.from_bytes(bad)
+
+
+def test_agent_tags_are_short_stable_and_tell_agents_apart() -> None:
+    dids = [f"did:agentchat:z6Mk{i:044d}" for i in range(5000)]
+    assert agent_tag(dids[0]) == agent_tag(str(dids[0]))  # the same agent, the same tag, on every process
+    assert all(len(agent_tag(did)) == 8 for did in dids)
+    assert len({agent_tag(did) for did in dids}) == len(dids)
+
+
+def test_a_report_from_a_process_not_yet_upgraded_counts_its_agents_apart() -> None:
+    # Version 1 said how many agents, not which: during a rolling upgrade they count as others.
+    old = Report.from_bytes(b'{"v":1,"p":"old","m":{},"n":{},"o":{"ch":2,"gone":0},"f":true}')
+    assert old.presence == {"ch": frozenset({"old/0", "old/1"}), "gone": frozenset()}
+    book = IndicatorBook()
+    book.apply(old, T0)
+    book.apply(Report("new", presence={"ch": tags("alice")}, full=True), T0)
+    assert book.online("ch") == 3
 
 
 def test_counts_grouped_by_channel_and_merged() -> None:
@@ -118,14 +141,14 @@ def test_counts_grouped_by_channel_and_merged() -> None:
 
 def test_builder_reports_presence_changes_then_the_whole_table_periodically() -> None:
     builder = ReportBuilder("p1", full_every=3)
-    first = builder.build({}, {}, {"a": 1, "b": 2})
-    assert first is not None and first.full and first.presence == {"a": 1, "b": 2}
-    second = builder.build({}, {}, {"a": 1, "b": 3})
-    assert second is not None and not second.full and second.presence == {"b": 3}
-    third = builder.build({"a": {1: 4}}, {"a": 40}, {"b": 3})
-    assert third is not None and third.presence == {"a": 0} and third.messages == {"a": {1: 4}}
-    fourth = builder.build({}, {}, {"b": 3})
-    assert fourth is not None and fourth.full and fourth.presence == {"b": 3}
+    first = builder.build({}, {}, {"a": tags("x"), "b": tags("x", "y")})
+    assert first is not None and first.full and first.presence == {"a": tags("x"), "b": tags("x", "y")}
+    second = builder.build({}, {}, {"a": tags("x"), "b": tags("x", "z")})  # same size, another agent
+    assert second is not None and not second.full and second.presence == {"b": tags("x", "z")}
+    third = builder.build({"a": {1: 4}}, {"a": 40}, {"b": tags("x", "z")})
+    assert third is not None and third.presence == {"a": frozenset()} and third.messages == {"a": {1: 4}}
+    fourth = builder.build({}, {}, {"b": tags("x", "z")})
+    assert fourth is not None and fourth.full and fourth.presence == {"b": tags("x", "z")}
     # nobody online and nothing said: nothing to publish (except the periodic full table)
     idle = ReportBuilder("p2", full_every=3)
     assert idle.build({}, {}, {}) is not None  # first: full
@@ -138,8 +161,8 @@ def test_builder_reports_presence_changes_then_the_whole_table_periodically() ->
 
 def test_builder_heartbeats_while_agents_are_online() -> None:
     builder = ReportBuilder("p1", full_every=100)
-    builder.build({}, {}, {"a": 1})
-    heartbeat = builder.build({}, {}, {"a": 1})
+    builder.build({}, {}, {"a": tags("x")})
+    heartbeat = builder.build({}, {}, {"a": tags("x")})
     assert heartbeat is not None and heartbeat.presence == {} and heartbeat.messages == {}
 
 
@@ -193,18 +216,21 @@ def test_book_merges_message_deltas_of_several_processes() -> None:
     assert book.per_minute("unknown", T0) == 0 and book.total("unknown") == 0
 
 
-def test_book_presence_sums_processes_and_forgets_the_silent_ones() -> None:
+def test_book_presence_counts_distinct_agents_over_processes_and_forgets_the_silent_ones() -> None:
     book = IndicatorBook(presence_ttl=5.0)
-    assert book.apply(Report("p1", presence={"ch": 2, "other": 1}, full=True), T0) == {"ch", "other"}
-    assert book.apply(Report("p2", presence={"ch": 1}, full=True), T0) == {"ch"}
+    assert book.apply(Report("p1", presence={"ch": tags("a", "b"), "other": tags("a")}, full=True), T0) == {"ch", "other"}
+    assert book.apply(Report("p2", presence={"ch": tags("c")}, full=True), T0) == {"ch"}
     assert book.online("ch") == 3
-    assert book.apply(Report("p1", presence={"ch": 0}), T0 + 1) == {"ch"}
-    assert book.online("ch") == 1 and book.online("other") == 1
+    # b reconnects to p2 before its socket on p1 is gone: still one agent
+    assert book.apply(Report("p2", presence={"ch": tags("b", "c")}), T0 + 0.5) == {"ch"}
+    assert book.online("ch") == 3
+    assert book.apply(Report("p1", presence={"ch": frozenset()}), T0 + 1) == {"ch"}
+    assert book.online("ch") == 2 and book.online("other") == 1
     assert book.apply(Report("p1"), T0 + 4) == set()  # heartbeat
-    assert book.expire(T0 + 5.5) == {"ch"}  # p2 has been silent for 5.5 s
+    assert book.expire(T0 + 5.6) == {"ch"}  # p2 has been silent for 5.1 s
     assert book.online("ch") == 0 and book.online("other") == 1
     # a full table replaces the previous one
-    assert book.apply(Report("p1", presence={"ch": 4}, full=True), T0 + 6) == {"ch", "other"}
+    assert book.apply(Report("p1", presence={"ch": tags("a", "b", "c", "d")}, full=True), T0 + 6) == {"ch", "other"}
     assert book.online("other") == 0 and book.online("ch") == 4
 
 
