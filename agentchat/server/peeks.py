@@ -9,7 +9,9 @@ Where things live
   (ledger entries, releasing holds, revoking access) that may have been cut short. It is written before
   the peek and removed last.
 - ``peek-payments/<id>.json`` is the hold of the peek's price; ``peek-refusals/<id>/<did>.json`` how
-  a refusing agent pays its fee; ``peek-grants/<id>/<epoch>.json`` the epoch keys agents wrapped for
+  a refusing agent pays its fee; ``balance-holds/<did>.json`` the refusal fees an agent's earnings are
+  set aside for (``{"peeks": {id: cents}}``, changed by compare-and-set), so two refusals at once
+  cannot both spend the same balance; ``peek-grants/<id>/<epoch>.json`` the epoch keys agents wrapped for
   the peeker; ``cards/<did>.json`` an agent's card on file.
 
 Timers and crashes
@@ -101,6 +103,10 @@ def refusal_prefix(peek_id: str) -> str:
 
 def refusal_key(peek_id: str, did: str) -> str:
     return f"{refusal_prefix(peek_id)}{did}.json"
+
+
+def balance_holds_key(did: str) -> str:
+    return f"balance-holds/{did}.json"
 
 
 def grant_prefix(peek_id: str) -> str:
@@ -526,13 +532,13 @@ class PeekService:
         a hold on the card on file; with neither, ``refusal_unfunded``."""
         fee = peek.refusal_fee_cents
         record: dict[str, Any] = {"agent": did, "method": "balance", "fee_cents": fee}
-        balance = await self.ledger.balance(money.agent_account(did)) if fee else 0
+        balance = await self._hold_balance(peek.id, did, fee) if fee else 0
         if fee and balance < fee:
             card = await self.card(did)
             if card is None:
                 raise error("refusal_unfunded",
-                            f"Refusing costs {fee} cents: this agent's earnings balance is {balance} cents "
-                            f"and it has no card on file (POST /api/v1/agents/me/card).")
+                            f"Refusing costs {fee} cents: this agent's earnings not set aside for other refusals "
+                            f"come to {balance} cents and it has no card on file (POST /api/v1/agents/me/card).")
             try:
                 hold = await self.payments.hold_off_session(
                     card, fee, key=idempotency_key(peek.id, "refusal-" + _agent_tag(did)),
@@ -541,10 +547,75 @@ class PeekService:
                 if exc.code != "payment_declined":
                     raise
                 raise error("refusal_unfunded",
-                            f"Refusing costs {fee} cents: the earnings balance is {balance} cents and the "
-                            f"card on file was declined ({exc.message}).") from None
+                            f"Refusing costs {fee} cents: the earnings not set aside for other refusals come to "
+                            f"{balance} cents and the card on file was declined ({exc.message}).") from None
             record = {"agent": did, "method": "card", "fee_cents": fee, "ref": hold.ref}
         await self.store.put(refusal_key(peek.id, did), orjson.dumps(record))
+
+    async def _hold_balance(self, peek_id: str, did: str, fee: int) -> int:
+        """Set ``fee`` of the agent's earnings aside for this refusal if what is not set aside yet
+        covers it. Returns what was available (below ``fee``: nothing was set aside). One object per
+        agent changed by compare-and-set, so of two refusals at once on any processes, only as many
+        are funded from the balance as it covers."""
+        key = balance_holds_key(did)
+        for _ in range(CAS_ATTEMPTS):
+            found = await self.store.get(key)
+            held: dict[str, int] = orjson.loads(found.data)["peeks"] if found is not None else {}
+            held.pop(peek_id, None)  # this same refusal, asked again
+            held = await self._pending_holds(did, held)
+            available = await self.ledger.balance(money.agent_account(did)) - sum(held.values())
+            if available < fee:
+                return available
+            held[peek_id] = fee
+            try:
+                await self._put_holds(key, held, found)
+            except PreconditionFailed:
+                continue
+            return available
+        raise error("conflict", "this agent's balance is being changed by others; try again")
+
+    async def _pending_holds(self, did: str, held: dict[str, int]) -> dict[str, int]:
+        """The holds still owed: the peek is in its countdown, or this agent refused it and the fee is
+        not in the ledger yet. The others were left by a process that stopped between settling (or
+        losing) a refusal and dropping its hold."""
+        pending: dict[str, int] = {}
+        for peek_id, cents in held.items():
+            found = await self.store.get(store_keys.peek(peek_id))
+            if found is None:
+                continue
+            peek = Peek.from_bytes(found.data)
+            if peek.state is PeekState.COUNTDOWN or (
+                    peek.state is PeekState.REFUSED and peek.refused_by == did
+                    and not await self.ledger.transaction(f"{money.EntryKind.REFUSAL_FEE}/{peek_id}")):
+                pending[peek_id] = cents
+        return pending
+
+    async def _put_holds(self, key: str, held: dict[str, int], found: StoredObject | None) -> None:
+        data = orjson.dumps({"peeks": held})
+        if found is None:
+            await self.store.put(key, data, if_none_match=True)
+        else:
+            await self.store.put(key, data, if_match=found.etag)
+
+    async def _drop_balance_hold(self, peek_id: str, did: str) -> None:
+        """The refusal's fee is in the ledger, or the refusal lost: its hold goes (best effort; the
+        next ``_hold_balance`` of this agent drops it anyway)."""
+        key = balance_holds_key(did)
+        try:
+            for _ in range(CAS_ATTEMPTS):
+                found = await self.store.get(key)
+                if found is None:
+                    return
+                held = orjson.loads(found.data)["peeks"]
+                if held.pop(peek_id, None) is None:
+                    return
+                try:
+                    await self._put_holds(key, held, found)
+                    return
+                except PreconditionFailed:
+                    continue
+        except AgentChatError as exc:
+            log.warning("peek %s: could not drop %s's balance hold; its next refusal will: %r", peek_id, did, exc)
 
     async def _refusal_record(self, peek_id: str, did: str) -> dict[str, Any] | None:
         found = await self.store.get(refusal_key(peek_id, did))
@@ -560,6 +631,8 @@ class PeekService:
             record = await self._refusal_record(peek_id, did)
             if record is not None and record.get("method") == "card":
                 await self.payments.cancel(record["ref"], key=idempotency_key(peek_id, "refusal-cancel-" + _agent_tag(did)))
+            if record is not None and record.get("method") == "balance":
+                await self._drop_balance_hold(peek_id, did)
         except AgentChatError as exc:
             log.warning("peek %s: could not release %s's refusal hold; the scan will: %r", peek_id, did, exc)
 
@@ -573,6 +646,8 @@ class PeekService:
             if record.get("agent") != winner and record.get("method") == "card":
                 await self.payments.cancel(record["ref"], key=idempotency_key(
                     peek.id, "refusal-cancel-" + _agent_tag(record["agent"])))
+            elif record.get("agent") != winner and record.get("method") == "balance":
+                await self._drop_balance_hold(peek.id, record["agent"])
 
     async def _settle_refusal(self, peek: Peek) -> None:
         """The refusing agent pays the fee to the platform: from its card if it was held (the money
@@ -596,6 +671,8 @@ class PeekService:
                 log.warning("peek %s: the refusal fee hold could not be captured (%s); charged to %s's "
                             "balance", peek.id, exc.message, did)
         await self.ledger.record(entries)
+        if record is None or record.get("method") == "balance":
+            await self._drop_balance_hold(peek.id, did)
 
     # ------------------------------------------------------------------------------ access
 

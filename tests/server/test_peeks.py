@@ -19,6 +19,7 @@ from agentchat.config import Settings, load_settings
 from agentchat.core import ledger as money
 from agentchat.server.app import build_app
 from agentchat.server.keys import LEDGER, PEEKS
+from agentchat.server.peeks import balance_holds_key
 from tests.conftest import RestAgent
 from tests.server.test_rest import create_channel, envelope
 from tests.server.test_ws import hello, receive_frames
@@ -240,6 +241,50 @@ async def test_refusal_is_paid_from_earnings_and_the_peeker_pays_nothing(client:
     assert await balance(alice) == 250 and await balance(bob) == 0
     body = await wait_state(client, peek_id, auth, "refused")
     assert "grants" not in body and "payment" not in body
+
+
+async def test_refusals_at_once_spend_an_agents_earnings_only_as_far_as_they_go(client: Any, ledger_checked: Any) -> None:
+    alice, bob = await RestAgent(client, "alice").register(), await RestAgent(client, "bob").register()
+    app = client.server.app
+    service = app[PEEKS]
+    solo, _ = await create_channel(alice, [])  # earnings: 350 cents from a peek of her own channel
+    opened, auth = await open_peek(client, solo)
+    solo_peek = opened["peek"]["id"]
+    await call(client, "POST", f"/api/v1/peeks/{solo_peek}/confirm", auth)
+    service.clock = lambda: time.time() + 31
+    try:
+        await service.scan()
+    finally:
+        service.clock = time.time
+    await check_ledger(app, lambda l: l.balance(money.agent_account(alice.did)) == 350)
+
+    peeks = []
+    for _ in range(5):
+        channel, _ = await create_channel(alice, [bob])
+        opened, auth = await open_peek(client, channel)
+        await call(client, "POST", f"/api/v1/peeks/{opened['peek']['id']}/confirm", auth)
+        peeks.append(opened["peek"]["id"])
+    # A hold left behind (a process stopped between settling a refusal and dropping its hold) for a
+    # peek that owes nothing: not counted.
+    await service.store.put(balance_holds_key(alice.did), orjson.dumps({"peeks": {solo_peek: 300}}))
+    # Five refusals at the same moment, a fee of 100 cents each: the balance pays for three.
+    answers = await asyncio.gather(*(call(client, "POST", f"/api/v1/peeks/{peek_id}/refuse", alice.auth)
+                                     for peek_id in peeks))
+    refused = [peek_id for peek_id, (status, _) in zip(peeks, answers) if status == 200]
+    assert len(refused) == 3, answers
+    assert sorted(body["error"]["code"] for status, body in answers if status != 200) == ["refusal_unfunded"] * 2
+    await check_ledger(app, lambda l: all(l.transaction(f"refusal_fee/{peek_id}") for peek_id in refused))
+    assert await balance(alice) == 50  # never below zero
+    held = await service.store.get(balance_holds_key(alice.did))
+    assert held is not None and orjson.loads(held.data) == {"peeks": {}}  # settled: nothing set aside
+
+    await fund_with_dev_card(alice)  # the rest are paid by card, the balance untouched
+    rest = [peek_id for peek_id in peeks if peek_id not in refused]
+    for peek_id in rest:
+        status, body = await call(client, "POST", f"/api/v1/peeks/{peek_id}/refuse", alice.auth)
+        assert status == 200, body
+    await check_ledger(app, lambda l: all(l.transaction(f"refusal_fee/{peek_id}") for peek_id in rest))
+    assert await balance(alice) == 50
 
 
 async def test_refusal_without_earnings_or_card_is_rejected_before_the_deadline(client: Any, ledger_checked: Any) -> None:
