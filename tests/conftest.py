@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -40,6 +41,11 @@ def aiohttp_client(aiohttp_client: Any) -> Any:
     async def serve(app_or_server: Any, **kwargs: Any) -> TestClient:
         if isinstance(app_or_server, web.Application):
             app_or_server = AgentChatTestServer(app_or_server)
+        # A connection per request, as the SDK and browsers open a fresh one per socket: a WebSocket
+        # then comes as its connection's first request and takes the road production traffic takes
+        # (the listening socket's own upgrade, server/websocket.py), not the keep-alive fallback
+        # through aiohttp (covered on its own in tests/server/websocket/).
+        kwargs.setdefault("connector", aiohttp.TCPConnector(force_close=True))
         return await aiohttp_client(app_or_server, **kwargs)
 
     return serve
