@@ -347,6 +347,17 @@ def prepare_fixture(options: Options) -> fixtures.Fixture:
     return made
 
 
+def fixture_for(fixture: fixtures.Fixture, options: Options, rate: float, duration: float) -> fixtures.Fixture:
+    """``fixture``, or a larger one, with sealed messages enough for ``rate`` deliveries/s over
+    ``duration`` seconds after the warm-up. The default pool is sized for ``--duration``: the longer
+    workloads (persistence, peek) would otherwise run out part way and measure an idle server."""
+    per_agent_rate = rate / options.group / max(1, len(fixture.agents))
+    needed = int(per_agent_rate * (options.warmup + duration) * 1.2) + 1
+    if needed <= fixture.per_agent:
+        return fixture
+    return prepare_fixture(dataclasses.replace(options, pool=max(options.pool, needed)))
+
+
 async def fanout_one(server: str, fixture: fixtures.Fixture, options: Options,
                      paced_rate: int | None = None) -> dict[str, Any]:
     """Saturated fan-out, or paced at ``paced_rate`` deliveries per second."""
@@ -531,6 +542,7 @@ async def persistence(fixture: fixtures.Fixture, options: Options) -> dict[str, 
     server's own ``/metrics`` (``agentchat_store_operations_total``, ``agentchat_messages_in_total``),
     over at least ``PERSISTENCE_MIN_SECONDS`` so compaction into segments is counted too."""
     options = dataclasses.replace(options, duration=max(options.duration, PERSISTENCE_MIN_SECONDS))
+    fixture = fixture_for(fixture, options, min(options.paced_rates), options.duration)
     progress = Progress("persistence agentchat")
     samples: list[dict[str, float]] = []
     with Target("agentchat", options) as target:
@@ -545,6 +557,8 @@ async def persistence(fixture: fixtures.Fixture, options: Options) -> dict[str, 
         row = await drive_fanout(jobs, options, "persistence", progress, sample)
     result = {"workload": "persistence", "server": "agentchat", **persistence_cost(samples[0], samples[-1]),
               "target_per_s": min(options.paced_rates), "delivered_per_s": row["delivered_per_s"]}
+    if row.get("note"):
+        result["note"] = row["note"]
     progress.done(f"{result['ops_per_1000_messages']} store operations per 1,000 messages")
     return result
 
@@ -628,6 +642,7 @@ async def peek_under_load(fixture: fixtures.Fixture, options: Options, saturated
     window = options.peek_window
     stagger = min(5.0, window / 2)
     run_options = dataclasses.replace(options, duration=window + stagger + 5.0)
+    fixture = fixture_for(fixture, options, rate, run_options.duration)
     env = {"AGENTCHAT_PEEK_REFUSAL_WINDOW_SECONDS": f"{window:g}"}
     with Target("agentchat", run_options, env) as target:
         if target.process is None:
@@ -659,7 +674,10 @@ async def peek_under_load(fixture: fixtures.Fixture, options: Options, saturated
         "late_ms": latency_summary_ms(observed), "server_late_ms": latency_summary_ms(server_side),
         "delivered_per_s": row["delivered_per_s"], "target_per_s": rate, "window_s": window,
     }
+    notes = [row["note"]] if row.get("note") else []
     if failures:
-        result["note"] = f"{len(failures)} peeks failed: {failures[0]}"
+        notes.append(f"{len(failures)} peeks failed: {failures[0]}")
+    if notes:
+        result["note"] = "; ".join(notes)
     progress.done(f"outcomes p99 {result['late_ms']['p99']} ms after the deadline")
     return result

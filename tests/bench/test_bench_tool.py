@@ -17,7 +17,7 @@ from bench import cli, report
 from bench.fixture import client_tag, load_or_make, plaintext_of
 from bench.loadgen import client_id_of, socketio_event
 from bench.stats import Histogram, exact_percentile, latency_summary_ms, ratio
-from bench.workloads import parse_prometheus, persistence_cost, source_addresses, split
+from bench.workloads import Options, fixture_for, parse_prometheus, persistence_cost, source_addresses, split
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -211,6 +211,16 @@ def test_fixture_frames_are_real_sealed_envelopes(tmp_path: Path) -> None:
     assert again.agents[3].keys.did == agent.keys.did
     assert len(again.frames_path(3).read_bytes().split(b"\n")[:-1]) == 5
     assert plaintext_of(256, 12345)[:8] == b'{"kind":'
+
+
+def test_long_workloads_get_a_pool_that_lasts_them(tmp_path: Path) -> None:
+    # 4 agents in channels of 2 at 40 deliveries/s: 5 sends/s per agent, over 1 s of warm-up and 9 s
+    options = Options(["agentchat"], agents=4, group=2, warmup=1.0, duration=9.0, cache=tmp_path)
+    small = load_or_make(tmp_path, agents=4, group=2, payload=256, per_agent=10)
+    bigger = fixture_for(small, options, rate=40, duration=9.0)
+    assert bigger.per_agent >= 5 * 10 and len(bigger.frames_path(0).read_bytes().split(b"\n")[:-1]) == bigger.per_agent
+    assert bigger.agents[0].keys.did == small.agents[0].keys.did  # the same agents, more messages
+    assert fixture_for(bigger, options, rate=40, duration=9.0) is bigger  # enough already: unchanged
 
 
 def test_persistence_cost_from_two_scrapes_of_metrics() -> None:
