@@ -303,7 +303,7 @@ class LocalStore:
         slot = self._slot(key)
         async with self._slot_locks[slot]:
             try:
-                await asyncio.to_thread(self._delete_sync, parts, slot)
+                await asyncio.to_thread(self._delete_many_sync, [parts])
             except OSError as exc:
                 raise error("store_unavailable", f"cannot delete {key}: {exc.strerror}") from exc
 
@@ -324,9 +324,6 @@ class LocalStore:
                     await asyncio.to_thread(self._delete_many_sync, [check_key(key) for key in batch])
                 except OSError as exc:
                     raise error("store_unavailable", f"cannot delete {len(batch)} objects: {exc.strerror}") from exc
-
-    def _delete_sync(self, parts: list[str], slot: int) -> None:
-        self._delete_many_sync([parts])
 
     def _delete_many_sync(self, batch: list[list[str]]) -> None:
         deleted: list[list[str]] = []
