@@ -60,3 +60,34 @@ def test_session_memory_breaks_down_idle_sessions() -> None:
     assert "25 sessions open" in result.stdout
     assert "agentchat.server.session.Session" in result.stdout  # one more per session, by type
     assert "B  agentchat" in result.stdout  # tracemalloc by owner
+
+
+@pytest.mark.slow
+def test_stalls_serves_agentchat_and_reports_when_stopped(tmp_path: Path) -> None:
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.stalls", "--census", "--", "--port", str(port),
+         "--store", f"file://{tmp_path}/data"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, "the server did not start"
+                time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err[-2000:]
+    assert "loop lags over 3 ms" in err and "garbage collections: young" in err

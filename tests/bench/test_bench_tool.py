@@ -16,6 +16,8 @@ from agentchat import crypto
 from bench import cli, report
 from bench.fixture import client_tag, load_or_make, plaintext_of
 from bench.loadgen import client_id_of, socketio_event
+from bench.stalls import Lag, Watch
+from bench.stalls import report as stalls_report
 from bench.stats import Histogram, exact_percentile, latency_summary_ms, ratio
 from bench.workloads import Options, fixture_for, parse_prometheus, persistence_cost, source_addresses, split
 
@@ -221,6 +223,33 @@ def test_long_workloads_get_a_pool_that_lasts_them(tmp_path: Path) -> None:
     assert bigger.per_agent >= 5 * 10 and len(bigger.frames_path(0).read_bytes().split(b"\n")[:-1]) == bigger.per_agent
     assert bigger.agents[0].keys.did == small.agents[0].keys.did  # the same agents, more messages
     assert fixture_for(bigger, options, rate=40, duration=9.0) is bigger  # enough already: unchanged
+
+
+def test_stalls_report_splits_lags_into_work_waiting_and_sleep() -> None:
+    watch = Watch(threshold_ms=3.0)
+    watch.lags = [Lag(1.0, 5.0, 2.0, 1.0), Lag(2.0, 9.0, 9.0, 0.0), Lag(3.0, 4.0, None, None)]
+    for generation, took in ((0, 0.0002), (0, 0.002), (2, 0.03)):
+        watch.gc_count[generation] += 1
+        watch.gc_seconds[generation] += took
+        if took > 0.001:
+            watch.slow_gcs.append((generation, took * 1000))
+    text = stalls_report(watch, 12.0)
+    assert "3 lags, 18 ms in all" in text and "max 9.0 ms" in text
+    assert "ran 11 ms, waited for its core 1 ms and slept 2 ms" in text  # the lag without /proc figures left out
+    assert "young 2 (2 ms), middle 0 (0 ms), full 1 (30 ms)" in text
+    assert "young 1, full 1; longest 30.0 ms" in text
+    assert "none" in stalls_report(Watch(threshold_ms=3.0), 1.0)
+
+
+def test_stalls_watch_counts_collections_and_takes_a_census() -> None:
+    watch = Watch(threshold_ms=3.0, census=True)
+    watch.gc_count[0] = 50
+    keep = [(1, b"x") for _ in range(10)]
+    watch.on_gc("start", {"generation": 0})
+    watch.on_gc("stop", {"generation": 0})
+    assert watch.gc_count[0] == 51 and len(watch.young) == 1
+    assert all(isinstance(name, str) and count > 0 for name, count in watch.young[0])
+    assert keep
 
 
 def test_persistence_cost_from_two_scrapes_of_metrics() -> None:
