@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.stats import exact_percentile
+
 HEARTBEAT_SECONDS = 0.001
 SLOW_GC_SECONDS = 0.001
 CENSUS_AT = (50, 100, 150)  # young collections at which --census looks
@@ -100,18 +102,13 @@ def young_census() -> list[tuple[str, int]]:
     return counts.most_common(12)
 
 
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * share))] if ordered else 0.0
-
-
 def report(watch: Watch, seconds: float) -> str:
     """The summary printed at the end (``seconds``: how long the server ran)."""
     lines = [f"AgentChat ran {seconds:.1f} s; loop lags over {watch.threshold_ms:g} ms:"]
     lags = [lag.late_ms for lag in watch.lags]
     if lags:
-        lines.append(f"  {len(lags)} lags, {sum(lags):.0f} ms in all; p50 {percentile(lags, 0.5):.1f} ms, "
-                     f"p99 {percentile(lags, 0.99):.1f} ms, max {max(lags):.1f} ms")
+        lines.append(f"  {len(lags)} lags, {sum(lags):.0f} ms in all; p50 {exact_percentile(lags, 50):.1f} ms, "
+                     f"p99 {exact_percentile(lags, 99):.1f} ms, max {max(lags):.1f} ms")
         measured = [lag for lag in watch.lags if lag.cpu_ms is not None]
         if measured:
             cpu = sum(lag.cpu_ms or 0.0 for lag in measured)
