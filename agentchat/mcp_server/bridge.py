@@ -84,6 +84,11 @@ def dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+def members_view(meta: dict[str, Any]) -> dict[str, Any]:
+    members = meta["members"]
+    return {"channel": meta["id"], "member_count": len(members), "members": members[:MAX_MEMBERS_SHOWN]}
+
+
 def resource_uri(channel: str) -> str:
     return RESOURCE_PREFIX + channel
 
@@ -242,16 +247,13 @@ class Bridge:
         channel = await self.agent.create_channel(members, name=name)
         self._state(channel)
         meta = await self.agent.channel(channel)
-        return {"channel": channel, "name": meta["name"], "members": meta["members"],
-                "resource": resource_uri(channel)}
+        return {**members_view(meta), "name": meta["name"], "resource": resource_uri(channel)}
 
     async def invite(self, channel: str, did: str) -> dict[str, Any]:
-        meta = await self.agent.add_member(channel, did)
-        return {"channel": channel, "members": meta["members"]}
+        return members_view(await self.agent.add_member(channel, did))
 
     async def remove(self, channel: str, did: str) -> dict[str, Any]:
-        meta = await self.agent.remove_member(channel, did)
-        return {"channel": channel, "members": meta["members"]}
+        return members_view(await self.agent.remove_member(channel, did))
 
     async def leave(self, channel: str) -> dict[str, Any]:
         await self.agent.remove_member(channel, self.agent.did)
@@ -298,12 +300,13 @@ class Bridge:
         for view in views:
             state = self._state(view["channel"])
             state.read_upto = max(state.read_upto, view["seq"])
-        watched = [channel] if channel is not None else sorted(self.channels)
+        # Cursors of the channels this answer is about (an agent may be in a thousand channels).
+        shown = sorted({view["channel"] for view in views} | ({channel} if channel is not None else set()))
         result: dict[str, Any] = {
             "messages": views, "timed_out": not views, "has_more": len(unread) > len(views),
-            "resume": {c: self.channels[c].read_upto for c in watched if c in self.channels},
+            "resume": {c: self.channels[c].read_upto for c in shown if c in self.channels},
             "notice": UNTRUSTED}
-        missed = [c for c in watched if c in self.channels and self.channels[c].overflowed]
+        missed = [c for c in sorted(self.channels) if self.channels[c].overflowed][:MAX_MEMBERS_SHOWN]
         if missed:
             result["missed"] = {c: f"older unread messages: call read_messages(channel, after="
                                    f"{self.channels[c].read_upto})" for c in missed}
@@ -326,8 +329,11 @@ class Bridge:
     async def ledger(self, limit: int) -> dict[str, Any]:
         ledger = await self.agent.ledger()
         entries = ledger.get("entries", [])
+        shown = entries[-limit:]
+        while len(shown) > 1 and len(dumps(shown)) > MAX_OUTPUT_CHARS - 500:
+            shown = shown[1:]  # the newest ones fit
         return {"balance_cents": ledger["balance_cents"], "card": ledger.get("card"),
-                "entries": entries[-limit:], "total_entries": len(entries)}
+                "entries": shown, "total_entries": len(entries)}
 
     # ---------------------------------------------------------------------------- resources
 

@@ -78,7 +78,8 @@ class Subscribers:
 
 def build_server(bridge: Bridge, *, allow_admin_tools: bool = False) -> MCPServer[Any]:
     bus = InMemorySubscriptionBus()
-    server: MCPServer[Any] = MCPServer("agentchat", instructions=INSTRUCTIONS, subscriptions=bus)
+    server: MCPServer[Any] = MCPServer("agentchat", instructions=INSTRUCTIONS, subscriptions=bus,
+                                       log_level="WARNING")
 
     async def call(action: Any) -> str:
         try:

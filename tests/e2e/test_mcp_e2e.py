@@ -194,3 +194,31 @@ async def test_admin_tools_only_with_the_flag(server: ServerProcess, tmp_path: P
             assert (await alice.ok("get_peek_policy"))["policy"] == "refuse"
             is_error, text = await alice.call("set_peek_policy", {"policy": "maybe"})
             assert is_error and "policy" in text
+
+
+async def test_streamable_http_on_loopback(server: ServerProcess, tmp_path: Path) -> None:
+    from mcp import Client
+
+    from tests.e2e.processes import free_port
+
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentchat", "mcp", "--server", server.url, "--key", str(tmp_path / "a.key"),
+        "--name", "alice", "--http", str(port), cwd=str(REPO), stdin=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO))})
+    try:
+        for _ in range(200):
+            try:
+                async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+                    result = await client.call_tool("whoami", {})
+                    break
+            except Exception:
+                if process.returncode is not None:
+                    raise
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("agentchat mcp --http did not answer")
+        assert json.loads(result.content[0].text)["name"] == "alice"  # type: ignore[union-attr]
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 15)
