@@ -111,7 +111,7 @@ async def measure(sessions: int, warmup: int, trace: bool) -> None:
     from agentchat import crypto
     from agentchat.config import load_settings
     from agentchat.server.app import build_app
-    from agentchat.server.keys import METRICS, TOKENS
+    from agentchat.server.appkeys import METRICS, TOKENS
     from agentchat.server.websocket import AgentChatRunner
 
     with tempfile.TemporaryDirectory() as data:

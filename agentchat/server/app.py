@@ -28,7 +28,7 @@ from agentchat.server import ws
 from agentchat.server.api import agents, channels, indicators, peeks
 from agentchat.server.http import bearer_token, error_middleware, json_response
 from agentchat.server.hub import SEQ_RESEED_GAP, Hub
-from agentchat.server.keys import (BUS, HISTORY, HUB, METRICS, OPENING, RECORDS, SESSIONS, SETTINGS, STORE,
+from agentchat.server.appkeys import (BUS, HISTORY, HUB, METRICS, OPENING, RECORDS, SESSIONS, SETTINGS, STORE,
                                    TOKENS, WRITER)
 from agentchat.server.metrics import Metrics
 from agentchat.server.tokens import TokenIssuer

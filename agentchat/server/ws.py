@@ -21,7 +21,7 @@ from agentchat.core.websocket import text_frame
 from agentchat.core.ratelimit import TokenBucket
 from agentchat.errors import AgentChatError, error
 from agentchat.server.hub import Hub
-from agentchat.server.keys import HUB, INDICATORS, METRICS, OPENING, PEEKS, RECORDS, SESSIONS, SETTINGS, TOKENS
+from agentchat.server.appkeys import HUB, INDICATORS, METRICS, OPENING, PEEKS, RECORDS, SESSIONS, SETTINGS, TOKENS
 from agentchat.server.session import CLOSE_AUTH, CLOSE_GOING_AWAY, CLOSE_POLICY, Session, SessionSocket
 from agentchat.server.tokens import Principal
 from agentchat.server.websocket import upgrade_within_aiohttp

@@ -18,7 +18,7 @@ from agentchat.core.ratelimit import TokenBucket
 from agentchat.errors import AgentChatError, error
 from agentchat.server.http import json_response, query_int, rate_limit
 from agentchat.server.indicators import IndicatorService, peeks_from
-from agentchat.server.keys import BUS, HUB, INDICATORS, METRICS, PEEKS, RECORDS, SESSIONS, SETTINGS, STORE
+from agentchat.server.appkeys import BUS, HUB, INDICATORS, METRICS, PEEKS, RECORDS, SESSIONS, SETTINGS, STORE
 from agentchat.server.session import CLOSE_GOING_AWAY, CLOSE_POLICY, Session, SessionSocket
 from agentchat.server.tokens import Principal
 from agentchat.server.websocket import upgrade_within_aiohttp

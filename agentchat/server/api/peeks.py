@@ -27,7 +27,7 @@ from agentchat.payments import provider_from_settings
 from agentchat.payments.ledger import LedgerStore
 from agentchat.server.http import (agent_did, bearer_token, json_response, principal, rate_limit, read_json,
                                    require_str)
-from agentchat.server.keys import BUS, HUB, LEDGER, PAYMENTS, PEEKS, RECORDS, SETTINGS, STORE, TOKENS
+from agentchat.server.appkeys import BUS, HUB, LEDGER, PAYMENTS, PEEKS, RECORDS, SETTINGS, STORE, TOKENS
 from agentchat.server.peeks import PeekService, peek_view
 from agentchat.server.tokens import Principal
 

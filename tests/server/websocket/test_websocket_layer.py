@@ -30,7 +30,7 @@ from agentchat.core.websocket import accept_key
 from agentchat.server import websocket as websocket_module
 from agentchat.server import ws as ws_module
 from agentchat.server.app import build_app
-from agentchat.server.keys import SESSIONS
+from agentchat.server.appkeys import SESSIONS
 from agentchat.server.session import Session
 from tests.conftest import RestAgent
 from tests.server.test_rest import create_channel, envelope
