@@ -7,6 +7,10 @@ commit → ``ack_to.acked(ack_note, seq)`` once the batch holding it is stored.
 Bus topics: ``c:<channel>`` carries messages, ``e:<channel>`` channel events (membership, epoch),
 ``a:<did>`` events for one agent (added to a channel). A process subscribes to a channel's topics while
 it has a room for it (a local reader, or a send in the last ``ROOM_IDLE_SECONDS``).
+
+Listeners (``HubListener``, registered in ``app.py`` with ``Hub.add_listener``): the peek service
+(``server/peeks.py``) reads the ``p:`` topics and says which peek tokens may read their channel now; the
+indicator service (``server/indicators.py``) reads the ``i:`` topics and hears of new channels.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import orjson
@@ -63,6 +66,39 @@ class AckTarget(Protocol):
 
 
 StoredClaim = tuple[str, int, AckTarget, bytes]  # (claim, seq, ack_to, ack_note)
+
+
+class HubListener(Protocol):
+    """A service the hub tells what it sees (``Hub.add_listener``). ``HubListenerBase`` gives
+    do-nothing defaults, so a listener writes only the methods it needs."""
+
+    # The two-character kind of the bus topics it reads (``bus_keys.PEEKS``, ...), "" for none.
+    bus_kind: str
+
+    def on_bus_message(self, topic: str, body: bytes) -> None:
+        """A message on one of its topics (``topic`` without the kind); called from the bus's reader,
+        so it must not block."""
+
+    async def on_channel_created(self, channel: str) -> None:
+        """A channel was just created through this process."""
+
+    def peek_readable(self, peek_id: str) -> bool:
+        """Whether the token of peek ``peek_id`` may read its channel now (any listener may allow it)."""
+
+
+class HubListenerBase:
+    """Do-nothing defaults of every ``HubListener`` method."""
+
+    bus_kind = ""
+
+    def on_bus_message(self, topic: str, body: bytes) -> None:
+        pass
+
+    async def on_channel_created(self, channel: str) -> None:
+        pass
+
+    def peek_readable(self, peek_id: str) -> bool:
+        return False
 
 
 def _claim_sender(done: StoredClaim) -> str:
@@ -144,15 +180,26 @@ class Hub:
         self._probes: dict[tuple[str, int], float] = {}  # sampled sends awaiting local fan-out
         self._claims_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        # Set by the peek service (server/peeks.py): whether a peek token may read its channel now
-        # (only while the peek is active), and the handler of the peeks' bus topics ("p:...").
-        self.peek_readable: Callable[[str], bool] = lambda peek_id: False
-        self.on_peek_message: Callable[[str, bytes], None] | None = None
+        self._listeners: list[HubListener] = []
+        self._listener_of_kind: dict[str, HubListener] = {}  # bus topic kind -> the listener reading it
         # Messages sequenced here per (channel, second of their ``ts``) since the indicators last took
-        # them (server/indicators.py), and the handler of the indicators' bus topics ("i:...").
+        # them (server/indicators.py).
         self.sequenced: dict[tuple[str, int], int] = {}
-        self.on_indicators: Callable[[str, bytes], None] | None = None
-        self.on_channel_created: Callable[[str], Awaitable[None]] | None = None
+
+    def add_listener(self, listener: HubListener) -> None:
+        """Tell ``listener`` from now on what ``HubListener`` lists (one listener per bus topic kind)."""
+        kind = listener.bus_kind
+        if kind:
+            if kind in (bus_keys.MESSAGES, bus_keys.CHANNEL_EVENTS, bus_keys.AGENT_EVENTS) \
+                    or kind in self._listener_of_kind:
+                raise ValueError(f"bus topic kind {kind!r} already has a reader")
+            self._listener_of_kind[kind] = listener
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: HubListener) -> None:
+        self._listeners.remove(listener)
+        if self._listener_of_kind.get(listener.bus_kind) is listener:
+            del self._listener_of_kind[listener.bus_kind]
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -229,10 +276,10 @@ class Hub:
             asyncio.get_running_loop().create_task(self._on_channel_event(rest, orjson.loads(body)))
         elif kind == bus_keys.AGENT_EVENTS:
             asyncio.get_running_loop().create_task(self._on_agent_event(rest, orjson.loads(body)))
-        elif kind == bus_keys.PEEKS and self.on_peek_message is not None:
-            self.on_peek_message(rest, body)
-        elif kind == bus_keys.INDICATORS and self.on_indicators is not None:
-            self.on_indicators(rest, body)
+        else:
+            listener = self._listener_of_kind.get(kind)
+            if listener is not None:
+                listener.on_bus_message(rest, body)
 
     def _on_bus_reconnect(self) -> None:
         # Messages published while the bus was away were not delivered here: every local reader
@@ -329,7 +376,8 @@ class Hub:
         principal = getattr(session_or_principal, "principal", session_or_principal)
         if principal.is_agent:
             return principal.subject in room.members
-        return principal.channel == room.id and self.peek_readable(principal.subject)
+        return principal.channel == room.id and any(listener.peek_readable(principal.subject)
+                                                    for listener in self._listeners)
 
     async def attach(self, session: Session, channel: str, resume_after: int | None, *,
                      defer_catch_up: bool = False) -> None:
@@ -543,8 +591,8 @@ class Hub:
 
     async def seed_new_channel(self, channel: str) -> None:
         await self.bus.seed_sequence(bus_keys.sequence_counter(channel), 0)
-        if self.on_channel_created is not None:
-            await self.on_channel_created(channel)
+        for listener in list(self._listeners):
+            await listener.on_channel_created(channel)
 
     async def _claims_loop(self) -> None:
         while True:

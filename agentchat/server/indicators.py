@@ -50,7 +50,7 @@ from agentchat.core.indicators import (ChannelIndicators, IndicatorBook, Report,
                                        Throttle, agent_tag, coarse_minute_ms, group_by_channel, merge_counts,
                                        sort_indicators)
 from agentchat.errors import AgentChatError, error
-from agentchat.server.hub import Hub
+from agentchat.server.hub import Hub, HubListenerBase
 from agentchat.server.session import Session
 from agentchat.store import keys as store_keys
 from agentchat.store.base import ObjectStore
@@ -103,7 +103,9 @@ def indicators_frame(items: Iterable[ChannelIndicators], ref: str | None = None,
     return frames.encode(frame)
 
 
-class IndicatorService:
+class IndicatorService(HubListenerBase):
+    bus_kind = bus_keys.INDICATORS
+
     def __init__(self, *, bus: Bus, hub: Hub, records: Records, store: ObjectStore,
                  clock: Callable[[], float] = time.time) -> None:
         self.bus = bus
@@ -143,8 +145,6 @@ class IndicatorService:
     # ------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self.hub.on_indicators = self._on_bus
-        self.hub.on_channel_created = self.channel_created
         await self.bus.subscribe(bus_keys.INDICATOR_REPORTS)
         self._spawn(self._flush_loop(), "indicators-flush")
         self._spawn(self._catalog_loop(), "indicators-catalog")
@@ -247,8 +247,8 @@ class IndicatorService:
         if await self.bus.set_if_absent(bus_keys.indicator_counter(channel), fresh.to_bytes(), COUNTER_TTL) is None:
             self._start_recount(channel, since)
 
-    async def channel_created(self, channel: str) -> None:
-        """A channel was just created here: its counter starts now, with nothing to recount, and every
+    async def on_channel_created(self, channel: str) -> None:
+        """``HubListener``: a channel was just created here: its counter starts now, with nothing to recount, and every
         process hears of it in the next report (it shows in the lists at once)."""
         fresh = SharedCount(since=int(self.clock()) - CLOCK_SKEW_SECONDS, counted=True)
         try:
@@ -491,8 +491,8 @@ class IndicatorService:
 
     # ------------------------------------------------------------------------------ live updates
 
-    def _on_bus(self, topic: str, body: bytes) -> None:
-        """Called by the hub for ``i:...`` topics, from the bus reader: must not block."""
+    def on_bus_message(self, topic: str, body: bytes) -> None:
+        """``HubListener``: a message on an ``i:...`` topic, from the bus reader: must not block."""
         try:
             report = Report.from_bytes(body)
         except ValueError as exc:

@@ -60,7 +60,7 @@ from agentchat.core.peek import Cancel as CancelPeek
 from agentchat.errors import AgentChatError, error
 from agentchat.payments.base import Card, Hold, HoldState, PaymentProvider
 from agentchat.payments.ledger import LedgerStore
-from agentchat.server.hub import Hub
+from agentchat.server.hub import Hub, HubListenerBase
 from agentchat.server.session import CLOSE_REMOVED, Session
 from agentchat.server.tokens import Principal
 from agentchat.store import keys as store_keys
@@ -144,7 +144,9 @@ def grant_frame(grant: dict[str, Any]) -> bytes:
 # --- the service -------------------------------------------------------------------------------------
 
 
-class PeekService:
+class PeekService(HubListenerBase):
+    bus_kind = bus_keys.PEEKS
+
     def __init__(self, *, settings: Settings, store: ObjectStore, bus: Bus, hub: Hub, records: Records,
                  payments: PaymentProvider, ledger: LedgerStore, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -171,8 +173,6 @@ class PeekService:
     # ------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self.hub.peek_readable = self.readable
-        self.hub.on_peek_message = self._on_bus
         await self.bus.subscribe(bus_keys.PEEK_STATE)
         await self.bus.subscribe(bus_keys.PEEK_GRANT)
         try:
@@ -219,8 +219,8 @@ class PeekService:
             raise error("peek_not_found", f"no peek {peek_id}")
         return Peek.from_bytes(found.data)
 
-    def readable(self, peek_id: str) -> bool:
-        """Whether a peek token may read its channel now: only while its peek is active."""
+    def peek_readable(self, peek_id: str) -> bool:
+        """``HubListener``: whether a peek token may read its channel now: only while its peek is active."""
         peek = self.known.get(peek_id)
         return peek is not None and peek.state is PeekState.ACTIVE
 
@@ -768,8 +768,8 @@ class PeekService:
         except AgentChatError as exc:  # other processes catch up at their next scan
             log.warning("could not publish on %s: %r", topic, exc)
 
-    def _on_bus(self, topic: str, body: bytes) -> None:
-        """Called by the hub for ``p:...`` topics, from the bus reader: must not block."""
+    def on_bus_message(self, topic: str, body: bytes) -> None:
+        """``HubListener``: a message on a ``p:...`` topic, from the bus reader: must not block."""
         try:
             if topic == bus_keys.PEEK_STATE[bus_keys.KIND_LENGTH:]:
                 self._observe(Peek.from_bytes(body))
