@@ -24,7 +24,7 @@ from agentchat import web as webpage
 from agentchat.bus import bus_from_url
 from agentchat.config import Settings
 from agentchat.errors import AgentChatError, error
-from agentchat.server import ws
+from agentchat.server import agent_socket
 from agentchat.server.api import agents, channels, indicators, peeks
 from agentchat.server.http import bearer_token, error_middleware, json_response
 from agentchat.server.hub import SEQ_RESEED_GAP, Hub
@@ -36,7 +36,7 @@ from agentchat.server.indicators import IndicatorService, peeks_from
 from agentchat.server.peeks import PeekService
 from agentchat.server.metrics import Metrics
 from agentchat.server.tokens import TokenIssuer
-from agentchat.server.websocket import WEBSOCKET_ROUTES, AgentChatRunner
+from agentchat.server.connections import WEBSOCKET_ROUTES, AgentChatRunner
 from agentchat.store import keys as store_keys
 from agentchat.store import store_from_url
 from agentchat.store.base import ObjectStore
@@ -215,7 +215,7 @@ async def on_shutdown(app: web.Application) -> None:
     # retryable store_unavailable meanwhile), then close the sockets with 1001.
     await app[WRITER].close()
     await app[HUB].flush_claims()
-    await ws.close_all_sessions(app)
+    await agent_socket.close_all_sessions(app)
 
 
 def build_app(settings: Settings) -> web.Application:
@@ -224,18 +224,18 @@ def build_app(settings: Settings) -> web.Application:
     app[METRICS] = Metrics()
     app[SESSIONS] = set()
     app[OPENING] = set()
-    # Served straight from the listening socket (server/websocket.py); the aiohttp route below takes the
+    # Served straight from the listening socket (server/connections.py); the aiohttp route below takes the
     # upgrades that reach it anyway.
-    app[WEBSOCKET_ROUTES] = {"/api/v1/ws": ws.AgentSocket}
+    app[WEBSOCKET_ROUTES] = {"/api/v1/ws": agent_socket.AgentSocket}
     app.cleanup_ctx.append(backends_ctx)
     app.cleanup_ctx.append(peeks_ctx)
     app.cleanup_ctx.append(indicators_ctx)
-    app.cleanup_ctx.append(ws.heartbeat_ctx)
+    app.cleanup_ctx.append(agent_socket.heartbeat_ctx)
     app.on_shutdown.append(on_shutdown)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/api/v1/openapi.json", openapi)
-    app.router.add_get("/api/v1/ws", ws.websocket)
+    app.router.add_get("/api/v1/ws", agent_socket.websocket)
     app.router.add_routes(agents.routes)
     app.router.add_routes(channels.routes)
     app.router.add_routes(peeks.routes)

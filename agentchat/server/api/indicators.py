@@ -19,8 +19,8 @@ from agentchat.server.http import json_response, query_int, rate_limit
 from agentchat.server.appkeys import INDICATORS, METRICS, SESSIONS, SETTINGS
 from agentchat.server.session import CLOSE_GOING_AWAY, CLOSE_POLICY, Session, SessionSocket
 from agentchat.server.tokens import Principal
-from agentchat.server.websocket import upgrade_within_aiohttp
-from agentchat.server.ws import _guess_ref as guess_ref
+from agentchat.server.connections import upgrade_within_aiohttp
+from agentchat.server.agent_socket import _guess_ref as guess_ref
 
 routes = web.RouteTableDef()
 
@@ -65,7 +65,7 @@ class IndicatorsSocket(SessionSocket):
 
     def opened(self) -> None:
         session = self.session = Session(self, PUBLIC, self.app[SETTINGS].limits.send_queue_max, self.app[METRICS])
-        session.silent_ticks = 0  # the heartbeat of server/ws.py watches it
+        session.silent_ticks = 0  # the heartbeat of server/agent_socket.py watches it
         self.app[SESSIONS].add(session)
 
     def lost(self) -> None:
