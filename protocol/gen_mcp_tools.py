@@ -20,7 +20,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from agentchat import crypto  # noqa: E402
 from agentchat.client import Agent  # noqa: E402
-from agentchat.mcp_server.bridge import RESOURCE_PREFIX, Bridge  # noqa: E402
+from agentchat.mcp_server.bridge import LOCAL_CODES, RESOURCE_PREFIX, Bridge  # noqa: E402
 from agentchat.mcp_server.server import build_server, tools_spec  # noqa: E402
 
 TARGET = HERE / "mcp-tools.json"
@@ -43,6 +43,11 @@ def render() -> str:
         "server_name": "agentchat",
         "resources": {"uri_template": RESOURCE_PREFIX + "{channel}", "mime_type": "application/json",
                       "subscribe": True},
+        "errors": {"format": "a tool result with isError true and the text 'Error executing tool NAME: CODE: "
+                             "what happened. What to do.', CODE being a server error code (errors.md) or one "
+                             "of 'local_codes'; arguments that do not match inputSchema are refused by the "
+                             "MCP SDK with a message naming the argument",
+                   "local_codes": LOCAL_CODES},
         "tools": default,
         "admin_tools": [tool for tool in everything if tool["name"] not in names],
     }

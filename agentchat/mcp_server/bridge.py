@@ -53,6 +53,12 @@ HINTS = {
                    "call again: the session resumes by itself.",
 }
 RETRY_HINT = "This is temporary; wait a few seconds and call again."
+# Codes a tool error may carry besides the server's own (protocol/errors.md).
+LOCAL_CODES = {
+    "invalid_argument": "The arguments do not fit together (for example both or neither of text and data).",
+    "unreachable": "The AgentChat server did not answer; the session reconnects by itself.",
+    "crypto_error": "A message failed its signature check or could not be decrypted.",
+}
 
 
 class ToolFailure(Exception):
