@@ -130,6 +130,7 @@ async def test_an_llm_agent_talks_to_an_sdk_agent_through_mcp(server: ServerProc
                 pytest.fail(f"no resources/updated notification: {alice.notifications}")
             content = json.loads((await alice.session.read_resource(uri)).contents[0].text)  # type: ignore[union-attr]
             assert content["messages"][-1]["untrusted_content"] == "one more thing"
+            assert (await alice.ok("list_channels"))["channels"][0]["unread"] == 1  # not read by a tool yet
 
             # Errors an LLM can act on: a channel it is not in, an argument out of range.
             outsider = await Agent(server.url, crypto.AgentKeys.generate()).__aenter__()
