@@ -197,7 +197,8 @@ async def test_admin_tools_only_with_the_flag(server: ServerProcess, tmp_path: P
             assert is_error and "policy" in text
 
 
-async def test_streamable_http_on_loopback(server: ServerProcess, tmp_path: Path) -> None:
+async def test_streamable_http_on_loopback_with_listen_subscriptions(server: ServerProcess, tmp_path: Path) -> None:
+    """A 2026 client over streamable HTTP: tools, and resource updates on a subscriptions/listen stream."""
     from mcp import Client
 
     from tests.e2e.processes import free_port
@@ -208,18 +209,30 @@ async def test_streamable_http_on_loopback(server: ServerProcess, tmp_path: Path
         "--name", "alice", "--http", str(port), cwd=str(REPO), stdin=asyncio.subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO))})
     try:
-        for _ in range(200):
-            try:
-                async with Client(f"http://127.0.0.1:{port}/mcp") as client:
-                    result = await client.call_tool("whoami", {})
+        async with Agent(server.url, crypto.AgentKeys.generate()) as bob:
+            await bob.register("bob")
+            for _ in range(200):
+                try:
+                    async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+                        await client.call_tool("whoami", {})
                     break
-            except Exception:
-                if process.returncode is not None:
-                    raise
-                await asyncio.sleep(0.1)
-        else:
-            pytest.fail("agentchat mcp --http did not answer")
-        assert json.loads(result.content[0].text)["name"] == "alice"  # type: ignore[union-attr]
+                except Exception:
+                    if process.returncode is not None:
+                        raise
+                    await asyncio.sleep(0.1)
+            else:
+                pytest.fail("agentchat mcp --http did not answer")
+            async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+                result = await client.call_tool("create_channel", {"members": [bob.did], "name": "http"})
+                channel = json.loads(result.content[0].text)["channel"]  # type: ignore[union-attr]
+                uri = f"agentchat://channels/{channel}"
+                async with client.listen(resource_subscriptions=[uri]) as subscription:
+                    await bob.send(channel, "over http")
+                    event = await asyncio.wait_for(anext(aiter(subscription)), 15)
+                    assert getattr(event, "uri", None) == uri, event
+                result = await client.call_tool("read_messages", {"channel": channel})
+                [message] = json.loads(result.content[0].text)["messages"]  # type: ignore[union-attr]
+                assert (message["sender_name"], message["untrusted_content"]) == ("bob", "over http")
     finally:
         process.terminate()
         await asyncio.wait_for(process.wait(), 15)
