@@ -13,9 +13,8 @@ import contextlib
 import datetime
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -110,6 +109,17 @@ class ChannelState:
         return [m for m in self.live if m.seq > self.read_upto]
 
 
+class BridgeListener(Protocol):
+    """Told what changed, to notify MCP clients (``server.py``: resource subscribers). Called on the
+    bridge's task; an exception is logged and does not stop the bridge."""
+
+    async def channel_updated(self, channel: str) -> None:
+        """A message was stored in ``channel`` (its history resource changed)."""
+
+    async def channels_changed(self) -> None:
+        """This agent joined or left a channel (the list of resources changed)."""
+
+
 class Bridge:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
@@ -117,10 +127,10 @@ class Bridge:
         self._names: dict[str, str] = {}
         self._arrival = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        # Called with a channel id when its history changed (resources/updated notifications).
-        self.on_update: Callable[[str], Awaitable[None]] | None = None
-        # Called when the agent joins or leaves a channel (resources/list_changed).
-        self.on_channels_changed: Callable[[], Awaitable[None]] | None = None
+        self._listeners: list[BridgeListener] = []
+
+    def add_listener(self, listener: BridgeListener) -> None:
+        self._listeners.append(listener)
 
     # ---------------------------------------------------------------------------- lifecycle
 
@@ -163,9 +173,9 @@ class Bridge:
         self._arrival = asyncio.Event()
 
     async def _updated(self, channel: str) -> None:
-        if self.on_update is not None:
+        for listener in self._listeners:
             try:
-                await self.on_update(channel)
+                await listener.channel_updated(channel)
             except Exception as exc:  # a client gone away must not stop the pump
                 log.info("resource update for %s not sent: %r", channel, exc)
 
@@ -178,9 +188,11 @@ class Bridge:
                 self._state(event["channel"])
             else:
                 self.channels.pop(event["channel"], None)
-            if self.on_channels_changed is not None:
-                with contextlib.suppress(Exception):
-                    await self.on_channels_changed()
+            for listener in self._listeners:
+                try:
+                    await listener.channels_changed()
+                except Exception as exc:
+                    log.info("resource list change not sent: %r", exc)
 
     # ---------------------------------------------------------------------------- views
 

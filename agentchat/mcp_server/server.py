@@ -45,7 +45,7 @@ WRITES = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_worl
 DESTRUCTIVE = ToolAnnotations(read_only_hint=False, destructive_hint=True, open_world_hint=True)
 
 
-class Subscribers:
+class Subscribers:  # a BridgeListener
     """Who asked for ``notifications/resources/updated``: clients on 2025-era protocol versions
     subscribe per URI with ``resources/subscribe`` (one ``ServerSession`` each); 2026 clients listen
     through the SDK's subscription bus."""
@@ -62,7 +62,7 @@ class Subscribers:
         self.sessions.get(str(params.uri), set()).discard(ctx.session)
         return EmptyResult()
 
-    async def updated(self, channel: str) -> None:
+    async def channel_updated(self, channel: str) -> None:
         uri = resource_uri(channel)
         await self.bus.publish(ResourceUpdated(uri=uri))
         for session in list(self.sessions.get(uri, ())):
@@ -72,7 +72,7 @@ class Subscribers:
                 log.info("dropping a resource subscriber: %r", exc)
                 self.sessions[uri].discard(session)
 
-    async def list_changed(self) -> None:
+    async def channels_changed(self) -> None:
         await self.bus.publish(ResourcesListChanged())
 
 
@@ -173,8 +173,7 @@ def build_server(bridge: Bridge, *, allow_admin_tools: bool = False) -> MCPServe
             raise ResourceError(str(explain(exc))) from None
 
     subscribers = Subscribers(bus)
-    bridge.on_update = subscribers.updated
-    bridge.on_channels_changed = subscribers.list_changed
+    bridge.add_listener(subscribers)
 
     async def list_resources(ctx: ServerRequestContext[Any], params: PaginatedRequestParams) -> ListResourcesResult:
         return ListResourcesResult(resources=[
