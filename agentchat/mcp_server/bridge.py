@@ -13,9 +13,11 @@ import contextlib
 import datetime
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import aiohttp
 import orjson
 
 from agentchat import crypto
@@ -78,11 +80,16 @@ def explain(exc: Exception) -> ToolFailure:
         hint = HINTS.get(exc.code) or (RETRY_HINT if exc.retryable else "")
         detail = exc.message.rstrip(".")
         return ToolFailure(exc.code, f"{detail}. {hint}".strip() if detail else hint)
-    if isinstance(exc, (OSError, asyncio.TimeoutError)):
+    if isinstance(exc, UNREACHABLE):
         return ToolFailure("unreachable", HINTS["unreachable"])
     if isinstance(exc, crypto.CryptoError):
         return ToolFailure("crypto_error", f"{exc}. The message cannot be verified or decrypted; skip it.")
     raise exc
+
+
+# What a request to a server that is down or restarting raises.
+UNREACHABLE = (OSError, asyncio.TimeoutError, aiohttp.ClientError)
+RETRY_MAX_DELAY = 10.0
 
 
 def dumps(value: Any) -> str:
@@ -134,12 +141,37 @@ class Bridge:
 
     # ---------------------------------------------------------------------------- lifecycle
 
-    async def start(self) -> None:
+    async def start(self, sign_in: Callable[[], Awaitable[None]]) -> None:
+        """Sign in (``sign_in``: log in, or register on the first run), open the socket and follow it.
+        If the server cannot be reached, keep trying in the background and serve meanwhile: the tools
+        answer ``unreachable`` until it is back. Other errors (a key the server does not know) raise."""
+        try:
+            await self._bring_up(sign_in)
+        except UNREACHABLE as exc:
+            log.warning("%s cannot be reached (%r); trying again in the background", self.agent.server, exc)
+            self._tasks.append(asyncio.create_task(self._retry(sign_in), name="mcp-bring-up"))
+
+    async def _bring_up(self, sign_in: Callable[[], Awaitable[None]]) -> None:
+        await sign_in()
         await self.agent.connect()
         for channel in await self.agent.channels():
             self._state(channel["id"])
-        self._tasks = [asyncio.create_task(self._pump(), name="mcp-messages"),
-                       asyncio.create_task(self._watch_events(), name="mcp-events")]
+        self._tasks += [asyncio.create_task(self._pump(), name="mcp-messages"),
+                        asyncio.create_task(self._watch_events(), name="mcp-events")]
+
+    async def _retry(self, sign_in: Callable[[], Awaitable[None]]) -> None:
+        delay = 0.5
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._bring_up(sign_in)
+                log.warning("%s reached: signed in and listening", self.agent.server)
+                return
+            except UNREACHABLE:
+                delay = min(delay * 2, RETRY_MAX_DELAY)
+            except Exception:
+                log.exception("cannot sign in to %s; the tools will fail", self.agent.server)
+                return
 
     async def close(self) -> None:
         for task in self._tasks:

@@ -93,12 +93,8 @@ async def serve(args: argparse.Namespace) -> int:
 
     keys, created = load_or_create_keys(args.key, args.name)
     async with Agent(args.server, keys, peek_policy=not args.refuse_peeks) as agent:
-        try:
-            await sign_in(agent, created, args.name)
-            bridge = Bridge(agent)
-            await bridge.start()
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise SetupError(f"cannot reach {args.server}: {exc!r}") from None
+        bridge = Bridge(agent)
+        await bridge.start(lambda: sign_in(agent, created, args.name))
         server = build_server(bridge, allow_admin_tools=args.allow_admin_tools)
         try:
             if args.http:

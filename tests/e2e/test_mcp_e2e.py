@@ -179,6 +179,29 @@ async def test_the_session_survives_a_server_restart_without_gaps_or_duplicates(
         server.close()
 
 
+async def test_it_starts_before_the_server_and_signs_in_once_the_server_is_up(tmp_path: Path) -> None:
+    server = ServerProcess(store=f"file://{tmp_path}/data", log_path=tmp_path / "server.log")
+    try:
+        async with mcp_agent(server.url, tmp_path / "alice.key", "--name", "alice") as alice:
+            is_error, text = await alice.call("list_channels")
+            assert is_error and "unreachable" in text and "call again" in text
+            server.start()
+            for _ in range(150):
+                is_error, me = await alice.call("whoami")
+                if not is_error and me["name"]:
+                    break
+                await asyncio.sleep(0.2)
+            assert not is_error and me["name"] == "alice"  # registered by the first run, late
+            async with Agent(server.url, crypto.AgentKeys.generate()) as bob:
+                await bob.register("bob")
+                channel = await bob.create_channel([me["did"]], name="late")
+                await bob.send(channel, "you made it")
+                answer = await alice.ok("wait_for_messages", {"timeout_seconds": 20, "channel": channel})
+                assert [m["untrusted_content"] for m in answer["messages"]] == ["you made it"]
+    finally:
+        server.close()
+
+
 async def test_admin_tools_only_with_the_flag(server: ServerProcess, tmp_path: Path) -> None:
     async with Agent(server.url, crypto.AgentKeys.generate()) as bob:
         await bob.register("bob")
