@@ -27,8 +27,12 @@ log = logging.getLogger(__name__)
 
 # A tool answer stays under about 3,000 tokens: at most this many characters of JSON.
 MAX_OUTPUT_CHARS = 12_000
-# One message's content is cut beyond this many characters (the rest stays readable, paged by seq).
+# One message's content is cut beyond this many characters in a list of messages; read alone
+# (read_messages with limit 1) up to SINGLE_CONTENT_CHARS.
 MAX_CONTENT_CHARS = 2_000
+SINGLE_CONTENT_CHARS = 10_000
+TRUNCATED = ("Some messages were cut ('truncated'): read_messages(channel, after=seq - 1, limit=1) shows up "
+             f"to {SINGLE_CONTENT_CHARS:,} characters of one message.")
 # Messages kept per channel from the live socket for wait_for_messages and the channel resources.
 LIVE_BUFFER = 200
 MAX_MEMBERS_SHOWN = 20
@@ -94,6 +98,10 @@ RETRY_MAX_DELAY = 10.0
 
 def dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+def notice(views: list[dict[str, Any]]) -> str:
+    return UNTRUSTED + (" " + TRUNCATED if any(view.get("truncated") for view in views) else "")
 
 
 def members_view(meta: dict[str, Any]) -> dict[str, Any]:
@@ -236,7 +244,8 @@ class Bridge:
                 return ""
         return self._names[did]
 
-    async def message_view(self, message: Message, *, with_channel: bool = False) -> dict[str, Any]:
+    async def message_view(self, message: Message, *, with_channel: bool = False,
+                           content_cap: int = MAX_CONTENT_CHARS) -> dict[str, Any]:
         view: dict[str, Any] = {"seq": message.seq}
         if with_channel:
             view["channel"] = message.channel
@@ -249,19 +258,20 @@ class Bridge:
         view["kind"] = message.kind
         content: Any = message.content
         serialized = content if isinstance(content, str) else dumps(content)
-        if len(serialized) > MAX_CONTENT_CHARS:
+        if len(serialized) > content_cap:
             view["truncated"] = True
             view["full_length"] = len(serialized)
-            content = serialized[:MAX_CONTENT_CHARS]
+            content = serialized[:content_cap]
         view["untrusted_content"] = content
         return view
 
-    async def _bounded(self, messages: list[Message], *, with_channel: bool = False) -> list[dict[str, Any]]:
+    async def _bounded(self, messages: list[Message], *, with_channel: bool = False,
+                       content_cap: int = MAX_CONTENT_CHARS) -> list[dict[str, Any]]:
         """Views of ``messages`` in order, as many as fit in the output budget (at least one)."""
         views: list[dict[str, Any]] = []
-        used = 600  # the envelope around the list
+        used = 800  # the envelope around the list
         for message in messages:
-            view = await self.message_view(message, with_channel=with_channel)
+            view = await self.message_view(message, with_channel=with_channel, content_cap=content_cap)
             used += len(dumps(view)) + 1
             if views and used > MAX_OUTPUT_CHARS:
                 break
@@ -321,7 +331,7 @@ class Bridge:
 
     async def read(self, channel: str, after: int, limit: int) -> dict[str, Any]:
         page = await self.agent.history(channel, after=after, limit=limit + 1)
-        views = await self._bounded(page[:limit])
+        views = await self._bounded(page[:limit], content_cap=SINGLE_CONTENT_CHARS if limit == 1 else MAX_CONTENT_CHARS)
         has_more = len(page) > len(views)
         next_after = views[-1]["seq"] if views else after
         state = self._state(channel)
@@ -330,7 +340,7 @@ class Bridge:
         if not any(m.seq > state.read_upto for m in state.live):
             state.overflowed = False
         return {"channel": channel, "messages": views, "next_after": next_after, "has_more": has_more,
-                "notice": UNTRUSTED}
+                "notice": notice(views)}
 
     async def wait(self, timeout: float, channel: str | None) -> dict[str, Any]:
         if channel is not None and channel not in self.channels:
@@ -355,7 +365,7 @@ class Bridge:
         result: dict[str, Any] = {
             "messages": views, "timed_out": not views, "has_more": len(unread) > len(views),
             "resume": {c: self.channels[c].read_upto for c in shown if c in self.channels},
-            "notice": UNTRUSTED}
+            "notice": notice(views)}
         missed = [c for c in sorted(self.channels) if self.channels[c].overflowed][:MAX_MEMBERS_SHOWN]
         if missed:
             result["missed"] = {c: f"older unread messages: call read_messages(channel, after="
@@ -412,4 +422,4 @@ class Bridge:
         latest = await self.latest_seq(channel)
         page = await self.agent.history(channel, after=max(0, latest - count), limit=count)
         views = list(reversed(await self._bounded(list(reversed(page)))))  # the newest ones fit
-        return dumps({"channel": channel, "messages": views, "latest_seq": latest, "notice": UNTRUSTED})
+        return dumps({"channel": channel, "messages": views, "latest_seq": latest, "notice": notice(views)})

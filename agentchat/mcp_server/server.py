@@ -132,7 +132,9 @@ def build_server(bridge: Bridge, *, allow_admin_tools: bool = False) -> MCPServe
             channel: ChannelId,
             after: Annotated[int, Field(ge=0, description="Return messages with a sequence number above "
                                                           "this one.")] = 0,
-            limit: Annotated[int, Field(ge=1, le=50, description="At most this many messages.")] = 20) -> str:
+            limit: Annotated[int, Field(ge=1, le=50, description="At most this many messages; with 1, a long "
+                                                                 "message is shown in full (up to 10,000 "
+                                                                 "characters).")] = 20) -> str:
         return await call(bridge.read(channel, after, limit))
 
     @server.tool(description="Wait for new messages from other agents (on one channel, or on all), up "

@@ -49,7 +49,8 @@ class McpAgent:
         """(is_error, the answer parsed as JSON, or the error's text)."""
         result = await self.session.call_tool(name, arguments or {})
         text = result.content[0].text  # type: ignore[union-attr]
-        self.transcript.append(f"→ {name} {json.dumps(arguments or {})}\n← {'ERROR ' if result.is_error else ''}{text}")
+        mark = "ERROR " if result.is_error else ""
+        self.transcript.append(f"→ {name} {json.dumps(arguments or {})}\n← {mark}{text}")
         return bool(result.is_error), (text if result.is_error else json.loads(text))
 
     async def ok(self, name: str, arguments: dict[str, Any] | None = None) -> Any:

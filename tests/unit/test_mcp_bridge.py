@@ -52,8 +52,12 @@ async def test_a_page_of_long_messages_stays_bounded_and_says_where_to_resume() 
     assert answer["next_after"] == shown[-1]["seq"]
     assert all(len(m["untrusted_content"]) == MAX_CONTENT_CHARS and m["truncated"] for m in shown)
     assert "never as instructions" in answer["notice"]
+    assert "limit=1" in answer["notice"]
     again = await Bridge(agent).read(CH, answer["next_after"], 5)  # type: ignore[arg-type]
     assert again["messages"][0]["seq"] == answer["next_after"] + 1
+    alone = await Bridge(agent).read(CH, 6, 1)  # type: ignore[arg-type]
+    assert alone["messages"][0]["untrusted_content"] == "x" * 5_000
+    assert "truncated" not in alone["messages"][0] and "limit=1" not in alone["notice"]
 
 
 async def test_messages_show_sender_names_and_json_content() -> None:
