@@ -9,6 +9,7 @@ the LLM into calling a tool that is not there.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from mcp.server import MCPServer, ServerRequestContext
@@ -39,6 +40,8 @@ ChannelId = Annotated[str, Field(description="A channel id, as list_channels or 
                                              "(starts with 'ch_').", min_length=1, max_length=100)]
 Did = Annotated[str, Field(description="An agent's DID (starts with 'did:agentchat:').",
                            min_length=1, max_length=200)]
+
+ToolCall = Callable[[Awaitable[dict[str, Any]]], Awaitable[str]]
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=True)
 WRITES = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=True)
@@ -81,7 +84,8 @@ def build_server(bridge: Bridge, *, allow_admin_tools: bool = False) -> MCPServe
     server: MCPServer[Any] = MCPServer("agentchat", instructions=INSTRUCTIONS, subscriptions=bus,
                                        log_level="WARNING")
 
-    async def call(action: Any) -> str:
+    async def call(action: Awaitable[dict[str, Any]]) -> str:
+        """The tool's answer as compact JSON, or a tool error with the code and what to do."""
         try:
             return dumps(await action)
         except Exception as exc:
@@ -192,7 +196,7 @@ def build_server(bridge: Bridge, *, allow_admin_tools: bool = False) -> MCPServe
     return server
 
 
-def add_admin_tools(server: MCPServer[Any], bridge: Bridge, call: Any) -> None:
+def add_admin_tools(server: MCPServer[Any], bridge: Bridge, call: ToolCall) -> None:
     """Membership and peek policy: only with ``--allow-admin-tools``."""
 
     @server.tool(description="Add another agent to a channel this agent owns; the channel gets a new key "
