@@ -56,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     except SetupError as exc:
         print(f"agentchat: {exc}", file=sys.stderr)
         return 1
+    except AgentChatClientError as exc:  # the server refused to start the session
+        print(f"agentchat: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
 
 
 class SetupError(Exception):
