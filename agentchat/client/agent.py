@@ -262,6 +262,18 @@ class Agent:
             return meta
         return await self.rotate_epoch(channel)
 
+    async def delete_channel(self, channel: str) -> dict[str, Any]:
+        """Delete ``channel`` (owner only): members are told, its history and keys are removed."""
+        answer = await self._request("DELETE", f"/api/v1/channels/{channel}")
+        self._last_seq.pop(channel, None)
+        self._current_epoch.pop(channel, None)
+        return answer
+
+    async def delete_account(self) -> dict[str, Any]:
+        """Delete this agent's account: it leaves every channel, its profile goes, and its DID can
+        never be registered again."""
+        return await self._request("DELETE", "/api/v1/agents/me")
+
     async def rotate_epoch(self, channel: str) -> dict[str, Any]:
         """New epoch key for the current members. If another member rotated first, use theirs."""
         for _ in range(5):
@@ -477,7 +489,7 @@ class Agent:
             self._in_background(self._rotate_after_peek(channel, int(frame.get("epoch") or 0)))
         elif event == "added":
             self._last_seq.setdefault(channel, 0)
-        elif event == "removed":
+        elif event in ("removed", "deleted"):
             self._last_seq.pop(channel, None)
             self._current_epoch.pop(channel, None)
         self.events.put_nowait(frame)

@@ -145,12 +145,12 @@ class SmokeCheck:
         owner = self.agents[0] if self.agents else None
         if self.channel and owner is not None:
             try:
-                await delete_channel(owner, self.channel)
+                await owner.delete_channel(self.channel)
             except (AgentChatClientError, OSError, aiohttp.ClientError) as exc:
                 problems.append(f"channel {self.channel}: {exc}")
         for agent in self.agents:
             try:
-                await delete_account(agent)
+                await agent.delete_account()
             except (AgentChatClientError, OSError, aiohttp.ClientError) as exc:
                 problems.append(f"agent {agent.did}: {exc}")
             await agent.close()
@@ -161,14 +161,6 @@ class SmokeCheck:
             self.say(f"warn clean up                     {elapsed:8.1f} ms  left behind: {'; '.join(problems)}")
         elif self.agents:
             self.say(f"ok   clean up                     {elapsed:8.1f} ms  channel and agents deleted")
-
-
-async def delete_channel(owner: Agent, channel: str) -> None:
-    await owner._request("DELETE", f"/api/v1/channels/{channel}")
-
-
-async def delete_account(agent: Agent) -> None:
-    await agent._request("DELETE", "/api/v1/agents/me")
 
 
 async def run_check(server: str, out: TextIO, timeout: float = STEP_TIMEOUT) -> int:

@@ -176,6 +176,7 @@ class Hub:
         self.sequenced: dict[tuple[str, int], int] = {}
         self.on_indicators: Callable[[str, bytes], None] | None = None
         self.on_channel_created: Callable[[str], Awaitable[None]] | None = None
+        self.on_channel_deleted: Callable[[str], Awaitable[None]] | None = None
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -286,6 +287,9 @@ class Hub:
                 asyncio.get_running_loop().create_task(self._catch_up_safely(session, room, after))
 
     async def _on_channel_event(self, channel: str, event: dict[str, Any]) -> None:
+        if event.get("event") == "deleted":
+            await self.channel_deleted(channel)
+            return
         room = self.rooms.get(channel)
         if room is None:
             return
@@ -306,7 +310,37 @@ class Hub:
                 if not session.principal.is_agent and session.principal.subject == event.get("peek"):
                     session.close_soon(CLOSE_REMOVED, "peek_ended")
 
+    async def channel_deleted(self, channel: str) -> None:
+        """The channel is gone (deleted by its owner): its readers here are told and detached, this
+        process stops compacting it, and the indicators forget it. Safe to call more than once."""
+        room = self.rooms.pop(channel, None)
+        if room is not None:
+            notice = frames.encode({"type": "channel", "channel": channel, "event": "deleted"})
+            for session in list(room.subscribers):
+                session.cursors.pop(channel, None)
+                if session.principal.is_agent:
+                    session.push(notice)
+                else:  # a peeker's socket reads this channel only
+                    session.close_soon(CLOSE_REMOVED, "channel_deleted")
+            room.subscribers.clear()
+            try:
+                await self.bus.unsubscribe(topic_messages(channel))
+                await self.bus.unsubscribe(topic_events(channel))
+            except AgentChatError:
+                log.warning("could not unsubscribe from %s", channel)
+        await self.writer.forget(channel)
+        if self.on_channel_deleted is not None:
+            await self.on_channel_deleted(channel)
+
+    async def agent_deleted(self, did: str) -> None:
+        """The agent deleted its account: its sockets here are closed."""
+        for session in list(self.sessions.get(did, ())):
+            session.close_soon(CLOSE_REMOVED, "agent_deleted")
+
     async def _on_agent_event(self, did: str, event: dict[str, Any]) -> None:
+        if event.get("event") == "deleted":
+            await self.agent_deleted(did)
+            return
         if event.get("event") != "added":
             return
         channel = event["channel"]

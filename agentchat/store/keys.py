@@ -88,6 +88,16 @@ def peek_index(channel_id: str, peek_id: str) -> str:
     return f"peek-index/{channel_id}/{peek_id}"
 
 
+def channel_tombstone(channel_id: str) -> str:
+    """Left when a channel is deleted: its id is never used again, and late writers see it is gone."""
+    return f"tombstones/channels/{channel_id}"
+
+
+def agent_tombstone(did: str) -> str:
+    """Left when an agent deletes its account: the DID can never be registered again."""
+    return f"tombstones/agents/{did}"
+
+
 def server_secret() -> str:
     return "server/token-secret"
 

@@ -316,6 +316,7 @@ class MessageWriter:
         self._tail_frames = 0
         self._object_refs: dict[str, int] = {}  # write-ahead object -> channels not yet compacted
         self._deletable: list[str] = []
+        self._forgotten: set[str] = set()  # deleted channels: never compacted into a segment
         self._compacting = asyncio.Lock()
         self._wake = asyncio.Event()
         self._compact_wake = asyncio.Event()
@@ -504,11 +505,32 @@ class MessageWriter:
                     remaining -= len(self._tails[channel].frames)
         return due
 
+    async def forget(self, channel: str) -> None:
+        """A deleted channel: what this process holds of it is dropped instead of compacted (messages
+        still queued are dropped at the next compaction), and the write-ahead objects holding it are
+        deleted once no other channel needs them. Returns after any compaction under way, so no
+        segment of the channel is written by this process from then on."""
+        self._forgotten.add(channel)
+        async with self._compacting:
+            self._drop_forgotten()
+            await self._delete_unneeded()
+
+    def _drop_forgotten(self) -> None:
+        for channel in self._forgotten & self._tails.keys():
+            tail = self._tails.pop(channel)
+            self._tail_frames -= len(tail.frames)
+            for key, _ in tail.objects:
+                self._object_refs[key] -= 1
+                if self._object_refs[key] == 0:
+                    del self._object_refs[key]
+                    self._deletable.append(key)
+
     async def compact(self, channels: list[str], pace_bytes_per_second: float = 0.0) -> None:
         """Write each channel's tail as one segment, then forget it and delete the write-ahead objects
         nothing needs any more. Segments are written one after the other; with a pace, each is
         followed by a pause as long as writing it at that rate would take."""
         async with self._compacting:
+            self._drop_forgotten()
             # What is in the tails now; frames added while the segments are written stay for next time.
             cut = {channel: (len(tail.frames), len(tail.objects))
                    for channel in channels if (tail := self._tails.get(channel)) is not None and tail.frames}
@@ -602,6 +624,8 @@ class MessageWriter:
                 entries.append((wal_index(channel), key))
         written = 0
         for channel, found in by_channel.items():
+            if channel in self._forgotten or await self.store.get(keys.channel_tombstone(channel)) is not None:
+                continue  # deleted since: its messages go with the batch
             for seq in await self._stored_among(channel, min(found), max(found)):
                 found.pop(seq, None)
             if found:

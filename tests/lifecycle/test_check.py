@@ -3,6 +3,7 @@ long it took, and a deployment that does not answer fails with one line and exit
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from tests.e2e.processes import REPO, ServerProcess, free_port
 from tests.lifecycle.conftest import StoreUrlMaker
+from tests.lifecycle.test_backup import all_keys
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +25,17 @@ def run_check(server: str, timeout: float = 10.0) -> subprocess.CompletedProcess
                           cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
-def test_check_passes_against_a_live_server(empty_store_url: StoreUrlMaker, tmp_path: Path) -> None:
-    server = ServerProcess(store=empty_store_url(), log_path=tmp_path / "server.log").start()
+def test_check_passes_against_a_live_server_and_leaves_nothing_behind(
+        empty_store_url: StoreUrlMaker, tmp_path: Path) -> None:
+    store_url = empty_store_url()
+    server = ServerProcess(store=store_url, log_path=tmp_path / "server.log").start()
     try:
         result = run_check(server.url)
     finally:
         server.close()
+    left = asyncio.run(all_keys(store_url))
+    assert not [key for key in left if key.startswith(("agents/", "channels/", "messages/", "memberships/"))], left
+    assert any(line.startswith("ok   clean up") for line in result.stdout.splitlines()), result.stdout
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     for step in STEPS:
