@@ -31,6 +31,7 @@ from agentchat.server.hub import SEQ_RESEED_GAP, Hub
 from agentchat.server.keys import (BUS, HISTORY, HUB, METRICS, OPENING, RECORDS, SESSIONS, SETTINGS, STORE,
                                    TOKENS, WRITER)
 from agentchat.server.metrics import Metrics
+from agentchat.server.retention import RetentionPolicy
 from agentchat.server.tokens import TokenIssuer
 from agentchat.server.websocket import WEBSOCKET_ROUTES, AgentChatRunner
 from agentchat.store import keys as store_keys
@@ -86,6 +87,7 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
               gap_fill_wait=(settings.batch_max_wait_ms / 1000 + 0.05) if several_processes else 0.0,
               reseed_gap=0 if clean_restart else SEQ_RESEED_GAP)
     app[HUB] = hub
+    writer.retention = RetentionPolicy(settings, app[RECORDS], bus, hub, instance)
     await hub.start()
     # Recovers what stopped processes left in write-ahead objects before anything is served.
     await writer.start(hub.is_alive)

@@ -97,7 +97,7 @@ class Room:
     """A channel with a presence in this process."""
 
     __slots__ = ("id", "topic", "counter", "members", "epoch", "owner", "subscribers", "recent",
-                 "complete_from", "last_seq", "last_used")
+                 "complete_from", "last_seq", "last_used", "first_available")
 
     def __init__(self, meta: dict[str, Any]) -> None:
         self.id: str = meta["id"]
@@ -115,6 +115,8 @@ class Room:
         self.members: frozenset[str] = frozenset(meta["members"])
         self.epoch: int = meta["epoch"]
         self.owner: str = meta["owner"]
+        # Lower numbers have expired (retention): history and resume say so rather than skip them.
+        self.first_available: int = meta.get("first_available", 1)
 
     def on_message(self, seq: int, frame: bytes) -> None:
         if seq <= self.last_seq:
@@ -437,6 +439,9 @@ class Hub:
             return
         cursor.catching_up = True
         cursor.last = max(cursor.last, after)
+        if room.first_available > cursor.last + 1:
+            session.push(frames.encode({"type": "channel", "channel": room.id, "event": "expired",
+                                        "first_available": room.first_available}))
         recent = room.recent_after(cursor.last)
         gap_fill_tries = GAP_FILL_TRIES if self.gap_fill_wait else 0
         while recent is None:

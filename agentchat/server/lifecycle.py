@@ -78,7 +78,8 @@ async def purge_channel(app: web.Application, channel_id: str, members: list[str
     await store.delete(keys.channel(channel_id))
     await hub.publish_channel_event(channel_id, {"event": "deleted"})
     await hub.channel_deleted(channel_id)  # this process at once, subscribed to the channel or not
-    await store.delete_many([keys.membership(did, channel_id) for did in members] + [keys.channel_index(channel_id)])
+    await store.delete_many([keys.membership(did, channel_id) for did in members]
+                            + [keys.channel_index(channel_id), keys.retention_index(channel_id)])
     for prefix in (keys.peek_index_prefix(channel_id), keys.segment_prefix(channel_id), f"channels/{channel_id}/"):
         await delete_prefix(store, prefix)
 

@@ -88,6 +88,14 @@ def peek_index(channel_id: str, peek_id: str) -> str:
     return f"peek-index/{channel_id}/{peek_id}"
 
 
+RETENTION_INDEX_PREFIX = "retention-index/"
+
+
+def retention_index(channel_id: str) -> str:
+    """Empty marker: this channel has a retention of its own (the expiry pass walks these)."""
+    return f"{RETENTION_INDEX_PREFIX}{channel_id}"
+
+
 def channel_tombstone(channel_id: str) -> str:
     """Left when a channel is deleted: its id is never used again, and late writers see it is gone."""
     return f"tombstones/channels/{channel_id}"

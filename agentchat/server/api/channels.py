@@ -265,5 +265,6 @@ async def get_messages(request: web.Request) -> web.Response:
     for message in messages:
         del message["type"]
     next_after = messages[-1]["seq"] if messages else after
+    # first_available > after + 1: the messages in between expired (retention), not a gap.
     return json_response({"channel": channel, "messages": messages, "next_after": next_after,
-                          "has_more": has_more})
+                          "has_more": has_more, "first_available": room.first_available})
