@@ -24,8 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from agentchat.errors import error
-from agentchat.server.keys import HUB, RECORDS, STORE
-from agentchat.server.peeks import card_key
+from agentchat.server.appkeys import HUB, RECORDS, STORE
 from agentchat.store import keys
 from agentchat.store.base import ObjectStore
 from agentchat.store.records import Record
@@ -80,7 +79,7 @@ async def purge_channel(app: web.Application, channel_id: str, members: list[str
     await hub.channel_deleted(channel_id)  # this process at once, subscribed to the channel or not
     await store.delete_many([keys.membership(did, channel_id) for did in members]
                             + [keys.channel_index(channel_id), keys.retention_index(channel_id)])
-    for prefix in (keys.peek_index_prefix(channel_id), keys.segment_prefix(channel_id), f"channels/{channel_id}/"):
+    for prefix in (keys.peek_index_prefix(channel_id), keys.segment_prefix(channel_id), keys.channel_prefix(channel_id)):
         await delete_prefix(store, prefix)
 
 
@@ -98,7 +97,7 @@ async def delete_account(app: web.Application, did: str) -> Record:
         tombstone = found[0]
     for channel_id in await records.list_memberships(did, 1 << 30):
         await _leave(app, channel_id, did)
-    await store.delete_many([keys.agent(did), card_key(did)])
+    await store.delete_many([keys.agent(did), keys.card(did)])
     await hub.publish_agent_event(did, {"event": "deleted"})
     await hub.agent_deleted(did)
     return tombstone

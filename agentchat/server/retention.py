@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
 from agentchat.config import Settings
 from agentchat.errors import error
@@ -32,7 +33,6 @@ from agentchat.store.records import Record, Records
 
 log = logging.getLogger(__name__)
 
-LEASE_KEY = "retention-lease"
 LIST_PAGE = 1000
 
 
@@ -71,7 +71,7 @@ class RetentionPolicy:
 
     async def _channels(self) -> AsyncIterator[str]:
         everyone = bool(self.settings.retention_default_seconds or self.settings.retention_max_seconds)
-        prefix = "channel-index/" if everyone else keys.RETENTION_INDEX_PREFIX
+        prefix = keys.CHANNEL_INDEX_PREFIX if everyone else keys.RETENTION_INDEX_PREFIX
         start_after = ""
         while page := await self.records.store.list(prefix, start_after=start_after, limit=LIST_PAGE):
             for key in page:
@@ -80,7 +80,7 @@ class RetentionPolicy:
 
     async def run(self, writer: MessageWriter) -> None:
         # One process per period: the lease lasts a little less than the period.
-        if await self.bus.set_if_absent(LEASE_KEY, self.instance.encode(), self.every * 0.9) is not None:
+        if await self.bus.set_if_absent(bus_keys.retention_lease(), self.instance.encode(), self.every * 0.9) is not None:
             return
         await self.expire_all(writer)
 

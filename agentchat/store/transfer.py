@@ -45,7 +45,7 @@ LIST_PAGE = 1000
 _PAST = "~"
 
 # Top-level prefixes with a phase of their own; every other one is copied in phase 2.
-_OWN_PHASE = ("wal/", "messages/", "channels/", "agents/", "server/")
+_OWN_PHASE = (keys.WAL_PREFIX, keys.SEGMENT_PREFIX, keys.CHANNEL_PREFIX, keys.AGENT_PREFIX, keys.SERVER_PREFIX)
 
 Progress = Callable[[str], None]
 
@@ -74,19 +74,19 @@ def _is_other(key: str) -> bool:
 
 
 def _is_meta(key: str) -> bool:
-    return key.endswith("/meta.json")
+    return key == keys.channel(key.split("/")[1])
 
 
 def _phases() -> list[tuple[str, str, Callable[[str], bool]]]:
     """(name, prefix listed, which of its keys to copy), in the order they must run."""
     return [
         ("write-ahead batches", keys.WAL_PREFIX, lambda key: True),
-        ("segments", "messages/", lambda key: True),
+        ("segments", keys.SEGMENT_PREFIX, lambda key: True),
         ("records", "", _is_other),
-        ("channels", "channels/", _is_meta),
-        ("epoch keys", "channels/", lambda key: not _is_meta(key)),
-        ("agents", "agents/", lambda key: True),
-        ("server", "server/", lambda key: key != keys.clean_shutdown()),
+        ("channels", keys.CHANNEL_PREFIX, _is_meta),
+        ("epoch keys", keys.CHANNEL_PREFIX, lambda key: not _is_meta(key)),
+        ("agents", keys.AGENT_PREFIX, lambda key: True),
+        ("server", keys.SERVER_PREFIX, lambda key: key != keys.clean_shutdown()),
     ]
 
 

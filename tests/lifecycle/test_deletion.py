@@ -15,7 +15,7 @@ from agentchat.client import Agent
 from agentchat.client.agent import AgentChatClientError
 from agentchat.config import load_settings
 from agentchat.server.app import build_app
-from agentchat.server.keys import STORE, WRITER
+from agentchat.server.appkeys import STORE, WRITER
 from agentchat.store import keys
 from agentchat.store.messages import decode_wal
 from agentchat.store.transfer import list_all

@@ -15,7 +15,7 @@ from agentchat.client import Agent
 from agentchat.client.agent import AgentChatClientError
 from agentchat.config import load_settings
 from agentchat.server.app import build_app
-from agentchat.server.keys import METRICS, STORE, WRITER
+from agentchat.server.appkeys import METRICS, STORE, WRITER
 from agentchat.store import keys
 from tests.lifecycle.conftest import StoreUrlMaker
 from tests.lifecycle.test_deletion import fails_with, next_event, url_of

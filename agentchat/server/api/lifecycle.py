@@ -12,7 +12,7 @@ from agentchat.core import frames
 from agentchat.errors import error
 from agentchat.server import lifecycle
 from agentchat.server.http import agent_did, json_response, read_json
-from agentchat.server.keys import RECORDS, SETTINGS, STORE
+from agentchat.server.appkeys import RECORDS, SETTINGS, STORE
 from agentchat.server.retention import check_retention, effective_seconds
 from agentchat.store import keys
 from agentchat.store.records import Record
