@@ -83,6 +83,9 @@ class WebSocketConnection(asyncio.Protocol):
     once and only turned into a task if it has to wait; the next message waits for it), and may
     override ``opened``, ``activity``, ``writable`` and ``lost``."""
 
+    # The frame parser of every socket of the class (a subclass may raise its fragment limit).
+    parser_class: type[codec.FrameParser] = codec.FrameParser
+
     __slots__ = ("transport", "out", "write_paused", "close_sent", "_parser", "_backlog", "_busy",
                  "_close_timer", "_lost", "_lost_waiters", "__weakref__")
 
@@ -93,7 +96,7 @@ class WebSocketConnection(asyncio.Protocol):
         self.out: asyncio.Transport | None = None
         self.write_paused = False
         self.close_sent = False
-        self._parser = codec.FrameParser(max_message_bytes)
+        self._parser = self.parser_class(max_message_bytes)
         self._backlog: list[tuple[int, bytes]] | None = None  # messages waiting for the one in progress
         self._busy = False
         self._close_timer: asyncio.TimerHandle | None = None
