@@ -16,8 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
-from agentchat.core import websocket as codec
-from agentchat.server.websocket import WEBSOCKET_ROUTES, AgentChatRunner, WebSocketConnection
+from agentchat.core import rfc6455 as codec
+from agentchat.server.connections import WEBSOCKET_ROUTES, AgentChatRunner, WebSocketConnection
 
 # The suite's largest message is 16 MiB; its most fragmented one 65,536 frames (9.3.1, 9.4.1).
 MAX_MESSAGE_BYTES = 17 * 1024 * 1024
