@@ -8,7 +8,8 @@ keeps a few hundred bytes, and reads a frame in a handful of bytecode steps.
 What it accepts: masked client frames, text/binary messages (fragmented or not), ping, pong and close.
 No extension is ever negotiated (so no compression), so any reserved bit set is a protocol error.
 Text messages must be UTF-8 (section 8.1: else the connection fails with 1007). A whole text message
-is checked with one ``bytes.decode`` (C code, a fraction of the JSON parse that follows); a fragmented
+is checked with ``bytes.isascii`` and, only if it is not ASCII, one ``bytes.decode`` (C code, a
+fraction of the JSON parse that follows); a fragmented
 one with an incremental decoder fed each fragment as it arrives, so an invalid byte fails the
 connection at the fragment that carries it rather than after the whole message was buffered.
 """
@@ -229,93 +230,89 @@ class FrameParser:
             data = b"".join(chunks)
             self._chunks = None
         out: list[tuple[int, bytes]] = []
+        # One loop in one frame of the interpreter (no call per read): it is on the path of every message.
         try:
-            pos = self._parse(data, out)
+            pos, end = 0, len(data)
+            while end - pos >= 2:
+                first, second = data[pos], data[pos + 1]
+                if first & 0x70:
+                    raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension was negotiated)")
+                if not second & 0x80:
+                    raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
+                opcode = first & 0x0F
+                length = second & 0x7F
+                head = pos + 2
+                if length == 126:
+                    if end - head < 2:
+                        break
+                    length = int.from_bytes(data[head:head + 2], "big")
+                    head += 2
+                elif length == 127:
+                    if end - head < 8:
+                        break
+                    length = int.from_bytes(data[head:head + 8], "big")
+                    head += 8
+                    if length >> 63:
+                        raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "frame length over 2^63")
+                if opcode >= OP_CLOSE:
+                    if opcode not in _KNOWN_OPCODES:
+                        raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+                    if not first & 0x80 or length > 125:
+                        raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "control frames are single and at most 125 bytes")
+                elif opcode > OP_BINARY:
+                    raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+                elif length + self._fragments_size > self.max_message_bytes:
+                    raise ProtocolViolation(CLOSE_TOO_BIG, f"message over {self.max_message_bytes} bytes")
+                start = head + 4
+                stop = start + length
+                if stop > end:
+                    break
+                payload = apply_mask(data[start:stop], data[head:start]) if length else b""
+                pos = stop
+                if opcode >= OP_CLOSE:
+                    out.append((opcode, payload))
+                elif opcode == OP_CONTINUATION:
+                    fragments = self._fragments
+                    if fragments is None:
+                        raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "continuation frame without a message to continue")
+                    if len(fragments) >= self.MAX_FRAGMENTS:
+                        raise ProtocolViolation(CLOSE_TOO_BIG, f"message in more than {self.MAX_FRAGMENTS} frames")
+                    decoder = self._decoder
+                    if decoder is not None:
+                        _check_utf8(decoder, payload, first & 0x80)
+                    fragments.append(payload)
+                    self._fragments_size += length
+                    if first & 0x80:
+                        out.append((OP_BINARY if decoder is None else OP_TEXT, b"".join(fragments)))
+                        self._fragments = self._decoder = None
+                        self._fragments_size = 0
+                elif self._fragments is not None:
+                    raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "new message before the fragmented one ended")
+                elif first & 0x80:
+                    if opcode == OP_TEXT and not payload.isascii():  # ASCII (most JSON) is UTF-8: no decoding
+                        try:
+                            payload.decode("utf-8")
+                        except UnicodeDecodeError:
+                            raise ProtocolViolation(CLOSE_INVALID_DATA, "text message is not UTF-8") from None
+                    out.append((opcode, payload))
+                else:
+                    if opcode == OP_TEXT:
+                        decoder = self._decoder = _UTF8Decoder()
+                        _check_utf8(decoder, payload, 0)
+                    self._fragments = [payload]
+                    self._fragments_size = length
         except ProtocolViolation as exc:
             self._chunks = _FAILED
             self._fragments = self._decoder = None
             exc.messages = out
             raise
-        if pos < len(data):
+        if pos < end:
             rest = data[pos:]
             self._chunks = [rest]
             self._have = len(rest)
             # The whole frame once its header tells its size; until then, any byte more.
             self._need = _frame_size(rest) or len(rest) + 1
         return out
-
-    def _parse(self, data: bytes, out: list[tuple[int, bytes]]) -> int:
-        """Appends the frames complete in ``data`` to ``out``; returns where the unfinished one starts."""
-        pos, end = 0, len(data)
-        while end - pos >= 2:
-            first, second = data[pos], data[pos + 1]
-            if first & 0x70:
-                raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension was negotiated)")
-            if not second & 0x80:
-                raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
-            opcode = first & 0x0F
-            length = second & 0x7F
-            head = pos + 2
-            if length == 126:
-                if end - head < 2:
-                    break
-                length = int.from_bytes(data[head:head + 2], "big")
-                head += 2
-            elif length == 127:
-                if end - head < 8:
-                    break
-                length = int.from_bytes(data[head:head + 8], "big")
-                head += 8
-                if length >> 63:
-                    raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "frame length over 2^63")
-            if opcode >= OP_CLOSE:
-                if opcode not in _KNOWN_OPCODES:
-                    raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
-                if not first & 0x80 or length > 125:
-                    raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "control frames are single and at most 125 bytes")
-            elif opcode > OP_BINARY:
-                raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
-            elif length + self._fragments_size > self.max_message_bytes:
-                raise ProtocolViolation(CLOSE_TOO_BIG, f"message over {self.max_message_bytes} bytes")
-            start = head + 4
-            stop = start + length
-            if stop > end:
-                break
-            payload = apply_mask(data[start:stop], data[head:start]) if length else b""
-            pos = stop
-            if opcode >= OP_CLOSE:
-                out.append((opcode, payload))
-            elif opcode == OP_CONTINUATION:
-                fragments = self._fragments
-                if fragments is None:
-                    raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "continuation frame without a message to continue")
-                if len(fragments) >= self.MAX_FRAGMENTS:
-                    raise ProtocolViolation(CLOSE_TOO_BIG, f"message in more than {self.MAX_FRAGMENTS} frames")
-                decoder = self._decoder
-                if decoder is not None:
-                    _check_utf8(decoder, payload, first & 0x80)
-                fragments.append(payload)
-                self._fragments_size += length
-                if first & 0x80:
-                    out.append((OP_BINARY if decoder is None else OP_TEXT, b"".join(fragments)))
-                    self._fragments = self._decoder = None
-                    self._fragments_size = 0
-            elif self._fragments is not None:
-                raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "new message before the fragmented one ended")
-            elif first & 0x80:
-                if opcode == OP_TEXT:
-                    try:
-                        payload.decode("utf-8")
-                    except UnicodeDecodeError:
-                        raise ProtocolViolation(CLOSE_INVALID_DATA, "text message is not UTF-8") from None
-                out.append((opcode, payload))
-            else:
-                if opcode == OP_TEXT:
-                    decoder = self._decoder = _UTF8Decoder()
-                    _check_utf8(decoder, payload, 0)
-                self._fragments = [payload]
-                self._fragments_size = length
-        return pos
 
 
 def _check_utf8(decoder: codecs.IncrementalDecoder, payload: bytes, final: int) -> None:
