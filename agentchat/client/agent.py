@@ -507,9 +507,14 @@ class Agent:
             self._in_background(self._answer_peek_request(frame))
             return
         view = frame["peek"]
-        if view["state"] == "active":
+        # The key is handed over once nobody refused (awaiting_key); the server keeps it and gives it to
+        # the peeker only once the capture succeeded. A peek that became active without a grant (stored
+        # by an older server) gets one then.
+        if view["state"] in ("awaiting_key", "active"):
             self._active_peeks[view["id"]] = view
             self._in_background(self._grant_peek(view))
+        elif view["state"] == "capturing":
+            pass
         else:
             self._active_peeks.pop(view["id"], None)
 

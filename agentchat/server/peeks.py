@@ -52,7 +52,7 @@ from agentchat.config import Settings
 from agentchat.core import frames
 from agentchat.core import ledger as money
 from agentchat.core.peek import (ArmTimer, CancelPayment, CapturePayment, CaptureFailed, CaptureSucceeded,
-                                 ChargeRefusalFee, DeadlineReached, Effect, Event, PaymentAuthorized,
+                                 ChargeRefusalFee, DeadlineReached, Effect, Event, KeyGranted, PaymentAuthorized,
                                  PaymentFailed, Peek, PeekState, Refuse, RevokeAccess, SplitCapture, TimeUp,
                                  countdown_seconds_left, open_peek, step)
 from agentchat.core.peek import Cancel as CancelPeek
@@ -82,8 +82,10 @@ CAPTURE_RETRY_SECONDS = 5.0
 # How long a peeker's socket may take to receive its last frames before it is closed.
 CLOSE_FLUSH_SECONDS = 2.0
 # The states after the countdown that the channel's agents are sent (``peek`` frames).
-STATES_AGENTS_HEAR = frozenset({PeekState.REFUSED, PeekState.CAPTURING, PeekState.ACTIVE, PeekState.ENDED,
-                                PeekState.PAYMENT_FAILED})
+STATES_AGENTS_HEAR = frozenset({PeekState.REFUSED, PeekState.AWAITING_KEY, PeekState.CAPTURING, PeekState.ACTIVE,
+                                PeekState.ENDED, PeekState.PAYMENT_FAILED, PeekState.WITHDRAWN, PeekState.NO_KEY})
+# The states in which a member may hand over the channel key (kept; given to the peeker once active).
+STATES_TAKING_GRANTS = frozenset({PeekState.AWAITING_KEY, PeekState.CAPTURING, PeekState.ACTIVE})
 
 
 # --- store keys of the peek service ------------------------------------------------------------------
@@ -147,6 +149,7 @@ def peek_view(peek: Peek) -> dict[str, Any]:
         "refusal_window_seconds": peek.refusal_window_seconds, "duration_seconds": peek.duration_seconds,
         "created_at": _ms(peek.created_at), "updated_at": _ms(peek.updated_at),
         "payment_expires_at": _ms(peek.payment_expires_at), "deadline": _ms(peek.deadline),
+        "key_deadline": _ms(peek.key_deadline),
         "activated_at": _ms(peek.activated_at), "ends_at": _ms(peek.ends_at),
         "refused_by": peek.refused_by, "failure_reason": peek.failure_reason,
     }
@@ -279,17 +282,29 @@ class PeekService:
 
     # ------------------------------------------------------------------------------ what users do
 
-    async def open(self, channel: str, peeker_public_key: str) -> tuple[Peek, Hold]:
-        """A human asks to peek: the peek (awaiting payment) and the hold their browser completes."""
+    def agents_online_here(self, channel: str) -> bool:
+        """Whether an agent of ``channel`` holds a socket on this process (the indicators know the others)."""
+        room = self.hub.rooms.get(channel)
+        return room is not None and any(s.principal.is_agent for s in room.subscribers)
+
+    async def open(self, channel: str, peeker_public_key: str, *, agents_online: int = 0) -> tuple[Peek, Hold]:
+        """A human asks to peek: the peek (awaiting payment) and the hold their browser completes.
+
+        ``agents_online``: the channel's agents online on any process, by the indicators. With none
+        here either, nobody could hand over the key, so the peek is refused before any money is held."""
         if await self.records.get_channel(channel) is None:
             raise error("channel_not_found", f"no channel {channel}")
+        if not agents_online and not self.agents_online_here(channel):
+            raise error("no_agent_online", f"No agent of {channel} is online to hand over its key, so it cannot "
+                                           "be peeked now; try again when its indicators show an agent online.")
         settings = self.settings
         peek_id = "pk_" + secrets.token_urlsafe(16)
         opened = open_peek(peek_id, channel, peeker_public_key, self.clock(),
                            price_cents=settings.peek_price_cents, refusal_fee_cents=settings.refusal_fee_cents,
                            refusal_window_seconds=float(settings.peek_refusal_window_seconds),
                            duration_seconds=float(settings.peek_duration_seconds),
-                           payment_timeout_seconds=float(settings.peek_payment_timeout_seconds))
+                           payment_timeout_seconds=float(settings.peek_payment_timeout_seconds),
+                           grant_wait_seconds=float(settings.peek_grant_wait_seconds))
         peek = opened.peek
         await self.store.put(open_key(peek_id), b"")  # first: a stored peek is always found by the scan
         await self.store.put(store_keys.peek(peek_id), peek.to_bytes(), if_none_match=True)
@@ -337,7 +352,10 @@ class PeekService:
     async def _on_hold(self, peek_id: str, hold: Hold) -> Peek:
         event: Event
         if hold.state is HoldState.AUTHORIZED:
-            event = PaymentAuthorized(hold.ref)
+            # The members now share the capture; later joins get nothing from this peek.
+            peek = await self.load(peek_id)
+            meta = await self.records.get_channel(peek.channel)
+            event = PaymentAuthorized(hold.ref, tuple(meta["members"]) if meta else ())
         elif hold.state in (HoldState.FAILED, HoldState.CANCELED):
             event = PaymentFailed(hold.reason or f"the payment was {hold.state}")
         else:
@@ -378,8 +396,9 @@ class PeekService:
         meta = await self.records.get_channel(peek.channel)
         if meta is None or did not in meta["members"]:
             raise error("not_member", f"only members of {peek.channel} may grant keys to this peek")
-        if peek.state is not PeekState.ACTIVE:
-            raise error("peek_state", f"Keys are granted only to an active peek; this one is {peek.state}.")
+        if peek.state not in STATES_TAKING_GRANTS:
+            raise error("peek_state", "Keys are handed over once the countdown is over and nobody refused; "
+                                      f"this peek is {peek.state}.")
         if epoch != meta["epoch"]:
             raise error("stale_epoch", f"channel {peek.channel} is at epoch {meta['epoch']}; grant that one")
         grant = {"peek": peek_id, "channel": peek.channel, "epoch": epoch, "wrapped_key": wrapped_key,
@@ -387,10 +406,24 @@ class PeekService:
         try:
             await self.store.put(grant_key(peek_id, epoch), orjson.dumps(grant), if_none_match=True)
         except PreconditionFailed:
-            return peek
-        self._deliver_grant(grant)
-        await self._publish(TOPIC_GRANT, orjson.dumps(grant))
+            if peek.state is not PeekState.AWAITING_KEY:
+                return peek
+        if peek.state is PeekState.AWAITING_KEY:
+            # Kept, not handed over: the peeker gets it once the capture succeeded (``_open_channel``).
+            return await self._key_kept(peek_id, did)
+        if peek.state is PeekState.ACTIVE:  # a new epoch during the peek: the peeker needs it too
+            self._deliver_grant(grant)
+            await self._publish(TOPIC_GRANT, orjson.dumps(grant))
         return peek
+
+    async def _key_kept(self, peek_id: str, did: str) -> Peek:
+        """A grant is stored for a peek awaiting its key: the capture may go ahead (once)."""
+        try:
+            return await self.apply(peek_id, lambda _: KeyGranted(did))
+        except AgentChatError as exc:
+            if exc.code != "peek_state":
+                raise
+            return await self.load(peek_id)  # another grant moved it on first
 
     # ------------------------------------------------------------------------------ transitions
 
@@ -447,20 +480,23 @@ class PeekService:
             await self._record_split(peek)
         elif isinstance(effect, RevokeAccess):
             await self._revoke(peek)
-        # NotifyAgents, NotifyPeeker, RequestGrant: the p:state message already told every process.
+        # NotifyAgents, NotifyPeeker, RequestGrant, DeliverGrants: the p:state message already told every
+        # process; each sends its peeker sockets the kept grants when it sees ``active`` (_open_channel).
 
     def _durable_effects(self, peek: Peek) -> list[Effect]:
         """What must have happened for a peek in its state, redone by the scan after a crash."""
         state = peek.state
         if state is PeekState.ACTIVE:
-            return [SplitCapture(peek.id, peek.channel, peek.price_cents)]
+            return [SplitCapture(peek.id, peek.channel, peek.price_cents, peek.members)]
         if state is PeekState.ENDED:
-            return [SplitCapture(peek.id, peek.channel, peek.price_cents), RevokeAccess(peek.id, peek.channel)]
+            return [SplitCapture(peek.id, peek.channel, peek.price_cents, peek.members),
+                    RevokeAccess(peek.id, peek.channel)]
         if state is PeekState.REFUSED:
             assert peek.refused_by is not None
             return [CancelPayment(peek.id, peek.payment_ref),
                     ChargeRefusalFee(peek.id, peek.refused_by, peek.refusal_fee_cents)]
-        if state in (PeekState.PAYMENT_FAILED, PeekState.CANCELED, PeekState.EXPIRED):
+        if state in (PeekState.PAYMENT_FAILED, PeekState.CANCELED, PeekState.EXPIRED, PeekState.WITHDRAWN,
+                     PeekState.NO_KEY):
             return [CancelPayment(peek.id, peek.payment_ref)]
         return []
 
@@ -511,8 +547,11 @@ class PeekService:
         if recorded:
             await self.ledger.record(recorded)  # repairs the account index
             return
-        meta = await self.records.get_channel(peek.channel)
-        members = sorted(meta["members"]) if meta else []
+        if peek.members is not None:  # fixed when the countdown started
+            members = list(peek.members)
+        else:  # a peek stored before members were kept: those of the channel now, as then
+            meta = await self.records.get_channel(peek.channel)
+            members = sorted(meta["members"]) if meta else []
         created_at = peek.activated_at or peek.updated_at
         if members:
             entries = money.split_capture(peek.id, peek.price_cents, members, created_at=created_at)
@@ -584,9 +623,11 @@ class PeekService:
             if found is None:
                 continue
             peek = Peek.from_bytes(found.data)
+            # Until its entry counts in the balance (not merely its transaction exists), a fee stays held.
             if peek.state is PeekState.COUNTDOWN or (
                     peek.state is PeekState.REFUSED and peek.refused_by == did
-                    and not await self.ledger.transaction(f"{money.EntryKind.REFUSAL_FEE}/{peek_id}")):
+                    and not await self.ledger.in_balance(money.agent_account(did),
+                                                         f"{money.EntryKind.REFUSAL_FEE}/{peek_id}")):
                 pending[peek_id] = cents
         return pending
 
@@ -735,6 +776,12 @@ class PeekService:
             return
         if at is not None:
             self._arm(peek, at, backup=True)
+        if peek.state is PeekState.AWAITING_KEY:
+            kept = await self.store.list(grant_prefix(peek.id), limit=1)
+            if kept:
+                granted = orjson.loads((await self.store.get(kept[0])).data)["granted_by"]
+                await self._key_kept(peek.id, granted)
+            return
         if peek.state is PeekState.CAPTURING:
             if now - peek.updated_at >= CAPTURE_RETRY_SECONDS:
                 await self._capture(peek)
@@ -858,6 +905,9 @@ class PeekService:
                 self._spawn(self._close_peeker(session, peek), f"peek-close-{peek.id}")
 
     def _deliver_grant(self, grant: dict[str, Any]) -> None:
+        known = self.known.get(grant["peek"])
+        if known is None or known.state is not PeekState.ACTIVE:
+            return  # a key reaches the peeker only once paid for (the active state sends those kept)
         marker = (grant["peek"], int(grant["epoch"]))
         if marker in self._grants_delivered:
             return
@@ -875,7 +925,7 @@ class PeekService:
                 if peek.channel in session.cursors:
                     if peek.state is PeekState.COUNTDOWN:
                         session.push(request_frame(peek))
-                    elif peek.state in (PeekState.CAPTURING, PeekState.ACTIVE):
+                    elif peek.state in (PeekState.AWAITING_KEY, PeekState.CAPTURING, PeekState.ACTIVE):
                         session.push(peek_frame(peek))
             return
         peek_id = principal.subject
@@ -922,6 +972,7 @@ class PeekService:
         if session.closed:
             return
         for grant in sorted(await self.grants(peek.id), key=lambda g: g["epoch"]):
+            self._grants_delivered.add((peek.id, int(grant["epoch"])))
             session.push(grant_frame(grant))
         try:
             await self.hub.attach(session, peek.channel, self._resume.get(session, 0))

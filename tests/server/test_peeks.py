@@ -21,6 +21,7 @@ from agentchat.server.app import build_app
 from agentchat.server.keys import LEDGER, PEEKS
 from agentchat.server.peeks import balance_holds_key
 from tests.conftest import RestAgent
+from tests.server.peek_agents import go_online
 from tests.server.test_rest import create_channel, envelope
 from tests.server.test_ws import hello, receive_frames
 from tests.unit.test_protocol import SERVER_FRAME, assert_valid, openapi_pointer
@@ -149,6 +150,7 @@ async def test_peek_countdown_capture_split_and_end(aiohttp_client: Any, tmp_pat
     client = await aiohttp_client(build_app(fast(tmp_path)))
     agents = [await RestAgent(client, name).register() for name in ("alice", "bob", "carol")]
     channel, _ = await create_channel(agents[0], agents[1:])
+    online = await go_online(client, agents[0])
     opened, auth = await open_peek(client, channel)
     peek = opened["peek"]
     assert peek["state"] == "awaiting_payment" and peek["channel"] == channel
@@ -163,7 +165,7 @@ async def test_peek_countdown_capture_split_and_end(aiohttp_client: Any, tmp_pat
     assert before * 1000 + 500 <= body["peek"]["deadline"] <= time.time() * 1000 + 700
 
     active = await wait_state(client, peek["id"], auth, "active")
-    assert active["grants"] == []  # nobody's client is connected to grant a key
+    assert [g["epoch"] for g in active["grants"]] == [1] and online.granted == [peek["id"]]
     ledger = await check_ledger(client.server.app, lambda l: l.transaction(f"capture/{peek['id']}"))
     assert ledger.balance(money.PLATFORM) == 150 and ledger.balance(money.EXTERNAL) == -500
     shares = sorted([(a.did, await balance(a)) for a in agents])
@@ -179,6 +181,7 @@ async def test_operator_revenue_needs_the_operator_token(aiohttp_client: Any, tm
     client = await aiohttp_client(build_app(fast(tmp_path)))
     alice = await RestAgent(client, "alice").register()
     channel, _ = await create_channel(alice, [])
+    await go_online(client, alice)
     opened, auth = await open_peek(client, channel)
     await call(client, "POST", f"/api/v1/peeks/{opened['peek']['id']}/confirm", auth)
     await wait_state(client, opened["peek"]["id"], auth, "active")
@@ -208,6 +211,7 @@ async def test_refusal_is_paid_from_earnings_and_the_peeker_pays_nothing(client:
     app = client.server.app
     # Give alice earnings: a peek of a channel of hers alone, captured.
     solo, _ = await create_channel(alice, [])
+    await go_online(client, alice)
     opened, auth = await open_peek(client, solo)
     await call(client, "POST", f"/api/v1/peeks/{opened['peek']['id']}/confirm", auth)
     service = app[PEEKS]
@@ -248,12 +252,15 @@ async def test_refusals_at_once_spend_an_agents_earnings_only_as_far_as_they_go(
     app = client.server.app
     service = app[PEEKS]
     solo, _ = await create_channel(alice, [])  # earnings: 350 cents from a peek of her own channel
+    await go_online(client, alice, grant=False)
     opened, auth = await open_peek(client, solo)
     solo_peek = opened["peek"]["id"]
     await call(client, "POST", f"/api/v1/peeks/{solo_peek}/confirm", auth)
     service.clock = lambda: time.time() + 31
     try:
         await service.scan()
+        await wait_state(client, solo_peek, auth, "awaiting_key")
+        await grant_now(client, alice, solo_peek)
     finally:
         service.clock = time.time
     await check_ledger(app, lambda l: l.balance(money.agent_account(alice.did)) == 350)
@@ -290,6 +297,7 @@ async def test_refusals_at_once_spend_an_agents_earnings_only_as_far_as_they_go(
 async def test_refusal_without_earnings_or_card_is_rejected_before_the_deadline(client: Any, ledger_checked: Any) -> None:
     alice, bob = await RestAgent(client, "alice").register(), await RestAgent(client, "bob").register()
     channel, _ = await create_channel(alice, [bob])
+    await go_online(client, alice)
     opened, auth = await open_peek(client, channel)
     peek_id = opened["peek"]["id"]
     await call(client, "POST", f"/api/v1/peeks/{peek_id}/confirm", auth)
@@ -321,6 +329,7 @@ async def test_refusal_by_a_non_member_and_of_an_active_peek_are_refused(aiohttp
     channel, _ = await create_channel(alice, [])
     await fund_with_dev_card(eve)
     await fund_with_dev_card(alice)
+    await go_online(client, alice)
     opened, auth = await open_peek(client, channel)
     peek_id = opened["peek"]["id"]
     await call(client, "POST", f"/api/v1/peeks/{peek_id}/confirm", auth)
@@ -344,6 +353,7 @@ async def test_paying_twice_declines_cancel_and_expiry(aiohttp_client: Any, tmp_
     client = await aiohttp_client(build_app(fast(tmp_path, peek_payment_timeout_seconds=0.5)))
     alice = await RestAgent(client, "alice").register()
     channel, _ = await create_channel(alice, [])
+    await go_online(client, alice)
 
     opened, auth = await open_peek(client, channel)
     peek_id = opened["peek"]["id"]
@@ -352,9 +362,9 @@ async def test_paying_twice_declines_cancel_and_expiry(aiohttp_client: Any, tmp_
     assert all(body["error"]["code"] == "peek_state" for status, body in results if status == 409)
     status, body = await call(client, "POST", f"/api/v1/peeks/{peek_id}/confirm", auth)
     assert (status, body["error"]["code"]) == (409, "peek_state") and "already paid" in body["error"]["message"]
-    status, body = await call(client, "POST", f"/api/v1/peeks/{peek_id}/cancel", auth)
-    assert (status, body["error"]["code"]) == (409, "peek_state")  # the agents have been asked
     await wait_state(client, peek_id, auth, "active")
+    status, body = await call(client, "POST", f"/api/v1/peeks/{peek_id}/cancel", auth)
+    assert (status, body["error"]["code"]) == (409, "peek_state")  # paid for and read: too late
 
     declined, auth2 = await open_peek(client, channel)
     status, body = await call(client, "POST", f"/api/v1/peeks/{declined['peek']['id']}/confirm", auth2,
@@ -405,6 +415,7 @@ async def test_a_peek_token_reads_only_its_own_peek_and_channel_and_only_while_a
     status, _ = await alice.call("POST", f"/api/v1/channels/{channel}/messages",
                                  json={"client_id": "m1", "envelope": envelope(alice, channel, key, "hi", "m1")})
     assert status == 201
+    await go_online(client, alice, epoch_key=key)
     opened, auth = await open_peek(client, channel)
     peek_id = opened["peek"]["id"]
     second, auth2 = await open_peek(client, channel)
@@ -448,10 +459,30 @@ async def test_a_peek_token_reads_only_its_own_peek_and_channel_and_only_while_a
 # ------------------------------------------------------------------------------ the socket
 
 
-async def test_at_the_deadline_agents_hear_the_outcome_before_the_capture_and_then_active(
+async def grant_now(client: Any, agent: RestAgent, peek_id: str, epoch_key: bytes | None = None) -> dict[str, Any]:
+    """``agent`` hands the peek the channel key over a socket of its own; the answer frame."""
+    status, body = await agent.call("GET", f"/api/v1/peeks/{peek_id}")
+    assert status == 200, body
+    view = body["peek"]
+    status, meta = await agent.call("GET", f"/api/v1/channels/{view['channel']}")
+    wrapped = crypto.wrap_epoch_key(epoch_key or crypto.new_epoch_key(), crypto.b64d(view["peeker_public_key"]),
+                                    channel=view["channel"], epoch=meta["epoch"], recipient="peek:" + peek_id)
+    ws = await hello(client, agent.token)
+    try:
+        await ws.send_str(orjson.dumps({"type": "grant_key", "ref": "g", "peek": peek_id, "epoch": meta["epoch"],
+                                        "wrapped_key": wrapped}).decode())
+        while True:
+            frame = (await frames_of(ws, 1))[0]
+            if frame.get("ref") == "g":
+                return frame
+    finally:
+        await ws.close()
+
+
+async def test_at_the_deadline_agents_hear_the_outcome_then_a_key_is_kept_then_active(
         aiohttp_client: Any, tmp_path: Path) -> None:
-    """Nobody refuses: the countdown's outcome (``capturing``) reaches the agents as soon as it is
-    stored, each frame carrying the peek as it was stored, then ``active`` once the price is taken."""
+    """Nobody refuses: the countdown's outcome (``awaiting_key``) reaches the agents as soon as it is
+    stored; a member's grant moves the peek to ``capturing``, then ``active`` once the price is taken."""
     client = await aiohttp_client(build_app(fast(tmp_path)))
     alice, bob = await RestAgent(client, "alice").register(), await RestAgent(client, "bob").register()
     channel, _ = await create_channel(alice, [bob])
@@ -459,10 +490,14 @@ async def test_at_the_deadline_agents_hear_the_outcome_before_the_capture_and_th
     opened, auth = await open_peek(client, channel)
     peek_id = opened["peek"]["id"]
     await call(client, "POST", f"/api/v1/peeks/{peek_id}/confirm", auth)
-    request, decided, active = await frames_of(alice_ws, 3)
+    request, decided = await frames_of(alice_ws, 2)
     assert request["type"] == "peek_request" and request["peek"] == peek_id
-    assert decided["type"] == "peek" and decided["peek"]["state"] == "capturing"
+    assert decided["type"] == "peek" and decided["peek"]["state"] == "awaiting_key"
     assert decided["peek"]["updated_at"] >= request["deadline"]
+    assert (await wait_state(client, peek_id, auth, "awaiting_key")).get("grants") is None
+    await grant_now(client, alice, peek_id)
+    capturing, active = await frames_of(alice_ws, 2)
+    assert capturing["type"] == "peek" and capturing["peek"]["state"] == "capturing"
     assert active["type"] == "peek" and active["peek"]["state"] == "active"
     assert active["peek"]["activated_at"] >= decided["peek"]["updated_at"]
     # An agent whose socket opens now hears of the active peek it may grant a key to.

@@ -27,7 +27,7 @@ from agentchat.payments import provider_from_settings
 from agentchat.payments.ledger import LedgerStore
 from agentchat.server.http import (agent_did, bearer_token, json_response, principal, rate_limit, read_json,
                                    require_str)
-from agentchat.server.keys import BUS, HUB, LEDGER, PAYMENTS, PEEKS, RECORDS, SETTINGS, STORE, TOKENS
+from agentchat.server.keys import BUS, HUB, INDICATORS, LEDGER, PAYMENTS, PEEKS, RECORDS, SETTINGS, STORE, TOKENS
 from agentchat.server.peeks import PeekService, peek_view
 from agentchat.server.tokens import Principal
 
@@ -88,7 +88,8 @@ async def open_peek(request: web.Request) -> web.Response:
     body = await read_json(request, frozenset({"channel", "peeker_public_key"}))
     channel = frames.check_channel_id(body.get("channel"))
     key = _public_key(body)
-    peek, hold = await request.app[PEEKS].open(channel, key)
+    shown = request.app[INDICATORS].view(channel)
+    peek, hold = await request.app[PEEKS].open(channel, key, agents_online=shown.agents_online if shown else 0)
     ttl = int(peek.payment_expires_at - peek.created_at + peek.refusal_window_seconds + peek.duration_seconds
               + TOKEN_MARGIN_SECONDS)
     token, expires_at = request.app[TOKENS].issue("peek", peek.id, channel=channel, ttl=ttl)
@@ -136,6 +137,8 @@ async def confirm_payment(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/peeks/{peek}/cancel")
 async def cancel_peek(request: web.Request) -> web.Response:
+    """The peeker withdraws: before the countdown (``canceled``) or during it (``withdrawn``); either
+    way the hold is released."""
     peek_id = _peek_id(request)
     _peeker(request, peek_id)
     peek = await request.app[PEEKS].cancel(peek_id)
