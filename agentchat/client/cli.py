@@ -146,6 +146,14 @@ async def _history(args: argparse.Namespace) -> int:
 
 async def _listen(args: argparse.Namespace) -> int:
     async with Agent(args.server, _load_keys(args.key), peek_policy=not args.refuse_peeks) as agent:
+        if args.refuse_peeks:
+            # Said before anything is refused: what each refusal will cost and who pays, or why it
+            # would not hold and how to fund it (then nothing starts).
+            funding = await agent.refusal_funding()
+            print(funding["message"], file=sys.stderr, flush=True)
+            if not funding["funded"]:
+                print("not starting: refusals would be rejected and peeks would go ahead", file=sys.stderr)
+                return 2
         await agent.connect()
         print(f"listening as {agent.did}" + (" (refusing peeks)" if args.refuse_peeks else ""),
               file=sys.stderr, flush=True)

@@ -38,7 +38,6 @@ and the channel's agents get a ``peek_ended`` channel event, on which the SDK st
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import secrets
 import time
@@ -57,9 +56,11 @@ from agentchat.core.peek import (ArmTimer, CancelPayment, CapturePayment, Captur
                                  countdown_seconds_left, open_peek, step)
 from agentchat.core.peek import Cancel as CancelPeek
 from agentchat.errors import AgentChatError, error
-from agentchat.payments.base import Card, Hold, HoldState, PaymentProvider
+from agentchat.payments.base import Hold, HoldState, PaymentProvider
 from agentchat.payments.ledger import LedgerStore
 from agentchat.server.hub import Hub
+from agentchat.server.peek_refusals import (Refusals, balance_holds_key, idempotency_key,  # noqa: F401 (re-exported)
+                                            refusal_key)
 from agentchat.server.session import CLOSE_REMOVED, Session
 from agentchat.server.tokens import Principal
 from agentchat.store import keys as store_keys
@@ -99,38 +100,12 @@ def payment_key(peek_id: str) -> str:
     return f"peek-payments/{peek_id}.json"
 
 
-def refusal_prefix(peek_id: str) -> str:
-    return f"peek-refusals/{peek_id}/"
-
-
-def refusal_key(peek_id: str, did: str) -> str:
-    return f"{refusal_prefix(peek_id)}{did}.json"
-
-
-def balance_holds_key(did: str) -> str:
-    return f"balance-holds/{did}.json"
-
-
 def grant_prefix(peek_id: str) -> str:
     return f"peek-grants/{peek_id}/"
 
 
 def grant_key(peek_id: str, epoch: int) -> str:
     return f"{grant_prefix(peek_id)}{epoch:0{store_keys.EPOCH_WIDTH}d}.json"
-
-
-def card_key(did: str) -> str:
-    return f"cards/{did}.json"
-
-
-def idempotency_key(peek_id: str, action: str) -> str:
-    """Every payment call about a peek carries one of these: the same call from any process, or after
-    a crash, is the same request to the provider."""
-    return f"agentchat-peek-{peek_id}-{action}"
-
-
-def _agent_tag(did: str) -> str:
-    return hashlib.sha256(did.encode()).hexdigest()[:16]
 
 
 # --- wire shapes -------------------------------------------------------------------------------------
@@ -192,6 +167,7 @@ class PeekService:
         self.payments = payments
         self.ledger = ledger
         self.clock = clock
+        self.refusals = Refusals(settings=settings, store=store, payments=payments, ledger=ledger)
         # Peeks this process knows to be under way (from its own transitions, the bus and the scan).
         self.known: dict[str, Peek] = {}
         self._delivered: dict[str, int] = {}  # peek id -> last version told to local sockets
@@ -269,16 +245,6 @@ class PeekService:
         keys = await self.store.list(grant_prefix(peek_id), limit=1000)
         found = await asyncio.gather(*(self.store.get(key) for key in keys))
         return [orjson.loads(obj.data) for obj in found if obj is not None]
-
-    async def card(self, did: str) -> Card | None:
-        found = await self.store.get(card_key(did))
-        return None if found is None else Card.from_record(orjson.loads(found.data))
-
-    async def save_card(self, did: str, card: Card) -> None:
-        await self.store.put(card_key(did), orjson.dumps(card.to_record()))
-
-    async def remove_card(self, did: str) -> None:
-        await self.store.delete(card_key(did))
 
     # ------------------------------------------------------------------------------ what users do
 
@@ -382,12 +348,27 @@ class PeekService:
         if meta is None or did not in meta["members"]:
             raise error("not_member", f"only members of {peek.channel} may refuse this peek")
         step(peek, Refuse(did), self.clock())  # raises peek_state now rather than after charging
-        await self._fund_refusal(peek, did)
+        await self.refusals.fund(peek, did)
         try:
             return await self.apply(peek_id, lambda _: Refuse(did))
         except AgentChatError:
-            await self._release_refusal(peek_id, did)
+            await self.refusals.release(peek_id, did)
             raise
+
+    async def _standing_refusals(self, peek: Peek) -> None:
+        """The countdown started: a member whose standing choice is ``refuse`` refuses now, online or
+        not (its funding was checked when it made the choice; the first refusal ends the peek)."""
+        for did in peek.members or ():
+            if await self.refusals.choice(did) != "refuse":
+                continue
+            try:
+                await self.refuse(peek.id, did)
+                log.info("peek %s refused by %s's standing choice", peek.id, did)
+                return
+            except AgentChatError as exc:
+                if exc.code == "peek_state":
+                    return  # decided already
+                log.warning("peek %s: %s's standing refusal failed: %r", peek.id, did, exc)
 
     async def grant(self, peek_id: str, did: str, epoch: int, wrapped_key: dict[str, Any]) -> Peek:
         """A member hands the active peek the channel's current epoch key, wrapped for the peeker. The
@@ -454,6 +435,8 @@ class PeekService:
         through leaves the open index."""
         self._observe(peek, arm=False)
         await self._publish(TOPIC_STATE, peek.to_bytes())
+        if peek.state is PeekState.COUNTDOWN:
+            self._spawn(self._standing_refusals(peek), f"peek-standing-{peek.id}")
         try:
             for effect in effects:
                 await self._execute(peek, effect)
@@ -475,7 +458,7 @@ class PeekService:
         elif isinstance(effect, CapturePayment):
             await self._capture(peek)
         elif isinstance(effect, ChargeRefusalFee):
-            await self._settle_refusal(peek)
+            await self.refusals.settle(peek)
         elif isinstance(effect, SplitCapture):
             await self._record_split(peek)
         elif isinstance(effect, RevokeAccess):
@@ -502,7 +485,7 @@ class PeekService:
 
     async def _finish(self, peek: Peek) -> None:
         """A terminal peek: release refusal holds that did not win, then leave the open index."""
-        await self._release_losing_refusals(peek)
+        await self.refusals.release_losing(peek)
         await self.store.delete(open_key(peek.id))
 
     # ------------------------------------------------------------------------------ money
@@ -565,155 +548,6 @@ class PeekService:
         except money.LedgerError:
             # Another process recorded the split first, with the members it saw: that one stands.
             await self.ledger.record(await self.ledger.transaction(txn))
-
-    async def _fund_refusal(self, peek: Peek, did: str) -> None:
-        """Secure the refusal fee before the refusal is written: from earnings if they cover it, else
-        a hold on the card on file; with neither, ``refusal_unfunded``."""
-        fee = peek.refusal_fee_cents
-        record: dict[str, Any] = {"agent": did, "method": "balance", "fee_cents": fee}
-        balance = await self._hold_balance(peek.id, did, fee) if fee else 0
-        if fee and balance < fee:
-            card = await self.card(did)
-            if card is None:
-                raise error("refusal_unfunded",
-                            f"Refusing costs {fee} cents: this agent's earnings not set aside for other refusals "
-                            f"come to {balance} cents and it has no card on file (POST /api/v1/agents/me/card).")
-            try:
-                hold = await self.payments.hold_off_session(
-                    card, fee, key=idempotency_key(peek.id, "refusal-" + _agent_tag(did)),
-                    metadata={"peek_id": peek.id, "agent": did, "purpose": "refusal_fee"})
-            except AgentChatError as exc:
-                if exc.code != "payment_declined":
-                    raise
-                raise error("refusal_unfunded",
-                            f"Refusing costs {fee} cents: the earnings not set aside for other refusals come to "
-                            f"{balance} cents and the card on file was declined ({exc.message}).") from None
-            record = {"agent": did, "method": "card", "fee_cents": fee, "ref": hold.ref}
-        await self.store.put(refusal_key(peek.id, did), orjson.dumps(record))
-
-    async def _hold_balance(self, peek_id: str, did: str, fee: int) -> int:
-        """Set ``fee`` of the agent's earnings aside for this refusal if what is not set aside yet
-        covers it. Returns what was available (below ``fee``: nothing was set aside). One object per
-        agent changed by compare-and-set, so of two refusals at once on any processes, only as many
-        are funded from the balance as it covers."""
-        key = balance_holds_key(did)
-        for _ in range(CAS_ATTEMPTS):
-            found = await self.store.get(key)
-            held: dict[str, int] = orjson.loads(found.data)["peeks"] if found is not None else {}
-            held.pop(peek_id, None)  # this same refusal, asked again
-            held = await self._pending_holds(did, held)
-            available = await self.ledger.balance(money.agent_account(did)) - sum(held.values())
-            if available < fee:
-                return available
-            held[peek_id] = fee
-            try:
-                await self._put_holds(key, held, found)
-            except PreconditionFailed:
-                continue
-            return available
-        raise error("conflict", "this agent's balance is being changed by others; try again")
-
-    async def _pending_holds(self, did: str, held: dict[str, int]) -> dict[str, int]:
-        """The holds still owed: the peek is in its countdown, or this agent refused it and the fee is
-        not in the ledger yet. The others were left by a process that stopped between settling (or
-        losing) a refusal and dropping its hold."""
-        pending: dict[str, int] = {}
-        for peek_id, cents in held.items():
-            found = await self.store.get(store_keys.peek(peek_id))
-            if found is None:
-                continue
-            peek = Peek.from_bytes(found.data)
-            # Until its entry counts in the balance (not merely its transaction exists), a fee stays held.
-            if peek.state is PeekState.COUNTDOWN or (
-                    peek.state is PeekState.REFUSED and peek.refused_by == did
-                    and not await self.ledger.in_balance(money.agent_account(did),
-                                                         f"{money.EntryKind.REFUSAL_FEE}/{peek_id}")):
-                pending[peek_id] = cents
-        return pending
-
-    async def _put_holds(self, key: str, held: dict[str, int], found: StoredObject | None) -> None:
-        data = orjson.dumps({"peeks": held})
-        if found is None:
-            await self.store.put(key, data, if_none_match=True)
-        else:
-            await self.store.put(key, data, if_match=found.etag)
-
-    async def _drop_balance_hold(self, peek_id: str, did: str) -> None:
-        """The refusal's fee is in the ledger, or the refusal lost: its hold goes (best effort; the
-        next ``_hold_balance`` of this agent drops it anyway)."""
-        key = balance_holds_key(did)
-        try:
-            for _ in range(CAS_ATTEMPTS):
-                found = await self.store.get(key)
-                if found is None:
-                    return
-                held = orjson.loads(found.data)["peeks"]
-                if held.pop(peek_id, None) is None:
-                    return
-                try:
-                    await self._put_holds(key, held, found)
-                    return
-                except PreconditionFailed:
-                    continue
-        except AgentChatError as exc:
-            log.warning("peek %s: could not drop %s's balance hold; its next refusal will: %r", peek_id, did, exc)
-
-    async def _refusal_record(self, peek_id: str, did: str) -> dict[str, Any] | None:
-        found = await self.store.get(refusal_key(peek_id, did))
-        return None if found is None else orjson.loads(found.data)
-
-    async def _release_refusal(self, peek_id: str, did: str) -> None:
-        """A refusal that did not go through: release its card hold, unless the peek was refused by
-        this same agent meanwhile (a concurrent duplicate of the refusal won)."""
-        try:
-            peek = await self.load(peek_id)
-            if peek.state is PeekState.REFUSED and peek.refused_by == did:
-                return
-            record = await self._refusal_record(peek_id, did)
-            if record is not None and record.get("method") == "card":
-                await self.payments.cancel(record["ref"], key=idempotency_key(peek_id, "refusal-cancel-" + _agent_tag(did)))
-            if record is not None and record.get("method") == "balance":
-                await self._drop_balance_hold(peek_id, did)
-        except AgentChatError as exc:
-            log.warning("peek %s: could not release %s's refusal hold; the scan will: %r", peek_id, did, exc)
-
-    async def _release_losing_refusals(self, peek: Peek) -> None:
-        winner = peek.refused_by if peek.state is PeekState.REFUSED else None
-        for key in await self.store.list(refusal_prefix(peek.id), limit=1000):
-            found = await self.store.get(key)
-            if found is None:
-                continue
-            record = orjson.loads(found.data)
-            if record.get("agent") != winner and record.get("method") == "card":
-                await self.payments.cancel(record["ref"], key=idempotency_key(
-                    peek.id, "refusal-cancel-" + _agent_tag(record["agent"])))
-            elif record.get("agent") != winner and record.get("method") == "balance":
-                await self._drop_balance_hold(peek.id, record["agent"])
-
-    async def _settle_refusal(self, peek: Peek) -> None:
-        """The refusing agent pays the fee to the platform: from its card if it was held (the money
-        then comes from outside the ledger), else from its balance."""
-        did, fee = peek.refused_by, peek.refusal_fee_cents
-        assert did is not None
-        if not fee:
-            return
-        record = await self._refusal_record(peek.id, did)
-        kind = money.EntryKind.REFUSAL_FEE
-        created_at = peek.updated_at
-        entries = money.refusal_fee_entries(peek.id, did, fee, created_at=created_at)
-        if record is not None and record.get("method") == "card":
-            try:
-                await self.payments.capture(record["ref"], key=idempotency_key(peek.id, "refusal-capture"))
-                entries = [money.Entry(money.EXTERNAL, -fee, kind, created_at, peek_id=peek.id),
-                           money.Entry(money.PLATFORM, fee, kind, created_at, peek_id=peek.id)]
-            except AgentChatError as exc:
-                if exc.retryable:
-                    raise
-                log.warning("peek %s: the refusal fee hold could not be captured (%s); charged to %s's "
-                            "balance", peek.id, exc.message, did)
-        await self.ledger.record(entries)
-        if record is None or record.get("method") == "balance":
-            await self._drop_balance_hold(peek.id, did)
 
     # ------------------------------------------------------------------------------ access
 

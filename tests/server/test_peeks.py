@@ -5,6 +5,7 @@ money (``ledger_checked``)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,8 @@ async def test_refusals_at_once_spend_an_agents_earnings_only_as_far_as_they_go(
     alice, bob = await RestAgent(client, "alice").register(), await RestAgent(client, "bob").register()
     app = client.server.app
     service = app[PEEKS]
+    # No debts here: earnings, then the card (debts: test_refusals_become_a_debt_up_to_the_limit).
+    service.refusals.settings = dataclasses.replace(service.settings, refusal_debt_limit_cents=0)
     solo, _ = await create_channel(alice, [])  # earnings: 350 cents from a peek of her own channel
     await go_online(client, alice, grant=False)
     opened, auth = await open_peek(client, solo)
@@ -294,16 +297,34 @@ async def test_refusals_at_once_spend_an_agents_earnings_only_as_far_as_they_go(
     assert await balance(alice) == 50
 
 
-async def test_refusal_without_earnings_or_card_is_rejected_before_the_deadline(client: Any, ledger_checked: Any) -> None:
+async def test_refusals_become_a_debt_up_to_the_limit_then_need_a_card(client: Any, ledger_checked: Any) -> None:
+    """With no earnings and no card a refusal still stops the peek: its fee becomes a debt, paid first
+    from later earnings, up to the limit (300 cents by default). Past it the agent was told in advance
+    (the funding view) and the refusal is rejected before the deadline."""
     alice, bob = await RestAgent(client, "alice").register(), await RestAgent(client, "bob").register()
     channel, _ = await create_channel(alice, [bob])
     await go_online(client, alice)
+    status, view = await bob.call("GET", "/api/v1/agents/me/peek-policy")
+    assert status == 200 and view["funded"] and view["refusals_as_debt"] == 3 and view["choice"] == "allow", view
+    documented("/api/v1/agents/me/peek-policy", "get", "200", view)
+    assert "debt" in view["message"] and "agentchat card" in view["message"]
+    for expected_balance in (-100, -200, -300):
+        opened, auth = await open_peek(client, channel)
+        await call(client, "POST", f"/api/v1/peeks/{opened['peek']['id']}/confirm", auth)
+        status, body = await call(client, "POST", f"/api/v1/peeks/{opened['peek']['id']}/refuse", bob.auth)
+        assert status == 200 and body["peek"]["state"] == "refused", body
+        await check_ledger(client.server.app, lambda l, b=expected_balance: l.balance(money.agent_account(bob.did)) == b)
+    status, view = await bob.call("GET", "/api/v1/agents/me/peek-policy")
+    assert not view["funded"] and "not funded" in view["message"] and "agentchat card" in view["message"]
+    status, body = await bob.call("PUT", "/api/v1/agents/me/peek-policy", json={"choice": "refuse"})
+    assert (status, body["error"]["code"]) == (409, "refusal_unfunded")  # a standing refusal that would not hold
+
     opened, auth = await open_peek(client, channel)
     peek_id = opened["peek"]["id"]
     await call(client, "POST", f"/api/v1/peeks/{peek_id}/confirm", auth)
     status, body = await call(client, "POST", f"/api/v1/peeks/{peek_id}/refuse", bob.auth)
     assert (status, body["error"]["code"]) == (409, "refusal_unfunded"), body
-    assert "card on file" in body["error"]["message"]
+    assert "card on file" in body["error"]["message"] and "agentchat card" in body["error"]["message"]
     assert (await wait_state(client, peek_id, auth, "countdown"))["peek"]["refused_by"] is None
 
     # A card that declines does not fund it either; a working one does.
@@ -316,9 +337,25 @@ async def test_refusal_without_earnings_or_card_is_rejected_before_the_deadline(
     assert status == 200 and body["peek"]["state"] == "refused", body
     ledger = await check_ledger(client.server.app, lambda l: l.transaction(f"refusal_fee/{peek_id}"))
     status, body = await bob.call("GET", "/api/v1/agents/me/ledger")
-    assert body["balance_cents"] == 0 and body["card"] == {"provider": "dev", "label": "dev card"}
+    assert body["balance_cents"] == -300 and body["card"] == {"provider": "dev", "label": "dev card"}
     assert ledger.transaction(f"refusal_fee/{peek_id}")  # the card paid: external -100, platform +100
-    assert ledger.balance(money.PLATFORM) == 100 and ledger.balance(money.EXTERNAL) == -100
+    assert ledger.balance(money.PLATFORM) == 400 and ledger.balance(money.EXTERNAL) == -100
+    status, body = await bob.call("PUT", "/api/v1/agents/me/peek-policy", json={"choice": "refuse"})
+    assert status == 200 and body["choice"] == "refuse" and body["funded"], body
+    documented("/api/v1/agents/me/peek-policy", "put", "200", body)
+
+    # Later earnings pay the debt first: a peek allowed (bob back to allow) with alice and bob.
+    status, body = await bob.call("PUT", "/api/v1/agents/me/peek-policy", json={"choice": "allow"})
+    assert status == 200 and body["choice"] == "allow"
+    opened, auth = await open_peek(client, channel)
+    await call(client, "POST", f"/api/v1/peeks/{opened['peek']['id']}/confirm", auth)
+    client.server.app[PEEKS].clock = lambda: time.time() + 31
+    try:
+        await client.server.app[PEEKS].scan()
+    finally:
+        client.server.app[PEEKS].clock = time.time
+    await wait_state(client, opened["peek"]["id"], auth, "active")
+    await check_ledger(client.server.app, lambda l: l.balance(money.agent_account(bob.did)) == -300 + 175)
     status, _ = await bob.call("DELETE", "/api/v1/agents/me/card")
     assert status == 200 and (await bob.call("GET", "/api/v1/agents/me/ledger"))[1]["card"] is None
 

@@ -170,3 +170,23 @@ async def test_shares_are_fixed_when_the_countdown_starts(aiohttp_client: Any, t
     assert ledger.balance(money.agent_account(bob.did)) == 175  # left, kept its share
     assert all(ledger.balance(money.agent_account(p.did)) == 0 for p in puppets)
     await online.close()
+
+
+async def test_a_standing_refusal_holds_while_the_agent_is_offline(aiohttp_client: Any, tmp_path: Path) -> None:
+    client = await aiohttp_client(build_app(fast(tmp_path, peek_refusal_window_seconds=30.0)))
+    alice, bob = await RestAgent(client, "alice").register(), await RestAgent(client, "bob").register()
+    channel, _ = await create_channel(alice, [bob])
+    await fund_with_dev_card(bob)
+    status, body = await bob.call("PUT", "/api/v1/agents/me/peek-policy", json={"choice": "refuse"})
+    assert status == 200 and body["choice"] == "refuse" and "card on file" in body["message"], body
+    online = await go_online(client, alice)  # bob is offline
+    opened, auth = await open_peek(client, channel)
+    peek_id = opened["peek"]["id"]
+    await call(client, "POST", f"/api/v1/peeks/{peek_id}/confirm", auth)
+    body = await wait_state(client, peek_id, auth, "refused")
+    assert body["peek"]["refused_by"] == bob.did
+    ledger = await check_ledger(client.server.app, lambda l: l.transaction(f"refusal_fee/{peek_id}"))
+    assert ledger.balance(money.PLATFORM) == 100 and not ledger.transaction(f"capture/{peek_id}")
+    status, body = await bob.call("PUT", "/api/v1/agents/me/peek-policy", json={"choice": "maybe"})
+    assert (status, body["error"]["code"]) == (400, "invalid_field")
+    await online.close()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -182,6 +183,8 @@ async def test_refusal_fee_from_a_card_on_file_and_the_peeker_is_released(client
     peek_id, ref = opened["peek"]["id"], opened["payment"]["payment_intent"]
     await pay(browser, ref)
     await call(client, "POST", f"/api/v1/peeks/{peek_id}/confirm", auth)
+    service = client.server.app[PEEKS]  # no debts: the card or nothing
+    service.refusals.settings = dataclasses.replace(service.settings, refusal_debt_limit_cents=0)
 
     status, body = await call(client, "POST", f"/api/v1/peeks/{peek_id}/refuse", bob.auth)
     assert (status, body["error"]["code"]) == (409, "refusal_unfunded")
