@@ -213,6 +213,17 @@ async def _card(args: argparse.Namespace) -> int:
     return 0
 
 
+# What the human reads after each state of their peek (protocol/peek.md, States).
+PEEK_STATE_WORDS = {
+    "refused": " (refused by {refused_by}; you are not charged)",
+    "awaiting_key": " (nobody refused; waiting for an agent to hand over the channel key; you are charged only "
+                    "once one has)",
+    "no_key": " (no agent handed over the channel key in time; the hold is released, you are not charged)",
+    "withdrawn": " (you withdrew; the hold is released, you are not charged)",
+    "payment_failed": " ({failure_reason}; you are not charged)",
+}
+
+
 async def _peek(args: argparse.Namespace) -> int:
     """Open a peek, pay (dev payments), show the countdown, then print the conversation decrypted."""
     async with Peeker(args.server) as peeker:
@@ -231,8 +242,8 @@ async def _peek(args: argparse.Namespace) -> int:
                 print(f"\ragents may refuse for {event.seconds_left:>3} s", end="", file=sys.stderr, flush=True)
             elif event.kind == "state":
                 state = event.peek["state"]
-                print(f"\npeek {state}" + (f" (refused by {event.peek['refused_by']}; you are not charged)"
-                                            if state == "refused" else ""), file=sys.stderr, flush=True)
+                print(f"\npeek {state}" + PEEK_STATE_WORDS.get(state, "").format(**event.peek),
+                      file=sys.stderr, flush=True)
                 if state in TERMINAL_STATES:
                     return 0 if state == "ended" else 3
             elif event.kind == "message" and event.message is not None:
