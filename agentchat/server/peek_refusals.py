@@ -40,26 +40,6 @@ BALANCE_METHODS = ("balance", "debt")
 CHOICES = ("allow", "refuse")
 
 
-def refusal_prefix(peek_id: str) -> str:
-    return f"peek-refusals/{peek_id}/"
-
-
-def refusal_key(peek_id: str, did: str) -> str:
-    return f"{refusal_prefix(peek_id)}{did}.json"
-
-
-def balance_holds_key(did: str) -> str:
-    return f"balance-holds/{did}.json"
-
-
-def card_key(did: str) -> str:
-    return f"cards/{did}.json"
-
-
-def choice_key(did: str) -> str:
-    return f"peek-choices/{did}.json"
-
-
 def idempotency_key(peek_id: str, action: str) -> str:
     """Every payment call about a peek carries one of these: the same call from any process, or after
     a crash, is the same request to the provider."""
@@ -81,19 +61,19 @@ class Refusals:
     # ------------------------------------------------------------------------------ cards and choice
 
     async def card(self, did: str) -> Card | None:
-        found = await self.store.get(card_key(did))
+        found = await self.store.get(store_keys.card(did))
         return None if found is None else Card.from_record(orjson.loads(found.data))
 
     async def save_card(self, did: str, card: Card) -> None:
-        await self.store.put(card_key(did), orjson.dumps(card.to_record()))
+        await self.store.put(store_keys.card(did), orjson.dumps(card.to_record()))
 
     async def remove_card(self, did: str) -> None:
-        await self.store.delete(card_key(did))
+        await self.store.delete(store_keys.card(did))
 
     async def choice(self, did: str) -> str:
         """The agent's standing choice: ``allow`` (the default) or ``refuse``, applied by the server
         when a countdown starts, whether or not the agent is online."""
-        found = await self.store.get(choice_key(did))
+        found = await self.store.get(store_keys.peek_choice(did))
         return "allow" if found is None else str(orjson.loads(found.data)["choice"])
 
     async def set_choice(self, did: str, choice: str) -> dict[str, Any]:
@@ -105,14 +85,14 @@ class Refusals:
             view = await self.funding(did)
             if not view["funded"]:
                 raise error("refusal_unfunded", view["message"])
-        await self.store.put(choice_key(did), orjson.dumps({"choice": choice}))
+        await self.store.put(store_keys.peek_choice(did), orjson.dumps({"choice": choice}))
         return await self.funding(did)
 
     async def funding(self, did: str) -> dict[str, Any]:
         """What the agent's next refusal would cost and who would pay, said in advance."""
         fee, limit = self.settings.refusal_fee_cents, self.settings.refusal_debt_limit_cents
         balance = await self.ledger.balance(money.agent_account(did))
-        found = await self.store.get(balance_holds_key(did))
+        found = await self.store.get(store_keys.balance_holds(did))
         held = sum((await self._pending_holds(did, orjson.loads(found.data)["peeks"])).values()) if found else 0
         available = balance - held
         card = await self.card(did)
@@ -174,7 +154,7 @@ class Refusals:
                                 + ("" if card else " and it has no card on file")
                                 + ". Put a card on file: `agentchat card` (or POST /api/v1/agents/me/card).")
                 record = {"agent": did, "method": "debt", "fee_cents": fee}
-        await self.store.put(refusal_key(peek.id, did), orjson.dumps(record))
+        await self.store.put(store_keys.peek_refusal(peek.id, did), orjson.dumps(record))
 
     async def _hold_balance(self, peek_id: str, did: str, fee: int, *, floor: int = 0) -> int:
         """Set ``fee`` of the agent's balance aside for this refusal if what is not set aside yet, less
@@ -182,7 +162,7 @@ class Refusals:
         what was available (if ``available - fee < floor`` nothing was set aside). One object per
         agent changed by compare-and-set, so of two refusals at once on any processes, only as many
         are funded from the balance as it covers."""
-        key = balance_holds_key(did)
+        key = store_keys.balance_holds(did)
         for _ in range(CAS_ATTEMPTS):
             found = await self.store.get(key)
             held: dict[str, int] = orjson.loads(found.data)["peeks"] if found is not None else {}
@@ -227,7 +207,7 @@ class Refusals:
     async def _drop_balance_hold(self, peek_id: str, did: str) -> None:
         """The refusal's fee is in the ledger, or the refusal lost: its hold goes (best effort; the
         next ``_hold_balance`` of this agent drops it anyway)."""
-        key = balance_holds_key(did)
+        key = store_keys.balance_holds(did)
         try:
             for _ in range(CAS_ATTEMPTS):
                 found = await self.store.get(key)
@@ -245,7 +225,7 @@ class Refusals:
             log.warning("peek %s: could not drop %s's balance hold; its next refusal will: %r", peek_id, did, exc)
 
     async def _refusal_record(self, peek_id: str, did: str) -> dict[str, Any] | None:
-        found = await self.store.get(refusal_key(peek_id, did))
+        found = await self.store.get(store_keys.peek_refusal(peek_id, did))
         return None if found is None else orjson.loads(found.data)
 
     async def release(self, peek_id: str, did: str) -> None:
@@ -268,7 +248,7 @@ class Refusals:
 
     async def release_losing(self, peek: Peek) -> None:
         winner = peek.refused_by if peek.state is PeekState.REFUSED else None
-        for key in await self.store.list(refusal_prefix(peek.id), limit=1000):
+        for key in await self.store.list(store_keys.peek_refusal_prefix(peek.id), limit=1000):
             found = await self.store.get(key)
             if found is None:
                 continue

@@ -46,6 +46,7 @@ from typing import Any
 
 import orjson
 
+from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
 from agentchat.config import Settings
 from agentchat.core import frames
@@ -58,9 +59,8 @@ from agentchat.core.peek import Cancel as CancelPeek
 from agentchat.errors import AgentChatError, error
 from agentchat.payments.base import Hold, HoldState, PaymentProvider
 from agentchat.payments.ledger import LedgerStore
-from agentchat.server.hub import Hub
-from agentchat.server.peek_refusals import (Refusals, balance_holds_key, idempotency_key,  # noqa: F401 (re-exported)
-                                            refusal_key)
+from agentchat.server.hub import Hub, HubListenerBase
+from agentchat.server.peek_refusals import Refusals, idempotency_key
 from agentchat.server.session import CLOSE_REMOVED, Session
 from agentchat.server.tokens import Principal
 from agentchat.store import keys as store_keys
@@ -69,9 +69,6 @@ from agentchat.store.records import Records
 
 log = logging.getLogger(__name__)
 
-TOPIC_STATE = "p:state"
-TOPIC_GRANT = "p:grant"
-OPEN_PREFIX = "peeks-open/"
 CAS_ATTEMPTS = 32
 # Processes that did not make a transition fire its timer this much later: the one that did usually
 # wins alone, and another takes over if it is gone.
@@ -89,23 +86,6 @@ STATES_AGENTS_HEAR = frozenset({PeekState.REFUSED, PeekState.AWAITING_KEY, PeekS
 STATES_TAKING_GRANTS = frozenset({PeekState.AWAITING_KEY, PeekState.CAPTURING, PeekState.ACTIVE})
 
 
-# --- store keys of the peek service ------------------------------------------------------------------
-
-
-def open_key(peek_id: str) -> str:
-    return OPEN_PREFIX + peek_id
-
-
-def payment_key(peek_id: str) -> str:
-    return f"peek-payments/{peek_id}.json"
-
-
-def grant_prefix(peek_id: str) -> str:
-    return f"peek-grants/{peek_id}/"
-
-
-def grant_key(peek_id: str, epoch: int) -> str:
-    return f"{grant_prefix(peek_id)}{epoch:0{store_keys.EPOCH_WIDTH}d}.json"
 
 
 # --- wire shapes -------------------------------------------------------------------------------------
@@ -156,7 +136,9 @@ def grant_frame(grant: dict[str, Any]) -> bytes:
 # --- the service -------------------------------------------------------------------------------------
 
 
-class PeekService:
+class PeekService(HubListenerBase):
+    bus_kind = bus_keys.PEEKS
+
     def __init__(self, *, settings: Settings, store: ObjectStore, bus: Bus, hub: Hub, records: Records,
                  payments: PaymentProvider, ledger: LedgerStore, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -184,10 +166,8 @@ class PeekService:
     # ------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self.hub.peek_readable = self.readable
-        self.hub.on_peek_message = self._on_bus
-        await self.bus.subscribe(TOPIC_STATE)
-        await self.bus.subscribe(TOPIC_GRANT)
+        await self.bus.subscribe(bus_keys.PEEK_STATE)
+        await self.bus.subscribe(bus_keys.PEEK_GRANT)
         try:
             await self.scan()
         except AgentChatError as exc:  # the loop tries again
@@ -232,17 +212,17 @@ class PeekService:
             raise error("peek_not_found", f"no peek {peek_id}")
         return Peek.from_bytes(found.data)
 
-    def readable(self, peek_id: str) -> bool:
-        """Whether a peek token may read its channel now: only while its peek is active."""
+    def peek_readable(self, peek_id: str) -> bool:
+        """``HubListener``: whether a peek token may read its channel now: only while its peek is active."""
         peek = self.known.get(peek_id)
         return peek is not None and peek.state is PeekState.ACTIVE
 
     async def payment(self, peek_id: str) -> dict[str, Any] | None:
-        found = await self.store.get(payment_key(peek_id))
+        found = await self.store.get(store_keys.peek_payment(peek_id))
         return None if found is None else orjson.loads(found.data)
 
     async def grants(self, peek_id: str) -> list[dict[str, Any]]:
-        keys = await self.store.list(grant_prefix(peek_id), limit=1000)
+        keys = await self.store.list(store_keys.peek_grant_prefix(peek_id), limit=1000)
         found = await asyncio.gather(*(self.store.get(key) for key in keys))
         return [orjson.loads(obj.data) for obj in found if obj is not None]
 
@@ -272,7 +252,7 @@ class PeekService:
                            payment_timeout_seconds=float(settings.peek_payment_timeout_seconds),
                            grant_wait_seconds=float(settings.peek_grant_wait_seconds))
         peek = opened.peek
-        await self.store.put(open_key(peek_id), b"")  # first: a stored peek is always found by the scan
+        await self.store.put(store_keys.peek_open(peek_id), b"")  # first: a stored peek is always found by the scan
         await self.store.put(store_keys.peek(peek_id), peek.to_bytes(), if_none_match=True)
         try:
             hold = await self.payments.authorize(peek_id, peek.price_cents, key=idempotency_key(peek_id, "authorize"))
@@ -283,7 +263,7 @@ class PeekService:
             except AgentChatError:
                 pass
             raise
-        await self.store.put(payment_key(peek_id), orjson.dumps(
+        await self.store.put(store_keys.peek_payment(peek_id), orjson.dumps(
             {"provider": self.payments.name, "ref": hold.ref, "client": hold.client}))
         await self._after(peek, [e for e in opened.effects if isinstance(e, ArmTimer)])
         return peek, hold
@@ -385,7 +365,7 @@ class PeekService:
         grant = {"peek": peek_id, "channel": peek.channel, "epoch": epoch, "wrapped_key": wrapped_key,
                  "granted_by": did, "granted_at": int(self.clock() * 1000)}
         try:
-            await self.store.put(grant_key(peek_id, epoch), orjson.dumps(grant), if_none_match=True)
+            await self.store.put(store_keys.peek_grant(peek_id, epoch), orjson.dumps(grant), if_none_match=True)
         except PreconditionFailed:
             if peek.state is not PeekState.AWAITING_KEY:
                 return peek
@@ -394,7 +374,7 @@ class PeekService:
             return await self._key_kept(peek_id, did)
         if peek.state is PeekState.ACTIVE:  # a new epoch during the peek: the peeker needs it too
             self._deliver_grant(grant)
-            await self._publish(TOPIC_GRANT, orjson.dumps(grant))
+            await self._publish(bus_keys.PEEK_GRANT, orjson.dumps(grant))
         return peek
 
     async def _key_kept(self, peek_id: str, did: str) -> Peek:
@@ -434,7 +414,7 @@ class PeekService:
         """Tell everyone, then execute the effects in order; a terminal peek whose effects all went
         through leaves the open index."""
         self._observe(peek, arm=False)
-        await self._publish(TOPIC_STATE, peek.to_bytes())
+        await self._publish(bus_keys.PEEK_STATE, peek.to_bytes())
         if peek.state is PeekState.COUNTDOWN:
             self._spawn(self._standing_refusals(peek), f"peek-standing-{peek.id}")
         try:
@@ -486,7 +466,7 @@ class PeekService:
     async def _finish(self, peek: Peek) -> None:
         """A terminal peek: release refusal holds that did not win, then leave the open index."""
         await self.refusals.release_losing(peek)
-        await self.store.delete(open_key(peek.id))
+        await self.store.delete(store_keys.peek_open(peek.id))
 
     # ------------------------------------------------------------------------------ money
 
@@ -611,7 +591,7 @@ class PeekService:
         if at is not None:
             self._arm(peek, at, backup=True)
         if peek.state is PeekState.AWAITING_KEY:
-            kept = await self.store.list(grant_prefix(peek.id), limit=1)
+            kept = await self.store.list(store_keys.peek_grant_prefix(peek.id), limit=1)
             if kept:
                 granted = orjson.loads((await self.store.get(kept[0])).data)["granted_by"]
                 await self._key_kept(peek.id, granted)
@@ -635,10 +615,10 @@ class PeekService:
         open_ids: set[str] = set()
         start_after = ""
         while True:
-            page = await self.store.list(OPEN_PREFIX, start_after=start_after, limit=1000)
+            page = await self.store.list(store_keys.PEEK_OPEN_PREFIX, start_after=start_after, limit=1000)
             if not page:
                 break
-            open_ids.update(key[len(OPEN_PREFIX):] for key in page)
+            open_ids.update(key[len(store_keys.PEEK_OPEN_PREFIX):] for key in page)
             start_after = page[-1]
         log.debug("peek scan: %d open, %d known", len(open_ids), len(self.known))
         for peek_id in sorted(open_ids | set(self.known)):
@@ -646,7 +626,7 @@ class PeekService:
                 found = await self.store.get(store_keys.peek(peek_id))
                 if found is None:
                     if peek_id in open_ids:
-                        await self.store.delete(open_key(peek_id))  # opened by a process that died
+                        await self.store.delete(store_keys.peek_open(peek_id))  # opened by a process that died
                     self.known.pop(peek_id, None)
                     continue
                 peek = Peek.from_bytes(found.data)
@@ -683,12 +663,12 @@ class PeekService:
         except AgentChatError as exc:  # other processes catch up at their next scan
             log.warning("could not publish on %s: %r", topic, exc)
 
-    def _on_bus(self, topic: str, body: bytes) -> None:
-        """Called by the hub for ``p:...`` topics, from the bus reader: must not block."""
+    def on_bus_message(self, topic: str, body: bytes) -> None:
+        """``HubListener``: a message on a ``p:...`` topic, from the bus reader: must not block."""
         try:
-            if topic == TOPIC_STATE[2:]:
+            if topic == bus_keys.PEEK_STATE[bus_keys.KIND_LENGTH:]:
                 self._observe(Peek.from_bytes(body))
-            elif topic == TOPIC_GRANT[2:]:
+            elif topic == bus_keys.PEEK_GRANT[bus_keys.KIND_LENGTH:]:
                 self._deliver_grant(orjson.loads(body))
         except (ValueError, KeyError) as exc:
             log.warning("ignoring a malformed peek message on %s: %r", topic, exc)

@@ -14,7 +14,7 @@ from aiohttp import WSMsgType
 from agentchat.core import ledger as money
 from agentchat.errors import error
 from agentchat.server.app import build_app
-from agentchat.server.keys import PEEKS, RECORDS
+from agentchat.server.appkeys import PEEKS, RECORDS
 from tests.conftest import RestAgent
 from tests.server.peek_agents import go_online
 from tests.server.test_peeks import (call, check_ledger, fast, frames_of, fund_with_dev_card, grant_now, open_peek,

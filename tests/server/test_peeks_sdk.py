@@ -15,7 +15,7 @@ from agentchat.client import Agent
 from agentchat.client.agent import AgentChatClientError
 from agentchat.client.peeker import PeekEvent, Peeker
 from agentchat.config import Settings, load_settings
-from agentchat.server.keys import PEEKS
+from agentchat.server.appkeys import PEEKS
 from tests.server.test_peeks import check_ledger
 
 

@@ -18,7 +18,7 @@ from agentchat import crypto
 from agentchat.core import frames
 from agentchat.errors import error
 from agentchat.server.http import agent_did, json_response, principal, query_int, read_json
-from agentchat.server.keys import HISTORY, HUB, RECORDS, SETTINGS
+from agentchat.server.appkeys import HISTORY, HUB, RECORDS, SETTINGS
 from agentchat.store.records import Record
 
 routes = web.RouteTableDef()
