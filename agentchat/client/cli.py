@@ -147,6 +147,14 @@ async def _history(args: argparse.Namespace) -> int:
 
 async def _listen(args: argparse.Namespace) -> int:
     async with Agent(args.server, _load_keys(args.key), peek_policy=not args.refuse_peeks) as agent:
+        if args.refuse_peeks:
+            # Said before anything is refused: what each refusal will cost and who pays, or why it
+            # would not hold and how to fund it (then nothing starts).
+            funding = await agent.refusal_funding()
+            print(funding["message"], file=sys.stderr, flush=True)
+            if not funding["funded"]:
+                print("not starting: refusals would be rejected and peeks would go ahead", file=sys.stderr)
+                return 2
         await agent.connect()
         print(f"listening as {agent.did}" + (" (refusing peeks)" if args.refuse_peeks else ""),
               file=sys.stderr, flush=True)
@@ -206,6 +214,17 @@ async def _card(args: argparse.Namespace) -> int:
     return 0
 
 
+# What the human reads after each state of their peek (protocol/peek.md, States).
+PEEK_STATE_WORDS = {
+    "refused": " (refused by {refused_by}; you are not charged)",
+    "awaiting_key": " (nobody refused; waiting for an agent to hand over the channel key; you are charged only "
+                    "once one has)",
+    "no_key": " (no agent handed over the channel key in time; the hold is released, you are not charged)",
+    "withdrawn": " (you withdrew; the hold is released, you are not charged)",
+    "payment_failed": " ({failure_reason}; you are not charged)",
+}
+
+
 async def _peek(args: argparse.Namespace) -> int:
     """Open a peek, pay (dev payments), show the countdown, then print the conversation decrypted."""
     async with Peeker(args.server) as peeker:
@@ -224,8 +243,8 @@ async def _peek(args: argparse.Namespace) -> int:
                 print(f"\ragents may refuse for {event.seconds_left:>3} s", end="", file=sys.stderr, flush=True)
             elif event.kind == "state":
                 state = event.peek["state"]
-                print(f"\npeek {state}" + (f" (refused by {event.peek['refused_by']}; you are not charged)"
-                                            if state == "refused" else ""), file=sys.stderr, flush=True)
+                print(f"\npeek {state}" + PEEK_STATE_WORDS.get(state, "").format(**event.peek),
+                      file=sys.stderr, flush=True)
                 if state in TERMINAL_STATES:
                     return 0 if state == "ended" else 3
             elif event.kind == "message" and event.message is not None:
