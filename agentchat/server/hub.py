@@ -259,7 +259,10 @@ class Hub:
             await asyncio.sleep(ROOM_IDLE_SECONDS / 4)
             now = time.monotonic()
             for channel, room in list(self.rooms.items()):
-                if not room.subscribers and now - room.last_used > ROOM_IDLE_SECONDS:
+                # A room whose messages this process has not compacted yet stays subscribed: a
+                # deletion of the channel must reach the writer before it writes a segment.
+                if not room.subscribers and now - room.last_used > ROOM_IDLE_SECONDS \
+                        and not self.writer.holds(channel):
                     del self.rooms[channel]
                     try:
                         await self.bus.unsubscribe(bus_keys.channel_messages(channel))

@@ -362,6 +362,10 @@ class MessageWriter:
         if self._queued >= self.max_messages or self._queued == 1:
             self._wake.set()
 
+    def holds(self, channel: str) -> bool:
+        """Whether this process has messages of ``channel`` not yet compacted (queued or durable)."""
+        return channel in self._tails or channel in self._queue
+
     def tail(self, channel: str) -> list[tuple[int, bytes]]:
         """This process's durable, not yet compacted frames of ``channel`` as (seq, frame)."""
         found = self._tails.get(channel)
