@@ -69,6 +69,12 @@ class Settings:
     peek_duration_seconds: float = 600.0
     # How long the human has to authorise the payment before the peek expires.
     peek_payment_timeout_seconds: float = 900.0
+    # After a countdown nobody refused, how long the agents have to hand over the channel key; with no
+    # key by then the hold is released and the human pays nothing (protocol/peek.md).
+    peek_grant_wait_seconds: float = 30.0
+    # How far below zero a refusal may take an agent's balance when neither its earnings nor a card
+    # cover the fee (a debt, paid first from later shares). Past it, refusing needs a card on file.
+    refusal_debt_limit_cents: int = 300
     # Every process re-reads the open peeks this often and drives those that are due, so a deadline
     # is enforced even when the process that armed its timer is gone.
     peek_scan_seconds: float = 2.0
@@ -101,7 +107,7 @@ class Settings:
         if scheme_of(self.payments) not in ("dev", "stripe"):
             raise ConfigError(f"payments {self.payments!r}: use dev:// or stripe://")
         for name in ("peek_refusal_window_seconds", "peek_duration_seconds", "peek_payment_timeout_seconds",
-                     "peek_scan_seconds"):
+                     "peek_scan_seconds", "peek_grant_wait_seconds"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds")
         if self.retention_default_seconds < 0 or self.retention_max_seconds < 0:

@@ -143,6 +143,11 @@ def card(did: str) -> str:
     return f"cards/{did}.json"
 
 
+def peek_choice(did: str) -> str:
+    """An agent's standing peek choice, ``allow`` or ``refuse``, applied when a countdown starts."""
+    return f"peek-choices/{did}.json"
+
+
 LEDGER_TXN_PREFIX = "ledger/txns/"
 LEDGER_ACCOUNT_PREFIX = "ledger/accounts/"
 

@@ -25,6 +25,7 @@ def test_store_layout_is_unchanged() -> None:
     assert store_keys.peek_grant("pk_1", 2) == "peek-grants/pk_1/0000000002.json"
     assert store_keys.balance_holds(DID) == f"balance-holds/{DID}.json"
     assert store_keys.card(DID) == f"cards/{DID}.json"
+    assert store_keys.peek_choice(DID) == f"peek-choices/{DID}.json"
     assert store_keys.ledger_txn("capture/pk_1") == "ledger/txns/capture/pk_1.json"
     assert store_keys.ledger_entry("platform", "capture/pk_1") == "ledger/accounts/platform/capture/pk_1"
     assert store_keys.channel_tombstone("ch_1") == "tombstones/channels/ch_1"
