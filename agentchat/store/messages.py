@@ -166,8 +166,8 @@ class MessageLog:
             lowest = min(lowest, spans[i][0])
         for i, key in enumerate(listing):
             obj = await self.store.get(key)
-            if obj is None:  # cannot happen (segments are never deleted) unless removed by hand
-                break
+            if obj is None:  # expired or its channel deleted since the listing: the rest still counts
+                continue
             for frame in parse_segment_frames(obj.data):
                 seq = frame_seq(frame)
                 if seq > after:
