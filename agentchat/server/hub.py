@@ -628,6 +628,9 @@ class Hub:
         remember the client ids of the latest stored messages so retries stay idempotent."""
         tail = await self.history.tail(channel, RECENT_MESSAGES)
         last = frame_seq(tail[-1]) if tail else 0
+        room = self.rooms.get(channel)
+        if room is not None:  # what was stored may all have expired: the numbers below stay used
+            last = max(last, room.first_available - 1)
         floor = last + self.reseed_gap
         for frame in tail:
             record = orjson.loads(frame)
