@@ -230,6 +230,10 @@ class MemoryBus:
         if current is None or current < floor:
             counters[counter] = floor
 
+    async def read_counters(self, counters: Sequence[str]) -> list[int | None]:
+        known = self._broker.counters
+        return [known.get(counter) for counter in counters]
+
     # -- values --------------------------------------------------------------------------------
 
     async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bytes | None:

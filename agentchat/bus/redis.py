@@ -607,6 +607,12 @@ class RedisBus:
     async def seed_sequence(self, counter: str, floor: int) -> None:
         await self._run_script(SEED_SEQUENCE, self._seq_prefix + counter, int(floor))
 
+    async def read_counters(self, counters: Sequence[str]) -> list[int | None]:
+        if not counters:
+            return []
+        values = await self._call("MGET", *(self._seq_prefix + counter for counter in counters))
+        return [None if value is None else int(value) for value in values]
+
     # -- values --------------------------------------------------------------------------------
 
     async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bytes | None:

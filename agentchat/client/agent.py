@@ -39,6 +39,11 @@ TOKEN_REFRESH_MARGIN = 60.0  # seconds before expiry when a new token is fetched
 RECONNECT_MAX_DELAY = 5.0
 SEEN_CLIENT_IDS = 4096
 PEEK_REPLY_TIMEOUT = 30.0
+# Waits between attempts of a removal that answered a retryable error (None: give up).
+REMOVE_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, None)
+# A member that is not the owner waits this long (up to) before rotating after a removal, so the
+# owner's rotation usually comes first and the others find nothing to do.
+ROTATE_AFTER_REMOVAL_DELAY = 2.0
 
 # Decides on a peek request (the ``peek_request`` frame, protocol/peek.md): True lets the countdown
 # run, False refuses (the agent pays the refusal fee). May be a coroutine function.
@@ -256,11 +261,22 @@ class Agent:
         return await self.rotate_epoch(channel)
 
     async def remove_member(self, channel: str, did: str) -> dict[str, Any]:
-        """Remove ``did`` (owner, or oneself), then start a new epoch it cannot read."""
-        meta = await self._request("DELETE", f"/api/v1/channels/{channel}/members/{did}")
+        """Remove ``did`` (owner, or oneself), then start a new epoch it cannot read.
+
+        A removal is idempotent on the server, so an answer that may hide a stored removal (the store
+        took it, the bus did not: ``bus_unavailable``, or any retryable error) is retried a few times
+        before it is raised; whichever attempt succeeds, the epoch is rotated."""
+        for delay in REMOVE_RETRY_DELAYS:
+            try:
+                meta = await self._request("DELETE", f"/api/v1/channels/{channel}/members/{did}")
+                break
+            except AgentChatClientError as exc:
+                if not exc.retryable or delay is None:
+                    raise
+            await asyncio.sleep(delay)
         if did == self.did:
             return meta
-        return await self.rotate_epoch(channel)
+        return await self._rotate_past(channel, meta["epoch"]) or await self.channel(channel)
 
     async def rotate_epoch(self, channel: str) -> dict[str, Any]:
         """New epoch key for the current members. If another member rotated first, use theirs."""
@@ -474,7 +490,12 @@ class Agent:
                     self._in_background(self._grant_peek(view))
         elif event == "peek_ended":
             self._active_peeks.pop(frame.get("peek", ""), None)
-            self._in_background(self._rotate_after_peek(channel, int(frame.get("epoch") or 0)))
+            self._in_background(self._rotate_past(channel, int(frame.get("epoch") or 0)))
+        elif event == "member_removed" and frame.get("did") != self.did and "epoch" in frame:
+            # The removed agent holds the key of the epoch it was removed in: move past it. The
+            # owner's client does so itself; the others check a moment later, in case it could not.
+            self._in_background(self._rotate_past(channel, int(frame["epoch"]),
+                                                  delay=random.uniform(0.5, 1.0) * ROTATE_AFTER_REMOVAL_DELAY))
         elif event == "added":
             self._last_seq.setdefault(channel, 0)
         elif event == "removed":
@@ -582,13 +603,21 @@ class Agent:
                     return
                 raise
 
-    async def _rotate_after_peek(self, channel: str, epoch: int) -> None:
-        """The peek that read up to ``epoch`` is over: move the channel past it, so what is said next
-        is under a key the peeker never had. Every member tries; the first rotation is enough."""
+    async def _rotate_past(self, channel: str, epoch: int, delay: float = 0.0) -> dict[str, Any] | None:
+        """Someone who held the key of ``epoch`` may no longer read (a peek is over, a member was
+        removed): move the channel past it, so what is said next is under a key they never had.
+        Every member tries; the first rotation is enough. Returns the channel if this call rotated."""
+        if delay:
+            await asyncio.sleep(delay)
         for _ in range(3):
-            meta = await self.channel(channel)
+            try:
+                meta = await self.channel(channel)
+            except AgentChatClientError as exc:
+                if exc.code == "not_member":  # removed meanwhile: not ours to rotate
+                    return None
+                raise
             if meta["epoch"] > epoch:
-                return
+                return None
             next_epoch = meta["epoch"] + 1
             epoch_key = crypto.new_epoch_key()
             wrapped = await self._wrap_for(channel, next_epoch, meta["members"], epoch_key)
@@ -601,7 +630,8 @@ class Agent:
                 raise
             self._epoch_keys[(channel, next_epoch)] = epoch_key
             self._current_epoch[channel] = next_epoch
-            return
+            return await self.channel(channel)
+        return None
 
     async def _on_message(self, frame: dict[str, Any]) -> None:
         channel, seq = frame["channel"], int(frame["seq"])

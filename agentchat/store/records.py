@@ -6,7 +6,7 @@ the object's etag, retried on a lost race, so concurrent changes are never lost.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -37,9 +37,11 @@ class Records:
             return False
         return True
 
-    async def update_json(self, key: str, change: Callable[[Record], Record | None]) -> Record:
+    async def update_json(self, key: str, change: Callable[[Record], Record | None], *,
+                          before_write: Callable[[Record], Awaitable[None]] | None = None) -> Record:
         """Read-modify-write with compare-and-set; ``change`` may raise to refuse, or return None for
-        'nothing to change'. Returns the record as stored."""
+        'nothing to change'. ``before_write`` sees each record about to be written and may raise to
+        stop it. Returns the record as stored."""
         for _ in range(CAS_ATTEMPTS):
             current = await self.get_json(key)
             if current is None:
@@ -48,6 +50,8 @@ class Records:
             updated = change(dict(record))
             if updated is None:
                 return record
+            if before_write is not None:
+                await before_write(updated)
             try:
                 await self.store.put(key, orjson.dumps(updated), if_match=etag)
             except PreconditionFailed:
@@ -91,10 +95,11 @@ class Records:
             await self.store.put(keys.membership(did, channel_id), b"")
         await self.store.put(keys.channel_index(channel_id), b"")
 
-    async def update_channel(self, channel_id: str, change: Callable[[Record], Record | None]) -> Record:
+    async def update_channel(self, channel_id: str, change: Callable[[Record], Record | None], *,
+                             before_write: Callable[[Record], Awaitable[None]] | None = None) -> Record:
         if await self.get_channel(channel_id) is None:
             raise error("channel_not_found")
-        return await self.update_json(keys.channel(channel_id), change)
+        return await self.update_json(keys.channel(channel_id), change, before_write=before_write)
 
     async def add_membership(self, did: str, channel_id: str) -> None:
         await self.store.put(keys.membership(did, channel_id), b"")

@@ -19,6 +19,7 @@ from agentchat.core import frames
 from agentchat.errors import error
 from agentchat.server.http import agent_did, json_response, principal, query_int, read_json
 from agentchat.server.keys import HISTORY, HUB, RECORDS, SETTINGS
+from agentchat.server.membership import membership_counter, remember_removed, version_of
 from agentchat.store.records import Record
 
 routes = web.RouteTableDef()
@@ -92,6 +93,7 @@ async def create_channel(request: web.Request) -> web.Response:
                                         "created_at": now, "keys": epoch_keys})
     hub = request.app[HUB]
     await hub.seed_new_channel(channel_id)
+    await hub.bus.seed_sequence(membership_counter(channel_id), 0)
     for member in members:
         await hub.publish_agent_event(member, {"event": "added", "channel": channel_id})
     return json_response(channel_view(meta), 201)
@@ -132,10 +134,10 @@ async def add_member(request: web.Request) -> web.Response:
             return None
         if len(current["members"]) >= limit:
             raise error("invalid_field", f"a channel has at most {limit} members")
-        return {**current, "members": sorted([*current["members"], new_member]),
-                "updated_at": int(time.time() * 1000)}
+        removed = {k: v for k, v in current.get("removed", {}).items() if k != new_member}
+        return {**current, "members": sorted([*current["members"], new_member]), "removed": removed}
 
-    updated = await records.update_channel(meta["id"], add)
+    updated = await request.app[HUB].membership.write(meta["id"], add)
     await records.add_membership(new_member, meta["id"])
     hub = request.app[HUB]
     await hub.publish_channel_event(meta["id"], {"event": "member_added", "did": new_member})
@@ -145,23 +147,36 @@ async def add_member(request: web.Request) -> web.Response:
 
 @routes.delete("/api/v1/channels/{channel}/members/{did}")
 async def remove_member(request: web.Request) -> web.Response:
+    """Remove a member (the owner), or leave (any member). Idempotent: a removal that is already
+    stored answers as the first one did and publishes its event again, so a client that got an error
+    the first time (the store took it, the bus did not) still learns that it happened and rotates the
+    epoch. Enforced on every process once stored (server/membership.py)."""
     did = agent_did(request)
-    meta = await _member_channel(request, did)
+    channel_id = frames.check_channel_id(request.match_info["channel"], "channel id")
     leaving = _check_did(request.match_info["did"], "the DID in the path")
+    records = request.app[RECORDS]
+    meta = await records.get_channel(channel_id)
+    if meta is None:
+        raise error("channel_not_found", f"no channel {channel_id}")
+    if did not in meta["members"] and not (leaving == did and did in meta.get("removed", {})):
+        raise error("not_member", f"not a member of {channel_id}")
 
     def remove(current: Record) -> Record | None:
         if leaving != did and current["owner"] != did:
             raise error("forbidden", "only the owner removes other members; a member may remove itself")
         if leaving not in current["members"]:
-            raise error("not_member", f"{leaving} is not a member")
+            return None  # already removed (a retry), or never a member
         members = [m for m in current["members"] if m != leaving]
         owner = current["owner"] if current["owner"] != leaving else (members[0] if members else "")
-        return {**current, "members": members, "owner": owner, "updated_at": int(time.time() * 1000)}
+        return {**current, "members": members, "owner": owner, "removed": remember_removed(current, leaving)}
 
-    records = request.app[RECORDS]
-    updated = await records.update_channel(meta["id"], remove)
-    await records.remove_membership(leaving, meta["id"])
-    await request.app[HUB].publish_channel_event(meta["id"], {"event": "member_removed", "did": leaving})
+    hub = request.app[HUB]
+    updated = await hub.membership.write(channel_id, remove)
+    await records.remove_membership(leaving, channel_id)
+    removed_at = updated.get("removed", {}).get(leaving)
+    if removed_at is not None:
+        await hub.publish_channel_event(channel_id, {"event": "member_removed", "did": leaving,
+                                                     "epoch": removed_at, "version": version_of(updated)})
     return json_response(channel_view(updated))
 
 
