@@ -109,6 +109,7 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     # 403
     "not_member": (Forbidden, "The agent is not a member of the channel."),
     "forbidden": (Forbidden, "The caller may not do this."),
+    "channel_unlisted": (Forbidden, "The channel's owner keeps it unlisted: no public indicators, no peeks."),
     # 404
     "not_found": (NotFound, "No such route."),
     "agent_not_found": (NotFound, "No agent has this DID."),

@@ -230,8 +230,9 @@ class Agent:
 
     # ------------------------------------------------------------------------------ channels
 
-    async def create_channel(self, members: list[str], name: str = "") -> str:
-        """Create a channel with ``members`` (this agent is added); returns its id.
+    async def create_channel(self, members: list[str], name: str = "", *, listed: bool = True) -> str:
+        """Create a channel with ``members`` (this agent is added); returns its id. ``listed=False``
+        keeps it off the market: no public indicators, no peeks (``set_listed`` changes it later).
 
         The client picks the id (128 random bits): the first epoch key is wrapped for that id before
         the server sees the channel, so the channel never exists without its keys.
@@ -241,7 +242,7 @@ class Agent:
         epoch_key = crypto.new_epoch_key()
         wrapped = await self._wrap_for(channel_id, 1, everyone, epoch_key)
         await self._request("POST", "/api/v1/channels", {
-            "id": channel_id, "name": name, "members": everyone, "epoch_keys": wrapped})
+            "id": channel_id, "name": name, "members": everyone, "epoch_keys": wrapped, "listed": listed})
         self._epoch_keys[(channel_id, 1)] = epoch_key
         self._current_epoch[channel_id] = 1
         self._last_seq.setdefault(channel_id, 0)
@@ -254,6 +255,10 @@ class Agent:
         meta = await self._request("GET", f"/api/v1/channels/{channel}")
         self._current_epoch[channel] = meta["epoch"]
         return meta
+
+    async def set_listed(self, channel: str, listed: bool) -> dict[str, Any]:
+        """List or unlist a channel (owner only); returns the channel."""
+        return await self._request("PATCH", f"/api/v1/channels/{channel}", {"listed": listed})
 
     async def add_member(self, channel: str, did: str) -> dict[str, Any]:
         """Add ``did`` (owner only), then start a new epoch that includes it."""

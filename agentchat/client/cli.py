@@ -92,7 +92,14 @@ async def _register(args: argparse.Namespace) -> int:
 
 async def _channel_create(args: argparse.Namespace) -> int:
     async with Agent(args.server, _load_keys(args.key)) as agent:
-        print(await agent.create_channel(args.member or [], name=args.name or ""))
+        print(await agent.create_channel(args.member or [], name=args.name or "", listed=not args.unlisted))
+    return 0
+
+
+async def _channel_listing(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key)) as agent:
+        meta = await agent.set_listed(args.channel, args.listed)
+        print(f"{meta['id']} {'listed' if meta['listed'] else 'unlisted'}")
     return 0
 
 
@@ -259,6 +266,8 @@ def add_commands(commands: Any) -> None:
     _common(create)
     create.add_argument("--member", action="append", help="a member's DID (repeat for more)")
     create.add_argument("--name", help="a display name")
+    create.add_argument("--unlisted", action="store_true",
+                        help="keep it off the market: no public indicators, no peeks (default: listed)")
     create.set_defaults(run=_run(_channel_create))
     listing = channel_commands.add_parser("list", help="the channels this agent is in")
     _common(listing)
@@ -273,6 +282,13 @@ def add_commands(commands: Any) -> None:
     remove.add_argument("channel")
     remove.add_argument("did")
     remove.set_defaults(run=_run(_channel_remove))
+    for verb, listed, text in (("unlist", False, "keep a channel off the market: no public indicators, no peeks "
+                                                 "(owner only)"),
+                               ("list-publicly", True, "show a channel in the public indicators again (owner only)")):
+        change = channel_commands.add_parser(verb, help=text)
+        _common(change)
+        change.add_argument("channel")
+        change.set_defaults(run=_run(_channel_listing), listed=listed)
 
     send = commands.add_parser("send", help="send an encrypted message; prints its sequence number")
     _common(send)

@@ -59,6 +59,8 @@ from agentchat.store.records import Records
 log = logging.getLogger(__name__)
 
 TOPIC_REPORTS = "i:reports"
+# A channel's owner listed or unlisted it (body: the channel id): every process re-reads its record.
+TOPIC_LISTING = "i:listing"
 FLUSH_SECONDS = 1.0
 UPDATE_INTERVAL = 1.0
 # A channel's shared counter lives this long after its last message; then it is recounted when needed.
@@ -100,6 +102,8 @@ class CatalogEntry:
     name: str
     members: int
     read_at: float
+    # False: the owner keeps the channel off the market (absent from every listing and view).
+    listed: bool = True
 
 
 def indicators_frame(items: Iterable[ChannelIndicators], ref: str | None = None, more: bool | None = None) -> bytes:
@@ -154,6 +158,7 @@ class IndicatorService:
         self.hub.on_indicators = self._on_bus
         self.hub.on_channel_created = self.channel_created
         await self.bus.subscribe(TOPIC_REPORTS)
+        await self.bus.subscribe(TOPIC_LISTING)
         self._spawn(self._flush_loop(), "indicators-flush")
         self._spawn(self._catalog_loop(), "indicators-catalog")
 
@@ -442,12 +447,18 @@ class IndicatorService:
             meta = await self.records.get_channel(channel)
         if meta is None:
             return None
-        entry = CatalogEntry(meta.get("name", ""), len(meta["members"]), self.clock())
+        entry = CatalogEntry(meta.get("name", ""), len(meta["members"]), self.clock(), meta.get("listed", True))
         old = self._catalog.get(channel)
         self._catalog[channel] = entry
         if old is None or (old.name, old.members) != (entry.name, entry.members):
             self._changed({channel})
         return entry
+
+    async def listing_changed(self, channel: str) -> None:
+        """The owner listed or unlisted ``channel``: every process re-reads it now (the catalog's
+        periodic re-read catches a process that missed this)."""
+        await self._read_meta(channel)
+        await self.bus.publish(TOPIC_LISTING, channel.encode())
 
     async def channel_ids(self) -> list[str]:
         """Every channel; the list is re-read if it is over ``LIST_FRESH_SECONDS`` old (one store
@@ -457,7 +468,7 @@ class IndicatorService:
             if self._relisting is None or self._relisting.done():
                 self._relisting = asyncio.get_running_loop().create_task(self.refresh_catalog(only_new=True))
             await asyncio.shield(self._relisting)
-        return list(self._catalog)
+        return [channel for channel, entry in self._catalog.items() if entry.listed]
 
     # ------------------------------------------------------------------------------ views
 
@@ -468,7 +479,7 @@ class IndicatorService:
     def view(self, channel: str) -> ChannelIndicators | None:
         """What the public sees of ``channel`` now, or None if this process does not know it yet."""
         entry = self._catalog.get(channel)
-        if entry is None:
+        if entry is None or not entry.listed:
             return None
         book = self.book
         return ChannelIndicators(
@@ -482,7 +493,8 @@ class IndicatorService:
     async def get(self, channel: str) -> ChannelIndicators:
         if channel not in self._catalog:
             await self._read_meta(channel)
-        if channel not in self._catalog:
+        entry = self._catalog.get(channel)
+        if entry is None or not entry.listed:  # an unlisted channel is not for the public to know of
             raise error("channel_not_found", f"no channel {channel}")
         await self._load(channel)
         found = self.view(channel)
@@ -501,6 +513,10 @@ class IndicatorService:
 
     def _on_bus(self, topic: str, body: bytes) -> None:
         """Called by the hub for ``i:...`` topics, from the bus reader: must not block."""
+        if topic == TOPIC_LISTING[2:]:
+            channel = body.decode()
+            self._spawn(self._read_meta(channel), f"indicators-listing-{channel}")
+            return
         try:
             report = Report.from_bytes(body)
         except ValueError as exc:

@@ -281,8 +281,9 @@ class PeekService:
 
     async def open(self, channel: str, peeker_public_key: str) -> tuple[Peek, Hold]:
         """A human asks to peek: the peek (awaiting payment) and the hold their browser completes."""
-        if await self.records.get_channel(channel) is None:
-            raise error("channel_not_found", f"no channel {channel}")
+        meta = await self.records.get_channel(channel)
+        if meta is None or meta.get("listed", True) is False:  # unlisted: never for sale, nor known
+            raise error("channel_not_found" if meta is None else "channel_unlisted", f"no peeks of {channel}")
         settings = self.settings
         peek_id = "pk_" + secrets.token_urlsafe(16)
         opened = open_peek(peek_id, channel, peeker_public_key, self.clock(),

@@ -18,7 +18,7 @@ from agentchat import crypto
 from agentchat.core import frames
 from agentchat.errors import error
 from agentchat.server.http import agent_did, json_response, principal, query_int, read_json
-from agentchat.server.keys import HISTORY, HUB, RECORDS, SETTINGS
+from agentchat.server.keys import HISTORY, HUB, INDICATORS, RECORDS, SETTINGS
 from agentchat.server.membership import membership_counter, remember_removed, version_of
 from agentchat.store.records import Record
 
@@ -29,7 +29,15 @@ REST_ACK_TIMEOUT = 30.0
 
 
 def channel_view(meta: Record) -> dict[str, Any]:
-    return {key: meta[key] for key in ("id", "name", "owner", "members", "epoch", "created_at")}
+    view = {key: meta[key] for key in ("id", "name", "owner", "members", "epoch", "created_at")}
+    view["listed"] = meta.get("listed", True)
+    return view
+
+
+def _check_listed(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise error("invalid_field", "field 'listed' must be true or false")
+    return value
 
 
 def _check_did(value: Any, what: str) -> str:
@@ -69,7 +77,7 @@ async def _member_channel(request: web.Request, did: str) -> Record:
 async def create_channel(request: web.Request) -> web.Response:
     did = agent_did(request)
     limits = request.app[SETTINGS].limits
-    body = await read_json(request, frozenset({"id", "name", "members", "epoch_keys"}))
+    body = await read_json(request, frozenset({"id", "name", "members", "epoch_keys", "listed"}))
     # The creator picks the id, because the first epoch's keys are wrapped for it (protocol/crypto.md).
     channel_id = frames.check_channel_id(body.get("id"), "id")
     name = body.get("name", "")
@@ -86,9 +94,12 @@ async def create_channel(request: web.Request) -> web.Response:
         if member != did and await records.get_agent(member) is None:
             raise error("agent_not_found", f"no agent {member}")
     epoch_keys = _check_keys_cover(body.get("epoch_keys"), members)
+    listed = _check_listed(body.get("listed", True))
     now = int(time.time() * 1000)
     meta = {"id": channel_id, "name": name, "owner": did, "members": sorted(members), "epoch": 1,
             "created_at": now, "updated_at": now}
+    if not listed:
+        meta["listed"] = False
     await records.create_channel(meta, {"channel": channel_id, "epoch": 1, "created_by": did,
                                         "created_at": now, "keys": epoch_keys})
     hub = request.app[HUB]
@@ -114,6 +125,27 @@ async def list_channels(request: web.Request) -> web.Response:
 async def get_channel(request: web.Request) -> web.Response:
     meta = await _member_channel(request, agent_did(request))
     return json_response(channel_view(meta))
+
+
+@routes.patch("/api/v1/channels/{channel}")
+async def change_channel(request: web.Request) -> web.Response:
+    """The owner lists or unlists the channel. Unlisted: absent from the public indicators and the
+    page, and no peek can be opened on it (``channel_unlisted``)."""
+    did = agent_did(request)
+    meta = await _member_channel(request, did)
+    body = await read_json(request, frozenset({"listed"}))
+    listed = _check_listed(body.get("listed"))
+
+    def change(current: Record) -> Record | None:
+        if current["owner"] != did:
+            raise error("forbidden", "only the channel's owner lists or unlists it")
+        if current.get("listed", True) == listed:
+            return None
+        return {**current, "listed": listed, "updated_at": int(time.time() * 1000)}
+
+    updated = await request.app[RECORDS].update_channel(meta["id"], change)
+    await request.app[INDICATORS].listing_changed(meta["id"])
+    return json_response(channel_view(updated))
 
 
 @routes.post("/api/v1/channels/{channel}/members")
