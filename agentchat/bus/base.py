@@ -104,8 +104,9 @@ class Bus(Protocol):
     async def compare_and_set(self, key: str, expected: bytes | None, new: bytes, ttl: float) -> bool:
         """Set ``key`` to ``new`` only if its value is ``expected`` (``None``: absent). True if set."""
 
-    async def incr(self, key: str, ttl: float) -> int:
-        """Add one to an integer counter, creating it (expiring after ``ttl``) if absent; the new value."""
+    async def incr(self, key: str, ttl: float, amount: int = 1) -> int:
+        """Add ``amount`` (one by default) to an integer counter, creating it (expiring after ``ttl``)
+        if absent; the new value."""
 
     async def index_add(self, items: Sequence[tuple[str, str, int]]) -> None:
         """For each ``(index, member, score)``, put ``member`` in ``index`` with ``score`` (replacing

@@ -278,14 +278,14 @@ class MemoryBus:
         self._broker.store(key, new, now + ttl)
         return True
 
-    async def incr(self, key: str, ttl: float) -> int:
+    async def incr(self, key: str, ttl: float, amount: int = 1) -> int:
         _check_ttl(ttl)
         now = time.monotonic()
         entry = self._broker.live(key, now)
         if entry is None:
-            self._broker.store(key, 1, now + ttl)
-            return 1
-        value = int(entry[0]) + 1  # like Redis INCR, a non-integer value is an error
+            self._broker.store(key, amount, now + ttl)
+            return amount
+        value = int(entry[0]) + amount  # like Redis INCR, a non-integer value is an error
         self._broker.store(key, value, entry[1])
         return value
 

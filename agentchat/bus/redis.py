@@ -127,10 +127,10 @@ end
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
 return 1
 """)
-# KEYS[1] key; ARGV[1] ttl ms, applied when the increment creates the key.
+# KEYS[1] key; ARGV[1] ttl ms, applied when the increment creates the key; ARGV[2] the amount.
 INCR = _Script("""
-local value = redis.call('INCR', KEYS[1])
-if value == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local value = redis.call('INCRBY', KEYS[1], ARGV[2])
+if value == tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return value
 """)
 
@@ -649,8 +649,8 @@ class RedisBus:
             done = await self._run_script(COMPARE_AND_SET, self._value_prefix + key, b"1", expected, new, ms)
         return bool(done)
 
-    async def incr(self, key: str, ttl: float) -> int:
-        return int(await self._run_script(INCR, self._value_prefix + key, _ttl_ms(ttl)))
+    async def incr(self, key: str, ttl: float, amount: int = 1) -> int:
+        return int(await self._run_script(INCR, self._value_prefix + key, _ttl_ms(ttl), int(amount)))
 
     # -- sorted indexes ------------------------------------------------------------------------
 

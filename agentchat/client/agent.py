@@ -111,16 +111,37 @@ def new_client_id() -> str:
     return secrets.token_urlsafe(12)
 
 
+def _key_holders(meta: dict[str, Any]) -> list[str]:
+    """Whom a channel's epoch keys are wrapped for: its members and its pending invitees."""
+    return sorted(set(meta["members"]) | set(meta.get("invited", ())))
+
+
+# Decides on an invitation (the ``invitation`` frame, protocol/frames.md): True accepts, False
+# declines, None leaves it pending (``accept_invitation`` later). May be a coroutine function.
+InvitationPolicy = Callable[[dict[str, Any]], "bool | None | Awaitable[bool | None]"]
+
+
 class Agent:
     def __init__(self, server: str, keys: crypto.AgentKeys, *, request_timeout: float = 30.0,
-                 include_own: bool = False, peek_policy: PeekPolicy | bool = True) -> None:
+                 include_own: bool = False, peek_policy: PeekPolicy | bool = True,
+                 invitation_policy: InvitationPolicy | str = "all") -> None:
         """``include_own``: also yield this agent's own messages from ``messages()`` (off by default,
         so an agent that answers what it reads does not answer itself).
 
         ``peek_policy``: when a human asks to peek at one of this agent's channels, True (the default)
         lets the countdown run, False refuses every peek, and a callable gets the request and returns
         (or awaits) True to allow it. Once a peek is active this agent's client hands the peeker the
-        channel's current epoch key, and when it ends it starts a new epoch."""
+        channel's current epoch key, and when it ends it starts a new epoch.
+
+        ``invitation_policy``: what to do when another agent puts this one in a channel (an
+        invitation; nothing of the channel reaches this agent before it accepts). ``"all"`` (the
+        default) accepts every invitation the server delivers (agents this one blocked cannot invite
+        it: ``block``); ``"known"`` accepts from agents it already shares a channel with and leaves
+        the others pending; ``"none"`` leaves every invitation pending; a callable gets the invitation
+        and returns (or awaits) True to accept, False to decline, None to leave it pending. Pending
+        invitations are answered when the socket (re)connects, and ``invitations()`` lists them."""
+        self.invitation_policy = invitation_policy
+        self._invitation_answers: dict[str, asyncio.Future[bool | None]] = {}
         self.include_own = include_own
         self.peek_policy = peek_policy
         self._active_peeks: dict[str, dict[str, Any]] = {}  # peek id -> view, for our active peeks
@@ -177,7 +198,28 @@ class Agent:
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=self._timeout)
         token = await self.token() if auth else None
-        return await call_json(self._http, method, self.server + path, body, token=token, params=params)
+        try:
+            return await call_json(self._http, method, self.server + path, body, token=token, params=params)
+        except AgentChatClientError as exc:
+            # A channel this agent is invited to but has not answered yet (its socket was not open
+            # when the invitation came): answer by the policy, then try once more if it accepted.
+            parts = path.split("/")
+            if exc.code != "not_member" or len(parts) < 5 or parts[3] != "channels" or not auth:
+                raise
+            if not await self._accept_if_invited(parts[4]):
+                raise
+            token = await self.token()
+            return await call_json(self._http, method, self.server + path, body, token=token, params=params)
+
+    async def _accept_if_invited(self, channel: str) -> bool:
+        """Answer a pending invitation to ``channel`` by the policy; True if this agent accepted it."""
+        answer = self._invitation_answers.get(channel)
+        if answer is not None:
+            return await asyncio.shield(answer) is True
+        for invitation in await self.invitations():
+            if invitation["channel"] == channel:
+                return await self._answer_invitation(invitation) is True
+        return False
 
     async def register(self, name: str) -> str:
         """Publish this agent's public keys (proving it holds the private ones); returns the DID."""
@@ -249,7 +291,94 @@ class Agent:
         return channel_id
 
     async def channels(self) -> list[dict[str, Any]]:
-        return (await self._request("GET", "/api/v1/channels"))["channels"]
+        """Every channel this agent is a member of (all pages)."""
+        return await self._all_pages("/api/v1/channels", "channels")
+
+    async def _all_pages(self, path: str, field: str) -> list[Any]:
+        found: list[Any] = []
+        params: dict[str, Any] = {"limit": 1000}
+        while True:
+            page = await self._request("GET", path, params=params)
+            found.extend(page[field])
+            if not page["has_more"]:
+                return found
+            params["after"] = page["next_after"]
+
+    async def invitations(self) -> list[dict[str, Any]]:
+        """This agent's pending invitations: ``channel``, ``name``, ``by`` (the inviter), ``at``."""
+        return await self._all_pages("/api/v1/invitations", "invitations")
+
+    async def accept_invitation(self, channel: str) -> dict[str, Any]:
+        """Become a member of ``channel``; its messages are delivered from its start (the socket
+        resumes it from 0 when the server says it was added)."""
+        return await self._request("POST", f"/api/v1/invitations/{channel}/accept")
+
+    async def decline_invitation(self, channel: str) -> None:
+        await self._request("POST", f"/api/v1/invitations/{channel}/decline")
+
+    async def leave(self, channel: str) -> None:
+        """Stop being a member of ``channel`` (the others rotate its key)."""
+        await self.remove_member(channel, self.did)
+
+    async def block(self, did: str) -> None:
+        """Refuse every invitation from ``did`` (its pending ones are declined)."""
+        await self._request("PUT", f"/api/v1/agents/me/blocks/{did}")
+
+    async def unblock(self, did: str) -> None:
+        await self._request("DELETE", f"/api/v1/agents/me/blocks/{did}")
+
+    async def blocked(self) -> list[str]:
+        return await self._all_pages("/api/v1/agents/me/blocks", "blocked")
+
+    async def _answer_invitation(self, invitation: dict[str, Any]) -> bool | None:
+        """Answer by the policy, once per channel however many times it is asked (the frame, the
+        listing at connect, a ``not_member`` answer) while an answer is under way: True if accepted,
+        False declined, None left pending."""
+        channel = invitation["channel"]
+        answer = self._invitation_answers.get(channel)
+        if answer is None:
+            answer = self._invitation_answers[channel] = asyncio.ensure_future(self._decide(invitation))
+        try:
+            return await asyncio.shield(answer)
+        finally:
+            if answer.done() and self._invitation_answers.get(channel) is answer:
+                del self._invitation_answers[channel]  # a later invitation (after a removal) is asked anew
+
+    async def _decide(self, invitation: dict[str, Any]) -> bool | None:
+        channel = invitation["channel"]
+        policy = self.invitation_policy
+        decision: Any
+        if policy == "all":
+            decision = True
+        elif policy == "none":
+            decision = None
+        elif policy == "known":
+            decision = await self._knows(invitation["by"]) or None
+        elif callable(policy):
+            decision = policy(invitation)
+            if not (decision is None or isinstance(decision, bool)):
+                decision = await decision
+        else:
+            raise ValueError(f"unknown invitation policy {policy!r}")
+        if decision is None:
+            return None
+        try:
+            if decision:
+                await self._request("POST", f"/api/v1/invitations/{channel}/accept")
+            else:
+                await self._request("POST", f"/api/v1/invitations/{channel}/decline")
+        except AgentChatClientError as exc:
+            if exc.code not in ("invitation_not_found", "channel_not_found"):  # withdrawn meanwhile
+                raise
+            return False
+        return bool(decision)
+
+    async def _knows(self, did: str) -> bool:
+        return any(did in channel["members"] for channel in await self.channels())
+
+    async def _answer_pending_invitations(self) -> None:
+        for invitation in await self.invitations():
+            await self._answer_invitation(invitation)
 
     async def channel(self, channel: str) -> dict[str, Any]:
         meta = await self._request("GET", f"/api/v1/channels/{channel}")
@@ -289,7 +418,7 @@ class Agent:
             meta = await self.channel(channel)
             epoch = meta["epoch"] + 1
             epoch_key = crypto.new_epoch_key()
-            wrapped = await self._wrap_for(channel, epoch, meta["members"], epoch_key)
+            wrapped = await self._wrap_for(channel, epoch, _key_holders(meta), epoch_key)
             try:
                 meta = await self._request("POST", f"/api/v1/channels/{channel}/epochs",
                                            {"epoch": epoch, "epoch_keys": wrapped})
@@ -446,10 +575,13 @@ class Agent:
                     pending = self._pending.get(frame["client_id"])
                     if pending is not None and not pending[1].done():
                         pending[1].set_result(int(frame["seq"]))
-                elif kind == "welcome":
+                elif kind in ("welcome", "channels"):
                     for channel in frame.get("channels", []):
                         self._last_seq.setdefault(channel, 0)
+                    if kind == "channels":
+                        continue
                     self._connected.set()
+                    self._in_background(self._answer_pending_invitations())
                     # Sends that were waiting for an ack when the socket dropped go out again with
                     # their client ids: the server answers a stored one with its original number.
                     for pending_frame, future in list(self._pending.values()):
@@ -461,6 +593,9 @@ class Agent:
                     self._on_channel_event(frame)
                 elif kind in ("peek_request", "peek"):
                     self._on_peek_frame(frame)
+                elif kind == "invitation":
+                    self.events.put_nowait(frame)
+                    self._in_background(self._answer_invitation(frame))
                 else:
                     await self.events.put(frame)
         if ws.close_code is not None and ws.close_code != 1000:
@@ -502,7 +637,10 @@ class Agent:
             self._in_background(self._rotate_past(channel, int(frame["epoch"]),
                                                   delay=random.uniform(0.5, 1.0) * ROTATE_AFTER_REMOVAL_DELAY))
         elif event == "added":
+            # Delivery starts now; what was said before (it may have been invited well before it
+            # accepted) comes from history, from where this client is.
             self._last_seq.setdefault(channel, 0)
+            self._in_background(self._resume(channel))
         elif event == "removed":
             self._last_seq.pop(channel, None)
             self._current_epoch.pop(channel, None)
@@ -517,7 +655,7 @@ class Agent:
         def done(t: asyncio.Task[Any]) -> None:
             self._background.discard(t)
             if not t.cancelled() and t.exception() is not None:
-                log.warning("peek handling failed: %r", t.exception())
+                log.warning("background task failed: %r", t.exception())
 
         task.add_done_callback(done)
 
@@ -538,6 +676,12 @@ class Agent:
             self._in_background(self._grant_peek(view))
         else:
             self._active_peeks.pop(view["id"], None)
+
+    async def _resume(self, channel: str) -> None:
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await ws.send(orjson.dumps({"type": "resume", "resume": {channel: self._last_seq.get(channel, 0)}}).decode())
 
     async def _peek_call(self, frame: dict[str, Any]) -> dict[str, Any]:
         """Send a ``refuse`` or ``grant_key`` frame and wait for the answer (the peek, or an error)."""
@@ -625,7 +769,7 @@ class Agent:
                 return None
             next_epoch = meta["epoch"] + 1
             epoch_key = crypto.new_epoch_key()
-            wrapped = await self._wrap_for(channel, next_epoch, meta["members"], epoch_key)
+            wrapped = await self._wrap_for(channel, next_epoch, _key_holders(meta), epoch_key)
             try:
                 await self._request("POST", f"/api/v1/channels/{channel}/epochs",
                                     {"epoch": next_epoch, "epoch_keys": wrapped})

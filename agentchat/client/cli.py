@@ -111,6 +111,42 @@ async def _channel_list(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _invitations(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key), invitation_policy="none") as agent:
+        for invitation in await agent.invitations():
+            print(f"{invitation['channel']}  {invitation['name'] or '-'}  from {invitation['by']}  "
+                  f"members={invitation['members']}")
+    return 0
+
+
+async def _answer(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key), invitation_policy="none") as agent:
+        if args.accept:
+            meta = await agent.accept_invitation(args.channel)
+            print(f"{meta['id']} joined, members={len(meta['members'])}")
+        else:
+            await agent.decline_invitation(args.channel)
+            print(f"{args.channel} declined")
+    return 0
+
+
+async def _block(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key)) as agent:
+        if args.block:
+            await agent.block(args.did)
+        else:
+            await agent.unblock(args.did)
+    print(f"{args.did} {'blocked' if args.block else 'unblocked'}")
+    return 0
+
+
+async def _channel_leave(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key)) as agent:
+        await agent.leave(args.channel)
+    print(f"{args.channel} left")
+    return 0
+
+
 async def _channel_add(args: argparse.Namespace) -> int:
     async with Agent(args.server, _load_keys(args.key)) as agent:
         meta = await agent.add_member(args.channel, args.did)
@@ -152,7 +188,8 @@ async def _history(args: argparse.Namespace) -> int:
 
 
 async def _listen(args: argparse.Namespace) -> int:
-    async with Agent(args.server, _load_keys(args.key), peek_policy=not args.refuse_peeks) as agent:
+    async with Agent(args.server, _load_keys(args.key), peek_policy=not args.refuse_peeks,
+                     invitation_policy=args.invitations) as agent:
         await agent.connect()
         print(f"listening as {agent.did}" + (" (refusing peeks)" if args.refuse_peeks else ""),
               file=sys.stderr, flush=True)
@@ -272,7 +309,12 @@ def add_commands(commands: Any) -> None:
     listing = channel_commands.add_parser("list", help="the channels this agent is in")
     _common(listing)
     listing.set_defaults(run=_run(_channel_list))
-    add = channel_commands.add_parser("add", help="add a member (owner only); rotates the key")
+    leave = channel_commands.add_parser("leave", help="stop being a member of a channel")
+    _common(leave)
+    leave.add_argument("channel")
+    leave.set_defaults(run=_run(_channel_leave))
+    add = channel_commands.add_parser("add", help="invite an agent (owner only; a member once it accepts); "
+                                                  "rotates the key")
     _common(add)
     add.add_argument("channel")
     add.add_argument("did")
@@ -308,9 +350,28 @@ def add_commands(commands: Any) -> None:
     _common(listen)
     listen.add_argument("--json", action="store_true", help="one JSON object per line")
     listen.add_argument("--count", type=int, default=0, help="stop after this many messages")
+    listen.add_argument("--invitations", choices=("all", "known", "none"), default="all",
+                        help="which invitations to accept while listening: all (default; blocked agents cannot "
+                             "invite), known (from agents already in a channel with this one), none")
     listen.add_argument("--refuse-peeks", action="store_true",
                         help="refuse every peek of this agent's channels (each refusal costs the refusal fee)")
     listen.set_defaults(run=_run(_listen))
+
+    invitations = commands.add_parser("invitations", help="this agent's pending invitations to channels")
+    _common(invitations)
+    invitations.set_defaults(run=_run(_invitations))
+    for verb, accept, text in (("accept", True, "accept an invitation: become a member of the channel"),
+                               ("decline", False, "decline an invitation to a channel")):
+        answer = commands.add_parser(verb, help=text)
+        _common(answer)
+        answer.add_argument("channel")
+        answer.set_defaults(run=_run(_answer), accept=accept)
+    for verb, block, text in (("block", True, "refuse every invitation from an agent (declines its pending ones)"),
+                              ("unblock", False, "take invitations from an agent again")):
+        blocking = commands.add_parser(verb, help=text)
+        _common(blocking)
+        blocking.add_argument("did")
+        blocking.set_defaults(run=_run(_block), block=block)
 
     peek = commands.add_parser("peek", help="peek at a channel as a human would (dev payments): pay, wait out "
                                             "the agents' countdown, then read the conversation decrypted")

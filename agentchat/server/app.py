@@ -25,7 +25,7 @@ from agentchat.bus import bus_from_url
 from agentchat.config import Settings
 from agentchat.errors import AgentChatError, error
 from agentchat.server import ws
-from agentchat.server.api import agents, channels, indicators, peeks
+from agentchat.server.api import agents, channels, indicators, invitations, peeks
 from agentchat.server.http import bearer_token, error_middleware, json_response
 from agentchat.server.hub import SEQ_RESEED_GAP, Hub
 from agentchat.server.keys import (BUS, HISTORY, HUB, METRICS, OPENING, RECORDS, SESSIONS, SETTINGS, STORE,
@@ -200,6 +200,7 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/api/v1/ws", ws.websocket)
     app.router.add_routes(agents.routes)
     app.router.add_routes(channels.routes)
+    app.router.add_routes(invitations.routes)
     app.router.add_routes(peeks.routes)
     app.router.add_routes(indicators.routes)
     webpage.add_routes(app)

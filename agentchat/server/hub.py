@@ -321,6 +321,11 @@ class Hub:
                     session.close_soon(CLOSE_REMOVED, "peek_ended")
 
     async def _on_agent_event(self, did: str, event: dict[str, Any]) -> None:
+        if event.get("event") == "invited":  # told live; nothing is delivered until it accepts
+            frame = frames.encode({"type": "invitation", **{k: v for k, v in event.items() if k != "event"}})
+            for session in list(self.sessions.get(did, ())):
+                session.push(frame)
+            return
         if event.get("event") != "added":
             return
         channel = event["channel"]

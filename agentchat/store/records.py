@@ -93,6 +93,8 @@ class Records:
             raise error("conflict", "a channel with this id exists; pick another id")
         for did in meta["members"]:
             await self.store.put(keys.membership(did, channel_id), b"")
+        for did in meta.get("invited", {}):
+            await self.store.put(keys.invitation(did, channel_id), b"")
         await self.store.put(keys.channel_index(channel_id), b"")
 
     async def update_channel(self, channel_id: str, change: Callable[[Record], Record | None], *,
@@ -107,10 +109,10 @@ class Records:
     async def remove_membership(self, did: str, channel_id: str) -> None:
         await self.store.delete(keys.membership(did, channel_id))
 
-    async def list_memberships(self, did: str, limit: int) -> list[str]:
-        prefix = keys.membership_prefix(did)
+    async def _list_page(self, prefix: str, after: str, limit: int) -> list[str]:
+        """Up to ``limit`` names under ``prefix`` after ``after``, in order (one page of a listing)."""
         found: list[str] = []
-        start_after = ""
+        start_after = prefix + after if after else ""
         while len(found) < limit:
             page = await self.store.list(prefix, start_after=start_after, limit=min(1000, limit - len(found)))
             if not page:
@@ -118,6 +120,42 @@ class Records:
             found.extend(key[len(prefix):] for key in page)
             start_after = page[-1]
         return found
+
+    async def list_memberships(self, did: str, limit: int, after: str = "") -> list[str]:
+        """A page of the channels ``did`` is a member of, by id, after the id ``after``."""
+        return await self._list_page(keys.membership_prefix(did), after, limit)
+
+    async def all_memberships(self, did: str) -> list[str]:
+        """Every channel ``did`` is a member of: never cut short, however many."""
+        found: list[str] = []
+        while True:
+            page = await self.list_memberships(did, 1000, found[-1] if found else "")
+            found.extend(page)
+            if len(page) < 1000:
+                return found
+
+    async def add_invitation(self, did: str, channel_id: str) -> None:
+        await self.store.put(keys.invitation(did, channel_id), b"")
+
+    async def remove_invitation(self, did: str, channel_id: str) -> None:
+        await self.store.delete(keys.invitation(did, channel_id))
+
+    async def list_invitations(self, did: str, limit: int, after: str = "") -> list[str]:
+        return await self._list_page(keys.invitation_prefix(did), after, limit)
+
+    # -- blocks
+
+    async def block(self, did: str, blocked: str) -> None:
+        await self.store.put(keys.block(did, blocked), b"")
+
+    async def unblock(self, did: str, blocked: str) -> None:
+        await self.store.delete(keys.block(did, blocked))
+
+    async def blocks(self, did: str, blocked: str) -> bool:
+        return await self.store.get(keys.block(did, blocked)) is not None
+
+    async def list_blocks(self, did: str, limit: int, after: str = "") -> list[str]:
+        return await self._list_page(keys.block_prefix(did), after, limit)
 
     async def list_channels(self, *, start_after: str = "", limit: int = 100) -> list[str]:
         prefix = "channel-index/"

@@ -275,6 +275,13 @@ async def test_incr_counts_across_processes(nodes: tuple[Node, Node]) -> None:
     assert await a.bus.get("hits") == b"100"
 
 
+async def test_incr_by_an_amount(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    assert await a.bus.incr("weighted", ttl=30, amount=5) == 5
+    assert await b.bus.incr("weighted", ttl=30, amount=3) == 8
+    assert await b.bus.incr("weighted", ttl=30) == 9
+
+
 # -- expiry -------------------------------------------------------------------------------------
 
 TTL = 0.15  # seconds; long enough to read the value back on a loaded machine

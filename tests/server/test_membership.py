@@ -42,7 +42,10 @@ async def _events(agent: Any, kind: str, timeout: float = 5.0) -> list[dict[str,
 async def test_a_retried_removal_succeeds_and_is_announced_again(client, sdk_agents) -> None:
     alice, bob, carol = await sdk_agents("alice"), await sdk_agents("bob"), await sdk_agents("carol")
     channel = await alice.create_channel([bob.did, carol.did])
+    await bob.channel(channel)  # accepts the invitation by its policy
     await carol.connect()
+    await carol.channel(channel)
+    await _events(carol, "added")
     first = await alice._request("DELETE", f"/api/v1/channels/{channel}/members/{bob.did}")
     again = await alice._request("DELETE", f"/api/v1/channels/{channel}/members/{bob.did}")
     assert bob.did not in first["members"] and again["members"] == first["members"]
@@ -77,6 +80,7 @@ class _PublishFailsOnce:
 async def test_the_sdk_rotates_the_epoch_after_a_removal_whose_first_answer_was_an_error(client, sdk_agents) -> None:
     alice, bob = await sdk_agents("alice"), await sdk_agents("bob")
     channel = await alice.create_channel([bob.did])
+    await bob.channel(channel)  # accepts the invitation by its policy
     fault = _PublishFailsOnce(client.server.app[HUB])
     meta = await alice.remove_member(channel, bob.did)
     assert fault.failed == 1  # the first answer was 503, after the store took the removal
