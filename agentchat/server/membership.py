@@ -25,6 +25,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from agentchat.bus import keys as bus_keys
 from agentchat.errors import AgentChatError
 from agentchat.store.records import Record
 
@@ -44,9 +45,7 @@ RELOAD_CONCURRENCY = 32
 REMOVED_REMEMBERED = 64
 
 
-def membership_counter(channel: str) -> str:
-    """The bus counter holding the newest membership version of ``channel`` that any process wrote."""
-    return "mv:" + channel
+membership_counter = bus_keys.membership_version
 
 
 def version_of(record: Record) -> int:

@@ -41,14 +41,26 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import orjson
+
+from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
 from agentchat.errors import AgentChatError
 from agentchat.store import keys
 from agentchat.store.base import ObjectStore, PreconditionFailed
 
 log = logging.getLogger(__name__)
+
+class Retention(Protocol):
+    """Expires old messages from the compactor's loop (``server/retention.py``): ``run`` is called
+    every ``every`` seconds and calls ``MessageWriter.expire`` for the channels whose time is up."""
+
+    every: float
+
+    async def run(self, writer: MessageWriter) -> None: ...
+
 
 # Called with a stored message's number and the ``note`` given to ``add`` with it.
 OnDurable = Callable[[int, Any], None]
@@ -70,11 +82,6 @@ COMPACT_PACE_BYTES_PER_SECOND = 16 * 1024 * 1024
 FULL_WAIT_RATE = 2000.0
 RATE_SAMPLE_SECONDS = 0.25
 LIST_PAGE = 1000
-
-
-def wal_index(channel: str) -> str:
-    """Bus index of the write-ahead objects holding a channel's not yet compacted messages."""
-    return "wal:" + channel
 
 
 def parse_segment_frames(data: bytes) -> list[bytes]:
@@ -172,7 +179,7 @@ class MessageLog:
 
     async def _wal_frames(self, channel: str, after: int) -> dict[int, bytes]:
         """Frames above ``after`` that are durable but not yet in a segment (any process's)."""
-        entries = await self.bus.index_range(wal_index(channel), after + 1)
+        entries = await self.bus.index_range(bus_keys.wal_index(channel), after + 1)
         found: dict[int, bytes] = {}
         own_prefix = self.writer.wal_prefix if self.writer is not None else None
         gone: list[tuple[str, str]] = []
@@ -181,7 +188,7 @@ class MessageLog:
                 continue  # read from memory below
             frames = await self._wal_section(key, channel)
             if frames is None:
-                gone.append((wal_index(channel), key))
+                gone.append((bus_keys.wal_index(channel), key))
                 continue
             for frame in frames:
                 seq = frame_seq(frame)
@@ -221,7 +228,7 @@ class MessageLog:
 
     async def last_seq(self, channel: str) -> int:
         """Highest stored sequence number of a channel (0 if none)."""
-        highest = max((score for _, score in await self.bus.index_range(wal_index(channel), 0)), default=0)
+        highest = max((score for _, score in await self.bus.index_range(bus_keys.wal_index(channel), 0)), default=0)
         if self.writer is not None:
             highest = max(highest, max((seq for seq, _ in self.writer.tail(channel)), default=0))
         prefix, start_after = keys.segment_prefix(channel), ""
@@ -316,6 +323,9 @@ class MessageWriter:
         self._tail_frames = 0
         self._object_refs: dict[str, int] = {}  # write-ahead object -> channels not yet compacted
         self._deletable: list[str] = []
+        self._forgotten: set[str] = set()  # deleted channels: never compacted into a segment
+        self.retention: Retention | None = None  # set by the server: expiry runs in the compactor's loop
+        self._oldest_kept: dict[str, tuple[str, int]] = {}  # channel -> (its oldest segment, last ts)
         self._compacting = asyncio.Lock()
         self._wake = asyncio.Event()
         self._compact_wake = asyncio.Event()
@@ -436,7 +446,7 @@ class MessageWriter:
         await put_until_stored(self.store, key, encode_wal(sections), failed)
         self.healthy = True
         # Indexed before the acks: a reader on another process, asked right after the ack, finds it.
-        entries = [(wal_index(channel), key, pending.seqs[-1]) for channel, pending in batch.items()]
+        entries = [(bus_keys.wal_index(channel), key, pending.seqs[-1]) for channel, pending in batch.items()]
         try:
             await self.bus.index_add(entries)
         except AgentChatError as exc:
@@ -463,7 +473,7 @@ class MessageWriter:
 
     async def reindex(self) -> None:
         """Add this process's index entries again (after the bus may have lost them)."""
-        entries = [(wal_index(channel), key, last)
+        entries = [(bus_keys.wal_index(channel), key, last)
                    for channel, tail in self._tails.items() for key, last in tail.objects]
         if entries:
             await self.bus.index_add(entries)
@@ -472,7 +482,7 @@ class MessageWriter:
     # ------------------------------------------------------------------------------ compaction
 
     async def _compact_loop(self) -> None:
-        last_recovery = time.monotonic()
+        last_recovery = last_expiry = time.monotonic()
         while True:
             try:
                 await asyncio.wait_for(self._compact_wake.wait(), COMPACT_CHECK_SECONDS)
@@ -484,6 +494,9 @@ class MessageWriter:
                 if time.monotonic() - last_recovery >= RECOVERY_SECONDS:
                     last_recovery = time.monotonic()
                     await self.recover()
+                if self.retention is not None and time.monotonic() - last_expiry >= self.retention.every:
+                    last_expiry = time.monotonic()
+                    await self.retention.run(self)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -504,11 +517,32 @@ class MessageWriter:
                     remaining -= len(self._tails[channel].frames)
         return due
 
+    async def forget(self, channel: str) -> None:
+        """A deleted channel: what this process holds of it is dropped instead of compacted (messages
+        still queued are dropped at the next compaction), and the write-ahead objects holding it are
+        deleted once no other channel needs them. Returns after any compaction under way, so no
+        segment of the channel is written by this process from then on."""
+        self._forgotten.add(channel)
+        async with self._compacting:
+            self._drop_forgotten()
+            await self._delete_unneeded()
+
+    def _drop_forgotten(self) -> None:
+        for channel in self._forgotten & self._tails.keys():
+            tail = self._tails.pop(channel)
+            self._tail_frames -= len(tail.frames)
+            for key, _ in tail.objects:
+                self._object_refs[key] -= 1
+                if self._object_refs[key] == 0:
+                    del self._object_refs[key]
+                    self._deletable.append(key)
+
     async def compact(self, channels: list[str], pace_bytes_per_second: float = 0.0) -> None:
         """Write each channel's tail as one segment, then forget it and delete the write-ahead objects
         nothing needs any more. Segments are written one after the other; with a pace, each is
         followed by a pause as long as writing it at that rate would take."""
         async with self._compacting:
+            self._drop_forgotten()
             # What is in the tails now; frames added while the segments are written stay for next time.
             cut = {channel: (len(tail.frames), len(tail.objects))
                    for channel in channels if (tail := self._tails.get(channel)) is not None and tail.frames}
@@ -538,7 +572,7 @@ class MessageWriter:
             for channel, (n, m) in cut.items():
                 tail = self._tails[channel]
                 for key, _ in tail.objects[:m]:
-                    removed.append((wal_index(channel), key))
+                    removed.append((bus_keys.wal_index(channel), key))
                     self._object_refs[key] -= 1
                     if self._object_refs[key] == 0:
                         del self._object_refs[key]
@@ -567,6 +601,50 @@ class MessageWriter:
         except Exception as exc:  # left for the next pass; nothing depends on their removal
             log.warning("could not delete %d write-ahead objects: %r", len(doomed), exc)
             self._deletable.extend(doomed)
+
+    # ------------------------------------------------------------------------------ retention
+
+    async def expire(self, channel: str, before_ms: int) -> int | None:
+        """Delete the channel's oldest segments whose messages are all older than ``before_ms``
+        (a thousand per request). Returns the lowest number still kept after them, or None if none
+        expired. A segment goes when its last message is old enough, so a message may outlive its
+        retention by the span of its segment (at most ``segment_age`` of messages). The last
+        message time of the oldest segment kept is remembered: a pass that expires nothing costs
+        one listing per channel."""
+        doomed: list[str] = []
+        first_kept: int | None = None
+        start_after = ""
+        while first_kept is None:
+            page = await self.store.list(keys.segment_prefix(channel), start_after=start_after, limit=LIST_PAGE)
+            if not page:
+                break
+            for key in page:
+                last_ts = await self._last_ts(channel, key)
+                if last_ts is None:
+                    continue
+                if last_ts >= before_ms:
+                    first_kept = keys.parse_segment(key)[0]
+                    break
+                doomed.append(key)
+            start_after = page[-1]
+        if not doomed:
+            return None
+        await self.store.delete_many(doomed)
+        expired_to = keys.parse_segment(doomed[-1])[1]
+        log.info("retention: %d segments of %s expired (messages up to %d)", len(doomed), channel, expired_to)
+        return max(expired_to + 1, first_kept or 0)
+
+    async def _last_ts(self, channel: str, key: str) -> int | None:
+        cached = self._oldest_kept.get(channel)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        obj = await self.store.get(key)
+        if obj is None:
+            return None
+        frames = parse_segment_frames(obj.data)
+        last_ts = int(orjson.loads(frames[-1])["ts"]) if frames else 0
+        self._oldest_kept[channel] = (key, last_ts)
+        return last_ts
 
     # ------------------------------------------------------------------------------ recovery
 
@@ -599,9 +677,11 @@ class MessageWriter:
                 found = by_channel.setdefault(channel, {})
                 for frame in frames:
                     found[frame_seq(frame)] = frame
-                entries.append((wal_index(channel), key))
+                entries.append((bus_keys.wal_index(channel), key))
         written = 0
         for channel, found in by_channel.items():
+            if channel in self._forgotten or await self.store.get(keys.channel_tombstone(channel)) is not None:
+                continue  # deleted since: its messages go with the batch
             for seq in await self._stored_among(channel, min(found), max(found)):
                 found.pop(seq, None)
             if found:

@@ -12,7 +12,7 @@ from agentchat import crypto
 from agentchat.client import Agent, AgentChatClientError
 from agentchat.config import load_settings
 from agentchat.server.app import build_app
-from agentchat.server.keys import HUB
+from agentchat.server.appkeys import HUB
 from tests.conftest import RestAgent
 from tests.server.test_frames_conformance import kind, open_socket
 from tests.server.test_rest import envelope, new_channel_id

@@ -11,7 +11,7 @@ import orjson
 
 from agentchat import crypto
 from agentchat.errors import error
-from agentchat.server.keys import HUB, RECORDS
+from agentchat.server.appkeys import HUB, RECORDS
 from agentchat.server.membership import membership_counter, version_of
 from agentchat.store import keys
 from tests.server.test_rest import create_channel, envelope

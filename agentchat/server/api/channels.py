@@ -19,10 +19,11 @@ import orjson
 from aiohttp import web
 
 from agentchat import crypto
+from agentchat.bus import keys as bus_keys
 from agentchat.core import frames
 from agentchat.errors import error
 from agentchat.server.http import agent_did, client_address, json_response, principal, query_int, read_json
-from agentchat.server.keys import HISTORY, HUB, INDICATORS, RECORDS, SETTINGS
+from agentchat.server.appkeys import HISTORY, HUB, INDICATORS, RECORDS, SETTINGS
 from agentchat.server.membership import membership_counter, remember_removed, version_of
 from agentchat.store.records import Record
 
@@ -58,10 +59,10 @@ async def charge_quota(request: web.Request, did: str, kind: str, amount: int) -
         return
     bus = request.app[HUB].bus
     window = int(time.time()) // 3600
-    if await bus.incr(f"quota:{kind}:agent:{did}:{window}", 3600.0, amount) > per_agent:
+    if await bus.incr(bus_keys.quota_window(kind, "agent:" + did, window), 3600.0, amount) > per_agent:
         raise error(code, f"more than {per_agent} {kind} per hour from this agent")
     address = client_address(request)
-    if await bus.incr(f"quota:{kind}:address:{address}:{window}", 3600.0, amount) > per_address:
+    if await bus.incr(bus_keys.quota_window(kind, "address:" + address, window), 3600.0, amount) > per_address:
         raise error(code, f"more than {per_address} {kind} per hour from this address")
 
 
@@ -128,6 +129,9 @@ async def create_channel(request: web.Request) -> web.Response:
     members = {_check_did(m, "members[]") for m in raw_members} | {did}
     if len(members) > limits.max_channel_members:
         raise error("invalid_field", f"a channel has at most {limits.max_channel_members} members")
+    records = request.app[RECORDS]
+    if await records.get_agent(did) is None:  # a token may outlive its deleted account
+        raise error("agent_not_found", f"no agent {did}")
     invitees = sorted(members - {did})
     for invitee in invitees:
         await check_invitable(request, did, invitee)
@@ -135,7 +139,6 @@ async def create_channel(request: web.Request) -> web.Response:
     listed = _check_listed(body.get("listed", True))
     await charge_quota(request, did, "creations", 1)
     await charge_quota(request, did, "invitations", len(invitees))
-    records = request.app[RECORDS]
     now = int(time.time() * 1000)
     meta = {"id": channel_id, "name": name, "owner": did, "members": [did], "epoch": 1, "version": 1,
             "invited": {invitee: {"by": did, "at": now} for invitee in invitees},
@@ -389,5 +392,6 @@ async def get_messages(request: web.Request) -> web.Response:
     for message in messages:
         del message["type"]
     next_after = messages[-1]["seq"] if messages else after
+    # first_available > after + 1: the messages in between expired (retention), not a gap.
     return json_response({"channel": channel, "messages": messages, "next_after": next_after,
-                          "has_more": has_more})
+                          "has_more": has_more, "first_available": room.first_available})

@@ -16,7 +16,7 @@ from agentchat.core import frames
 from agentchat.errors import error
 from agentchat.server.api.channels import _check_did, announce_removal, channel_view, invitation_event
 from agentchat.server.http import agent_did, json_response, query_int
-from agentchat.server.keys import HUB, RECORDS, SETTINGS
+from agentchat.server.appkeys import HUB, RECORDS, SETTINGS
 from agentchat.server.membership import remember_removed
 from agentchat.store.records import Record
 
