@@ -38,8 +38,9 @@ async def test_an_unlisted_channel_shows_nowhere_public_and_cannot_be_peeked(cli
     assert [item["channel"] for item in answer["channels"]] == [listed]
     status, body = await _peek_answer(client, hidden)
     assert status == 403 and body["error"]["code"] == "channel_unlisted"
-    # Listed again by its owner: on the market again
+    # Listed again by its owner: on the market again (a peek needs an agent online to hand over the key)
     assert (await owner.set_listed(hidden, True))["listed"] is True
+    await owner.connect()
     await eventually(lambda: _listed_ids(client), lambda ids: hidden in ids)
     assert (await _peek_answer(client, hidden))[0] == 201
 
