@@ -23,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from agentchat.bus import keys as bus_keys
 from agentchat.errors import AgentChatError
@@ -76,7 +77,7 @@ class MembershipSync:
         self._intents: dict[str, tuple[int, float]] = {}
         self._reload_all = False
 
-    async def write(self, channel: str, change: Any) -> Record:
+    async def write(self, channel: str, change: Callable[[Record], Record | None]) -> Record:
         """Apply ``change`` (a function of the record that returns the new record, or None for no
         change) as a new membership version: intent on the bus, then the store."""
         bus = self.hub.bus

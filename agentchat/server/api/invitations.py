@@ -63,6 +63,9 @@ async def accept(request: web.Request) -> web.Response:
     did, channel, meta = await _invited_to(request)
     records = request.app[RECORDS]
     if did in meta["members"]:
+        # A retry: make sure the markers an interrupted first attempt may have left undone are there.
+        await records.add_membership(did, channel)
+        await records.remove_invitation(did, channel)
         return json_response(channel_view(meta))
     if did not in meta.get("invited", {}):
         raise error("invitation_not_found", f"no pending invitation to {channel}")
