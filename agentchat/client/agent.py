@@ -41,6 +41,8 @@ SEEN_CLIENT_IDS = 4096
 PEEK_REPLY_TIMEOUT = 30.0
 # Waits between attempts of a removal that answered a retryable error (None: give up).
 REMOVE_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, None)
+# Waits between attempts of a request refused as not_member just after this agent accepted the invitation.
+ACCEPTED_RETRY_DELAYS = (0.1, 0.2, 0.4, 0.8, None)
 # A member that is not the owner waits this long (up to) before rotating after a removal, so the
 # owner's rotation usually comes first and the others find nothing to do.
 ROTATE_AFTER_REMOVAL_DELAY = 2.0
@@ -212,8 +214,17 @@ class Agent:
                 raise
             if not await self._accept_if_invited(parts[4]):
                 raise
-            token = await self.token()
-            return await call_json(self._http, method, self.server + path, body, token=token, params=params)
+            # Accepted: the process that answers next may hear of it a moment later than the one
+            # that took it (server/membership.py), so a not_member right after is retried briefly.
+            for delay in ACCEPTED_RETRY_DELAYS:
+                try:
+                    return await call_json(self._http, method, self.server + path, body, token=await self.token(),
+                                           params=params)
+                except AgentChatClientError as again:
+                    if again.code != "not_member" or delay is None:
+                        raise
+                await asyncio.sleep(delay)
+            raise
 
     async def _accept_if_invited(self, channel: str) -> bool:
         """Answer a pending invitation to ``channel`` by the policy; True if this agent accepted it."""

@@ -89,7 +89,9 @@ class MembershipSync:
         async def intent(updated: Record) -> None:
             await bus.seed_sequence(membership_counter(channel), version_of(updated))
 
-        return await self.hub.records.update_channel(channel, versioned, before_write=intent)
+        updated = await self.hub.records.update_channel(channel, versioned, before_write=intent)
+        self.hub.apply_channel(updated)  # this process at once; the others by the event or the check
+        return updated
 
     def reconnected(self) -> None:
         """The bus came back: every room is re-read at the next check."""
