@@ -50,7 +50,6 @@ from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
 from agentchat.config import Settings
 from agentchat.core import frames
-from agentchat.core import ledger as money
 from agentchat.core.peek import (ArmTimer, CancelPayment, CapturePayment, CaptureFailed, CaptureSucceeded,
                                  ChargeRefusalFee, DeadlineReached, Effect, Event, KeyGranted, PaymentAuthorized,
                                  PaymentFailed, Peek, PeekState, Refuse, RevokeAccess, SplitCapture, TimeUp,
@@ -60,6 +59,7 @@ from agentchat.errors import AgentChatError, error
 from agentchat.payments.base import Hold, HoldState, PaymentProvider
 from agentchat.payments.ledger import LedgerStore
 from agentchat.server.hub import Hub, HubListenerBase
+from agentchat.server.peek_money import PeekMoney
 from agentchat.server.peek_refusals import Refusals, idempotency_key
 from agentchat.server.session import CLOSE_REMOVED, Session
 from agentchat.server.tokens import Principal
@@ -150,6 +150,7 @@ class PeekService(HubListenerBase):
         self.ledger = ledger
         self.clock = clock
         self.refusals = Refusals(settings=settings, store=store, payments=payments, ledger=ledger)
+        self.money = PeekMoney(store=store, payments=payments, ledger=ledger, records=records, clock=clock)
         # Peeks this process knows to be under way (from its own transitions, the bus and the scan).
         self.known: dict[str, Peek] = {}
         self._delivered: dict[str, int] = {}  # peek id -> last version told to local sockets
@@ -434,13 +435,13 @@ class PeekService(HubListenerBase):
         if isinstance(effect, ArmTimer):
             self._arm(peek, effect.at)
         elif isinstance(effect, CancelPayment):
-            await self._cancel_hold(peek)
+            await self.money.cancel_hold(peek)
         elif isinstance(effect, CapturePayment):
             await self._capture(peek)
         elif isinstance(effect, ChargeRefusalFee):
             await self.refusals.settle(peek)
         elif isinstance(effect, SplitCapture):
-            await self._record_split(peek)
+            await self.money.record_split(peek)
         elif isinstance(effect, RevokeAccess):
             await self._revoke(peek)
         # NotifyAgents, NotifyPeeker, RequestGrant, DeliverGrants: the p:state message already told every
@@ -470,24 +471,10 @@ class PeekService(HubListenerBase):
 
     # ------------------------------------------------------------------------------ money
 
-    async def _hold_ref(self, peek: Peek) -> str | None:
-        if peek.payment_ref:
-            return peek.payment_ref
-        record = await self.payment(peek.id)
-        return None if record is None else record["ref"]
-
-    async def _cancel_hold(self, peek: Peek) -> None:
-        ref = await self._hold_ref(peek)
-        if ref is None:
-            return
-        hold = await self.payments.cancel(ref, key=idempotency_key(peek.id, "cancel"))
-        if hold.state is HoldState.CAPTURED:  # never expected: a captured peek is never canceled
-            log.error("peek %s: the hold %s was captured, not released", peek.id, ref)
-
     async def _capture(self, peek: Peek) -> None:
         """Capture the price, then move the peek on. A transient failure leaves it in ``capturing``;
         a timer here and the scan everywhere retry it."""
-        ref = await self._hold_ref(peek)
+        ref = await self.money.hold_ref(peek)
         try:
             if ref is None:
                 raise error("payment_declined", "the peek has no authorised payment")
@@ -503,31 +490,6 @@ class PeekService(HubListenerBase):
         except AgentChatError as exc:
             if exc.code != "peek_state":  # peek_state: another process recorded the result first
                 raise
-
-    async def _record_split(self, peek: Peek) -> None:
-        txn = f"{money.EntryKind.CAPTURE}/{peek.id}"
-        recorded = await self.ledger.transaction(txn)
-        if recorded:
-            await self.ledger.record(recorded)  # repairs the account index
-            return
-        if peek.members is not None:  # fixed when the countdown started
-            members = list(peek.members)
-        else:  # a peek stored before members were kept: those of the channel now, as then
-            meta = await self.records.get_channel(peek.channel)
-            members = sorted(meta["members"]) if meta else []
-        created_at = peek.activated_at or peek.updated_at
-        if members:
-            entries = money.split_capture(peek.id, peek.price_cents, members, created_at=created_at)
-        else:  # nobody left in the channel to share with
-            entries = [money.Entry(money.EXTERNAL, -peek.price_cents, money.EntryKind.CAPTURE, created_at,
-                                   peek_id=peek.id),
-                       money.Entry(money.PLATFORM, peek.price_cents, money.EntryKind.CAPTURE, created_at,
-                                   peek_id=peek.id)]
-        try:
-            await self.ledger.record(entries)
-        except money.LedgerError:
-            # Another process recorded the split first, with the members it saw: that one stands.
-            await self.ledger.record(await self.ledger.transaction(txn))
 
     # ------------------------------------------------------------------------------ access
 
