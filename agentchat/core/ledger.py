@@ -166,6 +166,31 @@ def reversal_entries(capture: Iterable[Entry], *, created_at: float) -> list[Ent
     return [Entry(e.account, -e.amount_cents, kind, created_at, peek_id=e.peek_id) for e in lines]
 
 
+class FeeSource(StrEnum):
+    """Where a refusal fee comes from (protocol/peek.md, "An agent's no always counts")."""
+
+    EARNINGS = "earnings"
+    CARD = "card"
+    DEBT = "debt"
+
+
+def refusal_fee_source(available_cents: int, fee_cents: int, *, has_card: bool,
+                       debt_limit_cents: int) -> FeeSource | None:
+    """Who pays the next refusal: the earnings not set aside if they cover the fee, else the card on
+    file, else a debt if the balance stays at or above ``-debt_limit_cents``; None: unfunded (the
+    refusal would be rejected, which the agent is told in advance)."""
+    for name, value in (("available_cents", available_cents), ("fee_cents", fee_cents),
+                        ("debt_limit_cents", debt_limit_cents)):
+        _require_cents(name, value, signed=name == "available_cents")
+    if available_cents >= fee_cents:
+        return FeeSource.EARNINGS
+    if has_card:
+        return FeeSource.CARD
+    if available_cents - fee_cents >= -debt_limit_cents:
+        return FeeSource.DEBT
+    return None
+
+
 def payout_entries(payout_id: str, agent_did: str, amount_cents: int, *, created_at: float) -> list[Entry]:
     """``amount_cents`` of an agent's balance paid out to it through the payment provider."""
     _require_cents("amount_cents", amount_cents)
