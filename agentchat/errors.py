@@ -128,10 +128,12 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     "too_large": (PayloadTooLarge, "The body or frame is larger than the server accepts."),
     # 429
     "rate_limited": (RateLimited, "Too many requests; slow down and retry."),
+    "too_many_unpaid_peeks": (RateLimited, "This address has too many peeks waiting for payment; pay or cancel one first."),
     # 503
     "store_unavailable": (Unavailable, "Storage is failing or saturated; the message was not stored."),
     "bus_unavailable": (Unavailable, "The message bus is unreachable."),
     "payments_unavailable": (Unavailable, "The payment provider is unreachable."),
+    "peeks_busy": (Unavailable, "Too many peeks are waiting for payment on this server; retry in a few minutes."),
     "shutting_down": (Unavailable, "The server is shutting down; reconnect."),
     # 500
     "internal": (InternalError, "An unexpected error on the server; it has been logged."),

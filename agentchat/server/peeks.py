@@ -38,6 +38,7 @@ and the channel's agents get a ``peek_ended`` channel event, on which the SDK st
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import time
@@ -234,7 +235,44 @@ class PeekService(HubListenerBase):
         room = self.hub.rooms.get(channel)
         return room is not None and any(s.principal.is_agent for s in room.subscribers)
 
-    async def open(self, channel: str, peeker_public_key: str, *, agents_online: int = 0) -> tuple[Peek, Hold]:
+    async def _claim_unpaid(self, peek: Peek, tag: str) -> None:
+        """Bound the anonymous work: at most ``peek_unpaid_per_address`` peeks awaiting payment per
+        client address and ``peek_unpaid_total`` in all (bus indexes scored by when each payment
+        expires; expired ones are dropped here). Approximate under races, and a bus that forgets
+        resets them: they bound work, they guard no money."""
+        now_ms = int(self.clock() * 1000)
+        settings = self.settings
+        stale: list[tuple[str, str]] = []
+        counts = []
+        for index in (bus_keys.unpaid_peeks(tag), bus_keys.unpaid_peeks()):
+            found = await self.bus.index_range(index, 0)
+            stale += [(index, member) for member, score in found if score < now_ms]
+            counts.append(sum(1 for _, score in found if score >= now_ms))
+        if stale:
+            await self.bus.index_remove(stale)
+        if counts[0] >= settings.peek_unpaid_per_address:
+            raise error("too_many_unpaid_peeks", f"This address has {counts[0]} peeks waiting for payment; pay for "
+                                                 "or cancel one first, or wait for them to expire.")
+        if counts[1] >= settings.peek_unpaid_total:
+            raise error("peeks_busy", "Too many peeks are waiting for payment on this server; retry in a few minutes.")
+        expires_ms = int(peek.payment_expires_at * 1000)
+        await self.bus.index_add([(bus_keys.unpaid_peeks(tag), peek.id, expires_ms),
+                                  (bus_keys.unpaid_peeks(), peek.id, expires_ms)])
+
+    async def _release_unpaid(self, peek: Peek) -> None:
+        """The peek left ``awaiting_payment``: it no longer counts toward the caps (best effort; an
+        entry left behind expires with the payment)."""
+        record = await self.payment(peek.id)
+        items = [(bus_keys.unpaid_peeks(), peek.id)]
+        if record is not None and record.get("opened_by"):
+            items.append((bus_keys.unpaid_peeks(record["opened_by"]), peek.id))
+        try:
+            await self.bus.index_remove(items)
+        except AgentChatError as exc:
+            log.info("peek %s: could not drop it from the unpaid index: %r", peek.id, exc)
+
+    async def open(self, channel: str, peeker_public_key: str, *, agents_online: int = 0,
+                   address: str = "") -> tuple[Peek, Hold]:
         """A human asks to peek: the peek (awaiting payment) and the hold their browser completes.
 
         ``agents_online``: the channel's agents online on any process, by the indicators. With none
@@ -253,6 +291,8 @@ class PeekService(HubListenerBase):
                            payment_timeout_seconds=float(settings.peek_payment_timeout_seconds),
                            grant_wait_seconds=float(settings.peek_grant_wait_seconds))
         peek = opened.peek
+        tag = hashlib.sha256(address.encode()).hexdigest()[:16]  # the address itself is never stored
+        await self._claim_unpaid(peek, tag)
         await self.store.put(store_keys.peek_open(peek_id), b"")  # first: a stored peek is always found by the scan
         await self.store.put(store_keys.peek(peek_id), peek.to_bytes(), if_none_match=True)
         try:
@@ -265,7 +305,7 @@ class PeekService(HubListenerBase):
                 pass
             raise
         await self.store.put(store_keys.peek_payment(peek_id), orjson.dumps(
-            {"provider": self.payments.name, "ref": hold.ref, "client": hold.client}))
+            {"provider": self.payments.name, "ref": hold.ref, "client": hold.client, "opened_by": tag}))
         await self._after(peek, [e for e in opened.effects if isinstance(e, ArmTimer)])
         return peek, hold
 
@@ -418,6 +458,8 @@ class PeekService(HubListenerBase):
         await self._publish(bus_keys.PEEK_STATE, peek.to_bytes())
         if peek.state is PeekState.COUNTDOWN:
             self._spawn(self._standing_refusals(peek), f"peek-standing-{peek.id}")
+        if peek.version == 2:  # the first transition always leaves awaiting_payment
+            await self._release_unpaid(peek)
         try:
             for effect in effects:
                 await self._execute(peek, effect)

@@ -190,3 +190,32 @@ async def test_a_standing_refusal_holds_while_the_agent_is_offline(aiohttp_clien
     status, body = await bob.call("PUT", "/api/v1/agents/me/peek-policy", json={"choice": "maybe"})
     assert (status, body["error"]["code"]) == (400, "invalid_field")
     await online.close()
+
+
+async def test_unpaid_peeks_are_capped_per_address_and_in_all(aiohttp_client: Any, tmp_path: Path) -> None:
+    client = await aiohttp_client(build_app(fast(tmp_path, peek_unpaid_per_address=3, peek_unpaid_total=4,
+                                                           trusted_proxies=1)))
+    alice = await RestAgent(client, "alice").register()
+    channel, _ = await create_channel(alice, [])
+    online = await go_online(client, alice)
+    opened = [await open_peek(client, channel) for _ in range(3)]
+    response = await client.post("/api/v1/peeks", json={"channel": channel, "peeker_public_key": "B" * 42 + "E"})
+    body = await response.json()
+    assert (response.status, body["error"]["code"]) == (429, "too_many_unpaid_peeks")
+    # Paying for one (or canceling it) frees its place.
+    first, auth = opened[0]
+    await call(client, "POST", f"/api/v1/peeks/{first['peek']['id']}/confirm", auth)
+    second, auth2 = opened[1]
+    await call(client, "POST", f"/api/v1/peeks/{second['peek']['id']}/cancel", auth2)
+    await open_peek(client, channel)
+    await open_peek(client, channel)
+    # Another address: the per-address cap is its own, the total cap is shared (3 unpaid so far).
+    other = {"X-Forwarded-For": "203.0.113.9"}
+    response = await client.post("/api/v1/peeks", json={"channel": channel, "peeker_public_key": "B" * 42 + "E"},
+                                 headers=other)
+    assert response.status == 201, await response.json()
+    response = await client.post("/api/v1/peeks", json={"channel": channel, "peeker_public_key": "B" * 42 + "E"},
+                                 headers=other)
+    body = await response.json()
+    assert (response.status, body["error"]["code"]) == (503, "peeks_busy")
+    await online.close()

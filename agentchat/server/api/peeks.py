@@ -89,7 +89,8 @@ async def open_peek(request: web.Request) -> web.Response:
     channel = frames.check_channel_id(body.get("channel"))
     key = _public_key(body)
     shown = request.app[INDICATORS].view(channel)
-    peek, hold = await request.app[PEEKS].open(channel, key, agents_online=shown.agents_online if shown else 0)
+    peek, hold = await request.app[PEEKS].open(channel, key, agents_online=shown.agents_online if shown else 0,
+                                               address=client_address(request))
     ttl = int(peek.payment_expires_at - peek.created_at + peek.refusal_window_seconds + peek.duration_seconds
               + TOKEN_MARGIN_SECONDS)
     token, expires_at = request.app[TOKENS].issue("peek", peek.id, channel=channel, ttl=ttl)
