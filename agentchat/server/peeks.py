@@ -78,6 +78,11 @@ TIMER_SLACK = 0.002
 SCAN_TIMEOUT_SECONDS = 30.0
 # A peek found in ``capturing`` for this long gets its capture re-issued (by any process).
 CAPTURE_RETRY_SECONDS = 5.0
+# An expired peek (never paid for) is deleted this long after it expired: long enough for its page to
+# read the outcome, short enough that abandoned peeks do not pile up in the store.
+EXPIRED_RETENTION_SECONDS = 600.0
+# The due scan lists due markers this many at a time, stopping at the first one not yet due.
+DUE_PAGE = 100
 # How long a peeker's socket may take to receive its last frames before it is closed.
 CLOSE_FLUSH_SECONDS = 2.0
 # The states after the countdown that the channel's agents are sent (``peek`` frames).
@@ -171,8 +176,8 @@ class PeekService(HubListenerBase):
         await self.bus.subscribe(bus_keys.PEEK_STATE)
         await self.bus.subscribe(bus_keys.PEEK_GRANT)
         try:
-            await self.scan()
-        except AgentChatError as exc:  # the loop tries again
+            await self.scan_all()
+        except AgentChatError as exc:  # the due scan still runs; the next start tries again
             log.warning("first peek scan failed: %r", exc)
         self._scanner = asyncio.create_task(self._scan_loop(), name="peek-scan")
 
@@ -215,9 +220,11 @@ class PeekService(HubListenerBase):
         return Peek.from_bytes(found.data)
 
     def peek_readable(self, peek_id: str) -> bool:
-        """``HubListener``: whether a peek token may read its channel now: only while its peek is active."""
+        """``HubListener``: whether a peek token may read its channel now: only while its peek is active
+        (and its time is not up, even if the transition to ``ended`` has not reached this process yet)."""
         peek = self.known.get(peek_id)
-        return peek is not None and peek.state is PeekState.ACTIVE
+        return (peek is not None and peek.state is PeekState.ACTIVE
+                and peek.ends_at is not None and self.clock() < peek.ends_at)
 
     async def payment(self, peek_id: str) -> dict[str, Any] | None:
         found = await self.store.get(store_keys.peek_payment(peek_id))
@@ -295,6 +302,7 @@ class PeekService(HubListenerBase):
         await self._claim_unpaid(peek, tag)
         await self.store.put(store_keys.peek_open(peek_id), b"")  # first: a stored peek is always found by the scan
         await self.store.put(store_keys.peek(peek_id), peek.to_bytes(), if_none_match=True)
+        await self._index_due(None, peek)
         try:
             hold = await self.payments.authorize(peek_id, peek.price_cents, key=idempotency_key(peek_id, "authorize"))
         except AgentChatError as exc:
@@ -447,6 +455,10 @@ class PeekService(HubListenerBase):
             except PreconditionFailed:
                 found = None
                 continue
+            try:
+                await self._index_due(peek, transition.peek)
+            except AgentChatError as exc:  # the startup scan re-indexes every open peek
+                log.warning("peek %s: could not index its next due time: %r", peek_id, exc)
             await self._after(transition.peek, transition.effects)
             return transition.peek
         raise error("conflict", "the peek is being changed by others; try again")
@@ -466,8 +478,12 @@ class PeekService(HubListenerBase):
             if peek.state.terminal:
                 await self._finish(peek)
         except AgentChatError as exc:
-            # The scan redoes what is missing (every effect is idempotent).
+            # The scan redoes what is missing (every effect is idempotent): it is due again now.
             log.warning("peek %s (%s): an effect failed, the scan will retry: %r", peek.id, peek.state, exc)
+            try:
+                await self.store.put(store_keys.peek_due(int(self.clock() * 1000), peek.id), b"")
+            except AgentChatError:
+                pass  # the startup scan of the open markers finds it
             return
         # A transition's effects include what its state implies (``_durable_effects``): this
         # process's scan need not redo them.
@@ -583,6 +599,14 @@ class PeekService(HubListenerBase):
         hanging, or the effects a crash may have cut short."""
         now = self.clock()
         at = peek.wake_at
+        if peek.state is PeekState.AWAITING_KEY and at is not None and now >= at:
+            # A grant kept just before a crash wins over the grant wait's end: the key was handed over.
+            kept = await self.store.list(store_keys.peek_grant_prefix(peek.id), limit=1)
+            if kept:
+                granted = await self.store.get(kept[0])
+                if granted is not None:
+                    await self._key_kept(peek.id, orjson.loads(granted.data)["granted_by"])
+                    return
         if at is not None and now >= at:
             event: Event = TimeUp() if peek.state is PeekState.ACTIVE else DeadlineReached()
             log.info("peek %s: %s is due (%.3f s late)", peek.id, event.name, now - at)
@@ -614,8 +638,88 @@ class PeekService(HubListenerBase):
             await self._finish(peek)
         self._settled.add((peek.id, peek.version))
 
+    # ------------------------------------------------------------------------------ the due index
+
+    @staticmethod
+    def due_at(peek: Peek) -> float | None:
+        """When the scan must next look at ``peek``: its timer, a capture to retry, or an expired
+        peek to delete; None if never (a terminal peek whose work is done)."""
+        if peek.state is PeekState.CAPTURING:
+            return peek.updated_at + CAPTURE_RETRY_SECONDS
+        if peek.state is PeekState.EXPIRED:
+            return peek.updated_at + EXPIRED_RETENTION_SECONDS
+        return peek.wake_at
+
+    async def _index_due(self, old: Peek | None, new: Peek) -> None:
+        """Keep ``peeks-due/`` in step with a transition: the new due marker first, then the old one
+        goes (a crash between leaves an extra marker, which the scan finds stale and deletes)."""
+        old_key = new_key = None
+        if old is not None and (at := self.due_at(old)) is not None:
+            old_key = store_keys.peek_due(int(at * 1000), old.id)
+        if (at := self.due_at(new)) is not None:
+            new_key = store_keys.peek_due(int(at * 1000), new.id)
+            if new_key != old_key:
+                await self.store.put(new_key, b"")
+        if old_key is not None and old_key != new_key:
+            await self.store.delete(old_key)
+
     async def scan(self) -> None:
-        """Re-read every open peek and drive it; forget peeks that are no longer open."""
+        """Drive the peeks that are due, and only those: list ``peeks-due/`` from the start (keys sort
+        by time) and stop at the first marker not yet due. Idle, that is one small listing per scan
+        whatever the number of open peeks."""
+        now_ms = int(self.clock() * 1000)
+        start_after = ""
+        while True:
+            page = await self.store.list(store_keys.PEEK_DUE_PREFIX, start_after=start_after, limit=DUE_PAGE)
+            for key in page:
+                at_ms, peek_id = store_keys.parse_peek_due(key)
+                if at_ms > now_ms:
+                    return self._prune()
+                try:
+                    await self._drive_due(key, at_ms, peek_id)
+                except AgentChatError as exc:  # its marker stays: the next scan tries again
+                    log.warning("peek %s: scan could not drive it: %r", peek_id, exc)
+            if len(page) < DUE_PAGE:
+                return self._prune()
+            start_after = page[-1]
+
+    async def _drive_due(self, key: str, at_ms: int, peek_id: str) -> None:
+        found = await self.store.get(store_keys.peek(peek_id))
+        if found is None:
+            await self.store.delete(key)
+            return
+        peek = Peek.from_bytes(found.data)
+        self._observe(peek, arm=False)
+        if peek.state is PeekState.EXPIRED and self.clock() >= peek.updated_at + EXPIRED_RETENTION_SECONDS:
+            await self._purge(peek)
+            await self.store.delete(key)
+            return
+        await self._drive(peek, found)
+        current = await self.store.get(store_keys.peek(peek_id))
+        due = None if current is None else self.due_at(Peek.from_bytes(current.data))
+        if due is None or int(due * 1000) != at_ms:
+            await self.store.delete(key)  # done, or moved to another time by the transition
+            if current is not None and due is not None:
+                await self.store.put(store_keys.peek_due(int(due * 1000), peek_id), b"")
+
+    async def _purge(self, peek: Peek) -> None:
+        """An expired peek, never paid for, is deleted with its payment record: nothing else refers
+        to it (no ledger entry, no grant)."""
+        log.info("peek %s: expired at %.0f, deleted", peek.id, peek.updated_at)
+        await self.store.delete(store_keys.peek_payment(peek.id))
+        await self.store.delete(store_keys.peek_open(peek.id))
+        await self.store.delete(store_keys.peek(peek.id))
+
+    def _prune(self) -> None:
+        """Forget per-peek notes of peeks this process no longer follows."""
+        self._settled = {(i, v) for i, v in self._settled if i in self.known}
+        self._delivered = {i: v for i, v in self._delivered.items() if i in self.known}
+        self._grants_delivered = {(i, e) for i, e in self._grants_delivered if i in self.known}
+
+    async def scan_all(self) -> None:
+        """At startup: re-read every open peek (``peeks-open/``), drive it and index its due time. This
+        also indexes peeks stored before the due index existed, and finishes what a process that died
+        left half done; afterwards the periodic scan reads only what is due."""
         open_ids: set[str] = set()
         start_after = ""
         while True:
@@ -637,6 +741,9 @@ class PeekService(HubListenerBase):
                 self._observe(peek, arm=False)
                 if peek_id in open_ids:
                     await self._drive(peek, found)
+                    current = await self.store.get(store_keys.peek(peek_id))
+                    if current is not None:
+                        await self._index_due(None, Peek.from_bytes(current.data))
             except AgentChatError as exc:
                 log.warning("peek %s: scan could not drive it: %r", peek_id, exc)
         self._settled = {(i, v) for i, v in self._settled if i in open_ids}
