@@ -54,12 +54,13 @@ from agentchat.core import frames
 from agentchat.core.peek import (ArmTimer, CancelPayment, CapturePayment, CaptureFailed, CaptureSucceeded,
                                  ChargeRefusalFee, DeadlineReached, Effect, Event, KeyGranted, PaymentAuthorized,
                                  PaymentFailed, Peek, PeekState, Refuse, RevokeAccess, SplitCapture, TimeUp,
-                                 countdown_seconds_left, open_peek, step)
+                                 open_peek, step)
 from agentchat.core.peek import Cancel as CancelPeek
 from agentchat.errors import AgentChatError, error
 from agentchat.payments.base import Hold, HoldState, PaymentProvider
 from agentchat.payments.ledger import LedgerStore
 from agentchat.server.hub import Hub, HubListenerBase
+from agentchat.server.peek_delivery import PeekDelivery, peek_frame, peek_view  # noqa: F401 (peek_view: re-exported)
 from agentchat.server.peek_money import PeekMoney
 from agentchat.server.peek_refusals import Refusals, idempotency_key
 from agentchat.server.session import CLOSE_REMOVED, Session
@@ -83,60 +84,10 @@ CAPTURE_RETRY_SECONDS = 5.0
 EXPIRED_RETENTION_SECONDS = 600.0
 # The due scan lists due markers this many at a time, stopping at the first one not yet due.
 DUE_PAGE = 100
-# How long a peeker's socket may take to receive its last frames before it is closed.
-CLOSE_FLUSH_SECONDS = 2.0
-# The states after the countdown that the channel's agents are sent (``peek`` frames).
-STATES_AGENTS_HEAR = frozenset({PeekState.REFUSED, PeekState.AWAITING_KEY, PeekState.CAPTURING, PeekState.ACTIVE,
-                                PeekState.ENDED, PeekState.PAYMENT_FAILED, PeekState.WITHDRAWN, PeekState.NO_KEY})
 # The states in which a member may hand over the channel key (kept; given to the peeker once active).
 STATES_TAKING_GRANTS = frozenset({PeekState.AWAITING_KEY, PeekState.CAPTURING, PeekState.ACTIVE})
 
 
-
-
-# --- wire shapes -------------------------------------------------------------------------------------
-
-
-def _ms(seconds: float | None) -> int | None:
-    return None if seconds is None else int(round(seconds * 1000))
-
-
-def peek_view(peek: Peek) -> dict[str, Any]:
-    """The peek as clients see it (times in milliseconds since the epoch, money in cents)."""
-    return {
-        "id": peek.id, "channel": peek.channel, "state": str(peek.state),
-        "peeker_public_key": peek.peeker_public_key,
-        "price_cents": peek.price_cents, "refusal_fee_cents": peek.refusal_fee_cents,
-        "refusal_window_seconds": peek.refusal_window_seconds, "duration_seconds": peek.duration_seconds,
-        "created_at": _ms(peek.created_at), "updated_at": _ms(peek.updated_at),
-        "payment_expires_at": _ms(peek.payment_expires_at), "deadline": _ms(peek.deadline),
-        "key_deadline": _ms(peek.key_deadline),
-        "activated_at": _ms(peek.activated_at), "ends_at": _ms(peek.ends_at),
-        "refused_by": peek.refused_by, "failure_reason": peek.failure_reason,
-    }
-
-
-def peek_frame(peek: Peek, ref: str | None = None) -> bytes:
-    frame: dict[str, Any] = {"type": "peek", "peek": peek_view(peek)}
-    if ref is not None:
-        frame["ref"] = ref
-    return frames.encode(frame)
-
-
-def request_frame(peek: Peek) -> bytes:
-    return frames.encode({"type": "peek_request", "peek": peek.id, "channel": peek.channel,
-                          "deadline": _ms(peek.deadline), "peeker_public_key": peek.peeker_public_key,
-                          "price_cents": peek.price_cents, "refusal_fee_cents": peek.refusal_fee_cents})
-
-
-def tick_frame(peek: Peek, seconds_left: int) -> bytes:
-    return frames.encode({"type": "peek_tick", "peek": peek.id, "seconds_left": seconds_left,
-                          "deadline": _ms(peek.deadline)})
-
-
-def grant_frame(grant: dict[str, Any]) -> bytes:
-    return frames.encode({"type": "peek_grant", "peek": grant["peek"], "channel": grant["channel"],
-                          "epoch": grant["epoch"], "wrapped_key": grant["wrapped_key"]})
 
 
 # --- the service -------------------------------------------------------------------------------------
@@ -159,12 +110,10 @@ class PeekService(HubListenerBase):
         self.money = PeekMoney(store=store, payments=payments, ledger=ledger, records=records, clock=clock)
         # Peeks this process knows to be under way (from its own transitions, the bus and the scan).
         self.known: dict[str, Peek] = {}
+        self.delivery = PeekDelivery(hub=hub, store=store, clock=lambda: self.clock(), spawn=self._spawn,
+                                     current=self.known.get)
         self._delivered: dict[str, int] = {}  # peek id -> last version told to local sockets
         self._timers: dict[str, tuple[int, asyncio.TimerHandle]] = {}  # peek id -> (version, timer)
-        self._watchers: dict[str, set[Session]] = {}  # peek id -> the peeker's sockets here
-        self._resume: dict[Session, int] = {}
-        self._tickers: dict[str, asyncio.Task[None]] = {}
-        self._grants_delivered: set[tuple[str, int]] = set()
         self._settled: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._scanner: asyncio.Task[None] | None = None
@@ -188,7 +137,7 @@ class PeekService(HubListenerBase):
         for _, handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
-        tasks = [*self._tasks, *self._tickers.values(), *([self._scanner] if self._scanner else [])]
+        tasks = [*self._tasks, *self.delivery.tickers(), *([self._scanner] if self._scanner else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -231,9 +180,7 @@ class PeekService(HubListenerBase):
         return None if found is None else orjson.loads(found.data)
 
     async def grants(self, peek_id: str) -> list[dict[str, Any]]:
-        keys = await self.store.list(store_keys.peek_grant_prefix(peek_id), limit=1000)
-        found = await asyncio.gather(*(self.store.get(key) for key in keys))
-        return [orjson.loads(obj.data) for obj in found if obj is not None]
+        return await self.delivery.grants(peek_id)
 
     # ------------------------------------------------------------------------------ what users do
 
@@ -422,7 +369,7 @@ class PeekService(HubListenerBase):
             # Kept, not handed over: the peeker gets it once the capture succeeded (``_open_channel``).
             return await self._key_kept(peek_id, did)
         if peek.state is PeekState.ACTIVE:  # a new epoch during the peek: the peeker needs it too
-            self._deliver_grant(grant)
+            self.delivery.deliver_grant(grant)
             await self._publish(bus_keys.PEEK_GRANT, orjson.dumps(grant))
         return peek
 
@@ -714,7 +661,7 @@ class PeekService(HubListenerBase):
         """Forget per-peek notes of peeks this process no longer follows."""
         self._settled = {(i, v) for i, v in self._settled if i in self.known}
         self._delivered = {i: v for i, v in self._delivered.items() if i in self.known}
-        self._grants_delivered = {(i, e) for i, e in self._grants_delivered if i in self.known}
+        self.delivery.prune(set(self.known))
 
     async def scan_all(self) -> None:
         """At startup: re-read every open peek (``peeks-open/``), drive it and index its due time. This
@@ -748,7 +695,7 @@ class PeekService(HubListenerBase):
                 log.warning("peek %s: scan could not drive it: %r", peek_id, exc)
         self._settled = {(i, v) for i, v in self._settled if i in open_ids}
         self._delivered = {i: v for i, v in self._delivered.items() if i in open_ids or i in self.known}
-        self._grants_delivered = {(i, e) for i, e in self._grants_delivered if i in open_ids}
+        self.delivery.prune(open_ids)
 
     async def _scan_loop(self) -> None:
         # A scan stuck on a backend is abandoned rather than left to hold up every later one.
@@ -780,7 +727,7 @@ class PeekService(HubListenerBase):
             if topic == bus_keys.PEEK_STATE[bus_keys.KIND_LENGTH:]:
                 self._observe(Peek.from_bytes(body))
             elif topic == bus_keys.PEEK_GRANT[bus_keys.KIND_LENGTH:]:
-                self._deliver_grant(orjson.loads(body))
+                self.delivery.deliver_grant(orjson.loads(body))
         except (ValueError, KeyError) as exc:
             log.warning("ignoring a malformed peek message on %s: %r", topic, exc)
 
@@ -800,63 +747,15 @@ class PeekService(HubListenerBase):
         if self._delivered.get(peek.id, 0) >= peek.version:
             return
         self._delivered[peek.id] = peek.version
-        self._deliver(peek)
-
-    def _deliver(self, peek: Peek) -> None:
-        agents_frame: bytes | None = None
-        if peek.state is PeekState.COUNTDOWN:
-            agents_frame = request_frame(peek)
-        elif peek.state in STATES_AGENTS_HEAR and peek.deadline is not None:
-            agents_frame = peek_frame(peek)
-        room = self.hub.rooms.get(peek.channel)
-        if agents_frame is not None and room is not None:
-            for session in list(room.subscribers):
-                if session.principal.is_agent:
-                    session.push(agents_frame)
-        watchers = self._watchers.get(peek.id)
-        if not watchers:
-            return
-        frame = peek_frame(peek)
-        for session in list(watchers):
-            session.push(frame)
-        if peek.state is PeekState.COUNTDOWN:
-            self._start_ticker(peek.id)
-        elif peek.state is PeekState.ACTIVE:
-            for session in list(watchers):
-                self._spawn(self._open_channel(session, peek), f"peek-open-{peek.id}")
-        elif peek.state.terminal:
-            for session in list(watchers):
-                self.hub.detach(session, peek.channel)  # before the hub's own peek_ended handling
-                self._spawn(self._close_peeker(session, peek), f"peek-close-{peek.id}")
-
-    def _deliver_grant(self, grant: dict[str, Any]) -> None:
-        known = self.known.get(grant["peek"])
-        if known is None or known.state is not PeekState.ACTIVE:
-            return  # a key reaches the peeker only once paid for (the active state sends those kept)
-        marker = (grant["peek"], int(grant["epoch"]))
-        if marker in self._grants_delivered:
-            return
-        self._grants_delivered.add(marker)
-        frame = grant_frame(grant)
-        for session in list(self._watchers.get(grant["peek"], ())):
-            session.push(frame)
+        self.delivery.deliver(peek)
 
     async def session_opened(self, session: Session, resume: dict[str, int]) -> None:
         """A socket said hello. A peeker gets its peek's state (and what goes with it); an agent gets
-        the requests of peeks counting down on its channels, and active peeks it may grant keys to."""
-        principal: Principal = session.principal
-        if principal.is_agent:
-            for peek in list(self.known.values()):
-                if peek.channel in session.cursors:
-                    if peek.state is PeekState.COUNTDOWN:
-                        session.push(request_frame(peek))
-                    elif peek.state in (PeekState.AWAITING_KEY, PeekState.CAPTURING, PeekState.ACTIVE):
-                        session.push(peek_frame(peek))
+        the requests of peeks counting down on its channels, and the peeks it may hand a key to."""
+        if session.principal.is_agent:
+            self.delivery.agent_opened(session, list(self.known.values()))
             return
-        peek_id = principal.subject
-        self._watchers.setdefault(peek_id, set()).add(session)
-        if principal.channel:
-            self._resume[session] = resume.get(principal.channel, 0)
+        peek_id = self.delivery.watch(session, resume)
         try:
             peek = await self.load(peek_id)
         except AgentChatError as exc:
@@ -864,23 +763,10 @@ class PeekService(HubListenerBase):
             session.close_soon(CLOSE_REMOVED, exc.code)
             return
         self._observe(peek)
-        session.push(peek_frame(peek))
-        if peek.state is PeekState.COUNTDOWN:
-            self._start_ticker(peek_id)
-        elif peek.state is PeekState.ACTIVE:
-            await self._open_channel(session, peek)
-        elif peek.state.terminal:
-            await self._close_peeker(session, peek)
+        await self.delivery.peeker_ready(session, peek)
 
     def session_closed(self, session: Session) -> None:
-        if session.principal.is_agent:
-            return
-        self._resume.pop(session, None)
-        watchers = self._watchers.get(session.principal.subject)
-        if watchers is not None:
-            watchers.discard(session)
-            if not watchers:
-                del self._watchers[session.principal.subject]
+        self.delivery.session_closed(session)
 
     async def on_frame(self, frame: frames.Refuse | frames.GrantKey, principal: Principal) -> bytes:
         """A ``refuse`` or ``grant_key`` frame from an agent's socket; the answer frame."""
@@ -891,46 +777,3 @@ class PeekService(HubListenerBase):
             peek = await self.grant(frame.peek, did, frame.epoch, frame.wrapped_key)
         return peek_frame(peek, frame.ref)
 
-    async def _open_channel(self, session: Session, peek: Peek) -> None:
-        """The peek is active: the peeker's socket reads the channel (history first) and gets the
-        keys granted so far."""
-        if session.closed:
-            return
-        for grant in sorted(await self.grants(peek.id), key=lambda g: g["epoch"]):
-            self._grants_delivered.add((peek.id, int(grant["epoch"])))
-            session.push(grant_frame(grant))
-        try:
-            await self.hub.attach(session, peek.channel, self._resume.get(session, 0))
-        except AgentChatError as exc:
-            session.push(frames.error_frame(exc.to_wire()))
-
-    async def _close_peeker(self, session: Session, peek: Peek) -> None:
-        try:
-            await asyncio.wait_for(session.wait_drained(), CLOSE_FLUSH_SECONDS)
-        except asyncio.TimeoutError:
-            pass
-        session.close_soon(CLOSE_REMOVED, f"peek_{peek.state}")
-
-    def _start_ticker(self, peek_id: str) -> None:
-        running = self._tickers.get(peek_id)
-        if running is not None and not running.done():
-            return
-        task = asyncio.get_running_loop().create_task(self._tick(peek_id), name=f"peek-tick-{peek_id}")
-        self._tickers[peek_id] = task
-        task.add_done_callback(lambda _: self._tickers.pop(peek_id, None) if self._tickers.get(peek_id) is task else None)
-
-    async def _tick(self, peek_id: str) -> None:
-        """Every whole second of the countdown, the seconds left (server's clock), down to 0."""
-        while True:
-            peek = self.known.get(peek_id)
-            watchers = self._watchers.get(peek_id)
-            if peek is None or peek.state is not PeekState.COUNTDOWN or not watchers or peek.deadline is None:
-                return
-            left = countdown_seconds_left(peek, self.clock())
-            frame = tick_frame(peek, left)
-            for session in list(watchers):
-                session.push(frame)
-            if left == 0:
-                return
-            next_tick = peek.deadline - (left - 1)
-            await asyncio.sleep(max(0.0, next_tick - self.clock()) + 0.001)
