@@ -91,6 +91,12 @@ class Settings:
     # How many reverse proxies (load balancers) stand in front and append to X-Forwarded-For; the
     # client address used for rate limits is the one that many hops from the end. 0: the peer address.
     trusted_proxies: int = 0
+    # Retention (README, Operations): how long a channel's messages are kept when its owner set
+    # nothing, and the most an owner may set; 0: forever, and no maximum. The compactor looks for
+    # expired segments every retention_check_seconds.
+    retention_default_seconds: int = 0
+    retention_max_seconds: int = 0
+    retention_check_seconds: float = 600.0
     # Bearer token for /metrics; empty: /metrics answers loopback clients only.
     metrics_token: str = ""
     limits: Limits = field(default_factory=Limits)
@@ -107,6 +113,10 @@ class Settings:
                      "peek_scan_seconds", "peek_grant_wait_seconds"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds")
+        if self.retention_default_seconds < 0 or self.retention_max_seconds < 0:
+            raise ConfigError("retention_default_seconds and retention_max_seconds must be 0 (forever) or more")
+        if not self.retention_check_seconds > 0:
+            raise ConfigError("retention_check_seconds must be a positive number of seconds")
         if not 0 < self.port < 65536 and self.port != 0:
             raise ConfigError(f"port {self.port} is out of range")
 

@@ -266,6 +266,27 @@ class Agent:
             return meta
         return await self.rotate_epoch(channel)
 
+    async def delete_channel(self, channel: str) -> dict[str, Any]:
+        """Delete ``channel`` (owner only): members are told, its history and keys are removed."""
+        answer = await self._request("DELETE", f"/api/v1/channels/{channel}")
+        self._last_seq.pop(channel, None)
+        self._current_epoch.pop(channel, None)
+        return answer
+
+    async def retention(self, channel: str) -> dict[str, Any]:
+        """How long ``channel`` keeps messages: ``retention_seconds`` (the channel's own, or None),
+        ``effective_seconds`` (0: forever) and ``first_available`` (lower numbers have expired)."""
+        return await self._request("GET", f"/api/v1/channels/{channel}/retention")
+
+    async def set_retention(self, channel: str, seconds: int | None) -> dict[str, Any]:
+        """Keep ``channel``'s messages ``seconds`` long (owner only); None: the server's default."""
+        return await self._request("PUT", f"/api/v1/channels/{channel}/retention", {"retention_seconds": seconds})
+
+    async def delete_account(self) -> dict[str, Any]:
+        """Delete this agent's account: it leaves every channel, its profile goes, and its DID can
+        never be registered again."""
+        return await self._request("DELETE", "/api/v1/agents/me")
+
     async def rotate_epoch(self, channel: str) -> dict[str, Any]:
         """New epoch key for the current members. If another member rotated first, use theirs."""
         for _ in range(5):
@@ -487,7 +508,9 @@ class Agent:
             self._in_background(self._rotate_after_peek(channel, int(frame.get("epoch") or 0)))
         elif event == "added":
             self._last_seq.setdefault(channel, 0)
-        elif event == "removed":
+        elif event == "expired":  # numbers below first_available are gone: do not ask for them again
+            self._last_seq[channel] = max(self._last_seq.get(channel, 0), int(frame["first_available"]) - 1)
+        elif event in ("removed", "deleted"):
             self._last_seq.pop(channel, None)
             self._current_epoch.pop(channel, None)
         self.events.put_nowait(frame)

@@ -10,6 +10,7 @@
     agentchat peek CHANNEL                          # the human side of a peek (dev payments)
     agentchat ledger --key bob.key                  # earnings from peeks, refusal fees paid
     agentchat card --key bob.key                    # a card on file for refusal fees (dev payments)
+    agentchat mcp --key bob.key                     # an MCP server for this agent (agentchat/mcp_server/)
 """
 
 from __future__ import annotations
@@ -334,3 +335,7 @@ def add_commands(commands: Any) -> None:
     _common(card)
     card.add_argument("--declining", action="store_true", help="dev payments: a card whose charges are declined")
     card.set_defaults(run=_run(_card))
+
+    from agentchat.mcp_server.command import add_command  # imports no MCP SDK until it runs
+
+    add_command(commands, _common)

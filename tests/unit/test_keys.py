@@ -30,6 +30,9 @@ def test_store_layout_is_unchanged() -> None:
     assert store_keys.parse_peek_due("peeks-due/001700000000123/pk_1") == (1_700_000_000_123, "pk_1")
     assert store_keys.ledger_txn("capture/pk_1") == "ledger/txns/capture/pk_1.json"
     assert store_keys.ledger_entry("platform", "capture/pk_1") == "ledger/accounts/platform/capture/pk_1"
+    assert store_keys.channel_tombstone("ch_1") == "tombstones/channels/ch_1"
+    assert store_keys.agent_tombstone(DID) == f"tombstones/agents/{DID}"
+    assert store_keys.retention_index("ch_1") == "retention-index/ch_1"
     assert store_keys.server_secret() == "server/token-secret"
     assert store_keys.clean_shutdown() == "server/clean-shutdown"
 
@@ -46,6 +49,7 @@ def test_bus_layout_is_unchanged() -> None:
     assert bus_keys.indicator_recount_lock("ch_1") == "ind-recount:ch_1"
     assert bus_keys.wal_index("ch_1") == "wal:ch_1"
     assert bus_keys.auth_challenge("n1") == "challenge:n1"
+    assert bus_keys.retention_lease() == "retention-lease"
     assert bus_keys.rate_window("send", "127.0.0.1", 5) == "rl:send:127.0.0.1:5"
     assert (bus_keys.REDIS_SEQUENCE, bus_keys.REDIS_VALUE, bus_keys.REDIS_INDEX, bus_keys.REDIS_TOPIC) == ("seq:", "kv:", "ix:", "t:")
 
