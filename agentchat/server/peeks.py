@@ -60,6 +60,7 @@ from agentchat.errors import AgentChatError, error
 from agentchat.payments.base import Hold, HoldState, PaymentProvider
 from agentchat.payments.ledger import LedgerStore
 from agentchat.server.hub import Hub, HubListenerBase
+from agentchat.server.peek_index import CAPTURE_RETRY_SECONDS, EXPIRED_RETENTION_SECONDS, DueIndex, UnpaidCaps
 from agentchat.server.peek_delivery import PeekDelivery, peek_frame, peek_view  # noqa: F401 (peek_view: re-exported)
 from agentchat.server.peek_money import PeekMoney
 from agentchat.server.peek_refusals import Refusals, idempotency_key
@@ -77,11 +78,6 @@ CAS_ATTEMPTS = 32
 BACKUP_DELAY = 0.25
 TIMER_SLACK = 0.002
 SCAN_TIMEOUT_SECONDS = 30.0
-# A peek found in ``capturing`` for this long gets its capture re-issued (by any process).
-CAPTURE_RETRY_SECONDS = 5.0
-# An expired peek (never paid for) is deleted this long after it expired: long enough for its page to
-# read the outcome, short enough that abandoned peeks do not pile up in the store.
-EXPIRED_RETENTION_SECONDS = 600.0
 # The due scan lists due markers this many at a time, stopping at the first one not yet due.
 DUE_PAGE = 100
 # The states in which a member may hand over the channel key (kept; given to the peeker once active).
@@ -106,6 +102,8 @@ class PeekService(HubListenerBase):
         self.payments = payments
         self.ledger = ledger
         self.clock = clock
+        self.index = DueIndex(store)
+        self.unpaid = UnpaidCaps(settings=settings, bus=bus, store=store, clock=lambda: self.clock())
         self.refusals = Refusals(settings=settings, store=store, payments=payments, ledger=ledger)
         self.money = PeekMoney(store=store, payments=payments, ledger=ledger, records=records, clock=clock)
         # Peeks this process knows to be under way (from its own transitions, the bus and the scan).
@@ -189,42 +187,6 @@ class PeekService(HubListenerBase):
         room = self.hub.rooms.get(channel)
         return room is not None and any(s.principal.is_agent for s in room.subscribers)
 
-    async def _claim_unpaid(self, peek: Peek, tag: str) -> None:
-        """Bound the anonymous work: at most ``peek_unpaid_per_address`` peeks awaiting payment per
-        client address and ``peek_unpaid_total`` in all (bus indexes scored by when each payment
-        expires; expired ones are dropped here). Approximate under races, and a bus that forgets
-        resets them: they bound work, they guard no money."""
-        now_ms = int(self.clock() * 1000)
-        settings = self.settings
-        stale: list[tuple[str, str]] = []
-        counts = []
-        for index in (bus_keys.unpaid_peeks(tag), bus_keys.unpaid_peeks()):
-            found = await self.bus.index_range(index, 0)
-            stale += [(index, member) for member, score in found if score < now_ms]
-            counts.append(sum(1 for _, score in found if score >= now_ms))
-        if stale:
-            await self.bus.index_remove(stale)
-        if counts[0] >= settings.peek_unpaid_per_address:
-            raise error("too_many_unpaid_peeks", f"This address has {counts[0]} peeks waiting for payment; pay for "
-                                                 "or cancel one first, or wait for them to expire.")
-        if counts[1] >= settings.peek_unpaid_total:
-            raise error("peeks_busy", "Too many peeks are waiting for payment on this server; retry in a few minutes.")
-        expires_ms = int(peek.payment_expires_at * 1000)
-        await self.bus.index_add([(bus_keys.unpaid_peeks(tag), peek.id, expires_ms),
-                                  (bus_keys.unpaid_peeks(), peek.id, expires_ms)])
-
-    async def _release_unpaid(self, peek: Peek) -> None:
-        """The peek left ``awaiting_payment``: it no longer counts toward the caps (best effort; an
-        entry left behind expires with the payment)."""
-        record = await self.payment(peek.id)
-        items = [(bus_keys.unpaid_peeks(), peek.id)]
-        if record is not None and record.get("opened_by"):
-            items.append((bus_keys.unpaid_peeks(record["opened_by"]), peek.id))
-        try:
-            await self.bus.index_remove(items)
-        except AgentChatError as exc:
-            log.info("peek %s: could not drop it from the unpaid index: %r", peek.id, exc)
-
     async def open(self, channel: str, peeker_public_key: str, *, agents_online: int = 0,
                    address: str = "") -> tuple[Peek, Hold]:
         """A human asks to peek: the peek (awaiting payment) and the hold their browser completes.
@@ -246,10 +208,10 @@ class PeekService(HubListenerBase):
                            grant_wait_seconds=float(settings.peek_grant_wait_seconds))
         peek = opened.peek
         tag = hashlib.sha256(address.encode()).hexdigest()[:16]  # the address itself is never stored
-        await self._claim_unpaid(peek, tag)
+        await self.unpaid.claim(peek, tag)
         await self.store.put(store_keys.peek_open(peek_id), b"")  # first: a stored peek is always found by the scan
         await self.store.put(store_keys.peek(peek_id), peek.to_bytes(), if_none_match=True)
-        await self._index_due(None, peek)
+        await self.index.move(None, peek)
         try:
             hold = await self.payments.authorize(peek_id, peek.price_cents, key=idempotency_key(peek_id, "authorize"))
         except AgentChatError as exc:
@@ -403,7 +365,7 @@ class PeekService(HubListenerBase):
                 found = None
                 continue
             try:
-                await self._index_due(peek, transition.peek)
+                await self.index.move(peek, transition.peek)
             except AgentChatError as exc:  # the startup scan re-indexes every open peek
                 log.warning("peek %s: could not index its next due time: %r", peek_id, exc)
             await self._after(transition.peek, transition.effects)
@@ -418,7 +380,7 @@ class PeekService(HubListenerBase):
         if peek.state is PeekState.COUNTDOWN:
             self._spawn(self._standing_refusals(peek), f"peek-standing-{peek.id}")
         if peek.version == 2:  # the first transition always leaves awaiting_payment
-            await self._release_unpaid(peek)
+            await self.unpaid.release(peek)
         try:
             for effect in effects:
                 await self._execute(peek, effect)
@@ -587,29 +549,6 @@ class PeekService(HubListenerBase):
 
     # ------------------------------------------------------------------------------ the due index
 
-    @staticmethod
-    def due_at(peek: Peek) -> float | None:
-        """When the scan must next look at ``peek``: its timer, a capture to retry, or an expired
-        peek to delete; None if never (a terminal peek whose work is done)."""
-        if peek.state is PeekState.CAPTURING:
-            return peek.updated_at + CAPTURE_RETRY_SECONDS
-        if peek.state is PeekState.EXPIRED:
-            return peek.updated_at + EXPIRED_RETENTION_SECONDS
-        return peek.wake_at
-
-    async def _index_due(self, old: Peek | None, new: Peek) -> None:
-        """Keep ``peeks-due/`` in step with a transition: the new due marker first, then the old one
-        goes (a crash between leaves an extra marker, which the scan finds stale and deletes)."""
-        old_key = new_key = None
-        if old is not None and (at := self.due_at(old)) is not None:
-            old_key = store_keys.peek_due(int(at * 1000), old.id)
-        if (at := self.due_at(new)) is not None:
-            new_key = store_keys.peek_due(int(at * 1000), new.id)
-            if new_key != old_key:
-                await self.store.put(new_key, b"")
-        if old_key is not None and old_key != new_key:
-            await self.store.delete(old_key)
-
     async def scan(self) -> None:
         """Drive the peeks that are due, and only those: list ``peeks-due/`` from the start (keys sort
         by time) and stop at the first marker not yet due. Idle, that is one small listing per scan
@@ -638,24 +577,16 @@ class PeekService(HubListenerBase):
         peek = Peek.from_bytes(found.data)
         self._observe(peek, arm=False)
         if peek.state is PeekState.EXPIRED and self.clock() >= peek.updated_at + EXPIRED_RETENTION_SECONDS:
-            await self._purge(peek)
+            await self.index.purge(peek)
             await self.store.delete(key)
             return
         await self._drive(peek, found)
         current = await self.store.get(store_keys.peek(peek_id))
-        due = None if current is None else self.due_at(Peek.from_bytes(current.data))
+        due = None if current is None else self.index.due_at(Peek.from_bytes(current.data))
         if due is None or int(due * 1000) != at_ms:
             await self.store.delete(key)  # done, or moved to another time by the transition
             if current is not None and due is not None:
                 await self.store.put(store_keys.peek_due(int(due * 1000), peek_id), b"")
-
-    async def _purge(self, peek: Peek) -> None:
-        """An expired peek, never paid for, is deleted with its payment record: nothing else refers
-        to it (no ledger entry, no grant)."""
-        log.info("peek %s: expired at %.0f, deleted", peek.id, peek.updated_at)
-        await self.store.delete(store_keys.peek_payment(peek.id))
-        await self.store.delete(store_keys.peek_open(peek.id))
-        await self.store.delete(store_keys.peek(peek.id))
 
     def _prune(self) -> None:
         """Forget per-peek notes of peeks this process no longer follows."""
@@ -690,7 +621,7 @@ class PeekService(HubListenerBase):
                     await self._drive(peek, found)
                     current = await self.store.get(store_keys.peek(peek_id))
                     if current is not None:
-                        await self._index_due(None, Peek.from_bytes(current.data))
+                        await self.index.move(None, Peek.from_bytes(current.data))
             except AgentChatError as exc:
                 log.warning("peek %s: scan could not drive it: %r", peek_id, exc)
         self._settled = {(i, v) for i, v in self._settled if i in open_ids}
