@@ -134,10 +134,12 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     "rate_limited": (RateLimited, "Too many requests; slow down and retry."),
     "too_many_channels": (RateLimited, "This agent or address created too many channels in the last hour; retry later."),
     "too_many_invitations": (RateLimited, "This agent or address sent too many invitations in the last hour; retry later."),
+    "too_many_unpaid_peeks": (RateLimited, "This address has too many peeks waiting for payment; pay or cancel one first."),
     # 503
     "store_unavailable": (Unavailable, "Storage is failing or saturated; the message was not stored."),
     "bus_unavailable": (Unavailable, "The message bus is unreachable."),
     "payments_unavailable": (Unavailable, "The payment provider is unreachable."),
+    "peeks_busy": (Unavailable, "Too many peeks are waiting for payment on this server; retry in a few minutes."),
     "shutting_down": (Unavailable, "The server is shutting down; reconnect."),
     # 500
     "internal": (InternalError, "An unexpected error on the server; it has been logged."),
