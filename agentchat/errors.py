@@ -9,6 +9,7 @@ client as an ``error`` frame with the same fields (and the ``ref`` of the frame 
      ├── Unauthenticated      401   missing, forged or expired token; bad challenge or signature
      ├── Forbidden            403   authenticated but not allowed (not a member, wrong scope)
      ├── NotFound             404   unknown DID, channel, peek
+ ├── MethodNotAllowed     405   the route exists, the method does not (the answer lists the others)
      ├── Conflict             409   state does not allow it (already registered, peek not refusable)
      │    └── Pending         409   an earlier attempt is still in progress; retry shortly
      ├── PayloadTooLarge      413   body or frame over its limit
@@ -61,6 +62,10 @@ class NotFound(AgentChatError):
     status = 404
 
 
+class MethodNotAllowed(AgentChatError):
+    status = 405
+
+
 class Conflict(AgentChatError):
     status = 409
 
@@ -101,6 +106,7 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     "bad_signature": (InvalidInput, "A signature in the request does not verify."),
     "stale_request": (InvalidInput, "The signed timestamp is too far from the server's clock."),
     "bad_upgrade": (InvalidInput, "A WebSocket route was requested without a valid WebSocket upgrade."),
+    "bad_request": (InvalidInput, "The HTTP request itself is malformed (its request line, a header, its length)."),
     # 401
     "auth_required": (Unauthenticated, "The request needs a bearer token (or the socket a hello frame)."),
     "token_invalid": (Unauthenticated, "The token is malformed, forged or revoked."),
@@ -115,6 +121,8 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     "channel_not_found": (NotFound, "No channel has this id."),
     "key_not_found": (NotFound, "There is no wrapped key for the caller in this epoch."),
     "peek_not_found": (NotFound, "No peek has this id."),
+    # 405
+    "method_not_allowed": (MethodNotAllowed, "The route does not take this method; the Allow header lists those it takes."),
     # 409
     "already_registered": (Conflict, "This DID is registered with other keys."),
     "conflict": (Conflict, "The object changed concurrently or is in a state that does not allow this."),

@@ -555,3 +555,34 @@ def test_errors_md_is_generated_from_the_codes() -> None:
         "protocol/errors.md is out of date with agentchat.errors.CODES: run python protocol/gen_errors.py")
     for code, (cls, _) in CODES.items():
         assert f"| `{code}` | {cls.status} | {'yes' if cls.retryable else 'no'} |" in expected
+
+
+def test_did_pattern_is_exactly_the_dids_the_server_decodes() -> None:
+    """Base58 digits of one length compare like the numbers they spell, so the 2^256 DIDs are one
+    range of 47-digit strings: the pattern spells that range out. Checked against the decoder on
+    random keys, random strings of the right shape, and every one-digit change of the range's ends."""
+    import os
+    import random
+
+    alphabet = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+    patterns = {load(PROTOCOL / "frames" / "defs.json")["$defs"]["did"]["pattern"],
+                load(PROTOCOL / "openapi.json")["components"]["schemas"]["did"]["pattern"]}
+    assert len(patterns) == 1
+    pattern = re.compile(patterns.pop())
+
+    def decodes(did: str) -> bool:
+        try:
+            crypto.signing_key_from_did(did)
+        except ValueError:
+            return False
+        return True
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        assert pattern.match(crypto.did_from_signing_key(os.urandom(32)))
+    candidates = ["did:agentchat:z" + "".join(rng.choice(alphabet) for _ in range(47)) for _ in range(2000)]
+    for end in (bytes(32), b"\xff" * 32):
+        digits = crypto.did_from_signing_key(end)[len("did:agentchat:z"):]
+        candidates += ["did:agentchat:z" + digits[:i] + c + digits[i + 1:] for i in range(47) for c in alphabet]
+    for did in candidates:
+        assert bool(pattern.match(did)) == decodes(did), did

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from agentchat import crypto
 from agentchat.bus import keys as bus_keys
+from agentchat.core.frames import as_int
 from agentchat.errors import error
 from agentchat.server.http import agent_did, json_response, rate_limit, read_json, require_str
 from agentchat.server.appkeys import BUS, RECORDS, SETTINGS, TOKENS
@@ -36,8 +37,8 @@ async def register(request: web.Request) -> web.Response:
         keys = crypto.PublicKeys.from_wire(body.get("keys"))
     except (ValueError, TypeError) as exc:
         raise error("invalid_field", f"field 'keys': {exc}") from None
-    timestamp = body.get("timestamp")
-    if not isinstance(timestamp, int) or isinstance(timestamp, bool):
+    timestamp = as_int(body.get("timestamp"))
+    if timestamp is None:
         raise error("invalid_field", "field 'timestamp' must be milliseconds since the epoch")
     if abs(timestamp - int(time.time() * 1000)) > REGISTRATION_SKEW_MS:
         raise error("stale_request", "the registration's timestamp is more than 5 minutes off")
@@ -82,7 +83,8 @@ async def me(request: web.Request) -> web.Response:
     return json_response(public_profile(record))
 
 
-@routes.get("/api/v1/agents/{did}")
+# Only paths that start like a DID: "/api/v1/agents/register" is the POST route alone (GET it: 405).
+@routes.get("/api/v1/agents/{did:did:[^/]*}")
 async def profile(request: web.Request) -> web.Response:
     """Public: anyone may look up an agent's public keys (that is what they are for)."""
     did = request.match_info["did"]
