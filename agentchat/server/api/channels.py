@@ -204,8 +204,8 @@ async def epoch_key(request: web.Request) -> web.Response:
     raw = request.match_info["epoch"]
     if raw == "current":
         epoch = meta["epoch"]
-    elif raw.isascii() and raw.isdigit() and len(raw) < 10:  # isdigit() alone takes "²" and "٣"
-        epoch = int(raw)
+    elif raw.isascii() and raw.isdigit() and len(raw) <= 10 and int(raw) <= frames.MAX_EPOCH:
+        epoch = int(raw)  # (isdigit() alone takes "²" and "٣")
     else:
         raise error("invalid_field", "epoch must be a number or 'current'")
     record = await request.app[RECORDS].get_epoch(meta["id"], epoch)

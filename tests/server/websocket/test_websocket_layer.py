@@ -701,3 +701,17 @@ async def test_a_request_the_http_parser_refuses_gets_the_error_object_and_one_l
     records = [r for r in caplog.records if "bad HTTP request" in r.getMessage()]
     assert len(records) == 1 and records[0].exc_info is None and "\n" not in records[0].getMessage()
     assert not any(r.exc_info for r in caplog.records)
+
+
+async def test_resume_of_a_channel_that_does_not_exist_is_not_member_like_one_of_someone_else(
+        client, make_agent) -> None:
+    alice, bob = await make_agent("alice"), await make_agent("bob")
+    theirs, _ = await create_channel(bob, [])
+    conn = await raw_socket(client, alice.token)
+    try:
+        for channel in ("ch_" + "n" * 22, theirs):
+            conn.send_json({"type": "resume", "ref": channel, "resume": {channel: 0}})
+            answer = await conn.next_json()
+            assert (answer["type"], answer["code"], answer["ref"]) == ("error", "not_member", channel)
+    finally:
+        conn.close()
