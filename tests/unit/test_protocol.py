@@ -586,3 +586,20 @@ def test_did_pattern_is_exactly_the_dids_the_server_decodes() -> None:
         candidates += ["did:agentchat:z" + digits[:i] + c + digits[i + 1:] for i in range(47) for c in alphabet]
     for did in candidates:
         assert bool(pattern.match(did)) == decodes(did), did
+
+
+def test_the_readme_transcript_is_what_a_run_gives() -> None:
+    """protocol/README.md's session transcript comes from protocol/gen_transcript.py: a run today gives
+    the same steps, frame types and messages (values differ: keys, ids, times)."""
+    spec = importlib.util.spec_from_file_location("gen_transcript", PROTOCOL / "gen_transcript.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def shape(text: str) -> list[str]:
+        # How frames are grouped into WebSocket messages depends on timing: only the frames count.
+        return [re.sub(r'"[^"]*"|\d+', "_", line) for line in text.splitlines() if "one WebSocket message" not in line]
+
+    readme = (PROTOCOL / "README.md").read_text(encoding="utf-8")
+    written = readme[readme.index(module.BEGIN) + len(module.BEGIN):readme.index(module.END)].strip()
+    assert shape(module.render()) == shape(written)
