@@ -105,6 +105,7 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     "unknown_frame": (InvalidInput, "The frame's type is not one the server accepts."),
     "bad_signature": (InvalidInput, "A signature in the request does not verify."),
     "stale_request": (InvalidInput, "The signed timestamp is too far from the server's clock."),
+    "request_replayed": (InvalidInput, "This signed request was already used; sign a new one."),
     "bad_upgrade": (InvalidInput, "A WebSocket route was requested without a valid WebSocket upgrade."),
     "bad_request": (InvalidInput, "The HTTP request itself is malformed (its request line, a header, its length)."),
     # 401

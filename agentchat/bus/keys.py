@@ -81,6 +81,11 @@ def auth_challenge(nonce: str) -> str:
     return "challenge:" + nonce
 
 
+def registration_used(signature_digest: str) -> str:
+    """A registration signature already accepted, for as long as its timestamp could still pass."""
+    return "registered:" + signature_digest
+
+
 def rate_window(bucket: str, address: str, window: int) -> str:
     """Requests of one client address in one second of one rate-limit bucket."""
     return f"rl:{bucket}:{address}:{window}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 
@@ -47,6 +48,11 @@ async def register(request: web.Request) -> web.Response:
     if not crypto.verify_signature(keys.signing_key, signature,
                                    crypto.registration_message(name, keys, timestamp)):
         raise error("bad_signature", "the registration signature does not verify with the signing key")
+    # A registration answers with a token: a captured request must not mint another one. Each signature
+    # is accepted once, for as long as its timestamp could pass (5 minutes either way).
+    used = bus_keys.registration_used(hashlib.sha256(signature).hexdigest()[:32])
+    if await request.app[BUS].set_if_absent(used, b"1", 2 * REGISTRATION_SKEW_MS / 1000 + 60) is not None:
+        raise error("request_replayed", "this registration was already used: sign a new one (new timestamp)")
     if await request.app[STORE].get(store_keys.agent_tombstone(keys.did)) is not None:
         raise error("agent_deleted", f"the account of {keys.did} was deleted; make new keys")
     now = int(time.time() * 1000)
