@@ -215,8 +215,12 @@ async def test_admin_tools_only_with_the_flag(server: ServerProcess, tmp_path: P
             assert channel in {c["id"] for c in await bob.channels()}
             removed = await alice.ok("remove_member", {"channel": channel, "did": bob.did})
             assert bob.did not in removed["members"]
-            assert (await alice.ok("set_peek_policy", {"policy": "refuse"}))["policy"] == "refuse"
+            assert (await alice.ok("get_peek_policy"))["policy"] == "allow"
+            refusing = await alice.ok("set_peek_policy", {"policy": "refuse"})
+            assert refusing["policy"] == "refuse" and refusing["refusals_funded"] is True
             assert (await alice.ok("get_peek_policy"))["policy"] == "refuse"
+            async with Agent(server.url, crypto.AgentKeys.load(tmp_path / "alice.key")) as same_key:
+                assert (await same_key.refusal_funding())["choice"] == "refuse"  # kept by the server
             is_error, text = await alice.call("set_peek_policy", {"policy": "maybe"})
             assert is_error and "policy" in text
 
