@@ -224,7 +224,7 @@ class Bridge:
     async def _watch_events(self) -> None:
         while True:
             event = await self.agent.events.get()
-            if event.get("type") != "channel" or event.get("event") not in ("added", "removed"):
+            if event.get("type") != "channel" or event.get("event") not in ("added", "removed", "deleted"):
                 continue
             if event["event"] == "added":
                 self._state(event["channel"])
