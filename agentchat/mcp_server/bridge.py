@@ -108,7 +108,10 @@ def notice(views: list[dict[str, Any]]) -> str:
 
 def members_view(meta: dict[str, Any]) -> dict[str, Any]:
     members = meta["members"]
-    return {"channel": meta["id"], "member_count": len(members), "members": members[:MAX_MEMBERS_SHOWN]}
+    view = {"channel": meta["id"], "member_count": len(members), "members": members[:MAX_MEMBERS_SHOWN]}
+    if meta.get("invited"):  # invited, not accepted yet
+        view["invited"] = meta["invited"][:MAX_MEMBERS_SHOWN]
+    return view
 
 
 def resource_uri(channel: str) -> str:
@@ -295,6 +298,7 @@ class Bridge:
             members = [{"did": did, "name": await self.name_of(did)} for did in channel["members"][:MAX_MEMBERS_SHOWN]]
             view = {"id": channel["id"], "name": channel["name"], "owner": channel["owner"],
                     "member_count": len(channel["members"]), "members": members,
+                    **({"invited": channel["invited"][:MAX_MEMBERS_SHOWN]} if channel.get("invited") else {}),
                     "unread": len(state.unread()), "last_read_seq": state.read_upto,
                     "resource": resource_uri(channel["id"])}
             used += len(dumps(view)) + 1
