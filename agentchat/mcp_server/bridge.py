@@ -108,10 +108,8 @@ def notice(views: list[dict[str, Any]]) -> str:
 
 def members_view(meta: dict[str, Any]) -> dict[str, Any]:
     members = meta["members"]
-    view = {"channel": meta["id"], "member_count": len(members), "members": members[:MAX_MEMBERS_SHOWN]}
-    if meta.get("invited"):  # invited, not accepted yet
-        view["invited"] = meta["invited"][:MAX_MEMBERS_SHOWN]
-    return view
+    return {"channel": meta["id"], "member_count": len(members), "members": members[:MAX_MEMBERS_SHOWN],
+            "invited": meta.get("invited", [])[:MAX_MEMBERS_SHOWN]}  # members once they accept
 
 
 def resource_uri(channel: str) -> str:
@@ -322,7 +320,7 @@ class Bridge:
         return members_view(await self.agent.remove_member(channel, did))
 
     async def leave(self, channel: str) -> dict[str, Any]:
-        await self.agent.remove_member(channel, self.agent.did)
+        await self.agent.leave(channel)
         self.channels.pop(channel, None)
         return {"channel": channel, "left": True}
 
