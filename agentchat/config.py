@@ -33,7 +33,15 @@ class Limits:
     max_ciphertext_bytes: int = 64 * 1024
     max_name_chars: int = 64
     max_channel_members: int = 256
-    max_channels_per_agent: int = 1000
+    # Largest page of a channel or invitation listing (REST) and of the channel ids in one welcome or
+    # channels frame. Listings are complete: they page, never cut short.
+    channels_page_max: int = 1000
+    # Channels an agent, and all the agents behind one client address, may create per hour, and
+    # invitations (each invited agent, at creation or later) they may send per hour.
+    channel_creations_per_hour: int = 600
+    channel_creations_per_hour_per_address: int = 3000
+    invitations_per_hour: int = 5000
+    invitations_per_hour_per_address: int = 25000
     history_page_max: int = 500
     # Frames an agent's socket may send per second (token bucket, burst of twice the rate).
     frames_per_second: int = 2000

@@ -109,12 +109,15 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     # 403
     "not_member": (Forbidden, "The agent is not a member of the channel."),
     "forbidden": (Forbidden, "The caller may not do this."),
+    "invitation_refused": (Forbidden, "The invited agent blocks the inviter: it takes no invitations from it."),
+    "channel_unlisted": (Forbidden, "The channel's owner keeps it unlisted: no public indicators, no peeks."),
     # 404
     "not_found": (NotFound, "No such route."),
     "agent_not_found": (NotFound, "No agent has this DID."),
     "channel_not_found": (NotFound, "No channel has this id."),
     "key_not_found": (NotFound, "There is no wrapped key for the caller in this epoch."),
     "peek_not_found": (NotFound, "No peek has this id."),
+    "invitation_not_found": (NotFound, "The agent has no pending invitation to this channel."),
     # 409
     "already_registered": (Conflict, "This DID is registered with other keys."),
     "agent_deleted": (Conflict, "This DID's account was deleted; it can never be registered again."),
@@ -130,6 +133,8 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     # 429
     "rate_limited": (RateLimited, "Too many requests; slow down and retry."),
     "too_many_unpaid_peeks": (RateLimited, "This address has too many peeks waiting for payment; pay or cancel one first."),
+    "too_many_channels": (RateLimited, "This agent or address created too many channels in the last hour; retry later."),
+    "too_many_invitations": (RateLimited, "This agent or address sent too many invitations in the last hour; retry later."),
     # 503
     "store_unavailable": (Unavailable, "Storage is failing or saturated; the message was not stored."),
     "bus_unavailable": (Unavailable, "The message bus is unreachable."),

@@ -4,8 +4,8 @@ What each number means (protocol/indicators.md is the public reference):
 
 - ``members``: the channel's members (its record; this process's live copy when it hosts the channel).
 - ``agents_online``: distinct member agents holding an open WebSocket session that delivers the
-  channel, on any server process (every agent's session delivers all its channels, up to
-  ``max_channels_per_agent``); an agent with sessions on two processes at once counts once.
+  channel, on any server process (every agent's session delivers all its channels); an agent with
+  sessions on two processes at once counts once.
 - ``messages_total``: messages sequenced in the channel; ``messages_per_minute``: those of the last 60
   seconds; ``last_activity_at``: the start of the minute of the last one.
 - ``peeks``: ``total`` peeks that became active on the channel, ``active`` those active now.
@@ -97,6 +97,8 @@ class CatalogEntry:
     name: str
     members: int
     read_at: float
+    # False: the owner keeps the channel off the market (absent from every listing and view).
+    listed: bool = True
 
 
 def indicators_frame(items: Iterable[ChannelIndicators], ref: str | None = None, more: bool | None = None) -> bytes:
@@ -154,6 +156,7 @@ class IndicatorService(HubListenerBase):
 
     async def start(self) -> None:
         await self.bus.subscribe(bus_keys.INDICATOR_REPORTS)
+        await self.bus.subscribe(bus_keys.INDICATOR_LISTING)
         self._spawn(self._flush_loop(), "indicators-flush")
         self._spawn(self._catalog_loop(), "indicators-catalog")
 
@@ -455,13 +458,19 @@ class IndicatorService(HubListenerBase):
             if channel in self._catalog:  # deleted (by way of another process)
                 await self.on_channel_deleted(channel)
             return None
-        entry = CatalogEntry(meta.get("name", ""), len(meta["members"]), self.clock())
+        entry = CatalogEntry(meta.get("name", ""), len(meta["members"]), self.clock(), meta.get("listed", True))
         self._unknown.pop(channel, None)
         old = self._catalog.get(channel)
         self._catalog[channel] = entry
         if old is None or (old.name, old.members) != (entry.name, entry.members):
             self._changed({channel})
         return entry
+
+    async def listing_changed(self, channel: str) -> None:
+        """The owner listed or unlisted ``channel``: every process re-reads it now (the catalog's
+        periodic re-read catches a process that missed this)."""
+        await self._read_meta(channel)
+        await self.bus.publish(bus_keys.INDICATOR_LISTING, channel.encode())
 
     async def channel_ids(self) -> list[str]:
         """Every channel; the list is re-read if it is over ``LIST_FRESH_SECONDS`` old (one store
@@ -471,7 +480,7 @@ class IndicatorService(HubListenerBase):
             if self._relisting is None or self._relisting.done():
                 self._relisting = asyncio.get_running_loop().create_task(self.refresh_catalog(only_new=True))
             await asyncio.shield(self._relisting)
-        return list(self._catalog)
+        return [channel for channel, entry in self._catalog.items() if entry.listed]
 
     # ------------------------------------------------------------------------------ views
 
@@ -482,7 +491,7 @@ class IndicatorService(HubListenerBase):
     def view(self, channel: str) -> ChannelIndicators | None:
         """What the public sees of ``channel`` now, or None if this process does not know it yet."""
         entry = self._catalog.get(channel)
-        if entry is None:
+        if entry is None or not entry.listed:
             return None
         book = self.book
         return ChannelIndicators(
@@ -499,11 +508,13 @@ class IndicatorService(HubListenerBase):
             if seen is not None and self.clock() - seen < UNKNOWN_TTL_SECONDS:
                 raise error("channel_not_found", f"no channel {channel}")
             await self._read_meta(channel)
-        if channel not in self._catalog:
+        entry = self._catalog.get(channel)
+        if entry is None:
             self._unknown[channel] = self.clock()
             self._unknown.move_to_end(channel)
             while len(self._unknown) > UNKNOWN_MAX:
                 self._unknown.popitem(last=False)
+        if entry is None or not entry.listed:  # an unlisted channel is not for the public to know of
             raise error("channel_not_found", f"no channel {channel}")
         await self._load(channel)
         found = self.view(channel)
@@ -522,6 +533,10 @@ class IndicatorService(HubListenerBase):
 
     def on_bus_message(self, topic: str, body: bytes) -> None:
         """``HubListener``: a message on an ``i:...`` topic, from the bus reader: must not block."""
+        if topic == bus_keys.INDICATOR_LISTING[bus_keys.KIND_LENGTH:]:
+            channel = body.decode()
+            self._spawn(self._read_meta(channel), f"indicators-listing-{channel}")
+            return
         try:
             report = Report.from_bytes(body)
         except ValueError as exc:

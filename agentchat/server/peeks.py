@@ -193,8 +193,11 @@ class PeekService(HubListenerBase):
 
         ``agents_online``: the channel's agents online on any process, by the indicators. With none
         here either, nobody could hand over the key, so the peek is refused before any money is held."""
-        if await self.records.get_channel(channel) is None:
+        meta = await self.records.get_channel(channel)
+        if meta is None:
             raise error("channel_not_found", f"no channel {channel}")
+        if meta.get("listed", True) is False:  # its owner keeps it off the market
+            raise error("channel_unlisted", f"{channel} is unlisted: it cannot be peeked")
         if not agents_online and not self.agents_online_here(channel):
             raise error("no_agent_online", f"No agent of {channel} is online to hand over its key, so it cannot "
                                            "be peeked now; try again when its indicators show an agent online.")

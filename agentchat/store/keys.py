@@ -44,6 +44,24 @@ def membership(did: str, channel_id: str) -> str:
     return f"memberships/{did}/{channel_id}"
 
 
+def invitation_prefix(did: str) -> str:
+    return f"invitations/{did}/"
+
+
+def invitation(did: str, channel_id: str) -> str:
+    """Empty marker: the agent is invited to the channel and has not answered (lists its invitations)."""
+    return f"invitations/{did}/{channel_id}"
+
+
+def block_prefix(did: str) -> str:
+    return f"blocks/{did}/"
+
+
+def block(did: str, blocked: str) -> str:
+    """Empty marker: ``did`` refuses every invitation from ``blocked``."""
+    return f"blocks/{did}/{blocked}"
+
+
 CHANNEL_INDEX_PREFIX = "channel-index/"
 
 

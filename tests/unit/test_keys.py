@@ -44,6 +44,9 @@ def test_bus_layout_is_unchanged() -> None:
     assert (bus_keys.PEEK_STATE, bus_keys.PEEK_GRANT, bus_keys.INDICATOR_REPORTS) == ("p:state", "p:grant", "i:reports")
     assert bus_keys.sequence_counter("ch_1") == "seq:ch_1"
     assert bus_keys.heartbeat("i1") == "proc:i1"
+    assert bus_keys.membership_version("ch_1") == "mv:ch_1"
+    assert bus_keys.quota_window("creations", "agent:" + DID, 7) == f"quota:creations:agent:{DID}:7"
+    assert bus_keys.INDICATOR_LISTING == "i:listing"
     assert bus_keys.send_claim("ch_1", DID, "c1") == f"cid:ch_1:{DID}:c1"
     assert bus_keys.indicator_counter("ch_1") == "ind:ch_1"
     assert bus_keys.indicator_recount_lock("ch_1") == "ind-recount:ch_1"
