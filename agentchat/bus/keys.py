@@ -99,6 +99,9 @@ UNPAID_PEEKS = "peeks-unpaid"  # index: peeks awaiting payment, scored by paymen
 def unpaid_peeks(address_tag: str = "") -> str:
     """The index of peeks awaiting payment: all of them, or those opened from one address (by its tag)."""
     return f"{UNPAID_PEEKS}/{address_tag}" if address_tag else UNPAID_PEEKS
+def registration_used(signature_digest: str) -> str:
+    """A registration signature already accepted, for as long as its timestamp could still pass."""
+    return "registered:" + signature_digest
 
 
 def rate_window(bucket: str, address: str, window: int) -> str:

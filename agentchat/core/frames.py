@@ -44,12 +44,29 @@ def b64url_len(n_bytes: int) -> int:
 # ----------------------------------------------------------------------------------- field checks
 
 
+def as_int(value: Any) -> int | None:
+    """An integer field's value, or None if it is not one. JSON Schema's ``integer`` includes numbers
+    with a zero fraction (``3.0``), so the schemas cannot refuse them and neither does the server: they
+    are read as the integer (up to 2^53, where a double is still exact). Booleans are not integers."""
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    return None
+
+
 def _field(frame: dict[str, Any], name: str, kind: type, *, required: bool = True) -> Any:
     value = frame.get(name)
     if value is None:
         if required:
             raise error("invalid_field", f"field '{name}' is required")
         return None
+    if kind is int:
+        number = as_int(value)
+        if number is None:
+            raise error("invalid_field", f"field '{name}' must be an integer")
+        frame[name] = number  # what is stored and passed on is written as an integer
+        return number
     # bool is an int in Python; a JSON true is never a valid number here.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise error("invalid_field", f"field '{name}' must be {_KIND_NAMES[kind]}")
@@ -220,8 +237,10 @@ def _resume_map(value: Any) -> dict[str, int]:
         raise error("too_large", "field 'resume' names too many channels")
     for channel, seq in value.items():
         check_channel_id(channel, "resume")
-        if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ:
+        number = as_int(seq)
+        if number is None or not 0 <= number <= MAX_SEQ:
             raise error("invalid_field", f"resume[{channel}] must be a sequence number >= 0")
+        value[channel] = number
     return value
 
 

@@ -54,6 +54,7 @@ def test_bus_layout_is_unchanged() -> None:
     assert bus_keys.auth_challenge("n1") == "challenge:n1"
     assert bus_keys.retention_lease() == "retention-lease"
     assert bus_keys.rate_window("send", "127.0.0.1", 5) == "rl:send:127.0.0.1:5"
+    assert bus_keys.registration_used("ab12") == "registered:ab12"
     assert (bus_keys.REDIS_SEQUENCE, bus_keys.REDIS_VALUE, bus_keys.REDIS_INDEX, bus_keys.REDIS_TOPIC) == ("seq:", "kv:", "ix:", "t:")
 
 

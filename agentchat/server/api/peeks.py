@@ -261,6 +261,7 @@ async def remove_card(request: web.Request) -> web.Response:
 @routes.get("/api/v1/operator/revenue")
 async def revenue(request: web.Request) -> web.Response:
     """The platform's revenue and what it owes agents, recomputed from the whole ledger."""
+    token = bearer_token(request)  # none: 401, whether or not the view is enabled
     expected = request.app[SETTINGS].operator_token
     if not expected:
         raise error("forbidden", "the operator view is disabled: set AGENTCHAT_OPERATOR_TOKEN")
@@ -269,7 +270,7 @@ async def revenue(request: web.Request) -> web.Response:
     bus = request.app[BUS]
     if int(await bus.get(failures) or 0) >= OPERATOR_FAILURES_PER_MINUTE:
         raise error("rate_limited", "too many wrong operator tokens from this address; try again in a minute")
-    if not hmac.compare_digest(bearer_token(request).encode(), expected.encode()):
+    if not hmac.compare_digest(token.encode(), expected.encode()):
         await bus.incr(failures, 120.0)
         raise error("token_invalid", "this is not the operator's token")
     ledger = await request.app[LEDGER].audit()  # raises if it does not balance
