@@ -1,13 +1,14 @@
-"""The peek service: the I/O shell around ``core/peek.py`` (state machine) and ``core/ledger.py``.
+"""The peek service: what humans and agents do with a peek, and who hears of it.
 
 Where things live
 -----------------
-- The store is the truth. ``peeks/<id>.json`` holds the peek; every change is a compare-and-set on the
-  object's etag (the calling contract of ``core/peek.py``), so when a refusal races the deadline on
-  different processes exactly one write wins and the other caller gets ``peek_state``.
-- ``peeks-open/<id>`` marks a peek whose work is not finished: not terminal, or terminal with effects
-  (ledger entries, releasing holds, revoking access) that may have been cut short. It is written before
-  the peek and removed last.
+- ``peek_transitions.py``: feeding ``core/peek.py`` an event, the compare-and-set on the stored peek,
+  and executing the effects; ``peek_timers.py``: the timers and the scans that decide when a peek is
+  driven; ``peek_money.py``, ``peek_refusals.py``: the price's hold and split, refusal fees and debts;
+  ``peek_delivery.py``: what each socket is told; ``peek_index.py``: the due markers and unpaid caps.
+- The store is the truth. ``peeks/<id>.json`` holds the peek. ``peeks-open/<id>`` marks a peek whose
+  work is not finished: not terminal, or terminal with effects (ledger entries, releasing holds,
+  revoking access) that may have been cut short. It is written before the peek and removed last.
 - ``peek-payments/<id>.json`` is the hold of the peek's price; ``peek-refusals/<id>/<did>.json`` how
   a refusing agent pays its fee; ``balance-holds/<did>.json`` the refusal fees an agent's earnings are
   set aside for (``{"peeks": {id: cents}}``, changed by compare-and-set), so two refusals at once
@@ -16,12 +17,8 @@ Where things live
 
 Timers and crashes
 ------------------
-The process that makes a transition arms a timer at the peek's ``wake_at``; every other process learns
-the transition from the bus (topic ``p:state``) and arms a backup timer ``BACKUP_DELAY`` later. Every
-process also re-reads the open peeks every ``peek_scan_seconds``: it drives those that are due, re-issues
-a capture left hanging, and redoes the effects a dead process may have cut short (all idempotent: ledger
-transaction ids and payment idempotency keys derive from the peek id). So a deadline is enforced,
-within one scan period at worst, whatever process dies, and the bus may forget everything.
+A deadline is enforced, within one scan period at worst, whatever process dies, and the bus may forget
+everything: see ``peek_timers.py``.
 
 Live delivery
 -------------
@@ -51,42 +48,28 @@ from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
 from agentchat.config import Settings
 from agentchat.core import frames
-from agentchat.core.peek import (ArmTimer, CancelPayment, CapturePayment, CaptureFailed, CaptureSucceeded,
-                                 ChargeRefusalFee, DeadlineReached, Effect, Event, KeyGranted, PaymentAuthorized,
-                                 PaymentFailed, Peek, PeekState, Refuse, RevokeAccess, SplitCapture, TimeUp,
-                                 open_peek, step)
+from agentchat.core.peek import ArmTimer, Event, PaymentAuthorized, PaymentFailed, Peek, PeekState, Refuse, open_peek, step
 from agentchat.core.peek import Cancel as CancelPeek
 from agentchat.errors import AgentChatError, error
 from agentchat.payments.base import Hold, HoldState, PaymentProvider
 from agentchat.payments.ledger import LedgerStore
 from agentchat.server.hub import Hub, HubListenerBase
-from agentchat.server.peek_index import CAPTURE_RETRY_SECONDS, EXPIRED_RETENTION_SECONDS, DueIndex, UnpaidCaps
 from agentchat.server.peek_delivery import PeekDelivery, peek_frame, peek_view  # noqa: F401 (peek_view: re-exported)
+from agentchat.server.peek_index import DueIndex, UnpaidCaps
 from agentchat.server.peek_money import PeekMoney
 from agentchat.server.peek_refusals import Refusals, idempotency_key
+from agentchat.server.peek_timers import DueScan, PeekTimers
+from agentchat.server.peek_transitions import PeekTransitions
 from agentchat.server.session import CLOSE_REMOVED, Session
 from agentchat.server.tokens import Principal
 from agentchat.store import keys as store_keys
-from agentchat.store.base import ObjectStore, PreconditionFailed, StoredObject
+from agentchat.store.base import ObjectStore, PreconditionFailed
 from agentchat.store.records import Records
 
 log = logging.getLogger(__name__)
 
-CAS_ATTEMPTS = 32
-# Processes that did not make a transition fire its timer this much later: the one that did usually
-# wins alone, and another takes over if it is gone.
-BACKUP_DELAY = 0.25
-TIMER_SLACK = 0.002
-SCAN_TIMEOUT_SECONDS = 30.0
-# The due scan lists due markers this many at a time, stopping at the first one not yet due.
-DUE_PAGE = 100
 # The states in which a member may hand over the channel key (kept; given to the peeker once active).
 STATES_TAKING_GRANTS = frozenset({PeekState.AWAITING_KEY, PeekState.CAPTURING, PeekState.ACTIVE})
-
-
-
-
-# --- the service -------------------------------------------------------------------------------------
 
 
 class PeekService(HubListenerBase):
@@ -101,21 +84,27 @@ class PeekService(HubListenerBase):
         self.records = records
         self.payments = payments
         self.ledger = ledger
-        self.clock = clock
+        self.clock = clock  # tests move it; the parts below read it through ``now``
+        now = lambda: self.clock()  # noqa: E731
         self.index = DueIndex(store)
-        self.unpaid = UnpaidCaps(settings=settings, bus=bus, store=store, clock=lambda: self.clock())
+        self.unpaid = UnpaidCaps(settings=settings, bus=bus, store=store, clock=now)
         self.refusals = Refusals(settings=settings, store=store, payments=payments, ledger=ledger)
         self.money = PeekMoney(store=store, payments=payments, ledger=ledger, records=records, clock=clock)
         # Peeks this process knows to be under way (from its own transitions, the bus and the scan).
         self.known: dict[str, Peek] = {}
-        self.delivery = PeekDelivery(hub=hub, store=store, clock=lambda: self.clock(), spawn=self._spawn,
-                                     current=self.known.get)
+        self.delivery = PeekDelivery(hub=hub, store=store, clock=now, spawn=self._spawn, current=self.known.get)
         self._delivered: dict[str, int] = {}  # peek id -> last version told to local sockets
-        self._timers: dict[str, tuple[int, asyncio.TimerHandle]] = {}  # peek id -> (version, timer)
-        self._settled: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._scanner: asyncio.Task[None] | None = None
         self._closing = False
+        self.timers = PeekTimers(clock=now, spawn=self._spawn, wake=lambda peek_id: self.scanner.wake(peek_id))
+        self.transitions = PeekTransitions(
+            store=store, bus=bus, hub=hub, records=records, payments=payments, index=self.index,
+            unpaid=self.unpaid, refusals=self.refusals, money=self.money, timers=self.timers, clock=now,
+            observe=lambda peek: self._observe(peek, arm=False),
+            countdown_started=lambda peek: self._spawn(self._standing_refusals(peek), f"peek-standing-{peek.id}"))
+        self.scanner = DueScan(settings=settings, store=store, index=self.index, clock=now,
+                               known=lambda: set(self.known), observe=lambda peek: self._observe(peek, arm=False),
+                               drive=self.transitions.drive, forget=self._forget)
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -123,22 +112,27 @@ class PeekService(HubListenerBase):
         await self.bus.subscribe(bus_keys.PEEK_STATE)
         await self.bus.subscribe(bus_keys.PEEK_GRANT)
         try:
-            await self.scan_all()
+            await self.scanner.scan_all(forget_missing=lambda peek_id: self.known.pop(peek_id, None))
         except AgentChatError as exc:  # the due scan still runs; the next start tries again
             log.warning("first peek scan failed: %r", exc)
-        self._scanner = asyncio.create_task(self._scan_loop(), name="peek-scan")
+        self.scanner.start()
 
     async def close(self) -> None:
         self._closing = True
-        if self._scanner is not None:
-            self._scanner.cancel()
-        for _, handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
-        tasks = [*self._tasks, *self.delivery.tickers(), *([self._scanner] if self._scanner else [])]
+        self.timers.close()
+        await self.scanner.close()
+        tasks = [*self._tasks, *self.delivery.tickers()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def apply(self, peek_id: str, event_for: Callable[[Peek], Event]) -> Peek:
+        """Step the stored peek with an event (``PeekTransitions.apply``); ``peek_state`` if it does not apply."""
+        return await self.transitions.apply(peek_id, event_for)
+
+    async def scan(self) -> None:
+        """Drive the peeks that are due (``DueScan.scan``); the scan loop calls it every few seconds."""
+        await self.scanner.scan()
 
     def _spawn(self, coro: Any, name: str) -> None:
         if self._closing:
@@ -226,7 +220,7 @@ class PeekService(HubListenerBase):
             raise
         await self.store.put(store_keys.peek_payment(peek_id), orjson.dumps(
             {"provider": self.payments.name, "ref": hold.ref, "client": hold.client, "opened_by": tag}))
-        await self._after(peek, [e for e in opened.effects if isinstance(e, ArmTimer)])
+        await self.transitions.after(peek, [e for e in opened.effects if isinstance(e, ArmTimer)])
         return peek, hold
 
     async def confirm_payment(self, peek_id: str, body: dict[str, Any]) -> Peek:
@@ -332,328 +326,13 @@ class PeekService(HubListenerBase):
                 return peek
         if peek.state is PeekState.AWAITING_KEY:
             # Kept, not handed over: the peeker gets it once the capture succeeded (``_open_channel``).
-            return await self._key_kept(peek_id, did)
+            return await self.transitions.key_kept(peek_id, did)
         if peek.state is PeekState.ACTIVE:  # a new epoch during the peek: the peeker needs it too
             self.delivery.deliver_grant(grant)
-            await self._publish(bus_keys.PEEK_GRANT, orjson.dumps(grant))
+            await self.transitions.publish(bus_keys.PEEK_GRANT, orjson.dumps(grant))
         return peek
 
-    async def _key_kept(self, peek_id: str, did: str) -> Peek:
-        """A grant is stored for a peek awaiting its key: the capture may go ahead (once)."""
-        try:
-            return await self.apply(peek_id, lambda _: KeyGranted(did))
-        except AgentChatError as exc:
-            if exc.code != "peek_state":
-                raise
-            return await self.load(peek_id)  # another grant moved it on first
-
-    # ------------------------------------------------------------------------------ transitions
-
-    async def apply(self, peek_id: str, event_for: Callable[[Peek], Event],
-                    found: StoredObject | None = None) -> Peek:
-        """Load, step, compare-and-set, then execute the effects (only the winner does). Raises
-        ``peek_state`` if the event does not apply, including when another process got there first.
-        ``found``: the peek as the caller just read it from the store, which saves the first read."""
-        key = store_keys.peek(peek_id)
-        for _ in range(CAS_ATTEMPTS):
-            if found is None:
-                found = await self.store.get(key)
-            if found is None:
-                raise error("peek_not_found", f"no peek {peek_id}")
-            peek = Peek.from_bytes(found.data)
-            transition = step(peek, event_for(peek), self.clock())
-            try:
-                await self.store.put(key, transition.peek.to_bytes(), if_match=found.etag)
-            except PreconditionFailed:
-                found = None
-                continue
-            try:
-                await self.index.move(peek, transition.peek)
-            except AgentChatError as exc:  # the startup scan re-indexes every open peek
-                log.warning("peek %s: could not index its next due time: %r", peek_id, exc)
-            await self._after(transition.peek, transition.effects)
-            return transition.peek
-        raise error("conflict", "the peek is being changed by others; try again")
-
-    async def _after(self, peek: Peek, effects: Any) -> None:
-        """Tell everyone, then execute the effects in order; a terminal peek whose effects all went
-        through leaves the open index."""
-        self._observe(peek, arm=False)
-        await self._publish(bus_keys.PEEK_STATE, peek.to_bytes())
-        if peek.state is PeekState.COUNTDOWN:
-            self._spawn(self._standing_refusals(peek), f"peek-standing-{peek.id}")
-        if peek.version == 2:  # the first transition always leaves awaiting_payment
-            await self.unpaid.release(peek)
-        try:
-            for effect in effects:
-                await self._execute(peek, effect)
-            if peek.state.terminal:
-                await self._finish(peek)
-        except AgentChatError as exc:
-            # The scan redoes what is missing (every effect is idempotent): it is due again now.
-            log.warning("peek %s (%s): an effect failed, the scan will retry: %r", peek.id, peek.state, exc)
-            try:
-                await self.store.put(store_keys.peek_due(int(self.clock() * 1000), peek.id), b"")
-            except AgentChatError:
-                pass  # the startup scan of the open markers finds it
-            return
-        # A transition's effects include what its state implies (``_durable_effects``): this
-        # process's scan need not redo them.
-        self._settled.add((peek.id, peek.version))
-
-    async def _execute(self, peek: Peek, effect: Effect) -> None:
-        if isinstance(effect, ArmTimer):
-            self._arm(peek, effect.at)
-        elif isinstance(effect, CancelPayment):
-            await self.money.cancel_hold(peek)
-        elif isinstance(effect, CapturePayment):
-            await self._capture(peek)
-        elif isinstance(effect, ChargeRefusalFee):
-            await self.refusals.settle(peek)
-        elif isinstance(effect, SplitCapture):
-            await self.money.record_split(peek)
-        elif isinstance(effect, RevokeAccess):
-            await self._revoke(peek)
-        # NotifyAgents, NotifyPeeker, RequestGrant, DeliverGrants: the p:state message already told every
-        # process; each sends its peeker sockets the kept grants when it sees ``active`` (_open_channel).
-
-    def _durable_effects(self, peek: Peek) -> list[Effect]:
-        """What must have happened for a peek in its state, redone by the scan after a crash."""
-        state = peek.state
-        if state is PeekState.ACTIVE:
-            return [SplitCapture(peek.id, peek.channel, peek.price_cents, peek.members)]
-        if state is PeekState.ENDED:
-            return [SplitCapture(peek.id, peek.channel, peek.price_cents, peek.members),
-                    RevokeAccess(peek.id, peek.channel)]
-        if state is PeekState.REFUSED:
-            assert peek.refused_by is not None
-            return [CancelPayment(peek.id, peek.payment_ref),
-                    ChargeRefusalFee(peek.id, peek.refused_by, peek.refusal_fee_cents)]
-        if state in (PeekState.PAYMENT_FAILED, PeekState.CANCELED, PeekState.EXPIRED, PeekState.WITHDRAWN,
-                     PeekState.NO_KEY):
-            return [CancelPayment(peek.id, peek.payment_ref)]
-        return []
-
-    async def _finish(self, peek: Peek) -> None:
-        """A terminal peek: release refusal holds that did not win, then leave the open index."""
-        await self.refusals.release_losing(peek)
-        await self.store.delete(store_keys.peek_open(peek.id))
-
-    # ------------------------------------------------------------------------------ money
-
-    async def _capture(self, peek: Peek) -> None:
-        """Capture the price, then move the peek on. A transient failure leaves it in ``capturing``;
-        a timer here and the scan everywhere retry it."""
-        ref = await self.money.hold_ref(peek)
-        try:
-            if ref is None:
-                raise error("payment_declined", "the peek has no authorised payment")
-            await self.payments.capture(ref, key=idempotency_key(peek.id, "capture"))
-            event: Event = CaptureSucceeded()
-        except AgentChatError as exc:
-            if exc.retryable:
-                self._arm_at(peek.id, peek.version, self.clock() + CAPTURE_RETRY_SECONDS)
-                raise
-            event = CaptureFailed(exc.message)
-        try:
-            await self.apply(peek.id, lambda _: event)
-        except AgentChatError as exc:
-            if exc.code != "peek_state":  # peek_state: another process recorded the result first
-                raise
-
-    # ------------------------------------------------------------------------------ access
-
-    async def _revoke(self, peek: Peek) -> None:
-        meta = await self.records.get_channel(peek.channel)
-        event: dict[str, Any] = {"event": "peek_ended", "peek": peek.id}
-        if meta is not None:
-            event["epoch"] = meta["epoch"]  # the members start the epoch after this one
-        await self.hub.publish_channel_event(peek.channel, event)
-
-    # ------------------------------------------------------------------------------ timers and scan
-
-    def _arm(self, peek: Peek, at: float, *, backup: bool = False) -> None:
-        current = self._timers.get(peek.id)
-        if current is not None and current[0] >= peek.version and backup:
-            return  # this process armed it itself, on time
-        self._arm_at(peek.id, peek.version, at + (BACKUP_DELAY if backup else 0.0))
-
-    def _arm_at(self, peek_id: str, version: int, at: float) -> None:
-        if self._closing:
-            return
-        current = self._timers.get(peek_id)
-        if current is not None:
-            if current[0] > version:  # a timer for a later state of the peek stands
-                return
-            current[1].cancel()
-        # A hair late rather than early: the deadline event is only accepted once it is due.
-        delay = max(0.0, at - self.clock()) + TIMER_SLACK
-        handle = asyncio.get_running_loop().call_later(
-            delay, lambda: self._spawn(self._wake(peek_id), f"peek-wake-{peek_id}"))
-        self._timers[peek_id] = (version, handle)
-
-    def _disarm(self, peek_id: str) -> None:
-        current = self._timers.pop(peek_id, None)
-        if current is not None:
-            current[1].cancel()
-
-    async def _wake(self, peek_id: str) -> None:
-        self._timers.pop(peek_id, None)
-        found = await self.store.get(store_keys.peek(peek_id))
-        if found is None:
-            return
-        peek = Peek.from_bytes(found.data)
-        self._observe(peek, arm=False)
-        await self._drive(peek, found)
-
-    async def _drive(self, peek: Peek, found: StoredObject) -> None:
-        """Do what is due for ``peek`` (stored as ``found``) now: its time event, a capture left
-        hanging, or the effects a crash may have cut short."""
-        now = self.clock()
-        at = peek.wake_at
-        if peek.state is PeekState.AWAITING_KEY and at is not None and now >= at:
-            # A grant kept just before a crash wins over the grant wait's end: the key was handed over.
-            kept = await self.store.list(store_keys.peek_grant_prefix(peek.id), limit=1)
-            if kept:
-                granted = await self.store.get(kept[0])
-                if granted is not None:
-                    await self._key_kept(peek.id, orjson.loads(granted.data)["granted_by"])
-                    return
-        if at is not None and now >= at:
-            event: Event = TimeUp() if peek.state is PeekState.ACTIVE else DeadlineReached()
-            log.info("peek %s: %s is due (%.3f s late)", peek.id, event.name, now - at)
-            try:
-                await self.apply(peek.id, lambda _: event, found)
-            except AgentChatError as exc:
-                if exc.code != "peek_state":
-                    raise
-            return
-        if at is not None:
-            self._arm(peek, at, backup=True)
-        if peek.state is PeekState.AWAITING_KEY:
-            kept = await self.store.list(store_keys.peek_grant_prefix(peek.id), limit=1)
-            if kept:
-                granted = orjson.loads((await self.store.get(kept[0])).data)["granted_by"]
-                await self._key_kept(peek.id, granted)
-            return
-        if peek.state is PeekState.CAPTURING:
-            if now - peek.updated_at >= CAPTURE_RETRY_SECONDS:
-                await self._capture(peek)
-            else:
-                self._arm_at(peek.id, peek.version, peek.updated_at + CAPTURE_RETRY_SECONDS)
-            return
-        if (peek.id, peek.version) in self._settled:
-            return
-        for effect in self._durable_effects(peek):
-            await self._execute(peek, effect)
-        if peek.state.terminal:
-            await self._finish(peek)
-        self._settled.add((peek.id, peek.version))
-
-    # ------------------------------------------------------------------------------ the due index
-
-    async def scan(self) -> None:
-        """Drive the peeks that are due, and only those: list ``peeks-due/`` from the start (keys sort
-        by time) and stop at the first marker not yet due. Idle, that is one small listing per scan
-        whatever the number of open peeks."""
-        now_ms = int(self.clock() * 1000)
-        start_after = ""
-        while True:
-            page = await self.store.list(store_keys.PEEK_DUE_PREFIX, start_after=start_after, limit=DUE_PAGE)
-            for key in page:
-                at_ms, peek_id = store_keys.parse_peek_due(key)
-                if at_ms > now_ms:
-                    return self._prune()
-                try:
-                    await self._drive_due(key, at_ms, peek_id)
-                except AgentChatError as exc:  # its marker stays: the next scan tries again
-                    log.warning("peek %s: scan could not drive it: %r", peek_id, exc)
-            if len(page) < DUE_PAGE:
-                return self._prune()
-            start_after = page[-1]
-
-    async def _drive_due(self, key: str, at_ms: int, peek_id: str) -> None:
-        found = await self.store.get(store_keys.peek(peek_id))
-        if found is None:
-            await self.store.delete(key)
-            return
-        peek = Peek.from_bytes(found.data)
-        self._observe(peek, arm=False)
-        if peek.state is PeekState.EXPIRED and self.clock() >= peek.updated_at + EXPIRED_RETENTION_SECONDS:
-            await self.index.purge(peek)
-            await self.store.delete(key)
-            return
-        await self._drive(peek, found)
-        current = await self.store.get(store_keys.peek(peek_id))
-        due = None if current is None else self.index.due_at(Peek.from_bytes(current.data))
-        if due is None or int(due * 1000) != at_ms:
-            await self.store.delete(key)  # done, or moved to another time by the transition
-            if current is not None and due is not None:
-                await self.store.put(store_keys.peek_due(int(due * 1000), peek_id), b"")
-
-    def _prune(self) -> None:
-        """Forget per-peek notes of peeks this process no longer follows."""
-        self._settled = {(i, v) for i, v in self._settled if i in self.known}
-        self._delivered = {i: v for i, v in self._delivered.items() if i in self.known}
-        self.delivery.prune(set(self.known))
-
-    async def scan_all(self) -> None:
-        """At startup: re-read every open peek (``peeks-open/``), drive it and index its due time. This
-        also indexes peeks stored before the due index existed, and finishes what a process that died
-        left half done; afterwards the periodic scan reads only what is due."""
-        open_ids: set[str] = set()
-        start_after = ""
-        while True:
-            page = await self.store.list(store_keys.PEEK_OPEN_PREFIX, start_after=start_after, limit=1000)
-            if not page:
-                break
-            open_ids.update(key[len(store_keys.PEEK_OPEN_PREFIX):] for key in page)
-            start_after = page[-1]
-        log.debug("peek scan: %d open, %d known", len(open_ids), len(self.known))
-        for peek_id in sorted(open_ids | set(self.known)):
-            try:
-                found = await self.store.get(store_keys.peek(peek_id))
-                if found is None:
-                    if peek_id in open_ids:
-                        await self.store.delete(store_keys.peek_open(peek_id))  # opened by a process that died
-                    self.known.pop(peek_id, None)
-                    continue
-                peek = Peek.from_bytes(found.data)
-                self._observe(peek, arm=False)
-                if peek_id in open_ids:
-                    await self._drive(peek, found)
-                    current = await self.store.get(store_keys.peek(peek_id))
-                    if current is not None:
-                        await self.index.move(None, Peek.from_bytes(current.data))
-            except AgentChatError as exc:
-                log.warning("peek %s: scan could not drive it: %r", peek_id, exc)
-        self._settled = {(i, v) for i, v in self._settled if i in open_ids}
-        self._delivered = {i: v for i, v in self._delivered.items() if i in open_ids or i in self.known}
-        self.delivery.prune(open_ids)
-
-    async def _scan_loop(self) -> None:
-        # A scan stuck on a backend is abandoned rather than left to hold up every later one.
-        limit = max(SCAN_TIMEOUT_SECONDS, 10 * self.settings.peek_scan_seconds)
-        while True:
-            await asyncio.sleep(self.settings.peek_scan_seconds)
-            try:
-                await asyncio.wait_for(self.scan(), limit)
-            except asyncio.CancelledError:
-                if self._closing:
-                    raise
-                log.warning("a peek scan was cancelled; the next one starts on time")
-            except asyncio.TimeoutError:
-                log.warning("a peek scan took over %.0f s and was abandoned", limit)
-            except Exception:
-                log.exception("peek scan failed")
-
     # ------------------------------------------------------------------------------ bus and sockets
-
-    async def _publish(self, topic: str, body: bytes) -> None:
-        try:
-            await self.bus.publish(topic, body)
-        except AgentChatError as exc:  # other processes catch up at their next scan
-            log.warning("could not publish on %s: %r", topic, exc)
 
     def on_bus_message(self, topic: str, body: bytes) -> None:
         """``HubListener``: a message on a ``p:...`` topic, from the bus reader: must not block."""
@@ -671,17 +350,23 @@ class PeekService(HubListenerBase):
         caller that drives the peek itself arms its own)."""
         if peek.state.terminal:
             self.known.pop(peek.id, None)
-            self._disarm(peek.id)
+            self.timers.disarm(peek.id)
         else:
             current = self.known.get(peek.id)
             if current is None or current.version <= peek.version:
                 self.known[peek.id] = peek
             if arm and peek.wake_at is not None:
-                self._arm(peek, peek.wake_at, backup=True)
+                self.timers.arm(peek, peek.wake_at, backup=True)
         if self._delivered.get(peek.id, 0) >= peek.version:
             return
         self._delivered[peek.id] = peek.version
         self.delivery.deliver(peek)
+
+    def _forget(self, keep: set[str]) -> None:
+        """Forget per-peek notes of peeks this process no longer follows."""
+        self.transitions.forget(keep)
+        self._delivered = {i: v for i, v in self._delivered.items() if i in keep}
+        self.delivery.prune(keep)
 
     async def session_opened(self, session: Session, resume: dict[str, int]) -> None:
         """A socket said hello. A peeker gets its peek's state (and what goes with it); an agent gets
