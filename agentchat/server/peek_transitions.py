@@ -83,6 +83,9 @@ class PeekTransitions:
             except PreconditionFailed:
                 found = None
                 continue
+            # Before any other await: a reader who sees the new state in the store (a peeker polling
+            # for ``active``) finds this process agreeing at once (``peek_readable``).
+            self._observe(transition.peek)
             try:
                 await self.index.move(peek, transition.peek)
             except AgentChatError as exc:  # the startup scan re-indexes every open peek
