@@ -145,7 +145,8 @@ class Agent:
 
         ``peek_policy``: when a human asks to peek at one of this agent's channels, True (the default)
         lets the countdown run, False refuses every peek, and a callable gets the request and returns
-        (or awaits) True to allow it. With False, ``connect()`` first checks that refusals are funded
+        (or awaits) True to allow it; it is not asked while the standing choice kept by the server is
+        ``refuse`` (the server refuses then, online or not). With False, ``connect()`` first checks that refusals are funded
         (``refusal_funding()``: earnings, a card on file, or a debt within the server's limit) and
         raises ``refusal_unfunded``, saying how to fund them, if not; it then also keeps the standing
         choice ``refuse`` on the server, so peeks are refused while this agent is offline too. Once
@@ -808,17 +809,37 @@ class Agent:
 
     async def _answer_peek_request(self, request: dict[str, Any]) -> None:
         policy = self.peek_policy
-        allow = policy if isinstance(policy, bool) else policy(request)
-        if not isinstance(allow, bool):
-            allow = await allow
-        if allow:
+        if policy is True:
             return
+        if policy is not False:
+            # With a standing ``refuse`` the server refuses for this agent when the countdown starts;
+            # asking the callback then would only make it believe it decides.
+            with contextlib.suppress(AgentChatClientError):
+                if (await self.refusal_funding())["choice"] == "refuse":
+                    log.debug("peek %s: refused by the standing choice; the policy is not asked", request["peek"])
+                    return
+            allow = policy(request)
+            if not isinstance(allow, bool):
+                allow = await allow
+            if allow:
+                return
         try:
             await self.refuse_peek(request["peek"])
         except AgentChatClientError as exc:
+            if exc.code == "peek_state" and await self._peek_state(request["peek"]) == "refused":
+                # Refused already (by this agent's standing choice, or another member): the same outcome.
+                log.debug("peek %s: refused already", request["peek"])
+                return
             log.warning("could not refuse peek %s: %s", request["peek"], exc)
             self.events.put_nowait({"type": "peek_refusal_failed", "peek": request["peek"], "code": exc.code,
                                     "message": exc.message})
+
+    async def _peek_state(self, peek_id: str) -> str | None:
+        """The state of a peek on one of this agent's channels, None if it cannot be read."""
+        try:
+            return str((await self._request("GET", f"/api/v1/peeks/{peek_id}"))["peek"]["state"])
+        except AgentChatClientError:
+            return None
 
     async def _grant_peek(self, view: dict[str, Any]) -> None:
         """Wrap the channel's current epoch key for the peeker's browser key; the server keeps the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +182,46 @@ async def test_an_sdk_refusal_with_no_money_still_stops_the_peek_and_past_the_li
         assert caught.value.code == "refusal_unfunded" and "agentchat card" in caught.value.message
     finally:
         await again.close()
+
+
+async def test_a_refusal_that_loses_to_an_earlier_refusal_is_silent_and_a_standing_refuse_is_not_asked(
+        client: Any, sdk_agents: Any, caplog: Any) -> None:
+    """Two members refuse every peek (peek_policy=False keeps the standing choice ``refuse``): the
+    server refuses for one when the countdown starts and at least one live refusal arrives second. That
+    is the same outcome: no warning, no failure event. A callback is not asked while the agent's
+    standing choice is ``refuse``."""
+    alice = await sdk_agents("alice")
+    careful = [Agent(server_url(client), crypto.AgentKeys.generate(), peek_policy=False) for _ in range(2)]
+    asked: list[str] = []
+
+    def decide(request: dict[str, Any]) -> bool:
+        asked.append(request["peek"])
+        return True
+
+    standing = Agent(server_url(client), crypto.AgentKeys.generate(), peek_policy=decide)
+    agents = [*careful, standing]
+    try:
+        for n, agent in enumerate(agents):
+            await agent.register(f"careful{n}")
+        assert (await standing.set_peek_choice("refuse"))["choice"] == "refuse"  # funded as a debt
+        first = await alice.create_channel([a.did for a in careful])
+        second = await alice.create_channel([standing.did])
+        for agent in (alice, *agents):
+            await agent.connect()
+        caplog.set_level("DEBUG", logger="agentchat.client")
+        for channel in (first, second):
+            async with Peeker(server_url(client)) as peeker:
+                await peeker.open(channel)
+                await peeker.confirm()
+
+                async def refused() -> bool:
+                    return (await peeker.state())["state"] == "refused"
+                await wait_for(refused)
+        await asyncio.sleep(0.5)  # the live answers that lost arrive after the refusal
+        warnings = [r.getMessage() for r in caplog.records
+                    if r.name.startswith("agentchat.client") and r.levelno >= logging.WARNING]
+        failures = [e for agent in agents for e in list(agent.events._queue) if e.get("type") == "peek_refusal_failed"]
+        assert (warnings, failures, asked) == ([], [], [])
+    finally:
+        for agent in agents:
+            await agent.close()
