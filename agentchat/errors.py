@@ -116,12 +116,15 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     # 403
     "not_member": (Forbidden, "The agent is not a member of the channel."),
     "forbidden": (Forbidden, "The caller may not do this."),
+    "invitation_refused": (Forbidden, "The invited agent blocks the inviter: it takes no invitations from it."),
+    "channel_unlisted": (Forbidden, "The channel's owner keeps it unlisted: no public indicators, no peeks."),
     # 404
     "not_found": (NotFound, "No such route."),
     "agent_not_found": (NotFound, "No agent has this DID."),
     "channel_not_found": (NotFound, "No channel has this id."),
     "key_not_found": (NotFound, "There is no wrapped key for the caller in this epoch."),
     "peek_not_found": (NotFound, "No peek has this id."),
+    "invitation_not_found": (NotFound, "The agent has no pending invitation to this channel."),
     # 405
     "method_not_allowed": (MethodNotAllowed, "The route does not take this method; the Allow header lists those it takes."),
     # 409
@@ -138,10 +141,14 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     "too_large": (PayloadTooLarge, "The body or frame is larger than the server accepts."),
     # 429
     "rate_limited": (RateLimited, "Too many requests; slow down and retry."),
+    "too_many_channels": (RateLimited, "This agent or address created too many channels in the last hour; retry later."),
+    "too_many_invitations": (RateLimited, "This agent or address sent too many invitations in the last hour; retry later."),
+    "too_many_unpaid_peeks": (RateLimited, "This address has too many peeks waiting for payment; pay or cancel one first."),
     # 503
     "store_unavailable": (Unavailable, "Storage is failing or saturated; the message was not stored."),
     "bus_unavailable": (Unavailable, "The message bus is unreachable."),
     "payments_unavailable": (Unavailable, "The payment provider is unreachable."),
+    "peeks_busy": (Unavailable, "Too many peeks are waiting for payment on this server; retry in a few minutes."),
     "shutting_down": (Unavailable, "The server is shutting down; reconnect."),
     # 500
     "internal": (InternalError, "An unexpected error on the server; it has been logged."),

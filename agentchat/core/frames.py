@@ -33,6 +33,10 @@ SIGNATURE_B64_LEN = 86  # 64 bytes
 GCM_TAG_BYTES = 16
 
 
+# A watch of the public indicators names at most this many channels: each unknown one costs a store read
+# (once; the answer is remembered), so a frame must not be able to ask for thousands.
+MAX_WATCH_CHANNELS = 100
+
 def b64url_len(n_bytes: int) -> int:
     return (n_bytes * 4 + 2) // 3
 
@@ -299,8 +303,8 @@ def decode_client_frame(data: bytes | str, *, max_bytes: int, max_ciphertext_byt
         _only(frame, _WATCH, "watch_indicators")
         channels = _field(frame, "channels", list, required=False)
         if channels is not None:
-            if len(channels) > 1000:
-                raise error("too_large", "field 'channels' lists more than 1000 channels")
+            if len(channels) > MAX_WATCH_CHANNELS:
+                raise error("too_large", f"field 'channels' lists more than {MAX_WATCH_CHANNELS} channels")
             channels = [check_channel_id(c, "channels") for c in channels]
         return WatchIndicators(channels=channels, ref=_ref(frame))
     if kind is None:

@@ -132,7 +132,21 @@ async def test_channel_and_message_routes_answer_as_documented(client, make_agen
     key1 = crypto.new_epoch_key()
     create = {"id": channel, "name": "pair", "members": [bob.did], "epoch_keys": wraps_for(channel, 1, key1, alice, bob)}
     created = await api.call("POST", "/api/v1/channels", expect=201, token=alice.token, body=create)
-    assert created["members"] == sorted([alice.did, bob.did])
+    assert created["members"] == [alice.did] and created["invited"] == [bob.did]
+    invitations = await api.call("GET", "/api/v1/invitations", expect=200, token=bob.token)
+    assert [i["channel"] for i in invitations["invitations"]] == [channel] and invitations["has_more"] is False
+    await api.call("GET", "/api/v1/invitations", expect=400, token=bob.token, params={"limit": 0})
+    await api.call("POST", "/api/v1/invitations/{channel}/accept", expect=404, token=carol.token, channel=channel)
+    joined = await api.call("POST", "/api/v1/invitations/{channel}/accept", expect=200, token=bob.token,
+                            channel=channel)
+    assert joined["members"] == sorted([alice.did, bob.did]) and joined["invited"] == []
+    await api.call("POST", "/api/v1/invitations/{channel}/decline", expect=200, token=carol.token, channel=channel)
+    await api.call("PUT", "/api/v1/agents/me/blocks/{did}", expect=200, token=carol.token, did=bob.did)
+    blocks = await api.call("GET", "/api/v1/agents/me/blocks", expect=200, token=carol.token)
+    assert blocks["blocked"] == [bob.did]
+    await api.call("DELETE", "/api/v1/agents/me/blocks/{did}", expect=200, token=carol.token, did=bob.did)
+    await api.call("PATCH", "/api/v1/channels/{channel}", expect=403, token=bob.token, channel=channel,
+                   body={"listed": False})
     await api.call("POST", "/api/v1/channels", expect=409, token=alice.token, body=create)
     await api.call("POST", "/api/v1/channels", expect=400, token=alice.token,
                    body={k: v for k, v in create.items() if k != "epoch_keys"} | {"id": new_channel_id()},
@@ -152,7 +166,8 @@ async def test_channel_and_message_routes_answer_as_documented(client, make_agen
                    body={"did": crypto.AgentKeys.generate().did}, channel=channel)
     added = await api.call("POST", "/api/v1/channels/{channel}/members", expect=200, token=alice.token,
                            body={"did": carol.did}, channel=channel)
-    assert carol.did in added["members"]
+    assert carol.did in added["invited"] and carol.did not in added["members"]
+    await api.call("POST", "/api/v1/invitations/{channel}/accept", expect=200, token=carol.token, channel=channel)
 
     key2 = crypto.new_epoch_key()
     rotated = await api.call("POST", "/api/v1/channels/{channel}/epochs", expect=201, token=bob.token,
@@ -203,8 +218,9 @@ async def test_channel_and_message_routes_answer_as_documented(client, make_agen
     removed = await api.call("DELETE", "/api/v1/channels/{channel}/members/{did}", expect=200, token=alice.token,
                              channel=channel, did=carol.did)
     assert carol.did not in removed["members"]
-    await api.call("DELETE", "/api/v1/channels/{channel}/members/{did}", expect=403, token=alice.token,
-                   channel=channel, did=carol.did)
+    again = await api.call("DELETE", "/api/v1/channels/{channel}/members/{did}", expect=200, token=alice.token,
+                           channel=channel, did=carol.did)  # idempotent: a retry is answered like the first
+    assert again["members"] == removed["members"]
 
     exercised = {(m, t) for m, t, _ in api.seen}
     for method, template in [("POST", "/api/v1/channels"), ("GET", "/api/v1/channels"),

@@ -28,6 +28,9 @@ async def create_channel(owner: RestAgent, members: list[RestAgent], epoch_key: 
     status, body = await owner.call("POST", "/api/v1/channels", json={
         "id": channel_id, "name": "test", "members": sorted(everyone), "epoch_keys": wrapped})
     assert status == 201, body
+    for member in members:  # each invited agent accepts (consent: server/api/invitations.py)
+        status, body = await member.call("POST", f"/api/v1/invitations/{channel_id}/accept")
+        assert status == 200, body
     return channel_id, epoch_key
 
 
@@ -176,6 +179,8 @@ async def test_channel_lifecycle_and_membership_rules(client, make_agent) -> Non
     status, body = await bob.call("POST", f"/api/v1/channels/{channel}/members", json={"did": carol.did})
     assert status == 403 and body["error"]["code"] == "forbidden"
     status, body = await alice.call("POST", f"/api/v1/channels/{channel}/members", json={"did": carol.did})
+    assert status == 200 and carol.did in body["invited"] and carol.did not in body["members"]
+    status, body = await carol.call("POST", f"/api/v1/invitations/{channel}/accept")
     assert status == 200 and carol.did in body["members"]
     # bob's own wrapped key opens
     status, body = await bob.call("GET", f"/api/v1/channels/{channel}/epochs/current/key")

@@ -505,8 +505,8 @@ CLIENT_FRAME_TABLE: list[tuple[str, Any, str | None]] = [
     ("watch all", {"type": "watch_indicators"}, None),
     ("watch all, null channels", {"type": "watch_indicators", "channels": None}, None),
     ("watch none", {"type": "watch_indicators", "channels": []}, None),
-    ("watch 1000 channels", {"type": "watch_indicators", "channels": [f"ch_{i:016d}" for i in range(1000)]}, None),
-    ("watch 1001 channels", {"type": "watch_indicators", "channels": [f"ch_{i:016d}" for i in range(1001)]}, "too_large"),
+    ("watch 100 channels", {"type": "watch_indicators", "channels": [f"ch_{i:016d}" for i in range(100)]}, None),
+    ("watch 101 channels", {"type": "watch_indicators", "channels": [f"ch_{i:016d}" for i in range(101)]}, "too_large"),
     ("watch, channels is a string", {"type": "watch_indicators", "channels": CH}, "invalid_field"),
     ("watch, a bad channel id", {"type": "watch_indicators", "channels": [CH, "x"]}, "invalid_field"),
 ]
