@@ -127,7 +127,9 @@ async def test_an_agent_deletes_its_account(empty_store_url: StoreUrlMaker, aioh
         owned = await bob.create_channel([carol.did])
         alone = await bob.create_channel([])
         await bob.send(shared, "bob was here")
-        await carol.connect()
+        await carol.connect()  # accepts its invitations (the SDK's default policy), then reads both channels
+        await next_event(carol, "added")
+        await next_event(carol, "added")
 
         answer = await bob.delete_account()
         assert answer["deleted"] is True and answer["did"] == bob.did
