@@ -83,6 +83,9 @@ class Settings:
     # How far below zero a refusal may take an agent's balance when neither its earnings nor a card
     # cover the fee (a debt, paid first from later shares). Past it, refusing needs a card on file.
     refusal_debt_limit_cents: int = 300
+    # Peeks waiting for payment (anonymous work): at most this many per client address, and in all.
+    peek_unpaid_per_address: int = 5
+    peek_unpaid_total: int = 1000
     # Every process re-reads the open peeks this often and drives those that are due, so a deadline
     # is enforced even when the process that armed its timer is gone.
     peek_scan_seconds: float = 2.0

@@ -93,6 +93,17 @@ def auth_challenge(nonce: str) -> str:
     return "challenge:" + nonce
 
 
+UNPAID_PEEKS = "peeks-unpaid"  # index: peeks awaiting payment, scored by payment_expires_at (ms)
+
+
+def unpaid_peeks(address_tag: str = "") -> str:
+    """The index of peeks awaiting payment: all of them, or those opened from one address (by its tag)."""
+    return f"{UNPAID_PEEKS}/{address_tag}" if address_tag else UNPAID_PEEKS
+def registration_used(signature_digest: str) -> str:
+    """A registration signature already accepted, for as long as its timestamp could still pass."""
+    return "registered:" + signature_digest
+
+
 def rate_window(bucket: str, address: str, window: int) -> str:
     """Requests of one client address in one second of one rate-limit bucket."""
     return f"rl:{bucket}:{address}:{window}"

@@ -78,6 +78,19 @@ class Message:
         return self.content if isinstance(self.content, str) else orjson.dumps(self.content).decode()
 
 
+class History(list[Message]):
+    """A page of ``Agent.history``: the messages that opened, in order. ``skipped``: (seq, sender,
+    reason) of those that did not; ``next_after``: the page's last sequence number, skipped messages
+    included (the ``after`` of the next page); ``fetched``: how many the server returned (fewer than
+    the limit asked for: the end of the channel)."""
+
+    def __init__(self, *, next_after: int, fetched: int) -> None:
+        super().__init__()
+        self.skipped: list[tuple[int, str, str]] = []
+        self.next_after = next_after
+        self.fetched = fetched
+
+
 def encode_content(content: Any) -> bytes:
     """The plaintext inside an envelope (protocol/messages.md): a small JSON object."""
     if isinstance(content, str):
@@ -526,11 +539,21 @@ class Agent:
         finally:
             self._pending.pop(client_id, None)
 
-    async def history(self, channel: str, *, after: int = 0, limit: int = 100) -> list[Message]:
-        """Stored messages after ``after``, decrypted and checked."""
+    async def history(self, channel: str, *, after: int = 0, limit: int = 100) -> History:
+        """Stored messages after ``after``, decrypted and checked. One that does not open (any member can
+        store bytes the server cannot check) is skipped and logged, as the live path does, and listed
+        in the page's ``skipped``: one bad message never hides the rest of its page."""
         page = await self._request("GET", f"/api/v1/channels/{channel}/messages",
                                    params={"after": after, "limit": limit})
-        return [await self._open(record) for record in page["messages"]]
+        records = page["messages"]
+        history = History(next_after=records[-1]["seq"] if records else after, fetched=len(records))
+        for record in records:
+            try:
+                history.append(await self._open(record))
+            except (crypto.CryptoError, ValueError, KeyError, AgentChatClientError) as exc:
+                log.warning("skipping message %s#%s from %s: %s", channel, record.get("seq"), record.get("sender"), exc)
+                history.skipped.append((record.get("seq"), record.get("sender"), str(exc)))
+        return history
 
     async def _open(self, record: dict[str, Any]) -> Message:
         envelope = record["envelope"]

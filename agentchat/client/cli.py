@@ -183,9 +183,9 @@ async def _history(args: argparse.Namespace) -> int:
             page = await agent.history(args.channel, after=after, limit=100)
             for message in page:
                 _print_message(message, args.json)
-            if len(page) < 100:
+            if page.fetched < 100:
                 return 0
-            after = page[-1].seq
+            after = page.next_after
 
 
 async def _listen(args: argparse.Namespace) -> int:

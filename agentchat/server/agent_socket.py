@@ -233,7 +233,14 @@ async def _dispatch(frame: frames.ClientFrame, session: Session, hub: Hub, princ
         session.push(frames.encode({"type": "pong", "ref": frame.ref, "ts": int(time.time() * 1000)}))
     elif isinstance(frame, frames.Resume):
         for channel, after in frame.resume.items():
-            await hub.attach(session, channel, after)
+            try:
+                await hub.attach(session, channel, after)
+            except AgentChatError as exc:
+                # As in hello's resume: a channel the principal cannot read is not_member, whether or
+                # not it exists (an outsider learns nothing about which ids are taken).
+                if exc.code != "channel_not_found":
+                    raise
+                raise error("not_member", f"cannot resume {channel}: not a member") from None
     elif isinstance(frame, frames.Hello):
         raise error("invalid_field", "hello was already received on this socket")
     else:

@@ -263,7 +263,10 @@ class Hub:
             await asyncio.sleep(ROOM_IDLE_SECONDS / 4)
             now = time.monotonic()
             for channel, room in list(self.rooms.items()):
-                if not room.subscribers and now - room.last_used > ROOM_IDLE_SECONDS:
+                # A room whose messages this process has not compacted yet stays subscribed: a
+                # deletion of the channel must reach the writer before it writes a segment.
+                if not room.subscribers and now - room.last_used > ROOM_IDLE_SECONDS \
+                        and not self.writer.holds(channel):
                     del self.rooms[channel]
                     try:
                         await self.bus.unsubscribe(bus_keys.channel_messages(channel))
@@ -644,6 +647,9 @@ class Hub:
         remember the client ids of the latest stored messages so retries stay idempotent."""
         tail = await self.history.tail(channel, RECENT_MESSAGES)
         last = frame_seq(tail[-1]) if tail else 0
+        room = self.rooms.get(channel)
+        if room is not None:  # what was stored may all have expired: the numbers below stay used
+            last = max(last, room.first_available - 1)
         floor = last + self.reseed_gap
         for frame in tail:
             record = orjson.loads(frame)

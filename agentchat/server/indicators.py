@@ -33,6 +33,7 @@ their total survives everything.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 import logging
 import secrets
 import time
@@ -78,6 +79,10 @@ STORE_READ_CONCURRENCY = 8
 # ``watch_indicators`` for all channels answers with at most this many (the liveliest); the REST
 # list pages through the rest.
 WATCH_SNAPSHOT_MAX = 100
+# How long a channel id found to exist nowhere is answered "not found" without a store read, and how many
+# such ids are remembered (the oldest forgotten first). A channel created here is forgotten at once.
+UNKNOWN_TTL_SECONDS = 30.0
+UNKNOWN_MAX = 10_000
 
 # (peek id, channel) of every peek active now, as this process knows them.
 ActivePeeks = Callable[[], Iterable[tuple[str, str]]]
@@ -126,6 +131,9 @@ class IndicatorService(HubListenerBase):
         self._listed_at = 0.0
         self._relisting: asyncio.Task[None] | None = None
         self._created: list[str] = []
+        # Channel ids asked for and found to exist nowhere, with when: asked again within
+        # UNKNOWN_TTL_SECONDS they cost no store read (a socket naming junk ids every frame costs one each).
+        self._unknown: OrderedDict[str, float] = OrderedDict()
         self._unsaved: dict[str, dict[int, int]] = {}  # counted here, not yet added to the shared counter
         self._loaded: set[str] = set()  # channels whose shared counter this process has read
         self._loading: dict[str, asyncio.Task[None]] = {}
@@ -451,6 +459,7 @@ class IndicatorService(HubListenerBase):
                 await self.on_channel_deleted(channel)
             return None
         entry = CatalogEntry(meta.get("name", ""), len(meta["members"]), self.clock(), meta.get("listed", True))
+        self._unknown.pop(channel, None)
         old = self._catalog.get(channel)
         self._catalog[channel] = entry
         if old is None or (old.name, old.members) != (entry.name, entry.members):
@@ -495,8 +504,16 @@ class IndicatorService(HubListenerBase):
 
     async def get(self, channel: str) -> ChannelIndicators:
         if channel not in self._catalog:
+            seen = self._unknown.get(channel)
+            if seen is not None and self.clock() - seen < UNKNOWN_TTL_SECONDS:
+                raise error("channel_not_found", f"no channel {channel}")
             await self._read_meta(channel)
         entry = self._catalog.get(channel)
+        if entry is None:
+            self._unknown[channel] = self.clock()
+            self._unknown.move_to_end(channel)
+            while len(self._unknown) > UNKNOWN_MAX:
+                self._unknown.popitem(last=False)
         if entry is None or not entry.listed:  # an unlisted channel is not for the public to know of
             raise error("channel_not_found", f"no channel {channel}")
         await self._load(channel)
@@ -550,6 +567,8 @@ class IndicatorService(HubListenerBase):
             items = await self.listing("active")
             self._watch_all.add(session)
             return indicators_frame(items[:WATCH_SNAPSHOT_MAX], ref, more=len(items) > WATCH_SNAPSHOT_MAX)
+        if len(channels) > frames.MAX_WATCH_CHANNELS:  # the frame parser says so too; here for every caller
+            raise error("too_large", f"a watch names at most {frames.MAX_WATCH_CHANNELS} channels")
         wanted = frozenset(channels)
         found: list[ChannelIndicators] = []
         for channel in sorted(wanted):

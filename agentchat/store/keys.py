@@ -131,6 +131,21 @@ def peek_open(peek_id: str) -> str:
     return PEEK_OPEN_PREFIX + peek_id
 
 
+PEEK_DUE_PREFIX = "peeks-due/"
+DUE_MS_WIDTH = 15
+
+
+def peek_due(at_ms: int, peek_id: str) -> str:
+    """Empty marker: the peek has something due at ``at_ms`` (ms since the epoch). Keys sort by time,
+    so the scan lists from the start and stops at the first one not yet due."""
+    return f"{PEEK_DUE_PREFIX}{max(0, at_ms):0{DUE_MS_WIDTH}d}/{peek_id}"
+
+
+def parse_peek_due(key: str) -> tuple[int, str]:
+    at, _, peek_id = key[len(PEEK_DUE_PREFIX):].partition("/")
+    return int(at), peek_id
+
+
 def peek_payment(peek_id: str) -> str:
     return f"peek-payments/{peek_id}.json"
 

@@ -233,11 +233,47 @@ async def test_channel_and_message_routes_answer_as_documented(client, make_agen
         assert (method, template) in exercised
 
 
-async def test_unknown_routes_and_methods_get_the_error_object(client) -> None:
-    for method, path in (("GET", "/api/v1/nope"), ("PUT", "/api/v1/channels")):
-        response = await client.request(method, path)
-        assert response.status == 404
-        assert_valid(openapi_pointer("components", "schemas", "error_response"), await response.json())
+@pytest.mark.parametrize("method, path, status, allow", [
+    ("GET", "/api/v1/nope", 404, None),
+    ("PUT", "/api/v1/channels", 405, "GET, HEAD, POST"),
+    ("TRACE", "/health", 405, "GET, HEAD"),
+    ("GET", "/api/v1/agents/register", 405, "POST"),  # not read as a DID
+    ("GET", "/web/nope.js", 404, None),
+    ("GET", "/web/", 404, None),
+    ("GET", "/web/../pyproject.toml", 404, None),
+])
+async def test_unknown_routes_and_methods_get_the_error_object(client, method: str, path: str, status: int,
+                                                                allow: str | None) -> None:
+    response = await client.request(method, path)
+    assert response.status == status
+    assert response.headers.get("Allow") == allow
+    assert response.content_type == "application/json"
+    assert_valid(openapi_pointer("components", "schemas", "error_response"), await response.json())
+
+
+async def test_static_files_are_served_with_nosniff(client) -> None:
+    response = await client.get("/web/app.js")
+    assert response.status == 200
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert "javascript" in response.content_type
+
+
+async def test_operator_revenue_without_a_token_is_401_even_when_the_view_is_disabled(client) -> None:
+    response = await client.get("/api/v1/operator/revenue")
+    assert response.status == 401
+    assert (await response.json())["error"]["code"] == "auth_required"
+    response = await client.get("/api/v1/operator/revenue", headers={"Authorization": "Bearer x"})
+    assert response.status == 403
+
+
+async def test_an_epoch_in_unicode_digits_is_a_400_not_a_500(client, make_agent) -> None:
+    from tests.server.test_rest import create_channel
+
+    alice = await make_agent("alice")
+    channel, _ = await create_channel(alice, [])
+    response = await client.get(f"/api/v1/channels/{channel}/epochs/\u00b2/key", headers=alice.auth)
+    assert response.status == 400
+    assert (await response.json())["error"]["code"] == "invalid_field"
 
 
 async def test_auth_rate_limit_answers_429_with_retry_after(aiohttp_client, tmp_path) -> None:

@@ -327,3 +327,17 @@ async def test_health_is_503_naming_the_failing_component(client) -> None:
     body = await (await client.get("/health")).json()
     assert body["failing"] == ["bus", "store"]
     assert body["components"] == {"bus": "bus_unavailable", "store": "store_unavailable"}
+
+
+async def test_a_captured_registration_cannot_be_replayed_to_mint_a_token(client) -> None:
+    alice = RestAgent(client, "alice")
+    captured = alice.registration()
+    first = await client.post("/api/v1/agents/register", json=captured)
+    assert first.status == 201
+    replay = await client.post("/api/v1/agents/register", json=captured)
+    assert replay.status == 400
+    body = await replay.json()
+    assert body["error"]["code"] == "request_replayed" and "token" not in body
+    time.sleep(0.002)  # a new timestamp: a new signature, and registering again is fine
+    again = await client.post("/api/v1/agents/register", json=alice.registration())
+    assert again.status == 201

@@ -289,8 +289,8 @@ async def rotate_epoch(request: web.Request) -> web.Response:
     did = agent_did(request)
     meta = await _member_channel(request, did)
     body = await read_json(request, frozenset({"epoch", "epoch_keys"}))
-    epoch = body.get("epoch")
-    if not isinstance(epoch, int) or isinstance(epoch, bool):
+    epoch = frames.as_int(body.get("epoch"))
+    if epoch is None:
         raise error("invalid_field", "field 'epoch' must be the next epoch number")
     if epoch != meta["epoch"] + 1:
         raise error("conflict", f"the next epoch of this channel is {meta['epoch'] + 1}")
@@ -321,8 +321,8 @@ async def epoch_key(request: web.Request) -> web.Response:
     raw = request.match_info["epoch"]
     if raw == "current":
         epoch = meta["epoch"]
-    elif raw.isdigit() and len(raw) < 10:
-        epoch = int(raw)
+    elif raw.isascii() and raw.isdigit() and len(raw) <= 10 and int(raw) <= frames.MAX_EPOCH:
+        epoch = int(raw)  # (isdigit() alone takes "²" and "٣")
     else:
         raise error("invalid_field", "epoch must be a number or 'current'")
     record = await request.app[RECORDS].get_epoch(meta["id"], epoch)
