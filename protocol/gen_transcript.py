@@ -77,9 +77,10 @@ async def main() -> str:
 
 
 async def _rest(http: aiohttp.ClientSession, base: str, out: Transcript, method: str, path: str,
-                body: Any = None, token: str | None = None) -> Any:
+                body: Any = None, token: str | None = None, shown: str | None = None) -> Any:
+    """``shown``: the path as the transcript writes it (a template where the path holds a random id)."""
     headers = {"Authorization": "Bearer " + token} if token else {}
-    out.add(f"> {method} {path}" + (" (Authorization: Bearer <token>)" if token else ""))
+    out.add(f"> {method} {shown or path}" + (" (Authorization: Bearer <token>)" if token else ""))
     if body is not None:
         out.add(f"  {_json(body)}")
     async with http.request(method, base + path, json=body, headers=headers) as response:
@@ -135,7 +136,8 @@ async def _session(http: aiohttp.ClientSession, base: str, out: Transcript) -> N
     alice_token = login["token"]
 
     out.note("# 3. alice creates a channel with bob: the client picks the id, makes epoch 1's key and wraps\n"
-             "#    it for each member's X25519 key (crypto.md section 5). The server never sees the key.")
+             "#    it for each member's X25519 key (crypto.md section 5). The server never sees the key.\n"
+             "#    bob is invited, not added: he is a member once he accepts (his SDK does it by its policy).")
     channel = "ch_" + secrets.token_urlsafe(16)
     epoch_key = crypto.new_epoch_key()
     wrapped = {agent.did: crypto.wrap_epoch_key(epoch_key, agent.public.encryption_key, channel=channel, epoch=1,
@@ -143,6 +145,8 @@ async def _session(http: aiohttp.ClientSession, base: str, out: Transcript) -> N
     await _rest(http, base, out, "POST", "/api/v1/channels", {
         "id": channel, "name": "pair", "members": sorted([alice.did, bob.did]), "epoch_keys": wrapped},
         token=alice_token)
+    await _rest(http, base, out, "POST", f"/api/v1/invitations/{channel}/accept", None, token=bob_token,
+                shown="/api/v1/invitations/{channel}/accept")
 
     ws_url = base.replace("http", "ws") + "/api/v1/ws"
     out.note("# 4. bob opens the socket: hello with his token first (never in the URL), welcome back\n"

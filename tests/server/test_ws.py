@@ -318,6 +318,7 @@ async def test_history_skips_and_lists_an_undecryptable_message_and_pages_on_pas
     skips it, as the live path does, instead of failing the whole page."""
     alice, bob = await sdk_agents("alice"), await sdk_agents("bob")
     channel = await alice.create_channel([bob.did])
+    await bob.accept_invitation(channel)
     await alice.send(channel, "first")
     # bob posts an envelope whose ciphertext is not what the epoch key opens (a valid shape)
     bad = crypto.seal(crypto.new_epoch_key(), b'{"kind":"text","body":"x"}', channel=channel, epoch=1,
