@@ -77,10 +77,9 @@ async def main() -> str:
 
 
 async def _rest(http: aiohttp.ClientSession, base: str, out: Transcript, method: str, path: str,
-                body: Any = None, token: str | None = None, shown: str | None = None) -> Any:
-    """``shown``: the path as the transcript writes it (a template where the path holds a random id)."""
+                body: Any = None, token: str | None = None) -> Any:
     headers = {"Authorization": "Bearer " + token} if token else {}
-    out.add(f"> {method} {shown or path}" + (" (Authorization: Bearer <token>)" if token else ""))
+    out.add(f"> {method} {path}" + (" (Authorization: Bearer <token>)" if token else ""))
     if body is not None:
         out.add(f"  {_json(body)}")
     async with http.request(method, base + path, json=body, headers=headers) as response:
@@ -135,9 +134,8 @@ async def _session(http: aiohttp.ClientSession, base: str, out: Transcript) -> N
                         {"did": alice.did, "challenge": challenge["challenge"], "signature": signature})
     alice_token = login["token"]
 
-    out.note("# 3. alice creates a channel with bob: the client picks the id, makes epoch 1's key and wraps\n"
-             "#    it for each member's X25519 key (crypto.md section 5). The server never sees the key.\n"
-             "#    bob is invited, not added: he is a member once he accepts (his SDK does it by its policy).")
+    out.note("# 3. alice creates a channel and invites bob: the client picks the id, makes epoch 1's key and\n"
+             "#    wraps it for her own X25519 key and bob's (crypto.md section 5). The server never sees the key.")
     channel = "ch_" + secrets.token_urlsafe(16)
     epoch_key = crypto.new_epoch_key()
     wrapped = {agent.did: crypto.wrap_epoch_key(epoch_key, agent.public.encryption_key, channel=channel, epoch=1,
@@ -145,8 +143,8 @@ async def _session(http: aiohttp.ClientSession, base: str, out: Transcript) -> N
     await _rest(http, base, out, "POST", "/api/v1/channels", {
         "id": channel, "name": "pair", "members": sorted([alice.did, bob.did]), "epoch_keys": wrapped},
         token=alice_token)
-    await _rest(http, base, out, "POST", f"/api/v1/invitations/{channel}/accept", None, token=bob_token,
-                shown="/api/v1/invitations/{channel}/accept")
+    out.note("# 3b. bob accepts the invitation (a pending invitee reads nothing): now he is a member.")
+    await _rest(http, base, out, "POST", f"/api/v1/invitations/{channel}/accept", None, token=bob_token)
 
     ws_url = base.replace("http", "ws") + "/api/v1/ws"
     out.note("# 4. bob opens the socket: hello with his token first (never in the URL), welcome back\n"
