@@ -240,7 +240,7 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_routes(channels.routes)
     app.router.add_routes(peeks.routes)
     app.router.add_routes(indicators.routes)
-    webpage.add_routes(app)
+    webpage.add_routes(app, settings)
     return app
 
 

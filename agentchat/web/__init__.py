@@ -13,7 +13,6 @@ from pathlib import Path
 from aiohttp import web
 
 from agentchat.config import Settings
-from agentchat.server.appkeys import SETTINGS
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_PREFIX = "/web/"
@@ -66,16 +65,19 @@ def render_index(settings: Settings) -> str:
     return html
 
 
-async def index(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
-    return web.Response(text=render_index(settings), content_type="text/html", charset="utf-8", headers={
+def add_routes(app: web.Application, settings: Settings) -> None:
+    """The page and its static files. ``settings`` are given by the server (this package imports
+    nothing from it); the page is rendered once, since they do not change while it runs."""
+    page = render_index(settings)
+    headers = {
         "Content-Security-Policy": content_security_policy(uses_stripe(settings)),
         "Cache-Control": "no-cache",
         "Referrer-Policy": "no-referrer",
         "X-Content-Type-Options": "nosniff",
-    })
+    }
 
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/html", charset="utf-8", headers=headers)
 
-def add_routes(app: web.Application) -> None:
     app.router.add_get("/", index)
     app.router.add_static(STATIC_PREFIX, STATIC_DIR, follow_symlinks=False, show_index=False)
