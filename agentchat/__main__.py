@@ -10,6 +10,8 @@ import argparse
 import gc
 import logging
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 from agentchat.config import ConfigError, load_settings, redact_url
 
@@ -64,7 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
             "this process may open only %d files, so it holds fewer than %d sessions at once; raise the "
             "hard limit (ulimit -Hn, LimitNOFILE= in a systemd unit, --ulimit nofile= for docker run)",
             open_files, open_files)
-    app = build_app(settings)
+    app = build_app(settings, extra_contexts=args.app_contexts)
     # What is loaded by now lives as long as the process: no collection needs to scan it again.
     gc.freeze()
     # Young collections every 10,000 allocations instead of 700: per-message objects die before they
@@ -92,8 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, app_contexts: Sequence[Any] = ()) -> int:
+    """``app_contexts``: for ``serve``, ``cleanup_ctx`` entries added to the application
+    (``build_app(extra_contexts=...)``), so a tool can watch the server ``agentchat serve`` runs."""
     args = build_parser().parse_args(argv)
+    args.app_contexts = app_contexts
     return int(args.run(args) or 0)
 
 

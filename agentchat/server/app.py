@@ -15,7 +15,7 @@ import ipaddress
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -218,7 +218,12 @@ async def on_shutdown(app: web.Application) -> None:
     await agent_socket.close_all_sessions(app)
 
 
-def build_app(settings: Settings) -> web.Application:
+AppContext = Callable[[web.Application], AsyncIterator[None]]
+
+
+def build_app(settings: Settings, *, extra_contexts: Sequence[AppContext] = ()) -> web.Application:
+    """``extra_contexts``: ``cleanup_ctx`` entries started after every service and closed before them,
+    for instruments that watch a running server (``bench/stalls.py``)."""
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.limits.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
@@ -231,6 +236,7 @@ def build_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(peeks_ctx)
     app.cleanup_ctx.append(indicators_ctx)
     app.cleanup_ctx.append(agent_socket.heartbeat_ctx)
+    app.cleanup_ctx.extend(extra_contexts)
     app.on_shutdown.append(on_shutdown)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_page)
@@ -247,12 +253,17 @@ def build_app(settings: Settings) -> web.Application:
 LISTEN_BACKLOG = 2048
 
 
+def make_runner(app: web.Application, *, handle_signals: bool = False, shutdown_timeout: float = 10.0) -> AgentChatRunner:
+    """The runner ``agentchat serve`` uses: WebSocket routes skip aiohttp's per-socket state."""
+    return AgentChatRunner(app, handle_signals=handle_signals, access_log=None, shutdown_timeout=shutdown_timeout)
+
+
 def run(app: web.Application, host: str, port: int, shutdown_timeout: float = 10.0) -> None:
     """Serve ``app`` until SIGINT or SIGTERM, then shut down gracefully (what ``web.run_app`` does,
     with ``AgentChatRunner`` so that WebSocket routes skip aiohttp's per-socket state)."""
 
     async def serve() -> None:
-        runner = AgentChatRunner(app, handle_signals=True, access_log=None, shutdown_timeout=shutdown_timeout)
+        runner = make_runner(app, handle_signals=True, shutdown_timeout=shutdown_timeout)
         await runner.setup()
         try:
             # A longer accept queue than the default 128: a burst of reconnecting clients (a process
@@ -276,4 +287,4 @@ def run(app: web.Application, host: str, port: int, shutdown_timeout: float = 10
         loop.close()
 
 
-__all__ = ["build_app", "error", "run"]
+__all__ = ["AppContext", "build_app", "error", "make_runner", "run"]

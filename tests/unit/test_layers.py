@@ -40,3 +40,15 @@ def test_no_import_runs_upward(layer: str) -> None:
             if name.split(".")[1] in FORBIDDEN[layer]:
                 wrong.append(f"{path.relative_to(PACKAGE)} imports {name}")
     assert wrong == []
+
+
+def test_the_bench_uses_only_the_servers_public_hooks() -> None:
+    """``bench/`` measures the product from outside: the command line, the SDK, the wire codec and
+    ``server/embedded.py``, never the server's internals."""
+    allowed = {"agentchat.server.embedded", "agentchat.server.embedded.embedded_server"}
+    wrong = []
+    for path in sorted((PACKAGE.parent / "bench").glob("*.py")):
+        for name in _imports(path):
+            if name.startswith("agentchat.server") and name not in allowed:
+                wrong.append(f"bench/{path.name} imports {name}")
+    assert wrong == []
