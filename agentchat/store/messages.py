@@ -47,7 +47,7 @@ from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
 from agentchat.errors import AgentChatError
 from agentchat.store import keys
-from agentchat.store.base import ObjectStore, PreconditionFailed
+from agentchat.store.base import LIST_PAGE, ObjectStore, PreconditionFailed, list_all, pages
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,6 @@ COMPACT_PACE_BYTES_PER_SECOND = 16 * 1024 * 1024
 # (7 ms with the default 100 ms).
 FULL_WAIT_RATE = 2000.0
 RATE_SAMPLE_SECONDS = 0.25
-LIST_PAGE = 1000
 
 
 def parse_segment_frames(data: bytes) -> list[bytes]:
@@ -220,13 +219,9 @@ class MessageLog:
         highest = max((score for _, score in await self.bus.index_range(bus_keys.wal_index(channel), 0)), default=0)
         if self.writer is not None:
             highest = max(highest, max((seq for seq, _ in self.writer.tail(channel)), default=0))
-        prefix, start_after = keys.segment_prefix(channel), ""
-        while True:
-            page = await self.store.list(prefix, start_after=start_after, limit=LIST_PAGE)
-            if not page:
-                return highest
+        async for page in pages(self.store, keys.segment_prefix(channel)):
             highest = max(highest, *(keys.parse_segment(key)[1] for key in page))
-            start_after = page[-1]
+        return highest
 
     async def tail(self, channel: str, count: int) -> list[bytes]:
         """The last ``count`` or so stored frames (used to rebuild idempotency after a bus restart)."""
@@ -571,14 +566,8 @@ class MessageWriter:
         if self._is_alive is None:
             return
         by_instance: dict[str, list[str]] = {}
-        start_after = ""
-        while True:
-            page = await self.store.list(keys.WAL_PREFIX, start_after=start_after, limit=LIST_PAGE)
-            if not page:
-                break
-            for key in page:
-                by_instance.setdefault(keys.parse_wal(key)[0], []).append(key)
-            start_after = page[-1]
+        for key in await list_all(self.store, keys.WAL_PREFIX):
+            by_instance.setdefault(keys.parse_wal(key)[0], []).append(key)
         for instance, wal_keys in by_instance.items():
             if instance == self.instance or await self._is_alive(instance):
                 continue
@@ -617,15 +606,11 @@ class MessageWriter:
     async def _stored_among(self, channel: str, first: int, last: int) -> set[int]:
         """Numbers between ``first`` and ``last`` that segments of ``channel`` already hold."""
         stored: set[int] = set()
-        start_after = keys.segment_after(channel, first - 1)
-        while True:
-            page = await self.store.list(keys.segment_prefix(channel), start_after=start_after, limit=LIST_PAGE)
-            if not page:
-                return stored
+        async for page in pages(self.store, keys.segment_prefix(channel), start_after=keys.segment_after(channel, first - 1)):
             for key in page:
                 low, high = keys.parse_segment(key)
                 if low <= last and high >= first:
                     obj = await self.store.get(key)
                     if obj is not None:
                         stored.update(frame_seq(frame) for frame in parse_segment_frames(obj.data))
-            start_after = page[-1]
+        return stored

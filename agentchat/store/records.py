@@ -13,7 +13,7 @@ import orjson
 
 from agentchat.errors import error
 from agentchat.store import keys
-from agentchat.store.base import ObjectStore, PreconditionFailed
+from agentchat.store.base import ObjectStore, PreconditionFailed, list_all
 
 Record = dict[str, Any]
 CAS_ATTEMPTS = 16
@@ -104,20 +104,13 @@ class Records:
 
     async def list_memberships(self, did: str, limit: int) -> list[str]:
         prefix = keys.membership_prefix(did)
-        found: list[str] = []
-        start_after = ""
-        while len(found) < limit:
-            page = await self.store.list(prefix, start_after=start_after, limit=min(1000, limit - len(found)))
-            if not page:
-                break
-            found.extend(key[len(prefix):] for key in page)
-            start_after = page[-1]
-        return found
+        return [key[len(prefix):] for key in await list_all(self.store, prefix, limit=limit)]
 
-    async def list_channels(self, *, start_after: str = "", limit: int = 100) -> list[str]:
+    async def list_channels(self, *, start_after: str = "", limit: int | None = 100) -> list[str]:
+        """Channel ids after ``start_after``, ascending; ``limit`` None: every one."""
         prefix = keys.CHANNEL_INDEX_PREFIX
-        page = await self.store.list(prefix, start_after=prefix + start_after if start_after else "", limit=limit)
-        return [key[len(prefix):] for key in page]
+        found = await list_all(self.store, prefix, start_after=prefix + start_after if start_after else "", limit=limit)
+        return [key[len(prefix):] for key in found]
 
     # -- epochs
 
