@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import secrets
 import time
 from collections import OrderedDict
@@ -31,11 +30,13 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from agentchat import crypto
+from agentchat.core.backoff import Backoff
 from agentchat.core.frames import split_frames
 
 log = logging.getLogger(__name__)
 
 TOKEN_REFRESH_MARGIN = 60.0  # seconds before expiry when a new token is fetched
+RECONNECT_BASE_DELAY = 0.1
 RECONNECT_MAX_DELAY = 5.0
 SEEN_CLIENT_IDS = 4096
 PEEK_REPLY_TIMEOUT = 30.0
@@ -388,7 +389,7 @@ class Agent:
         return base + "/api/v1/ws"
 
     async def _socket_loop(self) -> None:
-        delay = 0.1
+        backoff = Backoff(RECONNECT_BASE_DELAY, RECONNECT_MAX_DELAY)
         while not self._closing:
             try:
                 async with websockets.connect(self._ws_url(), max_size=4 * 1024 * 1024,
@@ -396,7 +397,7 @@ class Agent:
                     await ws.send(orjson.dumps({"type": "hello", "token": await self.token(),
                                                 "resume": dict(self._last_seq)}).decode())
                     self._ws = ws
-                    delay = 0.1
+                    backoff.reset()
                     await self._read(ws)
             except asyncio.CancelledError:
                 raise
@@ -412,8 +413,7 @@ class Agent:
             if self._closing:
                 return
             self.reconnects += 1
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+            await asyncio.sleep(backoff.next_delay())
 
     async def _read(self, ws: ClientConnection) -> None:
         async for data in ws:

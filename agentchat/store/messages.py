@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -45,6 +44,7 @@ from typing import Any
 
 from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
+from agentchat.core.backoff import Backoff
 from agentchat.errors import AgentChatError
 from agentchat.store import keys
 from agentchat.store.base import LIST_PAGE, ObjectStore, PreconditionFailed, list_all, pages
@@ -109,7 +109,7 @@ async def put_until_stored(store: ObjectStore, key: str, data: bytes, on_failure
     """Create ``key`` with ``data``, retrying with backoff and jitter until it is stored. Keys and
     contents are fixed before the first attempt, so an attempt that was stored before its answer was
     lost shows up as ``PreconditionFailed`` on the retry: the same bytes are there."""
-    delay = 0.05
+    backoff = Backoff(0.05, 5.0)
     while True:
         try:
             await store.put(key, data, if_none_match=True)
@@ -119,8 +119,7 @@ async def put_until_stored(store: ObjectStore, key: str, data: bytes, on_failure
         except Exception as exc:
             on_failure()
             log.warning("storing %s failed: %r; retrying", key, exc)
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
+            await asyncio.sleep(backoff.next_delay())
 
 
 class MessageLog:
