@@ -32,6 +32,7 @@ from websockets.asyncio.client import ClientConnection
 from agentchat import crypto
 from agentchat.core.backoff import Backoff
 from agentchat.core.frames import split_frames
+from agentchat.core.rfc6455 import CLOSE_NORMAL
 
 log = logging.getLogger(__name__)
 
@@ -442,7 +443,7 @@ class Agent:
                     self._on_peek_frame(frame)
                 else:
                     await self.events.put(frame)
-        if ws.close_code is not None and ws.close_code != 1000:
+        if ws.close_code is not None and ws.close_code != CLOSE_NORMAL:
             log.info("socket closed by server: %s %s", ws.close_code, ws.close_reason)
 
     def _on_error(self, frame: dict[str, Any]) -> None:

@@ -555,3 +555,17 @@ def test_errors_md_is_generated_from_the_codes() -> None:
         "protocol/errors.md is out of date with agentchat.errors.CODES: run python protocol/gen_errors.py")
     for code, (cls, _) in CODES.items():
         assert f"| `{code}` | {cls.status} | {'yes' if cls.retryable else 'no'} |" in expected
+
+
+# ------------------------------------------------------------------------------ close codes
+
+
+def test_close_codes_in_the_spec_are_the_codes_the_server_sends() -> None:
+    from agentchat.core import rfc6455
+
+    text = (PROTOCOL / "frames.md").read_text(encoding="utf-8")
+    section = text[text.index("## 11. Close codes"):text.index("## 12.")]
+    documented = {int(code) for code in re.findall(r"^\| (\d{4}) \|", section, re.M)}
+    sent = {rfc6455.CLOSE_GOING_AWAY, rfc6455.CLOSE_POLICY, rfc6455.CLOSE_PROTOCOL_ERROR, rfc6455.CLOSE_TOO_BIG,
+            frames.CLOSE_AUTH, frames.CLOSE_REMOVED, frames.CLOSE_SLOW_CONSUMER}
+    assert documented == sent
