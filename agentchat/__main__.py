@@ -70,8 +70,9 @@ def _serve(args: argparse.Namespace) -> int:
     # What is loaded by now lives as long as the process: no collection needs to scan it again.
     gc.freeze()
     # Young collections every 10,000 allocations instead of 700: per-message objects die before they
-    # are promoted, so full collections (40-60 ms of CPU each under fan-out, every ~2 s with the
-    # defaults) become ten times rarer. They set the tail of delivery and peek-deadline latency.
+    # are promoted, so full collections (tens of milliseconds of CPU each under fan-out) become ten
+    # times rarer. They set the tail of delivery and peek-deadline latency (bench/README.md,
+    # "Measurements behind constants").
     gc.set_threshold(10_000, 10, 10)
     run(app, settings.host, settings.port, shutdown_timeout=10.0)
     return 0

@@ -45,8 +45,8 @@ _LOCK_FILE = ",lock"
 _LOCK_SLOTS = 1024
 
 # Reading (and hashing) a file this small from the page cache costs less than the hop to a worker
-# thread: measured 30-90 us inline against about 200 us through asyncio.to_thread. Bigger files, and
-# every write (fsync), go to a thread.
+# thread (bench/README.md, "Measurements behind constants"). Bigger files, and every write (fsync),
+# go to a thread.
 _INLINE_READ_BYTES = 64 * 1024
 
 

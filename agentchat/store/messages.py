@@ -62,8 +62,8 @@ COMPACT_CHECK_SECONDS = 1.0
 # The background compactor writes one channel's segment at a time, and after each one pauses for as
 # long as writing its bytes at this rate would take. Under an even load every channel's tail fills up
 # at the same moment; writing them all at once (hashing, writing and syncing megabytes on the server's
-# core) stalled deliveries for hundreds of milliseconds (p99 at 90,000 deliveries/s: ~350 ms -> ~20 ms).
-# No pause while the tails are over their limit (memory first), nor at shutdown.
+# core) stalls deliveries for hundreds of milliseconds (figures: bench/README.md, "Measurements behind
+# constants"). No pause while the tails are over their limit (memory first), nor at shutdown.
 COMPACT_PACE_BYTES_PER_SECOND = 16 * 1024 * 1024
 # Arrival rate (messages/s, whole process) from which a batch waits the full ``max_wait``. A sender
 # that waits for each ack before the next send sees about sqrt(max_wait / FULL_WAIT_RATE) per message
