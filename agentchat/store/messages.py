@@ -607,11 +607,7 @@ class MessageWriter:
         one listing per channel."""
         doomed: list[str] = []
         first_kept: int | None = None
-        start_after = ""
-        while first_kept is None:
-            page = await self.store.list(keys.segment_prefix(channel), start_after=start_after, limit=LIST_PAGE)
-            if not page:
-                break
+        async for page in pages(self.store, keys.segment_prefix(channel)):
             for key in page:
                 last_ts = await self._last_ts(channel, key)
                 if last_ts is None:
@@ -620,7 +616,8 @@ class MessageWriter:
                     first_kept = keys.parse_segment(key)[0]
                     break
                 doomed.append(key)
-            start_after = page[-1]
+            if first_kept is not None:
+                break
         if not doomed:
             return None
         await self.store.delete_many(doomed)
