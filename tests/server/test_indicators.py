@@ -19,6 +19,7 @@ from agentchat.server.app import build_app
 from agentchat.server.indicators import UPDATE_INTERVAL
 from agentchat.server.appkeys import INDICATORS
 from tests.conftest import RestAgent
+from tests.server.peek_agents import go_online
 from tests.server.test_frames_conformance import Socket, kind, open_socket
 from tests.server.test_openapi import Api
 from tests.server.test_peeks import open_peek, wait_state
@@ -306,6 +307,7 @@ async def test_peeks_active_and_total(aiohttp_client, tmp_path: Path) -> None:
     client = await aiohttp_client(build_app(settings))
     alice = await RestAgent(client, "alice").register()
     channel, _ = await create_channel(alice, [])
+    online = await go_online(client, alice)  # a peek needs a member online to hand over the key
     watcher = await public_socket(client)
     await watcher.send({"type": "watch_indicators", "channels": [channel]})
     body, auth = await open_peek(client, channel)
@@ -320,6 +322,7 @@ async def test_peeks_active_and_total(aiohttp_client, tmp_path: Path) -> None:
         c["channel"] == channel and c["peeks"] == {"total": 1, "active": 0} for c in f.get("channels", ())))
     pushed = updates_for(watcher, channel)
     assert any(u["peeks"]["active"] == 1 for u in pushed) and pushed[-1]["peeks"] == {"total": 1, "active": 0}
+    await online.close()
 
 
 # ------------------------------------------------------------------------------ the page
