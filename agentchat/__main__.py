@@ -46,7 +46,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings(host=args.host, port=args.port, bus=args.bus, store=args.store,
-                                 payments=args.payments, log_level=args.log_level)
+                                 payments=args.payments, log_level=args.log_level,
+                                 allow_dev_payments_public=args.allow_dev_payments_public or None)
     except ConfigError as exc:
         print(f"agentchat: {exc}", file=sys.stderr)
         return 2
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--store", help="file://./data (default) or s3://bucket?endpoint=...")
     serve.add_argument("--payments", help="dev:// (default) or stripe://")
     serve.add_argument("--log-level", help="debug, info (default), warning, error")
+    serve.add_argument("--allow-dev-payments-on-public-address", dest="allow_dev_payments_public",
+                       action="store_true", help="serve dev:// payments (no money moves) on an address other "
+                                                 "than loopback")
     serve.set_defaults(run=_serve)
     from agentchat.client import cli
 
