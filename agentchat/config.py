@@ -44,6 +44,9 @@ class Limits:
     send_queue_max: int = 4096
     # Messages sequenced but not yet stored, per process, before sends get ``store_unavailable``.
     pending_writes_max: int = 50_000
+    # Open WebSockets per client address and process (behind trusted proxies, the forwarded address);
+    # 0: no cap. Agents behind one NAT share an address, hence the generous default.
+    max_connections_per_address: int = 256
 
 
 @dataclass(frozen=True)

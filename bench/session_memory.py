@@ -111,7 +111,9 @@ async def measure(sessions: int, warmup: int, trace: bool) -> None:
     from agentchat.server.embedded import embedded_server
 
     with tempfile.TemporaryDirectory() as data:
-        settings = load_settings(env={}, store=f"file://{data}/data", token_secret="s" * 40)
+        # Every session comes from 127.0.0.1: no per-address socket cap.
+        settings = load_settings(env={}, store=f"file://{data}/data", token_secret="s" * 40,
+                                 max_connections_per_address=0)
         async with embedded_server(settings) as server:
             url = server.url("/api/v1/ws", scheme="ws")
             tokens = [server.issue_token("agent", crypto.AgentKeys.generate().did) for _ in range(AGENTS)]

@@ -37,7 +37,7 @@ from agentchat.server.peeks import PeekService
 from agentchat.server.metrics import Metrics
 from agentchat.server.retention import RetentionPolicy
 from agentchat.server.tokens import TokenIssuer
-from agentchat.server.connections import WEBSOCKET_ROUTES, AgentChatRunner
+from agentchat.server.connections import ADDRESS_LIMIT, WEBSOCKET_ROUTES, AddressLimit, AgentChatRunner
 from agentchat.store import keys as store_keys
 from agentchat.store import store_from_url
 from agentchat.store.base import ObjectStore
@@ -234,6 +234,7 @@ def build_app(settings: Settings, *, extra_contexts: Sequence[AppContext] = ()) 
     # Served straight from the listening socket (server/connections.py); the aiohttp route below takes the
     # upgrades that reach it anyway.
     app[WEBSOCKET_ROUTES] = {"/api/v1/ws": agent_socket.AgentSocket}
+    app[ADDRESS_LIMIT] = AddressLimit(settings.limits.max_connections_per_address, settings.trusted_proxies)
     app.cleanup_ctx.append(backends_ctx)
     app.cleanup_ctx.append(peeks_ctx)
     app.cleanup_ctx.append(indicators_ctx)
