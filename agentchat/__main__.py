@@ -75,7 +75,11 @@ def _serve(args: argparse.Namespace) -> int:
     # times rarer. They set the tail of delivery and peek-deadline latency (bench/README.md,
     # "Measurements behind constants").
     gc.set_threshold(10_000, 10, 10)
-    run(app, settings.host, settings.port, shutdown_timeout=10.0)
+    try:
+        run(app, settings.host, settings.port, shutdown_timeout=10.0)
+    except ConfigError as exc:  # found at startup (the token secret needs the store)
+        print(f"agentchat: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -56,8 +56,11 @@ class Settings:
     bus: str = "memory://"
     store: str = "file://./data"
     payments: str = "dev://"
-    # Signs session tokens. Empty: a random secret is made once and kept in the store.
+    # Signs session tokens (text, or base64:... for raw bytes; 32 bytes or more). Empty: one process on
+    # the directory store makes one and keeps it in a 0600 file there (server/token_secret.py).
     token_secret: str = ""
+    # Also accepted when checking tokens, never for signing: the old secret while rotating.
+    token_secret_previous: str = ""
     token_ttl_seconds: int = 3600
     challenge_ttl_seconds: int = 60
     # Group commit (store/messages.py): a batch is written when it holds this many messages, or when

@@ -36,6 +36,7 @@ from agentchat.server.indicators import IndicatorService, peeks_from
 from agentchat.server.peeks import PeekService
 from agentchat.server.metrics import Metrics
 from agentchat.server.retention import RetentionPolicy
+from agentchat.server.token_secret import load_token_secrets
 from agentchat.server.tokens import TokenIssuer
 from agentchat.server.connections import ADDRESS_LIMIT, WEBSOCKET_ROUTES, AddressLimit, AgentChatRunner
 from agentchat.store import keys as store_keys
@@ -51,21 +52,6 @@ PROTOCOL_DIR = Path(__file__).resolve().parents[2] / "protocol"
 STARTED_AT = time.time()
 
 
-async def _token_secret(settings: Settings, store: ObjectStore) -> bytes:
-    """The configured secret, or one made once and kept in the store so every process shares it."""
-    if settings.token_secret:
-        return settings.token_secret.encode()
-    candidate = secrets.token_bytes(32)
-    try:
-        await store.put(store_keys.server_secret(), candidate, if_none_match=True)
-        return candidate
-    except Exception:  # PreconditionFailed: another process (or an earlier run) made it
-        found = await store.get(store_keys.server_secret())
-        if found is None:
-            raise
-        return found.data
-
-
 async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = app[METRICS]
@@ -73,7 +59,12 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
     await store.start()
     app[STORE] = store
     app[RECORDS] = Records(store)
-    app[TOKENS] = TokenIssuer(await _token_secret(settings, store), settings.token_ttl_seconds)
+    try:
+        secret, previous = await load_token_secrets(settings, store)
+    except BaseException:
+        await store.close()
+        raise
+    app[TOKENS] = TokenIssuer(secret, settings.token_ttl_seconds, previous=previous)
     bus = bus_from_url(settings.bus)
     app[BUS] = bus
     instance = secrets.token_hex(8)  # this process, in claims, heartbeats and write-ahead keys
@@ -170,7 +161,7 @@ async def health(request: web.Request) -> web.Response:
     except AgentChatError as exc:
         components["bus"] = exc.code
     try:
-        await app[STORE].get(store_keys.server_secret())
+        await app[STORE].get(store_keys.health_probe())
         components["store"] = "ok" if app[WRITER].healthy else "store_unavailable"
     except AgentChatError as exc:
         components["store"] = exc.code
