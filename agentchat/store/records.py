@@ -6,7 +6,7 @@ the object's etag, retried on a lost race, so concurrent changes are never lost.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -37,9 +37,11 @@ class Records:
             return False
         return True
 
-    async def update_json(self, key: str, change: Callable[[Record], Record | None]) -> Record:
+    async def update_json(self, key: str, change: Callable[[Record], Record | None], *,
+                          before_write: Callable[[Record], Awaitable[None]] | None = None) -> Record:
         """Read-modify-write with compare-and-set; ``change`` may raise to refuse, or return None for
-        'nothing to change'. Returns the record as stored."""
+        'nothing to change'. ``before_write`` sees each record about to be written and may raise to
+        stop it. Returns the record as stored."""
         for _ in range(CAS_ATTEMPTS):
             current = await self.get_json(key)
             if current is None:
@@ -48,6 +50,8 @@ class Records:
             updated = change(dict(record))
             if updated is None:
                 return record
+            if before_write is not None:
+                await before_write(updated)
             try:
                 await self.store.put(key, orjson.dumps(updated), if_match=etag)
             except PreconditionFailed:
@@ -91,12 +95,15 @@ class Records:
             raise error("conflict", "a channel with this id exists; pick another id")
         for did in meta["members"]:
             await self.store.put(keys.membership(did, channel_id), b"")
+        for did in meta.get("invited", {}):
+            await self.store.put(keys.invitation(did, channel_id), b"")
         await self.store.put(keys.channel_index(channel_id), b"")
 
-    async def update_channel(self, channel_id: str, change: Callable[[Record], Record | None]) -> Record:
+    async def update_channel(self, channel_id: str, change: Callable[[Record], Record | None], *,
+                             before_write: Callable[[Record], Awaitable[None]] | None = None) -> Record:
         if await self.get_channel(channel_id) is None:
             raise error("channel_not_found")
-        return await self.update_json(keys.channel(channel_id), change)
+        return await self.update_json(keys.channel(channel_id), change, before_write=before_write)
 
     async def add_membership(self, did: str, channel_id: str) -> None:
         await self.store.put(keys.membership(did, channel_id), b"")
@@ -104,9 +111,42 @@ class Records:
     async def remove_membership(self, did: str, channel_id: str) -> None:
         await self.store.delete(keys.membership(did, channel_id))
 
-    async def list_memberships(self, did: str, limit: int) -> list[str]:
+    async def _list_page(self, prefix: str, after: str, limit: int) -> list[str]:
+        """Up to ``limit`` names under ``prefix`` after ``after``, in order (one page of a listing)."""
+        found = await list_all(self.store, prefix, start_after=prefix + after if after else "", limit=limit)
+        return [key[len(prefix):] for key in found]
+
+    async def list_memberships(self, did: str, limit: int, after: str = "") -> list[str]:
+        """A page of the channels ``did`` is a member of, by id, after the id ``after``."""
+        return await self._list_page(keys.membership_prefix(did), after, limit)
+
+    async def all_memberships(self, did: str) -> list[str]:
+        """Every channel ``did`` is a member of: never cut short, however many."""
         prefix = keys.membership_prefix(did)
-        return [key[len(prefix):] for key in await list_all(self.store, prefix, limit=limit)]
+        return [key[len(prefix):] for key in await list_all(self.store, prefix)]
+
+    async def add_invitation(self, did: str, channel_id: str) -> None:
+        await self.store.put(keys.invitation(did, channel_id), b"")
+
+    async def remove_invitation(self, did: str, channel_id: str) -> None:
+        await self.store.delete(keys.invitation(did, channel_id))
+
+    async def list_invitations(self, did: str, limit: int, after: str = "") -> list[str]:
+        return await self._list_page(keys.invitation_prefix(did), after, limit)
+
+    # -- blocks
+
+    async def block(self, did: str, blocked: str) -> None:
+        await self.store.put(keys.block(did, blocked), b"")
+
+    async def unblock(self, did: str, blocked: str) -> None:
+        await self.store.delete(keys.block(did, blocked))
+
+    async def blocks(self, did: str, blocked: str) -> bool:
+        return await self.store.get(keys.block(did, blocked)) is not None
+
+    async def list_blocks(self, did: str, limit: int, after: str = "") -> list[str]:
+        return await self._list_page(keys.block_prefix(did), after, limit)
 
     async def list_channels(self, *, start_after: str = "", limit: int | None = 100) -> list[str]:
         """Channel ids after ``start_after``, ascending; ``limit`` None: every one."""
