@@ -27,10 +27,8 @@ from agentchat.errors import error
 from agentchat.server.appkeys import HUB, RECORDS, STORE
 from agentchat.server.membership import announce_removal, remember_removed
 from agentchat.store import keys
-from agentchat.store.base import ObjectStore
+from agentchat.store.base import LIST_PAGE, ObjectStore
 from agentchat.store.records import Record
-
-LIST_PAGE = 1000
 
 
 async def delete_prefix(store: ObjectStore, prefix: str) -> int:
