@@ -31,11 +31,14 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from agentchat import crypto
+from agentchat.core.backoff import Backoff
 from agentchat.core.frames import split_frames
+from agentchat.core.rfc6455 import CLOSE_NORMAL
 
 log = logging.getLogger(__name__)
 
 TOKEN_REFRESH_MARGIN = 60.0  # seconds before expiry when a new token is fetched
+RECONNECT_BASE_DELAY = 0.1
 RECONNECT_MAX_DELAY = 5.0
 SEEN_CLIENT_IDS = 4096
 PEEK_REPLY_TIMEOUT = 30.0
@@ -568,9 +571,12 @@ class Agent:
     # ------------------------------------------------------------------------------ socket
 
     async def connect(self) -> None:
-        """Open the socket (and keep it open: it reconnects and resumes by itself). With
+        """Open the socket (and keep it open: it reconnects and resumes by itself). Returns once the
+        server welcomed it and the invitations pending then are answered by ``invitation_policy``, so a
+        channel this agent was invited to before it came online is readable when this returns. With
         ``peek_policy=False`` refusals must be funded first (see ``__init__``)."""
-        if self._socket_task is None:
+        first = self._socket_task is None
+        if first:
             await self.token()
             if self.peek_policy is False:
                 funding = await self.refusal_funding()
@@ -579,6 +585,8 @@ class Agent:
                 await self.set_peek_choice("refuse")
             self._socket_task = asyncio.create_task(self._socket_loop(), name=f"agent-socket-{self.did[-6:]}")
         await asyncio.wait_for(self._connected.wait(), 30)
+        if first:  # the answers started at the welcome; each channel's is shared, never sent twice
+            await self._answer_pending_invitations()
 
     async def messages(self) -> AsyncIterator[Message]:
         """Incoming messages of every channel, decrypted and signature-checked, in order per channel."""
@@ -603,7 +611,7 @@ class Agent:
         return base + "/api/v1/ws"
 
     async def _socket_loop(self) -> None:
-        delay = 0.1
+        backoff = Backoff(RECONNECT_BASE_DELAY, RECONNECT_MAX_DELAY)
         while not self._closing:
             try:
                 async with websockets.connect(self._ws_url(), max_size=4 * 1024 * 1024,
@@ -611,7 +619,7 @@ class Agent:
                     await ws.send(orjson.dumps({"type": "hello", "token": await self.token(),
                                                 "resume": dict(self._last_seq)}).decode())
                     self._ws = ws
-                    delay = 0.1
+                    backoff.reset()
                     await self._read(ws)
             except asyncio.CancelledError:
                 raise
@@ -627,8 +635,7 @@ class Agent:
             if self._closing:
                 return
             self.reconnects += 1
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+            await asyncio.sleep(backoff.next_delay())
 
     async def _read(self, ws: ClientConnection) -> None:
         async for data in ws:
@@ -663,7 +670,7 @@ class Agent:
                     self._in_background(self._answer_invitation(frame))
                 else:
                     await self.events.put(frame)
-        if ws.close_code is not None and ws.close_code != 1000:
+        if ws.close_code is not None and ws.close_code != CLOSE_NORMAL:
             log.info("socket closed by server: %s %s", ws.close_code, ws.close_reason)
 
     def _on_error(self, frame: dict[str, Any]) -> None:
