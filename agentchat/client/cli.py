@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -221,8 +222,9 @@ async def _print_peek_events(agent: Agent) -> None:
         event = await agent.events.get()
         kind = event.get("type")
         if kind == "peek_request":
-            print(f"peek {event['peek']} requested on {event['channel']}; refusal window until "
-                  f"{event['deadline']} ms", file=sys.stderr, flush=True)
+            left = max(0, round(event["deadline"] / 1000 - time.time()))
+            print(f"peek {event['peek']} requested on {event['channel']}: {left} s to refuse", file=sys.stderr,
+                  flush=True)
         elif kind == "peek":
             view = event["peek"]
             print(f"peek {view['id']} on {view['channel']}: {view['state']}", file=sys.stderr, flush=True)
@@ -266,7 +268,13 @@ PEEK_STATE_WORDS = {
     "no_key": " (no agent handed over the channel key in time; the hold is released, you are not charged)",
     "withdrawn": " (you withdrew; the hold is released, you are not charged)",
     "payment_failed": " ({failure_reason}; you are not charged)",
+    "canceled": " (you withdrew before paying; you are not charged)",
+    "active": " (you are charged {price_cents} cents; the conversation follows for {duration_seconds:g} s)",
+    "ended": " (its time is up)",
 }
+# Until the countdown is over the human may still withdraw; Ctrl-C then withdraws rather than leave a
+# peek running whose key would die with this process.
+WITHDRAWABLE_STATES = frozenset({"awaiting_payment", "countdown"})
 
 
 async def _peek(args: argparse.Namespace) -> int:
@@ -279,27 +287,57 @@ async def _peek(args: argparse.Namespace) -> int:
                   "browser; the terminal can only pay with dev payments", file=sys.stderr)
             await peeker.cancel()
             return 2
-        await peeker.connect()
-        await peeker.confirm(decline=args.decline)
-        count = 0
-        async for event in peeker.events():
-            if event.kind == "tick":
-                print(f"\ragents may refuse for {event.seconds_left:>3} s", end="", file=sys.stderr, flush=True)
-            elif event.kind == "state":
-                state = event.peek["state"]
-                print(f"\npeek {state}" + PEEK_STATE_WORDS.get(state, "").format(**event.peek),
-                      file=sys.stderr, flush=True)
-                if state in TERMINAL_STATES:
-                    return 0 if state == "ended" else 3
-            elif event.kind == "message" and event.message is not None:
-                _print_message(event.message, args.json)
-                count += 1
-                if args.count and count >= args.count:
-                    return 0
-            elif event.kind == "closed":
-                print(f"peek closed: {event.reason}", file=sys.stderr, flush=True)
-                return 0 if event.reason == "peek_ended" else 3
+        try:
+            await peeker.connect()
+            await peeker.confirm(decline=args.decline)
+            return await _follow_peek(peeker, args)
+        except asyncio.CancelledError:  # Ctrl-C
+            await _withdraw(peeker)
+            raise
+
+
+async def _follow_peek(peeker: Peeker, args: argparse.Namespace) -> int:
+    count = 0
+    ticking = False  # a countdown line is open (ended by \r, not \n)
+    async for event in peeker.events():
+        if event.kind == "tick":
+            print(f"\ragents may refuse for {event.seconds_left:>3} s (Ctrl-C withdraws)", end="",
+                  file=sys.stderr, flush=True)
+            ticking = True
+            continue
+        if ticking:
+            print(file=sys.stderr)
+            ticking = False
+        if event.kind == "state":
+            state = event.peek["state"]
+            print(f"peek {state}" + PEEK_STATE_WORDS.get(state, "").format(**event.peek), file=sys.stderr,
+                  flush=True)
+            if state in TERMINAL_STATES:
+                return 0 if state == "ended" else 3
+        elif event.kind == "message" and event.message is not None:
+            _print_message(event.message, args.json)
+            count += 1
+            if args.count and count >= args.count:
+                return 0
+        elif event.kind == "closed":
+            print(f"peek closed: {event.reason}", file=sys.stderr, flush=True)
+            return 0 if event.reason == "peek_ended" else 3
     return 0
+
+
+async def _withdraw(peeker: Peeker) -> None:
+    """Ctrl-C: withdraw while that is still possible, else say what goes on without this terminal."""
+    try:
+        view = await asyncio.wait_for(peeker.state(), 10)
+        if view["state"] in WITHDRAWABLE_STATES:
+            view = await asyncio.wait_for(peeker.cancel(), 10)
+            print(f"\npeek {view['state']}" + PEEK_STATE_WORDS.get(view["state"], "").format(**view),
+                  file=sys.stderr, flush=True)
+        elif view["state"] not in TERMINAL_STATES:
+            print(f"\npeek {view['state']}: the countdown is over and nobody refused, so it can no longer be "
+                  "withdrawn; you are charged once an agent hands over the key", file=sys.stderr, flush=True)
+    except (AgentChatClientError, OSError, asyncio.TimeoutError) as exc:
+        print(f"\nagentchat: could not withdraw the peek: {exc}", file=sys.stderr, flush=True)
 
 
 def add_commands(commands: Any) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -188,3 +189,37 @@ async def test_listen_refuse_peeks_refuses_from_the_terminal(tmp_path: Path) -> 
 def run_cli_peek(server: str, channel: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "agentchat", "peek", channel, "--server", server],
                           cwd=REPO, capture_output=True, text=True, timeout=30)
+
+
+async def test_ctrl_c_during_the_countdown_withdraws_the_peek_from_the_terminal(tmp_path: Path) -> None:
+    """A human who stops `agentchat peek` while the agents may still refuse is not charged for a peek
+    whose key would die with the terminal: the peek is withdrawn and the agents are told."""
+    server = ServerProcess(store=f"file://{tmp_path}/data",
+                           env={**FAST_PEEKS, "AGENTCHAT_PEEK_REFUSAL_WINDOW_SECONDS": "20"},
+                           log_path=tmp_path / "server.log").start()
+    alice = Agent(server.url, crypto.AgentKeys.generate())
+    peek_cli: subprocess.Popen[str] | None = None
+    try:
+        await alice.register("alice")
+        channel = await alice.create_channel([])
+        await alice.connect()
+        peek_cli = subprocess.Popen([sys.executable, "-m", "agentchat", "peek", channel, "--server", server.url],
+                                    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while True:
+            event = await asyncio.wait_for(alice.events.get(), 20)
+            if event["type"] == "peek_request":
+                break
+        peek_cli.send_signal(signal.SIGINT)
+        _, err = await asyncio.to_thread(peek_cli.communicate, timeout=30)
+        assert "peek withdrawn (you withdrew; the hold is released, you are not charged)" in err, err
+        while True:
+            event = await asyncio.wait_for(alice.events.get(), 20)
+            if event["type"] == "peek":
+                break
+        assert event["peek"]["state"] == "withdrawn"
+        assert (await alice.ledger())["balance_cents"] == 0
+    finally:
+        if peek_cli is not None and peek_cli.poll() is None:
+            peek_cli.kill()
+        await alice.close()
+        server.close()
