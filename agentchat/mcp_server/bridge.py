@@ -508,10 +508,10 @@ class Bridge:
         self._reported.update(invited)
         result: dict[str, Any] = {
             "messages": views, "timed_out": not views and not invited, "has_more": len(unread) > len(views),
-            "resume": {c: self.channels[c].read_upto for c in shown if c in self.channels},
-            "notice": notice(views) + (" " + INVITED if invited else "")}
+            "resume": {c: self.channels[c].read_upto for c in shown if c in self.channels}}
         if invited:
             result["invitations"] = [await self.invitation_view(self.invitations[c]) for c in invited]
+        result["notice"] = notice(views) + (" " + INVITED if invited else "")
         missed = [c for c in sorted(self.channels) if self.channels[c].overflowed][:MAX_MEMBERS_SHOWN]
         if missed:
             result["missed"] = {c: f"older unread messages: call read_messages(channel, after="
