@@ -290,6 +290,7 @@ class Bridge:
             if event["event"] == "added":
                 self._state(event["channel"])
                 self.invitations.pop(event["channel"], None)  # accepted (here, or by another client)
+                self._reported.discard(event["channel"])
             else:
                 self.channels.pop(event["channel"], None)
             for listener in self._listeners:
