@@ -117,6 +117,7 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     "peek_not_found": (NotFound, "No peek has this id."),
     # 409
     "already_registered": (Conflict, "This DID is registered with other keys."),
+    "name_mismatch": (Conflict, "This key is registered under another name; register with rename to change it."),
     "conflict": (Conflict, "The object changed concurrently or is in a state that does not allow this."),
     "duplicate_pending": (Pending, "A message with this client id is still being stored; wait for its ack."),
     "stale_epoch": (Conflict, "The envelope's epoch is not the channel's current one; fetch the key and re-encrypt."),

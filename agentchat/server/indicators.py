@@ -65,6 +65,8 @@ UPDATE_INTERVAL = 1.0
 COUNTER_TTL = 30 * 24 * 3600.0
 RECOUNT_LOCK_TTL = 120.0
 RECOUNT_SETTLE_SECONDS = 2.0
+# How long the first read of a forgotten counter waits for its recount beyond the settling time.
+FIRST_RECOUNT_WAIT_SECONDS = 3.0
 # A new channel's counter takes messages stamped this much before its creation (processes' clocks differ).
 CLOCK_SKEW_SECONDS = 5
 CAS_ATTEMPTS = 16
@@ -133,7 +135,7 @@ class IndicatorService:
         self._unsaved: dict[str, dict[int, int]] = {}  # counted here, not yet added to the shared counter
         self._loaded: set[str] = set()  # channels whose shared counter this process has read
         self._loading: dict[str, asyncio.Task[None]] = {}
-        self._recounting: set[str] = set()
+        self._recounting: dict[str, asyncio.Task[Any] | None] = {}  # channel -> its recount, if started here
         self._peeks_total: dict[str, int] = {}
         self._peeks_active: dict[str, int] = {}
         self._peeks_seen: set[str] = set()
@@ -170,13 +172,14 @@ class IndicatorService:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any] | None:
         if self._closing:
             coro.close()  # type: ignore[attr-defined]
-            return
+            return None
         task = asyncio.get_running_loop().create_task(coro, name=name)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -271,8 +274,9 @@ class IndicatorService:
 
     def _start_recount(self, channel: str, since: int) -> None:
         if channel not in self._recounting:
-            self._recounting.add(channel)
-            self._spawn(self._recount(channel, since), f"indicators-recount-{channel}")
+            task = self._spawn(self._recount(channel, since), f"indicators-recount-{channel}")
+            if task is not None:
+                self._recounting[channel] = task
 
     async def _recount(self, channel: str, since: int) -> None:
         """Count the stored messages from before ``since`` into a counter made afresh (one process
@@ -303,7 +307,7 @@ class IndicatorService:
             if raw is not None:
                 self._take_stored(channel, raw)
         finally:
-            self._recounting.discard(channel)
+            self._recounting.pop(channel, None)
 
     async def _count_stored(self, channel: str, *, before_ms: int) -> tuple[int, int | None]:
         """Stored messages of the channel with ``ts`` before ``before_ms``, and the minute of the
@@ -344,8 +348,13 @@ class IndicatorService:
     async def _read_counter(self, channel: str) -> None:
         raw = await self.bus.get(counter_key(channel))
         if raw is None:
-            # Known channel, no counter: start one from now (the past is recounted).
+            # Known channel, no counter: start one from now (the past is recounted). The first answer
+            # after a restart waits for that recount (a few seconds at most), so nobody is shown 0
+            # messages for a channel that has some.
             await self._start_counter(channel, int(self.clock()))
+            recount = self._recounting.get(channel)
+            if recount is not None:
+                await asyncio.wait({recount}, timeout=RECOUNT_SETTLE_SECONDS + FIRST_RECOUNT_WAIT_SECONDS)
             raw = await self.bus.get(counter_key(channel))
             if raw is None:
                 return

@@ -138,6 +138,18 @@ def _ms(seconds: float | None) -> int | None:
     return None if seconds is None else int(round(seconds * 1000))
 
 
+def _log_transition(peek: Peek) -> None:
+    """One line per change of a peek's state, by the process that made it (the operator's record)."""
+    detail = ""
+    if peek.refused_by:
+        detail = f" by {peek.refused_by}"
+    elif peek.failure_reason:
+        detail = f": {peek.failure_reason}"
+    elif peek.state == PeekState.ACTIVE:
+        detail = f": paid, {peek.price_cents} cents captured"
+    log.info("peek %s on %s: %s%s", peek.id, peek.channel, peek.state, detail)
+
+
 def peek_view(peek: Peek) -> dict[str, Any]:
     """The peek as clients see it (times in milliseconds since the epoch, money in cents)."""
     return {
@@ -304,6 +316,7 @@ class PeekService:
             raise
         await self.store.put(payment_key(peek_id), orjson.dumps(
             {"provider": self.payments.name, "ref": hold.ref, "client": hold.client}))
+        log.info("peek %s opened on %s: %d cents, awaiting payment", peek_id, channel, peek.price_cents)
         await self._after(peek, [e for e in opened.effects if isinstance(e, ArmTimer)])
         return peek, hold
 
@@ -412,6 +425,8 @@ class PeekService:
             except PreconditionFailed:
                 found = None
                 continue
+            if transition.peek.state != peek.state:
+                _log_transition(transition.peek)
             await self._after(transition.peek, transition.effects)
             return transition.peek
         raise error("conflict", "the peek is being changed by others; try again")

@@ -160,6 +160,8 @@ class AgentSocket(SessionSocket):
             await _attach_all(hub, session, channels, hello.resume)
             session.push(frames.encode({"type": "welcome", "ref": hello.ref, "subject": principal.subject,
                                         "scope": principal.scope, "channels": channels,
+                                        "live_after": {channel: session.cursors[channel].last for channel in channels
+                                                       if channel not in hello.resume and channel in session.cursors},
                                         "limits": {"max_frame_bytes": limits.max_frame_bytes,
                                                    "max_ciphertext_bytes": limits.max_ciphertext_bytes,
                                                    "frames_per_second": limits.frames_per_second}}))

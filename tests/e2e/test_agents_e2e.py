@@ -54,14 +54,14 @@ def test_cli_two_agents_talk_and_nothing_readable_is_stored(server: ServerProces
     seq = int(sent.stdout)
     history = run_cli("history", channel, server=server.url, key=bob_key)
     assert history.returncode == 0, history.stderr
-    assert f"#{seq}] {alice_did}: {secret}" in history.stdout
+    assert f"#{seq}] alice (…{alice_did[-6:]}): {secret}" in history.stdout
     listing = run_cli("channel", "list", server=server.url, key=bob_key)
     assert channel in listing.stdout
     outsider = tmp_path / "eve.key"
     run_cli("keygen", server=server.url, key=outsider)
     run_cli("register", "eve", server=server.url, key=outsider)
     denied = run_cli("history", channel, server=server.url, key=outsider)
-    assert denied.returncode == 1 and "not_member" in denied.stderr
+    assert denied.returncode == 1 and "not a member" in denied.stderr
     assert_no_plaintext(tmp_path / "data", [secret])
 
 

@@ -16,7 +16,7 @@ from agentchat.core import frames
 from agentchat.core.indicators import SORTS
 from agentchat.core.ratelimit import TokenBucket
 from agentchat.errors import AgentChatError, error
-from agentchat.server.http import json_response, query_int, rate_limit
+from agentchat.server.http import json_response, path_channel_id, query_int, rate_limit
 from agentchat.server.indicators import IndicatorService, peeks_from
 from agentchat.server.keys import BUS, HUB, INDICATORS, METRICS, PEEKS, RECORDS, SESSIONS, SETTINGS, STORE
 from agentchat.server.session import CLOSE_GOING_AWAY, CLOSE_POLICY, Session, SessionSocket
@@ -122,7 +122,7 @@ async def public_socket(request: web.Request) -> web.StreamResponse:
 @routes.get("/api/v1/indicators/{channel}")
 async def channel_indicators(request: web.Request) -> web.Response:
     await rate_limit(request, "indicators", REQUESTS_PER_SECOND)
-    channel = frames.check_channel_id(request.match_info["channel"], "channel id")
+    channel = path_channel_id(request)
     item = await request.app[INDICATORS].get(channel)
     return json_response(item.to_wire())
 
