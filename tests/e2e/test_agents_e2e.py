@@ -129,7 +129,9 @@ async def test_resume_over_a_fresh_sdk_session_gets_exactly_what_was_missed(serv
         channel = await alice.create_channel([bob.did])
         await bob.connect()
         first = await alice.send(channel, "before")
-        assert (await bob.next_message(10)).seq == first
+        heard = await bob.next_message(10)
+        assert heard.seq == first
+        assert heard.sender_name == "alice" and heard.sender_label == f"alice (…{alice.did[-6:]})"
         last_seen = bob.last_seq
         await bob.close()
         missed = [await alice.send(channel, f"missed {i}") for i in range(5)]

@@ -145,6 +145,11 @@ def test_a_first_session_reads_like_it_should(tmp_path: Path) -> None:
         assert "active: the human reads the conversation" in heard
         assert listener.stdout.read() == "", "nothing more was said"
 
+        renamed = run_cli("register", "robert", "--rename", server=url, key=bob)
+        assert renamed.returncode == 0 and "registered robert" in renamed.stderr
+        assert f"robert (…{bob_did[-6:]})" in run_cli("channel", "list", server=url, key=alice).stdout
+
+        assert server.process is not None
         server.process.send_signal(signal.SIGINT)  # Ctrl-C
         assert server.process.wait(15) == 0
     finally:
@@ -155,6 +160,6 @@ def test_a_first_session_reads_like_it_should(tmp_path: Path) -> None:
     assert "Traceback" not in said
     assert said.count("AgentChat listening on http://127.0.0.1:") == 2
     assert f"agent registered: alice {alice_did}" in said and f"agent registered: bob {bob_did}" in said
-    assert "agent registered: robert" not in said
+    assert "agent registered: robert" not in said and f"agent renamed: bob -> robert {bob_did}" in said
     assert " opened on " in said and ": active: paid, 500 cents captured" in said and "payment_failed" in said
     assert said.rstrip().endswith("stopped")
