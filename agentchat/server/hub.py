@@ -7,6 +7,10 @@ commit → ``ack_to.acked(ack_note, seq)`` once the batch holding it is stored.
 Bus topics: ``c:<channel>`` carries messages, ``e:<channel>`` channel events (membership, epoch),
 ``a:<did>`` events for one agent (added to a channel). A process subscribes to a channel's topics while
 it has a room for it (a local reader, or a send in the last ``ROOM_IDLE_SECONDS``).
+
+Listeners (``HubListener``, registered in ``app.py`` with ``Hub.add_listener``): the peek service
+(``server/peeks.py``) reads the ``p:`` topics and says which peek tokens may read their channel now; the
+indicator service (``server/indicators.py``) reads the ``i:`` topics and hears of new channels.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import orjson
 
+from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
 from agentchat.core import frames
 from agentchat.errors import AgentChatError, error
@@ -54,30 +58,6 @@ GAP_FILL_TRIES = 4
 ACKS_PER_TURN = 64
 
 
-def topic_messages(channel: str) -> str:
-    return "c:" + channel
-
-
-def topic_events(channel: str) -> str:
-    return "e:" + channel
-
-
-def topic_agent(did: str) -> str:
-    return "a:" + did
-
-
-def counter_key(channel: str) -> str:
-    return "seq:" + channel
-
-
-def heartbeat_key(instance: str) -> str:
-    return "proc:" + instance
-
-
-def claim_key(channel: str, sender: str, client_id: str) -> str:
-    return f"cid:{channel}:{sender}:{client_id}"
-
-
 class AckTarget(Protocol):
     """Who is told that a sent message is stored: a socket (``Session``) or a waiting REST request."""
 
@@ -86,6 +66,39 @@ class AckTarget(Protocol):
 
 
 StoredClaim = tuple[str, int, AckTarget, bytes]  # (claim, seq, ack_to, ack_note)
+
+
+class HubListener(Protocol):
+    """A service the hub tells what it sees (``Hub.add_listener``). ``HubListenerBase`` gives
+    do-nothing defaults, so a listener writes only the methods it needs."""
+
+    # The two-character kind of the bus topics it reads (``bus_keys.PEEKS``, ...), "" for none.
+    bus_kind: str
+
+    def on_bus_message(self, topic: str, body: bytes) -> None:
+        """A message on one of its topics (``topic`` without the kind); called from the bus's reader,
+        so it must not block."""
+
+    async def on_channel_created(self, channel: str) -> None:
+        """A channel was just created through this process."""
+
+    def peek_readable(self, peek_id: str) -> bool:
+        """Whether the token of peek ``peek_id`` may read its channel now (any listener may allow it)."""
+
+
+class HubListenerBase:
+    """Do-nothing defaults of every ``HubListener`` method."""
+
+    bus_kind = ""
+
+    def on_bus_message(self, topic: str, body: bytes) -> None:
+        pass
+
+    async def on_channel_created(self, channel: str) -> None:
+        pass
+
+    def peek_readable(self, peek_id: str) -> bool:
+        return False
 
 
 def _claim_sender(done: StoredClaim) -> str:
@@ -101,8 +114,8 @@ class Room:
 
     def __init__(self, meta: dict[str, Any]) -> None:
         self.id: str = meta["id"]
-        self.topic = topic_messages(self.id)
-        self.counter = counter_key(self.id)
+        self.topic = bus_keys.channel_messages(self.id)
+        self.counter = bus_keys.sequence_counter(self.id)
         self.subscribers: set[Session] = set()
         self.recent: deque[tuple[int, bytes]] = deque(maxlen=RECENT_MESSAGES)
         # Every message numbered complete_from or above is in ``recent`` (0: nothing seen live yet).
@@ -167,21 +180,32 @@ class Hub:
         self._probes: dict[tuple[str, int], float] = {}  # sampled sends awaiting local fan-out
         self._claims_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        # Set by the peek service (server/peeks.py): whether a peek token may read its channel now
-        # (only while the peek is active), and the handler of the peeks' bus topics ("p:...").
-        self.peek_readable: Callable[[str], bool] = lambda peek_id: False
-        self.on_peek_message: Callable[[str, bytes], None] | None = None
+        self._listeners: list[HubListener] = []
+        self._listener_of_kind: dict[str, HubListener] = {}  # bus topic kind -> the listener reading it
         # Messages sequenced here per (channel, second of their ``ts``) since the indicators last took
-        # them (server/indicators.py), and the handler of the indicators' bus topics ("i:...").
+        # them (server/indicators.py).
         self.sequenced: dict[tuple[str, int], int] = {}
-        self.on_indicators: Callable[[str, bytes], None] | None = None
-        self.on_channel_created: Callable[[str], Awaitable[None]] | None = None
+
+    def add_listener(self, listener: HubListener) -> None:
+        """Tell ``listener`` from now on what ``HubListener`` lists (one listener per bus topic kind)."""
+        kind = listener.bus_kind
+        if kind:
+            if kind in (bus_keys.MESSAGES, bus_keys.CHANNEL_EVENTS, bus_keys.AGENT_EVENTS) \
+                    or kind in self._listener_of_kind:
+                raise ValueError(f"bus topic kind {kind!r} already has a reader")
+            self._listener_of_kind[kind] = listener
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: HubListener) -> None:
+        self._listeners.remove(listener)
+        if self._listener_of_kind.get(listener.bus_kind) is listener:
+            del self._listener_of_kind[listener.bus_kind]
 
     # ------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         await self.bus.start(self._on_bus, self._on_bus_reconnect)
-        await self.bus.set(heartbeat_key(self.instance), b"1", HEARTBEAT_TTL)
+        await self.bus.set(bus_keys.heartbeat(self.instance), b"1", HEARTBEAT_TTL)
         self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="hub-heartbeat"))
         self._tasks.append(asyncio.create_task(self._claims_loop(), name="hub-claims"))
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="hub-sweep"))
@@ -210,8 +234,8 @@ class Hub:
                 raise error("channel_not_found", f"no channel {channel}")
             room = Room(meta)
             self.rooms[channel] = room
-            await self.bus.subscribe(topic_messages(channel))
-            await self.bus.subscribe(topic_events(channel))
+            await self.bus.subscribe(bus_keys.channel_messages(channel))
+            await self.bus.subscribe(bus_keys.channel_events(channel))
             future.set_result(room)
             return room
         except BaseException as exc:
@@ -230,17 +254,17 @@ class Hub:
                 if not room.subscribers and now - room.last_used > ROOM_IDLE_SECONDS:
                     del self.rooms[channel]
                     try:
-                        await self.bus.unsubscribe(topic_messages(channel))
-                        await self.bus.unsubscribe(topic_events(channel))
+                        await self.bus.unsubscribe(bus_keys.channel_messages(channel))
+                        await self.bus.unsubscribe(bus_keys.channel_events(channel))
                     except AgentChatError:
                         log.warning("could not unsubscribe from %s", channel)
 
     # ------------------------------------------------------------------------------ bus events
 
     def _on_bus(self, topic: str, seq: int, body: bytes) -> None:
-        kind = topic[:2]
-        if kind == "c:":
-            room = self.rooms.get(topic[2:])
+        kind, rest = topic[:bus_keys.KIND_LENGTH], topic[bus_keys.KIND_LENGTH:]
+        if kind == bus_keys.MESSAGES:
+            room = self.rooms.get(rest)
             if room is not None:
                 self.metrics.messages_fanned_out += 1
                 room.on_message(seq, frames.message_frame(seq, body))
@@ -248,14 +272,14 @@ class Hub:
                     started = self._probes.pop((room.id, seq), None)
                     if started is not None:
                         self.metrics.fanout_latency.observe(time.perf_counter() - started)
-        elif kind == "e:":
-            asyncio.get_running_loop().create_task(self._on_channel_event(topic[2:], orjson.loads(body)))
-        elif kind == "a:":
-            asyncio.get_running_loop().create_task(self._on_agent_event(topic[2:], orjson.loads(body)))
-        elif kind == "p:" and self.on_peek_message is not None:
-            self.on_peek_message(topic[2:], body)
-        elif kind == "i:" and self.on_indicators is not None:
-            self.on_indicators(topic[2:], body)
+        elif kind == bus_keys.CHANNEL_EVENTS:
+            asyncio.get_running_loop().create_task(self._on_channel_event(rest, orjson.loads(body)))
+        elif kind == bus_keys.AGENT_EVENTS:
+            asyncio.get_running_loop().create_task(self._on_agent_event(rest, orjson.loads(body)))
+        else:
+            listener = self._listener_of_kind.get(kind)
+            if listener is not None:
+                listener.on_bus_message(rest, body)
 
     def _on_bus_reconnect(self) -> None:
         # Messages published while the bus was away were not delivered here: every local reader
@@ -319,10 +343,10 @@ class Hub:
                 session.push(frames.encode({"type": "channel", "channel": channel, "event": "added"}))
 
     async def publish_channel_event(self, channel: str, event: dict[str, Any]) -> None:
-        await self.bus.publish(topic_events(channel), orjson.dumps(event))
+        await self.bus.publish(bus_keys.channel_events(channel), orjson.dumps(event))
 
     async def publish_agent_event(self, did: str, event: dict[str, Any]) -> None:
-        await self.bus.publish(topic_agent(did), orjson.dumps(event))
+        await self.bus.publish(bus_keys.agent_events(did), orjson.dumps(event))
 
     # ------------------------------------------------------------------------------ sessions
 
@@ -331,7 +355,7 @@ class Hub:
             did = session.principal.subject
             local = self.sessions.setdefault(did, set())
             if not local:
-                await self.bus.subscribe(topic_agent(did))
+                await self.bus.subscribe(bus_keys.agent_events(did))
             local.add(session)
         self.metrics.sessions += 1
 
@@ -346,13 +370,14 @@ class Hub:
                 local.discard(session)
                 if not local:
                     del self.sessions[did]
-                    await self.bus.unsubscribe(topic_agent(did))
+                    await self.bus.unsubscribe(bus_keys.agent_events(did))
 
     def readable_by(self, room: Room, session_or_principal: Any) -> bool:
         principal = getattr(session_or_principal, "principal", session_or_principal)
         if principal.is_agent:
             return principal.subject in room.members
-        return principal.channel == room.id and self.peek_readable(principal.subject)
+        return principal.channel == room.id and any(listener.peek_readable(principal.subject)
+                                                    for listener in self._listeners)
 
     async def attach(self, session: Session, channel: str, resume_after: int | None, *,
                      defer_catch_up: bool = False) -> None:
@@ -451,7 +476,7 @@ class Hub:
             raise error("not_member", f"not a member of {channel}")
         if envelope["epoch"] != room.epoch:
             raise error("stale_epoch", f"channel {channel} is at epoch {room.epoch}; fetch its key and re-encrypt")
-        claim = claim_key(channel, sender, client_id)
+        claim = bus_keys.send_claim(channel, sender, client_id)
         if not self.writer.has_room():
             previous = await self.bus.get(claim)
             if previous is not None and not previous.startswith(PENDING):
@@ -512,18 +537,18 @@ class Hub:
         """A claim still pending from a process that died (no heartbeat) will never be stored by it:
         take it over so the retry goes through now rather than when the claim expires."""
         owner = previous[len(PENDING):]
-        if owner == self.instance.encode() or await self.bus.get(heartbeat_key(owner.decode())) is not None:
+        if owner == self.instance.encode() or await self.bus.get(bus_keys.heartbeat(owner.decode())) is not None:
             return False
         return await self.bus.compare_and_set(claim, previous, self._pending_mark, CLAIM_PENDING_TTL)
 
     async def is_alive(self, instance: str) -> bool:
         """Whether the process ``instance`` still writes its heartbeat."""
-        return await self.bus.get(heartbeat_key(instance)) is not None
+        return await self.bus.get(bus_keys.heartbeat(instance)) is not None
 
     async def _heartbeat_loop(self) -> None:
         while True:
             try:
-                await self.bus.set(heartbeat_key(self.instance), b"1", HEARTBEAT_TTL)
+                await self.bus.set(bus_keys.heartbeat(self.instance), b"1", HEARTBEAT_TTL)
             except AgentChatError:
                 log.warning("could not write this process's heartbeat to the bus")
             await asyncio.sleep(HEARTBEAT_TTL / 3)
@@ -543,10 +568,10 @@ class Hub:
         return outcome
 
     async def _publish(self, channel: str, body: bytes) -> int:
-        seq = await self.bus.publish_sequenced(topic_messages(channel), counter_key(channel), body)
+        seq = await self.bus.publish_sequenced(bus_keys.channel_messages(channel), bus_keys.sequence_counter(channel), body)
         if seq is None:
             await self._reseed(channel)
-            seq = await self.bus.publish_sequenced(topic_messages(channel), counter_key(channel), body)
+            seq = await self.bus.publish_sequenced(bus_keys.channel_messages(channel), bus_keys.sequence_counter(channel), body)
             if seq is None:
                 raise error("bus_unavailable", "the bus lost the channel's counter twice; retry")
         return seq
@@ -559,15 +584,15 @@ class Hub:
         floor = last + self.reseed_gap
         for frame in tail:
             record = orjson.loads(frame)
-            await self.bus.set_if_absent(claim_key(channel, record["sender"], record["client_id"]),
+            await self.bus.set_if_absent(bus_keys.send_claim(channel, record["sender"], record["client_id"]),
                                          str(record["seq"]).encode(), CLAIM_DONE_TTL)
-        await self.bus.seed_sequence(counter_key(channel), floor)
+        await self.bus.seed_sequence(bus_keys.sequence_counter(channel), floor)
         log.info("re-seeded the counter of %s at %d", channel, floor)
 
     async def seed_new_channel(self, channel: str) -> None:
-        await self.bus.seed_sequence(counter_key(channel), 0)
-        if self.on_channel_created is not None:
-            await self.on_channel_created(channel)
+        await self.bus.seed_sequence(bus_keys.sequence_counter(channel), 0)
+        for listener in list(self._listeners):
+            await listener.on_channel_created(channel)
 
     async def _claims_loop(self) -> None:
         while True:

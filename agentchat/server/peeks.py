@@ -47,6 +47,7 @@ from typing import Any
 
 import orjson
 
+from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
 from agentchat.config import Settings
 from agentchat.core import frames
@@ -59,7 +60,7 @@ from agentchat.core.peek import Cancel as CancelPeek
 from agentchat.errors import AgentChatError, error
 from agentchat.payments.base import Card, Hold, HoldState, PaymentProvider
 from agentchat.payments.ledger import LedgerStore
-from agentchat.server.hub import Hub
+from agentchat.server.hub import Hub, HubListenerBase
 from agentchat.server.session import CLOSE_REMOVED, Session
 from agentchat.server.tokens import Principal
 from agentchat.store import keys as store_keys
@@ -68,9 +69,6 @@ from agentchat.store.records import Records
 
 log = logging.getLogger(__name__)
 
-TOPIC_STATE = "p:state"
-TOPIC_GRANT = "p:grant"
-OPEN_PREFIX = "peeks-open/"
 CAS_ATTEMPTS = 32
 # Processes that did not make a transition fire its timer this much later: the one that did usually
 # wins alone, and another takes over if it is gone.
@@ -86,39 +84,7 @@ STATES_AGENTS_HEAR = frozenset({PeekState.REFUSED, PeekState.CAPTURING, PeekStat
                                 PeekState.PAYMENT_FAILED})
 
 
-# --- store keys of the peek service ------------------------------------------------------------------
-
-
-def open_key(peek_id: str) -> str:
-    return OPEN_PREFIX + peek_id
-
-
-def payment_key(peek_id: str) -> str:
-    return f"peek-payments/{peek_id}.json"
-
-
-def refusal_prefix(peek_id: str) -> str:
-    return f"peek-refusals/{peek_id}/"
-
-
-def refusal_key(peek_id: str, did: str) -> str:
-    return f"{refusal_prefix(peek_id)}{did}.json"
-
-
-def balance_holds_key(did: str) -> str:
-    return f"balance-holds/{did}.json"
-
-
-def grant_prefix(peek_id: str) -> str:
-    return f"peek-grants/{peek_id}/"
-
-
-def grant_key(peek_id: str, epoch: int) -> str:
-    return f"{grant_prefix(peek_id)}{epoch:0{store_keys.EPOCH_WIDTH}d}.json"
-
-
-def card_key(did: str) -> str:
-    return f"cards/{did}.json"
+# --- payment-provider idempotency keys ----------------------------------------------------------------
 
 
 def idempotency_key(peek_id: str, action: str) -> str:
@@ -190,7 +156,9 @@ def grant_frame(grant: dict[str, Any]) -> bytes:
 # --- the service -------------------------------------------------------------------------------------
 
 
-class PeekService:
+class PeekService(HubListenerBase):
+    bus_kind = bus_keys.PEEKS
+
     def __init__(self, *, settings: Settings, store: ObjectStore, bus: Bus, hub: Hub, records: Records,
                  payments: PaymentProvider, ledger: LedgerStore, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -217,10 +185,8 @@ class PeekService:
     # ------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self.hub.peek_readable = self.readable
-        self.hub.on_peek_message = self._on_bus
-        await self.bus.subscribe(TOPIC_STATE)
-        await self.bus.subscribe(TOPIC_GRANT)
+        await self.bus.subscribe(bus_keys.PEEK_STATE)
+        await self.bus.subscribe(bus_keys.PEEK_GRANT)
         try:
             await self.scan()
         except AgentChatError as exc:  # the loop tries again
@@ -265,29 +231,29 @@ class PeekService:
             raise error("peek_not_found", f"no peek {peek_id}")
         return Peek.from_bytes(found.data)
 
-    def readable(self, peek_id: str) -> bool:
-        """Whether a peek token may read its channel now: only while its peek is active."""
+    def peek_readable(self, peek_id: str) -> bool:
+        """``HubListener``: whether a peek token may read its channel now: only while its peek is active."""
         peek = self.known.get(peek_id)
         return peek is not None and peek.state is PeekState.ACTIVE
 
     async def payment(self, peek_id: str) -> dict[str, Any] | None:
-        found = await self.store.get(payment_key(peek_id))
+        found = await self.store.get(store_keys.peek_payment(peek_id))
         return None if found is None else orjson.loads(found.data)
 
     async def grants(self, peek_id: str) -> list[dict[str, Any]]:
-        keys = await self.store.list(grant_prefix(peek_id), limit=1000)
+        keys = await self.store.list(store_keys.peek_grant_prefix(peek_id), limit=1000)
         found = await asyncio.gather(*(self.store.get(key) for key in keys))
         return [orjson.loads(obj.data) for obj in found if obj is not None]
 
     async def card(self, did: str) -> Card | None:
-        found = await self.store.get(card_key(did))
+        found = await self.store.get(store_keys.card(did))
         return None if found is None else Card.from_record(orjson.loads(found.data))
 
     async def save_card(self, did: str, card: Card) -> None:
-        await self.store.put(card_key(did), orjson.dumps(card.to_record()))
+        await self.store.put(store_keys.card(did), orjson.dumps(card.to_record()))
 
     async def remove_card(self, did: str) -> None:
-        await self.store.delete(card_key(did))
+        await self.store.delete(store_keys.card(did))
 
     # ------------------------------------------------------------------------------ what users do
 
@@ -303,7 +269,7 @@ class PeekService:
                            duration_seconds=float(settings.peek_duration_seconds),
                            payment_timeout_seconds=float(settings.peek_payment_timeout_seconds))
         peek = opened.peek
-        await self.store.put(open_key(peek_id), b"")  # first: a stored peek is always found by the scan
+        await self.store.put(store_keys.peek_open(peek_id), b"")  # first: a stored peek is always found by the scan
         await self.store.put(store_keys.peek(peek_id), peek.to_bytes(), if_none_match=True)
         try:
             hold = await self.payments.authorize(peek_id, peek.price_cents, key=idempotency_key(peek_id, "authorize"))
@@ -314,7 +280,7 @@ class PeekService:
             except AgentChatError:
                 pass
             raise
-        await self.store.put(payment_key(peek_id), orjson.dumps(
+        await self.store.put(store_keys.peek_payment(peek_id), orjson.dumps(
             {"provider": self.payments.name, "ref": hold.ref, "client": hold.client}))
         log.info("peek %s opened on %s: %d cents, awaiting payment", peek_id, channel, peek.price_cents)
         await self._after(peek, [e for e in opened.effects if isinstance(e, ArmTimer)])
@@ -398,11 +364,11 @@ class PeekService:
         grant = {"peek": peek_id, "channel": peek.channel, "epoch": epoch, "wrapped_key": wrapped_key,
                  "granted_by": did, "granted_at": int(self.clock() * 1000)}
         try:
-            await self.store.put(grant_key(peek_id, epoch), orjson.dumps(grant), if_none_match=True)
+            await self.store.put(store_keys.peek_grant(peek_id, epoch), orjson.dumps(grant), if_none_match=True)
         except PreconditionFailed:
             return peek
         self._deliver_grant(grant)
-        await self._publish(TOPIC_GRANT, orjson.dumps(grant))
+        await self._publish(bus_keys.PEEK_GRANT, orjson.dumps(grant))
         return peek
 
     # ------------------------------------------------------------------------------ transitions
@@ -435,7 +401,7 @@ class PeekService:
         """Tell everyone, then execute the effects in order; a terminal peek whose effects all went
         through leaves the open index."""
         self._observe(peek, arm=False)
-        await self._publish(TOPIC_STATE, peek.to_bytes())
+        await self._publish(bus_keys.PEEK_STATE, peek.to_bytes())
         try:
             for effect in effects:
                 await self._execute(peek, effect)
@@ -482,7 +448,7 @@ class PeekService:
     async def _finish(self, peek: Peek) -> None:
         """A terminal peek: release refusal holds that did not win, then leave the open index."""
         await self._release_losing_refusals(peek)
-        await self.store.delete(open_key(peek.id))
+        await self.store.delete(store_keys.peek_open(peek.id))
 
     # ------------------------------------------------------------------------------ money
 
@@ -565,14 +531,14 @@ class PeekService:
                             f"Refusing costs {fee} cents: the earnings not set aside for other refusals come to "
                             f"{balance} cents and the card on file was declined ({exc.message}).") from None
             record = {"agent": did, "method": "card", "fee_cents": fee, "ref": hold.ref}
-        await self.store.put(refusal_key(peek.id, did), orjson.dumps(record))
+        await self.store.put(store_keys.peek_refusal(peek.id, did), orjson.dumps(record))
 
     async def _hold_balance(self, peek_id: str, did: str, fee: int) -> int:
         """Set ``fee`` of the agent's earnings aside for this refusal if what is not set aside yet
         covers it. Returns what was available (below ``fee``: nothing was set aside). One object per
         agent changed by compare-and-set, so of two refusals at once on any processes, only as many
         are funded from the balance as it covers."""
-        key = balance_holds_key(did)
+        key = store_keys.balance_holds(did)
         for _ in range(CAS_ATTEMPTS):
             found = await self.store.get(key)
             held: dict[str, int] = orjson.loads(found.data)["peeks"] if found is not None else {}
@@ -615,7 +581,7 @@ class PeekService:
     async def _drop_balance_hold(self, peek_id: str, did: str) -> None:
         """The refusal's fee is in the ledger, or the refusal lost: its hold goes (best effort; the
         next ``_hold_balance`` of this agent drops it anyway)."""
-        key = balance_holds_key(did)
+        key = store_keys.balance_holds(did)
         try:
             for _ in range(CAS_ATTEMPTS):
                 found = await self.store.get(key)
@@ -633,7 +599,7 @@ class PeekService:
             log.warning("peek %s: could not drop %s's balance hold; its next refusal will: %r", peek_id, did, exc)
 
     async def _refusal_record(self, peek_id: str, did: str) -> dict[str, Any] | None:
-        found = await self.store.get(refusal_key(peek_id, did))
+        found = await self.store.get(store_keys.peek_refusal(peek_id, did))
         return None if found is None else orjson.loads(found.data)
 
     async def _release_refusal(self, peek_id: str, did: str) -> None:
@@ -653,7 +619,7 @@ class PeekService:
 
     async def _release_losing_refusals(self, peek: Peek) -> None:
         winner = peek.refused_by if peek.state is PeekState.REFUSED else None
-        for key in await self.store.list(refusal_prefix(peek.id), limit=1000):
+        for key in await self.store.list(store_keys.peek_refusal_prefix(peek.id), limit=1000):
             found = await self.store.get(key)
             if found is None:
                 continue
@@ -769,10 +735,10 @@ class PeekService:
         open_ids: set[str] = set()
         start_after = ""
         while True:
-            page = await self.store.list(OPEN_PREFIX, start_after=start_after, limit=1000)
+            page = await self.store.list(store_keys.PEEK_OPEN_PREFIX, start_after=start_after, limit=1000)
             if not page:
                 break
-            open_ids.update(key[len(OPEN_PREFIX):] for key in page)
+            open_ids.update(key[len(store_keys.PEEK_OPEN_PREFIX):] for key in page)
             start_after = page[-1]
         log.debug("peek scan: %d open, %d known", len(open_ids), len(self.known))
         for peek_id in sorted(open_ids | set(self.known)):
@@ -780,7 +746,7 @@ class PeekService:
                 found = await self.store.get(store_keys.peek(peek_id))
                 if found is None:
                     if peek_id in open_ids:
-                        await self.store.delete(open_key(peek_id))  # opened by a process that died
+                        await self.store.delete(store_keys.peek_open(peek_id))  # opened by a process that died
                     self.known.pop(peek_id, None)
                     continue
                 peek = Peek.from_bytes(found.data)
@@ -817,12 +783,12 @@ class PeekService:
         except AgentChatError as exc:  # other processes catch up at their next scan
             log.warning("could not publish on %s: %r", topic, exc)
 
-    def _on_bus(self, topic: str, body: bytes) -> None:
-        """Called by the hub for ``p:...`` topics, from the bus reader: must not block."""
+    def on_bus_message(self, topic: str, body: bytes) -> None:
+        """``HubListener``: a message on a ``p:...`` topic, from the bus reader: must not block."""
         try:
-            if topic == TOPIC_STATE[2:]:
+            if topic == bus_keys.PEEK_STATE[bus_keys.KIND_LENGTH:]:
                 self._observe(Peek.from_bytes(body))
-            elif topic == TOPIC_GRANT[2:]:
+            elif topic == bus_keys.PEEK_GRANT[bus_keys.KIND_LENGTH:]:
                 self._deliver_grant(orjson.loads(body))
         except (ValueError, KeyError) as exc:
             log.warning("ignoring a malformed peek message on %s: %r", topic, exc)

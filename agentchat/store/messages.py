@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
 from agentchat.errors import AgentChatError
 from agentchat.store import keys
@@ -70,11 +71,6 @@ COMPACT_PACE_BYTES_PER_SECOND = 16 * 1024 * 1024
 FULL_WAIT_RATE = 2000.0
 RATE_SAMPLE_SECONDS = 0.25
 LIST_PAGE = 1000
-
-
-def wal_index(channel: str) -> str:
-    """Bus index of the write-ahead objects holding a channel's not yet compacted messages."""
-    return "wal:" + channel
 
 
 def parse_segment_frames(data: bytes) -> list[bytes]:
@@ -172,7 +168,7 @@ class MessageLog:
 
     async def _wal_frames(self, channel: str, after: int) -> dict[int, bytes]:
         """Frames above ``after`` that are durable but not yet in a segment (any process's)."""
-        entries = await self.bus.index_range(wal_index(channel), after + 1)
+        entries = await self.bus.index_range(bus_keys.wal_index(channel), after + 1)
         found: dict[int, bytes] = {}
         own_prefix = self.writer.wal_prefix if self.writer is not None else None
         gone: list[tuple[str, str]] = []
@@ -181,7 +177,7 @@ class MessageLog:
                 continue  # read from memory below
             frames = await self._wal_section(key, channel)
             if frames is None:
-                gone.append((wal_index(channel), key))
+                gone.append((bus_keys.wal_index(channel), key))
                 continue
             for frame in frames:
                 seq = frame_seq(frame)
@@ -221,7 +217,7 @@ class MessageLog:
 
     async def last_seq(self, channel: str) -> int:
         """Highest stored sequence number of a channel (0 if none)."""
-        highest = max((score for _, score in await self.bus.index_range(wal_index(channel), 0)), default=0)
+        highest = max((score for _, score in await self.bus.index_range(bus_keys.wal_index(channel), 0)), default=0)
         if self.writer is not None:
             highest = max(highest, max((seq for seq, _ in self.writer.tail(channel)), default=0))
         prefix, start_after = keys.segment_prefix(channel), ""
@@ -436,7 +432,7 @@ class MessageWriter:
         await put_until_stored(self.store, key, encode_wal(sections), failed)
         self.healthy = True
         # Indexed before the acks: a reader on another process, asked right after the ack, finds it.
-        entries = [(wal_index(channel), key, pending.seqs[-1]) for channel, pending in batch.items()]
+        entries = [(bus_keys.wal_index(channel), key, pending.seqs[-1]) for channel, pending in batch.items()]
         try:
             await self.bus.index_add(entries)
         except AgentChatError as exc:
@@ -463,7 +459,7 @@ class MessageWriter:
 
     async def reindex(self) -> None:
         """Add this process's index entries again (after the bus may have lost them)."""
-        entries = [(wal_index(channel), key, last)
+        entries = [(bus_keys.wal_index(channel), key, last)
                    for channel, tail in self._tails.items() for key, last in tail.objects]
         if entries:
             await self.bus.index_add(entries)
@@ -538,7 +534,7 @@ class MessageWriter:
             for channel, (n, m) in cut.items():
                 tail = self._tails[channel]
                 for key, _ in tail.objects[:m]:
-                    removed.append((wal_index(channel), key))
+                    removed.append((bus_keys.wal_index(channel), key))
                     self._object_refs[key] -= 1
                     if self._object_refs[key] == 0:
                         del self._object_refs[key]
@@ -599,7 +595,7 @@ class MessageWriter:
                 found = by_channel.setdefault(channel, {})
                 for frame in frames:
                     found[frame_seq(frame)] = frame
-                entries.append((wal_index(channel), key))
+                entries.append((bus_keys.wal_index(channel), key))
         written = 0
         for channel, found in by_channel.items():
             for seq in await self._stored_among(channel, min(found), max(found)):

@@ -115,7 +115,7 @@ class Records:
         return found
 
     async def list_channels(self, *, start_after: str = "", limit: int = 100) -> list[str]:
-        prefix = "channel-index/"
+        prefix = keys.CHANNEL_INDEX_PREFIX
         page = await self.store.list(prefix, start_after=prefix + start_after if start_after else "", limit=limit)
         return [key[len(prefix):] for key in page]
 

@@ -21,7 +21,8 @@ from agentchat.core import frames
 from agentchat.store import keys
 from agentchat.store.base import ObjectStore
 from agentchat.store.instrumented import CountingStore
-from agentchat.store.messages import MessageLog, MessageWriter, decode_wal, encode_wal, frame_seq, wal_index
+from agentchat.bus.keys import wal_index
+from agentchat.store.messages import MessageLog, MessageWriter, decode_wal, encode_wal, frame_seq
 
 
 def message(channel: str, seq: int, text: str = "") -> bytes:

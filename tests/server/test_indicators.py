@@ -16,7 +16,7 @@ from agentchat.config import load_settings
 from agentchat.core.indicators import MINUTE_MS
 from agentchat.server.app import build_app
 from agentchat.server.indicators import UPDATE_INTERVAL
-from agentchat.server.keys import INDICATORS
+from agentchat.server.appkeys import INDICATORS
 from tests.conftest import RestAgent
 from tests.server.test_frames_conformance import Socket, kind, open_socket
 from tests.server.test_openapi import Api

@@ -18,8 +18,8 @@ from agentchat import crypto
 from agentchat.config import Settings, load_settings
 from agentchat.core import ledger as money
 from agentchat.server.app import build_app
-from agentchat.server.keys import LEDGER, PEEKS
-from agentchat.server.peeks import balance_holds_key
+from agentchat.server.appkeys import LEDGER, PEEKS
+from agentchat.store.keys import balance_holds
 from tests.conftest import RestAgent
 from tests.server.test_rest import create_channel, envelope
 from tests.server.test_ws import hello, receive_frames
@@ -266,7 +266,7 @@ async def test_refusals_at_once_spend_an_agents_earnings_only_as_far_as_they_go(
         peeks.append(opened["peek"]["id"])
     # A hold left behind (a process stopped between settling a refusal and dropping its hold) for a
     # peek that owes nothing: not counted.
-    await service.store.put(balance_holds_key(alice.did), orjson.dumps({"peeks": {solo_peek: 300}}))
+    await service.store.put(balance_holds(alice.did), orjson.dumps({"peeks": {solo_peek: 300}}))
     # Five refusals at the same moment, a fee of 100 cents each: the balance pays for three.
     answers = await asyncio.gather(*(call(client, "POST", f"/api/v1/peeks/{peek_id}/refuse", alice.auth)
                                      for peek_id in peeks))
@@ -275,7 +275,7 @@ async def test_refusals_at_once_spend_an_agents_earnings_only_as_far_as_they_go(
     assert sorted(body["error"]["code"] for status, body in answers if status != 200) == ["refusal_unfunded"] * 2
     await check_ledger(app, lambda l: all(l.transaction(f"refusal_fee/{peek_id}") for peek_id in refused))
     assert await balance(alice) == 50  # never below zero
-    held = await service.store.get(balance_holds_key(alice.did))
+    held = await service.store.get(balance_holds(alice.did))
     assert held is not None and orjson.loads(held.data) == {"peeks": {}}  # settled: nothing set aside
 
     await fund_with_dev_card(alice)  # the rest are paid by card, the balance untouched

@@ -13,8 +13,8 @@ from agentchat.config import load_settings
 from agentchat.core.peek import PeekState
 from agentchat.errors import AgentChatError
 from agentchat.server.app import build_app
-from agentchat.server.keys import LEDGER, PEEKS
-from agentchat.server.peeks import refusal_key
+from agentchat.server.appkeys import LEDGER, PEEKS
+from agentchat.store.keys import peek_refusal
 from tests.conftest import RestAgent
 from tests.server.test_peeks import call, check_ledger, fund_with_dev_card, open_peek
 from tests.server.test_rest import create_channel
@@ -49,7 +49,7 @@ async def test_refusal_against_the_deadline_with_an_injected_clock(aiohttp_clien
         service_b.clock = lambda: deadline
 
         async def drive_b(steps: int = run % 8, after_fee: bool = bool(run % 2)) -> None:
-            while after_fee and await service_a.store.get(refusal_key(peek_id, alice.did)) is None:
+            while after_fee and await service_a.store.get(peek_refusal(peek_id, alice.did)) is None:
                 await asyncio.sleep(0)
             for _ in range(steps):
                 await asyncio.sleep(0)

@@ -14,7 +14,7 @@ import stripe
 
 from agentchat.config import Settings, load_settings
 from agentchat.core import ledger as money
-from agentchat.server.keys import PEEKS
+from agentchat.server.appkeys import PEEKS
 from tests.conftest import RestAgent
 from tests.server.test_peeks import call, check_ledger, open_peek, wait_state
 from tests.server.test_rest import create_channel

@@ -13,7 +13,7 @@ import pytest
 from websockets.frames import Close, Frame, Opcode
 from websockets.streams import StreamReader
 
-from agentchat.core import websocket as ws
+from agentchat.core import rfc6455 as ws
 
 MASK = b"\x37\xfa\x21\x3d"
 SAMPLE_KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 section 1.3

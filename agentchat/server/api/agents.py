@@ -9,9 +9,10 @@ import time
 from aiohttp import web
 
 from agentchat import crypto
+from agentchat.bus import keys as bus_keys
 from agentchat.errors import error
 from agentchat.server.http import agent_did, json_response, rate_limit, read_json, require_str
-from agentchat.server.keys import BUS, RECORDS, SETTINGS, TOKENS
+from agentchat.server.appkeys import BUS, RECORDS, SETTINGS, TOKENS
 
 routes = web.RouteTableDef()
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ async def challenge(request: web.Request) -> web.Response:
         raise error("agent_not_found", f"no agent {did}")
     nonce = secrets.token_urlsafe(32)
     ttl = settings.challenge_ttl_seconds
-    await request.app[BUS].set("challenge:" + nonce, did.encode(), ttl)
+    await request.app[BUS].set(bus_keys.auth_challenge(nonce), did.encode(), ttl)
     return json_response({"challenge": nonce, "expires_at": int((time.time() + ttl) * 1000)})
 
 
@@ -134,7 +135,7 @@ async def login(request: web.Request) -> web.Response:
     nonce = require_str(body, "challenge", 128)
     signature = _signature(body)
     # take(): single use, even when two logins race with the same challenge.
-    owner = await request.app[BUS].take("challenge:" + nonce)
+    owner = await request.app[BUS].take(bus_keys.auth_challenge(nonce))
     if owner is None or owner.decode() != did:
         raise error("challenge_invalid")
     record = await request.app[RECORDS].get_agent(did)

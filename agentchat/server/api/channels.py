@@ -17,8 +17,8 @@ from aiohttp import web
 from agentchat import crypto
 from agentchat.core import frames
 from agentchat.errors import error
+from agentchat.server.appkeys import HISTORY, HUB, RECORDS, SETTINGS
 from agentchat.server.http import agent_did, json_response, path_channel_id, principal, query_int, read_json
-from agentchat.server.keys import HISTORY, HUB, RECORDS, SETTINGS
 from agentchat.store.records import Record
 
 routes = web.RouteTableDef()

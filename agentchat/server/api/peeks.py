@@ -13,7 +13,6 @@ import hmac
 import re
 import secrets
 from collections import defaultdict
-from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -23,12 +22,10 @@ from agentchat.core import frames
 from agentchat.core import ledger as money
 from agentchat.core.peek import PeekState
 from agentchat.errors import error
-from agentchat.payments import provider_from_settings
-from agentchat.payments.ledger import LedgerStore
 from agentchat.server.http import (agent_did, bearer_token, json_response, principal, rate_limit, read_json,
                                    require_str)
-from agentchat.server.keys import BUS, HUB, LEDGER, PAYMENTS, PEEKS, RECORDS, SETTINGS, STORE, TOKENS
-from agentchat.server.peeks import PeekService, peek_view
+from agentchat.server.appkeys import LEDGER, PAYMENTS, PEEKS, RECORDS, SETTINGS, STORE, TOKENS
+from agentchat.server.peeks import peek_view
 from agentchat.server.tokens import Principal
 
 routes = web.RouteTableDef()
@@ -36,24 +33,6 @@ routes = web.RouteTableDef()
 # A peek token outlives the longest peek by this margin.
 TOKEN_MARGIN_SECONDS = 300
 EVENT_ID_RE = re.compile(r"^[A-Za-z0-9_]{1,200}$")
-
-
-async def peeks_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Payments, the ledger and the peek service; started after the hub, closed before it."""
-    settings = app[SETTINGS]
-    payments = provider_from_settings(settings)
-    await payments.start()
-    app[PAYMENTS] = payments
-    app[LEDGER] = LedgerStore(app[STORE])
-    service = PeekService(settings=settings, store=app[STORE], bus=app[BUS], hub=app[HUB], records=app[RECORDS],
-                          payments=payments, ledger=app[LEDGER])
-    app[PEEKS] = service
-    await service.start()
-    try:
-        yield
-    finally:
-        await service.close()
-        await payments.close()
 
 
 def _peek_id(request: web.Request) -> str:
@@ -259,4 +238,4 @@ async def revenue(request: web.Request) -> web.Response:
     })
 
 
-__all__ = ["peeks_ctx", "routes"]
+__all__ = ["routes"]

@@ -1,4 +1,4 @@
-"""The WebSocket layer of ``server/websocket.py`` over real sockets.
+"""The WebSocket layer of ``server/connections.py`` over real sockets.
 
 Fresh connections are upgraded by ``FrontProtocol`` straight from the listening socket; an upgrade on
 a keep-alive connection that served HTTP first is answered through aiohttp (``upgrade_within_aiohttp``).
@@ -26,11 +26,11 @@ from websockets.frames import Close, Frame, Opcode
 
 from agentchat.config import load_settings
 from agentchat.core.frames import split_frames
-from agentchat.core.websocket import accept_key
-from agentchat.server import websocket as websocket_module
-from agentchat.server import ws as ws_module
+from agentchat.core.rfc6455 import accept_key
+from agentchat.server import connections as websocket_module
+from agentchat.server import agent_socket as ws_module
 from agentchat.server.app import build_app
-from agentchat.server.keys import SESSIONS
+from agentchat.server.appkeys import SESSIONS
 from agentchat.server.session import Session
 from tests.conftest import RestAgent
 from tests.server.test_rest import create_channel, envelope

@@ -1,4 +1,4 @@
-"""``/api/v1/ws``: an agent's or a peeker's socket (``AgentSocket``, on ``server/websocket.py``).
+"""``/api/v1/ws``: an agent's or a peeker's socket (``AgentSocket``, on ``server/connections.py``).
 
 The first frame must be ``hello`` with a token (never in the URL). After ``welcome`` the socket gets
 live frames for every channel the token may read, catching up first on channels named in ``resume``.
@@ -17,14 +17,14 @@ from typing import Any
 from aiohttp import web
 
 from agentchat.core import frames
-from agentchat.core.websocket import text_frame
+from agentchat.core.rfc6455 import text_frame
 from agentchat.core.ratelimit import TokenBucket
 from agentchat.errors import AgentChatError, error
 from agentchat.server.hub import Hub
-from agentchat.server.keys import HUB, INDICATORS, METRICS, OPENING, PEEKS, RECORDS, SESSIONS, SETTINGS, TOKENS
+from agentchat.server.appkeys import HUB, INDICATORS, METRICS, OPENING, PEEKS, RECORDS, SESSIONS, SETTINGS, TOKENS
 from agentchat.server.session import CLOSE_AUTH, CLOSE_GOING_AWAY, CLOSE_POLICY, Session, SessionSocket
 from agentchat.server.tokens import Principal
-from agentchat.server.websocket import upgrade_within_aiohttp
+from agentchat.server.connections import upgrade_within_aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class AgentSocket(SessionSocket):
 async def websocket(request: web.Request) -> web.StreamResponse:
     """``/api/v1/ws`` when the upgrade reaches aiohttp: a keep-alive connection that served HTTP
     requests first, or a request that is not a valid upgrade (``bad_upgrade``). Fresh connections
-    are served by ``AgentSocket`` straight from the listening socket (``server/websocket.py``)."""
+    are served by ``AgentSocket`` straight from the listening socket (``server/connections.py``)."""
     return await upgrade_within_aiohttp(request, AgentSocket(request.app))
 
 

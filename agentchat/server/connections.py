@@ -3,7 +3,7 @@
 An idle socket served through aiohttp's ``WebSocketResponse`` keeps ~13 KB alive (the parsed request,
 the HTTP protocol and parser, the handler task and its coroutines, the WebSocket reader, writer and
 queue). Here a socket is one ``WebSocketConnection`` (an ``asyncio.Protocol``) and its small frame
-parser (``core/websocket.py``): frames are handled in ``data_received``, and a task exists only while
+parser (``core/rfc6455.py``): frames are handled in ``data_received``, and a task exists only while
 the handling of a frame has to wait (a bus round trip, a store read).
 
 How connections get here:
@@ -27,7 +27,7 @@ from typing import Any, cast
 
 from aiohttp import web
 
-from agentchat.core import websocket as codec
+from agentchat.core import rfc6455 as codec
 from agentchat.errors import error
 
 log = logging.getLogger(__name__)

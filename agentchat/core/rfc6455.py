@@ -1,6 +1,6 @@
 """The server side of RFC 6455 WebSockets, without I/O: the opening handshake and the frame codec.
 
-``server/wsconn.py`` runs it on an asyncio transport. It exists because a socket served through
+``server/connections.py`` runs it on an asyncio transport. It exists because a socket served through
 aiohttp's ``WebSocketResponse`` keeps ~13 KB of HTTP and WebSocket state alive for as long as it is
 open (the parsed request, the HTTP protocol, two tasks, a reader, a writer and a queue); this codec
 keeps a few hundred bytes, and reads a frame in a handful of bytecode steps.
