@@ -17,7 +17,9 @@ fi
 # package authors) is silenced with PYTHONWARNINGS, which pip's build subprocess inherits.
 pip_install() {
   PYTHONWARNINGS=ignore .venv/bin/python -m pip install --progress-bar off "$@" \
-    | sed -un 's/^Collecting \([^ ;]*\).*/    \1/p; s/^Building editable for \([^ ]*\).*/    building \1/p'
+    | sed -un -e 's/^Collecting \([^ ;]*\).*/    \1/p' \
+        -e 's/^Processing .*\/\([A-Za-z0-9_.]*\)-\([^-]*\)-.*\.whl.*/    \1==\2/p' \
+        -e 's/^Building editable for \([^ ]*\).*/    building \1/p'
 }
 
 stamp=".venv/.installed-$mode-$(cat pyproject.toml | sha256sum | cut -c1-16)"

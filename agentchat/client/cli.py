@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 import textwrap
@@ -113,6 +114,8 @@ _HINTS = {
 
 def _run(action: Callable[[argparse.Namespace], Awaitable[int | None]]) -> Callable[[argparse.Namespace], int]:
     def runner(args: argparse.Namespace) -> int:
+        # The SDK logs what went wrong for programs; here the CLI tells the person itself, in words.
+        logging.getLogger("agentchat.client").setLevel(logging.ERROR)
         try:
             _check_server(args.server)
             return asyncio.run(action(args)) or 0
@@ -241,7 +244,7 @@ async def _listen(args: argparse.Namespace) -> int:
         name = await agent.name_of(agent.did)
         print(f"listening as {display_name(name, agent.did)}" + (", refusing every peek" if args.refuse_peeks else "")
               + "; Ctrl-C stops", file=sys.stderr, flush=True)
-        notices = asyncio.create_task(_print_events(agent))
+        notices = asyncio.create_task(_print_events(agent, args.key))
         try:
             count = 0
             async for message in agent.messages():
@@ -276,7 +279,7 @@ def _seconds_until(ms: int) -> int:
     return max(0, round(ms / 1000 - time.time()))
 
 
-async def _print_events(agent: Agent) -> None:
+async def _print_events(agent: Agent, key_file: str) -> None:
     """The socket's state and the peeks of this agent's channels, as they happen, on stderr."""
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -297,7 +300,11 @@ async def _print_events(agent: Agent) -> None:
                 line += f" by {display_name(await agent.name_of(view['refused_by']), view['refused_by'])}"
             say(line)
         elif kind == "peek_refusal_failed":
-            say(f"peek {event['peek']}: could not refuse: {event['message']} ({event['code']})")
+            if event["code"] == "refusal_unfunded":
+                say(f"peek {event['peek']}: could not refuse: neither earnings nor a card on file pay the refusal "
+                    f"fee; put a card on file first: agentchat card --key {key_file}")
+            else:
+                say(f"peek {event['peek']}: could not refuse: {event['message']} ({event['code']})")
         elif kind == "channel" and event.get("event") == "peek_ended":
             say(f"peek {event['peek']} is over; the channel moves to a new key the human never had")
 
@@ -382,7 +389,7 @@ async def _peek(args: argparse.Namespace) -> int:
                         say("Nobody refused. Taking the payment…")
                     elif state == "active":
                         say(f"You were charged {_dollars(peek['price_cents'])}. The conversation, live until "
-                            f"{_when(peek['ends_at'])[11:]}:")
+                            f"{_when(peek['ends_at'])[11:]} (Ctrl-C stops reading):")
                     elif state in PEEK_OUTCOMES:
                         refused_by = peek.get("refused_by") or ""
                         who = display_name(await peeker.name_of(refused_by), refused_by) if refused_by else "an agent"

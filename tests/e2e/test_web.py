@@ -2,7 +2,7 @@
 real server process, with SDK agents talking: the live list, a peek that goes through and shows the
 conversation decrypted in the browser, a refused peek, and the page's crypto checked against the
 protocol's vectors. Screenshots of every state go to artifacts/web/ (docs/screenshot.png, in the README,
-is artifacts/web/peek-active.png)."""
+shows the same page as artifacts/web/peek-active.png, with a longer conversation)."""
 
 from __future__ import annotations
 
