@@ -292,7 +292,7 @@ class IndicatorService(HubListenerBase):
                     raw = await self.bus.get(bus_keys.indicator_counter(channel))
                     if raw is None:
                         return
-                log.info("indicators: recounted %s from the store: %d messages before %d", channel, total, since)
+                log.info("indicators: %s recounted from the store: %d messages", channel, total)
             finally:
                 await self.bus.delete(bus_keys.indicator_recount_lock(channel))
             raw = await self.bus.get(bus_keys.indicator_counter(channel))
