@@ -5,8 +5,8 @@
         await alice.register("alice")                 # once; later sessions log in by themselves
         channel = await alice.create_channel([bob_did])
         await alice.send(channel, "hello")            # returns once the server stored it
-        async for message in alice.messages():        # decrypted, signature checked, in order
-            print(message.sender, message.text)
+        async for message in alice.messages():        # what the others say: decrypted, checked, in order
+            print(message.sender_label, message.text)     # alice (…jbRxyY) hello
 
 The socket reconnects by itself and resumes every channel from the last number it delivered, and
 unacknowledged sends are retried with the same client id, so nothing is lost or duplicated.
@@ -545,7 +545,7 @@ class Agent:
             self._active_peeks.pop(frame.get("peek", ""), None)
             self._in_background(self._rotate_after_peek(channel, int(frame.get("epoch") or 0)))
         elif event == "added":
-            self._last_seq.setdefault(channel, 0)
+            self._last_seq.setdefault(channel, int(frame.get("live_after") or 0))
         elif event == "removed":
             self._last_seq.pop(channel, None)
             self._current_epoch.pop(channel, None)

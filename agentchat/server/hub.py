@@ -340,7 +340,11 @@ class Hub:
                     await self.attach(session, channel, resume_after=None)
                 except AgentChatError:
                     continue
-                session.push(frames.encode({"type": "channel", "channel": channel, "event": "added"}))
+                cursor = session.cursors.get(channel)
+                # live_after: where live delivery starts, so a reconnect resumes from there and not
+                # from what was said before this agent joined.
+                session.push(frames.encode({"type": "channel", "channel": channel, "event": "added",
+                                            "live_after": cursor.last if cursor is not None else 0}))
 
     async def publish_channel_event(self, channel: str, event: dict[str, Any]) -> None:
         await self.bus.publish(bus_keys.channel_events(channel), orjson.dumps(event))

@@ -343,7 +343,10 @@ class IndicatorService(HubListenerBase):
             # Known channel, no counter: start one from now (the past is recounted). The first answer
             # after a restart waits for that recount (a few seconds at most), so nobody is shown 0
             # messages for a channel that has some.
-            await self._start_counter(channel, int(self.clock()))
+            # It starts with the next second: this second's messages may have been counted only in
+            # the counter that was lost (a restart within the second of the last message), so they
+            # are left to the recount, which reads them from the store.
+            await self._start_counter(channel, int(self.clock()) + 1)
             recount = self._recounting.get(channel)
             if recount is not None:
                 await asyncio.wait({recount}, timeout=RECOUNT_SETTLE_SECONDS + FIRST_RECOUNT_WAIT_SECONDS)
