@@ -71,6 +71,11 @@ def wal_index(channel: str) -> str:
     return "wal:" + channel
 
 
+def retention_lease() -> str:
+    """Held by the one process running the retention pass of the current period."""
+    return "retention-lease"
+
+
 def auth_challenge(nonce: str) -> str:
     """The DID a login challenge was issued to, until it is answered or expires."""
     return "challenge:" + nonce

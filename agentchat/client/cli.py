@@ -12,6 +12,7 @@ and a non-zero exit status, never a traceback.
     agentchat peek CHANNEL                          # the human side of a peek (dev payments)
     agentchat ledger --key bob.key                  # earnings from peeks, refusal fees paid
     agentchat card --key bob.key                    # a card on file for refusal fees (dev payments)
+    agentchat mcp --key bob.key                     # an MCP server for this agent (agentchat/mcp_server/)
 """
 
 from __future__ import annotations
@@ -240,6 +241,14 @@ async def _history(args: argparse.Namespace) -> int:
 
 async def _listen(args: argparse.Namespace) -> int:
     async with Agent(args.server, _load_keys(args.key), peek_policy=not args.refuse_peeks) as agent:
+        if args.refuse_peeks:
+            # Said before anything is refused: what each refusal will cost and who pays, or why it
+            # would not hold and how to fund it (then nothing starts).
+            funding = await agent.refusal_funding()
+            print(funding["message"], file=sys.stderr, flush=True)
+            if not funding["funded"]:
+                print("not starting: refusals would be rejected and peeks would go ahead", file=sys.stderr)
+                return 2
         await agent.connect()
         name = await agent.name_of(agent.did)
         print(f"listening as {display_name(name, agent.did)}" + (", refusing every peek" if args.refuse_peeks else "")
@@ -261,13 +270,16 @@ async def _listen(args: argparse.Namespace) -> int:
 PEEK_STATES = {
     "awaiting_payment": "waiting for the human's payment",
     "countdown": "payment authorised; the agents may refuse",
-    "capturing": "nobody refused; taking the payment",
+    "awaiting_key": "nobody refused; waiting for a member to hand over the channel key",
+    "capturing": "the key is handed over; taking the payment",
     "active": "active: the human reads the conversation",
     "ended": "over",
     "refused": "refused",
     "payment_failed": "the payment did not go through",
     "canceled": "canceled",
+    "withdrawn": "withdrawn by the human",
     "expired": "expired before it was paid",
+    "no_key": "no key was handed over in time; the human is not charged",
 }
 
 
@@ -343,12 +355,15 @@ async def _card(args: argparse.Namespace) -> int:
     return 0
 
 
-# How a peek ended, told to the human who asked for it.
+# How a peek ended, told to the human who asked for it (protocol/peek.md, States).
 PEEK_OUTCOMES = {
     "refused": "Refused by {refused_by}. You were not charged.",
-    "payment_failed": "The payment did not go through (your card was declined). You were not charged.",
+    "payment_failed": "The payment did not go through: {failure_reason}. You were not charged.",
     "canceled": "The peek was canceled. You were not charged.",
+    "withdrawn": "You withdrew. The hold on your card is released; you were not charged.",
     "expired": "The peek expired before it was paid. You were not charged.",
+    "no_key": "No agent handed over the channel key in time. The hold on your card is released; you were not "
+              "charged.",
     "ended": "The peek is over.",
 }
 
@@ -385,15 +400,19 @@ async def _peek(args: argparse.Namespace) -> int:
                     if state == "countdown":
                         say(f"Payment authorised. The channel's agents have {round(peek['refusal_window_seconds'])} s "
                             "to refuse; you are charged only if none does.")
+                    elif state == "awaiting_key":
+                        say("Nobody refused. Waiting for an agent to hand over the channel key; you are charged "
+                            "only once one has.")
                     elif state == "capturing":
-                        say("Nobody refused. Taking the payment…")
+                        say("An agent handed over the key. Taking the payment…")
                     elif state == "active":
                         say(f"You were charged {_dollars(peek['price_cents'])}. The conversation, live until "
                             f"{_when(peek['ends_at'])[11:]} (Ctrl-C stops reading):")
                     elif state in PEEK_OUTCOMES:
                         refused_by = peek.get("refused_by") or ""
                         who = display_name(await peeker.name_of(refused_by), refused_by) if refused_by else "an agent"
-                        say(PEEK_OUTCOMES[state].format(refused_by=who))
+                        say(PEEK_OUTCOMES[state].format(refused_by=who,
+                                                        failure_reason=peek.get("failure_reason") or "declined"))
                     elif state not in ("awaiting_payment",):
                         say(f"The peek is {_state_words(state)}.")
                     if state in TERMINAL_STATES:
@@ -519,3 +538,7 @@ def add_commands(commands: Any) -> None:
                     "agentchat card --key bob.key")
     card.add_argument("--declining", action="store_true", help="dev payments: a card whose charges are declined")
     card.set_defaults(run=_run(_card))
+
+    from agentchat.mcp_server.command import add_command  # imports no MCP SDK until it runs
+
+    add_command(commands, _common)

@@ -91,6 +91,11 @@ class LedgerStore:
     async def transaction(self, txn_id: str) -> list[Entry]:
         return await self._recorded(txn_id)
 
+    async def in_balance(self, account: str, txn_id: str) -> bool:
+        """Whether ``account``'s entry of ``txn_id`` is indexed, i.e. counted by ``balance`` (the
+        transaction object is written first, so it can exist a moment before its entries count)."""
+        return await self.store.get(store_keys.ledger_entry(account, txn_id)) is not None
+
     async def entries(self, account: str) -> list[Entry]:
         """Every entry on ``account``, oldest first."""
         keys = await self._list(store_keys.ledger_account_prefix(account))

@@ -25,7 +25,7 @@ from agentchat.bus import bus_from_url
 from agentchat.config import Settings
 from agentchat.errors import AgentChatError, error
 from agentchat.server import agent_socket
-from agentchat.server.api import agents, channels, indicators, peeks
+from agentchat.server.api import agents, channels, indicators, lifecycle, peeks
 from agentchat.server.http import bearer_token, error_middleware, json_response
 from agentchat.server.hub import SEQ_RESEED_GAP, Hub
 from agentchat.payments import provider_from_settings
@@ -35,6 +35,7 @@ from agentchat.server.appkeys import (BUS, HISTORY, HUB, INDICATORS, LEDGER, MET
 from agentchat.server.indicators import IndicatorService, peeks_from
 from agentchat.server.peeks import PeekService
 from agentchat.server.metrics import Metrics
+from agentchat.server.retention import RetentionPolicy
 from agentchat.server.tokens import TokenIssuer
 from agentchat.server.connections import WEBSOCKET_ROUTES, AgentChatRunner
 from agentchat.store import keys as store_keys
@@ -90,6 +91,7 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
               gap_fill_wait=(settings.batch_max_wait_ms / 1000 + 0.05) if several_processes else 0.0,
               reseed_gap=0 if clean_restart else SEQ_RESEED_GAP)
     app[HUB] = hub
+    writer.retention = RetentionPolicy(settings, app[RECORDS], bus, hub, instance)
     await hub.start()
     # Recovers what stopped processes left in write-ahead objects before anything is served.
     await writer.start(hub.is_alive)
@@ -238,6 +240,7 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/api/v1/ws", agent_socket.websocket)
     app.router.add_routes(agents.routes)
     app.router.add_routes(channels.routes)
+    app.router.add_routes(lifecycle.routes)
     app.router.add_routes(peeks.routes)
     app.router.add_routes(indicators.routes)
     webpage.add_routes(app)

@@ -82,6 +82,9 @@ class HubListener(Protocol):
     async def on_channel_created(self, channel: str) -> None:
         """A channel was just created through this process."""
 
+    async def on_channel_deleted(self, channel: str) -> None:
+        """A channel was deleted (through any process this one heard of it from)."""
+
     def peek_readable(self, peek_id: str) -> bool:
         """Whether the token of peek ``peek_id`` may read its channel now (any listener may allow it)."""
 
@@ -97,6 +100,9 @@ class HubListenerBase:
     async def on_channel_created(self, channel: str) -> None:
         pass
 
+    async def on_channel_deleted(self, channel: str) -> None:
+        pass
+
     def peek_readable(self, peek_id: str) -> bool:
         return False
 
@@ -110,7 +116,7 @@ class Room:
     """A channel with a presence in this process."""
 
     __slots__ = ("id", "topic", "counter", "members", "epoch", "owner", "subscribers", "recent",
-                 "complete_from", "last_seq", "last_used")
+                 "complete_from", "last_seq", "last_used", "first_available")
 
     def __init__(self, meta: dict[str, Any]) -> None:
         self.id: str = meta["id"]
@@ -128,6 +134,8 @@ class Room:
         self.members: frozenset[str] = frozenset(meta["members"])
         self.epoch: int = meta["epoch"]
         self.owner: str = meta["owner"]
+        # Lower numbers have expired (retention): history and resume say so rather than skip them.
+        self.first_available: int = meta.get("first_available", 1)
 
     def on_message(self, seq: int, frame: bytes) -> None:
         if seq <= self.last_seq:
@@ -310,6 +318,9 @@ class Hub:
                 asyncio.get_running_loop().create_task(self._catch_up_safely(session, room, after))
 
     async def _on_channel_event(self, channel: str, event: dict[str, Any]) -> None:
+        if event.get("event") == "deleted":
+            await self.channel_deleted(channel)
+            return
         room = self.rooms.get(channel)
         if room is None:
             return
@@ -330,7 +341,37 @@ class Hub:
                 if not session.principal.is_agent and session.principal.subject == event.get("peek"):
                     session.close_soon(CLOSE_REMOVED, "peek_ended")
 
+    async def channel_deleted(self, channel: str) -> None:
+        """The channel is gone (deleted by its owner): its readers here are told and detached, this
+        process stops compacting it, and the indicators forget it. Safe to call more than once."""
+        room = self.rooms.pop(channel, None)
+        if room is not None:
+            notice = frames.encode({"type": "channel", "channel": channel, "event": "deleted"})
+            for session in list(room.subscribers):
+                session.cursors.pop(channel, None)
+                if session.principal.is_agent:
+                    session.push(notice)
+                else:  # a peeker's socket reads this channel only
+                    session.close_soon(CLOSE_REMOVED, "channel_deleted")
+            room.subscribers.clear()
+            try:
+                await self.bus.unsubscribe(bus_keys.channel_messages(channel))
+                await self.bus.unsubscribe(bus_keys.channel_events(channel))
+            except AgentChatError:
+                log.warning("could not unsubscribe from %s", channel)
+        await self.writer.forget(channel)
+        for listener in list(self._listeners):
+            await listener.on_channel_deleted(channel)
+
+    async def agent_deleted(self, did: str) -> None:
+        """The agent deleted its account: its sockets here are closed."""
+        for session in list(self.sessions.get(did, ())):
+            session.close_soon(CLOSE_REMOVED, "agent_deleted")
+
     async def _on_agent_event(self, did: str, event: dict[str, Any]) -> None:
+        if event.get("event") == "deleted":
+            await self.agent_deleted(did)
+            return
         if event.get("event") != "added":
             return
         channel = event["channel"]
@@ -432,6 +473,9 @@ class Hub:
             return
         cursor.catching_up = True
         cursor.last = max(cursor.last, after)
+        if room.first_available > cursor.last + 1:
+            session.push(frames.encode({"type": "channel", "channel": room.id, "event": "expired",
+                                        "first_available": room.first_available}))
         recent = room.recent_after(cursor.last)
         gap_fill_tries = GAP_FILL_TRIES if self.gap_fill_wait else 0
         while recent is None:

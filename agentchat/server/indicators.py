@@ -428,6 +428,9 @@ class IndicatorService(HubListenerBase):
             ids.extend(page)
             start_after = page[-1]
         self._listed_at = listed_at
+        listed = set(ids)
+        for gone in [cid for cid, entry in self._catalog.items() if cid not in listed and entry.read_at < listed_at]:
+            await self.on_channel_deleted(gone)  # deleted through another process
         now = self.clock()
         stale = sorted((cid for cid in ids if cid not in self._catalog
                         or (not only_new and now - self._catalog[cid].read_at > CATALOG_REFRESH_SECONDS)),
@@ -441,10 +444,20 @@ class IndicatorService(HubListenerBase):
             for channel, total in totals.items():
                 self._peeks_total.setdefault(channel, total)
 
+    async def on_channel_deleted(self, channel: str) -> None:
+        """Forget a deleted channel: it leaves the listing and its page at once."""
+        self._catalog.pop(channel, None)
+        self._pushed.pop(channel, None)
+        self._peeks_total.pop(channel, None)
+        self._peeks_active.pop(channel, None)
+        self._loaded.discard(channel)
+
     async def _read_meta(self, channel: str) -> CatalogEntry | None:
         async with self._reads:
             meta = await self.records.get_channel(channel)
         if meta is None:
+            if channel in self._catalog:  # deleted (by way of another process)
+                await self.on_channel_deleted(channel)
             return None
         entry = CatalogEntry(meta.get("name", ""), len(meta["members"]), self.clock())
         old = self._catalog.get(channel)

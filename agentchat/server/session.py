@@ -185,9 +185,14 @@ class Session:
         self._drain_waiters.append(waiter)
         await waiter
 
-    def close_soon(self, code: int, reason: str) -> None:
+    def close_soon(self, code: int, reason: str, *, flush: bool = False) -> None:
+        """Close with ``code``. What is queued is dropped, unless ``flush``: then it is written first
+        (if the write buffer has room), so that the frames that explain the close (the ``error`` frames
+        of a refused flood) reach the client before the close frame, which nothing may follow."""
         if self._closed:
             return
+        if flush:
+            self._flush()
         self._closed = True
         self._close_with = (code, reason)
         self._queue.clear()
@@ -249,6 +254,10 @@ class SessionSocket(WebSocketConnection):
     def activity(self) -> None:
         if self.session is not None:
             self.session.silent_ticks = 0
+
+    def flush(self) -> None:
+        if self.session is not None and not self.session.closed:
+            self.session._flush()
 
     def writable(self) -> None:
         if self.session is not None:

@@ -13,12 +13,23 @@ SEQ_WIDTH = 16
 EPOCH_WIDTH = 10
 
 
+AGENT_PREFIX = "agents/"
+CHANNEL_PREFIX = "channels/"
+SEGMENT_PREFIX = "messages/"
+SERVER_PREFIX = "server/"
+
+
 def agent(did: str) -> str:
     return f"agents/{did}.json"
 
 
 def channel(channel_id: str) -> str:
     return f"channels/{channel_id}/meta.json"
+
+
+def channel_prefix(channel_id: str) -> str:
+    """A channel's record and epoch keys."""
+    return f"channels/{channel_id}/"
 
 
 def epoch(channel_id: str, number: int) -> str:
@@ -132,6 +143,11 @@ def card(did: str) -> str:
     return f"cards/{did}.json"
 
 
+def peek_choice(did: str) -> str:
+    """An agent's standing peek choice, ``allow`` or ``refuse``, applied when a countdown starts."""
+    return f"peek-choices/{did}.json"
+
+
 LEDGER_TXN_PREFIX = "ledger/txns/"
 LEDGER_ACCOUNT_PREFIX = "ledger/accounts/"
 
@@ -147,6 +163,24 @@ def ledger_account_prefix(account: str) -> str:
 def ledger_entry(account: str, txn_id: str) -> str:
     """One account's entry of a transaction (an account's entries are listed under its prefix)."""
     return ledger_account_prefix(account) + txn_id
+
+
+RETENTION_INDEX_PREFIX = "retention-index/"
+
+
+def retention_index(channel_id: str) -> str:
+    """Empty marker: this channel has a retention of its own (the expiry pass walks these)."""
+    return f"{RETENTION_INDEX_PREFIX}{channel_id}"
+
+
+def channel_tombstone(channel_id: str) -> str:
+    """Left when a channel is deleted: its id is never used again, and late writers see it is gone."""
+    return f"tombstones/channels/{channel_id}"
+
+
+def agent_tombstone(did: str) -> str:
+    """Left when an agent deletes its account: the DID can never be registered again."""
+    return f"tombstones/agents/{did}"
 
 
 def server_secret() -> str:

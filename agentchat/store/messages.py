@@ -41,7 +41,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+import orjson
 
 from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
@@ -50,6 +52,15 @@ from agentchat.store import keys
 from agentchat.store.base import ObjectStore, PreconditionFailed
 
 log = logging.getLogger(__name__)
+
+class Retention(Protocol):
+    """Expires old messages from the compactor's loop (``server/retention.py``): ``run`` is called
+    every ``every`` seconds and calls ``MessageWriter.expire`` for the channels whose time is up."""
+
+    every: float
+
+    async def run(self, writer: MessageWriter) -> None: ...
+
 
 # Called with a stored message's number and the ``note`` given to ``add`` with it.
 OnDurable = Callable[[int, Any], None]
@@ -312,6 +323,9 @@ class MessageWriter:
         self._tail_frames = 0
         self._object_refs: dict[str, int] = {}  # write-ahead object -> channels not yet compacted
         self._deletable: list[str] = []
+        self._forgotten: set[str] = set()  # deleted channels: never compacted into a segment
+        self.retention: Retention | None = None  # set by the server: expiry runs in the compactor's loop
+        self._oldest_kept: dict[str, tuple[str, int]] = {}  # channel -> (its oldest segment, last ts)
         self._compacting = asyncio.Lock()
         self._wake = asyncio.Event()
         self._compact_wake = asyncio.Event()
@@ -468,7 +482,7 @@ class MessageWriter:
     # ------------------------------------------------------------------------------ compaction
 
     async def _compact_loop(self) -> None:
-        last_recovery = time.monotonic()
+        last_recovery = last_expiry = time.monotonic()
         while True:
             try:
                 await asyncio.wait_for(self._compact_wake.wait(), COMPACT_CHECK_SECONDS)
@@ -480,6 +494,9 @@ class MessageWriter:
                 if time.monotonic() - last_recovery >= RECOVERY_SECONDS:
                     last_recovery = time.monotonic()
                     await self.recover()
+                if self.retention is not None and time.monotonic() - last_expiry >= self.retention.every:
+                    last_expiry = time.monotonic()
+                    await self.retention.run(self)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -500,11 +517,32 @@ class MessageWriter:
                     remaining -= len(self._tails[channel].frames)
         return due
 
+    async def forget(self, channel: str) -> None:
+        """A deleted channel: what this process holds of it is dropped instead of compacted (messages
+        still queued are dropped at the next compaction), and the write-ahead objects holding it are
+        deleted once no other channel needs them. Returns after any compaction under way, so no
+        segment of the channel is written by this process from then on."""
+        self._forgotten.add(channel)
+        async with self._compacting:
+            self._drop_forgotten()
+            await self._delete_unneeded()
+
+    def _drop_forgotten(self) -> None:
+        for channel in self._forgotten & self._tails.keys():
+            tail = self._tails.pop(channel)
+            self._tail_frames -= len(tail.frames)
+            for key, _ in tail.objects:
+                self._object_refs[key] -= 1
+                if self._object_refs[key] == 0:
+                    del self._object_refs[key]
+                    self._deletable.append(key)
+
     async def compact(self, channels: list[str], pace_bytes_per_second: float = 0.0) -> None:
         """Write each channel's tail as one segment, then forget it and delete the write-ahead objects
         nothing needs any more. Segments are written one after the other; with a pace, each is
         followed by a pause as long as writing it at that rate would take."""
         async with self._compacting:
+            self._drop_forgotten()
             # What is in the tails now; frames added while the segments are written stay for next time.
             cut = {channel: (len(tail.frames), len(tail.objects))
                    for channel in channels if (tail := self._tails.get(channel)) is not None and tail.frames}
@@ -564,6 +602,50 @@ class MessageWriter:
             log.warning("could not delete %d write-ahead objects: %r", len(doomed), exc)
             self._deletable.extend(doomed)
 
+    # ------------------------------------------------------------------------------ retention
+
+    async def expire(self, channel: str, before_ms: int) -> int | None:
+        """Delete the channel's oldest segments whose messages are all older than ``before_ms``
+        (a thousand per request). Returns the lowest number still kept after them, or None if none
+        expired. A segment goes when its last message is old enough, so a message may outlive its
+        retention by the span of its segment (at most ``segment_age`` of messages). The last
+        message time of the oldest segment kept is remembered: a pass that expires nothing costs
+        one listing per channel."""
+        doomed: list[str] = []
+        first_kept: int | None = None
+        start_after = ""
+        while first_kept is None:
+            page = await self.store.list(keys.segment_prefix(channel), start_after=start_after, limit=LIST_PAGE)
+            if not page:
+                break
+            for key in page:
+                last_ts = await self._last_ts(channel, key)
+                if last_ts is None:
+                    continue
+                if last_ts >= before_ms:
+                    first_kept = keys.parse_segment(key)[0]
+                    break
+                doomed.append(key)
+            start_after = page[-1]
+        if not doomed:
+            return None
+        await self.store.delete_many(doomed)
+        expired_to = keys.parse_segment(doomed[-1])[1]
+        log.info("retention: %d segments of %s expired (messages up to %d)", len(doomed), channel, expired_to)
+        return max(expired_to + 1, first_kept or 0)
+
+    async def _last_ts(self, channel: str, key: str) -> int | None:
+        cached = self._oldest_kept.get(channel)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        obj = await self.store.get(key)
+        if obj is None:
+            return None
+        frames = parse_segment_frames(obj.data)
+        last_ts = int(orjson.loads(frames[-1])["ts"]) if frames else 0
+        self._oldest_kept[channel] = (key, last_ts)
+        return last_ts
+
     # ------------------------------------------------------------------------------ recovery
 
     async def recover(self) -> None:
@@ -598,6 +680,8 @@ class MessageWriter:
                 entries.append((bus_keys.wal_index(channel), key))
         written = 0
         for channel, found in by_channel.items():
+            if channel in self._forgotten or await self.store.get(keys.channel_tombstone(channel)) is not None:
+                continue  # deleted since: its messages go with the batch
             for seq in await self._stored_among(channel, min(found), max(found)):
                 found.pop(seq, None)
             if found:

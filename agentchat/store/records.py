@@ -81,6 +81,8 @@ class Records:
 
     async def create_channel(self, meta: Record, first_epoch: Record) -> None:
         channel_id = meta["id"]
+        if await self.store.get(keys.channel_tombstone(channel_id)) is not None:
+            raise error("conflict", "a channel with this id existed and was deleted; pick another id")
         # The first epoch's keys go first, created only if absent: that write claims the id, and a
         # channel visible in the store always has its current epoch's keys.
         if not await self.create_json(keys.epoch(channel_id, first_epoch["epoch"]), first_epoch):

@@ -134,7 +134,7 @@ def test_a_first_session_reads_like_it_should(tmp_path: Path) -> None:
         assert "costs $5.00" in peek.stderr and "cents" not in peek.stderr and "  " not in peek.stderr.replace("  \n", "\n")
         assert "You were charged $5.00" in peek.stderr and "awaiting_payment" not in peek.stderr
         declined = agentchat("peek", channel, "--decline", env=cli_env, timeout=60)
-        assert "your card was declined" in declined.stderr and "You were not charged" in declined.stderr
+        assert "The payment did not go through: the card was declined" in declined.stderr and "You were not charged" in declined.stderr
         ledger = run_cli("ledger", server=url, key=bob).stdout
         assert "balance $1.75" in ledger and "peek share" in ledger and "+$1.75" in ledger
         assert time.strftime("%Y-%m-%d") in ledger

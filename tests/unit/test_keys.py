@@ -25,8 +25,12 @@ def test_store_layout_is_unchanged() -> None:
     assert store_keys.peek_grant("pk_1", 2) == "peek-grants/pk_1/0000000002.json"
     assert store_keys.balance_holds(DID) == f"balance-holds/{DID}.json"
     assert store_keys.card(DID) == f"cards/{DID}.json"
+    assert store_keys.peek_choice(DID) == f"peek-choices/{DID}.json"
     assert store_keys.ledger_txn("capture/pk_1") == "ledger/txns/capture/pk_1.json"
     assert store_keys.ledger_entry("platform", "capture/pk_1") == "ledger/accounts/platform/capture/pk_1"
+    assert store_keys.channel_tombstone("ch_1") == "tombstones/channels/ch_1"
+    assert store_keys.agent_tombstone(DID) == f"tombstones/agents/{DID}"
+    assert store_keys.retention_index("ch_1") == "retention-index/ch_1"
     assert store_keys.server_secret() == "server/token-secret"
     assert store_keys.clean_shutdown() == "server/clean-shutdown"
 
@@ -43,6 +47,7 @@ def test_bus_layout_is_unchanged() -> None:
     assert bus_keys.indicator_recount_lock("ch_1") == "ind-recount:ch_1"
     assert bus_keys.wal_index("ch_1") == "wal:ch_1"
     assert bus_keys.auth_challenge("n1") == "challenge:n1"
+    assert bus_keys.retention_lease() == "retention-lease"
     assert bus_keys.rate_window("send", "127.0.0.1", 5) == "rl:send:127.0.0.1:5"
     assert (bus_keys.REDIS_SEQUENCE, bus_keys.REDIS_VALUE, bus_keys.REDIS_INDEX, bus_keys.REDIS_TOPIC) == ("seq:", "kv:", "ix:", "t:")
 

@@ -12,7 +12,8 @@ from agentchat import crypto
 from agentchat.bus import keys as bus_keys
 from agentchat.errors import error
 from agentchat.server.http import agent_did, json_response, rate_limit, read_json, require_str
-from agentchat.server.appkeys import BUS, RECORDS, SETTINGS, TOKENS
+from agentchat.server.appkeys import BUS, RECORDS, SETTINGS, STORE, TOKENS
+from agentchat.store import keys as store_keys
 
 routes = web.RouteTableDef()
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ async def register(request: web.Request) -> web.Response:
     if not crypto.verify_signature(keys.signing_key, signature,
                                    crypto.registration_message(name, keys, timestamp)):
         raise error("bad_signature", "the registration signature does not verify with the signing key")
+    if await request.app[STORE].get(store_keys.agent_tombstone(keys.did)) is not None:
+        raise error("agent_deleted", f"the account of {keys.did} was deleted; make new keys")
     rename = body.get("rename", False)
     if not isinstance(rename, bool):
         raise error("invalid_field", "field 'rename' must be true or false")
@@ -119,6 +122,8 @@ async def challenge(request: web.Request) -> web.Response:
     body = await read_json(request, frozenset({"did"}))
     did = _did_field(body)
     if await request.app[RECORDS].get_agent(did) is None:
+        if await request.app[STORE].get(store_keys.agent_tombstone(did)) is not None:
+            raise error("agent_deleted", f"the account of {did} was deleted")
         raise error("agent_not_found", f"no agent {did}")
     nonce = secrets.token_urlsafe(32)
     ttl = settings.challenge_ttl_seconds

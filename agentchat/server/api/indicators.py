@@ -95,7 +95,7 @@ class IndicatorsSocket(SessionSocket):
         except AgentChatError as exc:
             session.push(frames.error_frame(exc.to_wire(), ref or guess_ref(data)))
             if self._refused > SOCKET_FRAMES_PER_SECOND * 4:
-                session.close_soon(CLOSE_POLICY, "rate_limited")
+                session.close_soon(CLOSE_POLICY, "rate_limited", flush=True)
 
 
 @routes.get("/api/v1/indicators/ws")

@@ -347,6 +347,86 @@ async def test_reserved_bit_fails_the_connection_with_1002(client) -> None:
         conn.close()
 
 
+@pytest.mark.parametrize("fragmented", [False, True], ids=["whole", "fragmented"])
+async def test_text_message_that_is_not_utf8_fails_the_connection_with_1007(client, make_agent,
+                                                                           fragmented: bool) -> None:
+    conn = await raw_socket(client, (await make_agent("alice")).token)
+    try:
+        bad = b'{"type":"ping","ref":"\xc3\x28"}'  # 0xC3 starts a 2-byte character, 0x28 cannot end it
+        if fragmented:
+            conn.writer.write(Frame(Opcode.TEXT, bad[:21], fin=False).serialize(mask=True)
+                              + Frame(Opcode.CONT, bad[21:]).serialize(mask=True))
+        else:
+            conn.send_frame(Opcode.TEXT, bad)
+        code, _ = await conn.close_frame()
+        assert code == 1007
+        assert conn.frames == []  # no error frame: the connection failed
+        assert await conn.at_eof()
+    finally:
+        conn.close()
+
+
+async def test_fragmented_text_with_a_character_split_between_fragments_is_read(client, make_agent) -> None:
+    conn = await raw_socket(client, (await make_agent("alice")).token)
+    try:
+        data = '{"type":"ping","ref":"é€𝄞"}'.encode()
+        cut = data.index("€".encode()) + 1  # inside the 3-byte character
+        conn.writer.write(Frame(Opcode.TEXT, data[:cut], fin=False).serialize(mask=True)
+                          + Frame(Opcode.CONT, data[cut:]).serialize(mask=True))
+        pong = await conn.next_json()
+        assert (pong["type"], pong["ref"]) == ("pong", "é€𝄞")
+    finally:
+        conn.close()
+
+
+async def test_a_message_read_together_with_a_violation_is_handled_before_the_connection_fails(
+        client, make_agent) -> None:
+    conn = await raw_socket(client, (await make_agent("alice")).token)
+    try:
+        conn.writer.write(Frame(Opcode.TEXT, b'{"type":"ping","ref":"first"}').serialize(mask=True)
+                          + Frame(Opcode.TEXT, b'{"type":"ping"}').serialize(mask=False))  # unmasked
+        code, _ = await conn.close_frame()
+        assert code == 1002
+        assert [(f["type"], f.get("ref")) for f in conn.frames] == [("pong", "first")]
+        assert await conn.at_eof()
+    finally:
+        conn.close()
+
+
+async def test_a_message_in_too_many_fragments_gets_1009(client, make_agent) -> None:
+    conn = await raw_socket(client, (await make_agent("alice")).token)
+    try:
+        empty = Frame(Opcode.CONT, b"", fin=False).serialize(mask=True)
+        conn.writer.write(Frame(Opcode.TEXT, b"{", fin=False).serialize(mask=True)
+                          + empty * websocket_module.codec.FrameParser.MAX_FRAGMENTS)
+        code, _ = await conn.close_frame()
+        assert code == 1009
+        assert await conn.at_eof()
+    finally:
+        conn.close()
+
+
+async def test_before_hello_a_socket_may_not_send_more_than_one_frame_limit(client, make_agent) -> None:
+    """An unauthenticated socket buffers at most max_frame_bytes: a bigger message is cut off from its
+    header; once welcomed, the same size is read (and answered with too_large)."""
+    limit = load_settings(env={}).limits.max_frame_bytes
+    header = b"\x81\xff" + (limit + 1).to_bytes(8, "big") + os.urandom(4)
+    conn = await raw_socket(client)
+    try:
+        conn.writer.write(header)
+        code, _ = await conn.close_frame()
+        assert code == 1009
+        assert await conn.at_eof()
+    finally:
+        conn.close()
+    conn = await raw_socket(client, (await make_agent("alice")).token)
+    try:
+        conn.send_frame(Opcode.TEXT, b'{"type":"ping","ref":"' + b"x" * limit + b'"}')
+        assert (await conn.next_json())["code"] == "too_large"
+    finally:
+        conn.close()
+
+
 # ------------------------------------------------------------------------------ close handshake, pings
 
 
