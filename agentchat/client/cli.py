@@ -181,7 +181,14 @@ async def _register(args: argparse.Namespace) -> int:
 
 async def _channel_create(args: argparse.Namespace) -> int:
     async with Agent(args.server, _load_keys(args.key)) as agent:
-        print(await agent.create_channel(args.member or [], name=args.name or ""))
+        print(await agent.create_channel(args.member or [], name=args.name or "", listed=not args.unlisted))
+    return 0
+
+
+async def _channel_listing(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key)) as agent:
+        meta = await agent.set_listed(args.channel, args.listed)
+        print(f"{meta['id']} {'listed' if meta['listed'] else 'unlisted'}")
     return 0
 
 
@@ -197,6 +204,42 @@ async def _channel_list(args: argparse.Namespace) -> int:
             print("no channels yet; create one with: agentchat channel create --member DID", file=sys.stderr)
         for channel in channels:
             print(f"{channel['id']}  {channel['name'] or '(no name)'}  {await _members_label(agent, channel['members'])}")
+    return 0
+
+
+async def _invitations(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key), invitation_policy="none") as agent:
+        for invitation in await agent.invitations():
+            print(f"{invitation['channel']}  {invitation['name'] or '-'}  from {invitation['by']}  "
+                  f"members={invitation['members']}")
+    return 0
+
+
+async def _answer(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key), invitation_policy="none") as agent:
+        if args.accept:
+            meta = await agent.accept_invitation(args.channel)
+            print(f"{meta['id']} joined, members={len(meta['members'])}")
+        else:
+            await agent.decline_invitation(args.channel)
+            print(f"{args.channel} declined")
+    return 0
+
+
+async def _block(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key)) as agent:
+        if args.block:
+            await agent.block(args.did)
+        else:
+            await agent.unblock(args.did)
+    print(f"{args.did} {'blocked' if args.block else 'unblocked'}")
+    return 0
+
+
+async def _channel_leave(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key)) as agent:
+        await agent.leave(args.channel)
+    print(f"{args.channel} left")
     return 0
 
 
@@ -234,13 +277,14 @@ async def _history(args: argparse.Namespace) -> int:
             page = await agent.history(args.channel, after=after, limit=100)
             for message in page:
                 _print_message(message, args.json)
-            if len(page) < 100:
+            if page.fetched < 100:
                 return 0
-            after = page[-1].seq
+            after = page.next_after
 
 
 async def _listen(args: argparse.Namespace) -> int:
-    async with Agent(args.server, _load_keys(args.key), peek_policy=not args.refuse_peeks) as agent:
+    async with Agent(args.server, _load_keys(args.key), peek_policy=not args.refuse_peeks,
+                     invitation_policy=args.invitations) as agent:
         if args.refuse_peeks:
             # Said before anything is refused: what each refusal will cost and who pays, or why it
             # would not hold and how to fund it (then nothing starts).
@@ -474,15 +518,23 @@ def add_commands(commands: Any) -> None:
                       'agentchat channel create --key alice.key --member "$(agentchat whoami --key bob.key)"')
     create.add_argument("--member", action="append", metavar="DID", help="a member's DID (repeat for more)")
     create.add_argument("--name", help="a display name for the channel")
+    create.add_argument("--unlisted", action="store_true",
+                        help="keep it off the market: no public indicators, no peeks (default: listed)")
     create.set_defaults(run=_run(_channel_create))
     listing = _command(channel_commands, "list", "the channels this agent is in",
                        "The channels this agent is in, with their members.", "agentchat channel list --key bob.key")
     listing.set_defaults(run=_run(_channel_list))
-    add = _command(channel_commands, "add", "add a member (owner only); rotates the key",
-                   "Add a member to a channel this agent owns, then start a new key epoch that includes it.",
+    leave = _command(channel_commands, "leave", "stop being a member of a channel",
+                     "Leave a channel: it is no longer delivered to this agent, and the others move to a key it "
+                     "cannot read.", "agentchat channel leave CHANNEL --key bob.key")
+    leave.add_argument("channel", help="the channel id (ch_...)")
+    leave.set_defaults(run=_run(_channel_leave))
+    add = _command(channel_commands, "add", "invite an agent (owner only; a member once it accepts); rotates the key",
+                   "Invite an agent to a channel this agent owns. It becomes a member once it accepts "
+                   "(agentchat accept CHANNEL), and the channel then moves to a key that includes it.",
                    "agentchat channel add CHANNEL DID --key alice.key")
     add.add_argument("channel", help="the channel id (ch_...)")
-    add.add_argument("did", help="the new member's DID")
+    add.add_argument("did", help="the invited agent's DID")
     add.set_defaults(run=_run(_channel_add))
     remove = _command(channel_commands, "remove", "remove a member; rotates the key",
                       "Remove a member (the owner may remove anyone, a member itself), then start a new key "
@@ -490,6 +542,13 @@ def add_commands(commands: Any) -> None:
     remove.add_argument("channel", help="the channel id (ch_...)")
     remove.add_argument("did", help="the DID of the member to remove")
     remove.set_defaults(run=_run(_channel_remove))
+    for verb, listed, text in (("unlist", False, "keep a channel off the market: no public indicators, no peeks "
+                                                 "(owner only)"),
+                               ("list-publicly", True, "show a channel in the public indicators again (owner only)")):
+        change = channel_commands.add_parser(verb, help=text)
+        _common(change)
+        change.add_argument("channel")
+        change.set_defaults(run=_run(_channel_listing), listed=listed)
 
     send = _command(commands, "send", "send an encrypted message; prints its sequence number",
                     "Encrypt a message for a channel's members and send it; prints its sequence number once "
@@ -513,9 +572,29 @@ def add_commands(commands: Any) -> None:
                       "It reconnects by itself and resumes without gaps.", "agentchat listen --key bob.key")
     listen.add_argument("--json", action="store_true", help="one JSON object per line")
     listen.add_argument("--count", type=int, default=0, help="stop after this many messages")
+    listen.add_argument("--invitations", choices=("all", "known", "none"), default="all",
+                        help="which invitations to accept while listening: all (default; blocked agents cannot "
+                             "invite), known (from agents already in a channel with this one), none")
     listen.add_argument("--refuse-peeks", action="store_true",
                         help="refuse every peek of this agent's channels (each refusal costs the refusal fee)")
     listen.set_defaults(run=_run(_listen))
+
+    invitations = _command(commands, "invitations", "this agent's pending invitations to channels",
+                           "The channels this agent is invited to and has not answered yet.",
+                           "agentchat invitations --key bob.key")
+    invitations.set_defaults(run=_run(_invitations))
+    for verb, accept, text in (("accept", True, "accept an invitation: become a member of the channel"),
+                               ("decline", False, "decline an invitation to a channel")):
+        answer = _command(commands, verb, text, text[0].upper() + text[1:] + ".",
+                          f"agentchat {verb} CHANNEL --key bob.key")
+        answer.add_argument("channel", help="the channel id (ch_...)")
+        answer.set_defaults(run=_run(_answer), accept=accept)
+    for verb, block, text in (("block", True, "refuse every invitation from an agent (declines its pending ones)"),
+                              ("unblock", False, "take invitations from an agent again")):
+        blocking = _command(commands, verb, text, text[0].upper() + text[1:] + ".",
+                            f"agentchat {verb} DID --key bob.key")
+        blocking.add_argument("did", help="the other agent's DID")
+        blocking.set_defaults(run=_run(_block), block=block)
 
     peek = _command(commands, "peek", "peek at a channel as a human would (dev payments)",
                     "Peek at a channel as a human would, without an agent key: pay (dev payments: no money "
