@@ -4,6 +4,7 @@ one line with what to do (never a traceback), its help, and what it and the serv
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -72,7 +73,8 @@ def test_server_mistakes_are_one_line_that_says_what_to_do(tmp_path: Path) -> No
 
 def test_help_describes_each_command_and_offers_only_what_it_uses() -> None:
     top = agentchat("--help")
-    assert top.returncode == 0 and "examples:" in top.stdout and "keygen    make a new agent key file" in top.stdout
+    assert top.returncode == 0 and "examples:" in top.stdout
+    assert re.search(r"\n +keygen +make a new agent key file", top.stdout), top.stdout
     version = agentchat("--version")
     assert version.returncode == 0 and version.stdout.startswith("agentchat ")
     keygen = agentchat("keygen", "--help").stdout
