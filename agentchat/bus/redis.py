@@ -18,8 +18,8 @@ one lives in the store as well.
 
 URL: ``redis://[[user]:password@]host[:port][/db][?namespace=NAME&<redis-py options>]``; ``rediss://``
 for TLS. Every key and channel name starts with ``NAME:`` (default ``agentchat``), so several
-deployments or test runs can share one Redis. Redis Cluster is not supported yet (the sequencing
-script would need the counter and a sharded channel in one slot).
+deployments or test runs can share one Redis. A Redis Cluster is ``bus/redis_cluster.py``
+(``redis+cluster://``); these key strings stay as they are for a single Redis.
 """
 
 from __future__ import annotations
@@ -300,6 +300,12 @@ class _ConnectionLost(Exception):
 class RedisBus:
     """A ``Bus`` on Redis: see the module docstring."""
 
+    # The cluster bus publishes on sharded channels, with counters fenced by their master's id.
+    _publish_command = "PUBLISH"
+    _publish_sequenced = PUBLISH_SEQUENCED
+    _claim_and_publish = CLAIM_AND_PUBLISH
+    _seed_sequence = SEED_SEQUENCE
+
     def __init__(
         self,
         url: str,
@@ -532,7 +538,21 @@ class RedisBus:
     # -- pub/sub -------------------------------------------------------------------------------
 
     def _channel(self, topic: str) -> bytes:
-        return (self._topic_prefix + topic).encode()
+        return self._topic_name(topic).encode()
+
+    # -- names: ``<namespace>:<family><key>`` (the cluster bus puts a hash tag in the key) ----------
+
+    def _seq_name(self, counter: str) -> str:
+        return self._seq_prefix + counter
+
+    def _value_name(self, key: str) -> str:
+        return self._value_prefix + key
+
+    def _index_name(self, index: str) -> str:
+        return self._index_prefix + index
+
+    def _topic_name(self, topic: str) -> str:
+        return self._topic_prefix + topic
 
     async def subscribe(self, topic: str) -> None:
         """Returns once Redis confirmed the subscription, or at once while disconnected (the topic
@@ -576,19 +596,19 @@ class RedisBus:
                 pass  # not restored on reconnect: it is no longer in self._channels
 
     async def publish(self, topic: str, body: bytes) -> None:
-        await self._call("PUBLISH", self._topic_prefix + topic, b"0:" + body)
+        await self._call(self._publish_command, self._topic_name(topic), b"0:" + body)
 
     async def publish_sequenced(self, topic: str, counter: str, body: bytes) -> int | None:
-        seq = await self._run_script(PUBLISH_SEQUENCED, self._seq_prefix + counter, self._topic_prefix + topic, body)
+        seq = await self._run_script(self._publish_sequenced, self._seq_name(counter), self._topic_name(topic), body)
         return None if seq is None else int(seq)
 
     async def claim_and_publish(
         self, claim: str, mark: bytes, ttl: float, topic: str, counter: str, body: bytes
     ) -> int | bytes | None:
-        keys = [self._value_prefix + claim, self._seq_prefix + counter]
+        keys = [self._value_name(claim), self._seq_name(counter)]
         try:
-            reply = await self._commands.script(CLAIM_AND_PUBLISH, keys,
-                                                [mark, _ttl_ms(ttl), self._topic_prefix + topic, body])
+            reply = await self._commands.script(self._claim_and_publish, keys,
+                                                [mark, _ttl_ms(ttl), self._topic_name(topic), body])
         except _CONNECTION_ERRORS as exc:
             raise self._unavailable(exc) from exc
         outcome = int(reply[0])
@@ -599,53 +619,53 @@ class RedisBus:
         return None
 
     async def seed_sequence(self, counter: str, floor: int) -> None:
-        await self._run_script(SEED_SEQUENCE, self._seq_prefix + counter, int(floor))
+        await self._run_script(self._seed_sequence, self._seq_name(counter), int(floor))
 
     # -- values --------------------------------------------------------------------------------
 
     async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bytes | None:
-        existing = await self._run_script(SET_IF_ABSENT, self._value_prefix + key, value, _ttl_ms(ttl))
+        existing = await self._run_script(SET_IF_ABSENT, self._value_name(key), value, _ttl_ms(ttl))
         return None if existing is None else bytes(existing)
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
-        await self._call("SET", self._value_prefix + key, value, "PX", _ttl_ms(ttl))
+        await self._call("SET", self._value_name(key), value, "PX", _ttl_ms(ttl))
 
     async def set_many(self, items: Sequence[tuple[str, bytes]], ttl: float) -> None:
         if not items:
             return
-        keys = [self._value_prefix + key for key, _ in items]
+        keys = [self._value_name(key) for key, _ in items]
         args: list[Any] = [value for _, value in items]
         args.append(_ttl_ms(ttl))
         await self._run_script_many(SET_MANY, keys, args)
 
     async def get(self, key: str) -> bytes | None:
-        value = await self._call("GET", self._value_prefix + key)
+        value = await self._call("GET", self._value_name(key))
         return None if value is None else bytes(value)
 
     async def take(self, key: str) -> bytes | None:
-        value = await self._call("GETDEL", self._value_prefix + key)
+        value = await self._call("GETDEL", self._value_name(key))
         return None if value is None else bytes(value)
 
     async def delete(self, key: str) -> None:
-        await self._call("DEL", self._value_prefix + key)
+        await self._call("DEL", self._value_name(key))
 
     async def compare_and_set(self, key: str, expected: bytes | None, new: bytes, ttl: float) -> bool:
         ms = _ttl_ms(ttl)
         if expected is None:
-            done = await self._run_script(COMPARE_AND_SET, self._value_prefix + key, b"0", b"", new, ms)
+            done = await self._run_script(COMPARE_AND_SET, self._value_name(key), b"0", b"", new, ms)
         else:
-            done = await self._run_script(COMPARE_AND_SET, self._value_prefix + key, b"1", expected, new, ms)
+            done = await self._run_script(COMPARE_AND_SET, self._value_name(key), b"1", expected, new, ms)
         return bool(done)
 
     async def incr(self, key: str, ttl: float) -> int:
-        return int(await self._run_script(INCR, self._value_prefix + key, _ttl_ms(ttl)))
+        return int(await self._run_script(INCR, self._value_name(key), _ttl_ms(ttl)))
 
     # -- sorted indexes ------------------------------------------------------------------------
 
     async def index_add(self, items: Sequence[tuple[str, str, int]]) -> None:
         if not items:
             return
-        keys = [self._index_prefix + index for index, _, _ in items]
+        keys = [self._index_name(index) for index, _, _ in items]
         args: list[Any] = []
         for _, member, score in items:
             args += (check_index_score(score), member)
@@ -653,7 +673,7 @@ class RedisBus:
 
     async def index_range(self, index: str, min_score: int) -> list[tuple[str, int]]:
         flat = await self._call(
-            "ZRANGEBYSCORE", self._index_prefix + index, check_index_score(min_score), "+inf", "WITHSCORES"
+            "ZRANGEBYSCORE", self._index_name(index), check_index_score(min_score), "+inf", "WITHSCORES"
         )
         # Scores come back as doubles in text; every integer up to 2**53 is one exactly.
         return [(flat[i].decode(), int(float(flat[i + 1]))) for i in range(0, len(flat), 2)]
@@ -661,5 +681,5 @@ class RedisBus:
     async def index_remove(self, items: Sequence[tuple[str, str]]) -> None:
         if not items:
             return
-        keys = [self._index_prefix + index for index, _ in items]
+        keys = [self._index_name(index) for index, _ in items]
         await self._run_script_many(INDEX_REMOVE, keys, [member for _, member in items])
