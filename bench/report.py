@@ -111,6 +111,10 @@ TABLES: dict[str, tuple[str, list[Column], Callable[[Row], Any]]] = {
         ("p99 ms", lambda r: _latency(r, "p99"), 2),
         ("server CPU", lambda r: r.get("server_cpu"), 2),
         ("server core busy", lambda r: r.get("server_core_busy"), 2),
+        ("servers CPU ms/1,000", lambda r: r.get("server_cpu_ms_per_1000"), 3),
+        ("redis CPU ms/1,000", lambda r: r.get("redis_cpu_ms_per_1000"), 3),
+        ("in-process CPU ms/1,000", lambda r: r.get("inprocess_cpu_ms_per_1000"), 3),
+        ("efficiency vs in-process", lambda r: r.get("redis_bus_efficiency"), 2),
     ], lambda r: r.get("delivered_per_s")),
     "peek": ("peek under load", [
         ("peeks", lambda r: r.get("peeks"), 0),

@@ -584,9 +584,13 @@ async def multiprocess(fixture: fixtures.Fixture, options: Options) -> dict[str,
         tokens, _ = await fixtures.setup_agentchat(procs[0].http_base, fixture)
         jobs = fanout_jobs(fixture, tokens, [p.ws_url for p in procs], options, "agentchat", None)
 
+        samples: list[tuple[float, float]] = []  # (servers, redis-server) CPU seconds, window start and end
+
         def cpu() -> float:
             assert redis.proc is not None
-            return sum(p.cpu_seconds() for p in procs) + servers.proc_cpu_seconds(redis.proc.pid)
+            sample = (sum(p.cpu_seconds() for p in procs), servers.proc_cpu_seconds(redis.proc.pid))
+            samples.append(sample)
+            return sum(sample)
 
         row = await drive_fanout(jobs, options, "multiprocess", progress, cpu, procs[0].pid)
     finally:
@@ -594,8 +598,42 @@ async def multiprocess(fixture: fixtures.Fixture, options: Options) -> dict[str,
             p.stop()
         redis.stop()
     row.update({"workload": "multiprocess", "server": label, "processes": n})
-    progress.done(f"{row['delivered_per_s']:,} deliveries/s, p99 {row['latency_ms']['p99']} ms")
+    delivered = row["delivered_per_s"] * options.duration
+    if len(samples) >= 2 and delivered:
+        row["server_cpu_ms_per_1000"] = round((samples[-1][0] - samples[0][0]) * 1e6 / delivered, 3)
+        row["redis_cpu_ms_per_1000"] = round((samples[-1][1] - samples[0][1]) * 1e6 / delivered, 3)
+    # The in-process bus on the same fan-out shape, in the same run: the efficiency ratio's reference.
+    inproc = await _inprocess_reference(fixture, options, progress)
+    if inproc and row.get("server_cpu_ms_per_1000") is not None:
+        row["inprocess_cpu_ms_per_1000"] = inproc
+        bus_cost = row["server_cpu_ms_per_1000"] + row["redis_cpu_ms_per_1000"]
+        # deliveries per CPU-second on the Redis bus / the same on the in-process bus
+        row["redis_bus_efficiency"] = round(inproc / bus_cost, 3) if bus_cost else None
+    progress.done(f"{row['delivered_per_s']:,} deliveries/s, p99 {row['latency_ms']['p99']} ms, "
+                  f"efficiency {row.get('redis_bus_efficiency')}")
     return row
+
+
+async def _inprocess_reference(fixture: fixtures.Fixture, options: Options, progress: Progress) -> float | None:
+    """Server CPU ms per 1,000 deliveries of one in-process AgentChat on the same saturated fan-out."""
+    workdir = options.workdir / f"multi-ref-{time.monotonic_ns()}"
+    proc = servers.agentchat_server(workdir, options.server_cpus, tag="agentchat-reference").start()
+    try:
+        tokens, _ = await fixtures.setup_agentchat(proc.http_base, fixture)
+        jobs = fanout_jobs(fixture, tokens, [proc.ws_url], options, "agentchat", None)
+        samples: list[float] = []
+
+        def cpu() -> float:
+            samples.append(proc.cpu_seconds())
+            return samples[-1]
+
+        row = await drive_fanout(jobs, options, "multiprocess-reference", progress, cpu)
+    finally:
+        proc.stop()
+    delivered = row["delivered_per_s"] * options.duration
+    if not delivered or len(samples) < 2:
+        return None
+    return round((samples[-1] - samples[0]) * 1e6 / delivered, 3)
 
 
 async def watch_peek(http: Any, base: str, ws_url: str, channel: str, opened_at: float) -> dict[str, Any]:

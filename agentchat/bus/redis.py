@@ -5,7 +5,11 @@ task hands each message to the handler. Commands share one other connection, pip
 
 ``publish_sequenced`` is one Lua script: INCR the counter and PUBLISH ``b"<seq>:" + body`` in the same
 atomic step, so the order of the numbers is the order in which Redis delivers the messages, to every
-process. ``publish`` sends ``b"0:" + body``.
+process. ``publish`` sends ``b"0:" + body``. ``claim_and_publish`` calls of one event-loop turn on one
+channel are one script call (``CLAIM_AND_PUBLISH_MANY``) and one pub/sub message, ``b"*"`` then per
+message ``b"<seq>:<length>:" + body`` (every process of a deployment must read this: upgrade them
+together). Profiled on the multiprocess bench, the command connection's writes (one system call per
+turn, loopback TCP charged to the writer) and the per-message pub/sub replies dominated the bus's share.
 
 If the pub/sub connection breaks, the reader reconnects with exponential backoff and full jitter,
 subscribes again to every topic, then calls ``on_reconnect``; messages published in between are lost
@@ -79,6 +83,30 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local seq = redis.call('INCR', KEYS[2])
 redis.call('PUBLISH', ARGV[3], string.format('%d:', seq) .. ARGV[4])
 return {1, seq}
+""")
+# The claims and publishes of one event-loop turn on one channel, as one call and one message.
+# KEYS[1] counter, KEYS[1 + i] claim i; ARGV[1] ttl ms, ARGV[2] channel, ARGV[2 + 2i - 1] mark i,
+# ARGV[2 + 2i] body i. Each item as CLAIM_AND_PUBLISH, in order: {1, seq}, {0, value} or {2}. The
+# published messages go out as one pub/sub message: b"*" then, per message, b"<seq>:<length>:" + body.
+CLAIM_AND_PUBLISH_MANY = _Script("""
+local known = redis.call('EXISTS', KEYS[1]) == 1
+local out, parts = {}, {}
+for i = 2, #KEYS do
+  local current = redis.call('GET', KEYS[i])
+  if current then
+    out[#out + 1] = {0, current}
+  elseif not known then
+    out[#out + 1] = {2}
+  else
+    redis.call('SET', KEYS[i], ARGV[2 * i - 1], 'PX', ARGV[1])
+    local seq = redis.call('INCR', KEYS[1])
+    local body = ARGV[2 * i]
+    parts[#parts + 1] = string.format('%d:%d:', seq, #body) .. body
+    out[#out + 1] = {1, seq}
+  end
+end
+if #parts > 0 then redis.call('PUBLISH', ARGV[2], '*' .. table.concat(parts)) end
+return out
 """)
 # KEYS[i] key, ARGV[i] its value; ARGV[#KEYS + 1] ttl ms.
 SET_MANY = _Script("""
@@ -293,6 +321,31 @@ class _Commands:
             await asyncio.gather(*link.tasks, return_exceptions=True)
 
 
+def deliver(handler: BusHandler, topic: str, data: bytes) -> None:
+    """Hand one pub/sub payload to ``handler``: ``b"<seq>:" + body``, or a batch (``b"*"`` then, per
+    message, ``b"<seq>:<length>:" + body``) as one call per message, in order. A failing call is
+    logged and the next message still delivered."""
+    if data[:1] != b"*":
+        colon = data.find(b":")
+        _call_handler(handler, topic, int(data[:colon]), data[colon + 1 :])
+        return
+    at, end = 1, len(data)
+    while at < end:
+        colon = data.index(b":", at)
+        second = data.index(b":", colon + 1)
+        start = second + 1
+        stop = start + int(data[colon + 1 : second])
+        _call_handler(handler, topic, int(data[at:colon]), data[start:stop])
+        at = stop
+
+
+def _call_handler(handler: BusHandler, topic: str, seq: int, body: bytes) -> None:
+    try:
+        handler(topic, seq, body)
+    except Exception:  # one broken handler call must not stop the reader
+        log.exception("bus handler failed on topic %s", topic)
+
+
 class _ConnectionLost(Exception):
     """Resolves subscribe waiters when the pub/sub connection goes: the topic is restored later."""
 
@@ -305,6 +358,7 @@ class RedisBus:
     _publish_sequenced = PUBLISH_SEQUENCED
     _claim_and_publish = CLAIM_AND_PUBLISH
     _seed_sequence = SEED_SEQUENCE
+    _batch_sends = True  # claim_and_publish: one script call per channel and event-loop turn
 
     def __init__(
         self,
@@ -343,6 +397,7 @@ class RedisBus:
         self._reader: asyncio.Task[None] | None = None
         self._received = 0  # replies read on the pub/sub connection (for the health check)
         self._background: set[asyncio.Task[None]] = set()
+        self._send_batches: dict[tuple[str, str, int], list[tuple[str, bytes, bytes, asyncio.Future[Any]]]] = {}
         self._closing = False
 
     @classmethod
@@ -479,14 +534,9 @@ class RedisBus:
                 topic = channel_topics.get(reply[1])
                 if topic is None:
                     continue  # unsubscribed while the message was on its way
-                data = reply[2]
-                colon = data.find(b":")
                 handler = self._handler
                 if handler is not None:
-                    try:
-                        handler(topic, int(data[:colon]), data[colon + 1 :])
-                    except Exception:  # one broken handler call must not stop the reader
-                        log.exception("bus handler failed on topic %s", topic)
+                    deliver(handler, topic, reply[2])
             elif kind == b"subscribe":
                 waiters = self._waiters.get(reply[1])
                 if waiters:
@@ -603,6 +653,51 @@ class RedisBus:
         return None if seq is None else int(seq)
 
     async def claim_and_publish(
+        self, claim: str, mark: bytes, ttl: float, topic: str, counter: str, body: bytes
+    ) -> int | bytes | None:
+        if not self._batch_sends:
+            return await self._claim_and_publish_one(claim, mark, ttl, topic, counter, body)
+        # Sends of one event-loop turn on one channel become one script call and one pub/sub message
+        # (see CLAIM_AND_PUBLISH_MANY): a round trip, a script run and a delivery per channel rather
+        # than per message, on this process, on Redis and on every subscribed process.
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        batch = self._send_batches.get((topic, counter, _ttl_ms(ttl)))
+        if batch is None:
+            batch = self._send_batches[(topic, counter, _ttl_ms(ttl))] = []
+            if len(self._send_batches) == 1:
+                asyncio.get_running_loop().call_soon(self._flush_sends)
+        batch.append((self._value_name(claim), mark, body, future))
+        return await future
+
+    def _flush_sends(self) -> None:
+        batches, self._send_batches = self._send_batches, {}
+        for (topic, counter, ttl_ms), items in batches.items():
+            task = asyncio.create_task(self._send_batch(topic, counter, ttl_ms, items))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _send_batch(self, topic: str, counter: str, ttl_ms: int,
+                          items: list[tuple[str, bytes, bytes, asyncio.Future[Any]]]) -> None:
+        keys = [self._seq_name(counter), *(claim for claim, _, _, _ in items)]
+        args: list[Any] = [ttl_ms, self._topic_name(topic)]
+        for _, mark, body, _ in items:
+            args += (mark, body)
+        try:
+            replies = await self._commands.script(CLAIM_AND_PUBLISH_MANY, keys, args)
+        except BaseException as exc:
+            failure = self._unavailable(exc) if isinstance(exc, _CONNECTION_ERRORS) else exc
+            for _, _, _, future in items:
+                if not future.done():
+                    future.set_exception(failure)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for (_, _, _, future), reply in zip(items, replies):
+            if not future.done():
+                outcome = int(reply[0])
+                future.set_result(int(reply[1]) if outcome == 1 else bytes(reply[1]) if outcome == 0 else None)
+
+    async def _claim_and_publish_one(
         self, claim: str, mark: bytes, ttl: float, topic: str, counter: str, body: bytes
     ) -> int | bytes | None:
         keys = [self._value_name(claim), self._seq_name(counter)]

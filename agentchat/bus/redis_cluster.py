@@ -51,6 +51,7 @@ from agentchat.bus.redis import (
     _Commands,
     _ConnectionLost,
     _Script,
+    deliver,
 )
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,7 @@ class RedisClusterBus(RedisBus):
     _publish_sequenced = CLUSTER_PUBLISH_SEQUENCED
     _claim_and_publish = CLUSTER_CLAIM_AND_PUBLISH
     _seed_sequence = CLUSTER_SEED_SEQUENCE
+    _batch_sends = False  # TODO: a fenced CLAIM_AND_PUBLISH_MANY with SPUBLISH
 
     def __init__(self, url: str, **options: Any) -> None:
         seeds, single = _parse_cluster_url(url)
@@ -415,14 +417,9 @@ class RedisClusterBus(RedisBus):
                 topic = channel_topics.get(reply[1])
                 if topic is None:
                     continue
-                data = reply[2]
-                colon = data.find(b":")
                 handler = self._handler
                 if handler is not None:
-                    try:
-                        handler(topic, int(data[:colon]), data[colon + 1 :])
-                    except Exception:
-                        log.exception("bus handler failed on topic %s", topic)
+                    deliver(handler, topic, reply[2])
             elif kind == b"ssubscribe":
                 waiters = self._waiters.get(reply[1])
                 if waiters:

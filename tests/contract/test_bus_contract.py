@@ -394,3 +394,20 @@ async def test_claim_and_publish(nodes: tuple[Node, Node]) -> None:
     assert await a.bus.claim_and_publish("cid:ch:a:2", b"p:a", 30, "c:ch", "seq:ch", b"two") == 12
     await b.received.wait_count("c:ch", 2)
     assert b.received.on("c:ch") == [(11, b"one"), (12, b"two")]
+
+
+async def test_concurrent_claims_on_one_channel(nodes: tuple[Node, Node]) -> None:
+    """Many sends of one channel at once (one event-loop turn): each gets its own number, a client id
+    sent twice is claimed once, and every reader gets each body with its number, in order."""
+    a, b = nodes
+    await b.bus.subscribe("c:many")
+    await a.bus.seed_sequence("seq:many", 0)
+    bodies = [b"", b"*", b"1:2:", b"x" * 3000] + [f"m{i}".encode() for i in range(60)]
+    claims = [f"cid:many:s:{i}" for i in range(len(bodies))] + ["cid:many:s:0"]
+    outcomes = await asyncio.gather(*(a.bus.claim_and_publish(claim, b"p:a", 30, "c:many", "seq:many", body)
+                                      for claim, body in zip(claims, bodies + [b"again"])))
+    assert outcomes[-1] == b"p:a", "the same client id twice: the second finds the first's claim"
+    numbers = outcomes[:-1]
+    assert sorted(numbers) == list(range(1, len(bodies) + 1))  # type: ignore[type-var]
+    await b.received.wait_count("c:many", len(bodies))
+    assert b.received.on("c:many") == sorted(zip(numbers, bodies))  # type: ignore[arg-type]
