@@ -358,6 +358,7 @@ class RedisBus:
     _publish_sequenced = PUBLISH_SEQUENCED
     _claim_and_publish = CLAIM_AND_PUBLISH
     _seed_sequence = SEED_SEQUENCE
+    _claim_and_publish_many = CLAIM_AND_PUBLISH_MANY
     _batch_sends = True  # claim_and_publish: one script call per channel and event-loop turn
 
     def __init__(
@@ -683,7 +684,7 @@ class RedisBus:
         for _, mark, body, _ in items:
             args += (mark, body)
         try:
-            replies = await self._commands.script(CLAIM_AND_PUBLISH_MANY, keys, args)
+            replies = await self._commands.script(self._claim_and_publish_many, keys, args)
         except BaseException as exc:
             failure = self._unavailable(exc) if isinstance(exc, _CONNECTION_ERRORS) else exc
             for _, _, _, future in items:

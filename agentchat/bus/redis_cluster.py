@@ -83,6 +83,27 @@ local seq = redis.call('HINCRBY', KEYS[2], 'n', 1)
 redis.call('SPUBLISH', ARGV[3], string.format('%d:', seq) .. ARGV[4])
 return {1, seq}
 """)
+# As CLAIM_AND_PUBLISH_MANY of the single-Redis bus; ARGV[#ARGV] node id.
+CLUSTER_CLAIM_AND_PUBLISH_MANY = _FencedScript("""
+local known = redis.call('HGET', KEYS[1], 'owner') == ARGV[#ARGV]
+local out, parts = {}, {}
+for i = 2, #KEYS do
+  local current = redis.call('GET', KEYS[i])
+  if current then
+    out[#out + 1] = {0, current}
+  elseif not known then
+    out[#out + 1] = {2}
+  else
+    redis.call('SET', KEYS[i], ARGV[2 * i - 1], 'PX', ARGV[1])
+    local seq = redis.call('HINCRBY', KEYS[1], 'n', 1)
+    local body = ARGV[2 * i]
+    parts[#parts + 1] = string.format('%d:%d:', seq, #body) .. body
+    out[#out + 1] = {1, seq}
+  end
+end
+if #parts > 0 then redis.call('SPUBLISH', ARGV[2], '*' .. table.concat(parts)) end
+return out
+""")
 # KEYS[1] counter; ARGV[1] floor, ARGV[2] node id. Never lowers the counter; takes ownership.
 CLUSTER_SEED_SEQUENCE = _FencedScript("""
 local current = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
@@ -238,7 +259,7 @@ class RedisClusterBus(RedisBus):
     _publish_sequenced = CLUSTER_PUBLISH_SEQUENCED
     _claim_and_publish = CLUSTER_CLAIM_AND_PUBLISH
     _seed_sequence = CLUSTER_SEED_SEQUENCE
-    _batch_sends = False  # TODO: a fenced CLAIM_AND_PUBLISH_MANY with SPUBLISH
+    _claim_and_publish_many = CLUSTER_CLAIM_AND_PUBLISH_MANY
 
     def __init__(self, url: str, **options: Any) -> None:
         seeds, single = _parse_cluster_url(url)
