@@ -304,6 +304,12 @@ class RedisClusterBus(RedisBus):
         self._same_slot(self._seq_name(counter), self._topic_name(topic), self._value_name(claim))
         return await super().claim_and_publish(claim, mark, ttl, topic, counter, body)
 
+    async def read_counters(self, counters: Sequence[str]) -> list[int | None]:
+        # One HGET per counter (they live in different slots), pipelined per master. A value read
+        # from a promoted replica may be older; membership versions only ever look stale then.
+        values = await asyncio.gather(*(self._call("HGET", self._seq_name(counter), "n") for counter in counters))
+        return [None if value is None else int(value) for value in values]
+
     @staticmethod
     def _same_slot(*names: str) -> None:
         # A script may SPUBLISH to another slot without an error, reaching the wrong shard's readers.

@@ -28,6 +28,7 @@ from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
 from agentchat.core import frames
 from agentchat.errors import AgentChatError, error
+from agentchat.server.membership import MembershipSync, version_of
 from agentchat.server.metrics import LATENCY_SAMPLE_EVERY, Metrics
 from agentchat.server.session import CLOSE_REMOVED, Cursor, Session
 from agentchat.store.messages import MessageLog, MessageWriter, frame_seq
@@ -115,7 +116,7 @@ def _claim_sender(done: StoredClaim) -> str:
 class Room:
     """A channel with a presence in this process."""
 
-    __slots__ = ("id", "topic", "counter", "members", "epoch", "owner", "subscribers", "recent",
+    __slots__ = ("id", "topic", "counter", "members", "epoch", "owner", "version", "subscribers", "recent",
                  "complete_from", "last_seq", "last_used", "first_available")
 
     def __init__(self, meta: dict[str, Any]) -> None:
@@ -131,9 +132,10 @@ class Room:
         self.apply(meta)
 
     def apply(self, meta: dict[str, Any]) -> None:
-        self.members: frozenset[str] = frozenset(meta["members"])
+        self.members: frozenset[str] = frozenset(meta["members"])  # accepted members only
         self.epoch: int = meta["epoch"]
         self.owner: str = meta["owner"]
+        self.version: int = version_of(meta)  # of the membership (server/membership.py)
         # Lower numbers have expired (retention): history and resume say so rather than skip them.
         self.first_available: int = meta.get("first_available", 1)
 
@@ -193,6 +195,7 @@ class Hub:
         # Messages sequenced here per (channel, second of their ``ts``) since the indicators last took
         # them (server/indicators.py).
         self.sequenced: dict[tuple[str, int], int] = {}
+        self.membership = MembershipSync(self)
 
     def add_listener(self, listener: HubListener) -> None:
         """Tell ``listener`` from now on what ``HubListener`` lists (one listener per bus topic kind)."""
@@ -217,6 +220,7 @@ class Hub:
         self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="hub-heartbeat"))
         self._tasks.append(asyncio.create_task(self._claims_loop(), name="hub-claims"))
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="hub-sweep"))
+        self._tasks.append(asyncio.create_task(self.membership.run(), name="hub-membership"))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -259,7 +263,10 @@ class Hub:
             await asyncio.sleep(ROOM_IDLE_SECONDS / 4)
             now = time.monotonic()
             for channel, room in list(self.rooms.items()):
-                if not room.subscribers and now - room.last_used > ROOM_IDLE_SECONDS:
+                # A room whose messages this process has not compacted yet stays subscribed: a
+                # deletion of the channel must reach the writer before it writes a segment.
+                if not room.subscribers and now - room.last_used > ROOM_IDLE_SECONDS \
+                        and not self.writer.holds(channel):
                     del self.rooms[channel]
                     try:
                         await self.bus.unsubscribe(bus_keys.channel_messages(channel))
@@ -294,6 +301,7 @@ class Hub:
         # catches up from the store, from the last number it has; live messages are held meanwhile.
         log.warning("bus reconnected; catching up %d rooms from the store", len(self.rooms))
         self.metrics.bus_reconnects += 1
+        self.membership.reconnected()  # membership events published meanwhile were lost too
         readers: list[tuple[Session, Room, int]] = []
         for room in self.rooms.values():
             room.forget_recent()
@@ -317,6 +325,23 @@ class Hub:
             if not session.closed and room.id in session.cursors:
                 asyncio.get_running_loop().create_task(self._catch_up_safely(session, room, after))
 
+    def apply_channel(self, meta: dict[str, Any], event: dict[str, Any] | None = None) -> None:
+        """Bring the room of ``meta`` (if this process has one) to that record: a session whose agent
+        is no longer a member is detached and told ``removed``; the others get ``event``, if any."""
+        channel = meta["id"]
+        room = self.rooms.get(channel)
+        if room is None:
+            return
+        if version_of(meta) >= room.version:  # never back to an older read
+            room.apply(meta)
+        notice = frames.encode({"type": "channel", "channel": channel, **event}) if event else None
+        for session in list(room.subscribers):
+            if session.principal.is_agent and session.principal.subject not in room.members:
+                self.detach(session, channel)
+                session.push(frames.encode({"type": "channel", "channel": channel, "event": "removed"}))
+            elif notice is not None:
+                session.push(notice)
+
     async def _on_channel_event(self, channel: str, event: dict[str, Any]) -> None:
         if event.get("event") == "deleted":
             await self.channel_deleted(channel)
@@ -327,15 +352,7 @@ class Hub:
         meta = await self.records.get_channel(channel)
         if meta is None:
             return
-        room.apply(meta)
-        notice = frames.encode({"type": "channel", "channel": channel, **event})
-        for session in list(room.subscribers):
-            did = session.principal.subject
-            if session.principal.is_agent and did not in room.members:
-                self.detach(session, channel)
-                session.push(frames.encode({"type": "channel", "channel": channel, "event": "removed"}))
-            else:
-                session.push(notice)
+        self.apply_channel(meta, event)
         if event.get("event") == "peek_ended":
             for session in list(room.subscribers):
                 if not session.principal.is_agent and session.principal.subject == event.get("peek"):
@@ -371,6 +388,11 @@ class Hub:
     async def _on_agent_event(self, did: str, event: dict[str, Any]) -> None:
         if event.get("event") == "deleted":
             await self.agent_deleted(did)
+            return
+        if event.get("event") == "invited":  # told live; nothing is delivered until it accepts
+            frame = frames.encode({"type": "invitation", **{k: v for k, v in event.items() if k != "event"}})
+            for session in list(self.sessions.get(did, ())):
+                session.push(frame)
             return
         if event.get("event") != "added":
             return
@@ -625,6 +647,9 @@ class Hub:
         remember the client ids of the latest stored messages so retries stay idempotent."""
         tail = await self.history.tail(channel, RECENT_MESSAGES)
         last = frame_seq(tail[-1]) if tail else 0
+        room = self.rooms.get(channel)
+        if room is not None:  # what was stored may all have expired: the numbers below stay used
+            last = max(last, room.first_available - 1)
         floor = last + self.reseed_gap
         for frame in tail:
             record = orjson.loads(frame)

@@ -312,3 +312,28 @@ async def test_stale_index_entries_are_dropped_by_readers(make_process: ProcessM
     await proc.bus.index_add([(wal_index("ch_s"), keys.wal("gone", 1), 5)])
     assert seqs(await proc.log.read("ch_s", 0, 10)) == []
     assert await proc.bus.index_range(wal_index("ch_s"), 0) == []
+
+
+async def test_a_segment_expired_between_listing_and_reading_leaves_the_rest_readable(
+        make_process: ProcessMaker) -> None:
+    writer_proc = await make_process()
+    await writer_proc.store_messages("ch_x", [1, 2, 3])
+    await writer_proc.writer.compact(["ch_x"])
+    await writer_proc.store_messages("ch_x", [4, 5, 6])
+    await writer_proc.writer.compact(["ch_x"])
+    oldest = keys.segment("ch_x", 1, 3)
+    store = writer_proc.store
+
+    class ExpiresWhileRead:
+        """The store as a reader sees it while the retention pass deletes the oldest segment."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        async def get(self, key: str) -> Any:
+            if key == oldest:
+                await store.delete(key)
+            return await store.get(key)
+
+    log = MessageLog(ExpiresWhileRead(), writer_proc.bus)  # type: ignore[arg-type]
+    assert seqs(await log.read("ch_x", 0, 100)) == [4, 5, 6]

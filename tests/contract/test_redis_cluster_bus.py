@@ -25,7 +25,8 @@ def test_a_channel_s_names_share_one_hash_tag() -> None:
     channel = "ch_abc"
     names = [tagged(bus_keys.channel_messages(channel)), tagged(bus_keys.channel_events(channel)),
              tagged(bus_keys.sequence_counter(channel)), tagged(bus_keys.send_claim(channel, "did:x", "c1")),
-             tagged(bus_keys.wal_index(channel)), tagged(bus_keys.indicator_counter(channel))]
+             tagged(bus_keys.wal_index(channel)), tagged(bus_keys.indicator_counter(channel)),
+             tagged(bus_keys.membership_version(channel))]
     assert all("{ch_abc}" in name for name in names)
     assert tagged(bus_keys.send_claim(channel, "did:x", "c1")) == "cid:{ch_abc}:did:x:c1"
     assert tagged(bus_keys.heartbeat("p1")) == "proc:p1"  # no channel: hashed as a whole
