@@ -116,6 +116,13 @@ TABLES: dict[str, tuple[str, list[Column], Callable[[Row], Any]]] = {
         ("in-process CPU ms/1,000", lambda r: r.get("inprocess_cpu_ms_per_1000"), 3),
         ("efficiency vs in-process", lambda r: r.get("redis_bus_efficiency"), 2),
     ], lambda r: r.get("delivered_per_s")),
+    "sessions-mp": ("idle sessions across processes (Redis bus)", [
+        ("processes", lambda r: r.get("processes"), 0),
+        ("sessions", lambda r: r.get("sessions"), 0),
+        ("connect s", lambda r: r.get("connect_s"), 1),
+        ("servers RSS MB", lambda r: r.get("rss_mb"), 1),
+        ("KB/session", lambda r: r.get("kb_per_session"), 2),
+    ], lambda r: r.get("kb_per_session")),
     "peek": ("peek under load", [
         ("peeks", lambda r: r.get("peeks"), 0),
         ("outcomes", lambda r: ", ".join(f"{k} {v}" for k, v in sorted((r.get("outcomes") or {}).items())) or None, 0),

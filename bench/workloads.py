@@ -30,7 +30,7 @@ from bench import servers
 from bench.progress import Progress
 from bench.stats import Histogram, cpu_share, latency_summary_ms, rate
 
-WORKLOADS = ("fanout", "paced", "idle", "storm", "persistence", "peek", "multiprocess")
+WORKLOADS = ("fanout", "paced", "idle", "storm", "persistence", "peek", "multiprocess", "sessions-mp")
 # What "all" runs, in order; ``fanout`` and ``paced`` are the two modes of the fan-out workload.
 ALL_WORKLOADS = WORKLOADS
 PEER_WORKLOADS = {"fanout", "paced", "idle", "storm"}
@@ -634,6 +634,61 @@ async def _inprocess_reference(fixture: fixtures.Fixture, options: Options, prog
     if not delivered or len(samples) < 2:
         return None
     return round((samples[-1] - samples[0]) * 1e6 / delivered, 3)
+
+
+async def sessions_across_processes(options: Options) -> dict[str, Any]:
+    """``--sessions`` idle authenticated sessions over as many AgentChat processes on one Redis bus as
+    the open-files limit requires (at least ``--mp-processes``); clients come from several 127.0.0.x
+    addresses. Reports the servers' RSS per session and the time to connect them all."""
+    cap = servers.fd_hard_limit() - 200
+    sessions = options.idle_sessions
+    n = max(options.mp_processes, math.ceil(sessions / cap))
+    label = f"agentchat x{n} (redis)"
+    progress = Progress(f"sessions {label}")
+    workdir = options.workdir / f"sessions-{time.monotonic_ns()}"
+    redis = servers.RedisServer(servers.free_port(), workdir / "redis", options.server_cpus).start()
+    procs: list[servers.ServerProcess] = []
+    try:
+        for i in range(n):
+            procs.append(servers.agentchat_server(workdir, options.server_cpus, bus=redis.url,
+                                                  store=workdir / "store", tag=f"agentchat-{i}").start())
+        progress.update(0.0, "registering agents")
+        _, tokens = await fixtures.setup_agentchat(procs[0].http_base, None,
+                                                   extra_agents=min(sessions, options.idle_agents))
+        await asyncio.sleep(1.0)
+        rss_before = [p.rss_bytes() for p in procs]
+        jobs: list[dict[str, Any]] = []
+        for i, (proc, share) in enumerate(zip(procs, split(list(range(sessions)), n))):
+            jobs += session_jobs("agentchat", proc.ws_url, tokens[i:] + tokens[:i], len(share), options, "idle",
+                                 200 // n or 1)
+        generators = Generators(jobs, options, "sessions-mp")
+        try:
+            progress.update(0.1, f"opening {sessions:,} sessions on {n} processes")
+            started = time.monotonic()
+            ready = await generators.start()
+            connect_s = time.monotonic() - started
+            opened = sum(r["clients"] for r in ready)
+            await asyncio.sleep(2.0)
+            rss_after = [p.rss_bytes() for p in procs]
+            generators.send("go 0")
+            generators.send("stop")
+            await generators.collect(60)
+        finally:
+            await generators.stop()
+    finally:
+        for p in procs:
+            p.stop()
+        redis.stop()
+    row: dict[str, Any] = {"workload": "sessions-mp", "server": label, "processes": n, "sessions": opened,
+                           "failures": sum(r["failures"] for r in ready), "connect_s": round(connect_s, 1),
+                           "rss_mb": round(sum(rss_after) / 2**20, 1)}
+    if opened:
+        row["kb_per_session"] = round((sum(rss_after) - sum(rss_before)) / opened / 1024, 2)
+    first = next((r["first_failure"] for r in ready if r["failures"]), "")
+    if first:
+        row["first_error"] = first
+    progress.done(f"{opened:,} sessions on {n} processes in {connect_s:.1f} s, {row.get('kb_per_session')} KB each")
+    return row
 
 
 async def watch_peek(http: Any, base: str, ws_url: str, channel: str, opened_at: float) -> dict[str, Any]:

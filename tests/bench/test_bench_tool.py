@@ -148,6 +148,13 @@ def test_headline_is_cpu_per_delivery_and_p99_at_equal_load() -> None:
     assert "≥ 2.00x" in report.table(rows, "fanout")
 
 
+def test_sessions_across_processes_table() -> None:
+    row = {"workload": "sessions-mp", "server": "agentchat x6 (redis)", "processes": 6, "sessions": 100_000,
+           "connect_s": 41.5, "rss_mb": 400.0, "kb_per_session": 2.1}
+    text = report.table([row], "sessions-mp")
+    assert "| agentchat x6 (redis) | 6 | 100,000 | 41.5 | 400.0 | 2.10 |" in text
+
+
 def test_render_and_files(tmp_path: Path) -> None:
     run = run_of(ROWS)
     text = report.render(run)
