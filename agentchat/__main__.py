@@ -10,6 +10,8 @@ import argparse
 import gc
 import logging
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 from agentchat.config import ConfigError, load_settings, redact_url
 
@@ -44,7 +46,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings(host=args.host, port=args.port, bus=args.bus, store=args.store,
-                                 payments=args.payments, log_level=args.log_level)
+                                 payments=args.payments, log_level=args.log_level,
+                                 allow_dev_payments_public=args.allow_dev_payments_public or None)
     except ConfigError as exc:
         print(f"agentchat: {exc}", file=sys.stderr)
         return 2
@@ -64,14 +67,19 @@ def _serve(args: argparse.Namespace) -> int:
             "this process may open only %d files, so it holds fewer than %d sessions at once; raise the "
             "hard limit (ulimit -Hn, LimitNOFILE= in a systemd unit, --ulimit nofile= for docker run)",
             open_files, open_files)
-    app = build_app(settings)
+    app = build_app(settings, extra_contexts=args.app_contexts)
     # What is loaded by now lives as long as the process: no collection needs to scan it again.
     gc.freeze()
     # Young collections every 10,000 allocations instead of 700: per-message objects die before they
-    # are promoted, so full collections (40-60 ms of CPU each under fan-out, every ~2 s with the
-    # defaults) become ten times rarer. They set the tail of delivery and peek-deadline latency.
+    # are promoted, so full collections (tens of milliseconds of CPU each under fan-out) become ten
+    # times rarer. They set the tail of delivery and peek-deadline latency (bench/README.md,
+    # "Measurements behind constants").
     gc.set_threshold(10_000, 10, 10)
-    run(app, settings.host, settings.port, shutdown_timeout=10.0)
+    try:
+        run(app, settings.host, settings.port, shutdown_timeout=10.0)
+    except ConfigError as exc:  # found at startup (the token secret needs the store)
+        print(f"agentchat: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -85,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--store", help="file://./data (default) or s3://bucket?endpoint=...")
     serve.add_argument("--payments", help="dev:// (default) or stripe://")
     serve.add_argument("--log-level", help="debug, info (default), warning, error")
+    serve.add_argument("--allow-dev-payments-on-public-address", dest="allow_dev_payments_public",
+                       action="store_true", help="serve dev:// payments (no money moves) on an address other "
+                                                 "than loopback")
     serve.set_defaults(run=_serve)
     from agentchat.client import cli
 
@@ -95,8 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, app_contexts: Sequence[Any] = ()) -> int:
+    """``app_contexts``: for ``serve``, ``cleanup_ctx`` entries added to the application
+    (``build_app(extra_contexts=...)``), so a tool can watch the server ``agentchat serve`` runs."""
     args = build_parser().parse_args(argv)
+    args.app_contexts = app_contexts
     return int(args.run(args) or 0)
 
 

@@ -12,6 +12,7 @@ Anything the parser does not understand is rejected with a sentence, never silen
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ class Limits:
     send_queue_max: int = 4096
     # Messages sequenced but not yet stored, per process, before sends get ``store_unavailable``.
     pending_writes_max: int = 50_000
+    # Open WebSockets per client address and process (behind trusted proxies, the forwarded address);
+    # 0: no cap. Agents behind one NAT share an address, hence the generous default.
+    max_connections_per_address: int = 256
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,11 @@ class Settings:
     bus: str = "memory://"
     store: str = "file://./data"
     payments: str = "dev://"
-    # Signs session tokens. Empty: a random secret is made once and kept in the store.
+    # Signs session tokens (text, or base64:... for raw bytes; 32 bytes or more). Empty: one process on
+    # the directory store makes one and keeps it in a 0600 file there (server/token_secret.py).
     token_secret: str = ""
+    # Also accepted when checking tokens, never for signing: the old secret while rotating.
+    token_secret_previous: str = ""
     token_ttl_seconds: int = 3600
     challenge_ttl_seconds: int = 60
     # Group commit (store/messages.py): a batch is written when it holds this many messages, or when
@@ -107,6 +114,9 @@ class Settings:
     retention_check_seconds: float = 600.0
     # Bearer token for /metrics; empty: /metrics answers loopback clients only.
     metrics_token: str = ""
+    # dev:// payments move no money: anyone could peek for free. They are refused on an address other
+    # than loopback unless this says it is meant (a demo, a container behind its own firewall).
+    allow_dev_payments_public: bool = False
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -127,6 +137,21 @@ class Settings:
             raise ConfigError("retention_check_seconds must be a positive number of seconds")
         if not 0 < self.port < 65536 and self.port != 0:
             raise ConfigError(f"port {self.port} is out of range")
+        if scheme_of(self.payments) == "dev" and not is_loopback_host(self.host) and not self.allow_dev_payments_public:
+            raise ConfigError(
+                f"dev:// payments move no money, so anyone reaching {self.host} could peek for free: use "
+                "--payments stripe://, listen on 127.0.0.1, or pass --allow-dev-payments-on-public-address "
+                "(AGENTCHAT_ALLOW_DEV_PAYMENTS_PUBLIC=1) if that is meant")
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether listening on ``host`` reaches this machine only (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost: it may resolve to anything
+        return False
 
 
 _SECRET_PARAMS = {"secret_key", "access_key", "password", "token"}
@@ -151,6 +176,13 @@ def _coerce(name: str, raw: str, kind: type) -> object:
             return int(raw)
         except ValueError:
             raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if kind is bool:
+        value = raw.strip().lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{name} must be 1 or 0 (true or false), got {raw!r}")
     if kind is float:
         try:
             return float(raw)
@@ -160,7 +192,7 @@ def _coerce(name: str, raw: str, kind: type) -> object:
 
 
 def _field_types(cls: type) -> dict[str, type]:
-    hints = {"int": int, "str": str, "float": float}
+    hints = {"int": int, "str": str, "float": float, "bool": bool}
     return {f.name: hints.get(str(f.type), str) for f in dataclasses.fields(cls) if f.name != "limits"}
 
 

@@ -252,14 +252,16 @@ def agentchat_server(workdir: Path, cpus: str | None, *, bus: str = "memory://",
                      tag: str = "agentchat", env: dict[str, str] | None = None) -> ServerProcess:
     """``python -m agentchat serve`` on a free port with a store directory under ``workdir``.
 
-    The per-address limit of the auth routes is raised (every bench agent registers from 127.0.0.1);
+    The per-address limit of the auth routes is raised and the per-address socket cap lifted (every
+    bench agent registers from 127.0.0.1, and a source address carries up to 20,000 sockets);
     everything else runs with the defaults.
     """
     port = free_port()
     store_dir = store or (workdir / f"{tag}-store")
     command = pinned([sys.executable, "-m", "agentchat", "serve", "--port", str(port), "--store", f"file://{store_dir}",
                       "--bus", bus, "--log-level", "warning"], cpus)
-    env = {"AGENTCHAT_AUTH_REQUESTS_PER_SECOND": "1000000", "PYTHONPATH": str(REPO), **(env or {})}
+    env = {"AGENTCHAT_AUTH_REQUESTS_PER_SECOND": "1000000", "AGENTCHAT_MAX_CONNECTIONS_PER_ADDRESS": "0",
+           "PYTHONPATH": str(REPO), **(env or {})}
     return ServerProcess(tag, command, port, REPO, env, workdir / f"{tag}.log", "/api/v1/ws", "/health")
 
 

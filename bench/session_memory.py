@@ -106,57 +106,51 @@ def report(sessions: int, rss: int, before: tuple[Counter[str], Counter[str]],
 
 
 async def measure(sessions: int, warmup: int, trace: bool) -> None:
-    from aiohttp import web
-
     from agentchat import crypto
     from agentchat.config import load_settings
-    from agentchat.server.app import build_app
-    from agentchat.server.appkeys import METRICS, TOKENS
-    from agentchat.server.connections import AgentChatRunner
+    from agentchat.server.embedded import embedded_server
 
     with tempfile.TemporaryDirectory() as data:
-        app = build_app(load_settings(env={}, store=f"file://{data}/data", token_secret="s" * 40))
-        runner = AgentChatRunner(app, access_log=None)  # as agentchat serve
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"ws://127.0.0.1:{runner.addresses[0][1]}/api/v1/ws"
-        tokens = [app[TOKENS].issue("agent", crypto.AgentKeys.generate().did)[0] for _ in range(AGENTS)]
-        clients = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.session_memory", "--clients", cwd=REPO,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, limit=1 << 24)
-        assert clients.stdin is not None and clients.stdout is not None
+        # Every session comes from 127.0.0.1: no per-address socket cap.
+        settings = load_settings(env={}, store=f"file://{data}/data", token_secret="s" * 40,
+                                 max_connections_per_address=0)
+        async with embedded_server(settings) as server:
+            url = server.url("/api/v1/ws", scheme="ws")
+            tokens = [server.issue_token("agent", crypto.AgentKeys.generate().did) for _ in range(AGENTS)]
+            clients = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bench.session_memory", "--clients", cwd=REPO,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, limit=1 << 24)
+            assert clients.stdin is not None and clients.stdout is not None
 
-        async def hold(count: int) -> None:
-            command = {"url": url, "tokens": [tokens[i % AGENTS] for i in range(count)]}
-            clients.stdin.write(json.dumps(command).encode() + b"\n")
-            await clients.stdin.drain()
-            answer = json.loads(await clients.stdout.readline())
-            if answer.get("error"):
-                raise SystemExit(f"clients: {answer['error']}")
+            async def hold(count: int) -> None:
+                command = {"url": url, "tokens": [tokens[i % AGENTS] for i in range(count)]}
+                clients.stdin.write(json.dumps(command).encode() + b"\n")
+                await clients.stdin.drain()
+                answer = json.loads(await clients.stdout.readline())
+                if answer.get("error"):
+                    raise SystemExit(f"clients: {answer['error']}")
 
-        try:
-            await hold(warmup)
-            await asyncio.sleep(1.0)
-            if trace:
-                tracemalloc.start(12)
-            gc.collect()
-            rss = rss_bytes()
-            first = tracemalloc.take_snapshot() if trace else None
-            before = objects_by_type()
-            await hold(sessions)
-            await asyncio.sleep(2.0)
-            gc.collect()
-            rss = rss_bytes() - rss
-            after = objects_by_type()
-            second = tracemalloc.take_snapshot() if trace else None
-            print(f"{app[METRICS].sessions:,} sessions open ({warmup:,} warm-up), loop "
-                  f"{type(asyncio.get_running_loop()).__module__}")
-            report(sessions, rss, before, after, (first, second) if trace else None)
-        finally:
-            clients.stdin.close()
-            await clients.wait()
-            await runner.cleanup()
+            try:
+                await hold(warmup)
+                await asyncio.sleep(1.0)
+                if trace:
+                    tracemalloc.start(12)
+                gc.collect()
+                rss = rss_bytes()
+                first = tracemalloc.take_snapshot() if trace else None
+                before = objects_by_type()
+                await hold(sessions)
+                await asyncio.sleep(2.0)
+                gc.collect()
+                rss = rss_bytes() - rss
+                after = objects_by_type()
+                second = tracemalloc.take_snapshot() if trace else None
+                print(f"{server.open_sessions:,} sessions open ({warmup:,} warm-up), loop "
+                      f"{type(asyncio.get_running_loop()).__module__}")
+                report(sessions, rss, before, after, (first, second) if trace else None)
+            finally:
+                clients.stdin.close()
+                await clients.wait()
 
 
 async def hold_sessions() -> None:

@@ -143,27 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     watch = Watch(args.threshold_ms, args.census)
     gc.callbacks.append(watch.on_gc)
 
-    from agentchat.server import app as server_app
+    async def heartbeat(app: Any) -> Any:
+        task = asyncio.get_running_loop().create_task(watch.heartbeat(), name="stalls-heartbeat")
+        yield
+        task.cancel()
 
-    build_app = server_app.build_app
-
-    def watched_app(*build_args: Any, **build_kwargs: Any) -> Any:
-        app = build_app(*build_args, **build_kwargs)
-
-        async def heartbeat(app: Any) -> Any:
-            task = asyncio.get_running_loop().create_task(watch.heartbeat(), name="stalls-heartbeat")
-            yield
-            task.cancel()
-
-        app.cleanup_ctx.append(heartbeat)
-        return app
-
-    server_app.build_app = watched_app
     from agentchat.__main__ import main as agentchat_main
 
     started = time.perf_counter()
     try:
-        code = agentchat_main(["serve", *serve])
+        code = agentchat_main(["serve", *serve], app_contexts=[heartbeat])
     finally:
         print(report(watch, time.perf_counter() - started), file=sys.stderr, flush=True)
     return code

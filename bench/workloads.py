@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import secrets
 import os
 import shutil
 import signal
@@ -578,9 +579,10 @@ async def multiprocess(fixture: fixtures.Fixture, options: Options) -> dict[str,
     redis = servers.RedisServer(servers.free_port(), workdir / "redis", options.server_cpus).start()
     procs: list[servers.ServerProcess] = []
     try:
+        secret = {"AGENTCHAT_TOKEN_SECRET": secrets.token_hex(32)}  # shared: every process signs alike
         for i in range(n):
             procs.append(servers.agentchat_server(workdir, options.server_cpus, bus=redis.url,
-                                                  store=workdir / "store", tag=f"agentchat-{i}").start())
+                                                  store=workdir / "store", tag=f"agentchat-{i}", env=secret).start())
         tokens, _ = await fixtures.setup_agentchat(procs[0].http_base, fixture)
         jobs = fanout_jobs(fixture, tokens, [p.ws_url for p in procs], options, "agentchat", None)
 

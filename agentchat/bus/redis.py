@@ -32,7 +32,6 @@ import asyncio
 import hashlib
 import logging
 import math
-import random
 import re
 import time
 from collections import deque
@@ -51,6 +50,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import BusHandler, check_index_score
+from agentchat.core.backoff import Backoff
 from agentchat.errors import AgentChatError, error
 
 log = logging.getLogger(__name__)
@@ -474,18 +474,16 @@ class RedisBus:
     async def _run(self, conn: AbstractConnection | None) -> None:
         """Read the pub/sub connection forever, making it again whenever it breaks."""
         reconnected = False
-        attempt = 0
+        backoff = Backoff(RECONNECT_BASE, self._reconnect_max_delay)
         while not self._closing:
             if conn is None:
-                delay = random.uniform(0, min(self._reconnect_max_delay, RECONNECT_BASE * 2**attempt))
-                attempt += 1
-                await asyncio.sleep(delay)
+                await asyncio.sleep(backoff.next_delay())
                 try:
                     conn = await self._connect()
                 except _CONNECTION_ERRORS as exc:
-                    log.warning("bus: cannot reconnect to %s (attempt %d): %s", self.location, attempt, exc)
+                    log.warning("bus: cannot reconnect to %s (attempt %d): %s", self.location, backoff.attempts, exc)
                     continue
-                attempt = 0
+                backoff.reset()
             watchdog = asyncio.create_task(self._watch(conn))
             try:
                 if reconnected:

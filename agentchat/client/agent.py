@@ -31,11 +31,14 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from agentchat import crypto
+from agentchat.core.backoff import Backoff
 from agentchat.core.frames import split_frames
+from agentchat.core.rfc6455 import CLOSE_NORMAL
 
 log = logging.getLogger(__name__)
 
 TOKEN_REFRESH_MARGIN = 60.0  # seconds before expiry when a new token is fetched
+RECONNECT_BASE_DELAY = 0.1
 RECONNECT_MAX_DELAY = 5.0
 SEEN_CLIENT_IDS = 4096
 PEEK_REPLY_TIMEOUT = 30.0
@@ -608,7 +611,7 @@ class Agent:
         return base + "/api/v1/ws"
 
     async def _socket_loop(self) -> None:
-        delay = 0.1
+        backoff = Backoff(RECONNECT_BASE_DELAY, RECONNECT_MAX_DELAY)
         while not self._closing:
             try:
                 async with websockets.connect(self._ws_url(), max_size=4 * 1024 * 1024,
@@ -616,7 +619,7 @@ class Agent:
                     await ws.send(orjson.dumps({"type": "hello", "token": await self.token(),
                                                 "resume": dict(self._last_seq)}).decode())
                     self._ws = ws
-                    delay = 0.1
+                    backoff.reset()
                     await self._read(ws)
             except asyncio.CancelledError:
                 raise
@@ -632,8 +635,7 @@ class Agent:
             if self._closing:
                 return
             self.reconnects += 1
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+            await asyncio.sleep(backoff.next_delay())
 
     async def _read(self, ws: ClientConnection) -> None:
         async for data in ws:
@@ -668,7 +670,7 @@ class Agent:
                     self._in_background(self._answer_invitation(frame))
                 else:
                     await self.events.put(frame)
-        if ws.close_code is not None and ws.close_code != 1000:
+        if ws.close_code is not None and ws.close_code != CLOSE_NORMAL:
             log.info("socket closed by server: %s %s", ws.close_code, ws.close_reason)
 
     def _on_error(self, frame: dict[str, Any]) -> None:

@@ -25,6 +25,11 @@ CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 CHANNEL_ID_RE = re.compile(r"^ch_[A-Za-z0-9_-]{16,32}\Z")
 PEEK_ID_RE = re.compile(r"^pk_[A-Za-z0-9_-]{16,32}\Z")
 B64URL_RE = re.compile(r"^[A-Za-z0-9_-]*\Z")
+# Close codes of the AgentChat protocol (4000-4999, the application's own; listed in protocol/frames.md, section 11).
+CLOSE_AUTH = 4001  # no valid token, or a first frame that is not a valid hello
+CLOSE_REMOVED = 4003  # the token's access ended (a peek's time is up, removed from the channel)
+CLOSE_SLOW_CONSUMER = 4008  # the socket's send queue overflowed
+
 MAX_EPOCH = 2**31 - 1
 MAX_SEQ = 2**63 - 1
 

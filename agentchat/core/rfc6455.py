@@ -40,6 +40,7 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_NO_STATUS = 1005  # never sent: what a close frame without a payload means
 CLOSE_INVALID_DATA = 1007
+CLOSE_POLICY = 1008  # policy violation (AgentChat: a socket that kept flooding)
 CLOSE_TOO_BIG = 1009
 # Not an opcode of RFC 6455: the pseudo-frame a connection queues to fail itself once the messages
 # that arrived before a protocol violation are handled (payload: 2-byte close code, then the reason).

@@ -1,7 +1,8 @@
 """Payments: holding, taking and releasing money at a payment provider.
 
 Implementations: ``dev`` (the default: no money moves, holds succeed at once) and ``stripe``
-(PaymentIntents with manual capture). Both pass ``tests/server/test_peeks_payments.py``.
+(PaymentIntents with manual capture). The peek flow runs on ``dev`` in ``tests/server/test_peeks.py``
+and on Stripe (localstripe) in ``tests/server/test_peeks_stripe.py``.
 
 Two kinds of holds exist: the peek's price, paid by the human who peeks (``authorize``; the browser
 completes it), and a refusal fee charged to an agent's card on file (``hold_off_session``; no human

@@ -24,7 +24,7 @@ import orjson
 
 from agentchat.core.ledger import Entry, EntryKind, Ledger, LedgerError
 from agentchat.store import keys as store_keys
-from agentchat.store.base import ObjectStore, PreconditionFailed
+from agentchat.store.base import ObjectStore, PreconditionFailed, list_all
 
 # Reading an account's entries: this many objects fetched at once.
 READ_CONCURRENCY = 32
@@ -98,7 +98,7 @@ class LedgerStore:
 
     async def entries(self, account: str) -> list[Entry]:
         """Every entry on ``account``, oldest first."""
-        keys = await self._list(store_keys.ledger_account_prefix(account))
+        keys = await list_all(self.store, store_keys.ledger_account_prefix(account))
         entries = await self._read_many(keys)
         return sorted(entries, key=lambda e: (e.created_at, e.txn_id))
 
@@ -109,22 +109,12 @@ class LedgerStore:
         """Every transaction, loaded into a ``core.ledger.Ledger`` and checked (``LedgerError`` if the
         ledger does not balance). For the operator's view and for tests; reads the whole ledger."""
         ledger = Ledger()
-        for key in await self._list(store_keys.LEDGER_TXN_PREFIX):
+        for key in await list_all(self.store, store_keys.LEDGER_TXN_PREFIX):
             found = await self.store.get(key)
             if found is not None:
                 ledger.append(entry_from_json(e) for e in orjson.loads(found.data)["entries"])
         ledger.check_balanced()
         return ledger
-
-    async def _list(self, prefix: str) -> list[str]:
-        keys: list[str] = []
-        start_after = ""
-        while True:
-            page = await self.store.list(prefix, start_after=start_after, limit=1000)
-            if not page:
-                return keys
-            keys.extend(page)
-            start_after = page[-1]
 
     async def _read_many(self, keys: list[str]) -> list[Entry]:
         limit = asyncio.Semaphore(READ_CONCURRENCY)

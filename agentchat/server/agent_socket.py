@@ -17,12 +17,13 @@ from typing import Any
 from aiohttp import web
 
 from agentchat.core import frames
-from agentchat.core.rfc6455 import text_frame
+from agentchat.core.frames import CLOSE_AUTH
+from agentchat.core.rfc6455 import CLOSE_GOING_AWAY, CLOSE_POLICY, text_frame
 from agentchat.core.ratelimit import TokenBucket
 from agentchat.errors import AgentChatError, error
 from agentchat.server.hub import Hub
 from agentchat.server.appkeys import HUB, INDICATORS, METRICS, OPENING, PEEKS, RECORDS, SESSIONS, SETTINGS, TOKENS
-from agentchat.server.session import CLOSE_AUTH, CLOSE_GOING_AWAY, CLOSE_POLICY, Session, SessionSocket
+from agentchat.server.session import Session, SessionSocket
 from agentchat.server.tokens import Principal
 from agentchat.server.connections import upgrade_within_aiohttp
 

@@ -15,7 +15,7 @@ import ipaddress
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -36,8 +36,9 @@ from agentchat.server.indicators import IndicatorService, peeks_from
 from agentchat.server.peeks import PeekService
 from agentchat.server.metrics import Metrics
 from agentchat.server.retention import RetentionPolicy
+from agentchat.server.token_secret import load_token_secrets
 from agentchat.server.tokens import TokenIssuer
-from agentchat.server.connections import WEBSOCKET_ROUTES, AgentChatRunner
+from agentchat.server.connections import ADDRESS_LIMIT, WEBSOCKET_ROUTES, AddressLimit, AgentChatRunner
 from agentchat.store import keys as store_keys
 from agentchat.store import store_from_url
 from agentchat.store.base import ObjectStore
@@ -51,21 +52,6 @@ PROTOCOL_DIR = Path(__file__).resolve().parents[2] / "protocol"
 STARTED_AT = time.time()
 
 
-async def _token_secret(settings: Settings, store: ObjectStore) -> bytes:
-    """The configured secret, or one made once and kept in the store so every process shares it."""
-    if settings.token_secret:
-        return settings.token_secret.encode()
-    candidate = secrets.token_bytes(32)
-    try:
-        await store.put(store_keys.server_secret(), candidate, if_none_match=True)
-        return candidate
-    except Exception:  # PreconditionFailed: another process (or an earlier run) made it
-        found = await store.get(store_keys.server_secret())
-        if found is None:
-            raise
-        return found.data
-
-
 async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = app[METRICS]
@@ -73,7 +59,12 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
     await store.start()
     app[STORE] = store
     app[RECORDS] = Records(store)
-    app[TOKENS] = TokenIssuer(await _token_secret(settings, store), settings.token_ttl_seconds)
+    try:
+        secret, previous = await load_token_secrets(settings, store)
+    except BaseException:
+        await store.close()
+        raise
+    app[TOKENS] = TokenIssuer(secret, settings.token_ttl_seconds, previous=previous)
     bus = bus_from_url(settings.bus)
     app[BUS] = bus
     instance = secrets.token_hex(8)  # this process, in claims, heartbeats and write-ahead keys
@@ -170,7 +161,7 @@ async def health(request: web.Request) -> web.Response:
     except AgentChatError as exc:
         components["bus"] = exc.code
     try:
-        await app[STORE].get(store_keys.server_secret())
+        await app[STORE].get(store_keys.health_probe())
         components["store"] = "ok" if app[WRITER].healthy else "store_unavailable"
     except AgentChatError as exc:
         components["store"] = exc.code
@@ -220,7 +211,12 @@ async def on_shutdown(app: web.Application) -> None:
     await agent_socket.close_all_sessions(app)
 
 
-def build_app(settings: Settings) -> web.Application:
+AppContext = Callable[[web.Application], AsyncIterator[None]]
+
+
+def build_app(settings: Settings, *, extra_contexts: Sequence[AppContext] = ()) -> web.Application:
+    """``extra_contexts``: ``cleanup_ctx`` entries started after every service and closed before them,
+    for instruments that watch a running server (``bench/stalls.py``)."""
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.limits.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
@@ -229,10 +225,12 @@ def build_app(settings: Settings) -> web.Application:
     # Served straight from the listening socket (server/connections.py); the aiohttp route below takes the
     # upgrades that reach it anyway.
     app[WEBSOCKET_ROUTES] = {"/api/v1/ws": agent_socket.AgentSocket}
+    app[ADDRESS_LIMIT] = AddressLimit(settings.limits.max_connections_per_address, settings.trusted_proxies)
     app.cleanup_ctx.append(backends_ctx)
     app.cleanup_ctx.append(peeks_ctx)
     app.cleanup_ctx.append(indicators_ctx)
     app.cleanup_ctx.append(agent_socket.heartbeat_ctx)
+    app.cleanup_ctx.extend(extra_contexts)
     app.on_shutdown.append(on_shutdown)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_page)
@@ -244,11 +242,16 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_routes(lifecycle.routes)
     app.router.add_routes(peeks.routes)
     app.router.add_routes(indicators.routes)
-    webpage.add_routes(app)
+    webpage.add_routes(app, settings)
     return app
 
 
 LISTEN_BACKLOG = 2048
+
+
+def make_runner(app: web.Application, *, handle_signals: bool = False, shutdown_timeout: float = 10.0) -> AgentChatRunner:
+    """The runner ``agentchat serve`` uses: WebSocket routes skip aiohttp's per-socket state."""
+    return AgentChatRunner(app, handle_signals=handle_signals, access_log=None, shutdown_timeout=shutdown_timeout)
 
 
 def run(app: web.Application, host: str, port: int, shutdown_timeout: float = 10.0) -> None:
@@ -256,7 +259,7 @@ def run(app: web.Application, host: str, port: int, shutdown_timeout: float = 10
     with ``AgentChatRunner`` so that WebSocket routes skip aiohttp's per-socket state)."""
 
     async def serve() -> None:
-        runner = AgentChatRunner(app, handle_signals=True, access_log=None, shutdown_timeout=shutdown_timeout)
+        runner = make_runner(app, handle_signals=True, shutdown_timeout=shutdown_timeout)
         await runner.setup()
         try:
             # A longer accept queue than the default 128: a burst of reconnecting clients (a process
@@ -280,4 +283,4 @@ def run(app: web.Application, host: str, port: int, shutdown_timeout: float = 10
         loop.close()
 
 
-__all__ = ["build_app", "error", "run"]
+__all__ = ["AppContext", "build_app", "error", "make_runner", "run"]

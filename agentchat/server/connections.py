@@ -46,8 +46,54 @@ CLOSE_TIMEOUT = 5.0
 HEAD_TIMEOUT = 30.0
 HEAD_MAX_BYTES = 16 * 1024
 
+# An idle HTTP keep-alive connection is closed after this long (aiohttp's default is about an hour).
+KEEPALIVE_TIMEOUT = 75.0
+
 Factory = Callable[[], "WebSocketConnection"]
 WEBSOCKET_ROUTES = web.AppKey("websocket_routes", dict)  # dict[str, Callable[[web.Application], WebSocketConnection]]
+
+
+def forwarded_address(peer: str | None, x_forwarded_for: str, hops: int) -> str:
+    """The client's address: the peer's, or behind ``hops`` trusted proxies the entry they appended to
+    X-Forwarded-For (entries further left are the client's to forge)."""
+    if hops:
+        forwarded = [part.strip() for part in x_forwarded_for.split(",") if part.strip()]
+        if len(forwarded) >= hops:
+            return forwarded[-hops]
+    return peer or "unknown"
+
+
+class AddressLimit:
+    """Open WebSocket connections per client address, at most ``per_address`` (0: no cap).
+
+    Only WebSockets are counted: they are what stays open. A connection that has not sent its first
+    request head is closed after ``HEAD_TIMEOUT``, an idle HTTP keep-alive one after
+    ``KEEPALIVE_TIMEOUT``."""
+
+    __slots__ = ("per_address", "hops", "open")
+
+    def __init__(self, per_address: int, hops: int) -> None:
+        self.per_address = per_address
+        self.hops = hops  # trusted proxies in front (``Settings.trusted_proxies``)
+        self.open: dict[str, int] = {}
+
+    def take(self, address: str) -> bool:
+        """Count one more connection of ``address``; False (nothing counted) when it is at the cap."""
+        count = self.open.get(address, 0)
+        if self.per_address and count >= self.per_address:
+            return False
+        self.open[address] = count + 1
+        return True
+
+    def give_back(self, address: str) -> None:
+        count = self.open.get(address, 0) - 1
+        if count > 0:
+            self.open[address] = count
+        else:
+            self.open.pop(address, None)
+
+
+ADDRESS_LIMIT = web.AppKey("address_limit", AddressLimit)
 
 
 class _Continue:
@@ -89,7 +135,7 @@ class WebSocketConnection(asyncio.Protocol):
     parser_class: type[codec.FrameParser] = codec.FrameParser
 
     __slots__ = ("transport", "out", "write_paused", "close_sent", "_parser", "_backlog", "_busy",
-                 "_close_timer", "_lost", "_lost_waiters", "__weakref__")
+                 "_close_timer", "_lost", "_lost_waiters", "_counted", "__weakref__")
 
     def __init__(self, max_message_bytes: int) -> None:
         self.transport: asyncio.Transport | None = None
@@ -104,6 +150,7 @@ class WebSocketConnection(asyncio.Protocol):
         self._close_timer: asyncio.TimerHandle | None = None
         self._lost = False
         self._lost_waiters: list[asyncio.Future[None]] | None = None
+        self._counted: tuple[AddressLimit, str] | None = None  # given back when the connection is lost
 
     # -- for subclasses ------------------------------------------------------------------------------
 
@@ -290,6 +337,10 @@ class WebSocketConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self.out = None
+        if self._counted is not None:
+            limit, address = self._counted
+            self._counted = None
+            limit.give_back(address)
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
@@ -350,11 +401,12 @@ class _HTTPHandler(RequestHandler):
 class FrontProtocol(asyncio.Protocol):
     """A new connection until its first request head has been read (see the module's docstring)."""
 
-    __slots__ = ("_http", "_routes", "_transport", "_buffer", "_timer")
+    __slots__ = ("_http", "_routes", "_limit", "_transport", "_buffer", "_timer")
 
-    def __init__(self, http: web.Server, routes: Mapping[str, Factory]) -> None:
+    def __init__(self, http: web.Server, routes: Mapping[str, Factory], limit: AddressLimit | None) -> None:
         self._http = http
         self._routes = routes
+        self._limit = limit
         self._transport: asyncio.Transport | None = None
         self._buffer = b""
         self._timer: asyncio.TimerHandle | None = None
@@ -383,11 +435,20 @@ class FrontProtocol(asyncio.Protocol):
         except codec.UpgradeRefused:
             self._hand_to_http(buffer)  # the route's aiohttp handler answers with the error
             return
-        self._stop_timer()
         transport = self._transport
         assert transport is not None
+        limit = self._limit
+        if limit is not None:
+            peer = transport.get_extra_info("peername")
+            address = forwarded_address(peer[0] if peer else None, request[2].get("x-forwarded-for", ""), limit.hops)
+            if not limit.take(address):
+                self._hand_to_http(buffer)  # upgrade_within_aiohttp refuses it with rate_limited
+                return
+        self._stop_timer()
         transport.write(codec.switching_protocols(accept))
         connection = factory()
+        if limit is not None:
+            connection._counted = (limit, address)
         transport.set_protocol(connection)
         connection.connection_made(transport)
         rest = buffer[end + 4:]
@@ -419,12 +480,13 @@ class FrontProtocol(asyncio.Protocol):
 class _FrontFactory:
     """The protocol factory the listening sockets use: a ``FrontProtocol`` per connection."""
 
-    def __init__(self, http: web.Server, routes: Mapping[str, Factory]) -> None:
+    def __init__(self, http: web.Server, routes: Mapping[str, Factory], limit: AddressLimit | None) -> None:
         self._http = http
         self._routes = routes
+        self._limit = limit
 
     def __call__(self) -> FrontProtocol:
-        return FrontProtocol(self._http, self._routes)
+        return FrontProtocol(self._http, self._routes, self._limit)
 
 
 class AgentChatRunner(web.AppRunner):
@@ -434,6 +496,10 @@ class AgentChatRunner(web.AppRunner):
 
     _front: _FrontFactory | None = None
 
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        kwargs.setdefault("keepalive_timeout", KEEPALIVE_TIMEOUT)
+        super().__init__(app, **kwargs)
+
     @property
     def server(self) -> Any:
         http = super().server
@@ -442,7 +508,7 @@ class AgentChatRunner(web.AppRunner):
         if self._front is None:
             app = self.app
             routes = {path: _bind(make, app) for path, make in app.get(WEBSOCKET_ROUTES, {}).items()}
-            self._front = _FrontFactory(http, routes)
+            self._front = _FrontFactory(http, routes, app.get(ADDRESS_LIMIT))
         return self._front
 
 
@@ -457,12 +523,26 @@ async def upgrade_within_aiohttp(request: web.Request, connection: WebSocketConn
         accept = codec.check_upgrade(request.method, request.headers)  # type: ignore[arg-type]
     except codec.UpgradeRefused as exc:
         raise error("bad_upgrade", exc.reason) from None
+    limit = request.app.get(ADDRESS_LIMIT)
+    if limit is not None:
+        address = forwarded_address(request.remote, request.headers.get("X-Forwarded-For", ""), limit.hops)
+        if not limit.take(address):
+            raise error("rate_limited", f"more than {limit.per_address} open sockets from this address")
     response = web.StreamResponse(status=101, headers={"Upgrade": "websocket", "Connection": "Upgrade",
                                                        "Sec-WebSocket-Accept": accept})
-    await response.prepare(request)
+    try:
+        await response.prepare(request)
+    except BaseException:
+        if limit is not None:
+            limit.give_back(address)
+        raise
     transport = request.transport
     if transport is None or transport.is_closing():
+        if limit is not None:
+            limit.give_back(address)
         return response
+    if limit is not None:
+        connection._counted = (limit, address)
     http = transport.get_protocol()
     transport.set_protocol(connection)
     connection.connection_made(transport)

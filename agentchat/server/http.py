@@ -13,6 +13,7 @@ from aiohttp import web
 from agentchat.errors import AgentChatError, error
 from agentchat.bus import keys as bus_keys
 from agentchat.server.appkeys import BUS, METRICS, SETTINGS, TOKENS
+from agentchat.server.connections import forwarded_address
 from agentchat.server.tokens import Principal
 
 log = logging.getLogger(__name__)
@@ -108,12 +109,8 @@ def agent_did(request: web.Request) -> str:
 def client_address(request: web.Request) -> str:
     """The client's address: the peer's, or behind ``trusted_proxies`` load balancers the entry they
     appended to X-Forwarded-For (entries further left are the client's to forge)."""
-    hops = request.app[SETTINGS].trusted_proxies
-    if hops:
-        forwarded = [part.strip() for part in request.headers.get("X-Forwarded-For", "").split(",") if part.strip()]
-        if len(forwarded) >= hops:
-            return forwarded[-hops]
-    return request.remote or "unknown"
+    return forwarded_address(request.remote, request.headers.get("X-Forwarded-For", ""),
+                             request.app[SETTINGS].trusted_proxies)
 
 
 async def rate_limit(request: web.Request, bucket: str, per_second: int) -> None:

@@ -154,6 +154,16 @@ class Room:
         for session in self.subscribers:
             session.offer(channel, seq, frame)
 
+    def frame(self, seq: int, body: bytes) -> bytes:
+        """The message frame of ``seq``: the one fanned out here if the bus delivered it already (the
+        in-process bus delivers before ``publish`` returns, Redis usually after), else a new one."""
+        for held_seq, frame in reversed(self.recent):
+            if held_seq == seq:
+                return frame
+            if held_seq < seq:
+                break
+        return frames.message_frame(seq, body)
+
     def forget_recent(self) -> None:
         self.recent.clear()
         self.complete_from = 0
@@ -581,10 +591,7 @@ class Hub:
                 self.metrics.fanout_latency.observe(time.perf_counter() - started)
             elif len(self._probes) < 1000:
                 self._probes[(channel, seq)] = started
-        recent = room.recent
-        # The bus fanned it out here before returning (the in-process bus does): reuse that frame.
-        frame = recent[-1][1] if recent and recent[-1][0] == seq else frames.message_frame(seq, body)
-        self.writer.add(channel, seq, frame, self._on_durable, (claim, ack_to, ack_note))
+        self.writer.add(channel, seq, room.frame(seq, body), self._on_durable, (claim, ack_to, ack_note))
 
     def _durable(self, stored_seq: int, note: tuple[str, AckTarget, bytes]) -> None:
         # The ack waits until the claim records the number: a retry that reaches another process

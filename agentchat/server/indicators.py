@@ -54,7 +54,7 @@ from agentchat.errors import AgentChatError, error
 from agentchat.server.hub import Hub, HubListenerBase
 from agentchat.server.session import Session
 from agentchat.store import keys as store_keys
-from agentchat.store.base import ObjectStore
+from agentchat.store.base import ObjectStore, list_all
 from agentchat.store.messages import parse_segment_frames
 from agentchat.store.records import Records
 
@@ -311,7 +311,7 @@ class IndicatorService(HubListenerBase):
     async def _count_stored(self, channel: str, *, before_ms: int) -> tuple[int, int | None]:
         """Stored messages of the channel with ``ts`` before ``before_ms``, and the minute of the
         latest of them."""
-        segment_keys = await self._list_all(store_keys.segment_prefix(channel))
+        segment_keys = await list_all(self.store, store_keys.segment_prefix(channel))
 
         async def count(key: str) -> tuple[int, int]:
             async with self._reads:
@@ -385,20 +385,10 @@ class IndicatorService(HubListenerBase):
         # Every process that sees the peek active writes the same empty marker: idempotent, and a
         # peek costs $5, so a few writes each are nothing.
         await self.store.put(store_keys.peek_index(channel, peek_id), b"")
-        total = len(await self._list_all(store_keys.peek_index_prefix(channel)))
+        total = len(await list_all(self.store, store_keys.peek_index_prefix(channel)))
         if total != self._peeks_total.get(channel):
             self._peeks_total[channel] = total
             self._changed({channel})
-
-    async def _list_all(self, prefix: str) -> list[str]:
-        found: list[str] = []
-        start_after = ""
-        while True:
-            page = await self.store.list(prefix, start_after=start_after, limit=1000)
-            if not page:
-                return found
-            found.extend(page)
-            start_after = page[-1]
 
     # ------------------------------------------------------------------------------ the channel list
 
@@ -417,15 +407,8 @@ class IndicatorService(HubListenerBase):
     async def refresh_catalog(self, *, only_new: bool = False) -> None:
         """Find new channels and re-read the oldest entries (names, member counts); and, the first
         time, every channel's peek total."""
-        ids: list[str] = []
-        start_after = ""
         listed_at = self.clock()
-        while True:
-            page = await self.records.list_channels(start_after=start_after, limit=1000)
-            if not page:
-                break
-            ids.extend(page)
-            start_after = page[-1]
+        ids = await self.records.list_channels(limit=None)
         self._listed_at = listed_at
         listed = set(ids)
         for gone in [cid for cid, entry in self._catalog.items() if cid not in listed and entry.read_at < listed_at]:
@@ -437,7 +420,7 @@ class IndicatorService(HubListenerBase):
         await asyncio.gather(*(self._read_meta(cid) for cid in stale[:CATALOG_READS_PER_ROUND]))
         if not self._catalog_ready.is_set():
             totals: dict[str, int] = {}
-            for key in await self._list_all(store_keys.peek_index_prefix()):
+            for key in await list_all(self.store, store_keys.peek_index_prefix()):
                 channel = key.split("/")[1]
                 totals[channel] = totals.get(channel, 0) + 1
             for channel, total in totals.items():

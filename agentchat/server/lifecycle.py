@@ -25,11 +25,10 @@ from aiohttp import web
 
 from agentchat.errors import error
 from agentchat.server.appkeys import HUB, RECORDS, STORE
+from agentchat.server.membership import announce_removal, remember_removed
 from agentchat.store import keys
-from agentchat.store.base import ObjectStore
+from agentchat.store.base import LIST_PAGE, ObjectStore
 from agentchat.store.records import Record
-
-LIST_PAGE = 1000
 
 
 async def delete_prefix(store: ObjectStore, prefix: str) -> int:
@@ -97,6 +96,8 @@ async def delete_account(app: web.Application, did: str) -> Record:
         tombstone = found[0]
     for channel_id in await records.list_memberships(did, 1 << 30):
         await _leave(app, channel_id, did)
+    for channel_id in await records.list_invitations(did, 1 << 30):  # its pending invitations end too
+        await _leave(app, channel_id, did)
     await store.delete_many([keys.agent(did), keys.card(did)])
     await hub.publish_agent_event(did, {"event": "deleted"})
     await hub.agent_deleted(did)
@@ -106,23 +107,29 @@ async def delete_account(app: web.Application, did: str) -> Record:
 async def _leave(app: web.Application, channel_id: str, did: str) -> None:
     records = app[RECORDS]
     meta = await records.get_channel(channel_id)
-    if meta is None or did not in meta["members"]:
+    if meta is None or (did not in meta["members"] and did not in meta.get("invited", {})):
         await records.remove_membership(did, channel_id)
+        await records.remove_invitation(did, channel_id)
         return
     if meta["members"] == [did]:  # the last member: nobody is left to read it
         await purge_channel(app, channel_id, (await _bury_channel(app, meta, did))["members"])
         return
 
     def remove(current: Record) -> Record | None:
-        if did not in current["members"]:
+        if did not in current["members"] and did not in current.get("invited", {}):
             return None
         members = [m for m in current["members"] if m != did]
+        invited = {k: v for k, v in current.get("invited", {}).items() if k != did}
         owner = current["owner"] if current["owner"] != did else members[0]
-        return {**current, "members": members, "owner": owner, "updated_at": _now_ms()}
+        return {**current, "members": members, "invited": invited, "owner": owner,
+                "removed": remember_removed(current, did)}
 
-    await records.update_channel(channel_id, remove)
+    # A membership change like any other: every process enforces it (server/membership.py), and the
+    # members rotate past the epoch the agent held a key of.
+    updated = await app[HUB].membership.write(channel_id, remove)
     await records.remove_membership(did, channel_id)
-    await app[HUB].publish_channel_event(channel_id, {"event": "member_removed", "did": did})
+    await records.remove_invitation(did, channel_id)
+    await announce_removal(app[HUB], updated, did)
 
 
 def tombstone_view(record: dict[str, Any]) -> dict[str, Any]:

@@ -67,6 +67,16 @@ def remember_removed(record: Record, did: str) -> dict[str, int]:
     return removed
 
 
+async def announce_removal(hub: Hub, meta: Record, did: str) -> None:
+    """Tell the channel that ``did`` went (left, removed, or its invitation ended), with the epoch it
+    held a key of, so the members rotate past it; again on every retry, as long as the record
+    remembers it (``removed``)."""
+    removed_at = meta.get("removed", {}).get(did)
+    if removed_at is not None:
+        await hub.publish_channel_event(meta["id"], {"event": "member_removed", "did": did, "epoch": removed_at,
+                                                     "version": version_of(meta)})
+
+
 class MembershipSync:
     """Keeps this process's rooms at the stored membership (see the module docstring)."""
 

@@ -29,11 +29,10 @@ from agentchat.errors import error
 from agentchat.server.hub import Hub
 from agentchat.store import keys
 from agentchat.store.messages import MessageWriter
+from agentchat.store.base import pages
 from agentchat.store.records import Record, Records
 
 log = logging.getLogger(__name__)
-
-LIST_PAGE = 1000
 
 
 def effective_seconds(settings: Settings, meta: Record) -> int:
@@ -72,11 +71,9 @@ class RetentionPolicy:
     async def _channels(self) -> AsyncIterator[str]:
         everyone = bool(self.settings.retention_default_seconds or self.settings.retention_max_seconds)
         prefix = keys.CHANNEL_INDEX_PREFIX if everyone else keys.RETENTION_INDEX_PREFIX
-        start_after = ""
-        while page := await self.records.store.list(prefix, start_after=start_after, limit=LIST_PAGE):
+        async for page in pages(self.records.store, prefix):
             for key in page:
                 yield key[len(prefix):]
-            start_after = page[-1]
 
     async def run(self, writer: MessageWriter) -> None:
         # One process per period: the lease lasts a little less than the period.

@@ -16,7 +16,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from agentchat.core.rfc6455 import PING_FRAME, text_frame
+# CLOSE_REMOVED is imported from here by the hub and the peek service.
+from agentchat.core.frames import CLOSE_AUTH, CLOSE_REMOVED, CLOSE_SLOW_CONSUMER  # noqa: F401
+from agentchat.core.rfc6455 import CLOSE_GOING_AWAY, CLOSE_POLICY, PING_FRAME, text_frame  # noqa: F401
 from agentchat.server.tokens import Principal
 from agentchat.server.connections import WebSocketConnection
 
@@ -24,12 +26,6 @@ if TYPE_CHECKING:
     from agentchat.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008
-CLOSE_SLOW_CONSUMER = 4008
-CLOSE_AUTH = 4001
-CLOSE_REMOVED = 4003
 
 # How many bytes of queued frames one WebSocket message may carry.
 COALESCE_BYTES = 64 * 1024

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jwt
@@ -40,10 +41,12 @@ class Principal:
 
 
 class TokenIssuer:
-    def __init__(self, secret: bytes, ttl_seconds: int) -> None:
-        if len(secret) < 32:
+    def __init__(self, secret: bytes, ttl_seconds: int, *, previous: Sequence[bytes] = ()) -> None:
+        """``previous``: secrets also accepted when checking a token (rotation), never used to sign."""
+        if len(secret) < 32 or any(len(old) < 32 for old in previous):
             raise ValueError("token secret must be at least 32 bytes")
         self._secret = secret
+        self._accepted = (secret, *previous)
         self.ttl_seconds = ttl_seconds
 
     def issue(self, scope: str, subject: str, *, channel: str | None = None, ttl: int | None = None) -> tuple[str, int]:
@@ -56,15 +59,21 @@ class TokenIssuer:
         return jwt.encode(claims, self._secret, algorithm=ALGORITHM), expires * 1000
 
     def verify(self, token: str) -> Principal:
-        try:
-            claims = jwt.decode(
-                token, self._secret, algorithms=[ALGORITHM], issuer=ISSUER,
-                options={"require": ["exp", "iat", "sub", "iss"]},
-            )
-        except jwt.ExpiredSignatureError:
-            raise error("token_expired") from None
-        except jwt.PyJWTError:
-            raise error("token_invalid") from None
+        for secret in self._accepted:
+            try:
+                claims = jwt.decode(
+                    token, secret, algorithms=[ALGORITHM], issuer=ISSUER,
+                    options={"require": ["exp", "iat", "sub", "iss"]},
+                )
+                break
+            except jwt.InvalidSignatureError:  # checked before the claims: try the next secret
+                continue
+            except jwt.ExpiredSignatureError:
+                raise error("token_expired") from None
+            except jwt.PyJWTError:
+                raise error("token_invalid") from None
+        else:
+            raise error("token_invalid")
         scope = claims.get("scope")
         if scope not in ("agent", "peek"):
             raise error("token_invalid")

@@ -7,11 +7,12 @@ of printable ASCII (see ``keys.py``); values are opaque bytes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 DELETE_BATCH = 1000  # keys per request of ``delete_many`` (S3 DeleteObjects takes at most 1000)
+LIST_PAGE = 1000  # keys per ``list`` request of ``pages`` / ``list_all`` (S3 ListObjectsV2 returns at most 1000)
 
 
 class PreconditionFailed(Exception):
@@ -60,3 +61,24 @@ class ObjectStore(Protocol):
         """Remove every key of ``keys``, in one request where the store has one (S3 DeleteObjects, up
         to ``DELETE_BATCH`` keys per request); missing keys are not an error, no keys: nothing to do.
         Every key is checked before anything is removed; a failure part way may leave some removed."""
+
+
+
+async def pages(store: ObjectStore, prefix: str, *, start_after: str = "",
+                limit: int | None = None) -> AsyncIterator[list[str]]:
+    """The keys under ``prefix`` after ``start_after`` (the first ``limit`` of them), ascending, one
+    ``list`` request at a time: for a caller that stops early or must not hold every key at once."""
+    left = limit
+    while left is None or left > 0:
+        found = await store.list(prefix, start_after=start_after, limit=LIST_PAGE if left is None else min(LIST_PAGE, left))
+        if not found:
+            return
+        yield found
+        if left is not None:
+            left -= len(found)
+        start_after = found[-1]
+
+
+async def list_all(store: ObjectStore, prefix: str, *, start_after: str = "", limit: int | None = None) -> list[str]:
+    """Every key under ``prefix`` after ``start_after`` (the first ``limit`` of them), ascending."""
+    return [key async for page in pages(store, prefix, start_after=start_after, limit=limit) for key in page]

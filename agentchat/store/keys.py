@@ -220,6 +220,11 @@ def server_secret() -> str:
     return "server/token-secret"
 
 
+def health_probe() -> str:
+    """Never written: ``/health`` reads it to see that the store answers."""
+    return "server/health-probe"
+
+
 def clean_shutdown() -> str:
     """Present only between a clean stop of a single-process server and its next start."""
     return "server/clean-shutdown"

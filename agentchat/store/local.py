@@ -16,6 +16,9 @@ root, in one process or in several, exclude each other). The etag is the SHA-256
 S3's MD5 etag a property of the bytes.
 
 A crash in the middle of a write can leave a ``,tmp.*`` file behind; it is never listed or read.
+
+Files are made 0600 and directories 0700 (the root too, tightened at start if it was wider): messages
+are ciphertext, but member lists, ledgers and peek records are not.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ _LOCK_FILE = ",lock"
 _LOCK_SLOTS = 1024
 
 # Reading (and hashing) a file this small from the page cache costs less than the hop to a worker
-# thread: measured 30-90 us inline against about 200 us through asyncio.to_thread. Bigger files, and
-# every write (fsync), go to a thread.
+# thread (bench/README.md, "Measurements behind constants"). Bigger files, and every write (fsync),
+# go to a thread.
 _INLINE_READ_BYTES = 64 * 1024
 
 
@@ -137,8 +140,10 @@ class LocalStore:
 
     async def start(self) -> None:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = os.open(self.root / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if self.root.stat().st_mode & 0o077:  # made by an earlier version, or by hand
+                os.chmod(self.root, 0o700)
+            self._lock_fd = os.open(self.root / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise error("store_unavailable", f"cannot open the store directory {self.root}: {exc}") from exc
         self._slot_locks = [asyncio.Lock() for _ in range(_LOCK_SLOTS)]
@@ -271,7 +276,7 @@ class LocalStore:
             temp = os.path.join(directory, _TEMP_PREFIX + secrets.token_hex(8))
             try:
                 self._make_dirs(dir_parts)
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except FileNotFoundError:
                 continue
             try:
@@ -291,7 +296,7 @@ class LocalStore:
         for part in dir_parts:
             path = os.path.join(parent, part)
             try:
-                os.mkdir(path)
+                os.mkdir(path, 0o700)
             except FileExistsError:
                 pass
             else:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -47,9 +46,10 @@ import orjson
 
 from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
+from agentchat.core.backoff import Backoff
 from agentchat.errors import AgentChatError
 from agentchat.store import keys
-from agentchat.store.base import ObjectStore, PreconditionFailed
+from agentchat.store.base import LIST_PAGE, ObjectStore, PreconditionFailed, list_all, pages
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +73,14 @@ COMPACT_CHECK_SECONDS = 1.0
 # The background compactor writes one channel's segment at a time, and after each one pauses for as
 # long as writing its bytes at this rate would take. Under an even load every channel's tail fills up
 # at the same moment; writing them all at once (hashing, writing and syncing megabytes on the server's
-# core) stalled deliveries for hundreds of milliseconds (p99 at 90,000 deliveries/s: ~350 ms -> ~20 ms).
-# No pause while the tails are over their limit (memory first), nor at shutdown.
+# core) stalls deliveries for hundreds of milliseconds (figures: bench/README.md, "Measurements behind
+# constants"). No pause while the tails are over their limit (memory first), nor at shutdown.
 COMPACT_PACE_BYTES_PER_SECOND = 16 * 1024 * 1024
 # Arrival rate (messages/s, whole process) from which a batch waits the full ``max_wait``. A sender
 # that waits for each ack before the next send sees about sqrt(max_wait / FULL_WAIT_RATE) per message
 # (7 ms with the default 100 ms).
 FULL_WAIT_RATE = 2000.0
 RATE_SAMPLE_SECONDS = 0.25
-LIST_PAGE = 1000
 
 
 def parse_segment_frames(data: bytes) -> list[bytes]:
@@ -121,7 +120,7 @@ async def put_until_stored(store: ObjectStore, key: str, data: bytes, on_failure
     """Create ``key`` with ``data``, retrying with backoff and jitter until it is stored. Keys and
     contents are fixed before the first attempt, so an attempt that was stored before its answer was
     lost shows up as ``PreconditionFailed`` on the retry: the same bytes are there."""
-    delay = 0.05
+    backoff = Backoff(0.05, 5.0)
     while True:
         try:
             await store.put(key, data, if_none_match=True)
@@ -131,8 +130,7 @@ async def put_until_stored(store: ObjectStore, key: str, data: bytes, on_failure
         except Exception as exc:
             on_failure()
             log.warning("storing %s failed: %r; retrying", key, exc)
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
+            await asyncio.sleep(backoff.next_delay())
 
 
 class MessageLog:
@@ -231,13 +229,9 @@ class MessageLog:
         highest = max((score for _, score in await self.bus.index_range(bus_keys.wal_index(channel), 0)), default=0)
         if self.writer is not None:
             highest = max(highest, max((seq for seq, _ in self.writer.tail(channel)), default=0))
-        prefix, start_after = keys.segment_prefix(channel), ""
-        while True:
-            page = await self.store.list(prefix, start_after=start_after, limit=LIST_PAGE)
-            if not page:
-                return highest
+        async for page in pages(self.store, keys.segment_prefix(channel)):
             highest = max(highest, *(keys.parse_segment(key)[1] for key in page))
-            start_after = page[-1]
+        return highest
 
     async def tail(self, channel: str, count: int) -> list[bytes]:
         """The last ``count`` or so stored frames (used to rebuild idempotency after a bus restart)."""
@@ -617,11 +611,7 @@ class MessageWriter:
         one listing per channel."""
         doomed: list[str] = []
         first_kept: int | None = None
-        start_after = ""
-        while first_kept is None:
-            page = await self.store.list(keys.segment_prefix(channel), start_after=start_after, limit=LIST_PAGE)
-            if not page:
-                break
+        async for page in pages(self.store, keys.segment_prefix(channel)):
             for key in page:
                 last_ts = await self._last_ts(channel, key)
                 if last_ts is None:
@@ -630,7 +620,8 @@ class MessageWriter:
                     first_kept = keys.parse_segment(key)[0]
                     break
                 doomed.append(key)
-            start_after = page[-1]
+            if first_kept is not None:
+                break
         if not doomed:
             return None
         await self.store.delete_many(doomed)
@@ -657,14 +648,8 @@ class MessageWriter:
         if self._is_alive is None:
             return
         by_instance: dict[str, list[str]] = {}
-        start_after = ""
-        while True:
-            page = await self.store.list(keys.WAL_PREFIX, start_after=start_after, limit=LIST_PAGE)
-            if not page:
-                break
-            for key in page:
-                by_instance.setdefault(keys.parse_wal(key)[0], []).append(key)
-            start_after = page[-1]
+        for key in await list_all(self.store, keys.WAL_PREFIX):
+            by_instance.setdefault(keys.parse_wal(key)[0], []).append(key)
         for instance, wal_keys in by_instance.items():
             if instance == self.instance or await self._is_alive(instance):
                 continue
@@ -705,15 +690,11 @@ class MessageWriter:
     async def _stored_among(self, channel: str, first: int, last: int) -> set[int]:
         """Numbers between ``first`` and ``last`` that segments of ``channel`` already hold."""
         stored: set[int] = set()
-        start_after = keys.segment_after(channel, first - 1)
-        while True:
-            page = await self.store.list(keys.segment_prefix(channel), start_after=start_after, limit=LIST_PAGE)
-            if not page:
-                return stored
+        async for page in pages(self.store, keys.segment_prefix(channel), start_after=keys.segment_after(channel, first - 1)):
             for key in page:
                 low, high = keys.parse_segment(key)
                 if low <= last and high >= first:
                     obj = await self.store.get(key)
                     if obj is not None:
                         stored.update(frame_seq(frame) for frame in parse_segment_frames(obj.data))
-            start_after = page[-1]
+        return stored

@@ -13,7 +13,7 @@ import orjson
 
 from agentchat.errors import error
 from agentchat.store import keys
-from agentchat.store.base import ObjectStore, PreconditionFailed
+from agentchat.store.base import ObjectStore, PreconditionFailed, list_all
 
 Record = dict[str, Any]
 CAS_ATTEMPTS = 16
@@ -113,15 +113,8 @@ class Records:
 
     async def _list_page(self, prefix: str, after: str, limit: int) -> list[str]:
         """Up to ``limit`` names under ``prefix`` after ``after``, in order (one page of a listing)."""
-        found: list[str] = []
-        start_after = prefix + after if after else ""
-        while len(found) < limit:
-            page = await self.store.list(prefix, start_after=start_after, limit=min(1000, limit - len(found)))
-            if not page:
-                break
-            found.extend(key[len(prefix):] for key in page)
-            start_after = page[-1]
-        return found
+        found = await list_all(self.store, prefix, start_after=prefix + after if after else "", limit=limit)
+        return [key[len(prefix):] for key in found]
 
     async def list_memberships(self, did: str, limit: int, after: str = "") -> list[str]:
         """A page of the channels ``did`` is a member of, by id, after the id ``after``."""
@@ -129,12 +122,8 @@ class Records:
 
     async def all_memberships(self, did: str) -> list[str]:
         """Every channel ``did`` is a member of: never cut short, however many."""
-        found: list[str] = []
-        while True:
-            page = await self.list_memberships(did, 1000, found[-1] if found else "")
-            found.extend(page)
-            if len(page) < 1000:
-                return found
+        prefix = keys.membership_prefix(did)
+        return [key[len(prefix):] for key in await list_all(self.store, prefix)]
 
     async def add_invitation(self, did: str, channel_id: str) -> None:
         await self.store.put(keys.invitation(did, channel_id), b"")
@@ -159,10 +148,11 @@ class Records:
     async def list_blocks(self, did: str, limit: int, after: str = "") -> list[str]:
         return await self._list_page(keys.block_prefix(did), after, limit)
 
-    async def list_channels(self, *, start_after: str = "", limit: int = 100) -> list[str]:
+    async def list_channels(self, *, start_after: str = "", limit: int | None = 100) -> list[str]:
+        """Channel ids after ``start_after``, ascending; ``limit`` None: every one."""
         prefix = keys.CHANNEL_INDEX_PREFIX
-        page = await self.store.list(prefix, start_after=prefix + start_after if start_after else "", limit=limit)
-        return [key[len(prefix):] for key in page]
+        found = await list_all(self.store, prefix, start_after=prefix + start_after if start_after else "", limit=limit)
+        return [key[len(prefix):] for key in found]
 
     # -- epochs
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import random
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -40,6 +39,7 @@ from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from agentchat.core.backoff import Backoff
 from agentchat.errors import AgentChatError, error
 from agentchat.store.base import DELETE_BATCH, PreconditionFailed, StoredObject
 from agentchat.store.local import check_key, check_prefix
@@ -299,6 +299,7 @@ class S3Store:
         if self._client is None:
             raise RuntimeError("call start() before using the store")
         self.ops[op] += 1
+        backoff = Backoff(self._backoff_base, self._backoff_cap)
         for n in range(self._attempts):
             try:
                 return await attempt()
@@ -318,7 +319,7 @@ class S3Store:
                 self.ops[f"{op}.error"] += 1
                 raise self._unavailable(op, key, failure) from failure
             self.ops[f"{op}.retry"] += 1
-            delay = random.uniform(0, min(self._backoff_cap, self._backoff_base * 2**n))
+            delay = backoff.next_delay()
             log.info("store: %s %s failed (%r); retry %d in %.2f s", op, key, failure, n + 1, delay)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")

@@ -35,12 +35,11 @@ from dataclasses import dataclass, field
 import orjson
 
 from agentchat.store import keys
-from agentchat.store.base import ObjectStore
+from agentchat.store.base import LIST_PAGE, ObjectStore
 
 MANIFEST = "backup-manifest.json"
 MANIFEST_FORMAT = 1
 COPY_CONCURRENCY = 16
-LIST_PAGE = 1000
 # Keys after every key under a prefix: '~' sorts after every character a key may hold.
 _PAST = "~"
 
@@ -56,17 +55,6 @@ class CopyReport:
     bytes: int = 0
     vanished: int = 0  # listed, then gone before it was read (compacted, deleted)
     phases: list[dict[str, int | str]] = field(default_factory=list)
-
-
-async def list_all(store: ObjectStore, prefix: str = "", *, start_after: str = "") -> AsyncIterator[str]:
-    """Every key under ``prefix``, in order, a page at a time."""
-    while True:
-        page = await store.list(prefix, start_after=start_after, limit=LIST_PAGE)
-        if not page:
-            return
-        for key in page:
-            yield key
-        start_after = page[-1]
 
 
 def _is_other(key: str) -> bool:

@@ -14,7 +14,6 @@ from aiohttp import web
 
 from agentchat.config import Settings
 from agentchat.errors import error
-from agentchat.server.appkeys import SETTINGS
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_PREFIX = "/web/"
@@ -67,16 +66,6 @@ def render_index(settings: Settings) -> str:
     return html
 
 
-async def index(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
-    return web.Response(text=render_index(settings), content_type="text/html", charset="utf-8", headers={
-        "Content-Security-Policy": content_security_policy(uses_stripe(settings)),
-        "Cache-Control": "no-cache",
-        "Referrer-Policy": "no-referrer",
-        "X-Content-Type-Options": "nosniff",
-    })
-
-
 # The files served under /web/, looked up by name (the directory is flat): nothing outside it can be
 # named, and an unknown name is an ordinary ``not_found`` in the JSON error envelope (aiohttp's static
 # route answers a missing file with an empty octet-stream 404 and /web/ with a text 403).
@@ -91,6 +80,19 @@ async def static_file(request: web.Request) -> web.FileResponse:
     return web.FileResponse(path, headers=_FILE_HEADERS)
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, settings: Settings) -> None:
+    """The page and its static files. ``settings`` are given by the server (this package imports
+    nothing from it); the page is rendered once, since they do not change while it runs."""
+    page = render_index(settings)
+    headers = {
+        "Content-Security-Policy": content_security_policy(uses_stripe(settings)),
+        "Cache-Control": "no-cache",
+        "Referrer-Policy": "no-referrer",
+        "X-Content-Type-Options": "nosniff",
+    }
+
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/html", charset="utf-8", headers=headers)
+
     app.router.add_get("/", index)
     app.router.add_get(STATIC_PREFIX + "{filename}", static_file)

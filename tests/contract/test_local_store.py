@@ -76,3 +76,26 @@ async def test_deleting_the_last_object_removes_empty_directories(tmp_path: Path
     await store.put("a/b/c/d", b"again")  # and the directories come back when needed
     assert (await store.get("a/b/c/d")).data == b"again"  # type: ignore[union-attr]
     await store.close()
+
+
+async def test_files_are_private_to_the_servers_user(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    root = tmp_path / "data"
+    root.mkdir(mode=0o755)
+    os.chmod(root, 0o755)  # as an earlier version, or an operator, left it
+    store = LocalStore(root)
+    await store.start()
+    try:
+        await store.put("ledger/accounts/platform/capture/pk_1", b"{}")
+        await store.put("ledger/txns/capture/pk_1.json", b"{}", if_none_match=True)
+        modes = {path.relative_to(root).as_posix(): stat.S_IMODE(path.stat().st_mode) for path in root.rglob("*")}
+        assert stat.S_IMODE(root.stat().st_mode) == 0o700
+        assert {p: m for p, m in modes.items() if (root / p).is_dir()} == dict.fromkeys(
+            ["ledger", "ledger/accounts", "ledger/accounts/platform", "ledger/accounts/platform/capture",
+             "ledger/txns", "ledger/txns/capture"], 0o700)
+        assert {p: m for p, m in modes.items() if (root / p).is_file()} == dict.fromkeys(
+            [",lock", "ledger/accounts/platform/capture/pk_1,obj", "ledger/txns/capture/pk_1.json,obj"], 0o600)
+    finally:
+        await store.close()

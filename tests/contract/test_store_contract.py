@@ -11,7 +11,8 @@ import random
 
 import pytest
 
-from agentchat.store.base import ObjectStore, PreconditionFailed
+from agentchat.store import base as store_base
+from agentchat.store.base import ObjectStore, PreconditionFailed, list_all, pages
 from tests.contract.conftest import StartedStoreMaker
 
 
@@ -185,6 +186,17 @@ async def test_list_limit_and_paging(store: ObjectStore, listed: list[str]) -> N
     while page := await store.list("", start_after=paged[-1] if paged else "", limit=4):
         paged += page
     assert paged == listed
+
+
+async def test_list_all_and_pages_read_every_page(store: ObjectStore, listed: list[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_base, "LIST_PAGE", 4)  # several pages out of a few keys
+    assert await list_all(store, "") == listed
+    assert await list_all(store, "", limit=6) == listed[:6]
+    assert await list_all(store, "messages/", start_after="messages/ch1/00000000000000000100") == [
+        k for k in listed if k.startswith("messages/") and k > "messages/ch1/00000000000000000100"]
+    assert [page async for page in pages(store, "", limit=9)] == [listed[:4], listed[4:8], listed[8:9]]
+    assert await list_all(store, "nothing") == []
 
 
 async def test_list_after_delete(store: ObjectStore, listed: list[str]) -> None:

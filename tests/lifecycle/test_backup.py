@@ -16,7 +16,8 @@ import pytest
 from agentchat import crypto
 from agentchat.client import Agent
 from agentchat.store import store_from_url
-from agentchat.store.transfer import MANIFEST, list_all
+from agentchat.store.base import list_all
+from agentchat.store.transfer import MANIFEST
 from tests.e2e.processes import REPO, ServerProcess
 from tests.lifecycle.conftest import StoreUrlMaker
 
@@ -36,7 +37,7 @@ async def all_keys(url: str) -> list[str]:
     store = store_from_url(url)
     await store.start()
     try:
-        return [key async for key in list_all(store)]
+        return await list_all(store, "")
     finally:
         await store.close()
 
@@ -45,7 +46,7 @@ async def delete_everything(url: str) -> None:
     store = store_from_url(url)
     await store.start()
     try:
-        await store.delete_many([key async for key in list_all(store)])
+        await store.delete_many(await list_all(store, ""))
     finally:
         await store.close()
 

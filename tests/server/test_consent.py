@@ -220,3 +220,14 @@ async def test_a_declined_invitation_is_announced_with_its_epoch_so_members_rota
     assert meta["invited"] == [] and meta["epoch"] == 2, "bob held epoch 1's key: alice rotated past it"
     hub = client.server.app[HUB]
     assert bob.did not in hub.rooms[channel].members
+
+
+async def test_an_agent_that_deletes_its_account_leaves_its_invitations_too(client, make_agent) -> None:
+    """Otherwise its DID would stay among the channel's key holders and every rotation would need a
+    key for an agent that no longer exists."""
+    alice, bob = await make_agent("alice"), await make_agent("bob")
+    channel, _ = await invite(alice, [bob])
+    status, _ = await bob.call("DELETE", "/api/v1/agents/me")
+    assert status == 200
+    status, body = await alice.call("GET", f"/api/v1/channels/{channel}")
+    assert status == 200 and body["invited"] == []

@@ -557,6 +557,21 @@ def test_errors_md_is_generated_from_the_codes() -> None:
         assert f"| `{code}` | {cls.status} | {'yes' if cls.retryable else 'no'} |" in expected
 
 
+# ------------------------------------------------------------------------------ close codes
+
+
+def test_close_codes_in_the_spec_are_the_codes_the_server_sends() -> None:
+    from agentchat.core import rfc6455
+
+    text = (PROTOCOL / "frames.md").read_text(encoding="utf-8")
+    section = text[text.index("## 11. Close codes"):text.index("## 12.")]
+    documented = {int(code) for code in re.findall(r"^\| (\d{4}) \|", section, re.M)}
+    sent = {rfc6455.CLOSE_GOING_AWAY, rfc6455.CLOSE_POLICY, rfc6455.CLOSE_PROTOCOL_ERROR, rfc6455.CLOSE_TOO_BIG,
+            rfc6455.CLOSE_INVALID_DATA,
+            frames.CLOSE_AUTH, frames.CLOSE_REMOVED, frames.CLOSE_SLOW_CONSUMER}
+    assert documented == sent
+
+
 def test_did_pattern_is_exactly_the_dids_the_server_decodes() -> None:
     """Base58 digits of one length compare like the numbers they spell, so the 2^256 DIDs are one
     range of 47-digit strings: the pattern spells that range out. Checked against the decoder on

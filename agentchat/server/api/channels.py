@@ -24,7 +24,7 @@ from agentchat.core import frames
 from agentchat.errors import error
 from agentchat.server.http import agent_did, client_address, json_response, principal, query_int, read_json
 from agentchat.server.appkeys import HISTORY, HUB, INDICATORS, RECORDS, SETTINGS
-from agentchat.server.membership import membership_counter, remember_removed, version_of
+from agentchat.server.membership import announce_removal, membership_counter, remember_removed
 from agentchat.store.records import Record
 
 routes = web.RouteTableDef()
@@ -278,18 +278,8 @@ async def remove_member(request: web.Request) -> web.Response:
     updated = await hub.membership.write(channel_id, remove)
     await records.remove_membership(leaving, channel_id)
     await records.remove_invitation(leaving, channel_id)
-    await announce_removal(request, updated, leaving)
+    await announce_removal(hub, updated, leaving)
     return json_response(channel_view(updated))
-
-
-async def announce_removal(request: web.Request, meta: Record, did: str) -> None:
-    """Tell the channel that ``did`` went (left, removed, or its invitation ended), with the epoch
-    it held a key of, so the members rotate past it; again on every retry, as long as the record
-    remembers it."""
-    removed_at = meta.get("removed", {}).get(did)
-    if removed_at is not None:
-        await request.app[HUB].publish_channel_event(meta["id"], {"event": "member_removed", "did": did,
-                                                                  "epoch": removed_at, "version": version_of(meta)})
 
 
 @routes.post("/api/v1/channels/{channel}/epochs")

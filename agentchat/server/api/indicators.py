@@ -17,7 +17,8 @@ from agentchat.core.ratelimit import TokenBucket
 from agentchat.errors import AgentChatError, error
 from agentchat.server.http import json_response, query_int, rate_limit
 from agentchat.server.appkeys import INDICATORS, METRICS, SESSIONS, SETTINGS
-from agentchat.server.session import CLOSE_GOING_AWAY, CLOSE_POLICY, Session, SessionSocket
+from agentchat.core.rfc6455 import CLOSE_GOING_AWAY, CLOSE_POLICY
+from agentchat.server.session import Session, SessionSocket
 from agentchat.server.tokens import Principal
 from agentchat.server.connections import upgrade_within_aiohttp
 from agentchat.server.agent_socket import _guess_ref as guess_ref

@@ -14,10 +14,10 @@ from aiohttp import web
 
 from agentchat.core import frames
 from agentchat.errors import error
-from agentchat.server.api.channels import _check_did, announce_removal, channel_view, invitation_event
+from agentchat.server.api.channels import _check_did, channel_view, invitation_event
 from agentchat.server.http import agent_did, json_response, query_int
 from agentchat.server.appkeys import HUB, RECORDS, SETTINGS
-from agentchat.server.membership import remember_removed
+from agentchat.server.membership import announce_removal, remember_removed
 from agentchat.store.records import Record
 
 routes = web.RouteTableDef()
@@ -110,7 +110,7 @@ async def _withdraw(request: web.Request, channel: str, did: str) -> None:
 
     updated = await request.app[HUB].membership.write(channel, drop)
     await request.app[RECORDS].remove_invitation(did, channel)
-    await announce_removal(request, updated, did)
+    await announce_removal(request.app[HUB], updated, did)
 
 
 # ------------------------------------------------------------------------------ blocks

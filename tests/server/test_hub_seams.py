@@ -1,4 +1,5 @@
-"""Services hear from the hub through ``HubListener``: their bus topics, new channels, peek reads."""
+"""The hub's seams: services hear from it through ``HubListener``; a sent message's stored frame does
+not depend on when the bus delivers it here."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 
 from agentchat.bus import keys as bus_keys
 from agentchat.bus.memory import MemoryBus
-from agentchat.server.hub import Hub, HubListenerBase
+from agentchat.core import frames
+from agentchat.server.hub import Hub, HubListenerBase, Room
 from agentchat.server.metrics import Metrics
 
 
@@ -67,3 +69,11 @@ def test_one_reader_per_topic_kind_and_never_the_hubs_own() -> None:
         hub.add_listener(mine)
     hub.add_listener(HubListenerBase())  # no topics: any number of these
     hub.add_listener(HubListenerBase())
+
+
+def test_the_stored_frame_is_the_fanned_out_one_whenever_the_bus_delivered_it() -> None:
+    room = Room({"id": "ch_1", "members": ["a"], "epoch": 0, "owner": "a"})
+    room.on_message(7, b"frame 7")
+    room.on_message(8, b"frame 8")  # a later message delivered before the sender's publish returned
+    assert room.frame(7, b"{}") == b"frame 7"
+    assert room.frame(9, b'{"x":1}') == frames.message_frame(9, b'{"x":1}')  # not delivered here yet
