@@ -135,6 +135,7 @@ class IndicatorService(HubListenerBase):
         # UNKNOWN_TTL_SECONDS they cost no store read (a socket naming junk ids every frame costs one each).
         self._unknown: OrderedDict[str, float] = OrderedDict()
         self._unsaved: dict[str, dict[int, int]] = {}  # counted here, not yet added to the shared counter
+        self._save_lock = asyncio.Lock()
         self._loaded: set[str] = set()  # channels whose shared counter this process has read
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._recounting: set[str] = set()
@@ -222,15 +223,18 @@ class IndicatorService(HubListenerBase):
     async def _save(self, counted: dict[str, dict[int, int]]) -> dict[str, int]:
         """Add what was counted (and what earlier additions could not) to the shared counters; the
         totals after, for the channels whose addition went through."""
-        merge_counts(self._unsaved, counted)
         totals: dict[str, int] = {}
-        for channel, counts in list(self._unsaved.items()):
-            try:
-                totals[channel] = await self._add(channel, counts)
-            except AgentChatError as exc:
-                log.info("indicators: counts of %s wait for the bus: %r", channel, exc)
-                continue
-            del self._unsaved[channel]
+        # One addition at a time: the stop's last save may come while the flush loop's is under way,
+        # and two of them walking the same unsaved counts would add them twice.
+        async with self._save_lock:
+            merge_counts(self._unsaved, counted)
+            for channel, counts in list(self._unsaved.items()):
+                try:
+                    totals[channel] = await self._add(channel, counts)
+                except AgentChatError as exc:
+                    log.info("indicators: counts of %s wait for the bus: %r", channel, exc)
+                    continue
+                del self._unsaved[channel]
         return totals
 
     async def _add(self, channel: str, counts: dict[int, int]) -> int:
