@@ -38,6 +38,18 @@ log = logging.getLogger(__name__)
 CAS_ATTEMPTS = 32
 
 
+def log_transition(peek: Peek) -> None:
+    """One line per change of a peek's state, by the process that made it (the operator's record)."""
+    detail = ""
+    if peek.refused_by:
+        detail = f" by {peek.refused_by}"
+    elif peek.failure_reason:
+        detail = f": {peek.failure_reason}"
+    elif peek.state == PeekState.ACTIVE:
+        detail = f": paid, {peek.price_cents} cents captured"
+    log.info("peek %s on %s: %s%s", peek.id, peek.channel, peek.state, detail)
+
+
 class PeekTransitions:
     """``observe``: take note of a peek's new state and tell the local sockets (the service's
     ``observe``); ``countdown_started``: called once by the process whose transition started it."""
@@ -83,6 +95,8 @@ class PeekTransitions:
             except PreconditionFailed:
                 found = None
                 continue
+            if transition.peek.state != peek.state:
+                log_transition(transition.peek)
             # Before any other await: a reader who sees the new state in the store (a peeker polling
             # for ``active``) finds this process agreeing at once (``peek_readable``).
             self._observe(transition.peek)

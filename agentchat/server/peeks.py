@@ -220,6 +220,7 @@ class PeekService(HubListenerBase):
             raise
         await self.store.put(store_keys.peek_payment(peek_id), orjson.dumps(
             {"provider": self.payments.name, "ref": hold.ref, "client": hold.client, "opened_by": tag}))
+        log.info("peek %s opened on %s: %d cents, awaiting payment", peek_id, channel, peek.price_cents)
         await self.transitions.after(peek, [e for e in opened.effects if isinstance(e, ArmTimer)])
         return peek, hold
 

@@ -17,6 +17,7 @@ import pytest
 
 from agentchat import crypto
 from agentchat.client import Agent
+from agentchat.client.agent import short_did
 from agentchat.client.peeker import Peeker
 from tests.e2e.processes import REPO, ServerProcess, run_cli
 from tests.services import start_redis
@@ -125,7 +126,7 @@ async def test_a_human_peeks_from_the_terminal_while_agents_talk(tmp_path: Path)
         out, err = await asyncio.to_thread(peek_cli.communicate, timeout=30)
         assert peek_cli.returncode == 0, err
         assert said[0] in out and said[1] in out, (out, err)
-        assert "agents may refuse for" in err and "peek active" in err and "peek ended" in err
+        assert "agents may refuse for" in err and "You were charged $5.00" in err and "The peek is over." in err
 
         async def rotated() -> bool:
             return (await alice.channel(channel))["epoch"] >= 2
@@ -162,7 +163,7 @@ async def test_listen_refuse_peeks_refuses_from_the_terminal(tmp_path: Path) -> 
         assert unfunded.returncode == 2, unfunded.stderr
         assert "not funded" in unfunded.stderr and "agentchat card" in unfunded.stderr
         card = run_cli("card", server=server.url, key=bob_key)  # a dev card on file pays bob's refusal fee
-        assert (card.returncode, card.stdout.strip()) == (0, "dev card"), card.stderr
+        assert (card.returncode, card.stdout.strip()) == (0, "card on file: dev card"), card.stderr
         await alice.register("alice")
         channel = await alice.create_channel([bob_did])
         listener = subprocess.Popen(
@@ -172,12 +173,12 @@ async def test_listen_refuse_peeks_refuses_from_the_terminal(tmp_path: Path) -> 
         said = await asyncio.to_thread(listener.stderr.readline)
         assert "charged to your card on file (dev card)" in said, said
         line = await asyncio.to_thread(listener.stderr.readline)
-        assert "refusing peeks" in line
+        assert "refusing every peek" in line, line
         peek = run_cli_peek(server.url, channel)
         assert peek.returncode == 3, peek.stderr
-        assert f"refused by {bob_did}; you are not charged" in peek.stderr
+        assert f"Refused by bob ({short_did(bob_did)}). You were not charged." in peek.stderr, peek.stderr
         ledger = run_cli("ledger", server=server.url, key=bob_key)
-        assert ledger.stdout.splitlines()[0] == "balance 0 cents; card on file: dev card", ledger.stderr
+        assert ledger.stdout.splitlines()[0] == "balance $0.00; card on file: dev card", ledger.stderr
     finally:
         if listener is not None:
             listener.terminate()
@@ -211,7 +212,7 @@ async def test_ctrl_c_during_the_countdown_withdraws_the_peek_from_the_terminal(
                 break
         peek_cli.send_signal(signal.SIGINT)
         _, err = await asyncio.to_thread(peek_cli.communicate, timeout=30)
-        assert "peek withdrawn (you withdrew; the hold is released, you are not charged)" in err, err
+        assert "You withdrew. The hold on your card is released; you were not charged." in err, err
         while True:
             event = await asyncio.wait_for(alice.events.get(), 20)
             if event["type"] == "peek":
