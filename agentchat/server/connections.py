@@ -2,8 +2,9 @@
 
 An idle socket served through aiohttp's ``WebSocketResponse`` keeps ~13 KB alive (the parsed request,
 the HTTP protocol and parser, the handler task and its coroutines, the WebSocket reader, writer and
-queue). Here a socket is one ``WebSocketConnection`` (an ``asyncio.Protocol``) and its small frame
-parser (``core/rfc6455.py``): frames are handled in ``data_received``, and a task exists only while
+queue). Here a socket is one ``WebSocketConnection`` (an ``asyncio.Protocol``) and its small sans-I/O
+state, the frame parser and close handshake (``core/rfc6455.py``'s ``ServerConnection``; this only adapts it
+to the transport): frames are handled in ``data_received``, and a task exists only while
 the handling of a frame has to wait (a bus round trip, a store read).
 
 How connections get here:
@@ -39,8 +40,6 @@ log = logging.getLogger(__name__)
 WRITE_BUFFER_HIGH = 256 * 1024
 # Messages read while an earlier one is still being handled, before reading pauses.
 BACKLOG_MAX = 32
-# How long a close handshake the server started may take before the connection is dropped.
-CLOSE_TIMEOUT = 5.0
 # How long a new connection may take to send its first request head, and how big that head may be
 # before it is left to aiohttp (which answers 431 or 400).
 HEAD_TIMEOUT = 30.0
@@ -131,10 +130,11 @@ class WebSocketConnection(asyncio.Protocol):
     once and only turned into a task if it has to wait; the next message waits for it), and may
     override ``opened``, ``activity``, ``writable`` and ``lost``."""
 
-    # The frame parser of every socket of the class (a subclass may raise its fragment limit).
-    parser_class: type[codec.FrameParser] = codec.FrameParser
+    # The sans-I/O state (frame parser and close handshake) of every socket of the class (a subclass
+    # may raise its fragment limit).
+    parser_class: type[codec.ServerConnection] = codec.ServerConnection
 
-    __slots__ = ("transport", "out", "write_paused", "close_sent", "_parser", "_backlog", "_busy",
+    __slots__ = ("transport", "out", "write_paused", "_parser", "_backlog", "_busy",
                  "_close_timer", "_lost", "_lost_waiters", "_counted", "__weakref__")
 
     def __init__(self, max_message_bytes: int) -> None:
@@ -143,7 +143,6 @@ class WebSocketConnection(asyncio.Protocol):
         # once a close frame is sent and once it is gone (one test on the path of every delivery).
         self.out: asyncio.Transport | None = None
         self.write_paused = False
-        self.close_sent = False
         self._parser = self.parser_class(max_message_bytes)
         self._backlog: list[tuple[int, bytes]] | None = None  # messages waiting for the one in progress
         self._busy = False
@@ -183,18 +182,20 @@ class WebSocketConnection(asyncio.Protocol):
     @property
     def closing(self) -> bool:
         """No more messages go out: a close frame was sent, or the connection is gone."""
-        return self.close_sent or self._lost
+        return self._parser.close_sent or self._lost
 
     def close(self, code: int, reason: str = "") -> None:
         """Start the close handshake; the transport is closed when the peer answers (or after
-        ``CLOSE_TIMEOUT``)."""
+        ``codec.CLOSE_TIMEOUT``)."""
         transport = self.transport
-        if self.close_sent or self._lost or transport is None:
+        if self._lost or transport is None:
             return
-        self.close_sent = True
+        frame = self._parser.send_close(code, reason)
+        if frame is None:
+            return
         self.out = None
-        transport.write(codec.close_frame(code, reason))
-        self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
+        transport.write(frame)
+        self._close_timer = asyncio.get_running_loop().call_later(codec.CLOSE_TIMEOUT, transport.abort)
 
     def limit_messages(self, max_bytes: int) -> None:
         """From now on, a message over ``max_bytes`` fails the connection with 1009 (from its header)."""
@@ -248,10 +249,11 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _run(self, messages: list[tuple[int, bytes]]) -> None:
         """Handle messages in order; stops (keeping the rest) when one has to wait."""
+        state = self._parser
         for index in range(len(messages)):
             opcode, payload = messages[index]
             if opcode <= codec.OP_BINARY:
-                if self.close_sent:
+                if state.close_sent:
                     continue  # after our close frame, data is read and dropped (RFC 6455, 5.5.1)
                 coro = self.message_received(payload) if opcode == codec.OP_TEXT else self.binary_received(payload)
                 try:
@@ -268,8 +270,9 @@ class WebSocketConnection(asyncio.Protocol):
                 asyncio.get_running_loop().create_task(self._finish(coro, yielded))
                 return
             if opcode == codec.OP_PING:
-                if not self.closing and self.transport is not None:
-                    self.transport.write(codec.pong_frame(payload))
+                pong = state.receive_ping(payload)
+                if pong is not None and not self._lost and self.transport is not None:
+                    self.transport.write(pong)
             elif opcode == codec.OP_CLOSE:
                 self._close_received(payload)
                 return
@@ -298,14 +301,13 @@ class WebSocketConnection(asyncio.Protocol):
         if transport is None:
             return
         try:
-            code, _ = codec.parse_close(payload)
+            answer = self._parser.receive_close(payload)
         except codec.ProtocolViolation as exc:
             self._fail(exc.close_code, exc.reason)
             return
-        if not self.close_sent:  # the peer started it: answer with its code, then close (5.5.1)
-            self.close_sent = True
+        if answer is not None:  # the peer started it
             self.out = None
-            transport.write(codec.close_frame(codec.CLOSE_NORMAL if code == codec.CLOSE_NO_STATUS else code))
+            transport.write(answer)
         transport.close()
 
     def _fail(self, code: int, reason: str) -> None:
@@ -314,11 +316,12 @@ class WebSocketConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if not self.close_sent:
-            self.flush()
-            self.close_sent = True
-            self.out = None
-            transport.write(codec.close_frame(code, reason))
+        if not self._parser.close_sent:
+            self.flush()  # before the close frame, after which the session may write nothing
+            frame = self._parser.fail(code, reason)
+            if frame is not None:
+                self.out = None
+                transport.write(frame)
         transport.close()
 
     def pause_writing(self) -> None:
