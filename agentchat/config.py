@@ -2,7 +2,7 @@
 
 One setting per backend, chosen by URL scheme:
 
-- ``bus``: ``memory://`` (default, one process) or ``redis://host:port/db``
+- ``bus``: ``memory://`` (default, one process), ``redis://host:port/db`` or ``redis+cluster://host:port,.../``
 - ``store``: ``file://./data`` (default) or ``s3://bucket?endpoint=...&region=...``
 - ``payments``: ``dev://`` (default, no money moves) or ``stripe://`` (keys from their own settings)
 
@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 ENV_PREFIX = "AGENTCHAT_"
+# The command line's own variables (agentchat/client/cli.py): the server, and a key file to use. A
+# user who exported them for the CLI runs ``agentchat serve`` in the same shell; they are not settings.
+CLIENT_VARIABLES = frozenset({"AGENTCHAT_SERVER", "AGENTCHAT_KEY"})
 
 
 class ConfigError(ValueError):
@@ -121,8 +124,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         scheme_of = lambda url: urlsplit(url).scheme  # noqa: E731
-        if scheme_of(self.bus) not in ("memory", "redis", "rediss"):
-            raise ConfigError(f"bus {self.bus!r}: use memory:// or redis://host:port/db")
+        if scheme_of(self.bus) not in ("memory", "redis", "rediss", "redis+cluster"):
+            raise ConfigError(f"bus {self.bus!r}: use memory://, redis://host:port/db or redis+cluster://host:port,.../")
         if scheme_of(self.store) not in ("file", "s3"):
             raise ConfigError(f"store {self.store!r}: use file://DIR or s3://bucket?endpoint=...")
         if scheme_of(self.payments) not in ("dev", "stripe"):
@@ -200,7 +203,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
     """Defaults, then ``AGENTCHAT_<NAME>`` from ``env`` (default ``os.environ``), then ``overrides``.
 
     Limits are read from the same namespace (``AGENTCHAT_MAX_FRAME_BYTES``). Unknown ``AGENTCHAT_``
-    variables are an error, so a typo does not silently leave a default in place.
+    variables are an error, so a typo does not silently leave a default in place; the command line's
+    own ``AGENTCHAT_SERVER`` and ``AGENTCHAT_KEY`` are not settings and are left alone.
     """
     env = os.environ if env is None else env
     top_types = _field_types(Settings)
@@ -208,7 +212,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
     top: dict[str, object] = {}
     limits: dict[str, object] = {}
     for key, raw in env.items():
-        if not key.startswith(ENV_PREFIX):
+        if not key.startswith(ENV_PREFIX) or key in CLIENT_VARIABLES:
             continue
         name = key[len(ENV_PREFIX):].lower()
         if name in top_types:
@@ -216,7 +220,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         elif name in limit_types:
             limits[name] = _coerce(key, raw, limit_types[name])
         else:
-            raise ConfigError(f"unknown setting {key}")
+            raise ConfigError(f"unknown setting {key}: unset it, or see the settings in README.md")
     for name, value in overrides.items():
         if value is None:
             continue

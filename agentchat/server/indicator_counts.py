@@ -30,12 +30,15 @@ log = logging.getLogger(__name__)
 COUNTER_TTL = 30 * 24 * 3600.0
 RECOUNT_LOCK_TTL = 120.0
 RECOUNT_SETTLE_SECONDS = 2.0
+# How long the first read of a forgotten counter waits for its recount beyond the settling time.
+FIRST_RECOUNT_WAIT_SECONDS = 3.0
 # A new channel's counter takes messages stamped this much before its creation (processes' clocks differ).
 CLOCK_SKEW_SECONDS = 5
 CAS_ATTEMPTS = 16
 
-# Runs a coroutine in the background, owned (and cancelled at close) by the indicator service.
-Spawn = Callable[[Awaitable[Any], str], None]
+# Runs a coroutine in the background, owned (and cancelled at close) by the indicator service; its
+# task (None once the service is closing).
+Spawn = Callable[[Awaitable[Any], str], "asyncio.Task[Any] | None"]
 # Some channels' numbers may have changed (the watchers push them).
 Changed = Callable[[Iterable[str]], None]
 # (peek id, channel) of every peek active now, as this process knows them.
@@ -63,7 +66,7 @@ class SharedCounters:
         self._save_lock = asyncio.Lock()
         self.loaded: set[str] = set()  # channels whose shared counter this process has read
         self._loading: dict[str, asyncio.Task[None]] = {}
-        self._recounting: set[str] = set()
+        self._recounting: dict[str, asyncio.Task[Any] | None] = {}  # channel -> its recount, if started here
 
     def loading_tasks(self) -> list[asyncio.Task[None]]:
         """The counter reads under way (not spawned: a caller awaits each; cancelled at close)."""
@@ -124,8 +127,9 @@ class SharedCounters:
 
     def _start_recount(self, channel: str, since: int) -> None:
         if channel not in self._recounting:
-            self._recounting.add(channel)
-            self._spawn(self._recount(channel, since), f"indicators-recount-{channel}")
+            task = self._spawn(self._recount(channel, since), f"indicators-recount-{channel}")
+            if task is not None:
+                self._recounting[channel] = task
 
     async def _recount(self, channel: str, since: int) -> None:
         """Count the stored messages from before ``since`` into a counter made afresh (one process
@@ -149,14 +153,14 @@ class SharedCounters:
                     raw = await self.bus.get(bus_keys.indicator_counter(channel))
                     if raw is None:
                         return
-                log.info("indicators: recounted %s from the store: %d messages before %d", channel, total, since)
+                log.info("indicators: %s recounted from the store: %d messages", channel, total)
             finally:
                 await self.bus.delete(bus_keys.indicator_recount_lock(channel))
             raw = await self.bus.get(bus_keys.indicator_counter(channel))
             if raw is not None:
                 self._take_stored(channel, raw)
         finally:
-            self._recounting.discard(channel)
+            self._recounting.pop(channel, None)
 
     async def _count_stored(self, channel: str, *, before_ms: int) -> tuple[int, int | None]:
         """Stored messages of the channel with ``ts`` before ``before_ms``, and the minute of the
@@ -197,8 +201,16 @@ class SharedCounters:
     async def _read_counter(self, channel: str) -> None:
         raw = await self.bus.get(bus_keys.indicator_counter(channel))
         if raw is None:
-            # Known channel, no counter: start one from now (the past is recounted).
-            await self._start_counter(channel, int(self.clock()))
+            # Known channel, no counter: start one from now (the past is recounted). The first answer
+            # after a restart waits for that recount (a few seconds at most), so nobody is shown 0
+            # messages for a channel that has some.
+            # It starts with the next second: this second's messages may have been counted only in
+            # the counter that was lost (a restart within the second of the last message), so they
+            # are left to the recount, which reads them from the store.
+            await self._start_counter(channel, int(self.clock()) + 1)
+            recount = self._recounting.get(channel)
+            if recount is not None:
+                await asyncio.wait({recount}, timeout=RECOUNT_SETTLE_SECONDS + FIRST_RECOUNT_WAIT_SECONDS)
             raw = await self.bus.get(bus_keys.indicator_counter(channel))
             if raw is None:
                 return
