@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from agentchat.config import ConfigError, load_settings, redact_url
+from agentchat.config import ConfigError, Settings, load_settings, redact_url
 
 
 # Below this many open files a server is short of sockets for a real load; it says so at start.
@@ -41,8 +42,30 @@ def raise_open_files_limit() -> int | None:
     return wanted
 
 
+# What each backend scheme needs beyond the base install, and the extra that brings it.
+_BACKEND_EXTRAS = {"redis": ("redis", "redis"), "rediss": ("redis", "redis"), "s3": ("aiobotocore", "s3"),
+                   "stripe": ("stripe", "stripe")}
+
+
+def _missing_extra(settings: Settings) -> str | None:
+    """A sentence for the first backend whose library is not installed, or None."""
+    import importlib
+    from urllib.parse import urlsplit
+
+    for flag, url in (("--bus", settings.bus), ("--store", settings.store), ("--payments", settings.payments)):
+        scheme = urlsplit(url).scheme
+        if scheme in _BACKEND_EXTRAS:
+            module, extra = _BACKEND_EXTRAS[scheme]
+            try:
+                importlib.import_module(module)  # the backend imports it next anyway
+            except ImportError:
+                return (f"{flag} {scheme}:// needs the '{extra}' extra; install it with "
+                        f"{sys.executable} -m pip install 'agentchat[{extra}]' (from a checkout: -e '.[{extra}]')")
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from agentchat.server.app import build_app, run
+    from agentchat.server.app import ListenError, build_app, run
 
     try:
         settings = load_settings(host=args.host, port=args.port, bus=args.bus, store=args.store,
@@ -50,6 +73,10 @@ def _serve(args: argparse.Namespace) -> int:
                                  allow_dev_payments_public=args.allow_dev_payments_public or None)
     except ConfigError as exc:
         print(f"agentchat: {exc}", file=sys.stderr)
+        return 2
+    missing = _missing_extra(settings)
+    if missing:
+        print(f"agentchat: {missing}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -59,9 +86,6 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError:  # uvloop is optional (not on Windows)
         pass
     open_files = raise_open_files_limit()
-    print(f"AgentChat listening on http://{settings.host}:{settings.port} (bus {redact_url(settings.bus)}, "
-          f"store {redact_url(settings.store)}, payments {redact_url(settings.payments)}, "
-          f"open files {open_files if open_files is not None else 'unlimited'})", flush=True)
     if open_files is not None and open_files < FEW_OPEN_FILES:
         logging.getLogger("agentchat").warning(
             "this process may open only %d files, so it holds fewer than %d sessions at once; raise the "
@@ -75,18 +99,60 @@ def _serve(args: argparse.Namespace) -> int:
     # times rarer. They set the tail of delivery and peek-deadline latency (bench/README.md,
     # "Measurements behind constants").
     gc.set_threshold(10_000, 10, 10)
+
+    def listening() -> None:
+        # Printed once the port is bound, so what it says is true (and scripts may wait for it).
+        print(f"AgentChat listening on http://{settings.host}:{settings.port} (bus {redact_url(settings.bus)}, "
+              f"store {redact_url(settings.store)}, payments {redact_url(settings.payments)}, "
+              f"open files {open_files if open_files is not None else 'unlimited'}); stop it with Ctrl-C",
+              flush=True)
+
     try:
-        run(app, settings.host, settings.port, shutdown_timeout=10.0)
+        run(app, settings.host, settings.port, shutdown_timeout=10.0, on_listening=listening)
+    except ListenError as exc:
+        reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
+        print(f"agentchat: cannot listen on {settings.host}:{settings.port}: {reason}; stop what uses it "
+              f"or pick another port with --port", file=sys.stderr)
+        return 1
     except ConfigError as exc:  # found at startup (the token secret needs the store)
         print(f"agentchat: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
+EXAMPLES = """examples:
+  agentchat serve                                   run the server on http://127.0.0.1:8080
+  agentchat keygen --key alice.key                  make alice's keys (prints her DID)
+  agentchat register alice --key alice.key          publish them under the name alice
+  agentchat channel create --key alice.key --member DID
+  agentchat send CHANNEL "hello" --key alice.key
+  agentchat listen --key bob.key                    print messages as they arrive
+  agentchat peek CHANNEL                            peek at a channel as a human (dev payments)
+
+Every client command takes --server (default $AGENTCHAT_SERVER or http://127.0.0.1:8080);
+every agent command takes --key (default $AGENTCHAT_KEY or ./agent.key).
+'agentchat COMMAND --help' tells more about one command."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("agentchat")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="agentchat", description="End-to-end encrypted messaging for AI agents.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the server (settings: flags, else AGENTCHAT_* variables)")
+    parser = argparse.ArgumentParser(prog="agentchat", description="End-to-end encrypted messaging for AI agents.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"agentchat {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve", help="run the server", description="Run the AgentChat server until Ctrl-C or SIGTERM. Every\n"
+        "setting is a flag below or an AGENTCHAT_<NAME> environment variable (flags win);\nthe full list is in "
+        "README.md, Settings.", epilog="example:\n  agentchat serve --port 9090 --store file://./data",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8080)")
     serve.add_argument("--bus", help="memory:// (default) or redis://host:port/db")

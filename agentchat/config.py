@@ -21,6 +21,9 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from agentchat.core.cors import normalize_origin, parse_origins
 
 ENV_PREFIX = "AGENTCHAT_"
+# The command line's own variables (agentchat/client/cli.py): the server, and a key file to use. A
+# user who exported them for the CLI runs ``agentchat serve`` in the same shell; they are not settings.
+CLIENT_VARIABLES = frozenset({"AGENTCHAT_SERVER", "AGENTCHAT_KEY"})
 
 
 class ConfigError(ValueError):
@@ -217,7 +220,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
     """Defaults, then ``AGENTCHAT_<NAME>`` from ``env`` (default ``os.environ``), then ``overrides``.
 
     Limits are read from the same namespace (``AGENTCHAT_MAX_FRAME_BYTES``). Unknown ``AGENTCHAT_``
-    variables are an error, so a typo does not silently leave a default in place.
+    variables are an error, so a typo does not silently leave a default in place; the command line's
+    own ``AGENTCHAT_SERVER`` and ``AGENTCHAT_KEY`` are not settings and are left alone.
     """
     env = os.environ if env is None else env
     top_types = _field_types(Settings)
@@ -225,7 +229,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
     top: dict[str, object] = {}
     limits: dict[str, object] = {}
     for key, raw in env.items():
-        if not key.startswith(ENV_PREFIX):
+        if not key.startswith(ENV_PREFIX) or key in CLIENT_VARIABLES:
             continue
         name = key[len(ENV_PREFIX):].lower()
         if name in top_types:
@@ -233,7 +237,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         elif name in limit_types:
             limits[name] = _coerce(key, raw, limit_types[name])
         else:
-            raise ConfigError(f"unknown setting {key}")
+            raise ConfigError(f"unknown setting {key}: unset it, or see the settings in README.md")
     for name, value in overrides.items():
         if value is None:
             continue

@@ -129,6 +129,7 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     "method_not_allowed": (MethodNotAllowed, "The route does not take this method; the Allow header lists those it takes."),
     # 409
     "already_registered": (Conflict, "This DID is registered with other keys."),
+    "name_mismatch": (Conflict, "This key is registered under another name; register with rename to change it."),
     "agent_deleted": (Conflict, "This DID's account was deleted; it can never be registered again."),
     "conflict": (Conflict, "The object changed concurrently or is in a state that does not allow this."),
     "duplicate_pending": (Pending, "A message with this client id is still being stored; wait for its ack."),

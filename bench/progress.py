@@ -37,6 +37,8 @@ class Progress:
         self._draw(1.0, note, final=True)
 
     def _draw(self, fraction: float, note: str, *, final: bool) -> None:
+        # A phase that runs past its estimate (a slow drain, a late last report) stays at 100%.
+        fraction = min(max(fraction, 0.0), 1.0)
         line = f"{self.label:<28} {bar(fraction)} {fraction * 100:3.0f}%  {note}"
         if self.tty:
             pad = max(0, self._width - len(line))

@@ -199,6 +199,16 @@ def write_json(run: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(run, indent=2) + "\n")
 
 
+def _fit(text: str, width_inches: float, fontsize: float) -> str:
+    """``text`` wrapped to lines that fit ``width_inches`` at ``fontsize`` points (a character is
+    about 0.6 of the font size wide): a long CPU name on a one-panel chart wraps instead of running
+    off both edges."""
+    import textwrap
+
+    chars = max(20, int(width_inches * 72 / (fontsize * 0.6)))
+    return "\n".join(textwrap.wrap(text, chars)) or text
+
+
 def chart(run: dict[str, Any], path: Path) -> bool:
     """The PNG chart: saturated throughput, paced latency percentiles, memory and connect rate per
     server (panels without data are left out). False if matplotlib is missing."""
@@ -243,10 +253,13 @@ def chart(run: dict[str, Any], path: Path) -> bool:
                             ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(mine)))
         ax.set_xticklabels(names, rotation=20, fontsize=8)
-        ax.set_title(label, fontsize=9)
+        ax.set_title(_fit(label, 4.2, 9), fontsize=9)
     m = run["machine"]
-    fig.suptitle(f"AgentChat bench {run['started'][:16]} · {m['cpu']} · {m['cores']} cores", fontsize=9)
+    width = 4.2 * len(panels)
+    fig.suptitle(_fit(f"AgentChat bench {run['started'][:16]} · {m['cpu']} · {m['cores']} cores", width, 9),
+                 fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # "tight" takes in every title whole, whatever the fonts' real widths came out as.
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)
     return True

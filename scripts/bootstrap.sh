@@ -12,16 +12,27 @@ if [ ! -x .venv/bin/python ]; then
   echo "==> creating .venv"
   "$python" -m venv .venv
 fi
+# pip, showing one line per package it fetches instead of a minute of silence. Its errors (stderr)
+# pass through untouched; the banner setuptools prints on every editable install (a warning meant for
+# package authors) is silenced with PYTHONWARNINGS, which pip's build subprocess inherits.
+pip_install() {
+  PYTHONWARNINGS=ignore .venv/bin/python -m pip install --progress-bar off "$@" \
+    | sed -un -e 's/^Collecting \([^ ;]*\).*/    \1/p' \
+        -e 's/^Processing .*\/\([A-Za-z0-9_.]*\)-\([^-]*\)-.*\.whl.*/    \1==\2/p' \
+        -e 's/^Building editable for \([^ ]*\).*/    building \1/p'
+}
+
 stamp=".venv/.installed-$mode-$(cat pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  echo "==> installing Python packages ($mode)"
-  .venv/bin/python -m pip install -q --upgrade pip
+  echo "==> installing Python packages ($mode): about a minute the first time, nothing the next"
+  PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q --upgrade pip
   if [ "$mode" = test ]; then
-    .venv/bin/python -m pip install -q -e '.[test]'
+    pip_install -e '.[test]'
   else
-    .venv/bin/python -m pip install -q -e .
+    pip_install -e .
   fi
   touch "$stamp"
+  echo "==> installed"
 fi
 
 if [ "$mode" = test ]; then

@@ -5,8 +5,8 @@
         await alice.register("alice")                 # once; later sessions log in by themselves
         channel = await alice.create_channel([bob_did])
         await alice.send(channel, "hello")            # returns once the server stored it
-        async for message in alice.messages():        # decrypted, signature checked, in order
-            print(message.sender, message.text)
+        async for message in alice.messages():        # what the others say: decrypted, checked, in order
+            print(message.sender_label, message.text)     # alice (…jbRxyY) hello
 
 The socket reconnects by itself and resumes every channel from the last number it delivered, and
 unacknowledged sends are retried with the same client id, so nothing is lost or duplicated.
@@ -66,6 +66,19 @@ class AgentChatClientError(Exception):
         self.status = status
 
 
+def short_did(did: str) -> str:
+    """The end of a DID, enough to tell apart two agents that share a name: ``…jbRxyY``.
+
+    Every Ed25519 DID starts ``did:agentchat:z6Mk``, so the start tells nothing; the page shows the
+    same six characters."""
+    return "…" + did[-6:]
+
+
+def display_name(name: str, did: str) -> str:
+    """How a person reads a sender: ``alice (…jbRxyY)``; the short DID alone when the name is unknown."""
+    return f"{name} ({short_did(did)})" if name else short_did(did)
+
+
 @dataclass(frozen=True)
 class Message:
     channel: str
@@ -75,10 +88,39 @@ class Message:
     ts: int
     content: Any  # str for text messages, any JSON value for JSON ones
     kind: str  # "text" or "json"
+    # The name the sender registered under ("" if it could not be looked up). Names are labels, not
+    # identities: two agents may share one; ``sender`` (the DID) is who signed the message.
+    sender_name: str = ""
 
     @property
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else orjson.dumps(self.content).decode()
+
+    @property
+    def sender_label(self) -> str:
+        """``alice (…jbRxyY)``: the name next to a short DID."""
+        return display_name(self.sender_name, self.sender)
+
+
+class NameCache:
+    """Agents' registered names by DID, looked up once each from the public profile route."""
+
+    def __init__(self) -> None:
+        self._names: dict[str, str] = {}
+
+    def remember(self, did: str, name: str) -> None:
+        self._names[did] = name
+
+    async def name_of(self, http: aiohttp.ClientSession, server: str, did: str) -> str:
+        name = self._names.get(did)
+        if name is None:
+            try:
+                profile = await call_json(http, "GET", f"{server}/api/v1/agents/{did}")
+                name = str(profile.get("name", ""))
+            except (AgentChatClientError, aiohttp.ClientError, asyncio.TimeoutError):
+                return ""  # shown as the short DID; asked again next time
+            self._names[did] = name
+        return name
 
 
 class History(list[Message]):
@@ -186,8 +228,12 @@ class Agent:
         self._socket_task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._closing = False
-        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()  # channel/peek events, for callers
+        # Channel and peek events, and the socket's own: {"type": "connection", "state": "lost"} when it
+        # drops and "restored" once it is back (for callers that tell a person).
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.reconnects = 0
+        self._lost = False  # the socket dropped and has not been welcomed back yet
+        self._names = NameCache()
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -252,16 +298,27 @@ class Agent:
                 return await self._answer_invitation(invitation) is True
         return False
 
-    async def register(self, name: str) -> str:
-        """Publish this agent's public keys (proving it holds the private ones); returns the DID."""
+    async def register(self, name: str, *, rename: bool = False) -> str:
+        """Publish this agent's public keys (proving it holds the private ones); returns the DID.
+
+        Registering again under the same name is harmless. Under another name the server answers
+        ``name_mismatch`` unless ``rename`` is true: a name never changes by accident."""
         timestamp = int(time.time() * 1000)
         message = crypto.registration_message(name, self.keys.public, timestamp)
-        result = await self._request("POST", "/api/v1/agents/register", {
-            "name": name, "keys": self.keys.public.to_wire(), "timestamp": timestamp,
-            "signature": crypto.b64e(self.keys.sign(message)),
-        }, auth=False)
+        body: dict[str, Any] = {"name": name, "keys": self.keys.public.to_wire(), "timestamp": timestamp,
+                                "signature": crypto.b64e(self.keys.sign(message))}
+        if rename:
+            body["rename"] = True
+        result = await self._request("POST", "/api/v1/agents/register", body, auth=False)
         self._set_token(result["token"], result["expires_at"])
+        self._names.remember(result["did"], result["agent"]["name"])
         return result["did"]
+
+    async def name_of(self, did: str) -> str:
+        """The name ``did`` registered under ("" if it cannot be looked up now)."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=self._timeout)
+        return await self._names.name_of(self._http, self.server, did)
 
     async def login(self) -> str:
         challenge = await self._request("POST", "/api/v1/auth/challenge", {"did": self.did}, auth=False)
@@ -284,7 +341,9 @@ class Agent:
         return self._token
 
     async def profile(self, did: str) -> dict[str, Any]:
-        return await self._request("GET", f"/api/v1/agents/{did}", auth=False)
+        profile = await self._request("GET", f"/api/v1/agents/{did}", auth=False)
+        self._names.remember(did, profile["name"])
+        return profile
 
     async def _encryption_key_of(self, did: str) -> bytes:
         """A member's X25519 key, checked against its DID: the server cannot substitute its own."""
@@ -566,7 +625,7 @@ class Agent:
             sender_signing_key=crypto.signing_key_from_did(record["sender"]))
         kind, content = decode_content(plaintext)
         return Message(record["channel"], record["seq"], record["sender"], record["client_id"], record["ts"],
-                       content, kind)
+                       content, kind, await self.name_of(record["sender"]))
 
     # ------------------------------------------------------------------------------ socket
 
@@ -612,6 +671,7 @@ class Agent:
 
     async def _socket_loop(self) -> None:
         backoff = Backoff(RECONNECT_BASE_DELAY, RECONNECT_MAX_DELAY)
+        self._lost = False
         while not self._closing:
             try:
                 async with websockets.connect(self._ws_url(), max_size=4 * 1024 * 1024,
@@ -631,6 +691,9 @@ class Agent:
                 log.info("socket lost: %r", exc)
             finally:
                 self._ws = None
+                if self._connected.is_set() and not self._closing:
+                    self._lost = True
+                    self.events.put_nowait({"type": "connection", "state": "lost"})
                 self._connected.clear()
             if self._closing:
                 return
@@ -648,12 +711,18 @@ class Agent:
                     if pending is not None and not pending[1].done():
                         pending[1].set_result(int(frame["seq"]))
                 elif kind in ("welcome", "channels"):
+                    # A channel seen for the first time resumes, after a reconnect, from where live
+                    # delivery started: what was said before this agent connected is history, not news.
+                    live_after = frame.get("live_after") or {}
                     for channel in frame.get("channels", []):
-                        self._last_seq.setdefault(channel, 0)
+                        self._last_seq.setdefault(channel, int(live_after.get(channel, 0)))
                     if kind == "channels":
                         continue
                     self._connected.set()
                     self._in_background(self._answer_pending_invitations())
+                    if self._lost:
+                        self._lost = False
+                        self.events.put_nowait({"type": "connection", "state": "restored"})
                     # Sends that were waiting for an ack when the socket dropped go out again with
                     # their client ids: the server answers a stored one with its original number.
                     for pending_frame, future in list(self._pending.values()):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ import websockets
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agentchat import crypto
-from agentchat.client.agent import Message, call_json, decode_content
+from agentchat.client.agent import Message, NameCache, call_json, decode_content
 from agentchat.core.frames import split_frames
 
 TERMINAL_STATES = frozenset({"ended", "refused", "payment_failed", "canceled", "withdrawn", "expired", "no_key"})
@@ -63,6 +64,7 @@ class Peeker:
         self._events: asyncio.Queue[PeekEvent] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
         self._ws: Any = None
+        self._names = NameCache()
 
     async def __aenter__(self) -> Peeker:
         return self
@@ -82,6 +84,12 @@ class Peeker:
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=self._timeout)
         return await call_json(self._http, method, self.server + path, body, token=self.token if auth else None)
+
+    async def name_of(self, did: str) -> str:
+        """The name ``did`` registered under ("" if it cannot be looked up now)."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=self._timeout)
+        return await self._names.name_of(self._http, self.server, did)
 
     async def open(self, channel: str) -> dict[str, Any]:
         """Ask to peek at ``channel``; returns the peek (awaiting payment). ``payment`` says how to pay."""
@@ -117,6 +125,9 @@ class Peeker:
             await self.connect()
         while True:
             event = await self._events.get()
+            if event.message is not None and not event.message.sender_name and self._http is not None:
+                name = await self._names.name_of(self._http, self.server, event.message.sender)
+                event = dataclasses.replace(event, message=dataclasses.replace(event.message, sender_name=name))
             yield event
             if event.kind == "closed":
                 return

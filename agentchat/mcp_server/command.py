@@ -4,6 +4,7 @@
 
     agentchat mcp --key alice.key --name alice          # first run: makes the key (0600) and registers
     agentchat mcp --key alice.key --allow-admin-tools   # also the membership and peek-policy tools
+    agentchat mcp --key alice.key --invitations none    # every invitation waits for answer_invitation
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from agentchat import crypto
 from agentchat.client.agent import Agent, AgentChatClientError
+from agentchat.mcp_server.bridge import INVITATION_POLICIES  # no MCP import there
 
 MISSING_SDK = "agentchat: 'agentchat mcp' needs the MCP SDK; install it with: pip install 'agentchat[mcp]'"
 SDK_MODULES = ("mcp", "mcp_types", "pydantic", "anyio", "starlette", "uvicorn", "sse_starlette", "httpx2")
@@ -31,6 +33,10 @@ def add_command(commands: Any, common: Callable[[argparse.ArgumentParser], None]
                                     "this name")
     mcp.add_argument("--allow-admin-tools", action="store_true",
                      help="also offer invite_member, remove_member, leave_channel and set_peek_policy")
+    mcp.add_argument("--invitations", choices=INVITATION_POLICIES, default="known",
+                     help="which invitations to channels are accepted without asking: all, known (from agents "
+                          "this one already shares a channel with; the default) or none; the others wait for "
+                          "the answer_invitation tool")
     mcp.add_argument("--refuse-peeks", action="store_true",
                      help="start with the peek policy 'refuse' (each refusal costs the refusal fee)")
     mcp.add_argument("--http", type=int, metavar="PORT",
@@ -96,7 +102,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     keys, created = load_or_create_keys(args.key, args.name)
     async with Agent(args.server, keys, peek_policy=not args.refuse_peeks) as agent:
-        bridge = Bridge(agent)
+        bridge = Bridge(agent, invitations=args.invitations)
         await bridge.start(lambda: sign_in(agent, created, args.name))
         server = build_server(bridge, allow_admin_tools=args.allow_admin_tools)
         try:

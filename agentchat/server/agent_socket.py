@@ -165,8 +165,15 @@ class AgentSocket(SessionSocket):
             # Every channel, however many: the welcome names the first page, ``channels`` frames the
             # rest (``more`` until the last), so no channel is ever left out of a session.
             page = limits.channels_page_max
+
+            def live_after(listed: list[str]) -> dict[str, int]:
+                # Where live delivery starts for channels not resumed: a reconnect resumes from there.
+                return {channel: session.cursors[channel].last for channel in listed
+                        if channel not in hello.resume and channel in session.cursors}
+
             session.push(frames.encode({"type": "welcome", "ref": hello.ref, "subject": principal.subject,
                                         "scope": principal.scope, "channels": channels[:page],
+                                        "live_after": live_after(channels[:page]),
                                         "more": len(channels) > page,
                                         "limits": {"max_frame_bytes": limits.max_frame_bytes,
                                                    "max_ciphertext_bytes": limits.max_ciphertext_bytes,
@@ -174,6 +181,7 @@ class AgentSocket(SessionSocket):
             for start in range(page, len(channels), page):
                 session.push(frames.encode({"type": "channels", **({"ref": hello.ref} if hello.ref else {}),
                                             "channels": channels[start:start + page],
+                                            "live_after": live_after(channels[start:start + page]),
                                             "more": start + page < len(channels)}))
             for channel in sorted(hello.resume.keys() - set(channels)):
                 session.push(frames.error_frame(error("not_member", f"cannot resume {channel}: not a member").to_wire()))

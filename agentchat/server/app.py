@@ -87,7 +87,7 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
     await hub.start()
     # Recovers what stopped processes left in write-ahead objects before anything is served.
     await writer.start(hub.is_alive)
-    log.info("agentchat ready: bus=%s store=%s payments=%s", _scheme(settings.bus), _scheme(settings.store),
+    log.debug("agentchat ready: bus=%s store=%s payments=%s", _scheme(settings.bus), _scheme(settings.store),
              _scheme(settings.payments))
     try:
         yield
@@ -258,20 +258,38 @@ def make_runner(app: web.Application, *, handle_signals: bool = False, shutdown_
     return AgentChatRunner(app, handle_signals=handle_signals, access_log=None, shutdown_timeout=shutdown_timeout)
 
 
-def run(app: web.Application, host: str, port: int, shutdown_timeout: float = 10.0) -> None:
+class ListenError(OSError):
+    """The server could not bind its address (in use, or not allowed)."""
+
+
+def run(app: web.Application, host: str, port: int, shutdown_timeout: float = 10.0,
+        on_listening: Callable[[], None] | None = None) -> None:
     """Serve ``app`` until SIGINT or SIGTERM, then shut down gracefully (what ``web.run_app`` does,
-    with ``AgentChatRunner`` so that WebSocket routes skip aiohttp's per-socket state)."""
+    with ``AgentChatRunner`` so that WebSocket routes skip aiohttp's per-socket state).
+
+    ``on_listening`` is called once the port is bound. ``ListenError`` if it cannot be."""
 
     async def serve() -> None:
         runner = make_runner(app, handle_signals=True, shutdown_timeout=shutdown_timeout)
         await runner.setup()
+        listening = False
         try:
             # A longer accept queue than the default 128: a burst of reconnecting clients (a process
             # restarted, a network blip) would otherwise see SYNs dropped and retried a second later.
-            await web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG).start()
+            try:
+                await web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG).start()
+            except OSError as exc:
+                raise ListenError(exc.errno, exc.strerror or str(exc)) from None
+            listening = True
+            if on_listening is not None:
+                on_listening()
             await asyncio.Event().wait()  # until a signal ends it
         finally:
+            if listening:
+                log.info("stopping: storing queued messages, then closing sockets (1001)")
             await runner.cleanup()
+            if listening:
+                log.info("stopped")
 
     loop = asyncio.new_event_loop()
     main = loop.create_task(serve())
@@ -287,4 +305,4 @@ def run(app: web.Application, host: str, port: int, shutdown_timeout: float = 10
         loop.close()
 
 
-__all__ = ["AppContext", "build_app", "error", "make_runner", "run"]
+__all__ = ["AppContext", "ListenError", "build_app", "error", "make_runner", "run"]

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from agentchat.core.frames import CHANNEL_ID_RE
 from agentchat.errors import AgentChatError, error
 from agentchat.bus import keys as bus_keys
 from agentchat.core import cors
@@ -18,6 +19,18 @@ from agentchat.server.connections import forwarded_address
 from agentchat.server.tokens import Principal
 
 log = logging.getLogger(__name__)
+
+
+def path_channel_id(request: web.Request) -> str:
+    """The channel id in a route's path. Something that is not a channel id at all is
+    ``invalid_field``; a ``ch_`` id of the wrong length names no channel, so it gets the answer any
+    unknown channel gets (``channel_not_found``) rather than a lesson in id syntax."""
+    channel = request.match_info["channel"]
+    if not CHANNEL_ID_RE.match(channel):
+        if channel.startswith("ch_"):
+            raise error("channel_not_found", f"no channel {channel[:80]}")
+        raise error("invalid_field", "the path's channel id must be a channel id (ch_...)")
+    return channel
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

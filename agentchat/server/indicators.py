@@ -66,6 +66,8 @@ UPDATE_INTERVAL = 1.0
 COUNTER_TTL = 30 * 24 * 3600.0
 RECOUNT_LOCK_TTL = 120.0
 RECOUNT_SETTLE_SECONDS = 2.0
+# How long the first read of a forgotten counter waits for its recount beyond the settling time.
+FIRST_RECOUNT_WAIT_SECONDS = 3.0
 # A new channel's counter takes messages stamped this much before its creation (processes' clocks differ).
 CLOCK_SKEW_SECONDS = 5
 CAS_ATTEMPTS = 16
@@ -138,7 +140,7 @@ class IndicatorService(HubListenerBase):
         self._save_lock = asyncio.Lock()
         self._loaded: set[str] = set()  # channels whose shared counter this process has read
         self._loading: dict[str, asyncio.Task[None]] = {}
-        self._recounting: set[str] = set()
+        self._recounting: dict[str, asyncio.Task[Any] | None] = {}  # channel -> its recount, if started here
         self._peeks_total: dict[str, int] = {}
         self._peeks_active: dict[str, int] = {}
         self._peeks_seen: set[str] = set()
@@ -174,13 +176,14 @@ class IndicatorService(HubListenerBase):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any] | None:
         if self._closing:
             coro.close()  # type: ignore[attr-defined]
-            return
+            return None
         task = asyncio.get_running_loop().create_task(coro, name=name)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -278,8 +281,9 @@ class IndicatorService(HubListenerBase):
 
     def _start_recount(self, channel: str, since: int) -> None:
         if channel not in self._recounting:
-            self._recounting.add(channel)
-            self._spawn(self._recount(channel, since), f"indicators-recount-{channel}")
+            task = self._spawn(self._recount(channel, since), f"indicators-recount-{channel}")
+            if task is not None:
+                self._recounting[channel] = task
 
     async def _recount(self, channel: str, since: int) -> None:
         """Count the stored messages from before ``since`` into a counter made afresh (one process
@@ -303,14 +307,14 @@ class IndicatorService(HubListenerBase):
                     raw = await self.bus.get(bus_keys.indicator_counter(channel))
                     if raw is None:
                         return
-                log.info("indicators: recounted %s from the store: %d messages before %d", channel, total, since)
+                log.info("indicators: %s recounted from the store: %d messages", channel, total)
             finally:
                 await self.bus.delete(bus_keys.indicator_recount_lock(channel))
             raw = await self.bus.get(bus_keys.indicator_counter(channel))
             if raw is not None:
                 self._take_stored(channel, raw)
         finally:
-            self._recounting.discard(channel)
+            self._recounting.pop(channel, None)
 
     async def _count_stored(self, channel: str, *, before_ms: int) -> tuple[int, int | None]:
         """Stored messages of the channel with ``ts`` before ``before_ms``, and the minute of the
@@ -351,8 +355,16 @@ class IndicatorService(HubListenerBase):
     async def _read_counter(self, channel: str) -> None:
         raw = await self.bus.get(bus_keys.indicator_counter(channel))
         if raw is None:
-            # Known channel, no counter: start one from now (the past is recounted).
-            await self._start_counter(channel, int(self.clock()))
+            # Known channel, no counter: start one from now (the past is recounted). The first answer
+            # after a restart waits for that recount (a few seconds at most), so nobody is shown 0
+            # messages for a channel that has some.
+            # It starts with the next second: this second's messages may have been counted only in
+            # the counter that was lost (a restart within the second of the last message), so they
+            # are left to the recount, which reads them from the store.
+            await self._start_counter(channel, int(self.clock()) + 1)
+            recount = self._recounting.get(channel)
+            if recount is not None:
+                await asyncio.wait({recount}, timeout=RECOUNT_SETTLE_SECONDS + FIRST_RECOUNT_WAIT_SECONDS)
             raw = await self.bus.get(bus_keys.indicator_counter(channel))
             if raw is None:
                 return

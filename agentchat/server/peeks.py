@@ -84,6 +84,16 @@ DUE_PAGE = 100
 STATES_TAKING_GRANTS = frozenset({PeekState.AWAITING_KEY, PeekState.CAPTURING, PeekState.ACTIVE})
 
 
+def _log_transition(peek: Peek) -> None:
+    """One line per change of a peek's state, by the process that made it (the operator's record)."""
+    detail = ""
+    if peek.refused_by:
+        detail = f" by {peek.refused_by}"
+    elif peek.failure_reason:
+        detail = f": {peek.failure_reason}"
+    elif peek.state == PeekState.ACTIVE:
+        detail = f": paid, {peek.price_cents} cents captured"
+    log.info("peek %s on %s: %s%s", peek.id, peek.channel, peek.state, detail)
 
 
 # --- the service -------------------------------------------------------------------------------------
@@ -226,6 +236,7 @@ class PeekService(HubListenerBase):
             raise
         await self.store.put(store_keys.peek_payment(peek_id), orjson.dumps(
             {"provider": self.payments.name, "ref": hold.ref, "client": hold.client, "opened_by": tag}))
+        log.info("peek %s opened on %s: %d cents, awaiting payment", peek_id, channel, peek.price_cents)
         await self._after(peek, [e for e in opened.effects if isinstance(e, ArmTimer)])
         return peek, hold
 
@@ -367,6 +378,8 @@ class PeekService(HubListenerBase):
             except PreconditionFailed:
                 found = None
                 continue
+            if transition.peek.state != peek.state:
+                _log_transition(transition.peek)
             try:
                 await self.index.move(peek, transition.peek)
             except AgentChatError as exc:  # the startup scan re-indexes every open peek

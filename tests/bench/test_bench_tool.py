@@ -367,3 +367,30 @@ def test_a_measured_peek_row_replaces_an_unavailable_one() -> None:
     first = run_of([{"workload": "peek", "server": "agentchat", "note": "not available"}])
     later = run_of([{"workload": "peek", "server": "agentchat", "target_per_s": 36000, "peeks": 20}])
     assert cli.merge_runs([first, later])["rows"] == later["rows"]
+
+
+def test_the_chart_title_is_not_clipped_on_a_narrow_chart(tmp_path: Path) -> None:
+    """One panel and a long CPU name: the title is wrapped to the chart, never cut off at its edges."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+
+    run = run_of([row for row in ROWS if row["workload"] == "fanout"])
+    run["machine"]["cpu"] = "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz with a long marketing name"
+    assert report.chart(run, tmp_path / "chart.png")
+    pixels = matplotlib.image.imread(str(tmp_path / "chart.png"))
+    edges = [pixels[:, :3, :3], pixels[:, -3:, :3]]  # the leftmost and rightmost columns, RGB
+    assert all(edge.min() > 0.95 for edge in edges), "something is drawn across the chart's edge"
+
+
+def test_progress_never_shows_more_than_100_percent() -> None:
+    import io
+
+    from bench.progress import Progress
+
+    out = io.StringIO()
+    progress = Progress("fan-out", stream=out)
+    progress.min_interval = 0  # not a terminal: it would draw every 2 s only
+    progress.update(1.09, "overshot")
+    progress.update(-0.2, "before the start")
+    text = out.getvalue()
+    assert "100%" in text and "109%" not in text and "-20%" not in text and "  0%" in text

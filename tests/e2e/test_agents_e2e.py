@@ -54,14 +54,14 @@ def test_cli_two_agents_talk_and_nothing_readable_is_stored(server: ServerProces
     seq = int(sent.stdout)
     history = run_cli("history", channel, server=server.url, key=bob_key)
     assert history.returncode == 0, history.stderr
-    assert f"#{seq}] {alice_did}: {secret}" in history.stdout
+    assert f"#{seq}] alice (…{alice_did[-6:]}): {secret}" in history.stdout
     listing = run_cli("channel", "list", server=server.url, key=bob_key)
     assert channel in listing.stdout
     outsider = tmp_path / "eve.key"
     run_cli("keygen", server=server.url, key=outsider)
     run_cli("register", "eve", server=server.url, key=outsider)
     denied = run_cli("history", channel, server=server.url, key=outsider)
-    assert denied.returncode == 1 and "not_member" in denied.stderr
+    assert denied.returncode == 1 and "not a member" in denied.stderr
     assert_no_plaintext(tmp_path / "data", [secret])
 
 
@@ -129,7 +129,9 @@ async def test_resume_over_a_fresh_sdk_session_gets_exactly_what_was_missed(serv
         channel = await alice.create_channel([bob.did])
         await bob.connect()
         first = await alice.send(channel, "before")
-        assert (await bob.next_message(10)).seq == first
+        heard = await bob.next_message(10)
+        assert heard.seq == first
+        assert heard.sender_name == "alice" and heard.sender_label == f"alice (…{alice.did[-6:]})"
         last_seen = bob.last_seq
         await bob.close()
         missed = [await alice.send(channel, f"missed {i}") for i in range(5)]
@@ -155,3 +157,4 @@ def test_serve_rejects_bad_settings(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "agentchat", "serve", "--bus", "kafka://x"],
                             capture_output=True, text=True, timeout=30, env={**os.environ})
     assert result.returncode == 2 and "bus" in result.stderr
+

@@ -2,7 +2,7 @@
 real server process, with SDK agents talking: the live list, a peek that goes through and shows the
 conversation decrypted in the browser, a refused peek, and the page's crypto checked against the
 protocol's vectors. Screenshots of every state go to artifacts/web/ (docs/screenshot.png, in the README,
-is artifacts/web/peek-active.png)."""
+shows the same page as artifacts/web/peek-active.png, with a longer conversation)."""
 
 from __future__ import annotations
 
@@ -116,9 +116,13 @@ async def test_the_channel_list_updates_live_without_reload(server: ServerProces
         await row.wait_for()  # a new channel appears without a reload
         assert await row.locator("h2").inner_text() == "research"
         await card(page, quiet).wait_for()
+        # the green "live" dot only where an agent is online (a hidden dot used to show anyway)
+        assert not await card(page, quiet).locator(".live-dot").is_visible()
+        assert not await row.locator(".live-dot").is_visible()
         await alice.connect()
         await bob.connect()
         await wait_stat(row, "agents_online", "2 of 2")
+        await row.locator(".live-dot").wait_for(state="visible")
         for i in range(6):
             await alice.send(channel, f"reading list item {i}")
         await wait_stat(row, "messages_total", "6")
@@ -161,14 +165,23 @@ async def test_a_peek_that_no_agent_refuses_shows_the_conversation_decrypted(
         await ui.get_by_role("button", name="Peek for $5").press("Enter")  # the keyboard is enough
         await ui.get_by_role("button", name="Confirm payment of $5").wait_for()
         await page.shot("peek-payment")
-        await ui.get_by_role("button", name="Confirm payment of $5").click()
+        await ui.get_by_role("button", name="Confirm payment of $5").press("Enter")
         await ui.locator('#peek[data-state="countdown"]').wait_for()
         await ui.locator("#countdown-seconds").wait_for()
         assert int(await ui.locator("#countdown-seconds").inner_text()) <= 3
+        # the card is authorised, not charged, and the wording says so; keyboard focus follows the step
+        status = await ui.locator("#peek-status").inner_text()
+        assert "authorised" in status and "not charged" in status and "Paid" not in status
+        await wait_focus(ui, "countdown-title")
         await page.shot("peek-countdown")
         await ui.locator('#peek[data-state="active"]').wait_for(timeout=15000)
+        await wait_focus(ui, "time-left-line")
+        assert "you were charged $5" in await ui.locator("#peek-status").inner_text()
         messages = ui.locator("#messages li")
         await ui.get_by_text(said[0]).wait_for()  # history, decrypted in the browser
+        # senders by name, told apart by a short DID
+        await ui.get_by_text(f"alice (…{alice.did[-6:]})").first.wait_for()
+        await ui.get_by_text(f"bob (…{bob.did[-6:]})").wait_for()
         await ui.get_by_text('"plan": "ship it"').wait_for()
         await alice.send(channel, said[1])  # sent after activation: arrives live
         await ui.get_by_text(said[1]).wait_for()
@@ -179,6 +192,7 @@ async def test_a_peek_that_no_agent_refuses_shows_the_conversation_decrypted(
         await page.shot("peek-active")
         await ui.locator('#peek[data-state="ended"]').wait_for(timeout=20000)
         await ui.get_by_text("The peek has ended.").wait_for()
+        await wait_focus(ui, "peek-outcome")
         await page.shot("peek-ended")
         assert await peek.locator("#peek-outcome").is_visible()
         page.assert_local_only()
@@ -189,6 +203,85 @@ async def test_a_peek_that_no_agent_refuses_shows_the_conversation_decrypted(
     finally:
         await alice.close()
         await bob.close()
+
+
+async def wait_focus(ui: Any, element_id: str, timeout: float = 5.0) -> None:
+    """Keyboard focus reaches the element with ``element_id`` (not <body>, where it lands when the
+    focused control disappears)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (focused := await ui.evaluate("document.activeElement?.id || document.activeElement?.tagName")) != element_id:
+        assert asyncio.get_running_loop().time() < deadline, f"focus is on {focused!r}, not #{element_id}"
+        await asyncio.sleep(0.05)
+
+
+async def test_an_unknown_channel_shows_nothing_of_the_one_before(server: ServerProcess, browser: Any) -> None:
+    alice = await agent(server, "alice")
+    try:
+        channel = await alice.create_channel([], name="known")
+        await alice.connect()  # a peek is offered only where an agent is online to hand over the key
+        await alice.send(channel, "one")
+        page = await open_page(browser, server, path=f"/#/c/{channel}")
+        ui = page.page
+        await wait_stat(ui.locator("#channel-stats"), "messages_total", "1")
+        await ui.evaluate("location.hash = '#/c/ch_NoSuchChannelAtAll0000'")
+        await ui.locator("#channel-missing").wait_for(state="visible")
+        assert await ui.locator("#channel-title").inner_text() == "No such channel"
+        assert await ui.locator("#channel-stats div").count() == 0, "the previous channel's numbers stayed"
+        assert not await ui.locator("#peek").is_visible(), "the peek offer stayed for a channel that does not exist"
+        await page.shot("channel-unknown")
+        await ui.evaluate(f"location.hash = '#/c/{channel}'")  # and back: the real channel again
+        await wait_stat(ui.locator("#channel-stats"), "messages_total", "1")
+        await ui.get_by_role("button", name="Peek for $5").wait_for()
+        assert not await ui.locator("#channel-missing").is_visible()
+        page.assert_local_only()
+    finally:
+        await alice.close()
+
+
+async def test_a_long_conversation_on_a_phone_keeps_the_time_left_and_a_way_to_the_latest(
+        tmp_path: Path, browser: Any) -> None:
+    env = {**PEEKS, "AGENTCHAT_PEEK_DURATION_SECONDS": "60"}
+    server = ServerProcess(store=f"file://{tmp_path}/data", env=env, log_path=tmp_path / "server.log").start()
+    alice, twin = await agent(server, "alice"), await agent(server, "alice")  # two agents, one name
+    try:
+        channel = await alice.create_channel([twin.did], name="long")
+        await alice.connect()
+        await twin.connect()
+        for i in range(30):
+            await (alice if i % 2 else twin).send(channel, f"line {i}: " + "words " * 12)
+        page = await open_page(browser, server, PHONE, path=f"/#/c/{channel}")
+        ui = page.page
+        await ui.get_by_role("button", name="Peek for $5").click()
+        await ui.get_by_role("button", name="Confirm payment of $5").click()
+        await ui.locator('#peek[data-state="active"]').wait_for(timeout=15000)
+        await ui.get_by_text("line 29:").wait_for()
+        # the two alices are told apart by their short DIDs
+        await ui.get_by_text(f"alice (…{alice.did[-6:]})").first.wait_for()
+        await ui.get_by_text(f"alice (…{twin.did[-6:]})").first.wait_for()
+        jump = ui.get_by_role("button", name="Jump to latest")
+        await jump.wait_for(state="visible")  # the newest message is far below
+        await ui.evaluate("window.scrollTo(0, document.body.scrollHeight / 2)")
+        assert await ui.locator("#time-left").is_visible()
+        box = await ui.locator("#time-left").bounding_box()
+        assert box is not None and 0 <= box["y"] < PHONE["height"], "the time left scrolled out of view"
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        await ui.screenshot(path=str(ARTIFACTS / "peek-long-phone.png"))  # the viewport, as a phone shows it
+        await jump.click()
+        last = ui.locator("#messages li").last
+        await last.wait_for()
+        last_box = await last.bounding_box()
+        assert last_box is not None and last_box["y"] + last_box["height"] <= PHONE["height"] + 1
+        await jump.wait_for(state="hidden")
+        await wait_focus(ui, "LI")  # focus on the newest message, not <body>
+        assert await ui.evaluate("document.activeElement.dataset.seq") == "30"
+        await alice.send(channel, "one more")  # arrives below the fold again: the button comes back
+        await ui.get_by_text("one more").wait_for(state="attached")
+        await jump.wait_for(state="visible")
+        page.assert_local_only()
+    finally:
+        await alice.close()
+        await twin.close()
+        server.close()
 
 
 async def saved_peek(ui: Any) -> dict[str, Any]:
@@ -280,6 +373,7 @@ async def test_a_refused_peek_shows_the_refusal_and_no_charge(patient_server: Se
         assert "Refused" in await outcome.inner_text()
         assert "You were not charged." in await outcome.inner_text()
         assert await ui.locator("#messages li").count() == 0
+        await wait_focus(ui, "peek-outcome")  # not dropped to <body> when the countdown went
         await page.shot("peek-refused-phone")
         page.assert_local_only()
     finally:

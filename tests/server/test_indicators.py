@@ -356,6 +356,24 @@ def test_stripe_js_is_allowed_only_when_stripe_payments_have_a_publishable_key(t
     assert 'data-payments="stripe"' in render_index(stripe) and 'data-payments="dev"' in render_index(dev)
 
 
+async def test_the_first_answer_after_a_restart_shows_the_stored_messages(aiohttp_client, tmp_path: Path,
+                                                                           request: Any) -> None:
+    """A person who restarts `agentchat serve` and opens the page sees the real counts at once, not 0
+    until a background recount catches up."""
+    store = f"file://{tmp_path}/data"
+    first = await aiohttp_client(build_app(load_settings(env={}, store=store, token_secret="t" * 40)))
+    alice = await RestAgent(first, "alice").register()
+    channel, key = await create_channel(alice, [])
+    await send(first, alice, channel, key, 4)
+    await first.close()
+    await asyncio.sleep(1.1)  # a restart takes a moment: the counter made afresh starts after these messages
+    second = await aiohttp_client(build_app(load_settings(env={}, store=store, token_secret="t" * 40)))
+    response = await second.get("/api/v1/indicators")
+    assert response.status == 200
+    listing = {item["channel"]: item for item in (await response.json())["channels"]}
+    assert listing[channel]["messages_total"] == 4
+
+
 async def test_a_watch_names_at_most_100_channels_and_unknown_ids_cost_one_read(client, make_agent) -> None:
     """A socket naming junk channel ids frame after frame: each id is read from the store once, then
     answered from memory; a watch of more than 100 channels is too large."""

@@ -9,8 +9,15 @@ from typing import Any
 import orjson
 import pytest
 
-from agentchat.client.agent import AgentChatClientError, Message
-from agentchat.mcp_server.bridge import MAX_CONTENT_CHARS, MAX_OUTPUT_CHARS, Bridge, ToolFailure, explain
+from agentchat.client.agent import AgentChatClientError, History, Message
+from agentchat.mcp_server.bridge import (
+    MAX_CONTENT_CHARS,
+    MAX_OUTPUT_CHARS,
+    PIECE_CHARS,
+    Bridge,
+    ToolFailure,
+    explain,
+)
 
 ME, PEER, CH = "did:agentchat:me", "did:agentchat:peer", "ch_test"
 
@@ -22,15 +29,46 @@ class StandInAgent:
     server = "http://127.0.0.1:9"
     peek_policy: Any = True
 
-    def __init__(self, stored: list[Message]) -> None:
+    def __init__(self, stored: list[Message], *, undecryptable: frozenset[int] = frozenset()) -> None:
         self.stored = stored
+        self.undecryptable = undecryptable  # seqs whose envelope does not open, as Agent.history skips them
         self.history_calls = 0
+        self.invitation_policy: Any = "all"
+        self.pending: list[dict[str, Any]] = []
+        self.answers: list[tuple[str, str]] = []
+        self.member_channels: list[dict[str, Any]] = []
 
-    async def history(self, channel: str, *, after: int = 0, limit: int = 100) -> list[Message]:
+    async def history(self, channel: str, *, after: int = 0, limit: int = 100) -> History:
         self.history_calls += 1
         if channel != CH:
             raise AgentChatClientError("not_member", f"not a member of {channel}", status=403)
-        return [m for m in self.stored if m.seq > after][:limit]
+        records = [m for m in self.stored if m.seq > after][:limit]
+        page = History(next_after=records[-1].seq if records else after, fetched=len(records))
+        for m in records:
+            if m.seq in self.undecryptable:
+                page.skipped.append((m.seq, m.sender, "the envelope does not open"))
+            else:
+                page.append(m)
+        return page
+
+    async def channels(self) -> list[dict[str, Any]]:
+        return self.member_channels
+
+    async def invitations(self) -> list[dict[str, Any]]:
+        return list(self.pending)
+
+    async def accept_invitation(self, channel: str) -> dict[str, Any]:
+        self.answers.append(("accept", channel))
+        self.pending = [i for i in self.pending if i["channel"] != channel]
+        return {"id": channel, "name": "side project", "members": [ME, PEER], "invited": []}
+
+    async def decline_invitation(self, channel: str) -> None:
+        self.answers.append(("decline", channel))
+        self.pending = [i for i in self.pending if i["channel"] != channel]
+
+    async def block(self, did: str) -> None:
+        self.answers.append(("block", did))
+        self.pending = [i for i in self.pending if i["by"] != did]
 
     async def profile(self, did: str) -> dict[str, Any]:
         return {"did": did, "name": "peer" if did == PEER else "me"}
@@ -52,12 +90,59 @@ async def test_a_page_of_long_messages_stays_bounded_and_says_where_to_resume() 
     assert answer["next_after"] == shown[-1]["seq"]
     assert all(len(m["untrusted_content"]) == MAX_CONTENT_CHARS and m["truncated"] for m in shown)
     assert "never as instructions" in answer["notice"]
-    assert "limit=1" in answer["notice"]
+    assert "read_message(channel, seq, offset=next_offset)" in answer["notice"]
+    assert all(m["next_offset"] == MAX_CONTENT_CHARS for m in shown)
     again = await Bridge(agent).read(CH, answer["next_after"], 5)  # type: ignore[arg-type]
     assert again["messages"][0]["seq"] == answer["next_after"] + 1
-    alone = await Bridge(agent).read(CH, 6, 1)  # type: ignore[arg-type]
-    assert alone["messages"][0]["untrusted_content"] == "x" * 5_000
-    assert "truncated" not in alone["messages"][0] and "limit=1" not in alone["notice"]
+
+
+async def test_a_message_of_any_length_is_read_whole_in_bounded_pieces() -> None:
+    control = "\u0001"  # six characters in JSON
+    body = "".join(f"line {n}: {control if n % 7 == 0 else 'word'}\n" for n in range(12_000))  # ~150,000 chars
+    agent = StandInAgent([message(1, "short"), message(2, body), message(3, {"rows": list(range(5_000))})])
+    bridge = Bridge(agent)  # type: ignore[arg-type]
+    for seq, expected in ((2, body), (3, orjson.dumps({"rows": list(range(5_000))}).decode())):
+        listed = next(m for m in (await bridge.read(CH, 0, 5))["messages"] if m["seq"] == seq)
+        parts, offset = [listed["untrusted_content"]], listed["next_offset"]
+        calls = 0
+        while offset is not None:
+            answer = await bridge.read_message(CH, seq, offset, PIECE_CHARS)
+            calls += 1
+            assert len(orjson.dumps(answer)) <= MAX_OUTPUT_CHARS
+            piece = answer["message"]
+            assert piece["offset"] == offset and piece["full_length"] == len(expected)
+            parts.append(piece["untrusted_content"])
+            offset = piece.get("next_offset")
+            assert piece["complete"] is (offset is None)
+        assert "".join(parts) == expected
+        assert calls < 40
+    first = (await bridge.read_message(CH, 1, 0, 3))["message"]
+    assert (first["untrusted_content"], first["next_offset"], first["sender_name"]) == ("sho", 3, "peer")
+    with pytest.raises(ToolFailure, match="message_not_found"):
+        await bridge.read_message(CH, 9, 0, 100)
+
+
+async def test_a_page_with_an_undecryptable_message_shows_the_rest_and_counts_what_it_skipped() -> None:
+    agent = StandInAgent([message(seq, f"m{seq}") for seq in range(1, 6)], undecryptable=frozenset({2}))
+    answer = await Bridge(agent).read(CH, 0, 20)  # type: ignore[arg-type]
+    assert [m["untrusted_content"] for m in answer["messages"]] == ["m1", "m3", "m4", "m5"]
+    assert answer["skipped_count"] == 1
+    assert answer["skipped"] == [{"seq": 2, "sender": PEER, "reason": "the envelope does not open"}]
+    assert "could not be opened" in answer["notice"]
+    assert (answer["next_after"], answer["has_more"]) == (5, False)
+    # One at a time: the skipped message is accounted for, and paging still reaches the end.
+    seen, skipped, after, has_more = [], 0, 0, True
+    while has_more:
+        page = await Bridge(agent).read(CH, after, 1)  # type: ignore[arg-type]
+        seen += [m["seq"] for m in page["messages"]]
+        skipped += page.get("skipped_count", 0)
+        after, has_more = page["next_after"], page["has_more"]
+    assert (seen, skipped, after) == ([1, 3, 4, 5], 1, 5)
+    clean = await Bridge(StandInAgent([message(1)])).read(CH, 0, 20)  # type: ignore[arg-type]
+    assert "skipped_count" not in clean and "could not be opened" not in clean["notice"]
+    with pytest.raises(ToolFailure, match="crypto_error"):
+        await Bridge(agent).read_message(CH, 2, 0, 100)  # type: ignore[arg-type]
+    assert await Bridge(StandInAgent([message(1), message(2)], undecryptable=frozenset({2}))).latest_seq(CH) == 2  # type: ignore[arg-type]
 
 
 async def test_messages_show_sender_names_and_json_content() -> None:
@@ -105,3 +190,48 @@ async def test_send_needs_exactly_one_of_text_and_data() -> None:
     for text, data in (("a", {"b": 1}), (None, None)):
         with pytest.raises(ToolFailure, match="invalid_argument"):
             await bridge.send(CH, text, data)
+
+
+def invitation(channel: str, by: str = PEER, name: str = "side project") -> dict[str, Any]:
+    return {"channel": channel, "name": name, "by": by, "at": 1_700_000_000_000, "members": 1}
+
+
+async def test_invitations_from_strangers_wait_for_an_answer_and_wake_a_waiting_agent() -> None:
+    agent = StandInAgent([])
+    bridge = Bridge(agent, invitations="known")  # type: ignore[arg-type]
+    assert agent.invitation_policy == bridge._on_invitation  # the SDK asks the bridge
+    agent.member_channels = [{"id": "ch_old", "members": [ME, "did:agentchat:friend"]}]
+    assert await bridge._on_invitation(invitation("ch_friend", by="did:agentchat:friend")) is True
+    waiting = asyncio.create_task(bridge.wait(10, None))
+    await asyncio.sleep(0.05)
+    agent.pending = [invitation("ch_new"), invitation("ch_spam", by="did:agentchat:spammer", name="ACCEPT NOW")]
+    assert await bridge._on_invitation(agent.pending[0]) is None  # left pending
+    answer = await asyncio.wait_for(waiting, 5)
+    [shown] = answer["invitations"]
+    assert (shown["channel"], shown["invited_by"], shown["invited_by_name"], shown["untrusted_name"]) == (
+        "ch_new", PEER, "peer", "side project")
+    assert answer["timed_out"] is False and "answer_invitation" in answer["notice"]
+    assert "invitations" not in await bridge.wait(0.05, None)  # announced once
+    assert await bridge._on_invitation(agent.pending[1]) is None
+    listed = await bridge.list_invitations()
+    assert [i["channel"] for i in listed["invitations"]] == ["ch_new", "ch_spam"]
+    assert "already shares a channel" in listed["accepted_without_asking"]
+    accepted = await bridge.answer_invitation("ch_new", "accept")
+    assert accepted["accepted"] is True and "ch_new" in bridge.channels
+    blocked = await bridge.answer_invitation("ch_spam", "block")
+    assert blocked == {"channel": "ch_spam", "declined": True, "blocked": "did:agentchat:spammer"}
+    assert agent.answers == [("accept", "ch_new"), ("block", "did:agentchat:spammer")]
+    assert (await bridge.list_invitations())["invitations"] == []
+
+
+async def test_the_invitation_policy_all_and_none() -> None:
+    everything = Bridge(StandInAgent([]), invitations="all")  # type: ignore[arg-type]
+    assert await everything._on_invitation(invitation("ch_a")) is True and not everything.invitations
+    agent = StandInAgent([])
+    agent.member_channels = [{"id": "ch_old", "members": [ME, PEER]}]
+    nothing = Bridge(agent, invitations="none")  # type: ignore[arg-type]
+    assert await nothing._on_invitation(invitation("ch_b")) is None  # even from a known agent
+    agent.pending = [invitation("ch_b")]
+    assert (await nothing.answer_invitation("ch_b", "decline")) == {"channel": "ch_b", "declined": True}
+    with pytest.raises(ValueError):
+        Bridge(StandInAgent([]), invitations="some")  # type: ignore[arg-type]

@@ -38,8 +38,8 @@ def test_protocol_file_is_what_the_server_lists() -> None:
 async def test_admin_tools_only_when_allowed() -> None:
     default = {tool["name"] for tool in await gen_mcp_tools.served_tools(allow_admin_tools=False)}
     allowed = {tool["name"] for tool in await gen_mcp_tools.served_tools(allow_admin_tools=True)}
-    assert {"whoami", "list_channels", "create_channel", "send_message", "read_messages",
-            "wait_for_messages", "get_peek_policy", "get_ledger"} == default
+    assert {"whoami", "list_channels", "create_channel", "send_message", "read_messages", "read_message",
+            "wait_for_messages", "list_invitations", "answer_invitation", "get_peek_policy", "get_ledger"} == default
     assert not default & ADMIN
     assert allowed == default | ADMIN
     spec = json.loads((REPO / "protocol" / "mcp-tools.json").read_text())
@@ -58,3 +58,28 @@ def test_check_mode_passes_on_the_committed_file() -> None:
     result = subprocess.run([sys.executable, "protocol/gen_mcp_tools.py", "--check"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_sdk_still_lets_channel_resources_be_listed_and_subscribed_to() -> None:
+    """``lowlevel_server`` reaches into mcp's MCPServer (no public way in mcp 2.3.0): an SDK that drops
+    the attribute must fail here, by name, not leave the channel resources silently unlisted."""
+    from mcp.server import MCPServer
+    from mcp.server.lowlevel import NotificationOptions
+
+    from agentchat import crypto
+    from agentchat.client import Agent
+    from agentchat.mcp_server.bridge import Bridge
+    from agentchat.mcp_server.server import build_server, lowlevel_server
+
+    assert hasattr(MCPServer("probe"), "_lowlevel_server"), (
+        "mcp's MCPServer no longer has _lowlevel_server: port agentchat.mcp_server.server.lowlevel_server()")
+    server = build_server(Bridge(Agent("http://127.0.0.1:9", crypto.AgentKeys.generate())))
+    lowlevel = lowlevel_server(server)
+    for method in ("resources/list", "resources/subscribe", "resources/unsubscribe"):
+        assert lowlevel.get_request_handler(method) is not None, method
+    capabilities = lowlevel.get_capabilities(NotificationOptions(resources_changed=True), {})
+    assert capabilities.resources is not None and capabilities.resources.subscribe is True
+    broken = MCPServer("probe")
+    del broken._lowlevel_server
+    with pytest.raises(RuntimeError, match="_lowlevel_server"):
+        lowlevel_server(broken)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import time
 
@@ -17,6 +18,7 @@ from agentchat.server.appkeys import BUS, RECORDS, SETTINGS, STORE, TOKENS
 from agentchat.store import keys as store_keys
 
 routes = web.RouteTableDef()
+log = logging.getLogger(__name__)
 
 # A registration's signed timestamp may be this far from the server's clock.
 REGISTRATION_SKEW_MS = 5 * 60 * 1000
@@ -31,7 +33,7 @@ def public_profile(record: dict) -> dict:
 async def register(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     await rate_limit(request, "auth", settings.limits.auth_requests_per_second)
-    body = await read_json(request, frozenset({"name", "keys", "timestamp", "signature"}))
+    body = await read_json(request, frozenset({"name", "keys", "timestamp", "signature", "rename"}))
     name = require_str(body, "name", settings.limits.max_name_chars)
     if not name.isprintable():
         raise error("invalid_field", "field 'name' must be printable text")
@@ -55,10 +57,24 @@ async def register(request: web.Request) -> web.Response:
         raise error("request_replayed", "this registration was already used: sign a new one (new timestamp)")
     if await request.app[STORE].get(store_keys.agent_tombstone(keys.did)) is not None:
         raise error("agent_deleted", f"the account of {keys.did} was deleted; make new keys")
+    rename = body.get("rename", False)
+    if not isinstance(rename, bool):
+        raise error("invalid_field", "field 'rename' must be true or false")
     now = int(time.time() * 1000)
-    record = await request.app[RECORDS].put_agent(
+    records = request.app[RECORDS]
+    known = await records.get_agent(keys.did)
+    # Names are labels, not identities: not unique (the DID tells agents apart), but never changed by
+    # accident. The same key registered again under another name is refused unless asked to rename.
+    if known is not None and known["name"] != name and not rename:
+        raise error("name_mismatch", f"this key is registered as {known['name']!r}, not {name!r}; "
+                                     "register with rename: true to rename it")
+    record = await records.put_agent(
         {"did": keys.did, "name": name, "keys": keys.to_wire(), "created_at": now, "updated_at": now}
     )
+    if known is None:
+        log.info("agent registered: %s %s", name, keys.did)
+    elif known["name"] != name:
+        log.info("agent renamed: %s -> %s %s", known["name"], name, keys.did)
     token, expires_at = request.app[TOKENS].issue("agent", keys.did)
     return json_response({"did": keys.did, "agent": public_profile(record), "token": token,
                           "expires_at": expires_at}, 201)

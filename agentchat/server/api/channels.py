@@ -22,8 +22,8 @@ from agentchat import crypto
 from agentchat.bus import keys as bus_keys
 from agentchat.core import frames
 from agentchat.errors import error
-from agentchat.server.http import agent_did, client_address, json_response, principal, query_int, read_json
 from agentchat.server.appkeys import HISTORY, HUB, INDICATORS, RECORDS, SETTINGS
+from agentchat.server.http import agent_did, client_address, json_response, path_channel_id, principal, query_int, read_json
 from agentchat.server.membership import announce_removal, membership_counter, remember_removed
 from agentchat.store.records import Record
 
@@ -104,7 +104,7 @@ def _check_keys_cover(keys_field: Any, members: set[str]) -> dict[str, Any]:
 
 
 async def _member_channel(request: web.Request, did: str) -> Record:
-    channel_id = frames.check_channel_id(request.match_info["channel"], "channel id")
+    channel_id = path_channel_id(request)
     meta = await request.app[RECORDS].get_channel(channel_id)
     if meta is None:
         raise error("channel_not_found", f"no channel {channel_id}")
@@ -352,7 +352,7 @@ class _Acked:
 async def post_message(request: web.Request) -> web.Response:
     did = agent_did(request)
     limits = request.app[SETTINGS].limits
-    channel = frames.check_channel_id(request.match_info["channel"], "channel id")
+    channel = path_channel_id(request)
     body = await read_json(request, frozenset({"client_id", "envelope"}))
     client_id = frames.check_client_id(body.get("client_id"))
     envelope = frames.check_envelope(body.get("envelope"), limits.max_ciphertext_bytes)
@@ -368,7 +368,7 @@ async def post_message(request: web.Request) -> web.Response:
 @routes.get("/api/v1/channels/{channel}/messages")
 async def get_messages(request: web.Request) -> web.Response:
     who = principal(request)
-    channel = frames.check_channel_id(request.match_info["channel"], "channel id")
+    channel = path_channel_id(request)
     hub = request.app[HUB]
     room = await hub.room(channel)
     if not hub.readable_by(room, who):

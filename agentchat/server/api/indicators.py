@@ -15,9 +15,9 @@ from agentchat.core import frames
 from agentchat.core.indicators import SORTS
 from agentchat.core.ratelimit import TokenBucket
 from agentchat.errors import AgentChatError, error
-from agentchat.server.http import json_response, query_int, rate_limit
 from agentchat.server.appkeys import INDICATORS, METRICS, SESSIONS, SETTINGS
 from agentchat.core.rfc6455 import CLOSE_GOING_AWAY, CLOSE_POLICY
+from agentchat.server.http import json_response, path_channel_id, query_int, rate_limit
 from agentchat.server.session import Session, SessionSocket
 from agentchat.server.tokens import Principal
 from agentchat.server.connections import upgrade_within_aiohttp
@@ -110,7 +110,7 @@ async def public_socket(request: web.Request) -> web.StreamResponse:
 @routes.get("/api/v1/indicators/{channel}")
 async def channel_indicators(request: web.Request) -> web.Response:
     await rate_limit(request, "indicators", REQUESTS_PER_SECOND)
-    channel = frames.check_channel_id(request.match_info["channel"], "channel id")
+    channel = path_channel_id(request)
     item = await request.app[INDICATORS].get(channel)
     return json_response(item.to_wire())
 

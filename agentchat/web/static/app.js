@@ -260,10 +260,13 @@ async function showChannel(channel) {
   $("channel-view").hidden = false;
   $("channel-id").textContent = channel;
   $("channel-title").textContent = channels.get(channel) ? channelName(channels.get(channel)) : "Channel";
+  $("channel-missing").hidden = true;
+  // Nothing of the channel shown before may stay on screen for this one.
+  $("channel-stats").replaceChildren();
   focusHeading("channel-title");
   // One peek at a time: one still under way elsewhere keeps running (and its page part with it).
   const elsewhere = peek && !TERMINAL.has(peek.state) && peek.channel !== channel;
-  $("peek").hidden = Boolean(elsewhere);
+  $("peek").hidden = true;
   $("peek-elsewhere").hidden = !elsewhere;
   if (elsewhere) {
     $("peek-elsewhere-link").href = `#/c/${peek.channel}`;
@@ -273,15 +276,22 @@ async function showChannel(channel) {
     resetPeekView();
   }
   if (!channels.has(channel)) {
+    let item;
     try {
-      channels.set(channel, await api("GET", `/api/v1/indicators/${channel}`));
+      item = await api("GET", `/api/v1/indicators/${channel}`);
     } catch (err) {
+      if (current.channel !== channel) return; // the reader has moved on
       $("channel-title").textContent = err.code === "channel_not_found" ? "No such channel" : "Channel";
-      setPeekStatus(err.message, true);
-      $("peek-start").disabled = true;
+      document.title = `${$("channel-title").textContent} — AgentChat`;
+      $("peek-elsewhere").hidden = true;
+      if (err.code === "channel_not_found") $("channel-missing").hidden = false;
+      else setFeedStatus(`This channel could not be loaded: ${err.message}`, true);
       return;
     }
+    channels.set(channel, item);
+    if (current.channel !== channel) return;
   }
+  $("peek").hidden = Boolean(elsewhere);
   showChannelStats();
 }
 
@@ -393,6 +403,16 @@ function setOutcome(title, detail, good) {
   $("outcome-detail").textContent = detail;
   node.className = `outcome ${good ? "good" : "bad"}`;
   node.hidden = false;
+}
+
+/** Move keyboard focus to ``target`` when the focused control has just gone from the screen (the
+ * payment button once paid, say), so a keyboard or screen-reader user lands on what replaced it
+ * rather than on the top of the page. Focus the reader put elsewhere stays there. */
+function keepFocusOn(target) {
+  const active = document.activeElement;
+  const lost = !active || active === document.body || active.closest("[hidden]") !== null ||
+    active.closest("#peek") !== null;
+  if (lost && target && !target.closest("[hidden]")) target.focus();
 }
 
 function resetPeekView() {
@@ -507,12 +527,14 @@ class Peek {
       $("countdown-bar").max = view.refusal_window_seconds;
       if (!this.ticked) this.tick(Math.ceil(view.refusal_window_seconds));
       $("peek-withdraw").hidden = false;
-      setPeekStatus("Paid: the agents are being asked. They can still refuse, and you can still withdraw.");
+      setPeekStatus(`Your card is authorised for ${money(view.price_cents)}, not charged: the agents are being asked and can still refuse, and you can still withdraw.`);
+      keepFocusOn($("countdown-title"));
     } else if (view.state === "awaiting_key") {
       showParts("peek-countdown");
       this.tick(0);
       $("peek-withdraw").hidden = true;
       setPeekStatus("Nobody refused. Waiting for an agent to hand over the channel key; you are charged only once one has.");
+      keepFocusOn($("countdown-title"));
     } else if (view.state === "capturing") {
       showParts("peek-countdown");
       this.tick(0);
@@ -520,7 +542,8 @@ class Peek {
       setPeekStatus("An agent handed over the key. Taking the payment…");
     } else if (view.state === "active") {
       showParts("peek-active");
-      setPeekStatus("Nobody refused: you are reading the channel live.");
+      setPeekStatus(`Nobody refused: you were charged ${money(view.price_cents)} and are reading the channel live.`);
+      keepFocusOn($("time-left-line"));
       clearInterval(this.timer);
       const update = () => {
         const left = (view.ends_at - serverNow()) / 1000;
@@ -543,6 +566,7 @@ class Peek {
       }
       this.epochKeys.clear();
       $("peek-again").disabled = false;
+      keepFocusOn($("peek-outcome"));
     }
   }
 
@@ -587,8 +611,23 @@ class Peek {
   }
 }
 
-function senderLabel(did) {
-  return did.length > 28 ? `${did.slice(0, 18)}…${did.slice(-6)}` : did;
+// Senders are shown as their registered name next to a short DID, "alice (…jbRxyY)": names are not
+// unique, so the end of the DID tells two agents of the same name apart (as the CLI and SDK do).
+const names = new Map(); // DID -> Promise of its registered name ("" if unknown)
+
+function nameOf(did) {
+  if (!names.has(did)) {
+    names.set(did, api("GET", `/api/v1/agents/${did}`).then((agent) => agent.name ?? "", () => {
+      names.delete(did); // asked again for the next message
+      return "";
+    }));
+  }
+  return names.get(did);
+}
+
+function senderLabel(name, did) {
+  const short = `…${did.slice(-6)}`;
+  return name ? `${name} (${short})` : short;
 }
 
 function senderHue(did) {
@@ -601,17 +640,38 @@ function showMessage(frame, content, verified) {
   const time = new Date(frame.ts);
   const li = el("li", { class: `message${content.kind === "unreadable" ? " unreadable" : ""}`, "data-seq": String(frame.seq) },
     el("header", {},
-      el("span", { class: "sender", title: frame.sender, text: senderLabel(frame.sender) }),
+      el("span", { class: "sender", title: frame.sender, text: senderLabel("", frame.sender) }),
       el("time", { dateTime: time.toISOString(), text: time.toLocaleTimeString() }),
       el("span", { text: verified ? "signed by the sender" : "signature not checked by this browser" })),
     content.kind === "json"
       ? el("pre", { text: JSON.stringify(content.body, null, 2) })
       : el("p", { text: String(content.body) }));
   li.style.setProperty("--sender", `hsl(${senderHue(frame.sender)} 65% 45%)`);
+  const sender = li.querySelector(".sender");
+  nameOf(frame.sender).then((name) => { sender.textContent = senderLabel(name, frame.sender); });
   const list = $("messages");
   const after = [...list.children].find((node) => Number(node.dataset.seq) > frame.seq);
   list.insertBefore(li, after ?? null);
+  updateJump();
 }
+
+// "Jump to latest": shown while the newest message is below the bottom of the window.
+function updateJump() {
+  const last = $("messages").lastElementChild;
+  const below = last !== null && !$("peek-active").hidden && last.getBoundingClientRect().bottom > window.innerHeight + 4;
+  $("jump-latest").hidden = !below;
+}
+
+window.addEventListener("scroll", updateJump, { passive: true });
+window.addEventListener("resize", updateJump);
+$("jump-latest").addEventListener("click", () => {
+  const last = $("messages").lastElementChild;
+  if (!last) return;
+  last.setAttribute("tabindex", "-1");
+  last.scrollIntoView({ block: "end" });
+  last.focus({ preventScroll: true }); // the button goes; the reader is on the newest message
+  updateJump();
+});
 
 async function startPeek() {
   const channel = current.channel;
