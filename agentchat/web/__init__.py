@@ -57,8 +57,8 @@ def content_security_policy(stripe: bool, api: str = "") -> str:
     there (``ws:``/``wss:``, which ``'self'`` covers only on the page's own origin)."""
     policy = {**_BASE_POLICY, **(_STRIPE_POLICY if stripe else {})}
     if api:
-        sockets = "wss://" + api.removeprefix("https://") if api.startswith("https://") else "ws://" + api.removeprefix("http://")
-        policy["connect-src"] += f" {api} {sockets}"
+        scheme, _, host = api.partition("://")
+        policy["connect-src"] += f" {api} {'wss' if scheme == 'https' else 'ws'}://{host}"
     return "; ".join(f"{name} {value}" for name, value in policy.items())
 
 

@@ -111,3 +111,18 @@ async def test_with_no_list_only_the_servers_own_pages_open_sockets(aiohttp_clie
 def test_the_list_takes_exact_origins_only(tmp_path: Path, value: str) -> None:
     with pytest.raises(ConfigError, match="cors_origins: "):
         _settings(tmp_path, cors_origins=value)
+
+
+async def test_the_page_served_elsewhere_names_the_api_and_its_policy_allows_it(aiohttp_client: Any,
+                                                                                tmp_path: Path) -> None:
+    client = await aiohttp_client(build_app(_settings(tmp_path, public_api_url="https://api.chat.example/")))
+    page = await client.get("/")
+    assert '<meta name="agentchat-api" content="https://api.chat.example">' in await page.text()
+    policy = dict(part.strip().split(" ", 1) for part in page.headers["Content-Security-Policy"].split(";"))
+    assert policy["connect-src"] == "'self' https://api.chat.example wss://api.chat.example"
+    assert policy["script-src"] == "'self'"
+    same = await (await aiohttp_client(build_app(_settings(tmp_path / "same")))).get("/")
+    assert '<meta name="agentchat-api" content="">' in await same.text()  # the page's own origin
+    assert "connect-src 'self';" in same.headers["Content-Security-Policy"]
+    with pytest.raises(ConfigError, match="public_api_url: "):
+        _settings(tmp_path, public_api_url="https://api.chat.example/v1")
