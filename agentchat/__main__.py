@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8080)")
-    serve.add_argument("--bus", help="memory:// (default) or redis://host:port/db")
+    serve.add_argument("--bus", help="memory:// (default), redis://host:port/db or redis+cluster://host:port,.../")
     serve.add_argument("--store", help="file://./data (default) or s3://bucket?endpoint=...")
     serve.add_argument("--payments", help="dev:// (default) or stripe://")
     serve.add_argument("--log-level", help="debug, info (default), warning, error")

@@ -2,7 +2,7 @@
 
 One setting per backend, chosen by URL scheme:
 
-- ``bus``: ``memory://`` (default, one process) or ``redis://host:port/db``
+- ``bus``: ``memory://`` (default, one process), ``redis://host:port/db`` or ``redis+cluster://host:port,.../``
 - ``store``: ``file://./data`` (default) or ``s3://bucket?endpoint=...&region=...``
 - ``payments``: ``dev://`` (default, no money moves) or ``stripe://`` (keys from their own settings)
 
@@ -132,8 +132,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         scheme_of = lambda url: urlsplit(url).scheme  # noqa: E731
-        if scheme_of(self.bus) not in ("memory", "redis", "rediss"):
-            raise ConfigError(f"bus {self.bus!r}: use memory:// or redis://host:port/db")
+        if scheme_of(self.bus) not in ("memory", "redis", "rediss", "redis+cluster"):
+            raise ConfigError(f"bus {self.bus!r}: use memory://, redis://host:port/db or redis+cluster://host:port,.../")
         if scheme_of(self.store) not in ("file", "s3"):
             raise ConfigError(f"store {self.store!r}: use file://DIR or s3://bucket?endpoint=...")
         if scheme_of(self.payments) not in ("dev", "stripe"):

@@ -150,6 +150,8 @@ async def run_one(workload: str, server: str, fixture: Any, options: Options,
             return await w.multiprocess(fixture, options)
         if workload == "peek":
             return await w.peek_under_load(fixture, options, saturated)
+        if workload == "sessions-mp":
+            return await w.sessions_across_processes(options)
         raise ValueError(f"unknown workload {workload}")
     except Exception as exc:  # one failing server must not lose the others' numbers
         print(f"bench: {workload} on {server} failed: {exc}", file=sys.stderr)

@@ -31,7 +31,7 @@ from bench import servers
 from bench.progress import Progress
 from bench.stats import Histogram, cpu_share, latency_summary_ms, rate
 
-WORKLOADS = ("fanout", "paced", "idle", "storm", "persistence", "peek", "multiprocess")
+WORKLOADS = ("fanout", "paced", "idle", "storm", "persistence", "peek", "multiprocess", "sessions-mp")
 # What "all" runs, in order; ``fanout`` and ``paced`` are the two modes of the fan-out workload.
 ALL_WORKLOADS = WORKLOADS
 PEER_WORKLOADS = {"fanout", "paced", "idle", "storm"}
@@ -586,9 +586,13 @@ async def multiprocess(fixture: fixtures.Fixture, options: Options) -> dict[str,
         tokens, _ = await fixtures.setup_agentchat(procs[0].http_base, fixture)
         jobs = fanout_jobs(fixture, tokens, [p.ws_url for p in procs], options, "agentchat", None)
 
+        samples: list[tuple[float, float]] = []  # (servers, redis-server) CPU seconds, window start and end
+
         def cpu() -> float:
             assert redis.proc is not None
-            return sum(p.cpu_seconds() for p in procs) + servers.proc_cpu_seconds(redis.proc.pid)
+            sample = (sum(p.cpu_seconds() for p in procs), servers.proc_cpu_seconds(redis.proc.pid))
+            samples.append(sample)
+            return sum(sample)
 
         row = await drive_fanout(jobs, options, "multiprocess", progress, cpu, procs[0].pid)
     finally:
@@ -596,7 +600,96 @@ async def multiprocess(fixture: fixtures.Fixture, options: Options) -> dict[str,
             p.stop()
         redis.stop()
     row.update({"workload": "multiprocess", "server": label, "processes": n})
-    progress.done(f"{row['delivered_per_s']:,} deliveries/s, p99 {row['latency_ms']['p99']} ms")
+    delivered = row["delivered_per_s"] * options.duration
+    if len(samples) >= 2 and delivered:
+        row["server_cpu_ms_per_1000"] = round((samples[-1][0] - samples[0][0]) * 1e6 / delivered, 3)
+        row["redis_cpu_ms_per_1000"] = round((samples[-1][1] - samples[0][1]) * 1e6 / delivered, 3)
+    # The in-process bus on the same fan-out shape, in the same run: the efficiency ratio's reference.
+    inproc = await _inprocess_reference(fixture, options, progress)
+    if inproc and row.get("server_cpu_ms_per_1000") is not None:
+        row["inprocess_cpu_ms_per_1000"] = inproc
+        bus_cost = row["server_cpu_ms_per_1000"] + row["redis_cpu_ms_per_1000"]
+        # deliveries per CPU-second on the Redis bus / the same on the in-process bus
+        row["redis_bus_efficiency"] = round(inproc / bus_cost, 3) if bus_cost else None
+    progress.done(f"{row['delivered_per_s']:,} deliveries/s, p99 {row['latency_ms']['p99']} ms, "
+                  f"efficiency {row.get('redis_bus_efficiency')}")
+    return row
+
+
+async def _inprocess_reference(fixture: fixtures.Fixture, options: Options, progress: Progress) -> float | None:
+    """Server CPU ms per 1,000 deliveries of one in-process AgentChat on the same saturated fan-out."""
+    workdir = options.workdir / f"multi-ref-{time.monotonic_ns()}"
+    proc = servers.agentchat_server(workdir, options.server_cpus, tag="agentchat-reference").start()
+    try:
+        tokens, _ = await fixtures.setup_agentchat(proc.http_base, fixture)
+        jobs = fanout_jobs(fixture, tokens, [proc.ws_url], options, "agentchat", None)
+        samples: list[float] = []
+
+        def cpu() -> float:
+            samples.append(proc.cpu_seconds())
+            return samples[-1]
+
+        row = await drive_fanout(jobs, options, "multiprocess-reference", progress, cpu)
+    finally:
+        proc.stop()
+    delivered = row["delivered_per_s"] * options.duration
+    if not delivered or len(samples) < 2:
+        return None
+    return round((samples[-1] - samples[0]) * 1e6 / delivered, 3)
+
+
+async def sessions_across_processes(options: Options) -> dict[str, Any]:
+    """``--sessions`` idle authenticated sessions over as many AgentChat processes on one Redis bus as
+    the open-files limit requires (at least ``--mp-processes``); clients come from several 127.0.0.x
+    addresses. Reports the servers' RSS per session and the time to connect them all."""
+    cap = servers.fd_hard_limit() - 200
+    sessions = options.idle_sessions
+    n = max(options.mp_processes, math.ceil(sessions / cap))
+    label = f"agentchat x{n} (redis)"
+    progress = Progress(f"sessions {label}")
+    workdir = options.workdir / f"sessions-{time.monotonic_ns()}"
+    redis = servers.RedisServer(servers.free_port(), workdir / "redis", options.server_cpus).start()
+    procs: list[servers.ServerProcess] = []
+    try:
+        for i in range(n):
+            procs.append(servers.agentchat_server(workdir, options.server_cpus, bus=redis.url,
+                                                  store=workdir / "store", tag=f"agentchat-{i}").start())
+        progress.update(0.0, "registering agents")
+        _, tokens = await fixtures.setup_agentchat(procs[0].http_base, None,
+                                                   extra_agents=min(sessions, options.idle_agents))
+        await asyncio.sleep(1.0)
+        rss_before = [p.rss_bytes() for p in procs]
+        jobs: list[dict[str, Any]] = []
+        for i, (proc, share) in enumerate(zip(procs, split(list(range(sessions)), n))):
+            jobs += session_jobs("agentchat", proc.ws_url, tokens[i:] + tokens[:i], len(share), options, "idle",
+                                 200 // n or 1)
+        generators = Generators(jobs, options, "sessions-mp")
+        try:
+            progress.update(0.1, f"opening {sessions:,} sessions on {n} processes")
+            started = time.monotonic()
+            ready = await generators.start()
+            connect_s = time.monotonic() - started
+            opened = sum(r["clients"] for r in ready)
+            await asyncio.sleep(2.0)
+            rss_after = [p.rss_bytes() for p in procs]
+            generators.send("go 0")
+            generators.send("stop")
+            await generators.collect(60)
+        finally:
+            await generators.stop()
+    finally:
+        for p in procs:
+            p.stop()
+        redis.stop()
+    row: dict[str, Any] = {"workload": "sessions-mp", "server": label, "processes": n, "sessions": opened,
+                           "failures": sum(r["failures"] for r in ready), "connect_s": round(connect_s, 1),
+                           "rss_mb": round(sum(rss_after) / 2**20, 1)}
+    if opened:
+        row["kb_per_session"] = round((sum(rss_after) - sum(rss_before)) / opened / 1024, 2)
+    first = next((r["first_failure"] for r in ready if r["failures"]), "")
+    if first:
+        row["first_error"] = first
+    progress.done(f"{opened:,} sessions on {n} processes in {connect_s:.1f} s, {row.get('kb_per_session')} KB each")
     return row
 
 

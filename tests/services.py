@@ -47,10 +47,11 @@ class RedisProcess:
     """One ``redis-server`` child process on a fixed port; ``restart`` keeps the port (and, with
     ``appendonly``, the data: every write is fsynced to the append-only file)."""
 
-    def __init__(self, port: int, directory: Path, appendonly: bool) -> None:
+    def __init__(self, port: int, directory: Path, appendonly: bool, extra: tuple[str, ...] = ()) -> None:
         self.port = port
         self.directory = directory
         self.appendonly = appendonly
+        self.extra = extra
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -71,6 +72,7 @@ class RedisProcess:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             args += ["--appendonly", "no"]
+        args += self.extra
         self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL)
         _running.add(self)
@@ -196,6 +198,109 @@ class S3Server:
 def start_s3(bucket: str = "agentchat") -> S3Server:
     """Start moto's S3 server on a free port of 127.0.0.1 and make ``bucket`` on it."""
     return S3Server(bucket)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster-bus port (port + 10000) is free too: both at most 65535."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 55535)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free pair of ports for a cluster node")
+
+
+class RedisCluster:
+    """A local Redis Cluster: ``masters`` masters with ``replicas`` replicas each, every node its own
+    directory, no persistence. ``url`` is the ``redis+cluster://`` bus URL of its masters."""
+
+    def __init__(self, directory: Path, masters: int = 3, replicas: int = 0) -> None:
+        self.nodes: list[RedisProcess] = []
+        try:
+            for i in range(masters * (1 + replicas)):
+                node_dir = directory / f"node{i}"
+                node_dir.mkdir(parents=True, exist_ok=True)
+                node = RedisProcess(_cluster_port(), node_dir, False,
+                                    ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                     "--cluster-node-timeout", "1000"))
+                node.start()
+                self.nodes.append(node)
+            exe = shutil.which("redis-cli")
+            if exe is None:
+                raise RuntimeError("redis-cli is not installed: apt-get install -y redis-tools")
+            subprocess.run([exe, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                            "--cluster-replicas", str(replicas), "--cluster-yes"],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+            self.wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+
+    def command(self, node: RedisProcess, *args: str) -> str:
+        out = subprocess.run(["redis-cli", "-p", str(node.port), *args], capture_output=True, timeout=10)
+        return out.stdout.decode()
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every running node reports the cluster ok and every replica is in sync."""
+        deadline = time.monotonic() + timeout
+        while True:
+            running = [n for n in self.nodes if n.running]
+            infos = [self.command(n, "CLUSTER", "INFO") for n in running]
+            if all("cluster_state:ok" in info for info in infos) and all(
+                "master_link_status:down" not in self.command(n, "INFO", "replication") for n in running
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster is not ok: {infos}")
+            time.sleep(0.1)
+
+    def role(self, node: RedisProcess) -> str:
+        return self.command(node, "ROLE").split("\n", 1)[0].strip()
+
+    def master_of(self, key: str) -> RedisProcess:
+        """The running master serving ``key``'s slot (hash tag included)."""
+        running = [n for n in self.nodes if n.running]
+        slot = int(self.command(running[0], "CLUSTER", "KEYSLOT", key))
+        for node in running:
+            for line in self.command(node, "CLUSTER", "NODES").splitlines():
+                fields = line.split()
+                if "myself" in fields[2] and "master" in fields[2]:
+                    for item in fields[8:]:
+                        start, _, end = item.partition("-")
+                        if start.isdigit() and int(start) <= slot <= int(end or start):
+                            return node
+        raise RuntimeError(f"no running master serves slot {slot}")
+
+    def replica_of(self, master: RedisProcess) -> RedisProcess:
+        for node in self.nodes:
+            if node.running and node is not master:
+                role = self.command(node, "ROLE").split()
+                if role[0] == "slave" and int(role[2]) == master.port:
+                    return node
+        raise RuntimeError(f"no replica of {master.port}")
+
+    @property
+    def url(self) -> str:
+        masters = [n for n in self.nodes if n.running and self.role(n) == "master"]
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in masters) + "/"
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A 3-master Redis Cluster without replicas for the whole session; isolate tests by namespace."""
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")

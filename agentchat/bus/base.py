@@ -36,7 +36,9 @@ class Bus(Protocol):
       whichever process published them. A number is never handed out twice while the bus remembers the
       counter. If the bus has forgotten the counter (new bus, or a Redis restart without persistence)
       the call returns ``None`` and publishes nothing: the caller re-seeds it from the store with
-      ``seed_sequence`` and tries again.
+      ``seed_sequence`` and tries again. A sequenced publish's topic, counter and claim name one
+      channel (``bus/keys.py``: ``channel_messages``, ``sequence_counter``, ``send_claim``): a Redis
+      Cluster keeps a channel's names in one slot and refuses a call that mixes channels.
     - Key/value operations are atomic across all processes sharing the bus; values expire after their
       ``ttl`` (seconds). ``take`` and ``compare_and_set`` are the primitives for single-use challenges
       and for state machines that several processes drive (peeks).

@@ -109,6 +109,22 @@ def rate_window(bucket: str, address: str, window: int) -> str:
     return f"rl:{bucket}:{address}:{window}"
 
 
+# Topics and keys that belong to one channel: the channel id follows the prefix, up to the next colon.
+# A Redis Cluster keeps each channel's names in one hash slot by this (``bus/redis_cluster.py``), so a
+# send's claim, counter and topic must all name the same channel.
+_CHANNEL_SCOPED = (MESSAGES, CHANNEL_EVENTS, "seq:", "cid:", "ind:", "ind-recount:", "wal:", "mv:")
+
+
+def channel_scope(name: str) -> tuple[str, str, str] | None:
+    """``(prefix, channel, rest)`` of a topic or key that belongs to one channel, else ``None``."""
+    for prefix in _CHANNEL_SCOPED:
+        if name.startswith(prefix):
+            channel, colon, rest = name[len(prefix):].partition(":")
+            if channel:
+                return prefix, channel, colon + rest
+    return None
+
+
 # -- how the Redis bus lays these out --------------------------------------------------------------------
 # Every name the Redis bus gives Redis is ``<namespace>:<family><topic or key>``:
 REDIS_DEFAULT_NAMESPACE = "agentchat"

@@ -5,7 +5,11 @@ task hands each message to the handler. Commands share one other connection, pip
 
 ``publish_sequenced`` is one Lua script: INCR the counter and PUBLISH ``b"<seq>:" + body`` in the same
 atomic step, so the order of the numbers is the order in which Redis delivers the messages, to every
-process. ``publish`` sends ``b"0:" + body``.
+process. ``publish`` sends ``b"0:" + body``. ``claim_and_publish`` calls of one event-loop turn on one
+channel are one script call (``CLAIM_AND_PUBLISH_MANY``) and one pub/sub message, ``b"*"`` then per
+message ``b"<seq>:<length>:" + body`` (every process of a deployment must read this: upgrade them
+together). Profiled on the multiprocess bench, the command connection's writes (one system call per
+turn, loopback TCP charged to the writer) and the per-message pub/sub replies dominated the bus's share.
 
 If the pub/sub connection breaks, the reader reconnects with exponential backoff and full jitter,
 subscribes again to every topic, then calls ``on_reconnect``; messages published in between are lost
@@ -18,8 +22,8 @@ one lives in the store as well.
 
 URL: ``redis://[[user]:password@]host[:port][/db][?namespace=NAME&<redis-py options>]``; ``rediss://``
 for TLS. Every key and channel name starts with ``NAME:`` (default ``agentchat``), so several
-deployments or test runs can share one Redis. Redis Cluster is not supported yet (the sequencing
-script would need the counter and a sharded channel in one slot).
+deployments or test runs can share one Redis. A Redis Cluster is ``bus/redis_cluster.py``
+(``redis+cluster://``); these key strings stay as they are for a single Redis.
 """
 
 from __future__ import annotations
@@ -79,6 +83,30 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local seq = redis.call('INCR', KEYS[2])
 redis.call('PUBLISH', ARGV[3], string.format('%d:', seq) .. ARGV[4])
 return {1, seq}
+""")
+# The claims and publishes of one event-loop turn on one channel, as one call and one message.
+# KEYS[1] counter, KEYS[1 + i] claim i; ARGV[1] ttl ms, ARGV[2] channel, ARGV[2 + 2i - 1] mark i,
+# ARGV[2 + 2i] body i. Each item as CLAIM_AND_PUBLISH, in order: {1, seq}, {0, value} or {2}. The
+# published messages go out as one pub/sub message: b"*" then, per message, b"<seq>:<length>:" + body.
+CLAIM_AND_PUBLISH_MANY = _Script("""
+local known = redis.call('EXISTS', KEYS[1]) == 1
+local out, parts = {}, {}
+for i = 2, #KEYS do
+  local current = redis.call('GET', KEYS[i])
+  if current then
+    out[#out + 1] = {0, current}
+  elseif not known then
+    out[#out + 1] = {2}
+  else
+    redis.call('SET', KEYS[i], ARGV[2 * i - 1], 'PX', ARGV[1])
+    local seq = redis.call('INCR', KEYS[1])
+    local body = ARGV[2 * i]
+    parts[#parts + 1] = string.format('%d:%d:', seq, #body) .. body
+    out[#out + 1] = {1, seq}
+  end
+end
+if #parts > 0 then redis.call('PUBLISH', ARGV[2], '*' .. table.concat(parts)) end
+return out
 """)
 # KEYS[i] key, ARGV[i] its value; ARGV[#KEYS + 1] ttl ms.
 SET_MANY = _Script("""
@@ -293,12 +321,45 @@ class _Commands:
             await asyncio.gather(*link.tasks, return_exceptions=True)
 
 
+def deliver(handler: BusHandler, topic: str, data: bytes) -> None:
+    """Hand one pub/sub payload to ``handler``: ``b"<seq>:" + body``, or a batch (``b"*"`` then, per
+    message, ``b"<seq>:<length>:" + body``) as one call per message, in order. A failing call is
+    logged and the next message still delivered."""
+    if data[:1] != b"*":
+        colon = data.find(b":")
+        _call_handler(handler, topic, int(data[:colon]), data[colon + 1 :])
+        return
+    at, end = 1, len(data)
+    while at < end:
+        colon = data.index(b":", at)
+        second = data.index(b":", colon + 1)
+        start = second + 1
+        stop = start + int(data[colon + 1 : second])
+        _call_handler(handler, topic, int(data[at:colon]), data[start:stop])
+        at = stop
+
+
+def _call_handler(handler: BusHandler, topic: str, seq: int, body: bytes) -> None:
+    try:
+        handler(topic, seq, body)
+    except Exception:  # one broken handler call must not stop the reader
+        log.exception("bus handler failed on topic %s", topic)
+
+
 class _ConnectionLost(Exception):
     """Resolves subscribe waiters when the pub/sub connection goes: the topic is restored later."""
 
 
 class RedisBus:
     """A ``Bus`` on Redis: see the module docstring."""
+
+    # The cluster bus publishes on sharded channels, with counters fenced by their master's id.
+    _publish_command = "PUBLISH"
+    _publish_sequenced = PUBLISH_SEQUENCED
+    _claim_and_publish = CLAIM_AND_PUBLISH
+    _seed_sequence = SEED_SEQUENCE
+    _claim_and_publish_many = CLAIM_AND_PUBLISH_MANY
+    _batch_sends = True  # claim_and_publish: one script call per channel and event-loop turn
 
     def __init__(
         self,
@@ -337,6 +398,7 @@ class RedisBus:
         self._reader: asyncio.Task[None] | None = None
         self._received = 0  # replies read on the pub/sub connection (for the health check)
         self._background: set[asyncio.Task[None]] = set()
+        self._send_batches: dict[tuple[str, str, int], list[tuple[str, bytes, bytes, asyncio.Future[Any]]]] = {}
         self._closing = False
 
     @classmethod
@@ -471,14 +533,9 @@ class RedisBus:
                 topic = channel_topics.get(reply[1])
                 if topic is None:
                     continue  # unsubscribed while the message was on its way
-                data = reply[2]
-                colon = data.find(b":")
                 handler = self._handler
                 if handler is not None:
-                    try:
-                        handler(topic, int(data[:colon]), data[colon + 1 :])
-                    except Exception:  # one broken handler call must not stop the reader
-                        log.exception("bus handler failed on topic %s", topic)
+                    deliver(handler, topic, reply[2])
             elif kind == b"subscribe":
                 waiters = self._waiters.get(reply[1])
                 if waiters:
@@ -530,7 +587,21 @@ class RedisBus:
     # -- pub/sub -------------------------------------------------------------------------------
 
     def _channel(self, topic: str) -> bytes:
-        return (self._topic_prefix + topic).encode()
+        return self._topic_name(topic).encode()
+
+    # -- names: ``<namespace>:<family><key>`` (the cluster bus puts a hash tag in the key) ----------
+
+    def _seq_name(self, counter: str) -> str:
+        return self._seq_prefix + counter
+
+    def _value_name(self, key: str) -> str:
+        return self._value_prefix + key
+
+    def _index_name(self, index: str) -> str:
+        return self._index_prefix + index
+
+    def _topic_name(self, topic: str) -> str:
+        return self._topic_prefix + topic
 
     async def subscribe(self, topic: str) -> None:
         """Returns once Redis confirmed the subscription, or at once while disconnected (the topic
@@ -574,19 +645,64 @@ class RedisBus:
                 pass  # not restored on reconnect: it is no longer in self._channels
 
     async def publish(self, topic: str, body: bytes) -> None:
-        await self._call("PUBLISH", self._topic_prefix + topic, b"0:" + body)
+        await self._call(self._publish_command, self._topic_name(topic), b"0:" + body)
 
     async def publish_sequenced(self, topic: str, counter: str, body: bytes) -> int | None:
-        seq = await self._run_script(PUBLISH_SEQUENCED, self._seq_prefix + counter, self._topic_prefix + topic, body)
+        seq = await self._run_script(self._publish_sequenced, self._seq_name(counter), self._topic_name(topic), body)
         return None if seq is None else int(seq)
 
     async def claim_and_publish(
         self, claim: str, mark: bytes, ttl: float, topic: str, counter: str, body: bytes
     ) -> int | bytes | None:
-        keys = [self._value_prefix + claim, self._seq_prefix + counter]
+        if not self._batch_sends:
+            return await self._claim_and_publish_one(claim, mark, ttl, topic, counter, body)
+        # Sends of one event-loop turn on one channel become one script call and one pub/sub message
+        # (see CLAIM_AND_PUBLISH_MANY): a round trip, a script run and a delivery per channel rather
+        # than per message, on this process, on Redis and on every subscribed process.
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        batch = self._send_batches.get((topic, counter, _ttl_ms(ttl)))
+        if batch is None:
+            batch = self._send_batches[(topic, counter, _ttl_ms(ttl))] = []
+            if len(self._send_batches) == 1:
+                asyncio.get_running_loop().call_soon(self._flush_sends)
+        batch.append((self._value_name(claim), mark, body, future))
+        return await future
+
+    def _flush_sends(self) -> None:
+        batches, self._send_batches = self._send_batches, {}
+        for (topic, counter, ttl_ms), items in batches.items():
+            task = asyncio.create_task(self._send_batch(topic, counter, ttl_ms, items))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _send_batch(self, topic: str, counter: str, ttl_ms: int,
+                          items: list[tuple[str, bytes, bytes, asyncio.Future[Any]]]) -> None:
+        keys = [self._seq_name(counter), *(claim for claim, _, _, _ in items)]
+        args: list[Any] = [ttl_ms, self._topic_name(topic)]
+        for _, mark, body, _ in items:
+            args += (mark, body)
         try:
-            reply = await self._commands.script(CLAIM_AND_PUBLISH, keys,
-                                                [mark, _ttl_ms(ttl), self._topic_prefix + topic, body])
+            replies = await self._commands.script(self._claim_and_publish_many, keys, args)
+        except BaseException as exc:
+            failure = self._unavailable(exc) if isinstance(exc, _CONNECTION_ERRORS) else exc
+            for _, _, _, future in items:
+                if not future.done():
+                    future.set_exception(failure)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for (_, _, _, future), reply in zip(items, replies):
+            if not future.done():
+                outcome = int(reply[0])
+                future.set_result(int(reply[1]) if outcome == 1 else bytes(reply[1]) if outcome == 0 else None)
+
+    async def _claim_and_publish_one(
+        self, claim: str, mark: bytes, ttl: float, topic: str, counter: str, body: bytes
+    ) -> int | bytes | None:
+        keys = [self._value_name(claim), self._seq_name(counter)]
+        try:
+            reply = await self._commands.script(self._claim_and_publish, keys,
+                                                [mark, _ttl_ms(ttl), self._topic_name(topic), body])
         except _CONNECTION_ERRORS as exc:
             raise self._unavailable(exc) from exc
         outcome = int(reply[0])
@@ -597,59 +713,59 @@ class RedisBus:
         return None
 
     async def seed_sequence(self, counter: str, floor: int) -> None:
-        await self._run_script(SEED_SEQUENCE, self._seq_prefix + counter, int(floor))
+        await self._run_script(self._seed_sequence, self._seq_name(counter), int(floor))
 
     async def read_counters(self, counters: Sequence[str]) -> list[int | None]:
         if not counters:
             return []
-        values = await self._call("MGET", *(self._seq_prefix + counter for counter in counters))
+        values = await self._call("MGET", *(self._seq_name(counter) for counter in counters))
         return [None if value is None else int(value) for value in values]
 
     # -- values --------------------------------------------------------------------------------
 
     async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bytes | None:
-        existing = await self._run_script(SET_IF_ABSENT, self._value_prefix + key, value, _ttl_ms(ttl))
+        existing = await self._run_script(SET_IF_ABSENT, self._value_name(key), value, _ttl_ms(ttl))
         return None if existing is None else bytes(existing)
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
-        await self._call("SET", self._value_prefix + key, value, "PX", _ttl_ms(ttl))
+        await self._call("SET", self._value_name(key), value, "PX", _ttl_ms(ttl))
 
     async def set_many(self, items: Sequence[tuple[str, bytes]], ttl: float) -> None:
         if not items:
             return
-        keys = [self._value_prefix + key for key, _ in items]
+        keys = [self._value_name(key) for key, _ in items]
         args: list[Any] = [value for _, value in items]
         args.append(_ttl_ms(ttl))
         await self._run_script_many(SET_MANY, keys, args)
 
     async def get(self, key: str) -> bytes | None:
-        value = await self._call("GET", self._value_prefix + key)
+        value = await self._call("GET", self._value_name(key))
         return None if value is None else bytes(value)
 
     async def take(self, key: str) -> bytes | None:
-        value = await self._call("GETDEL", self._value_prefix + key)
+        value = await self._call("GETDEL", self._value_name(key))
         return None if value is None else bytes(value)
 
     async def delete(self, key: str) -> None:
-        await self._call("DEL", self._value_prefix + key)
+        await self._call("DEL", self._value_name(key))
 
     async def compare_and_set(self, key: str, expected: bytes | None, new: bytes, ttl: float) -> bool:
         ms = _ttl_ms(ttl)
         if expected is None:
-            done = await self._run_script(COMPARE_AND_SET, self._value_prefix + key, b"0", b"", new, ms)
+            done = await self._run_script(COMPARE_AND_SET, self._value_name(key), b"0", b"", new, ms)
         else:
-            done = await self._run_script(COMPARE_AND_SET, self._value_prefix + key, b"1", expected, new, ms)
+            done = await self._run_script(COMPARE_AND_SET, self._value_name(key), b"1", expected, new, ms)
         return bool(done)
 
     async def incr(self, key: str, ttl: float, amount: int = 1) -> int:
-        return int(await self._run_script(INCR, self._value_prefix + key, _ttl_ms(ttl), int(amount)))
+        return int(await self._run_script(INCR, self._value_name(key), _ttl_ms(ttl), int(amount)))
 
     # -- sorted indexes ------------------------------------------------------------------------
 
     async def index_add(self, items: Sequence[tuple[str, str, int]]) -> None:
         if not items:
             return
-        keys = [self._index_prefix + index for index, _, _ in items]
+        keys = [self._index_name(index) for index, _, _ in items]
         args: list[Any] = []
         for _, member, score in items:
             args += (check_index_score(score), member)
@@ -657,7 +773,7 @@ class RedisBus:
 
     async def index_range(self, index: str, min_score: int) -> list[tuple[str, int]]:
         flat = await self._call(
-            "ZRANGEBYSCORE", self._index_prefix + index, check_index_score(min_score), "+inf", "WITHSCORES"
+            "ZRANGEBYSCORE", self._index_name(index), check_index_score(min_score), "+inf", "WITHSCORES"
         )
         # Scores come back as doubles in text; every integer up to 2**53 is one exactly.
         return [(flat[i].decode(), int(float(flat[i + 1]))) for i in range(0, len(flat), 2)]
@@ -665,5 +781,5 @@ class RedisBus:
     async def index_remove(self, items: Sequence[tuple[str, str]]) -> None:
         if not items:
             return
-        keys = [self._index_prefix + index for index, _ in items]
+        keys = [self._index_name(index) for index, _ in items]
         await self._run_script_many(INDEX_REMOVE, keys, [member for _, member in items])

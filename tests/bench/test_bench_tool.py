@@ -116,7 +116,7 @@ def test_table_shows_agentchat_ratio_to_each_peer() -> None:
     node = next(line for line in lines if line.startswith("| node-ws"))
     cells = [c.strip() for c in node.strip("|").split("|")]
     assert cells[1] == "400,000"
-    assert cells[header.index("AgentChat ratio")] == "0.75x"
+    assert cells[header.index("AgentChat ratio")] == "≤ 0.75x", "the peer's generator was its limit: a ceiling"
     assert "load generator saturated (load CPU 0.98, server core 0.75)" in cells[-1]
     idle = report.table(ROWS, "idle")
     assert "1.50x" in idle and "a / b" in idle  # a pipe in a note cannot break the table
@@ -125,6 +125,34 @@ def test_table_shows_agentchat_ratio_to_each_peer() -> None:
     assert "**fan-out, paced at 30,000 deliveries/s**" in paced and "**fan-out, paced at 90,000 deliveries/s**" in paced
     assert "0.50x" in paced and "3.00x" in paced
     assert "overloaded: kept 50% of the rate" in paced and paced.count("overloaded") == 1
+
+
+def test_headline_is_cpu_per_delivery_and_p99_at_equal_load() -> None:
+    rows = [
+        {"workload": "paced", "server": "agentchat", "target_per_s": 90000, "delivered_per_s": 90000,
+         "server_cpu": 0.6, "latency_ms": {"p99": 6.0}},
+        {"workload": "paced", "server": "node-ws", "target_per_s": 90000, "delivered_per_s": 90000,
+         "server_cpu": 0.8, "latency_ms": {"p99": 3.0}},
+        {"workload": "fanout", "server": "agentchat", "delivered_per_s": 300_000, "server_cpu": 0.97,
+         "server_core_busy": 0.5, "load_cpu": 0.99},
+        {"workload": "fanout", "server": "node-ws", "delivered_per_s": 150_000, "server_cpu": 0.98,
+         "server_core_busy": 0.98, "load_cpu": 0.8},
+    ]
+    text = report.render(run_of(rows))
+    top = text.split("**fan-out, saturated**")[0]
+    assert "**Headline: equal load (paced fan-out)**" in top
+    assert "| 90,000 | agentchat | 6.67 | 6.00 |" in top
+    assert "| 90,000 | node-ws | 8.89 | 3.00 | 0.75x | 2.00x |" in top
+    assert "2.00x" not in top.split("node-ws")[0], "the saturated ratio is not in the headline"
+    # AgentChat's own generator was its limit: its saturated ratio is a floor
+    assert "≥ 2.00x" in report.table(rows, "fanout")
+
+
+def test_sessions_across_processes_table() -> None:
+    row = {"workload": "sessions-mp", "server": "agentchat x6 (redis)", "processes": 6, "sessions": 100_000,
+           "connect_s": 41.5, "rss_mb": 400.0, "kb_per_session": 2.1}
+    text = report.table([row], "sessions-mp")
+    assert "| agentchat x6 (redis) | 6 | 100,000 | 41.5 | 400.0 | 2.10 |" in text
 
 
 def test_render_and_files(tmp_path: Path) -> None:

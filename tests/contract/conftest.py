@@ -18,9 +18,9 @@ import pytest
 
 from agentchat.bus.base import Bus
 from agentchat.store.base import ObjectStore
-from tests.services import RedisProcess, S3Server, redis_server, s3_server  # noqa: F401
+from tests.services import RedisCluster, RedisProcess, S3Server, redis_cluster, redis_server, s3_server  # noqa: F401
 
-BUS_KINDS = ["memory", "redis"]
+BUS_KINDS = ["memory", "redis", pytest.param("redis-cluster", marks=pytest.mark.slow)]
 STORE_KINDS = ["local", "s3"]
 
 
@@ -71,6 +71,12 @@ def bus_backend(request: pytest.FixtureRequest) -> Iterator[BusMaker]:
 
         broker = MemoryBroker()
         yield lambda: MemoryBus(broker)
+    elif request.param == "redis-cluster":
+        from agentchat.bus.redis_cluster import RedisClusterBus
+
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        cluster_url = f"{cluster.url}?namespace=t{uuid.uuid4().hex[:12]}"
+        yield lambda: RedisClusterBus(cluster_url)
     else:
         from agentchat.bus.redis import RedisBus
 

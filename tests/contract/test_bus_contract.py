@@ -62,13 +62,13 @@ async def test_only_subscribed_topics_are_delivered(nodes: tuple[Node, Node]) ->
 async def test_bodies_are_opaque_bytes(nodes: tuple[Node, Node]) -> None:
     a, b = nodes
     body = bytes(range(256)) + b"12:34:" + b"\x00" * 3
-    await b.bus.subscribe("bin")
-    await a.bus.publish("bin", body)
-    await a.bus.publish("bin", b"")
-    await a.bus.seed_sequence("c", 0)
-    seq = await a.bus.publish_sequenced("bin", "c", body)
-    await b.received.wait_count("bin", 3)
-    assert b.received.on("bin") == [(0, body), (0, b""), (seq, body)]
+    await b.bus.subscribe("c:bin")
+    await a.bus.publish("c:bin", body)
+    await a.bus.publish("c:bin", b"")
+    await a.bus.seed_sequence("seq:bin", 0)
+    seq = await a.bus.publish_sequenced("c:bin", "seq:bin", body)
+    await b.received.wait_count("c:bin", 3)
+    assert b.received.on("c:bin") == [(0, body), (0, b""), (seq, body)]
 
 
 async def test_at_most_once_and_not_before_subscribing(nodes: tuple[Node, Node]) -> None:
@@ -129,24 +129,24 @@ async def test_ping(nodes: tuple[Node, Node]) -> None:
 
 async def test_forgotten_counter_returns_none_and_publishes_nothing(nodes: tuple[Node, Node]) -> None:
     a, b = nodes
-    await b.bus.subscribe("t")
-    assert await a.bus.publish_sequenced("t", "never-seeded", b"x") is None
+    await b.bus.subscribe("c:t")
+    assert await a.bus.publish_sequenced("c:t", "seq:t", b"x") is None
     await flush(a, b)
-    assert b.received.on("t") == []
+    assert b.received.on("c:t") == []
 
 
 async def test_seed_sequence_only_raises_the_counter(nodes: tuple[Node, Node]) -> None:
     a, b = nodes
-    await a.bus.seed_sequence("c", 41)
-    assert await a.bus.publish_sequenced("t", "c", b"x") == 42
-    await b.bus.seed_sequence("c", 10)  # lower than the counter: no change
-    assert await b.bus.publish_sequenced("t", "c", b"x") == 43
-    await b.bus.seed_sequence("c", 43)
-    assert await a.bus.publish_sequenced("t", "c", b"x") == 44
-    await b.bus.seed_sequence("c", 100)
-    assert await a.bus.publish_sequenced("t", "c", b"x") == 101
-    await a.bus.seed_sequence("zero", 0)
-    assert await a.bus.publish_sequenced("t", "zero", b"x") == 1
+    await a.bus.seed_sequence("seq:t", 41)
+    assert await a.bus.publish_sequenced("c:t", "seq:t", b"x") == 42
+    await b.bus.seed_sequence("seq:t", 10)  # lower than the counter: no change
+    assert await b.bus.publish_sequenced("c:t", "seq:t", b"x") == 43
+    await b.bus.seed_sequence("seq:t", 43)
+    assert await a.bus.publish_sequenced("c:t", "seq:t", b"x") == 44
+    await b.bus.seed_sequence("seq:t", 100)
+    assert await a.bus.publish_sequenced("c:t", "seq:t", b"x") == 101
+    await a.bus.seed_sequence("seq:zero", 0)
+    assert await a.bus.publish_sequenced("c:zero", "seq:zero", b"x") == 1
 
 
 async def test_read_counters_sees_every_process_s_raises_in_one_call(nodes: tuple[Node, Node]) -> None:
@@ -157,7 +157,7 @@ async def test_read_counters_sees_every_process_s_raises_in_one_call(nodes: tupl
     await b.bus.seed_sequence("mv:x", 2)  # a raise only: the higher value stays
     await b.bus.seed_sequence("mv:y", 0)
     assert await b.bus.read_counters(["mv:x", "mv:y", "mv:z"]) == [3, 0, None]
-    await a.bus.publish_sequenced("t", "mv:y", b"x")
+    await a.bus.publish_sequenced("c:y", "mv:y", b"x")  # one channel: the cluster keeps it in one slot
     assert await a.bus.read_counters(["mv:y"]) == [1]
 
 
@@ -166,29 +166,29 @@ async def test_sequenced_publishes_are_delivered_in_order_across_processes(
 ) -> None:
     a, b, reader = await make_node(), await make_node(), await make_node()
     for node in (a, b, reader):
-        await node.bus.subscribe("ch")
-    await a.bus.seed_sequence("ch-seq", 0)
+        await node.bus.subscribe("c:ch")
+    await a.bus.seed_sequence("seq:ch", 0)
     n = 300
 
     async def send(node: Node, i: int) -> tuple[int | None, bytes]:
         body = f"msg-{i}".encode()
-        return await node.bus.publish_sequenced("ch", "ch-seq", body), body
+        return await node.bus.publish_sequenced("c:ch", "seq:ch", body), body
 
     sent = await asyncio.gather(*(send(a if i % 2 else b, i) for i in range(n)))
     assert sorted(seq for seq, _ in sent) == list(range(1, n + 1))  # each number handed out once
     expected = sorted((seq, body) for seq, body in sent)
     for node in (a, b, reader):
-        await node.received.wait_count("ch", n)
-        assert node.received.on("ch") == expected  # strictly increasing, each once, body with its seq
+        await node.received.wait_count("c:ch", n)
+        assert node.received.on("c:ch") == expected  # strictly increasing, each once, body with its seq
 
 
 async def test_counters_are_independent(nodes: tuple[Node, Node]) -> None:
     a, b = nodes
-    await a.bus.seed_sequence("c1", 0)
-    await a.bus.seed_sequence("c2", 7)
-    assert await a.bus.publish_sequenced("t", "c1", b"x") == 1
-    assert await b.bus.publish_sequenced("t", "c2", b"x") == 8
-    assert await b.bus.publish_sequenced("t", "c1", b"x") == 2
+    await a.bus.seed_sequence("seq:c1", 0)
+    await a.bus.seed_sequence("seq:c2", 7)
+    assert await a.bus.publish_sequenced("c:c1", "seq:c1", b"x") == 1
+    assert await b.bus.publish_sequenced("c:c2", "seq:c2", b"x") == 8
+    assert await b.bus.publish_sequenced("c:c1", "seq:c1", b"x") == 2
 
 
 # -- values -------------------------------------------------------------------------------------
@@ -401,15 +401,32 @@ async def test_claim_and_publish(nodes: tuple[Node, Node]) -> None:
     a, b = nodes
     await b.bus.subscribe("c:ch")
     # Unknown counter: nothing claimed, nothing published.
-    assert await a.bus.claim_and_publish("cid:1", b"p:a", 30, "c:ch", "seq:ch", b"one") is None
-    assert await a.bus.get("cid:1") is None
+    assert await a.bus.claim_and_publish("cid:ch:a:1", b"p:a", 30, "c:ch", "seq:ch", b"one") is None
+    assert await a.bus.get("cid:ch:a:1") is None
     await a.bus.seed_sequence("seq:ch", 10)
-    assert await a.bus.claim_and_publish("cid:1", b"p:a", 30, "c:ch", "seq:ch", b"one") == 11
-    assert await a.bus.get("cid:1") == b"p:a"
+    assert await a.bus.claim_and_publish("cid:ch:a:1", b"p:a", 30, "c:ch", "seq:ch", b"one") == 11
+    assert await a.bus.get("cid:ch:a:1") == b"p:a"
     await b.received.wait_count("c:ch", 1)
     assert b.received.on("c:ch") == [(11, b"one")]
     # The claim exists (another process, or a retry): its value comes back and nothing is published.
-    assert await b.bus.claim_and_publish("cid:1", b"p:b", 30, "c:ch", "seq:ch", b"again") == b"p:a"
-    assert await a.bus.claim_and_publish("cid:2", b"p:a", 30, "c:ch", "seq:ch", b"two") == 12
+    assert await b.bus.claim_and_publish("cid:ch:a:1", b"p:b", 30, "c:ch", "seq:ch", b"again") == b"p:a"
+    assert await a.bus.claim_and_publish("cid:ch:a:2", b"p:a", 30, "c:ch", "seq:ch", b"two") == 12
     await b.received.wait_count("c:ch", 2)
     assert b.received.on("c:ch") == [(11, b"one"), (12, b"two")]
+
+
+async def test_concurrent_claims_on_one_channel(nodes: tuple[Node, Node]) -> None:
+    """Many sends of one channel at once (one event-loop turn): each gets its own number, a client id
+    sent twice is claimed once, and every reader gets each body with its number, in order."""
+    a, b = nodes
+    await b.bus.subscribe("c:many")
+    await a.bus.seed_sequence("seq:many", 0)
+    bodies = [b"", b"*", b"1:2:", b"x" * 3000] + [f"m{i}".encode() for i in range(60)]
+    claims = [f"cid:many:s:{i}" for i in range(len(bodies))] + ["cid:many:s:0"]
+    outcomes = await asyncio.gather(*(a.bus.claim_and_publish(claim, b"p:a", 30, "c:many", "seq:many", body)
+                                      for claim, body in zip(claims, bodies + [b"again"])))
+    assert outcomes[-1] == b"p:a", "the same client id twice: the second finds the first's claim"
+    numbers = outcomes[:-1]
+    assert sorted(numbers) == list(range(1, len(bodies) + 1))  # type: ignore[type-var]
+    await b.received.wait_count("c:many", len(bodies))
+    assert b.received.on("c:many") == sorted(zip(numbers, bodies))  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -195,3 +196,35 @@ async def test_a_hung_redis_times_out_then_recovers(redis_proc: RedisProcess) ->
     finally:
         redis_proc.resume()
         await bus.close()
+
+
+async def test_sends_of_one_turn_on_one_channel_are_one_call_and_one_message(redis_proc: RedisProcess) -> None:
+    """Efficiency: 50 concurrent sends on one channel cost Redis one script run and one pub/sub
+    message, not 50 of each (the readers still get 50 messages)."""
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    sender, reader, received = RedisBus(f"{redis_proc.url}?namespace={namespace}"), RedisBus(
+        f"{redis_proc.url}?namespace={namespace}"), Recorder()
+    await sender.start(Recorder())
+    await reader.start(received)
+    try:
+        await reader.subscribe("c:one")
+        await sender.seed_sequence("seq:one", 0)
+
+        async def counts() -> tuple[int, int]:
+            info = (await sender._call("INFO", "commandstats")).decode()
+            calls = {line.split(":")[0]: int(line.split("calls=")[1].split(",")[0])
+                     for line in info.splitlines() if line.startswith("cmdstat_")}
+            return calls.get("cmdstat_evalsha", 0), calls.get("cmdstat_publish", 0)
+
+        await sender.claim_and_publish("cid:one:s:first", b"p", 30, "c:one", "seq:one", b"m")  # loads it
+        evalsha_before, publish_before = await counts()
+        await asyncio.gather(*(sender.claim_and_publish(f"cid:one:s:{i}", b"p", 30, "c:one", "seq:one", b"m")
+                               for i in range(50)))
+        evalsha_after, publish_after = await counts()
+        await received.wait_count("c:one", 51)
+        assert evalsha_after - evalsha_before == 1
+        assert publish_after - publish_before == 1
+        assert [seq for seq, _ in received.on("c:one")] == list(range(1, 52))
+    finally:
+        await sender.close()
+        await reader.close()
