@@ -31,6 +31,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from agentchat.core import rfc6455 as codec
+from agentchat.core.cors import upgrade_allowed
 from agentchat.errors import error
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ class AddressLimit:
 
 
 ADDRESS_LIMIT = web.AppKey("address_limit", AddressLimit)
+# The origins besides the server's own whose pages may open its sockets (server/cors.py).
+ALLOWED_ORIGINS = web.AppKey("allowed_origins", frozenset)
 
 
 class _Continue:
@@ -404,12 +407,14 @@ class _HTTPHandler(RequestHandler):
 class FrontProtocol(asyncio.Protocol):
     """A new connection until its first request head has been read (see the module's docstring)."""
 
-    __slots__ = ("_http", "_routes", "_limit", "_transport", "_buffer", "_timer")
+    __slots__ = ("_http", "_routes", "_limit", "_origins", "_transport", "_buffer", "_timer")
 
-    def __init__(self, http: web.Server, routes: Mapping[str, Factory], limit: AddressLimit | None) -> None:
+    def __init__(self, http: web.Server, routes: Mapping[str, Factory], limit: AddressLimit | None,
+                 origins: frozenset[str]) -> None:
         self._http = http
         self._routes = routes
         self._limit = limit
+        self._origins = origins
         self._transport: asyncio.Transport | None = None
         self._buffer = b""
         self._timer: asyncio.TimerHandle | None = None
@@ -437,6 +442,9 @@ class FrontProtocol(asyncio.Protocol):
             accept = codec.check_upgrade(request[0], request[2])
         except codec.UpgradeRefused:
             self._hand_to_http(buffer)  # the route's aiohttp handler answers with the error
+            return
+        if not upgrade_allowed(request[2].get("origin"), request[2].get("host"), self._origins):
+            self._hand_to_http(buffer)  # upgrade_within_aiohttp refuses it with forbidden
             return
         transport = self._transport
         assert transport is not None
@@ -483,13 +491,15 @@ class FrontProtocol(asyncio.Protocol):
 class _FrontFactory:
     """The protocol factory the listening sockets use: a ``FrontProtocol`` per connection."""
 
-    def __init__(self, http: web.Server, routes: Mapping[str, Factory], limit: AddressLimit | None) -> None:
+    def __init__(self, http: web.Server, routes: Mapping[str, Factory], limit: AddressLimit | None,
+                 origins: frozenset[str]) -> None:
         self._http = http
         self._routes = routes
         self._limit = limit
+        self._origins = origins
 
     def __call__(self) -> FrontProtocol:
-        return FrontProtocol(self._http, self._routes, self._limit)
+        return FrontProtocol(self._http, self._routes, self._limit, self._origins)
 
 
 class AgentChatRunner(web.AppRunner):
@@ -511,7 +521,7 @@ class AgentChatRunner(web.AppRunner):
         if self._front is None:
             app = self.app
             routes = {path: _bind(make, app) for path, make in app.get(WEBSOCKET_ROUTES, {}).items()}
-            self._front = _FrontFactory(http, routes, app.get(ADDRESS_LIMIT))
+            self._front = _FrontFactory(http, routes, app.get(ADDRESS_LIMIT), app.get(ALLOWED_ORIGINS, frozenset()))
         return self._front
 
 
@@ -526,6 +536,10 @@ async def upgrade_within_aiohttp(request: web.Request, connection: WebSocketConn
         accept = codec.check_upgrade(request.method, request.headers)  # type: ignore[arg-type]
     except codec.UpgradeRefused as exc:
         raise error("bad_upgrade", exc.reason) from None
+    origin = request.headers.get("Origin")
+    if not upgrade_allowed(origin, request.headers.get("Host"), request.app.get(ALLOWED_ORIGINS, frozenset())):
+        # A page on another site may not act through its visitor's browser (AGENTCHAT_CORS_ORIGINS).
+        raise error("forbidden", f"origin {origin} may not open this socket")
     limit = request.app.get(ADDRESS_LIMIT)
     if limit is not None:
         address = forwarded_address(request.remote, request.headers.get("X-Forwarded-For", ""), limit.hops)
