@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from agentchat.core.cors import normalize_origin, parse_origins
+
 ENV_PREFIX = "AGENTCHAT_"
 # The command line's own variables (agentchat/client/cli.py): the server, and a key file to use. A
 # user who exported them for the CLI runs ``agentchat serve`` in the same shell; they are not settings.
@@ -120,6 +122,12 @@ class Settings:
     # dev:// payments move no money: anyone could peek for free. They are refused on an address other
     # than loopback unless this says it is meant (a demo, a container behind its own firewall).
     allow_dev_payments_public: bool = False
+    # Origins of pages elsewhere that may call the API and open its sockets (server/cors.py): exact
+    # origins separated by commas or spaces. Empty: same origin only.
+    cors_origins: str = ""
+    # Where the page served at / finds the API when that is another origin (the page on a static host or
+    # a second server); empty: the page's own origin.
+    public_api_url: str = ""
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -138,6 +146,15 @@ class Settings:
             raise ConfigError("retention_default_seconds and retention_max_seconds must be 0 (forever) or more")
         if not self.retention_check_seconds > 0:
             raise ConfigError("retention_check_seconds must be a positive number of seconds")
+        try:
+            parse_origins(self.cors_origins)
+        except ValueError as exc:
+            raise ConfigError(f"cors_origins: {exc}") from None
+        if self.public_api_url:
+            try:
+                normalize_origin(self.public_api_url)
+            except ValueError as exc:
+                raise ConfigError(f"public_api_url: {exc}") from None
         if not 0 < self.port < 65536 and self.port != 0:
             raise ConfigError(f"port {self.port} is out of range")
         if scheme_of(self.payments) == "dev" and not is_loopback_host(self.host) and not self.allow_dev_payments_public:

@@ -1,4 +1,5 @@
-"""The server side of RFC 6455 WebSockets, without I/O: the opening handshake and the frame codec.
+"""The server side of RFC 6455 WebSockets, without I/O: the opening handshake, the frame codec and
+one connection's state (``ServerConnection``: the close handshake, the pong to a ping).
 
 ``server/connections.py`` runs it on an asyncio transport. It exists because a socket served through
 aiohttp's ``WebSocketResponse`` keeps ~13 KB of HTTP and WebSocket state alive for as long as it is
@@ -335,3 +336,54 @@ def _frame_size(head: bytes) -> int:
     if length == 127:
         return 14 + int.from_bytes(head[2:10], "big") if len(head) >= 10 else 0
     return 6 + length
+
+
+# -- one connection's state ------------------------------------------------------------------------
+
+# How long a close handshake the server started may take: then the connection is dropped.
+CLOSE_TIMEOUT = 5.0
+
+
+class ServerConnection(FrameParser):
+    """One connection's state on the server side, without I/O: the frame parser plus the close
+    handshake (RFC 6455, sections 5.5.1 and 7).
+
+    The transport adapter (``server/connections.py``) feeds it what happened (bytes read with
+    ``feed``, a close or ping frame read, the application's wish to close or to fail the connection)
+    and writes what each call returns: a frame, or nothing when None. After a frame from
+    ``send_close`` it drops the connection if the peer has not answered within ``CLOSE_TIMEOUT``;
+    after ``receive_close`` and ``fail`` it closes the TCP connection (the server closes first,
+    section 7.1.1). Once ``close_sent``, messages read are dropped and nothing more may be written.
+
+    One object per socket with the parser (a subclass, so no object more and one slot: an idle socket
+    stays small)."""
+
+    __slots__ = ("close_sent",)
+
+    def __init__(self, max_message_bytes: int) -> None:
+        super().__init__(max_message_bytes)
+        self.close_sent = False
+
+    def send_close(self, code: int, reason: str = "") -> bytes | None:
+        """The server starts the close handshake: the close frame, or None if one was sent already."""
+        if self.close_sent:
+            return None
+        self.close_sent = True
+        return close_frame(code, reason)
+
+    def receive_close(self, payload: bytes) -> bytes | None:
+        """The peer's close frame: the answer (its code, section 5.5.1), or None if the server's close
+        frame went first. Raises ``ProtocolViolation`` for an invalid payload (then ``fail``)."""
+        code, _ = parse_close(payload)
+        if self.close_sent:
+            return None
+        self.close_sent = True
+        return close_frame(CLOSE_NORMAL if code == CLOSE_NO_STATUS else code)
+
+    def fail(self, code: int, reason: str) -> bytes | None:
+        """Fail the connection (section 7.1.7): the close frame, or None if one was sent already."""
+        return self.send_close(code, reason)
+
+    def receive_ping(self, payload: bytes) -> bytes | None:
+        """The pong to write, or None once the close frame is sent (nothing may follow it)."""
+        return None if self.close_sent else pong_frame(payload)

@@ -26,7 +26,8 @@ from agentchat.config import Settings
 from agentchat.errors import AgentChatError, error
 from agentchat.server import agent_socket
 from agentchat.server.api import agents, channels, indicators, invitations, lifecycle, peeks
-from agentchat.server.http import bearer_token, error_middleware, json_response
+from agentchat.core.cors import parse_origins
+from agentchat.server.http import bearer_token, cors_middleware, error_middleware, json_response
 from agentchat.server.hub import SEQ_RESEED_GAP, Hub
 from agentchat.payments import provider_from_settings
 from agentchat.payments.ledger import LedgerStore
@@ -38,7 +39,7 @@ from agentchat.server.metrics import Metrics
 from agentchat.server.retention import RetentionPolicy
 from agentchat.server.token_secret import load_token_secrets
 from agentchat.server.tokens import TokenIssuer
-from agentchat.server.connections import ADDRESS_LIMIT, WEBSOCKET_ROUTES, AddressLimit, AgentChatRunner
+from agentchat.server.connections import ADDRESS_LIMIT, ALLOWED_ORIGINS, WEBSOCKET_ROUTES, AddressLimit, AgentChatRunner
 from agentchat.store import keys as store_keys
 from agentchat.store import store_from_url
 from agentchat.store.base import ObjectStore
@@ -217,7 +218,10 @@ AppContext = Callable[[web.Application], AsyncIterator[None]]
 def build_app(settings: Settings, *, extra_contexts: Sequence[AppContext] = ()) -> web.Application:
     """``extra_contexts``: ``cleanup_ctx`` entries started after every service and closed before them,
     for instruments that watch a running server (``bench/stalls.py``)."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.limits.max_body_bytes)
+    allowed_origins = parse_origins(settings.cors_origins)
+    middlewares = [cors_middleware(allowed_origins), error_middleware] if allowed_origins else [error_middleware]
+    app = web.Application(middlewares=middlewares, client_max_size=settings.limits.max_body_bytes)
+    app[ALLOWED_ORIGINS] = allowed_origins
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[SESSIONS] = set()

@@ -2,8 +2,9 @@
 
 An idle socket served through aiohttp's ``WebSocketResponse`` keeps ~13 KB alive (the parsed request,
 the HTTP protocol and parser, the handler task and its coroutines, the WebSocket reader, writer and
-queue). Here a socket is one ``WebSocketConnection`` (an ``asyncio.Protocol``) and its small frame
-parser (``core/rfc6455.py``): frames are handled in ``data_received``, and a task exists only while
+queue). Here a socket is one ``WebSocketConnection`` (an ``asyncio.Protocol``) and its small sans-I/O
+state, the frame parser and close handshake (``core/rfc6455.py``'s ``ServerConnection``; this only adapts it
+to the transport): frames are handled in ``data_received``, and a task exists only while
 the handling of a frame has to wait (a bus round trip, a store read).
 
 How connections get here:
@@ -30,6 +31,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from agentchat.core import rfc6455 as codec
+from agentchat.core.cors import upgrade_allowed
 from agentchat.errors import error
 
 log = logging.getLogger(__name__)
@@ -39,8 +41,6 @@ log = logging.getLogger(__name__)
 WRITE_BUFFER_HIGH = 256 * 1024
 # Messages read while an earlier one is still being handled, before reading pauses.
 BACKLOG_MAX = 32
-# How long a close handshake the server started may take before the connection is dropped.
-CLOSE_TIMEOUT = 5.0
 # How long a new connection may take to send its first request head, and how big that head may be
 # before it is left to aiohttp (which answers 431 or 400).
 HEAD_TIMEOUT = 30.0
@@ -94,6 +94,8 @@ class AddressLimit:
 
 
 ADDRESS_LIMIT = web.AppKey("address_limit", AddressLimit)
+# The origins besides the server's own whose pages may open its sockets (server/cors.py).
+ALLOWED_ORIGINS = web.AppKey("allowed_origins", frozenset)
 
 
 class _Continue:
@@ -131,10 +133,11 @@ class WebSocketConnection(asyncio.Protocol):
     once and only turned into a task if it has to wait; the next message waits for it), and may
     override ``opened``, ``activity``, ``writable`` and ``lost``."""
 
-    # The frame parser of every socket of the class (a subclass may raise its fragment limit).
-    parser_class: type[codec.FrameParser] = codec.FrameParser
+    # The sans-I/O state (frame parser and close handshake) of every socket of the class (a subclass
+    # may raise its fragment limit).
+    parser_class: type[codec.ServerConnection] = codec.ServerConnection
 
-    __slots__ = ("transport", "out", "write_paused", "close_sent", "_parser", "_backlog", "_busy",
+    __slots__ = ("transport", "out", "write_paused", "_parser", "_backlog", "_busy",
                  "_close_timer", "_lost", "_lost_waiters", "_counted", "__weakref__")
 
     def __init__(self, max_message_bytes: int) -> None:
@@ -143,7 +146,6 @@ class WebSocketConnection(asyncio.Protocol):
         # once a close frame is sent and once it is gone (one test on the path of every delivery).
         self.out: asyncio.Transport | None = None
         self.write_paused = False
-        self.close_sent = False
         self._parser = self.parser_class(max_message_bytes)
         self._backlog: list[tuple[int, bytes]] | None = None  # messages waiting for the one in progress
         self._busy = False
@@ -183,18 +185,20 @@ class WebSocketConnection(asyncio.Protocol):
     @property
     def closing(self) -> bool:
         """No more messages go out: a close frame was sent, or the connection is gone."""
-        return self.close_sent or self._lost
+        return self._parser.close_sent or self._lost
 
     def close(self, code: int, reason: str = "") -> None:
         """Start the close handshake; the transport is closed when the peer answers (or after
-        ``CLOSE_TIMEOUT``)."""
+        ``codec.CLOSE_TIMEOUT``)."""
         transport = self.transport
-        if self.close_sent or self._lost or transport is None:
+        if self._lost or transport is None:
             return
-        self.close_sent = True
+        frame = self._parser.send_close(code, reason)
+        if frame is None:
+            return
         self.out = None
-        transport.write(codec.close_frame(code, reason))
-        self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
+        transport.write(frame)
+        self._close_timer = asyncio.get_running_loop().call_later(codec.CLOSE_TIMEOUT, transport.abort)
 
     def limit_messages(self, max_bytes: int) -> None:
         """From now on, a message over ``max_bytes`` fails the connection with 1009 (from its header)."""
@@ -248,10 +252,11 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _run(self, messages: list[tuple[int, bytes]]) -> None:
         """Handle messages in order; stops (keeping the rest) when one has to wait."""
+        state = self._parser
         for index in range(len(messages)):
             opcode, payload = messages[index]
             if opcode <= codec.OP_BINARY:
-                if self.close_sent:
+                if state.close_sent:
                     continue  # after our close frame, data is read and dropped (RFC 6455, 5.5.1)
                 coro = self.message_received(payload) if opcode == codec.OP_TEXT else self.binary_received(payload)
                 try:
@@ -268,8 +273,9 @@ class WebSocketConnection(asyncio.Protocol):
                 asyncio.get_running_loop().create_task(self._finish(coro, yielded))
                 return
             if opcode == codec.OP_PING:
-                if not self.closing and self.transport is not None:
-                    self.transport.write(codec.pong_frame(payload))
+                pong = state.receive_ping(payload)
+                if pong is not None and not self._lost and self.transport is not None:
+                    self.transport.write(pong)
             elif opcode == codec.OP_CLOSE:
                 self._close_received(payload)
                 return
@@ -298,14 +304,13 @@ class WebSocketConnection(asyncio.Protocol):
         if transport is None:
             return
         try:
-            code, _ = codec.parse_close(payload)
+            answer = self._parser.receive_close(payload)
         except codec.ProtocolViolation as exc:
             self._fail(exc.close_code, exc.reason)
             return
-        if not self.close_sent:  # the peer started it: answer with its code, then close (5.5.1)
-            self.close_sent = True
+        if answer is not None:  # the peer started it
             self.out = None
-            transport.write(codec.close_frame(codec.CLOSE_NORMAL if code == codec.CLOSE_NO_STATUS else code))
+            transport.write(answer)
         transport.close()
 
     def _fail(self, code: int, reason: str) -> None:
@@ -314,11 +319,12 @@ class WebSocketConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if not self.close_sent:
-            self.flush()
-            self.close_sent = True
-            self.out = None
-            transport.write(codec.close_frame(code, reason))
+        if not self._parser.close_sent:
+            self.flush()  # before the close frame, after which the session may write nothing
+            frame = self._parser.fail(code, reason)
+            if frame is not None:
+                self.out = None
+                transport.write(frame)
         transport.close()
 
     def pause_writing(self) -> None:
@@ -401,12 +407,14 @@ class _HTTPHandler(RequestHandler):
 class FrontProtocol(asyncio.Protocol):
     """A new connection until its first request head has been read (see the module's docstring)."""
 
-    __slots__ = ("_http", "_routes", "_limit", "_transport", "_buffer", "_timer")
+    __slots__ = ("_http", "_routes", "_limit", "_origins", "_transport", "_buffer", "_timer")
 
-    def __init__(self, http: web.Server, routes: Mapping[str, Factory], limit: AddressLimit | None) -> None:
+    def __init__(self, http: web.Server, routes: Mapping[str, Factory], limit: AddressLimit | None,
+                 origins: frozenset[str]) -> None:
         self._http = http
         self._routes = routes
         self._limit = limit
+        self._origins = origins
         self._transport: asyncio.Transport | None = None
         self._buffer = b""
         self._timer: asyncio.TimerHandle | None = None
@@ -434,6 +442,9 @@ class FrontProtocol(asyncio.Protocol):
             accept = codec.check_upgrade(request[0], request[2])
         except codec.UpgradeRefused:
             self._hand_to_http(buffer)  # the route's aiohttp handler answers with the error
+            return
+        if not upgrade_allowed(request[2].get("origin"), request[2].get("host"), self._origins):
+            self._hand_to_http(buffer)  # upgrade_within_aiohttp refuses it with forbidden
             return
         transport = self._transport
         assert transport is not None
@@ -480,13 +491,15 @@ class FrontProtocol(asyncio.Protocol):
 class _FrontFactory:
     """The protocol factory the listening sockets use: a ``FrontProtocol`` per connection."""
 
-    def __init__(self, http: web.Server, routes: Mapping[str, Factory], limit: AddressLimit | None) -> None:
+    def __init__(self, http: web.Server, routes: Mapping[str, Factory], limit: AddressLimit | None,
+                 origins: frozenset[str]) -> None:
         self._http = http
         self._routes = routes
         self._limit = limit
+        self._origins = origins
 
     def __call__(self) -> FrontProtocol:
-        return FrontProtocol(self._http, self._routes, self._limit)
+        return FrontProtocol(self._http, self._routes, self._limit, self._origins)
 
 
 class AgentChatRunner(web.AppRunner):
@@ -508,7 +521,7 @@ class AgentChatRunner(web.AppRunner):
         if self._front is None:
             app = self.app
             routes = {path: _bind(make, app) for path, make in app.get(WEBSOCKET_ROUTES, {}).items()}
-            self._front = _FrontFactory(http, routes, app.get(ADDRESS_LIMIT))
+            self._front = _FrontFactory(http, routes, app.get(ADDRESS_LIMIT), app.get(ALLOWED_ORIGINS, frozenset()))
         return self._front
 
 
@@ -523,6 +536,10 @@ async def upgrade_within_aiohttp(request: web.Request, connection: WebSocketConn
         accept = codec.check_upgrade(request.method, request.headers)  # type: ignore[arg-type]
     except codec.UpgradeRefused as exc:
         raise error("bad_upgrade", exc.reason) from None
+    origin = request.headers.get("Origin")
+    if not upgrade_allowed(origin, request.headers.get("Host"), request.app.get(ALLOWED_ORIGINS, frozenset())):
+        # A page on another site may not act through its visitor's browser (AGENTCHAT_CORS_ORIGINS).
+        raise error("forbidden", f"origin {origin} may not open this socket")
     limit = request.app.get(ADDRESS_LIMIT)
     if limit is not None:
         address = forwarded_address(request.remote, request.headers.get("X-Forwarded-For", ""), limit.hops)

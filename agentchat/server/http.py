@@ -13,6 +13,7 @@ from aiohttp import web
 from agentchat.core.frames import CHANNEL_ID_RE
 from agentchat.errors import AgentChatError, error
 from agentchat.bus import keys as bus_keys
+from agentchat.core import cors
 from agentchat.server.appkeys import BUS, METRICS, SETTINGS, TOKENS
 from agentchat.server.connections import forwarded_address
 from agentchat.server.tokens import Principal
@@ -71,6 +72,42 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(error("internal"))
+
+
+def cors_middleware(allowed: frozenset[str]) -> Any:
+    """CORS for the origins in ``allowed`` (server/cors.py), outside ``error_middleware`` so that error
+    answers carry the headers too (a page reads their envelope). Installed only when the list is not
+    empty: with none, no answer depends on Origin and the API stays same-origin only."""
+
+    @web.middleware
+    async def answer_cors(request: web.Request, handler: Any) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if (request.method == "OPTIONS" and origin is not None
+                and "Access-Control-Request-Method" in request.headers):
+            # A preflight: answered here, whatever the path (the request that follows gets its own
+            # answer). A refused origin gets no CORS header, so the browser stops there.
+            if origin in allowed:
+                response = web.Response(status=204, headers=cors.preflight_headers(origin))
+            else:
+                response = error_response(error("forbidden", f"origin {origin} may not call this API"))
+            response.headers.add("Vary", "Origin")
+            return response
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:  # a redirect (errors are answers by now)
+            _add_cors(exc.headers, origin, allowed)
+            raise
+        if not response.prepared:  # a socket's 101 has gone out already
+            _add_cors(response.headers, origin, allowed)
+        return response
+
+    return answer_cors
+
+
+def _add_cors(headers: Any, origin: str | None, allowed: frozenset[str]) -> None:
+    headers.add("Vary", "Origin")
+    if origin is not None and origin in allowed:
+        headers.update(cors.response_headers(origin))
 
 
 async def read_json(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:

@@ -2,17 +2,21 @@
 
 Static files in ``static/`` (HTML, CSS, ES modules), served as they are: no build step. Nothing is
 loaded from another host, except Stripe.js from Stripe's own host when the server takes Stripe
-payments with a publishable key configured; the Content-Security-Policy says exactly that.
+payments with a publishable key configured, and the API itself when ``AGENTCHAT_PUBLIC_API_URL`` puts
+it on another origin (the page then finds it in ``<meta name="agentchat-api">``, and that origin must
+list the page's in its ``AGENTCHAT_CORS_ORIGINS``); the Content-Security-Policy says exactly that.
 """
 
 from __future__ import annotations
 
+from html import escape as escape_html
 from functools import lru_cache
 from pathlib import Path
 
 from aiohttp import web
 
 from agentchat.config import Settings
+from agentchat.core.cors import normalize_origin
 from agentchat.errors import error
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -43,8 +47,18 @@ def uses_stripe(settings: Settings) -> bool:
     return settings.payments.startswith("stripe") and bool(settings.stripe_publishable_key)
 
 
-def content_security_policy(stripe: bool) -> str:
+def api_origin(settings: Settings) -> str:
+    """The API's origin when it is not the page's own, else empty."""
+    return normalize_origin(settings.public_api_url) if settings.public_api_url else ""
+
+
+def content_security_policy(stripe: bool, api: str = "") -> str:
+    """``api``: the API's origin when it is elsewhere; the page fetches from it and opens its sockets
+    there (``ws:``/``wss:``, which ``'self'`` covers only on the page's own origin)."""
     policy = {**_BASE_POLICY, **(_STRIPE_POLICY if stripe else {})}
+    if api:
+        scheme, _, host = api.partition("://")
+        policy["connect-src"] += f" {api} {'wss' if scheme == 'https' else 'ws'}://{host}"
     return "; ".join(f"{name} {value}" for name, value in policy.items())
 
 
@@ -59,6 +73,7 @@ def render_index(settings: Settings) -> str:
         "__REFUSAL_WINDOW_SECONDS__": f"{settings.peek_refusal_window_seconds:g}",
         "__PEEK_DURATION_SECONDS__": f"{settings.peek_duration_seconds:g}",
         "__PAYMENTS__": "stripe" if uses_stripe(settings) else "dev",
+        "__API_URL__": escape_html(api_origin(settings)),
     }
     html = _index_template()
     for placeholder, value in values.items():
@@ -85,7 +100,7 @@ def add_routes(app: web.Application, settings: Settings) -> None:
     nothing from it); the page is rendered once, since they do not change while it runs."""
     page = render_index(settings)
     headers = {
-        "Content-Security-Policy": content_security_policy(uses_stripe(settings)),
+        "Content-Security-Policy": content_security_policy(uses_stripe(settings), api_origin(settings)),
         "Cache-Control": "no-cache",
         "Referrer-Policy": "no-referrer",
         "X-Content-Type-Options": "nosniff",

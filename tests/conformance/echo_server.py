@@ -23,7 +23,7 @@ from agentchat.server.connections import WEBSOCKET_ROUTES, AgentChatRunner, WebS
 MAX_MESSAGE_BYTES = 17 * 1024 * 1024
 
 
-class EchoParser(codec.FrameParser):
+class EchoParser(codec.ServerConnection):
     __slots__ = ()
     MAX_FRAGMENTS = 1 << 17
 

@@ -199,7 +199,7 @@ async def test_slow_consumer_is_cut_off_and_others_are_not(aiohttp_client, tmp_p
     # The server drops a peer that has not answered its close frame within CLOSE_TIMEOUT, and a reset
     # discards what the peer had not read yet; on a loaded machine the 300 sends below take longer than
     # that, so the close frame this test reads at the end would be gone. The timeout has its own tests.
-    monkeypatch.setattr(connections, "CLOSE_TIMEOUT", 120.0)
+    monkeypatch.setattr(connections.codec, "CLOSE_TIMEOUT", 120.0)
     settings = load_settings(env={}, store=f"file://{tmp_path}/data", send_queue_max=8)
     client = await aiohttp_client(build_app(settings))
     from tests.conftest import RestAgent

@@ -4,7 +4,9 @@
 - every frame schema is valid JSON Schema, accepts the frames the server's code produces, and agrees
   with the frame codec on a table of good and bad client frames;
 - the definitions shared by openapi.json and frames/defs.json, and the documented limits, match;
-- errors.md is what protocol/gen_errors.py writes.
+- errors.md is what protocol/gen_errors.py writes;
+- the wrap and seal vectors are what protocol/gen_crypto_vectors.py writes, and those not marked as
+  encoding edge cases hold values the server accepts.
 """
 
 from __future__ import annotations
@@ -541,8 +543,9 @@ def test_codec_only_checks_are_the_documented_ones() -> None:
 # ------------------------------------------------------------------------------ errors.md
 
 
-def _gen_errors() -> Any:
-    spec = importlib.util.spec_from_file_location("gen_errors", PROTOCOL / "gen_errors.py")
+def _generator(name: str) -> Any:
+    """One of protocol/'s generator scripts (``gen_errors`` ...), imported from its file."""
+    spec = importlib.util.spec_from_file_location(name, PROTOCOL / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -550,11 +553,56 @@ def _gen_errors() -> Any:
 
 
 def test_errors_md_is_generated_from_the_codes() -> None:
-    expected = _gen_errors().render()
+    expected = _generator("gen_errors").render()
     assert (PROTOCOL / "errors.md").read_text(encoding="utf-8") == expected, (
         "protocol/errors.md is out of date with agentchat.errors.CODES: run python protocol/gen_errors.py")
     for code, (cls, _) in CODES.items():
         assert f"| `{code}` | {cls.status} | {'yes' if cls.retryable else 'no'} |" in expected
+
+
+# ------------------------------------------------------------------------------ crypto vectors
+
+
+def test_the_wrap_and_seal_vectors_are_generated() -> None:
+    path = PROTOCOL / "vectors" / "crypto.json"
+    current = path.read_text(encoding="utf-8")
+    assert _generator("gen_crypto_vectors").render(json.loads(current)) == current, (
+        "protocol/vectors/crypto.json is out of date: run python protocol/gen_crypto_vectors.py")
+
+
+def _server_accepts(channel: str, epoch: int, *dids: str, recipient: str | None = None,
+                    client_id: str | None = None) -> bool:
+    defs = json.loads((PROTOCOL / "frames" / "defs.json").read_text(encoding="utf-8"))["$defs"]
+
+    def matches(name: str, value: str) -> bool:
+        return re.fullmatch(defs[name]["pattern"].removeprefix("^").removesuffix("$"), value) is not None
+
+    ok = matches("channel_id", channel) and defs["epoch"]["minimum"] <= epoch <= defs["epoch"]["maximum"]
+    ok = ok and all(matches("did", did) for did in dids)
+    if client_id is not None:
+        ok = ok and matches("client_id", client_id)
+    if recipient is not None:
+        ok = ok and (matches("did", recipient) if recipient.startswith("did:")
+                     else matches("peek_id", recipient.removeprefix("peek:")))
+    return ok
+
+
+def test_the_main_crypto_vectors_hold_values_the_server_accepts() -> None:
+    """A client can replay them through a server; the ``edge_case`` ones check the encoding beyond what
+    the server takes (non-ASCII text, epoch 2^53-1) and must say so."""
+    vectors = json.loads((PROTOCOL / "vectors" / "crypto.json").read_text(encoding="utf-8"))
+    for case in vectors["wrap"]:
+        i = case["inputs"]
+        assert _server_accepts(i["channel"], i["epoch"], recipient=i["recipient"]) != ("edge_case" in case), case["description"]
+    for case in vectors["seal"]:
+        i = case["inputs"]
+        accepted = _server_accepts(i["channel"], i["epoch"], i["sender"], client_id=i["client_id"])
+        assert accepted != ("edge_case" in case), case["description"]
+    assert sum("edge_case" not in case for case in vectors["wrap"] + vectors["seal"]) >= 5
+    for case in vectors["wrap_invalid"]:
+        assert _server_accepts(case["channel"], case["epoch"], recipient=case["recipient"]), case["description"]
+    for case in vectors["open_invalid"]:
+        assert _server_accepts(case["channel"], case["wire"]["epoch"], case["sender"], client_id=case["client_id"])
 
 
 # ------------------------------------------------------------------------------ close codes

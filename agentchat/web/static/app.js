@@ -44,8 +44,11 @@ function clock(seconds) {
 
 const number = new Intl.NumberFormat();
 
+// The API's origin when the server put it elsewhere (AGENTCHAT_PUBLIC_API_URL), else this page's own.
+const API = new URL(document.querySelector('meta[name="agentchat-api"]')?.content || location.origin);
+
 function wsUrl(path) {
-  return `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}${path}`;
+  return `${API.protocol === "https:" ? "wss:" : "ws:"}//${API.host}${path}`;
 }
 
 function splitFrames(text) {
@@ -56,7 +59,7 @@ async function api(method, path, { body, token } = {}) {
   const headers = {};
   if (body !== undefined) headers["Content-Type"] = "application/json";
   if (token) headers.Authorization = `Bearer ${token}`;
-  const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const response = await fetch(new URL(path, API), { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   const answer = await response.json().catch(() => null);
   if (!response.ok) {
     const err = new Error(answer?.error?.message ?? `the server answered ${response.status}`);
