@@ -407,6 +407,14 @@ class Hub:
         if event.get("event") != "added":
             return
         channel = event["channel"]
+        room = self.rooms.get(channel)
+        if room is not None and did not in room.members:
+            # The record that made it a member is newer than this process's copy: the channel's own
+            # event saying so may come after this one (another topic, another task), and attaching
+            # against the old copy would refuse the new member and leave it with no live delivery.
+            meta = await self.records.get_channel(channel)
+            if meta is not None:
+                self.apply_channel(meta)
         for session in list(self.sessions.get(did, ())):
             if channel not in session.cursors:
                 try:

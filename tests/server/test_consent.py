@@ -231,3 +231,34 @@ async def test_an_agent_that_deletes_its_account_leaves_its_invitations_too(clie
     assert status == 200
     status, body = await alice.call("GET", f"/api/v1/channels/{channel}")
     assert status == 200 and body["invited"] == []
+
+
+async def test_an_accepted_member_gets_live_messages_even_when_its_added_event_overtakes_the_channels(
+        client, make_agent) -> None:
+    """Accepting publishes the channel's member_added and the agent's added on two topics, handled in
+    either order: a process whose copy of the room still lacks the new member when ``added`` arrives
+    must read the record again rather than refuse to attach the member's sockets."""
+    alice, bob = await make_agent("alice"), await make_agent("bob")
+    channel, key = await invite(alice, [bob])
+    ws_alice = await open_socket(client, {"type": "hello", "token": alice.token})
+    await ws_alice.wait_for(kind("welcome"))  # this process now holds the room, members: alice
+    ws_bob = await open_socket(client, {"type": "hello", "token": bob.token})
+    await ws_bob.wait_for(kind("welcome"))
+    hub = client.server.app[HUB]
+
+    def join(current: dict[str, Any]) -> dict[str, Any]:
+        invited = {k: v for k, v in current["invited"].items() if k != bob.did}
+        return {**current, "members": sorted([*current["members"], bob.did]), "invited": invited}
+
+    before = await hub.records.get_channel(channel)
+    await hub.membership.write(channel, join)
+    # as on a process other than the one that stored it, before the channel's own event came
+    hub.rooms[channel].apply(before)
+    assert bob.did not in hub.rooms[channel].members
+    await hub.publish_agent_event(bob.did, {"event": "added", "channel": channel})
+    await ws_bob.wait_for(kind("channel", event="added", channel=channel))
+    status, _ = await alice.call("POST", f"/api/v1/channels/{channel}/messages",
+                                 json={"client_id": "c1", "envelope": envelope(alice, channel, key, "hi", "c1")})
+    assert status == 201
+    message = await ws_bob.wait_for(kind("message"))
+    assert message["channel"] == channel
