@@ -89,6 +89,10 @@ class HubListener(Protocol):
     def peek_readable(self, peek_id: str) -> bool:
         """Whether the token of peek ``peek_id`` may read its channel now (any listener may allow it)."""
 
+    async def peek_readable_now(self, peek_id: str) -> bool:
+        """``peek_readable`` once more after reading the peek from the store, where it can be a step
+        ahead of this process's view; asked only after ``peek_readable`` said no."""
+
 
 class HubListenerBase:
     """Do-nothing defaults of every ``HubListener`` method."""
@@ -106,6 +110,9 @@ class HubListenerBase:
 
     def peek_readable(self, peek_id: str) -> bool:
         return False
+
+    async def peek_readable_now(self, peek_id: str) -> bool:
+        return self.peek_readable(peek_id)
 
 
 def _claim_sender(done: StoredClaim) -> str:
@@ -460,6 +467,20 @@ class Hub:
         return principal.channel == room.id and any(listener.peek_readable(principal.subject)
                                                     for listener in self._listeners)
 
+    async def may_read(self, room: Room, session_or_principal: Any) -> bool:
+        """``readable_by``, and for a peek token that it refuses, the same question after the peek is
+        read from the store: a peeker told "active" by any process may read at once, even if this
+        process has not heard of that transition yet."""
+        if self.readable_by(room, session_or_principal):
+            return True
+        principal = getattr(session_or_principal, "principal", session_or_principal)
+        if principal.is_agent or principal.channel != room.id:
+            return False
+        for listener in self._listeners:
+            if await listener.peek_readable_now(principal.subject):
+                return True
+        return False
+
     async def attach(self, session: Session, channel: str, resume_after: int | None, *,
                      defer_catch_up: bool = False) -> None:
         """Start live delivery of ``channel`` to ``session``: every message published after this
@@ -467,7 +488,7 @@ class Hub:
         number, with no gap and no duplicate at the seam (live messages are held back meanwhile);
         ``defer_catch_up`` leaves that to a later ``catch_up`` call."""
         room = await self.room(channel)
-        if not self.readable_by(room, session):
+        if not await self.may_read(room, session):
             raise error("not_member", f"not a member of {channel}")
         existing = session.cursors.get(channel)
         if existing is not None and resume_after is None:

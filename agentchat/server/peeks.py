@@ -167,6 +167,20 @@ class PeekService(HubListenerBase):
         return (peek is not None and peek.state is PeekState.ACTIVE
                 and peek.ends_at is not None and self.clock() < peek.ends_at)
 
+    async def peek_readable_now(self, peek_id: str) -> bool:
+        """``HubListener``: ``peek_readable`` after reading the peek from the store. The process that
+        made a peek active stores it before its own view changes (and others hear of it later), so a
+        peeker that read "active" may ask for messages a moment before this process knows. One store
+        read per refused request, as ``GET /api/v1/peeks/{id}`` costs anyway."""
+        if self.peek_readable(peek_id):
+            return True
+        try:
+            peek = await self.load(peek_id)
+        except AgentChatError:
+            return False
+        self._observe(peek, arm=False)
+        return self.peek_readable(peek_id)
+
     async def payment(self, peek_id: str) -> dict[str, Any] | None:
         found = await self.store.get(store_keys.peek_payment(peek_id))
         return None if found is None else orjson.loads(found.data)

@@ -371,7 +371,7 @@ async def get_messages(request: web.Request) -> web.Response:
     channel = path_channel_id(request)
     hub = request.app[HUB]
     room = await hub.room(channel)
-    if not hub.readable_by(room, who):
+    if not await hub.may_read(room, who):
         raise error("not_member", f"not a member of {channel}")
     page_max = request.app[SETTINGS].limits.history_page_max
     after = query_int(request, "after", 0, 0, frames.MAX_SEQ)
