@@ -1,0 +1,89 @@
+"""A channel's presence in this process (``Room``), and the bus names of its topics and counters.
+
+Shared by the hub (fan-out, catch-up) and the sequencer (numbers and claims).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+from agentchat.server.session import Session
+
+RECENT_MESSAGES = 1024
+
+
+def topic_messages(channel: str) -> str:
+    return "c:" + channel
+
+
+def topic_events(channel: str) -> str:
+    return "e:" + channel
+
+
+def topic_agent(did: str) -> str:
+    return "a:" + did
+
+
+def counter_key(channel: str) -> str:
+    return "seq:" + channel
+
+
+def heartbeat_key(instance: str) -> str:
+    return "proc:" + instance
+
+
+def claim_key(channel: str, sender: str, client_id: str) -> str:
+    return f"cid:{channel}:{sender}:{client_id}"
+
+
+class Room:
+    """A channel with a presence in this process."""
+
+    __slots__ = ("id", "topic", "counter", "members", "epoch", "owner", "subscribers", "recent",
+                 "complete_from", "last_seq", "last_used")
+
+    def __init__(self, meta: dict[str, Any]) -> None:
+        self.id: str = meta["id"]
+        self.topic = topic_messages(self.id)
+        self.counter = counter_key(self.id)
+        self.subscribers: set[Session] = set()
+        self.recent: deque[tuple[int, bytes]] = deque(maxlen=RECENT_MESSAGES)
+        # Every message numbered complete_from or above is in ``recent`` (0: nothing seen live yet).
+        self.complete_from = 0
+        self.last_seq = 0
+        self.last_used = time.monotonic()
+        self.apply(meta)
+
+    def apply(self, meta: dict[str, Any]) -> None:
+        self.members: frozenset[str] = frozenset(meta["members"])
+        self.epoch: int = meta["epoch"]
+        self.owner: str = meta["owner"]
+
+    def on_message(self, seq: int, frame: bytes) -> None:
+        if seq <= self.last_seq:
+            return
+        self.last_seq = seq
+        recent = self.recent
+        if len(recent) == RECENT_MESSAGES:
+            recent.popleft()
+            self.complete_from = recent[0][0]
+        recent.append((seq, frame))
+        if not self.complete_from:
+            self.complete_from = seq
+        channel = self.id
+        for session in self.subscribers:
+            session.offer(channel, seq, frame)
+
+    def forget_recent(self) -> None:
+        self.recent.clear()
+        self.complete_from = 0
+
+    def recent_after(self, after: int) -> list[bytes] | None:
+        """Frames numbered above ``after`` if the recent buffer holds all of them, else None."""
+        if not self.complete_from or after + 1 < self.complete_from:
+            return None
+        return [frame for seq, frame in self.recent if seq > after]
+
+
