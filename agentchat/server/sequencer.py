@@ -113,8 +113,13 @@ class Sequencer:
         while True:
             try:
                 await self.write_heartbeat()
+                if not await self.writer.indexed():
+                    # The bus lost everything (a Redis restart), maybe before this process's pub/sub
+                    # connection noticed: put back our claims and index entries now.
+                    await self.restore_claims()
+                    await self.writer.reindex()
             except AgentChatError:
-                log.warning("could not write this process's heartbeat to the bus")
+                log.warning("could not write this process's heartbeat (or claims) to the bus")
             await asyncio.sleep(HEARTBEAT_TTL / 3)
 
     async def write_heartbeat(self) -> None:

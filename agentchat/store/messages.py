@@ -70,6 +70,8 @@ OnRecovered = Callable[[dict[str, list[bytes]]], Awaitable[None]]
 WAL_CACHE_OBJECTS = 32
 RECOVERY_SECONDS = 30.0
 RECOVERED_MEMO_SECONDS = 10.0
+# How long ``ensure_index`` waits for live processes to re-index themselves (a heartbeat and a half).
+REINDEX_WAIT_SECONDS = 1.5
 COMPACT_CHECK_SECONDS = 1.0
 # The background compactor writes one channel's segment at a time, and after each one pauses for as
 # long as writing its bytes at this rate would take. Under an even load every channel's tail fills up
@@ -148,7 +150,8 @@ async def put_until_stored(store: ObjectStore, key: str, data: bytes, on_failure
             on_failure()
             log.warning("storing %s failed: %r; retrying", key, exc)
             await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
+            # At most about a second between tries: the backlog goes out soon after storage is back.
+            delay = min(delay * 2, 1.0)
 
 
 class MessageLog:
@@ -169,7 +172,8 @@ class MessageLog:
         stores 101 and 103, B stores 102), so a frame is returned only once no unread segment could
         hold a smaller number.
         """
-        await self.ensure_complete()
+        if other_processes:
+            await self.ensure_complete()
         collected = await self._wal_frames(channel, after, other_processes)
         listing = await self._list(channel, after, max_keys=LIST_PAGE)
         if len(listing) == LIST_PAGE:
@@ -533,6 +537,12 @@ class MessageWriter:
         if entries:
             log.info("re-indexed %d write-ahead entries", len(entries))
 
+    async def indexed(self) -> bool:
+        """Whether the bus still knows that this process's entries are in the index (False after
+        a Redis restart without persistence)."""
+        state = await self.bus.index_range(WAL_STATE_INDEX, 0)
+        return any(member == wal_reindexed(self.instance) for member, _ in state)
+
     async def ensure_index(self) -> None:
         """Make the bus index complete if it is not (it was lost with a Redis restart): re-index this
         process's objects, recover those of every instance that has not re-indexed its own, then mark
@@ -557,9 +567,16 @@ class MessageWriter:
             return
         await self.reindex()
         by_instance = await self._list_wal(keys.WAL_PREFIX)
-        state = {member for member, _ in await self.bus.index_range(WAL_STATE_INDEX, 0)}
-        others = [instance for instance in by_instance
-                  if instance != self.instance and wal_reindexed(instance) not in state]
+        # Live processes notice the loss within a heartbeat and re-index themselves (far cheaper than
+        # recovering their objects): give them that long before treating the rest as dead.
+        deadline = time.monotonic() + REINDEX_WAIT_SECONDS
+        while True:
+            state = {member for member, _ in await self.bus.index_range(WAL_STATE_INDEX, 0)}
+            others = [instance for instance in by_instance
+                      if instance != self.instance and wal_reindexed(instance) not in state]
+            if not others or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.1)
         for instance in others:
             await self.recover_instance(instance, by_instance[instance])
         await self.bus.index_add([(WAL_STATE_INDEX, WAL_COMPLETE, 0)])
