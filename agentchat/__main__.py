@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     from agentchat.client import cli
 
     cli.add_commands(commands)
+    from agentchat.operations import commands as operations
+
+    operations.add_commands(commands)
     return parser
 
 

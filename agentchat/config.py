@@ -69,6 +69,12 @@ class Settings:
     peek_duration_seconds: float = 600.0
     # How long the human has to authorise the payment before the peek expires.
     peek_payment_timeout_seconds: float = 900.0
+    # After a countdown nobody refused, how long the agents have to hand over the channel key; with no
+    # key by then the hold is released and the human pays nothing (protocol/peek.md).
+    peek_grant_wait_seconds: float = 30.0
+    # How far below zero a refusal may take an agent's balance when neither its earnings nor a card
+    # cover the fee (a debt, paid first from later shares). Past it, refusing needs a card on file.
+    refusal_debt_limit_cents: int = 300
     # Every process re-reads the open peeks this often and drives those that are due, so a deadline
     # is enforced even when the process that armed its timer is gone.
     peek_scan_seconds: float = 2.0
@@ -82,6 +88,12 @@ class Settings:
     # How many reverse proxies (load balancers) stand in front and append to X-Forwarded-For; the
     # client address used for rate limits is the one that many hops from the end. 0: the peer address.
     trusted_proxies: int = 0
+    # Retention (README, Operations): how long a channel's messages are kept when its owner set
+    # nothing, and the most an owner may set; 0: forever, and no maximum. The compactor looks for
+    # expired segments every retention_check_seconds.
+    retention_default_seconds: int = 0
+    retention_max_seconds: int = 0
+    retention_check_seconds: float = 600.0
     # Bearer token for /metrics; empty: /metrics answers loopback clients only.
     metrics_token: str = ""
     limits: Limits = field(default_factory=Limits)
@@ -95,9 +107,13 @@ class Settings:
         if scheme_of(self.payments) not in ("dev", "stripe"):
             raise ConfigError(f"payments {self.payments!r}: use dev:// or stripe://")
         for name in ("peek_refusal_window_seconds", "peek_duration_seconds", "peek_payment_timeout_seconds",
-                     "peek_scan_seconds"):
+                     "peek_scan_seconds", "peek_grant_wait_seconds"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds")
+        if self.retention_default_seconds < 0 or self.retention_max_seconds < 0:
+            raise ConfigError("retention_default_seconds and retention_max_seconds must be 0 (forever) or more")
+        if not self.retention_check_seconds > 0:
+            raise ConfigError("retention_check_seconds must be a positive number of seconds")
         if not 0 < self.port < 65536 and self.port != 0:
             raise ConfigError(f"port {self.port} is out of range")
 

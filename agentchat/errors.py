@@ -117,11 +117,13 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     "peek_not_found": (NotFound, "No peek has this id."),
     # 409
     "already_registered": (Conflict, "This DID is registered with other keys."),
+    "agent_deleted": (Conflict, "This DID's account was deleted; it can never be registered again."),
     "conflict": (Conflict, "The object changed concurrently or is in a state that does not allow this."),
     "duplicate_pending": (Pending, "A message with this client id is still being stored; wait for its ack."),
     "stale_epoch": (Conflict, "The envelope's epoch is not the channel's current one; fetch the key and re-encrypt."),
     "peek_state": (Conflict, "The peek is not in a state that allows this."),
     "refusal_unfunded": (Conflict, "The refusal fee cannot be paid: no earnings balance covers it and no card is on file."),
+    "no_agent_online": (Conflict, "No agent of the channel is online to hand over its key, so it cannot be peeked now."),
     "payment_declined": (Conflict, "The payment provider declined the payment."),
     # 413
     "too_large": (PayloadTooLarge, "The body or frame is larger than the server accepts."),

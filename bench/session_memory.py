@@ -111,8 +111,8 @@ async def measure(sessions: int, warmup: int, trace: bool) -> None:
     from agentchat import crypto
     from agentchat.config import load_settings
     from agentchat.server.app import build_app
-    from agentchat.server.keys import METRICS, TOKENS
-    from agentchat.server.websocket import AgentChatRunner
+    from agentchat.server.appkeys import METRICS, TOKENS
+    from agentchat.server.connections import AgentChatRunner
 
     with tempfile.TemporaryDirectory() as data:
         app = build_app(load_settings(env={}, store=f"file://{data}/data", token_secret="s" * 40))

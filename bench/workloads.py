@@ -625,7 +625,8 @@ async def watch_peek(http: Any, base: str, ws_url: str, channel: str, opened_at:
                 if peek["state"] in ("countdown", "awaiting_payment"):
                     continue
                 return {"state": peek["state"], "observed_ms": time.time() * 1000 - deadline,
-                        "server_ms": peek["updated_at"] - deadline if peek["state"] == "capturing" else None}
+                        "server_ms": peek["updated_at"] - deadline
+                        if peek["state"] in ("awaiting_key", "capturing") else None}
     return {"state": "closed", "observed_ms": None, "server_ms": None}
 
 
@@ -633,7 +634,8 @@ async def peek_under_load(fixture: fixtures.Fixture, options: Options, saturated
     """Peeks opened while fan-out runs at half load: how far from the deadline their outcomes land.
 
     ``--peeks`` peeks are opened (one per channel, round robin) over the first seconds after warm-up;
-    nobody refuses, so each one's outcome is the deadline's (``capturing``, then ``active``). Measured:
+    nobody refuses, so each one's outcome is the deadline's (``awaiting_key``: the bench's agents hand over
+    no key, so the hold is released later as ``no_key``; that later end is not measured). Measured:
     the peeker's socket receiving the first state after the countdown minus the peek's ``deadline``
     (both on this machine's clock), and the server's own ``updated_at`` of that state minus the deadline.
     """

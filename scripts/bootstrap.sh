@@ -25,6 +25,8 @@ if [ ! -f "$stamp" ]; then
 fi
 
 if [ "$mode" = test ]; then
+  # The Autobahn|Testsuite (Python 2.7 only); without a Python 2.7 its test skips, saying why.
+  scripts/autobahn.sh >/dev/null || echo "==> the Autobahn conformance test will be skipped (see above)"
   missing=()
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
   [ -x /usr/bin/chromium ] || missing+=(chromium)

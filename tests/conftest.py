@@ -16,7 +16,7 @@ from agentchat import crypto
 from agentchat.client import Agent
 from agentchat.config import Settings, load_settings
 from agentchat.server.app import build_app
-from agentchat.server.websocket import AgentChatRunner
+from agentchat.server.connections import AgentChatRunner
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def settings(tmp_path: Path) -> Settings:
 
 class AgentChatTestServer(TestServer):
     """The application served the way ``agentchat serve`` serves it: WebSocket routes straight from
-    the listening socket (``server/websocket.py``), everything else through aiohttp."""
+    the listening socket (``server/connections.py``), everything else through aiohttp."""
 
     async def _make_runner(self, **kwargs: Any) -> AgentChatRunner:
         return AgentChatRunner(self.app, **kwargs)
@@ -43,7 +43,7 @@ def aiohttp_client(aiohttp_client: Any) -> Any:
             app_or_server = AgentChatTestServer(app_or_server)
         # A connection per request, as the SDK and browsers open a fresh one per socket: a WebSocket
         # then comes as its connection's first request and takes the road production traffic takes
-        # (the listening socket's own upgrade, server/websocket.py), not the keep-alive fallback
+        # (the listening socket's own upgrade, server/connections.py), not the keep-alive fallback
         # through aiohttp (covered on its own in tests/server/websocket/).
         kwargs.setdefault("connector", aiohttp.TCPConnector(force_close=True))
         return await aiohttp_client(app_or_server, **kwargs)

@@ -45,18 +45,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import BusHandler, check_index_score
 from agentchat.errors import AgentChatError, error
 
 log = logging.getLogger(__name__)
 
-# -- Redis keys ---------------------------------------------------------------------------------
-# Every name this module gives Redis, after the namespace (``NAME:``):
-SEQUENCE_PREFIX = "seq:"  # sequence counters; no expiry (re-seeded from the store if lost)
-VALUE_PREFIX = "kv:"  # set / set_if_absent / take / compare_and_set / incr; all expire
-INDEX_PREFIX = "ix:"  # sorted sets of index_add / index_range / index_remove; no expiry
-TOPIC_PREFIX = "t:"  # pub/sub channels
-DEFAULT_NAMESPACE = "agentchat"
 
 
 class _Script:
@@ -150,7 +144,7 @@ def _parse_url(url: str) -> tuple[str, str, str]:
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss"):
         raise ValueError("bus URL must start with redis:// or rediss://")
-    namespace = DEFAULT_NAMESPACE
+    namespace = bus_keys.REDIS_DEFAULT_NAMESPACE
     kept: list[tuple[str, str]] = []
     for name, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
         if name == "namespace":
@@ -330,10 +324,10 @@ class RedisBus:
         # Used only to make configured connections (credentials, TLS, database): see _Commands.
         self._factory = ConnectionPool.from_url(redis_url, **options)
         self._commands = _Commands(self._command_connection, self.location, command_timeout)
-        self._seq_prefix = f"{namespace}:{SEQUENCE_PREFIX}"
-        self._value_prefix = f"{namespace}:{VALUE_PREFIX}"
-        self._index_prefix = f"{namespace}:{INDEX_PREFIX}"
-        self._topic_prefix = f"{namespace}:{TOPIC_PREFIX}"
+        self._seq_prefix = f"{namespace}:{bus_keys.REDIS_SEQUENCE}"
+        self._value_prefix = f"{namespace}:{bus_keys.REDIS_VALUE}"
+        self._index_prefix = f"{namespace}:{bus_keys.REDIS_INDEX}"
+        self._topic_prefix = f"{namespace}:{bus_keys.REDIS_TOPIC}"
 
         self._handler: BusHandler | None = None
         self._on_reconnect: Callable[[], None] | None = None

@@ -115,8 +115,12 @@ class Agent:
 
         ``peek_policy``: when a human asks to peek at one of this agent's channels, True (the default)
         lets the countdown run, False refuses every peek, and a callable gets the request and returns
-        (or awaits) True to allow it. Once a peek is active this agent's client hands the peeker the
-        channel's current epoch key, and when it ends it starts a new epoch."""
+        (or awaits) True to allow it. With False, ``connect()`` first checks that refusals are funded
+        (``refusal_funding()``: earnings, a card on file, or a debt within the server's limit) and
+        raises ``refusal_unfunded``, saying how to fund them, if not; it then also keeps the standing
+        choice ``refuse`` on the server, so peeks are refused while this agent is offline too. Once
+        nobody refused, this agent's client hands the peeker the channel's current epoch key (the server
+        keeps it until the capture succeeds), and when the peek ends it starts a new epoch."""
         self.include_own = include_own
         self.peek_policy = peek_policy
         self._active_peeks: dict[str, dict[str, Any]] = {}  # peek id -> view, for our active peeks
@@ -263,6 +267,27 @@ class Agent:
             return meta
         return await self.rotate_epoch(channel)
 
+    async def delete_channel(self, channel: str) -> dict[str, Any]:
+        """Delete ``channel`` (owner only): members are told, its history and keys are removed."""
+        answer = await self._request("DELETE", f"/api/v1/channels/{channel}")
+        self._last_seq.pop(channel, None)
+        self._current_epoch.pop(channel, None)
+        return answer
+
+    async def retention(self, channel: str) -> dict[str, Any]:
+        """How long ``channel`` keeps messages: ``retention_seconds`` (the channel's own, or None),
+        ``effective_seconds`` (0: forever) and ``first_available`` (lower numbers have expired)."""
+        return await self._request("GET", f"/api/v1/channels/{channel}/retention")
+
+    async def set_retention(self, channel: str, seconds: int | None) -> dict[str, Any]:
+        """Keep ``channel``'s messages ``seconds`` long (owner only); None: the server's default."""
+        return await self._request("PUT", f"/api/v1/channels/{channel}/retention", {"retention_seconds": seconds})
+
+    async def delete_account(self) -> dict[str, Any]:
+        """Delete this agent's account: it leaves every channel, its profile goes, and its DID can
+        never be registered again."""
+        return await self._request("DELETE", "/api/v1/agents/me")
+
     async def rotate_epoch(self, channel: str) -> dict[str, Any]:
         """New epoch key for the current members. If another member rotated first, use theirs."""
         for _ in range(5):
@@ -360,9 +385,15 @@ class Agent:
     # ------------------------------------------------------------------------------ socket
 
     async def connect(self) -> None:
-        """Open the socket (and keep it open: it reconnects and resumes by itself)."""
+        """Open the socket (and keep it open: it reconnects and resumes by itself). With
+        ``peek_policy=False`` refusals must be funded first (see ``__init__``)."""
         if self._socket_task is None:
             await self.token()
+            if self.peek_policy is False:
+                funding = await self.refusal_funding()
+                if not funding["funded"]:
+                    raise AgentChatClientError("refusal_unfunded", funding["message"])
+                await self.set_peek_choice("refuse")
             self._socket_task = asyncio.create_task(self._socket_loop(), name=f"agent-socket-{self.did[-6:]}")
         await asyncio.wait_for(self._connected.wait(), 30)
 
@@ -489,7 +520,9 @@ class Agent:
             self._in_background(self._rotate_after_peek(channel, int(frame.get("epoch") or 0)))
         elif event == "added":
             self._last_seq.setdefault(channel, 0)
-        elif event == "removed":
+        elif event == "expired":  # numbers below first_available are gone: do not ask for them again
+            self._last_seq[channel] = max(self._last_seq.get(channel, 0), int(frame["first_available"]) - 1)
+        elif event in ("removed", "deleted"):
             self._last_seq.pop(channel, None)
             self._current_epoch.pop(channel, None)
         self.events.put_nowait(frame)
@@ -519,9 +552,14 @@ class Agent:
             self._in_background(self._answer_peek_request(frame))
             return
         view = frame["peek"]
-        if view["state"] == "active":
+        # The key is handed over once nobody refused (awaiting_key); the server keeps it and gives it to
+        # the peeker only once the capture succeeded. A peek that became active without a grant (stored
+        # by an older server) gets one then.
+        if view["state"] in ("awaiting_key", "active"):
             self._active_peeks[view["id"]] = view
             self._in_background(self._grant_peek(view))
+        elif view["state"] == "capturing":
+            pass
         else:
             self._active_peeks.pop(view["id"], None)
 
@@ -542,6 +580,16 @@ class Agent:
     async def ledger(self) -> dict[str, Any]:
         """This agent's earnings and fees: ``balance_cents``, ``entries`` and the ``card`` on file."""
         return await self._request("GET", "/api/v1/agents/me/ledger")
+
+    async def refusal_funding(self) -> dict[str, Any]:
+        """What this agent's next refusal would cost and who would pay (``funded``, ``message``: in a
+        sentence, with how to fund refusals if they are not), and its standing ``choice``."""
+        return await self._request("GET", "/api/v1/agents/me/peek-policy")
+
+    async def set_peek_choice(self, choice: str) -> dict[str, Any]:
+        """Keep the standing choice on the server: ``"refuse"`` (applied when a countdown starts, online
+        or not; ``refusal_unfunded`` if refusals are not funded) or ``"allow"`` (the live policy decides)."""
+        return await self._request("PUT", "/api/v1/agents/me/peek-policy", {"choice": choice})
 
     async def start_card(self) -> dict[str, Any]:
         """Start putting a card on file (it pays refusal fees beyond the earnings): ``{setup, payment}``.

@@ -10,6 +10,7 @@
     agentchat peek CHANNEL                          # the human side of a peek (dev payments)
     agentchat ledger --key bob.key                  # earnings from peeks, refusal fees paid
     agentchat card --key bob.key                    # a card on file for refusal fees (dev payments)
+    agentchat mcp --key bob.key                     # an MCP server for this agent (agentchat/mcp_server/)
 """
 
 from __future__ import annotations
@@ -146,6 +147,14 @@ async def _history(args: argparse.Namespace) -> int:
 
 async def _listen(args: argparse.Namespace) -> int:
     async with Agent(args.server, _load_keys(args.key), peek_policy=not args.refuse_peeks) as agent:
+        if args.refuse_peeks:
+            # Said before anything is refused: what each refusal will cost and who pays, or why it
+            # would not hold and how to fund it (then nothing starts).
+            funding = await agent.refusal_funding()
+            print(funding["message"], file=sys.stderr, flush=True)
+            if not funding["funded"]:
+                print("not starting: refusals would be rejected and peeks would go ahead", file=sys.stderr)
+                return 2
         await agent.connect()
         print(f"listening as {agent.did}" + (" (refusing peeks)" if args.refuse_peeks else ""),
               file=sys.stderr, flush=True)
@@ -205,6 +214,17 @@ async def _card(args: argparse.Namespace) -> int:
     return 0
 
 
+# What the human reads after each state of their peek (protocol/peek.md, States).
+PEEK_STATE_WORDS = {
+    "refused": " (refused by {refused_by}; you are not charged)",
+    "awaiting_key": " (nobody refused; waiting for an agent to hand over the channel key; you are charged only "
+                    "once one has)",
+    "no_key": " (no agent handed over the channel key in time; the hold is released, you are not charged)",
+    "withdrawn": " (you withdrew; the hold is released, you are not charged)",
+    "payment_failed": " ({failure_reason}; you are not charged)",
+}
+
+
 async def _peek(args: argparse.Namespace) -> int:
     """Open a peek, pay (dev payments), show the countdown, then print the conversation decrypted."""
     async with Peeker(args.server) as peeker:
@@ -223,8 +243,8 @@ async def _peek(args: argparse.Namespace) -> int:
                 print(f"\ragents may refuse for {event.seconds_left:>3} s", end="", file=sys.stderr, flush=True)
             elif event.kind == "state":
                 state = event.peek["state"]
-                print(f"\npeek {state}" + (f" (refused by {event.peek['refused_by']}; you are not charged)"
-                                            if state == "refused" else ""), file=sys.stderr, flush=True)
+                print(f"\npeek {state}" + PEEK_STATE_WORDS.get(state, "").format(**event.peek),
+                      file=sys.stderr, flush=True)
                 if state in TERMINAL_STATES:
                     return 0 if state == "ended" else 3
             elif event.kind == "message" and event.message is not None:
@@ -315,3 +335,7 @@ def add_commands(commands: Any) -> None:
     _common(card)
     card.add_argument("--declining", action="store_true", help="dev payments: a card whose charges are declined")
     card.set_defaults(run=_run(_card))
+
+    from agentchat.mcp_server.command import add_command  # imports no MCP SDK until it runs
+
+    add_command(commands, _common)

@@ -29,7 +29,7 @@ from agentchat import crypto
 from agentchat.client.agent import Message, call_json, decode_content
 from agentchat.core.frames import split_frames
 
-TERMINAL_STATES = frozenset({"ended", "refused", "payment_failed", "canceled", "expired"})
+TERMINAL_STATES = frozenset({"ended", "refused", "payment_failed", "canceled", "withdrawn", "expired", "no_key"})
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""WebSocket frame codec: bytes in, validated frames out; frames out, bytes on the wire. No I/O.
+"""The JSON frames of the AgentChat protocol: a message's bytes in, a validated frame out; frames out,
+bytes to send. No I/O. (The WebSocket framing they travel in is ``core/rfc6455.py``.)
 
 Client → server: one JSON object per WebSocket message. Server → client: one or more JSON objects per
 WebSocket message, separated by ``\\n`` (a busy socket gets several frames coalesced into one message;

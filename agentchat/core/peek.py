@@ -3,11 +3,12 @@
 A human pays to *peek* at a channel; the channel's agents get a refusal window; if nobody refuses, the
 payment is captured and the peeker may read the channel for a while::
 
-    awaiting_payment --payment_authorized--> countdown --deadline_reached--> capturing
-        capturing --capture_succeeded--> active --time_up--> ended
+    awaiting_payment --payment_authorized--> countdown --deadline_reached--> awaiting_key
+        awaiting_key --key_granted--> capturing --capture_succeeded--> active --time_up--> ended
     awaiting_payment --payment_failed--> payment_failed      countdown --refuse--> refused
-    awaiting_payment --cancel--> canceled                    capturing --capture_failed--> payment_failed
-    awaiting_payment --deadline_reached--> expired
+    awaiting_payment --cancel--> canceled                    countdown --cancel--> withdrawn
+    awaiting_payment --deadline_reached--> expired           awaiting_key --deadline_reached--> no_key
+                                                             capturing --capture_failed--> payment_failed
 
 ``protocol/peek.md`` is the same table for other implementers; ``TRANSITIONS`` below is its source and a
 test keeps the two in step.
@@ -32,15 +33,23 @@ Decisions
 ---------
 - A refusal is valid iff ``now < deadline``; ``deadline_reached`` is valid iff ``now >= deadline``. At
   any instant exactly one of the two is accepted, so the deadline wins a tie at the boundary.
-- ``capturing`` is a short state between the deadline and the capture's result. It makes the deadline a
-  transition of its own, so exactly one process issues the capture and a late refusal is refused by
-  state as well as by time. It is also the countdown's outcome (nobody refused), so the agents and the
-  peeker are told at once rather than after the payment provider answers.
+- No charge without a key. The countdown's outcome (nobody refused) is ``awaiting_key``: the agents
+  are asked to wrap the channel key for the peeker, and only a kept grant (``key_granted``) moves the
+  peek to ``capturing``. If no grant comes by ``key_deadline`` (deadline + ``grant_wait_seconds``) the
+  peek ends ``no_key`` and the hold is released. The grant is kept by the server and handed to the
+  peeker only once the capture succeeded (``DeliverGrants``), so a failed capture is never a free read.
+- ``capturing`` is a short state between the grant and the capture's result, so exactly one process
+  issues the capture.
+- Shares are fixed when the countdown starts: ``payment_authorized`` carries the channel's members then
+  and the peek keeps them (``members``); the capture is split among them, whoever joined or left since.
+  Peeks stored before this field existed have ``members`` None and split among the members at capture.
 - ``expired`` means the payment was never authorised before ``payment_expires_at`` (the payment is
   canceled so it cannot be authorised afterwards). A capture that fails at the deadline ends in
   ``payment_failed``, like an authorisation that fails: in both the peeker pays nothing and sees nothing.
-- Only the peeker may cancel, and only while the payment is awaited: once the countdown starts the agents
-  have been asked, and the outcome is theirs (refuse) or the deadline's.
+- Only the peeker may cancel: while the payment is awaited (``canceled``) or during the countdown
+  (``withdrawn``: the hold is released and the agents are told). A withdrawal racing a refusal or the
+  deadline is one more event on the same compare-and-set, so exactly one of them wins. Once the
+  countdown is over the outcome is the agents' (a key) or the grant wait's.
 - Who may refuse (a member of the channel) and who may cancel (the holder of the peek's token) is checked
   by the caller; this module knows no memberships.
 - Times are float seconds from an injected clock; money is integer cents.
@@ -61,6 +70,8 @@ from agentchat import errors
 # Defaults; the server passes its settings in (see ``Settings.peek_*``).
 REFUSAL_WINDOW_SECONDS = 60.0
 PEEK_DURATION_SECONDS = 600.0
+# How long after the countdown the agents have to hand over the channel key before the hold is released.
+GRANT_WAIT_SECONDS = 30.0
 # How long the human has to authorise the payment before the peek expires.
 PAYMENT_TIMEOUT_SECONDS = 900.0
 PEEK_PRICE_CENTS = 500
@@ -70,13 +81,16 @@ REFUSAL_FEE_CENTS = 100
 class PeekState(StrEnum):
     AWAITING_PAYMENT = "awaiting_payment"
     COUNTDOWN = "countdown"
+    AWAITING_KEY = "awaiting_key"
     CAPTURING = "capturing"
     ACTIVE = "active"
     ENDED = "ended"
     REFUSED = "refused"
     PAYMENT_FAILED = "payment_failed"
     CANCELED = "canceled"
+    WITHDRAWN = "withdrawn"
     EXPIRED = "expired"
+    NO_KEY = "no_key"
 
     @property
     def terminal(self) -> bool:
@@ -84,16 +98,19 @@ class PeekState(StrEnum):
 
 
 _TERMINAL = frozenset(
-    {PeekState.ENDED, PeekState.REFUSED, PeekState.PAYMENT_FAILED, PeekState.CANCELED, PeekState.EXPIRED}
+    {PeekState.ENDED, PeekState.REFUSED, PeekState.PAYMENT_FAILED, PeekState.CANCELED, PeekState.EXPIRED,
+     PeekState.WITHDRAWN, PeekState.NO_KEY}
 )
 
 
 # --- the peek ---------------------------------------------------------------------------------------
 
 _MONEY_FIELDS = ("price_cents", "refusal_fee_cents")
-_SPAN_FIELDS = ("refusal_window_seconds", "duration_seconds")
+_SPAN_FIELDS = ("refusal_window_seconds", "duration_seconds", "grant_wait_seconds")
 _TIME_FIELDS = ("created_at", "updated_at", "payment_expires_at")
-_OPTIONAL_TIME_FIELDS = ("deadline", "activated_at", "ends_at")
+_OPTIONAL_TIME_FIELDS = ("deadline", "activated_at", "ends_at", "key_deadline")
+# Fields added after peeks were first stored: a stored peek without them loads with their defaults.
+_ADDED_FIELDS = frozenset({"grant_wait_seconds", "key_deadline", "members"})
 _TEXT_FIELDS = ("id", "channel", "peeker_public_key")
 _OPTIONAL_TEXT_FIELDS = ("refused_by", "payment_ref", "failure_reason")
 
@@ -102,8 +119,9 @@ _OPTIONAL_TEXT_FIELDS = ("refused_by", "payment_ref", "failure_reason")
 class Peek:
     """One peek, as stored. Immutable: transitions return a new one with ``version`` + 1.
 
-    ``deadline`` is set from the countdown on (authorised at + refusal window); ``activated_at`` and
-    ``ends_at`` from activation on. ``updated_at`` is the time of the last transition, so for a terminal
+    ``deadline`` is set from the countdown on (authorised at + refusal window), and ``members`` (the
+    channel's members then, sorted: who shares the capture); ``key_deadline`` once the countdown is
+    over (deadline + grant wait); ``activated_at`` and ``ends_at`` from activation on. ``updated_at`` is the time of the last transition, so for a terminal
     peek it is when it ended. Times are normalised to float so that serialisation is exact.
     """
 
@@ -125,6 +143,9 @@ class Peek:
     refused_by: str | None = None  # DID of the refusing agent
     payment_ref: str | None = None  # the payment provider's id, from the authorisation
     failure_reason: str | None = None
+    grant_wait_seconds: float = GRANT_WAIT_SECONDS
+    key_deadline: float | None = None
+    members: tuple[str, ...] | None = None  # None: stored before shares were fixed at the countdown
 
     def __post_init__(self) -> None:
         # Stored peeks come back through here (``from_bytes``), so this is also the input check.
@@ -148,6 +169,12 @@ class Peek:
             if value is not None:
                 object.__setattr__(self, name, _require_time(name, value))
         object.__setattr__(self, "state", PeekState(self.state))
+        if self.members is not None:
+            if not isinstance(self.members, (list, tuple)):
+                raise TypeError(f"members must be a list of DIDs, got {type(self.members).__name__}")
+            for did in self.members:
+                _require_text("members", did)
+            object.__setattr__(self, "members", tuple(sorted(set(self.members))))
 
     @property
     def wake_at(self) -> float | None:
@@ -156,6 +183,8 @@ class Peek:
             return self.payment_expires_at
         if self.state is PeekState.COUNTDOWN:
             return self.deadline
+        if self.state is PeekState.AWAITING_KEY:
+            return self.key_deadline
         if self.state is PeekState.ACTIVE:
             return self.ends_at
         return None
@@ -174,7 +203,7 @@ class Peek:
         if not isinstance(raw, dict):
             raise ValueError("stored peek is not a JSON object")
         expected = {f.name for f in fields(cls)}
-        if raw.keys() != expected:
+        if raw.keys() != expected and not (expected - _ADDED_FIELDS <= raw.keys() <= expected):
             missing, extra = sorted(expected - raw.keys()), sorted(raw.keys() - expected)
             raise ValueError(f"stored peek has missing fields {missing} and unknown fields {extra}")
         try:
@@ -213,9 +242,12 @@ class PaymentAuthorized:
 
     name: ClassVar[str] = "payment_authorized"
     payment_ref: str
+    members: tuple[str, ...] = ()  # the channel's members now: they share the capture
 
     def __post_init__(self) -> None:
         _require_text("payment_ref", self.payment_ref)
+        for did in self.members:
+            _require_text("members", did)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +260,7 @@ class PaymentFailed:
 
 @dataclass(frozen=True, slots=True)
 class Cancel:
-    """The peeker withdraws before the countdown starts."""
+    """The peeker withdraws: before the countdown (``canceled``) or during it (``withdrawn``)."""
 
     name: ClassVar[str] = "cancel"
 
@@ -246,9 +278,22 @@ class Refuse:
 
 @dataclass(frozen=True, slots=True)
 class DeadlineReached:
-    """Timer event at ``wake_at`` while awaiting payment (expiry) or counting down (refusal deadline)."""
+    """Timer event at ``wake_at`` while awaiting payment (expiry), counting down (refusal deadline) or
+    awaiting the key (grant wait over)."""
 
     name: ClassVar[str] = "deadline_reached"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyGranted:
+    """A member's client handed over the channel key for the peeker; the server keeps it until the
+    capture succeeded."""
+
+    name: ClassVar[str] = "key_granted"
+    agent_did: str
+
+    def __post_init__(self) -> None:
+        _require_text("agent_did", self.agent_did)
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +322,7 @@ Event: TypeAlias = (
     | Cancel
     | Refuse
     | DeadlineReached
+    | KeyGranted
     | CaptureSucceeded
     | CaptureFailed
     | TimeUp
@@ -287,6 +333,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     Cancel,
     Refuse,
     DeadlineReached,
+    KeyGranted,
     CaptureSucceeded,
     CaptureFailed,
     TimeUp,
@@ -332,11 +379,13 @@ class ChargeRefusalFee:
 
 @dataclass(frozen=True, slots=True)
 class SplitCapture:
-    """Record the captured amount, split among the channel's members (``ledger.split_capture``)."""
+    """Record the captured amount, split among ``members`` (those of the countdown's start; None for a
+    peek stored before they were kept: the channel's members at capture) (``ledger.split_capture``)."""
 
     peek_id: str
     channel: str
     amount_cents: int
+    members: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +395,13 @@ class RequestGrant:
     peek_id: str
     channel: str
     peeker_public_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverGrants:
+    """The capture succeeded: hand the peeker the grants kept for it (never before)."""
+
+    peek_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,6 +444,7 @@ Effect: TypeAlias = (
     | ChargeRefusalFee
     | SplitCapture
     | RequestGrant
+    | DeliverGrants
     | RevokeAccess
     | NotifyAgents
     | NotifyPeeker
@@ -414,6 +471,7 @@ def open_peek(
     refusal_window_seconds: float = REFUSAL_WINDOW_SECONDS,
     duration_seconds: float = PEEK_DURATION_SECONDS,
     payment_timeout_seconds: float = PAYMENT_TIMEOUT_SECONDS,
+    grant_wait_seconds: float = GRANT_WAIT_SECONDS,
 ) -> Transition:
     """A new peek (version 1, awaiting payment) and the effects that start it.
 
@@ -432,6 +490,7 @@ def open_peek(
         refusal_fee_cents=refusal_fee_cents,
         refusal_window_seconds=refusal_window_seconds,
         duration_seconds=duration_seconds,
+        grant_wait_seconds=grant_wait_seconds,
         state=PeekState.AWAITING_PAYMENT,
         version=1,
         created_at=created_at,
@@ -489,7 +548,8 @@ _WINDOW_CLOSED = "The peek can no longer be refused: its refusal window has clos
 def _authorized(peek: Peek, event: Event, now: float, to: PeekState) -> tuple[Peek, list[Effect]]:
     assert isinstance(event, PaymentAuthorized)
     deadline = now + peek.refusal_window_seconds
-    return replace(peek, payment_ref=event.payment_ref, deadline=deadline), [
+    members = tuple(sorted(set(event.members)))
+    return replace(peek, payment_ref=event.payment_ref, deadline=deadline, members=members), [
         NotifyAgents(peek.id, peek.channel, to),
         NotifyPeeker(peek.id, to),
         ArmTimer(peek.id, deadline),
@@ -503,6 +563,14 @@ def _payment_failed(peek: Peek, event: Event, now: float, to: PeekState) -> tupl
 
 def _canceled(peek: Peek, event: Event, now: float, to: PeekState) -> tuple[Peek, list[Effect]]:
     return peek, [CancelPayment(peek.id, peek.payment_ref), NotifyPeeker(peek.id, to)]
+
+
+def _withdrawn(peek: Peek, event: Event, now: float, to: PeekState) -> tuple[Peek, list[Effect]]:
+    assert peek.deadline is not None
+    if now >= peek.deadline:  # the deadline won: the countdown is over
+        raise errors.error("peek_state", "The peek can no longer be withdrawn: its countdown is over.")
+    return peek, [CancelPayment(peek.id, peek.payment_ref), NotifyAgents(peek.id, peek.channel, to),
+                  NotifyPeeker(peek.id, to)]
 
 
 def _expired(peek: Peek, event: Event, now: float, to: PeekState) -> tuple[Peek, list[Effect]]:
@@ -527,7 +595,18 @@ def _deadline_passed(peek: Peek, event: Event, now: float, to: PeekState) -> tup
     assert peek.deadline is not None
     if now < peek.deadline:
         raise errors.error("peek_state", "The peek's refusal window is still open.")
-    # The outcome of the countdown is decided here: everyone hears it now, not after the capture.
+    # The outcome of the countdown is decided here: everyone hears it now. Nothing is taken yet: the
+    # capture waits for a key the peeker can use.
+    key_deadline = now + peek.grant_wait_seconds
+    return replace(peek, key_deadline=key_deadline), [
+        RequestGrant(peek.id, peek.channel, peek.peeker_public_key),
+        NotifyAgents(peek.id, peek.channel, to),
+        NotifyPeeker(peek.id, to),
+        ArmTimer(peek.id, key_deadline),
+    ]
+
+
+def _key_granted(peek: Peek, event: Event, now: float, to: PeekState) -> tuple[Peek, list[Effect]]:
     return peek, [
         NotifyAgents(peek.id, peek.channel, to),
         NotifyPeeker(peek.id, to),
@@ -535,11 +614,22 @@ def _deadline_passed(peek: Peek, event: Event, now: float, to: PeekState) -> tup
     ]
 
 
+def _no_key(peek: Peek, event: Event, now: float, to: PeekState) -> tuple[Peek, list[Effect]]:
+    assert peek.key_deadline is not None
+    if now < peek.key_deadline:
+        raise errors.error("peek_state", "The agents still have time to hand over the channel key.")
+    return replace(peek, failure_reason="no agent handed over the channel key in time"), [
+        CancelPayment(peek.id, peek.payment_ref),
+        NotifyAgents(peek.id, peek.channel, to),
+        NotifyPeeker(peek.id, to),
+    ]
+
+
 def _captured(peek: Peek, event: Event, now: float, to: PeekState) -> tuple[Peek, list[Effect]]:
     ends_at = now + peek.duration_seconds
     return replace(peek, activated_at=now, ends_at=ends_at), [
-        SplitCapture(peek.id, peek.channel, peek.price_cents),
-        RequestGrant(peek.id, peek.channel, peek.peeker_public_key),
+        SplitCapture(peek.id, peek.channel, peek.price_cents, peek.members),
+        DeliverGrants(peek.id),
         NotifyAgents(peek.id, peek.channel, to),
         NotifyPeeker(peek.id, to),
         ArmTimer(peek.id, ends_at),
@@ -578,7 +668,10 @@ _RULES: dict[tuple[PeekState, type[Event]], _Rule] = {
     (_S.AWAITING_PAYMENT, Cancel): _Rule(_S.CANCELED, _canceled),
     (_S.AWAITING_PAYMENT, DeadlineReached): _Rule(_S.EXPIRED, _expired),
     (_S.COUNTDOWN, Refuse): _Rule(_S.REFUSED, _refused),
-    (_S.COUNTDOWN, DeadlineReached): _Rule(_S.CAPTURING, _deadline_passed),
+    (_S.COUNTDOWN, Cancel): _Rule(_S.WITHDRAWN, _withdrawn),
+    (_S.COUNTDOWN, DeadlineReached): _Rule(_S.AWAITING_KEY, _deadline_passed),
+    (_S.AWAITING_KEY, KeyGranted): _Rule(_S.CAPTURING, _key_granted),
+    (_S.AWAITING_KEY, DeadlineReached): _Rule(_S.NO_KEY, _no_key),
     (_S.CAPTURING, CaptureSucceeded): _Rule(_S.ACTIVE, _captured),
     (_S.CAPTURING, CaptureFailed): _Rule(_S.PAYMENT_FAILED, _capture_failed),
     (_S.ACTIVE, TimeUp): _Rule(_S.ENDED, _ended),
@@ -596,13 +689,17 @@ def _rejection(peek: Peek, event: Event) -> str:
     if isinstance(event, Refuse):
         if state is PeekState.AWAITING_PAYMENT:
             return "The peek cannot be refused yet: its payment is not authorised."
-        if state is PeekState.CAPTURING:
+        if state in (PeekState.AWAITING_KEY, PeekState.CAPTURING):
             return _WINDOW_CLOSED
         return f"The peek can no longer be refused: it is {state}."
     if isinstance(event, Cancel):
-        if state is PeekState.COUNTDOWN:
-            return "The peek can no longer be canceled: the agents' countdown has started."
+        if state in (PeekState.AWAITING_KEY, PeekState.CAPTURING):
+            return "The peek can no longer be withdrawn: its countdown is over and nobody refused."
         return f"The peek can no longer be canceled: it is {state}."
+    if isinstance(event, KeyGranted):
+        if state is PeekState.ACTIVE:
+            return "The peek already has its key."
+        return f"Keys are handed over once the countdown is over; the peek is {state}."
     if state.terminal:
         return f"The peek is {state}; it accepts no {event.name}."
     return f"A peek in state {state} does not accept {event.name}."

@@ -23,24 +23,11 @@ from typing import Any
 import orjson
 
 from agentchat.core.ledger import Entry, EntryKind, Ledger, LedgerError
+from agentchat.store import keys as store_keys
 from agentchat.store.base import ObjectStore, PreconditionFailed
 
-TXN_PREFIX = "ledger/txns/"
-ACCOUNT_PREFIX = "ledger/accounts/"
 # Reading an account's entries: this many objects fetched at once.
 READ_CONCURRENCY = 32
-
-
-def txn_key(txn_id: str) -> str:
-    return f"{TXN_PREFIX}{txn_id}.json"
-
-
-def account_prefix(account: str) -> str:
-    return f"{ACCOUNT_PREFIX}{account}/"
-
-
-def entry_key(entry: Entry) -> str:
-    return account_prefix(entry.account) + entry.txn_id
 
 
 def entry_to_json(entry: Entry) -> dict[str, Any]:
@@ -77,16 +64,16 @@ class LedgerStore:
             if new:
                 added.extend(lines)
             else:  # a replay: only what a crash may have left out
-                present = await asyncio.gather(*(self.store.get(entry_key(e)) for e in stored))
+                present = await asyncio.gather(*(self.store.get(store_keys.ledger_entry(e.account, e.txn_id)) for e in stored))
                 stored = [e for e, found in zip(stored, present) if found is None]
-            await asyncio.gather(*(self.store.put(entry_key(e), orjson.dumps(entry_to_json(e))) for e in stored))
+            await asyncio.gather(*(self.store.put(store_keys.ledger_entry(e.account, e.txn_id), orjson.dumps(entry_to_json(e))) for e in stored))
         return added
 
     async def _write_transaction(self, txn_id: str, lines: list[Entry]) -> tuple[list[Entry], bool]:
         """Write the transaction unless it exists; (what is stored, whether this call stored it)."""
         body = orjson.dumps({"txn": txn_id, "entries": [entry_to_json(e) for e in lines]})
         try:
-            await self.store.put(txn_key(txn_id), body, if_none_match=True)
+            await self.store.put(store_keys.ledger_txn(txn_id), body, if_none_match=True)
             return lines, True
         except PreconditionFailed:
             pass
@@ -96,7 +83,7 @@ class LedgerStore:
         return recorded, False
 
     async def _recorded(self, txn_id: str) -> list[Entry]:
-        found = await self.store.get(txn_key(txn_id))
+        found = await self.store.get(store_keys.ledger_txn(txn_id))
         if found is None:
             return []
         return [entry_from_json(e) for e in orjson.loads(found.data)["entries"]]
@@ -104,9 +91,14 @@ class LedgerStore:
     async def transaction(self, txn_id: str) -> list[Entry]:
         return await self._recorded(txn_id)
 
+    async def in_balance(self, account: str, txn_id: str) -> bool:
+        """Whether ``account``'s entry of ``txn_id`` is indexed, i.e. counted by ``balance`` (the
+        transaction object is written first, so it can exist a moment before its entries count)."""
+        return await self.store.get(store_keys.ledger_entry(account, txn_id)) is not None
+
     async def entries(self, account: str) -> list[Entry]:
         """Every entry on ``account``, oldest first."""
-        keys = await self._list(account_prefix(account))
+        keys = await self._list(store_keys.ledger_account_prefix(account))
         entries = await self._read_many(keys)
         return sorted(entries, key=lambda e: (e.created_at, e.txn_id))
 
@@ -117,7 +109,7 @@ class LedgerStore:
         """Every transaction, loaded into a ``core.ledger.Ledger`` and checked (``LedgerError`` if the
         ledger does not balance). For the operator's view and for tests; reads the whole ledger."""
         ledger = Ledger()
-        for key in await self._list(TXN_PREFIX):
+        for key in await self._list(store_keys.LEDGER_TXN_PREFIX):
             found = await self.store.get(key)
             if found is not None:
                 ledger.append(entry_from_json(e) for e in orjson.loads(found.data)["entries"])

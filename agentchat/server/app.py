@@ -1,7 +1,7 @@
 """``build_app(settings)``: the aiohttp application, its routes, and the lifetime of every backend.
 
 Start order (``cleanup_ctx``, closed in reverse): store → token secret → bus → hub → message writer,
-then payments → peek service (``api/peeks.py``) → indicators (``api/indicators.py``).
+then payments → peek service → indicators (the two services listen to the hub: ``hub.HubListener``).
 On shutdown the writer stores every queued message first (their acks still go out), then the sockets
 are closed (1001 going away, after their queued frames), then the hub, the bus and the store.
 """
@@ -24,15 +24,20 @@ from agentchat import web as webpage
 from agentchat.bus import bus_from_url
 from agentchat.config import Settings
 from agentchat.errors import AgentChatError, error
-from agentchat.server import ws
-from agentchat.server.api import agents, channels, indicators, peeks
+from agentchat.server import agent_socket
+from agentchat.server.api import agents, channels, indicators, lifecycle, peeks
 from agentchat.server.http import bearer_token, error_middleware, json_response
 from agentchat.server.hub import SEQ_RESEED_GAP, Hub
-from agentchat.server.keys import (BUS, HISTORY, HUB, METRICS, OPENING, RECORDS, SESSIONS, SETTINGS, STORE,
-                                   TOKENS, WRITER)
+from agentchat.payments import provider_from_settings
+from agentchat.payments.ledger import LedgerStore
+from agentchat.server.appkeys import (BUS, HISTORY, HUB, INDICATORS, LEDGER, METRICS, OPENING, PAYMENTS, PEEKS,
+                                      RECORDS, SESSIONS, SETTINGS, STORE, TOKENS, WRITER)
+from agentchat.server.indicators import IndicatorService, peeks_from
+from agentchat.server.peeks import PeekService
 from agentchat.server.metrics import Metrics
+from agentchat.server.retention import RetentionPolicy
 from agentchat.server.tokens import TokenIssuer
-from agentchat.server.websocket import WEBSOCKET_ROUTES, AgentChatRunner
+from agentchat.server.connections import WEBSOCKET_ROUTES, AgentChatRunner
 from agentchat.store import keys as store_keys
 from agentchat.store import store_from_url
 from agentchat.store.base import ObjectStore
@@ -86,6 +91,7 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
               gap_fill_wait=(settings.batch_max_wait_ms / 1000 + 0.05) if several_processes else 0.0,
               reseed_gap=0 if clean_restart else SEQ_RESEED_GAP)
     app[HUB] = hub
+    writer.retention = RetentionPolicy(settings, app[RECORDS], bus, hub, instance)
     await hub.start()
     # Recovers what stopped processes left in write-ahead objects before anything is served.
     await writer.start(hub.is_alive, hub.sequencer.record_recovered)
@@ -100,6 +106,40 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
             await store.put(store_keys.clean_shutdown(), b"")
         await bus.close()
         await store.close()
+
+
+async def peeks_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Payments, the ledger and the peek service; started after the hub, closed before it."""
+    settings = app[SETTINGS]
+    payments = provider_from_settings(settings)
+    await payments.start()
+    app[PAYMENTS] = payments
+    app[LEDGER] = LedgerStore(app[STORE])
+    service = PeekService(settings=settings, store=app[STORE], bus=app[BUS], hub=app[HUB], records=app[RECORDS],
+                          payments=payments, ledger=app[LEDGER])
+    app[PEEKS] = service
+    app[HUB].add_listener(service)
+    await service.start()
+    try:
+        yield
+    finally:
+        app[HUB].remove_listener(service)
+        await service.close()
+        await payments.close()
+
+
+async def indicators_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The public indicators; started after the hub and the peek service, closed before them."""
+    service = IndicatorService(bus=app[BUS], hub=app[HUB], records=app[RECORDS], store=app[STORE])
+    service.active_peeks = peeks_from(app[PEEKS])
+    app[INDICATORS] = service
+    app[HUB].add_listener(service)
+    await service.start()
+    try:
+        yield
+    finally:
+        app[HUB].remove_listener(service)
+        await service.close()
 
 
 async def _take_clean_shutdown_mark(store: ObjectStore) -> bool:
@@ -177,7 +217,7 @@ async def on_shutdown(app: web.Application) -> None:
     # retryable store_unavailable meanwhile), then close the sockets with 1001.
     await app[WRITER].close()
     await app[HUB].flush_claims()
-    await ws.close_all_sessions(app)
+    await agent_socket.close_all_sessions(app)
 
 
 def build_app(settings: Settings) -> web.Application:
@@ -186,20 +226,21 @@ def build_app(settings: Settings) -> web.Application:
     app[METRICS] = Metrics()
     app[SESSIONS] = set()
     app[OPENING] = set()
-    # Served straight from the listening socket (server/websocket.py); the aiohttp route below takes the
+    # Served straight from the listening socket (server/connections.py); the aiohttp route below takes the
     # upgrades that reach it anyway.
-    app[WEBSOCKET_ROUTES] = {"/api/v1/ws": ws.AgentSocket}
+    app[WEBSOCKET_ROUTES] = {"/api/v1/ws": agent_socket.AgentSocket}
     app.cleanup_ctx.append(backends_ctx)
-    app.cleanup_ctx.append(peeks.peeks_ctx)
-    app.cleanup_ctx.append(indicators.indicators_ctx)
-    app.cleanup_ctx.append(ws.heartbeat_ctx)
+    app.cleanup_ctx.append(peeks_ctx)
+    app.cleanup_ctx.append(indicators_ctx)
+    app.cleanup_ctx.append(agent_socket.heartbeat_ctx)
     app.on_shutdown.append(on_shutdown)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/api/v1/openapi.json", openapi)
-    app.router.add_get("/api/v1/ws", ws.websocket)
+    app.router.add_get("/api/v1/ws", agent_socket.websocket)
     app.router.add_routes(agents.routes)
     app.router.add_routes(channels.routes)
+    app.router.add_routes(lifecycle.routes)
     app.router.add_routes(peeks.routes)
     app.router.add_routes(indicators.routes)
     webpage.add_routes(app)

@@ -11,7 +11,8 @@ import orjson
 from aiohttp import web
 
 from agentchat.errors import AgentChatError, error
-from agentchat.server.keys import BUS, METRICS, SETTINGS, TOKENS
+from agentchat.bus import keys as bus_keys
+from agentchat.server.appkeys import BUS, METRICS, SETTINGS, TOKENS
 from agentchat.server.tokens import Principal
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ async def rate_limit(request: web.Request, bucket: str, per_second: int) -> None
     """Fixed one-second window per client address, shared by every process through the bus."""
     address = client_address(request)
     window = int(time.time())
-    count = await request.app[BUS].incr(f"rl:{bucket}:{address}:{window}", 2.0)
+    count = await request.app[BUS].incr(bus_keys.rate_window(bucket, address, window), 2.0)
     if count > per_second:
         raise error("rate_limited", f"more than {per_second} requests per second from this address")
 

@@ -6,6 +6,10 @@ the hub delivers what the bus carries to this process's sockets and catches read
 Bus topics: ``c:<channel>`` carries messages, ``e:<channel>`` channel events (membership, epoch),
 ``a:<did>`` events for one agent (added to a channel). A process subscribes to a channel's topics while
 it has a room for it (a local reader, or a send in the last ``ROOM_IDLE_SECONDS``).
+
+Listeners (``HubListener``, registered in ``app.py`` with ``Hub.add_listener``): the peek service
+(``server/peeks.py``) reads the ``p:`` topics and says which peek tokens may read their channel now; the
+indicator service (``server/indicators.py``) reads the ``i:`` topics and hears of new channels.
 """
 
 from __future__ import annotations
@@ -14,28 +18,67 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
+from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
 from agentchat.core import frames
 from agentchat.errors import AgentChatError, error
 from agentchat.server.metrics import Metrics
-from agentchat.server.room import RECENT_MESSAGES, Room, topic_agent, topic_events, topic_messages
+from agentchat.server.room import RECENT_MESSAGES, Room
 from agentchat.server.sequencer import SEQ_RESEED_GAP, AckTarget, Sequencer
 from agentchat.server.session import CLOSE_REMOVED, Cursor, Session
 from agentchat.store.messages import MessageLog, MessageWriter, frame_seq
 from agentchat.store.records import Records
 
-__all__ = ["Hub", "Room", "RECENT_MESSAGES", "SEQ_RESEED_GAP"]
-
 log = logging.getLogger(__name__)
+
+__all__ = ["AckTarget", "Hub", "HubListener", "HubListenerBase", "RECENT_MESSAGES", "Room", "SEQ_RESEED_GAP"]
 
 ROOM_IDLE_SECONDS = 60.0
 HISTORY_PAGE = 500
 GAP_FILL_TRIES = 4
+
+
+class HubListener(Protocol):
+    """A service the hub tells what it sees (``Hub.add_listener``). ``HubListenerBase`` gives
+    do-nothing defaults, so a listener writes only the methods it needs."""
+
+    # The two-character kind of the bus topics it reads (``bus_keys.PEEKS``, ...), "" for none.
+    bus_kind: str
+
+    def on_bus_message(self, topic: str, body: bytes) -> None:
+        """A message on one of its topics (``topic`` without the kind); called from the bus's reader,
+        so it must not block."""
+
+    async def on_channel_created(self, channel: str) -> None:
+        """A channel was just created through this process."""
+
+    async def on_channel_deleted(self, channel: str) -> None:
+        """A channel was deleted (through any process this one heard of it from)."""
+
+    def peek_readable(self, peek_id: str) -> bool:
+        """Whether the token of peek ``peek_id`` may read its channel now (any listener may allow it)."""
+
+
+class HubListenerBase:
+    """Do-nothing defaults of every ``HubListener`` method."""
+
+    bus_kind = ""
+
+    def on_bus_message(self, topic: str, body: bytes) -> None:
+        pass
+
+    async def on_channel_created(self, channel: str) -> None:
+        pass
+
+    async def on_channel_deleted(self, channel: str) -> None:
+        pass
+
+    def peek_readable(self, peek_id: str) -> bool:
+        return False
 
 
 class Hub:
@@ -59,13 +102,23 @@ class Hub:
         self.sequencer = Sequencer(bus, history, writer, metrics=metrics, instance=self.instance,
                                    reseed_gap=reseed_gap, room=self.room)
         self._tasks: list[asyncio.Task[None]] = []
-        # Set by the peek service (server/peeks.py): whether a peek token may read its channel now
-        # (only while the peek is active), and the handler of the peeks' bus topics ("p:...").
-        self.peek_readable: Callable[[str], bool] = lambda peek_id: False
-        self.on_peek_message: Callable[[str, bytes], None] | None = None
-        # The handler of the indicators' bus topics ("i:...").
-        self.on_indicators: Callable[[str, bytes], None] | None = None
-        self.on_channel_created: Callable[[str], Awaitable[None]] | None = None
+        self._listeners: list[HubListener] = []
+        self._listener_of_kind: dict[str, HubListener] = {}  # bus topic kind -> the listener reading it
+
+    def add_listener(self, listener: HubListener) -> None:
+        """Tell ``listener`` from now on what ``HubListener`` lists (one listener per bus topic kind)."""
+        kind = listener.bus_kind
+        if kind:
+            if kind in (bus_keys.MESSAGES, bus_keys.CHANNEL_EVENTS, bus_keys.AGENT_EVENTS) \
+                    or kind in self._listener_of_kind:
+                raise ValueError(f"bus topic kind {kind!r} already has a reader")
+            self._listener_of_kind[kind] = listener
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: HubListener) -> None:
+        self._listeners.remove(listener)
+        if self._listener_of_kind.get(listener.bus_kind) is listener:
+            del self._listener_of_kind[listener.bus_kind]
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -100,8 +153,8 @@ class Hub:
                 raise error("channel_not_found", f"no channel {channel}")
             room = Room(meta)
             self.rooms[channel] = room
-            await self.bus.subscribe(topic_messages(channel))
-            await self.bus.subscribe(topic_events(channel))
+            await self.bus.subscribe(bus_keys.channel_messages(channel))
+            await self.bus.subscribe(bus_keys.channel_events(channel))
             future.set_result(room)
             return room
         except BaseException as exc:
@@ -120,17 +173,17 @@ class Hub:
                 if not room.subscribers and now - room.last_used > ROOM_IDLE_SECONDS:
                     del self.rooms[channel]
                     try:
-                        await self.bus.unsubscribe(topic_messages(channel))
-                        await self.bus.unsubscribe(topic_events(channel))
+                        await self.bus.unsubscribe(bus_keys.channel_messages(channel))
+                        await self.bus.unsubscribe(bus_keys.channel_events(channel))
                     except AgentChatError:
                         log.warning("could not unsubscribe from %s", channel)
 
     # ------------------------------------------------------------------------------ bus events
 
     def _on_bus(self, topic: str, seq: int, body: bytes) -> None:
-        kind = topic[:2]
-        if kind == "c:":
-            room = self.rooms.get(topic[2:])
+        kind, rest = topic[:bus_keys.KIND_LENGTH], topic[bus_keys.KIND_LENGTH:]
+        if kind == bus_keys.MESSAGES:
+            room = self.rooms.get(rest)
             if room is not None:
                 self.metrics.messages_fanned_out += 1
                 room.on_message(seq, frames.message_frame(seq, body))
@@ -139,14 +192,14 @@ class Hub:
                     started = probes.pop((room.id, seq), None)
                     if started is not None:
                         self.metrics.fanout_latency.observe(time.perf_counter() - started)
-        elif kind == "e:":
-            asyncio.get_running_loop().create_task(self._on_channel_event(topic[2:], orjson.loads(body)))
-        elif kind == "a:":
-            asyncio.get_running_loop().create_task(self._on_agent_event(topic[2:], orjson.loads(body)))
-        elif kind == "p:" and self.on_peek_message is not None:
-            self.on_peek_message(topic[2:], body)
-        elif kind == "i:" and self.on_indicators is not None:
-            self.on_indicators(topic[2:], body)
+        elif kind == bus_keys.CHANNEL_EVENTS:
+            asyncio.get_running_loop().create_task(self._on_channel_event(rest, orjson.loads(body)))
+        elif kind == bus_keys.AGENT_EVENTS:
+            asyncio.get_running_loop().create_task(self._on_agent_event(rest, orjson.loads(body)))
+        else:
+            listener = self._listener_of_kind.get(kind)
+            if listener is not None:
+                listener.on_bus_message(rest, body)
 
     def _on_bus_reconnect(self) -> None:
         # Messages published while the bus was away were not delivered here: every local reader
@@ -181,6 +234,9 @@ class Hub:
                 asyncio.get_running_loop().create_task(self._catch_up_safely(session, room, after))
 
     async def _on_channel_event(self, channel: str, event: dict[str, Any]) -> None:
+        if event.get("event") == "deleted":
+            await self.channel_deleted(channel)
+            return
         room = self.rooms.get(channel)
         if room is None:
             return
@@ -201,7 +257,37 @@ class Hub:
                 if not session.principal.is_agent and session.principal.subject == event.get("peek"):
                     session.close_soon(CLOSE_REMOVED, "peek_ended")
 
+    async def channel_deleted(self, channel: str) -> None:
+        """The channel is gone (deleted by its owner): its readers here are told and detached, this
+        process stops compacting it, and the indicators forget it. Safe to call more than once."""
+        room = self.rooms.pop(channel, None)
+        if room is not None:
+            notice = frames.encode({"type": "channel", "channel": channel, "event": "deleted"})
+            for session in list(room.subscribers):
+                session.cursors.pop(channel, None)
+                if session.principal.is_agent:
+                    session.push(notice)
+                else:  # a peeker's socket reads this channel only
+                    session.close_soon(CLOSE_REMOVED, "channel_deleted")
+            room.subscribers.clear()
+            try:
+                await self.bus.unsubscribe(bus_keys.channel_messages(channel))
+                await self.bus.unsubscribe(bus_keys.channel_events(channel))
+            except AgentChatError:
+                log.warning("could not unsubscribe from %s", channel)
+        await self.writer.forget(channel)
+        for listener in list(self._listeners):
+            await listener.on_channel_deleted(channel)
+
+    async def agent_deleted(self, did: str) -> None:
+        """The agent deleted its account: its sockets here are closed."""
+        for session in list(self.sessions.get(did, ())):
+            session.close_soon(CLOSE_REMOVED, "agent_deleted")
+
     async def _on_agent_event(self, did: str, event: dict[str, Any]) -> None:
+        if event.get("event") == "deleted":
+            await self.agent_deleted(did)
+            return
         if event.get("event") != "added":
             return
         channel = event["channel"]
@@ -214,10 +300,10 @@ class Hub:
                 session.push(frames.encode({"type": "channel", "channel": channel, "event": "added"}))
 
     async def publish_channel_event(self, channel: str, event: dict[str, Any]) -> None:
-        await self.bus.publish(topic_events(channel), orjson.dumps(event))
+        await self.bus.publish(bus_keys.channel_events(channel), orjson.dumps(event))
 
     async def publish_agent_event(self, did: str, event: dict[str, Any]) -> None:
-        await self.bus.publish(topic_agent(did), orjson.dumps(event))
+        await self.bus.publish(bus_keys.agent_events(did), orjson.dumps(event))
 
     # ------------------------------------------------------------------------------ sessions
 
@@ -226,7 +312,7 @@ class Hub:
             did = session.principal.subject
             local = self.sessions.setdefault(did, set())
             if not local:
-                await self.bus.subscribe(topic_agent(did))
+                await self.bus.subscribe(bus_keys.agent_events(did))
             local.add(session)
         self.metrics.sessions += 1
 
@@ -241,13 +327,14 @@ class Hub:
                 local.discard(session)
                 if not local:
                     del self.sessions[did]
-                    await self.bus.unsubscribe(topic_agent(did))
+                    await self.bus.unsubscribe(bus_keys.agent_events(did))
 
     def readable_by(self, room: Room, session_or_principal: Any) -> bool:
         principal = getattr(session_or_principal, "principal", session_or_principal)
         if principal.is_agent:
             return principal.subject in room.members
-        return principal.channel == room.id and self.peek_readable(principal.subject)
+        return principal.channel == room.id and any(listener.peek_readable(principal.subject)
+                                                    for listener in self._listeners)
 
     async def attach(self, session: Session, channel: str, resume_after: int | None, *,
                      defer_catch_up: bool = False) -> None:
@@ -298,6 +385,9 @@ class Hub:
             return
         cursor.catching_up = True
         cursor.last = max(cursor.last, after)
+        if room.first_available > cursor.last + 1:
+            session.push(frames.encode({"type": "channel", "channel": room.id, "event": "expired",
+                                        "first_available": room.first_available}))
         recent = room.recent_after(cursor.last)
         gap_fill_tries = GAP_FILL_TRIES if self.gap_fill_wait else 0
         while recent is None:
@@ -351,5 +441,5 @@ class Hub:
 
     async def seed_new_channel(self, channel: str) -> None:
         await self.sequencer.seed_new_channel(channel)
-        if self.on_channel_created is not None:
-            await self.on_channel_created(channel)
+        for listener in list(self._listeners):
+            await listener.on_channel_created(channel)

@@ -42,6 +42,7 @@ from typing import Any
 
 import orjson
 
+from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
 from agentchat.core import frames
 from agentchat.core.peek import PeekState
@@ -49,7 +50,7 @@ from agentchat.core.indicators import (ChannelIndicators, IndicatorBook, Report,
                                        Throttle, agent_tag, coarse_minute_ms, group_by_channel, merge_counts,
                                        sort_indicators)
 from agentchat.errors import AgentChatError, error
-from agentchat.server.hub import Hub
+from agentchat.server.hub import Hub, HubListenerBase
 from agentchat.server.session import Session
 from agentchat.store import keys as store_keys
 from agentchat.store.base import ObjectStore
@@ -58,7 +59,6 @@ from agentchat.store.records import Records
 
 log = logging.getLogger(__name__)
 
-TOPIC_REPORTS = "i:reports"
 FLUSH_SECONDS = 1.0
 UPDATE_INTERVAL = 1.0
 # A channel's shared counter lives this long after its last message; then it is recounted when needed.
@@ -83,14 +83,6 @@ WATCH_SNAPSHOT_MAX = 100
 ActivePeeks = Callable[[], Iterable[tuple[str, str]]]
 
 
-def counter_key(channel: str) -> str:
-    return "ind:" + channel
-
-
-def recount_lock_key(channel: str) -> str:
-    return "ind-recount:" + channel
-
-
 def _no_peeks() -> Iterable[tuple[str, str]]:
     return ()
 
@@ -111,7 +103,9 @@ def indicators_frame(items: Iterable[ChannelIndicators], ref: str | None = None,
     return frames.encode(frame)
 
 
-class IndicatorService:
+class IndicatorService(HubListenerBase):
+    bus_kind = bus_keys.INDICATORS
+
     def __init__(self, *, bus: Bus, hub: Hub, records: Records, store: ObjectStore,
                  clock: Callable[[], float] = time.time) -> None:
         self.bus = bus
@@ -151,9 +145,7 @@ class IndicatorService:
     # ------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self.hub.on_indicators = self._on_bus
-        self.hub.on_channel_created = self.channel_created
-        await self.bus.subscribe(TOPIC_REPORTS)
+        await self.bus.subscribe(bus_keys.INDICATOR_REPORTS)
         self._spawn(self._flush_loop(), "indicators-flush")
         self._spawn(self._catalog_loop(), "indicators-catalog")
 
@@ -207,7 +199,7 @@ class IndicatorService:
         if report is not None:
             changed |= self.book.apply(report, now)  # our own report, at once (the bus echo is skipped)
             try:
-                await self.bus.publish(TOPIC_REPORTS, report.to_bytes())
+                await self.bus.publish(bus_keys.INDICATOR_REPORTS, report.to_bytes())
             except AgentChatError as exc:
                 log.warning("indicators: could not publish this second's report: %r", exc)
         changed |= self.book.expire(now)
@@ -232,7 +224,7 @@ class IndicatorService:
 
     async def _add(self, channel: str, counts: dict[int, int]) -> int:
         """Add per-second counts to the channel's shared counter; the new total."""
-        key = counter_key(channel)
+        key = bus_keys.indicator_counter(channel)
         for _ in range(CAS_ATTEMPTS):
             raw = await self.bus.get(key)
             if raw is None:
@@ -252,15 +244,15 @@ class IndicatorService:
 
     async def _start_counter(self, channel: str, since: int) -> None:
         fresh = SharedCount(since=since, counted=False)
-        if await self.bus.set_if_absent(counter_key(channel), fresh.to_bytes(), COUNTER_TTL) is None:
+        if await self.bus.set_if_absent(bus_keys.indicator_counter(channel), fresh.to_bytes(), COUNTER_TTL) is None:
             self._start_recount(channel, since)
 
-    async def channel_created(self, channel: str) -> None:
-        """A channel was just created here: its counter starts now, with nothing to recount, and every
+    async def on_channel_created(self, channel: str) -> None:
+        """``HubListener``: a channel was just created here: its counter starts now, with nothing to recount, and every
         process hears of it in the next report (it shows in the lists at once)."""
         fresh = SharedCount(since=int(self.clock()) - CLOCK_SKEW_SECONDS, counted=True)
         try:
-            await self.bus.set_if_absent(counter_key(channel), fresh.to_bytes(), COUNTER_TTL)
+            await self.bus.set_if_absent(bus_keys.indicator_counter(channel), fresh.to_bytes(), COUNTER_TTL)
         except AgentChatError as exc:  # the counter will be made (and recounted) when first needed
             log.warning("indicators: could not start the counter of %s: %r", channel, exc)
         self._created.append(channel)
@@ -278,28 +270,28 @@ class IndicatorService:
         """Count the stored messages from before ``since`` into a counter made afresh (one process
         does it; another takes over if it dies, once the lock expires)."""
         try:
-            if await self.bus.set_if_absent(recount_lock_key(channel), self.process.encode(), RECOUNT_LOCK_TTL) is not None:
+            if await self.bus.set_if_absent(bus_keys.indicator_recount_lock(channel), self.process.encode(), RECOUNT_LOCK_TTL) is not None:
                 return
             try:
                 # Messages from before ``since`` are stored within the group-commit delay; leave them
                 # a margin to land.
                 await asyncio.sleep(max(0.0, since + RECOUNT_SETTLE_SECONDS - self.clock()))
-                raw = await self.bus.get(counter_key(channel))
+                raw = await self.bus.get(bus_keys.indicator_counter(channel))
                 if raw is None or SharedCount.from_bytes(raw).counted:
                     return
                 total, last = await self._count_stored(channel, before_ms=since * 1000)
                 for _ in range(CAS_ATTEMPTS):
                     current = SharedCount.from_bytes(raw)
                     done = current.with_recount(total, last)
-                    if done is current or await self.bus.compare_and_set(counter_key(channel), raw, done.to_bytes(), COUNTER_TTL):
+                    if done is current or await self.bus.compare_and_set(bus_keys.indicator_counter(channel), raw, done.to_bytes(), COUNTER_TTL):
                         break
-                    raw = await self.bus.get(counter_key(channel))
+                    raw = await self.bus.get(bus_keys.indicator_counter(channel))
                     if raw is None:
                         return
                 log.info("indicators: recounted %s from the store: %d messages before %d", channel, total, since)
             finally:
-                await self.bus.delete(recount_lock_key(channel))
-            raw = await self.bus.get(counter_key(channel))
+                await self.bus.delete(bus_keys.indicator_recount_lock(channel))
+            raw = await self.bus.get(bus_keys.indicator_counter(channel))
             if raw is not None:
                 self._take_stored(channel, raw)
         finally:
@@ -342,11 +334,11 @@ class IndicatorService:
         await asyncio.shield(task)
 
     async def _read_counter(self, channel: str) -> None:
-        raw = await self.bus.get(counter_key(channel))
+        raw = await self.bus.get(bus_keys.indicator_counter(channel))
         if raw is None:
             # Known channel, no counter: start one from now (the past is recounted).
             await self._start_counter(channel, int(self.clock()))
-            raw = await self.bus.get(counter_key(channel))
+            raw = await self.bus.get(bus_keys.indicator_counter(channel))
             if raw is None:
                 return
         self._take_stored(channel, raw)
@@ -424,6 +416,9 @@ class IndicatorService:
             ids.extend(page)
             start_after = page[-1]
         self._listed_at = listed_at
+        listed = set(ids)
+        for gone in [cid for cid, entry in self._catalog.items() if cid not in listed and entry.read_at < listed_at]:
+            await self.on_channel_deleted(gone)  # deleted through another process
         now = self.clock()
         stale = sorted((cid for cid in ids if cid not in self._catalog
                         or (not only_new and now - self._catalog[cid].read_at > CATALOG_REFRESH_SECONDS)),
@@ -437,10 +432,20 @@ class IndicatorService:
             for channel, total in totals.items():
                 self._peeks_total.setdefault(channel, total)
 
+    async def on_channel_deleted(self, channel: str) -> None:
+        """Forget a deleted channel: it leaves the listing and its page at once."""
+        self._catalog.pop(channel, None)
+        self._pushed.pop(channel, None)
+        self._peeks_total.pop(channel, None)
+        self._peeks_active.pop(channel, None)
+        self._loaded.discard(channel)
+
     async def _read_meta(self, channel: str) -> CatalogEntry | None:
         async with self._reads:
             meta = await self.records.get_channel(channel)
         if meta is None:
+            if channel in self._catalog:  # deleted (by way of another process)
+                await self.on_channel_deleted(channel)
             return None
         entry = CatalogEntry(meta.get("name", ""), len(meta["members"]), self.clock())
         old = self._catalog.get(channel)
@@ -499,8 +504,8 @@ class IndicatorService:
 
     # ------------------------------------------------------------------------------ live updates
 
-    def _on_bus(self, topic: str, body: bytes) -> None:
-        """Called by the hub for ``i:...`` topics, from the bus reader: must not block."""
+    def on_bus_message(self, topic: str, body: bytes) -> None:
+        """``HubListener``: a message on an ``i:...`` topic, from the bus reader: must not block."""
         try:
             report = Report.from_bytes(body)
         except ValueError as exc:

@@ -38,7 +38,6 @@ and the channel's agents get a ``peek_ended`` channel event, on which the SDK st
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import secrets
 import time
@@ -47,19 +46,21 @@ from typing import Any
 
 import orjson
 
+from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
 from agentchat.config import Settings
 from agentchat.core import frames
 from agentchat.core import ledger as money
 from agentchat.core.peek import (ArmTimer, CancelPayment, CapturePayment, CaptureFailed, CaptureSucceeded,
-                                 ChargeRefusalFee, DeadlineReached, Effect, Event, PaymentAuthorized,
+                                 ChargeRefusalFee, DeadlineReached, Effect, Event, KeyGranted, PaymentAuthorized,
                                  PaymentFailed, Peek, PeekState, Refuse, RevokeAccess, SplitCapture, TimeUp,
                                  countdown_seconds_left, open_peek, step)
 from agentchat.core.peek import Cancel as CancelPeek
 from agentchat.errors import AgentChatError, error
-from agentchat.payments.base import Card, Hold, HoldState, PaymentProvider
+from agentchat.payments.base import Hold, HoldState, PaymentProvider
 from agentchat.payments.ledger import LedgerStore
-from agentchat.server.hub import Hub
+from agentchat.server.hub import Hub, HubListenerBase
+from agentchat.server.peek_refusals import Refusals, idempotency_key
 from agentchat.server.session import CLOSE_REMOVED, Session
 from agentchat.server.tokens import Principal
 from agentchat.store import keys as store_keys
@@ -68,9 +69,6 @@ from agentchat.store.records import Records
 
 log = logging.getLogger(__name__)
 
-TOPIC_STATE = "p:state"
-TOPIC_GRANT = "p:grant"
-OPEN_PREFIX = "peeks-open/"
 CAS_ATTEMPTS = 32
 # Processes that did not make a transition fire its timer this much later: the one that did usually
 # wins alone, and another takes over if it is gone.
@@ -82,53 +80,12 @@ CAPTURE_RETRY_SECONDS = 5.0
 # How long a peeker's socket may take to receive its last frames before it is closed.
 CLOSE_FLUSH_SECONDS = 2.0
 # The states after the countdown that the channel's agents are sent (``peek`` frames).
-STATES_AGENTS_HEAR = frozenset({PeekState.REFUSED, PeekState.CAPTURING, PeekState.ACTIVE, PeekState.ENDED,
-                                PeekState.PAYMENT_FAILED})
+STATES_AGENTS_HEAR = frozenset({PeekState.REFUSED, PeekState.AWAITING_KEY, PeekState.CAPTURING, PeekState.ACTIVE,
+                                PeekState.ENDED, PeekState.PAYMENT_FAILED, PeekState.WITHDRAWN, PeekState.NO_KEY})
+# The states in which a member may hand over the channel key (kept; given to the peeker once active).
+STATES_TAKING_GRANTS = frozenset({PeekState.AWAITING_KEY, PeekState.CAPTURING, PeekState.ACTIVE})
 
 
-# --- store keys of the peek service ------------------------------------------------------------------
-
-
-def open_key(peek_id: str) -> str:
-    return OPEN_PREFIX + peek_id
-
-
-def payment_key(peek_id: str) -> str:
-    return f"peek-payments/{peek_id}.json"
-
-
-def refusal_prefix(peek_id: str) -> str:
-    return f"peek-refusals/{peek_id}/"
-
-
-def refusal_key(peek_id: str, did: str) -> str:
-    return f"{refusal_prefix(peek_id)}{did}.json"
-
-
-def balance_holds_key(did: str) -> str:
-    return f"balance-holds/{did}.json"
-
-
-def grant_prefix(peek_id: str) -> str:
-    return f"peek-grants/{peek_id}/"
-
-
-def grant_key(peek_id: str, epoch: int) -> str:
-    return f"{grant_prefix(peek_id)}{epoch:0{store_keys.EPOCH_WIDTH}d}.json"
-
-
-def card_key(did: str) -> str:
-    return f"cards/{did}.json"
-
-
-def idempotency_key(peek_id: str, action: str) -> str:
-    """Every payment call about a peek carries one of these: the same call from any process, or after
-    a crash, is the same request to the provider."""
-    return f"agentchat-peek-{peek_id}-{action}"
-
-
-def _agent_tag(did: str) -> str:
-    return hashlib.sha256(did.encode()).hexdigest()[:16]
 
 
 # --- wire shapes -------------------------------------------------------------------------------------
@@ -147,6 +104,7 @@ def peek_view(peek: Peek) -> dict[str, Any]:
         "refusal_window_seconds": peek.refusal_window_seconds, "duration_seconds": peek.duration_seconds,
         "created_at": _ms(peek.created_at), "updated_at": _ms(peek.updated_at),
         "payment_expires_at": _ms(peek.payment_expires_at), "deadline": _ms(peek.deadline),
+        "key_deadline": _ms(peek.key_deadline),
         "activated_at": _ms(peek.activated_at), "ends_at": _ms(peek.ends_at),
         "refused_by": peek.refused_by, "failure_reason": peek.failure_reason,
     }
@@ -178,7 +136,9 @@ def grant_frame(grant: dict[str, Any]) -> bytes:
 # --- the service -------------------------------------------------------------------------------------
 
 
-class PeekService:
+class PeekService(HubListenerBase):
+    bus_kind = bus_keys.PEEKS
+
     def __init__(self, *, settings: Settings, store: ObjectStore, bus: Bus, hub: Hub, records: Records,
                  payments: PaymentProvider, ledger: LedgerStore, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -189,6 +149,7 @@ class PeekService:
         self.payments = payments
         self.ledger = ledger
         self.clock = clock
+        self.refusals = Refusals(settings=settings, store=store, payments=payments, ledger=ledger)
         # Peeks this process knows to be under way (from its own transitions, the bus and the scan).
         self.known: dict[str, Peek] = {}
         self._delivered: dict[str, int] = {}  # peek id -> last version told to local sockets
@@ -205,10 +166,8 @@ class PeekService:
     # ------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self.hub.peek_readable = self.readable
-        self.hub.on_peek_message = self._on_bus
-        await self.bus.subscribe(TOPIC_STATE)
-        await self.bus.subscribe(TOPIC_GRANT)
+        await self.bus.subscribe(bus_keys.PEEK_STATE)
+        await self.bus.subscribe(bus_keys.PEEK_GRANT)
         try:
             await self.scan()
         except AgentChatError as exc:  # the loop tries again
@@ -253,45 +212,47 @@ class PeekService:
             raise error("peek_not_found", f"no peek {peek_id}")
         return Peek.from_bytes(found.data)
 
-    def readable(self, peek_id: str) -> bool:
-        """Whether a peek token may read its channel now: only while its peek is active."""
+    def peek_readable(self, peek_id: str) -> bool:
+        """``HubListener``: whether a peek token may read its channel now: only while its peek is active."""
         peek = self.known.get(peek_id)
         return peek is not None and peek.state is PeekState.ACTIVE
 
     async def payment(self, peek_id: str) -> dict[str, Any] | None:
-        found = await self.store.get(payment_key(peek_id))
+        found = await self.store.get(store_keys.peek_payment(peek_id))
         return None if found is None else orjson.loads(found.data)
 
     async def grants(self, peek_id: str) -> list[dict[str, Any]]:
-        keys = await self.store.list(grant_prefix(peek_id), limit=1000)
+        keys = await self.store.list(store_keys.peek_grant_prefix(peek_id), limit=1000)
         found = await asyncio.gather(*(self.store.get(key) for key in keys))
         return [orjson.loads(obj.data) for obj in found if obj is not None]
 
-    async def card(self, did: str) -> Card | None:
-        found = await self.store.get(card_key(did))
-        return None if found is None else Card.from_record(orjson.loads(found.data))
-
-    async def save_card(self, did: str, card: Card) -> None:
-        await self.store.put(card_key(did), orjson.dumps(card.to_record()))
-
-    async def remove_card(self, did: str) -> None:
-        await self.store.delete(card_key(did))
-
     # ------------------------------------------------------------------------------ what users do
 
-    async def open(self, channel: str, peeker_public_key: str) -> tuple[Peek, Hold]:
-        """A human asks to peek: the peek (awaiting payment) and the hold their browser completes."""
+    def agents_online_here(self, channel: str) -> bool:
+        """Whether an agent of ``channel`` holds a socket on this process (the indicators know the others)."""
+        room = self.hub.rooms.get(channel)
+        return room is not None and any(s.principal.is_agent for s in room.subscribers)
+
+    async def open(self, channel: str, peeker_public_key: str, *, agents_online: int = 0) -> tuple[Peek, Hold]:
+        """A human asks to peek: the peek (awaiting payment) and the hold their browser completes.
+
+        ``agents_online``: the channel's agents online on any process, by the indicators. With none
+        here either, nobody could hand over the key, so the peek is refused before any money is held."""
         if await self.records.get_channel(channel) is None:
             raise error("channel_not_found", f"no channel {channel}")
+        if not agents_online and not self.agents_online_here(channel):
+            raise error("no_agent_online", f"No agent of {channel} is online to hand over its key, so it cannot "
+                                           "be peeked now; try again when its indicators show an agent online.")
         settings = self.settings
         peek_id = "pk_" + secrets.token_urlsafe(16)
         opened = open_peek(peek_id, channel, peeker_public_key, self.clock(),
                            price_cents=settings.peek_price_cents, refusal_fee_cents=settings.refusal_fee_cents,
                            refusal_window_seconds=float(settings.peek_refusal_window_seconds),
                            duration_seconds=float(settings.peek_duration_seconds),
-                           payment_timeout_seconds=float(settings.peek_payment_timeout_seconds))
+                           payment_timeout_seconds=float(settings.peek_payment_timeout_seconds),
+                           grant_wait_seconds=float(settings.peek_grant_wait_seconds))
         peek = opened.peek
-        await self.store.put(open_key(peek_id), b"")  # first: a stored peek is always found by the scan
+        await self.store.put(store_keys.peek_open(peek_id), b"")  # first: a stored peek is always found by the scan
         await self.store.put(store_keys.peek(peek_id), peek.to_bytes(), if_none_match=True)
         try:
             hold = await self.payments.authorize(peek_id, peek.price_cents, key=idempotency_key(peek_id, "authorize"))
@@ -302,7 +263,7 @@ class PeekService:
             except AgentChatError:
                 pass
             raise
-        await self.store.put(payment_key(peek_id), orjson.dumps(
+        await self.store.put(store_keys.peek_payment(peek_id), orjson.dumps(
             {"provider": self.payments.name, "ref": hold.ref, "client": hold.client}))
         await self._after(peek, [e for e in opened.effects if isinstance(e, ArmTimer)])
         return peek, hold
@@ -337,7 +298,10 @@ class PeekService:
     async def _on_hold(self, peek_id: str, hold: Hold) -> Peek:
         event: Event
         if hold.state is HoldState.AUTHORIZED:
-            event = PaymentAuthorized(hold.ref)
+            # The members now share the capture; later joins get nothing from this peek.
+            peek = await self.load(peek_id)
+            meta = await self.records.get_channel(peek.channel)
+            event = PaymentAuthorized(hold.ref, tuple(meta["members"]) if meta else ())
         elif hold.state in (HoldState.FAILED, HoldState.CANCELED):
             event = PaymentFailed(hold.reason or f"the payment was {hold.state}")
         else:
@@ -364,12 +328,27 @@ class PeekService:
         if meta is None or did not in meta["members"]:
             raise error("not_member", f"only members of {peek.channel} may refuse this peek")
         step(peek, Refuse(did), self.clock())  # raises peek_state now rather than after charging
-        await self._fund_refusal(peek, did)
+        await self.refusals.fund(peek, did)
         try:
             return await self.apply(peek_id, lambda _: Refuse(did))
         except AgentChatError:
-            await self._release_refusal(peek_id, did)
+            await self.refusals.release(peek_id, did)
             raise
+
+    async def _standing_refusals(self, peek: Peek) -> None:
+        """The countdown started: a member whose standing choice is ``refuse`` refuses now, online or
+        not (its funding was checked when it made the choice; the first refusal ends the peek)."""
+        for did in peek.members or ():
+            if await self.refusals.choice(did) != "refuse":
+                continue
+            try:
+                await self.refuse(peek.id, did)
+                log.info("peek %s refused by %s's standing choice", peek.id, did)
+                return
+            except AgentChatError as exc:
+                if exc.code == "peek_state":
+                    return  # decided already
+                log.warning("peek %s: %s's standing refusal failed: %r", peek.id, did, exc)
 
     async def grant(self, peek_id: str, did: str, epoch: int, wrapped_key: dict[str, Any]) -> Peek:
         """A member hands the active peek the channel's current epoch key, wrapped for the peeker. The
@@ -378,19 +357,34 @@ class PeekService:
         meta = await self.records.get_channel(peek.channel)
         if meta is None or did not in meta["members"]:
             raise error("not_member", f"only members of {peek.channel} may grant keys to this peek")
-        if peek.state is not PeekState.ACTIVE:
-            raise error("peek_state", f"Keys are granted only to an active peek; this one is {peek.state}.")
+        if peek.state not in STATES_TAKING_GRANTS:
+            raise error("peek_state", "Keys are handed over once the countdown is over and nobody refused; "
+                                      f"this peek is {peek.state}.")
         if epoch != meta["epoch"]:
             raise error("stale_epoch", f"channel {peek.channel} is at epoch {meta['epoch']}; grant that one")
         grant = {"peek": peek_id, "channel": peek.channel, "epoch": epoch, "wrapped_key": wrapped_key,
                  "granted_by": did, "granted_at": int(self.clock() * 1000)}
         try:
-            await self.store.put(grant_key(peek_id, epoch), orjson.dumps(grant), if_none_match=True)
+            await self.store.put(store_keys.peek_grant(peek_id, epoch), orjson.dumps(grant), if_none_match=True)
         except PreconditionFailed:
-            return peek
-        self._deliver_grant(grant)
-        await self._publish(TOPIC_GRANT, orjson.dumps(grant))
+            if peek.state is not PeekState.AWAITING_KEY:
+                return peek
+        if peek.state is PeekState.AWAITING_KEY:
+            # Kept, not handed over: the peeker gets it once the capture succeeded (``_open_channel``).
+            return await self._key_kept(peek_id, did)
+        if peek.state is PeekState.ACTIVE:  # a new epoch during the peek: the peeker needs it too
+            self._deliver_grant(grant)
+            await self._publish(bus_keys.PEEK_GRANT, orjson.dumps(grant))
         return peek
+
+    async def _key_kept(self, peek_id: str, did: str) -> Peek:
+        """A grant is stored for a peek awaiting its key: the capture may go ahead (once)."""
+        try:
+            return await self.apply(peek_id, lambda _: KeyGranted(did))
+        except AgentChatError as exc:
+            if exc.code != "peek_state":
+                raise
+            return await self.load(peek_id)  # another grant moved it on first
 
     # ------------------------------------------------------------------------------ transitions
 
@@ -420,7 +414,9 @@ class PeekService:
         """Tell everyone, then execute the effects in order; a terminal peek whose effects all went
         through leaves the open index."""
         self._observe(peek, arm=False)
-        await self._publish(TOPIC_STATE, peek.to_bytes())
+        await self._publish(bus_keys.PEEK_STATE, peek.to_bytes())
+        if peek.state is PeekState.COUNTDOWN:
+            self._spawn(self._standing_refusals(peek), f"peek-standing-{peek.id}")
         try:
             for effect in effects:
                 await self._execute(peek, effect)
@@ -442,32 +438,35 @@ class PeekService:
         elif isinstance(effect, CapturePayment):
             await self._capture(peek)
         elif isinstance(effect, ChargeRefusalFee):
-            await self._settle_refusal(peek)
+            await self.refusals.settle(peek)
         elif isinstance(effect, SplitCapture):
             await self._record_split(peek)
         elif isinstance(effect, RevokeAccess):
             await self._revoke(peek)
-        # NotifyAgents, NotifyPeeker, RequestGrant: the p:state message already told every process.
+        # NotifyAgents, NotifyPeeker, RequestGrant, DeliverGrants: the p:state message already told every
+        # process; each sends its peeker sockets the kept grants when it sees ``active`` (_open_channel).
 
     def _durable_effects(self, peek: Peek) -> list[Effect]:
         """What must have happened for a peek in its state, redone by the scan after a crash."""
         state = peek.state
         if state is PeekState.ACTIVE:
-            return [SplitCapture(peek.id, peek.channel, peek.price_cents)]
+            return [SplitCapture(peek.id, peek.channel, peek.price_cents, peek.members)]
         if state is PeekState.ENDED:
-            return [SplitCapture(peek.id, peek.channel, peek.price_cents), RevokeAccess(peek.id, peek.channel)]
+            return [SplitCapture(peek.id, peek.channel, peek.price_cents, peek.members),
+                    RevokeAccess(peek.id, peek.channel)]
         if state is PeekState.REFUSED:
             assert peek.refused_by is not None
             return [CancelPayment(peek.id, peek.payment_ref),
                     ChargeRefusalFee(peek.id, peek.refused_by, peek.refusal_fee_cents)]
-        if state in (PeekState.PAYMENT_FAILED, PeekState.CANCELED, PeekState.EXPIRED):
+        if state in (PeekState.PAYMENT_FAILED, PeekState.CANCELED, PeekState.EXPIRED, PeekState.WITHDRAWN,
+                     PeekState.NO_KEY):
             return [CancelPayment(peek.id, peek.payment_ref)]
         return []
 
     async def _finish(self, peek: Peek) -> None:
         """A terminal peek: release refusal holds that did not win, then leave the open index."""
-        await self._release_losing_refusals(peek)
-        await self.store.delete(open_key(peek.id))
+        await self.refusals.release_losing(peek)
+        await self.store.delete(store_keys.peek_open(peek.id))
 
     # ------------------------------------------------------------------------------ money
 
@@ -511,8 +510,11 @@ class PeekService:
         if recorded:
             await self.ledger.record(recorded)  # repairs the account index
             return
-        meta = await self.records.get_channel(peek.channel)
-        members = sorted(meta["members"]) if meta else []
+        if peek.members is not None:  # fixed when the countdown started
+            members = list(peek.members)
+        else:  # a peek stored before members were kept: those of the channel now, as then
+            meta = await self.records.get_channel(peek.channel)
+            members = sorted(meta["members"]) if meta else []
         created_at = peek.activated_at or peek.updated_at
         if members:
             entries = money.split_capture(peek.id, peek.price_cents, members, created_at=created_at)
@@ -526,153 +528,6 @@ class PeekService:
         except money.LedgerError:
             # Another process recorded the split first, with the members it saw: that one stands.
             await self.ledger.record(await self.ledger.transaction(txn))
-
-    async def _fund_refusal(self, peek: Peek, did: str) -> None:
-        """Secure the refusal fee before the refusal is written: from earnings if they cover it, else
-        a hold on the card on file; with neither, ``refusal_unfunded``."""
-        fee = peek.refusal_fee_cents
-        record: dict[str, Any] = {"agent": did, "method": "balance", "fee_cents": fee}
-        balance = await self._hold_balance(peek.id, did, fee) if fee else 0
-        if fee and balance < fee:
-            card = await self.card(did)
-            if card is None:
-                raise error("refusal_unfunded",
-                            f"Refusing costs {fee} cents: this agent's earnings not set aside for other refusals "
-                            f"come to {balance} cents and it has no card on file (POST /api/v1/agents/me/card).")
-            try:
-                hold = await self.payments.hold_off_session(
-                    card, fee, key=idempotency_key(peek.id, "refusal-" + _agent_tag(did)),
-                    metadata={"peek_id": peek.id, "agent": did, "purpose": "refusal_fee"})
-            except AgentChatError as exc:
-                if exc.code != "payment_declined":
-                    raise
-                raise error("refusal_unfunded",
-                            f"Refusing costs {fee} cents: the earnings not set aside for other refusals come to "
-                            f"{balance} cents and the card on file was declined ({exc.message}).") from None
-            record = {"agent": did, "method": "card", "fee_cents": fee, "ref": hold.ref}
-        await self.store.put(refusal_key(peek.id, did), orjson.dumps(record))
-
-    async def _hold_balance(self, peek_id: str, did: str, fee: int) -> int:
-        """Set ``fee`` of the agent's earnings aside for this refusal if what is not set aside yet
-        covers it. Returns what was available (below ``fee``: nothing was set aside). One object per
-        agent changed by compare-and-set, so of two refusals at once on any processes, only as many
-        are funded from the balance as it covers."""
-        key = balance_holds_key(did)
-        for _ in range(CAS_ATTEMPTS):
-            found = await self.store.get(key)
-            held: dict[str, int] = orjson.loads(found.data)["peeks"] if found is not None else {}
-            held.pop(peek_id, None)  # this same refusal, asked again
-            held = await self._pending_holds(did, held)
-            available = await self.ledger.balance(money.agent_account(did)) - sum(held.values())
-            if available < fee:
-                return available
-            held[peek_id] = fee
-            try:
-                await self._put_holds(key, held, found)
-            except PreconditionFailed:
-                continue
-            return available
-        raise error("conflict", "this agent's balance is being changed by others; try again")
-
-    async def _pending_holds(self, did: str, held: dict[str, int]) -> dict[str, int]:
-        """The holds still owed: the peek is in its countdown, or this agent refused it and the fee is
-        not in the ledger yet. The others were left by a process that stopped between settling (or
-        losing) a refusal and dropping its hold."""
-        pending: dict[str, int] = {}
-        for peek_id, cents in held.items():
-            found = await self.store.get(store_keys.peek(peek_id))
-            if found is None:
-                continue
-            peek = Peek.from_bytes(found.data)
-            if peek.state is PeekState.COUNTDOWN or (
-                    peek.state is PeekState.REFUSED and peek.refused_by == did
-                    and not await self.ledger.transaction(f"{money.EntryKind.REFUSAL_FEE}/{peek_id}")):
-                pending[peek_id] = cents
-        return pending
-
-    async def _put_holds(self, key: str, held: dict[str, int], found: StoredObject | None) -> None:
-        data = orjson.dumps({"peeks": held})
-        if found is None:
-            await self.store.put(key, data, if_none_match=True)
-        else:
-            await self.store.put(key, data, if_match=found.etag)
-
-    async def _drop_balance_hold(self, peek_id: str, did: str) -> None:
-        """The refusal's fee is in the ledger, or the refusal lost: its hold goes (best effort; the
-        next ``_hold_balance`` of this agent drops it anyway)."""
-        key = balance_holds_key(did)
-        try:
-            for _ in range(CAS_ATTEMPTS):
-                found = await self.store.get(key)
-                if found is None:
-                    return
-                held = orjson.loads(found.data)["peeks"]
-                if held.pop(peek_id, None) is None:
-                    return
-                try:
-                    await self._put_holds(key, held, found)
-                    return
-                except PreconditionFailed:
-                    continue
-        except AgentChatError as exc:
-            log.warning("peek %s: could not drop %s's balance hold; its next refusal will: %r", peek_id, did, exc)
-
-    async def _refusal_record(self, peek_id: str, did: str) -> dict[str, Any] | None:
-        found = await self.store.get(refusal_key(peek_id, did))
-        return None if found is None else orjson.loads(found.data)
-
-    async def _release_refusal(self, peek_id: str, did: str) -> None:
-        """A refusal that did not go through: release its card hold, unless the peek was refused by
-        this same agent meanwhile (a concurrent duplicate of the refusal won)."""
-        try:
-            peek = await self.load(peek_id)
-            if peek.state is PeekState.REFUSED and peek.refused_by == did:
-                return
-            record = await self._refusal_record(peek_id, did)
-            if record is not None and record.get("method") == "card":
-                await self.payments.cancel(record["ref"], key=idempotency_key(peek_id, "refusal-cancel-" + _agent_tag(did)))
-            if record is not None and record.get("method") == "balance":
-                await self._drop_balance_hold(peek_id, did)
-        except AgentChatError as exc:
-            log.warning("peek %s: could not release %s's refusal hold; the scan will: %r", peek_id, did, exc)
-
-    async def _release_losing_refusals(self, peek: Peek) -> None:
-        winner = peek.refused_by if peek.state is PeekState.REFUSED else None
-        for key in await self.store.list(refusal_prefix(peek.id), limit=1000):
-            found = await self.store.get(key)
-            if found is None:
-                continue
-            record = orjson.loads(found.data)
-            if record.get("agent") != winner and record.get("method") == "card":
-                await self.payments.cancel(record["ref"], key=idempotency_key(
-                    peek.id, "refusal-cancel-" + _agent_tag(record["agent"])))
-            elif record.get("agent") != winner and record.get("method") == "balance":
-                await self._drop_balance_hold(peek.id, record["agent"])
-
-    async def _settle_refusal(self, peek: Peek) -> None:
-        """The refusing agent pays the fee to the platform: from its card if it was held (the money
-        then comes from outside the ledger), else from its balance."""
-        did, fee = peek.refused_by, peek.refusal_fee_cents
-        assert did is not None
-        if not fee:
-            return
-        record = await self._refusal_record(peek.id, did)
-        kind = money.EntryKind.REFUSAL_FEE
-        created_at = peek.updated_at
-        entries = money.refusal_fee_entries(peek.id, did, fee, created_at=created_at)
-        if record is not None and record.get("method") == "card":
-            try:
-                await self.payments.capture(record["ref"], key=idempotency_key(peek.id, "refusal-capture"))
-                entries = [money.Entry(money.EXTERNAL, -fee, kind, created_at, peek_id=peek.id),
-                           money.Entry(money.PLATFORM, fee, kind, created_at, peek_id=peek.id)]
-            except AgentChatError as exc:
-                if exc.retryable:
-                    raise
-                log.warning("peek %s: the refusal fee hold could not be captured (%s); charged to %s's "
-                            "balance", peek.id, exc.message, did)
-        await self.ledger.record(entries)
-        if record is None or record.get("method") == "balance":
-            await self._drop_balance_hold(peek.id, did)
 
     # ------------------------------------------------------------------------------ access
 
@@ -735,6 +590,12 @@ class PeekService:
             return
         if at is not None:
             self._arm(peek, at, backup=True)
+        if peek.state is PeekState.AWAITING_KEY:
+            kept = await self.store.list(store_keys.peek_grant_prefix(peek.id), limit=1)
+            if kept:
+                granted = orjson.loads((await self.store.get(kept[0])).data)["granted_by"]
+                await self._key_kept(peek.id, granted)
+            return
         if peek.state is PeekState.CAPTURING:
             if now - peek.updated_at >= CAPTURE_RETRY_SECONDS:
                 await self._capture(peek)
@@ -754,10 +615,10 @@ class PeekService:
         open_ids: set[str] = set()
         start_after = ""
         while True:
-            page = await self.store.list(OPEN_PREFIX, start_after=start_after, limit=1000)
+            page = await self.store.list(store_keys.PEEK_OPEN_PREFIX, start_after=start_after, limit=1000)
             if not page:
                 break
-            open_ids.update(key[len(OPEN_PREFIX):] for key in page)
+            open_ids.update(key[len(store_keys.PEEK_OPEN_PREFIX):] for key in page)
             start_after = page[-1]
         log.debug("peek scan: %d open, %d known", len(open_ids), len(self.known))
         for peek_id in sorted(open_ids | set(self.known)):
@@ -765,7 +626,7 @@ class PeekService:
                 found = await self.store.get(store_keys.peek(peek_id))
                 if found is None:
                     if peek_id in open_ids:
-                        await self.store.delete(open_key(peek_id))  # opened by a process that died
+                        await self.store.delete(store_keys.peek_open(peek_id))  # opened by a process that died
                     self.known.pop(peek_id, None)
                     continue
                 peek = Peek.from_bytes(found.data)
@@ -802,12 +663,12 @@ class PeekService:
         except AgentChatError as exc:  # other processes catch up at their next scan
             log.warning("could not publish on %s: %r", topic, exc)
 
-    def _on_bus(self, topic: str, body: bytes) -> None:
-        """Called by the hub for ``p:...`` topics, from the bus reader: must not block."""
+    def on_bus_message(self, topic: str, body: bytes) -> None:
+        """``HubListener``: a message on a ``p:...`` topic, from the bus reader: must not block."""
         try:
-            if topic == TOPIC_STATE[2:]:
+            if topic == bus_keys.PEEK_STATE[bus_keys.KIND_LENGTH:]:
                 self._observe(Peek.from_bytes(body))
-            elif topic == TOPIC_GRANT[2:]:
+            elif topic == bus_keys.PEEK_GRANT[bus_keys.KIND_LENGTH:]:
                 self._deliver_grant(orjson.loads(body))
         except (ValueError, KeyError) as exc:
             log.warning("ignoring a malformed peek message on %s: %r", topic, exc)
@@ -858,6 +719,9 @@ class PeekService:
                 self._spawn(self._close_peeker(session, peek), f"peek-close-{peek.id}")
 
     def _deliver_grant(self, grant: dict[str, Any]) -> None:
+        known = self.known.get(grant["peek"])
+        if known is None or known.state is not PeekState.ACTIVE:
+            return  # a key reaches the peeker only once paid for (the active state sends those kept)
         marker = (grant["peek"], int(grant["epoch"]))
         if marker in self._grants_delivered:
             return
@@ -875,7 +739,7 @@ class PeekService:
                 if peek.channel in session.cursors:
                     if peek.state is PeekState.COUNTDOWN:
                         session.push(request_frame(peek))
-                    elif peek.state in (PeekState.CAPTURING, PeekState.ACTIVE):
+                    elif peek.state in (PeekState.AWAITING_KEY, PeekState.CAPTURING, PeekState.ACTIVE):
                         session.push(peek_frame(peek))
             return
         peek_id = principal.subject
@@ -922,6 +786,7 @@ class PeekService:
         if session.closed:
             return
         for grant in sorted(await self.grants(peek.id), key=lambda g: g["epoch"]):
+            self._grants_delivered.add((peek.id, int(grant["epoch"])))
             session.push(grant_frame(grant))
         try:
             await self.hub.attach(session, peek.channel, self._resume.get(session, 0))

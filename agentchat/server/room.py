@@ -1,7 +1,5 @@
-"""A channel's presence in this process (``Room``), and the bus names of its topics and counters.
-
-Shared by the hub (fan-out, catch-up) and the sequencer (numbers and claims).
-"""
+"""A channel's presence in this process (``Room``), shared by the hub (fan-out, catch-up) and the
+sequencer (numbers and claims)."""
 
 from __future__ import annotations
 
@@ -9,45 +7,22 @@ import time
 from collections import deque
 from typing import Any
 
+from agentchat.bus import keys as bus_keys
 from agentchat.server.session import Session
 
 RECENT_MESSAGES = 1024
-
-
-def topic_messages(channel: str) -> str:
-    return "c:" + channel
-
-
-def topic_events(channel: str) -> str:
-    return "e:" + channel
-
-
-def topic_agent(did: str) -> str:
-    return "a:" + did
-
-
-def counter_key(channel: str) -> str:
-    return "seq:" + channel
-
-
-def heartbeat_key(instance: str) -> str:
-    return "proc:" + instance
-
-
-def claim_key(channel: str, sender: str, client_id: str) -> str:
-    return f"cid:{channel}:{sender}:{client_id}"
 
 
 class Room:
     """A channel with a presence in this process."""
 
     __slots__ = ("id", "topic", "counter", "members", "epoch", "owner", "subscribers", "recent",
-                 "complete_from", "last_seq", "last_used")
+                 "complete_from", "last_seq", "last_used", "first_available")
 
     def __init__(self, meta: dict[str, Any]) -> None:
         self.id: str = meta["id"]
-        self.topic = topic_messages(self.id)
-        self.counter = counter_key(self.id)
+        self.topic = bus_keys.channel_messages(self.id)
+        self.counter = bus_keys.sequence_counter(self.id)
         self.subscribers: set[Session] = set()
         self.recent: deque[tuple[int, bytes]] = deque(maxlen=RECENT_MESSAGES)
         # Every message numbered complete_from or above is in ``recent`` (0: nothing seen live yet).
@@ -60,6 +35,8 @@ class Room:
         self.members: frozenset[str] = frozenset(meta["members"])
         self.epoch: int = meta["epoch"]
         self.owner: str = meta["owner"]
+        # Lower numbers have expired (retention): history and resume say so rather than skip them.
+        self.first_available: int = meta.get("first_available", 1)
 
     def on_message(self, seq: int, frame: bytes) -> None:
         if seq <= self.last_seq:
@@ -85,5 +62,3 @@ class Room:
         if not self.complete_from or after + 1 < self.complete_from:
             return None
         return [frame for seq, frame in self.recent if seq > after]
-
-

@@ -29,11 +29,12 @@ from typing import Any, Protocol
 
 import orjson
 
+from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
 from agentchat.core import frames
 from agentchat.errors import AgentChatError, error
 from agentchat.server.metrics import LATENCY_SAMPLE_EVERY, Metrics
-from agentchat.server.room import RECENT_MESSAGES, Room, claim_key, counter_key, heartbeat_key
+from agentchat.server.room import RECENT_MESSAGES, Room
 from agentchat.store.messages import MessageLog, MessageWriter, frame_seq
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def stored_claims(channel: str, stored: Iterable[bytes]) -> list[tuple[str, byte
     claims = []
     for frame in stored:
         record = orjson.loads(frame)
-        claims.append((claim_key(channel, record["sender"], record["client_id"]), str(record["seq"]).encode()))
+        claims.append((bus_keys.send_claim(channel, record["sender"], record["client_id"]), str(record["seq"]).encode()))
     return claims
 
 
@@ -123,11 +124,11 @@ class Sequencer:
             await asyncio.sleep(HEARTBEAT_TTL / 3)
 
     async def write_heartbeat(self) -> None:
-        await self.bus.set(heartbeat_key(self.instance), b"1", HEARTBEAT_TTL)
+        await self.bus.set(bus_keys.heartbeat(self.instance), b"1", HEARTBEAT_TTL)
 
     async def is_alive(self, instance: str) -> bool:
         """Whether the process ``instance`` still writes its heartbeat."""
-        return await self.bus.get(heartbeat_key(instance)) is not None
+        return await self.bus.get(bus_keys.heartbeat(instance)) is not None
 
     async def claims_loop(self) -> None:
         delay = 0.05
@@ -154,7 +155,7 @@ class Sequencer:
             raise error("not_member", f"not a member of {channel}")
         if envelope["epoch"] != room.epoch:
             raise error("stale_epoch", f"channel {channel} is at epoch {room.epoch}; fetch its key and re-encrypt")
-        claim = claim_key(channel, sender, client_id)
+        claim = bus_keys.send_claim(channel, sender, client_id)
         if not self.writer.has_room():
             previous = await self.bus.get(claim)
             if previous is not None and not previous.startswith(PENDING):
@@ -296,12 +297,12 @@ class Sequencer:
                                        other_processes=False)
         await self._set_claims(stored_claims(channel, tail), CLAIM_DONE_TTL)
         floor = last + self.reseed_gap
-        await self.bus.seed_sequence(counter_key(channel), floor)
+        await self.bus.seed_sequence(bus_keys.sequence_counter(channel), floor)
         self.reseeds += 1
         log.info("re-seeded the counter of %s at %d", channel, floor)
 
     async def seed_new_channel(self, channel: str) -> None:
-        await self.bus.seed_sequence(counter_key(channel), 0)
+        await self.bus.seed_sequence(bus_keys.sequence_counter(channel), 0)
 
     # ------------------------------------------------------------------------------ claims
 

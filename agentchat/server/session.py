@@ -3,7 +3,7 @@
 The hub never awaits a socket: it appends frames to the session's queue. Once per event-loop turn,
 one callback flushes every session that has frames queued, several frames coalesced into one WebSocket
 message (newline-separated), written straight to the socket's transport: no task and no coroutine per
-delivery. While the transport's write buffer is over its high mark (``server/websocket.py``) frames
+delivery. While the transport's write buffer is over its high mark (``server/connections.py``) frames
 stay queued and go out when it drains, so a slow peer can only fill its own queue. When the queue is
 over its limit the socket is closed with ``4008 slow_consumer``; the client reconnects and resumes
 from its last sequence number.
@@ -16,9 +16,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from agentchat.core.websocket import PING_FRAME, text_frame
+from agentchat.core.rfc6455 import PING_FRAME, text_frame
 from agentchat.server.tokens import Principal
-from agentchat.server.websocket import WebSocketConnection
+from agentchat.server.connections import WebSocketConnection
 
 if TYPE_CHECKING:
     from agentchat.server.metrics import Metrics
@@ -185,9 +185,14 @@ class Session:
         self._drain_waiters.append(waiter)
         await waiter
 
-    def close_soon(self, code: int, reason: str) -> None:
+    def close_soon(self, code: int, reason: str, *, flush: bool = False) -> None:
+        """Close with ``code``. What is queued is dropped, unless ``flush``: then it is written first
+        (if the write buffer has room), so that the frames that explain the close (the ``error`` frames
+        of a refused flood) reach the client before the close frame, which nothing may follow."""
         if self._closed:
             return
+        if flush:
+            self._flush()
         self._closed = True
         self._close_with = (code, reason)
         self._queue.clear()
@@ -195,7 +200,7 @@ class Session:
         self.connection.close(code, reason)
 
     def heartbeat(self, ping_at: int, drop_at: int) -> None:
-        """One tick of the heartbeat (``server/ws.py``): after ``ping_at`` ticks without a frame from
+        """One tick of the heartbeat (``server/agent_socket.py``): after ``ping_at`` ticks without a frame from
         the client it gets a ping; after ``drop_at`` its peer is taken for gone and the connection is
         dropped without a close handshake (a lost connection, 1006). The socket's reader resets
         ``silent_ticks`` on every frame, pongs included."""
@@ -249,6 +254,10 @@ class SessionSocket(WebSocketConnection):
     def activity(self) -> None:
         if self.session is not None:
             self.session.silent_ticks = 0
+
+    def flush(self) -> None:
+        if self.session is not None and not self.session.closed:
+            self.session._flush()
 
     def writable(self) -> None:
         if self.session is not None:

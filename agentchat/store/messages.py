@@ -51,14 +51,26 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import orjson
+
+from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
 from agentchat.errors import AgentChatError
 from agentchat.store import keys
 from agentchat.store.base import ObjectStore, PreconditionFailed
 
 log = logging.getLogger(__name__)
+
+class Retention(Protocol):
+    """Expires old messages from the compactor's loop (``server/retention.py``): ``run`` is called
+    every ``every`` seconds and calls ``MessageWriter.expire`` for the channels whose time is up."""
+
+    every: float
+
+    async def run(self, writer: MessageWriter) -> None: ...
+
 
 # Called with a stored message's number and the ``note`` given to ``add`` with it.
 OnDurable = Callable[[int, Any], None]
@@ -85,21 +97,6 @@ COMPACT_PACE_BYTES_PER_SECOND = 16 * 1024 * 1024
 FULL_WAIT_RATE = 2000.0
 RATE_SAMPLE_SECONDS = 0.25
 LIST_PAGE = 1000
-
-
-def wal_index(channel: str) -> str:
-    """Bus index of the write-ahead objects holding a channel's not yet compacted messages."""
-    return "wal:" + channel
-
-
-# Bus index whose members say the ``wal:<channel>`` indexes are complete (see the module docstring).
-WAL_STATE_INDEX = "wal-state"
-WAL_COMPLETE = "complete"
-
-
-def wal_reindexed(instance: str) -> str:
-    """Member of ``WAL_STATE_INDEX``: ``instance`` put its own entries in the index (again)."""
-    return "idx:" + instance
 
 
 def parse_segment_frames(data: bytes) -> list[bytes]:
@@ -203,8 +200,8 @@ class MessageLog:
     async def ensure_complete(self) -> None:
         """Make sure the bus index names every stored, not yet compacted message before it is read
         (after a Redis restart it may not: see ``MessageWriter.ensure_index``)."""
-        state = await self.bus.index_range(WAL_STATE_INDEX, 0)
-        if any(member == WAL_COMPLETE for member, _ in state):
+        state = await self.bus.index_range(bus_keys.WAL_STATE_INDEX, 0)
+        if any(member == bus_keys.WAL_COMPLETE for member, _ in state):
             return
         if self.writer is None:
             log.warning("the write-ahead index is incomplete and this reader cannot complete it")
@@ -213,7 +210,7 @@ class MessageLog:
 
     async def _wal_frames(self, channel: str, after: int, other_processes: bool = True) -> dict[int, bytes]:
         """Frames above ``after`` that are durable but not yet in a segment (any process's)."""
-        entries = await self.bus.index_range(wal_index(channel), after + 1) if other_processes else []
+        entries = await self.bus.index_range(bus_keys.wal_index(channel), after + 1) if other_processes else []
         found: dict[int, bytes] = {}
         own_prefix = self.writer.wal_prefix if self.writer is not None else None
         gone: list[tuple[str, str]] = []
@@ -222,7 +219,7 @@ class MessageLog:
                 continue  # read from memory below
             frames = await self._wal_section(key, channel)
             if frames is None:
-                gone.append((wal_index(channel), key))
+                gone.append((bus_keys.wal_index(channel), key))
                 continue
             for frame in frames:
                 seq = frame_seq(frame)
@@ -262,7 +259,7 @@ class MessageLog:
 
     async def last_seq(self, channel: str) -> int:
         """Highest stored sequence number of a channel (0 if none)."""
-        highest = max((score for _, score in await self.bus.index_range(wal_index(channel), 0)), default=0)
+        highest = max((score for _, score in await self.bus.index_range(bus_keys.wal_index(channel), 0)), default=0)
         if self.writer is not None:
             highest = max(highest, max((seq for seq, _ in self.writer.tail(channel)), default=0))
         prefix, start_after = keys.segment_prefix(channel), ""
@@ -358,6 +355,9 @@ class MessageWriter:
         self._tail_frames = 0
         self._object_refs: dict[str, int] = {}  # write-ahead object -> channels not yet compacted
         self._deletable: list[str] = []
+        self._forgotten: set[str] = set()  # deleted channels: never compacted into a segment
+        self.retention: Retention | None = None  # set by the server: expiry runs in the compactor's loop
+        self._oldest_kept: dict[str, tuple[str, int]] = {}  # channel -> (its oldest segment, last ts)
         self._compacting = asyncio.Lock()
         self._wake = asyncio.Event()
         self._compact_wake = asyncio.Event()
@@ -499,7 +499,7 @@ class MessageWriter:
         self.healthy = True
         # Indexed before the acks: a reader on another process, asked right after the ack, finds it.
         # Until the bus takes the entries the acks wait (acknowledged means readable everywhere).
-        entries = [(wal_index(channel), key, pending.seqs[-1]) for channel, pending in batch.items()]
+        entries = [(bus_keys.wal_index(channel), key, pending.seqs[-1]) for channel, pending in batch.items()]
         delay = 0.05
         while True:
             try:
@@ -530,18 +530,18 @@ class MessageWriter:
 
     async def reindex(self) -> None:
         """Add this process's index entries again (after the bus may have lost them), and say so in
-        ``WAL_STATE_INDEX`` in the same step."""
-        entries = [(wal_index(channel), key, last)
+        ``bus_keys.WAL_STATE_INDEX`` in the same step."""
+        entries = [(bus_keys.wal_index(channel), key, last)
                    for channel, tail in self._tails.items() for key, last in tail.objects]
-        await self.bus.index_add([*entries, (WAL_STATE_INDEX, wal_reindexed(self.instance), 0)])
+        await self.bus.index_add([*entries, (bus_keys.WAL_STATE_INDEX, bus_keys.wal_reindexed(self.instance), 0)])
         if entries:
             log.info("re-indexed %d write-ahead entries", len(entries))
 
     async def indexed(self) -> bool:
         """Whether the bus still knows that this process's entries are in the index (False after
         a Redis restart without persistence)."""
-        state = await self.bus.index_range(WAL_STATE_INDEX, 0)
-        return any(member == wal_reindexed(self.instance) for member, _ in state)
+        state = await self.bus.index_range(bus_keys.WAL_STATE_INDEX, 0)
+        return any(member == bus_keys.wal_reindexed(self.instance) for member, _ in state)
 
     async def ensure_index(self) -> None:
         """Make the bus index complete if it is not (it was lost with a Redis restart): re-index this
@@ -562,8 +562,8 @@ class MessageWriter:
             self._ensuring = None
 
     async def _ensure_index(self) -> None:
-        state = {member for member, _ in await self.bus.index_range(WAL_STATE_INDEX, 0)}
-        if WAL_COMPLETE in state:
+        state = {member for member, _ in await self.bus.index_range(bus_keys.WAL_STATE_INDEX, 0)}
+        if bus_keys.WAL_COMPLETE in state:
             return
         await self.reindex()
         by_instance = await self._list_wal(keys.WAL_PREFIX)
@@ -571,22 +571,22 @@ class MessageWriter:
         # recovering their objects): give them that long before treating the rest as dead.
         deadline = time.monotonic() + REINDEX_WAIT_SECONDS
         while True:
-            state = {member for member, _ in await self.bus.index_range(WAL_STATE_INDEX, 0)}
+            state = {member for member, _ in await self.bus.index_range(bus_keys.WAL_STATE_INDEX, 0)}
             others = [instance for instance in by_instance
-                      if instance != self.instance and wal_reindexed(instance) not in state]
+                      if instance != self.instance and bus_keys.wal_reindexed(instance) not in state]
             if not others or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.1)
         for instance in others:
             await self.recover_instance(instance, by_instance[instance])
-        await self.bus.index_add([(WAL_STATE_INDEX, WAL_COMPLETE, 0)])
+        await self.bus.index_add([(bus_keys.WAL_STATE_INDEX, bus_keys.WAL_COMPLETE, 0)])
         log.warning("the bus had lost the write-ahead index: re-indexed, recovered %d instances' objects",
                     len(others))
 
     # ------------------------------------------------------------------------------ compaction
 
     async def _compact_loop(self) -> None:
-        last_recovery = time.monotonic()
+        last_recovery = last_expiry = time.monotonic()
         while True:
             try:
                 await asyncio.wait_for(self._compact_wake.wait(), COMPACT_CHECK_SECONDS)
@@ -598,6 +598,9 @@ class MessageWriter:
                 if time.monotonic() - last_recovery >= RECOVERY_SECONDS:
                     last_recovery = time.monotonic()
                     await self.recover()
+                if self.retention is not None and time.monotonic() - last_expiry >= self.retention.every:
+                    last_expiry = time.monotonic()
+                    await self.retention.run(self)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -618,11 +621,32 @@ class MessageWriter:
                     remaining -= len(self._tails[channel].frames)
         return due
 
+    async def forget(self, channel: str) -> None:
+        """A deleted channel: what this process holds of it is dropped instead of compacted (messages
+        still queued are dropped at the next compaction), and the write-ahead objects holding it are
+        deleted once no other channel needs them. Returns after any compaction under way, so no
+        segment of the channel is written by this process from then on."""
+        self._forgotten.add(channel)
+        async with self._compacting:
+            self._drop_forgotten()
+            await self._delete_unneeded()
+
+    def _drop_forgotten(self) -> None:
+        for channel in self._forgotten & self._tails.keys():
+            tail = self._tails.pop(channel)
+            self._tail_frames -= len(tail.frames)
+            for key, _ in tail.objects:
+                self._object_refs[key] -= 1
+                if self._object_refs[key] == 0:
+                    del self._object_refs[key]
+                    self._deletable.append(key)
+
     async def compact(self, channels: list[str], pace_bytes_per_second: float = 0.0) -> None:
         """Write each channel's tail as one segment, then forget it and delete the write-ahead objects
         nothing needs any more. Segments are written one after the other; with a pace, each is
         followed by a pause as long as writing it at that rate would take."""
         async with self._compacting:
+            self._drop_forgotten()
             # What is in the tails now; frames added while the segments are written stay for next time.
             cut = {channel: (len(tail.frames), len(tail.objects))
                    for channel in channels if (tail := self._tails.get(channel)) is not None and tail.frames}
@@ -652,7 +676,7 @@ class MessageWriter:
             for channel, (n, m) in cut.items():
                 tail = self._tails[channel]
                 for key, _ in tail.objects[:m]:
-                    removed.append((wal_index(channel), key))
+                    removed.append((bus_keys.wal_index(channel), key))
                     self._object_refs[key] -= 1
                     if self._object_refs[key] == 0:
                         del self._object_refs[key]
@@ -681,6 +705,50 @@ class MessageWriter:
         except Exception as exc:  # left for the next pass; nothing depends on their removal
             log.warning("could not delete %d write-ahead objects: %r", len(doomed), exc)
             self._deletable.extend(doomed)
+
+    # ------------------------------------------------------------------------------ retention
+
+    async def expire(self, channel: str, before_ms: int) -> int | None:
+        """Delete the channel's oldest segments whose messages are all older than ``before_ms``
+        (a thousand per request). Returns the lowest number still kept after them, or None if none
+        expired. A segment goes when its last message is old enough, so a message may outlive its
+        retention by the span of its segment (at most ``segment_age`` of messages). The last
+        message time of the oldest segment kept is remembered: a pass that expires nothing costs
+        one listing per channel."""
+        doomed: list[str] = []
+        first_kept: int | None = None
+        start_after = ""
+        while first_kept is None:
+            page = await self.store.list(keys.segment_prefix(channel), start_after=start_after, limit=LIST_PAGE)
+            if not page:
+                break
+            for key in page:
+                last_ts = await self._last_ts(channel, key)
+                if last_ts is None:
+                    continue
+                if last_ts >= before_ms:
+                    first_kept = keys.parse_segment(key)[0]
+                    break
+                doomed.append(key)
+            start_after = page[-1]
+        if not doomed:
+            return None
+        await self.store.delete_many(doomed)
+        expired_to = keys.parse_segment(doomed[-1])[1]
+        log.info("retention: %d segments of %s expired (messages up to %d)", len(doomed), channel, expired_to)
+        return max(expired_to + 1, first_kept or 0)
+
+    async def _last_ts(self, channel: str, key: str) -> int | None:
+        cached = self._oldest_kept.get(channel)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        obj = await self.store.get(key)
+        if obj is None:
+            return None
+        frames = parse_segment_frames(obj.data)
+        last_ts = int(orjson.loads(frames[-1])["ts"]) if frames else 0
+        self._oldest_kept[channel] = (key, last_ts)
+        return last_ts
 
     # ------------------------------------------------------------------------------ recovery
 
@@ -751,10 +819,12 @@ class MessageWriter:
                 found = by_channel.setdefault(channel, {})
                 for frame in frames:
                     found[frame_seq(frame)] = frame
-                entries.append((wal_index(channel), key))
+                entries.append((bus_keys.wal_index(channel), key))
         recovered = {channel: dict(found) for channel, found in by_channel.items()}
         written = 0
         for channel, found in by_channel.items():
+            if channel in self._forgotten or await self.store.get(keys.channel_tombstone(channel)) is not None:
+                continue  # deleted since: its messages go with the batch
             for seq in await self._stored_among(channel, min(found), max(found)):
                 found.pop(seq, None)
             if found:

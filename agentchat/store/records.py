@@ -81,6 +81,8 @@ class Records:
 
     async def create_channel(self, meta: Record, first_epoch: Record) -> None:
         channel_id = meta["id"]
+        if await self.store.get(keys.channel_tombstone(channel_id)) is not None:
+            raise error("conflict", "a channel with this id existed and was deleted; pick another id")
         # The first epoch's keys go first, created only if absent: that write claims the id, and a
         # channel visible in the store always has its current epoch's keys.
         if not await self.create_json(keys.epoch(channel_id, first_epoch["epoch"]), first_epoch):
@@ -115,7 +117,7 @@ class Records:
         return found
 
     async def list_channels(self, *, start_after: str = "", limit: int = 100) -> list[str]:
-        prefix = "channel-index/"
+        prefix = keys.CHANNEL_INDEX_PREFIX
         page = await self.store.list(prefix, start_after=prefix + start_after if start_after else "", limit=limit)
         return [key[len(prefix):] for key in page]
 

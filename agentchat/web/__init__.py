@@ -13,7 +13,7 @@ from pathlib import Path
 from aiohttp import web
 
 from agentchat.config import Settings
-from agentchat.server.keys import SETTINGS
+from agentchat.server.appkeys import SETTINGS
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_PREFIX = "/web/"

@@ -21,7 +21,8 @@ from agentchat.core import frames
 from agentchat.store import keys
 from agentchat.store.base import ObjectStore
 from agentchat.store.instrumented import CountingStore
-from agentchat.store.messages import MessageLog, MessageWriter, decode_wal, encode_wal, frame_seq, wal_index
+from agentchat.bus.keys import wal_index
+from agentchat.store.messages import MessageLog, MessageWriter, decode_wal, encode_wal, frame_seq
 
 
 def message(channel: str, seq: int, text: str = "") -> bytes:
@@ -315,7 +316,7 @@ async def test_stale_index_entries_are_dropped_by_readers(make_process: ProcessM
 
 async def forget_index(bus: Bus, channels: list[str]) -> None:
     """What a Redis restart without persistence does to the write-ahead index (and its state)."""
-    from agentchat.store.messages import WAL_STATE_INDEX
+    from agentchat.bus.keys import WAL_STATE_INDEX
 
     for index in [*(wal_index(channel) for channel in channels), WAL_STATE_INDEX]:
         entries = await bus.index_range(index, 0)

@@ -264,6 +264,7 @@ class Matrix:
         self.received: list[dict[str, list[int]]] = [{c: [] for c in channels} for _ in agents]
         self.received_ids: list[dict[str, set[str]]] = [{c: set() for c in channels} for _ in agents]
         self.stop = asyncio.Event()
+        self.closing = False  # the test is over: senders give up (a cancellation can be swallowed)
         self.tasks: list[asyncio.Task[None]] = []
         self.rows: list[dict[str, object]] = []
 
@@ -287,7 +288,7 @@ class Matrix:
             await asyncio.sleep(SEND_PAUSE)
 
     async def send(self, agent: Agent, channel: str, client_id: str) -> int:
-        while True:
+        while not self.closing:
             try:
                 seq = await asyncio.wait_for(agent.send(channel, client_id, client_id=client_id), ACK_TIMEOUT)
                 break
@@ -296,6 +297,8 @@ class Matrix:
             except AgentChatClientError as exc:
                 assert exc.retryable, f"{client_id}: {exc.code} is not retryable"
                 await asyncio.sleep(0.1)
+        else:
+            raise asyncio.CancelledError
         known = self.acked.setdefault((channel, client_id), seq)
         if known != seq:
             self.twice.append(client_id)
@@ -419,9 +422,10 @@ async def matrix(tmp_path: Path, redis: RedisProcess, s3: S3Server, cluster_fact
         m = Matrix(cluster, redis, proxy, agents, channels)
         m.start()
         yield m
+        m.closing = True
         for task in m.tasks:
             task.cancel()
-        await asyncio.gather(*m.tasks, return_exceptions=True)
+        await asyncio.wait(m.tasks, timeout=10)
         table = m.table()
         print("\n" + table)
         (tmp_path / "fault-matrix.txt").write_text(table + "\n")

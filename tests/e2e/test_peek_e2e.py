@@ -50,9 +50,13 @@ async def test_the_deadline_is_enforced_when_the_countdown_process_is_killed(tmp
     first = ServerProcess(store=store, bus=bus_url, env=env, log_path=tmp_path / "a.log").start()
     second = ServerProcess(store=store, bus=bus_url, env=env, log_path=tmp_path / "b.log").start()
     alice = Agent(first.url, crypto.AgentKeys.generate())
+    bob = Agent(second.url, crypto.AgentKeys.generate())  # online on the survivor: hands over the key
     try:
         await alice.register("alice")
-        channel = await alice.create_channel([])
+        await bob.register("bob")
+        channel = await alice.create_channel([bob.did])
+        await alice.connect()
+        await bob.connect()
         async with Peeker(first.url) as on_first:
             await on_first.open(channel)
             peek = await on_first.confirm()
@@ -75,11 +79,12 @@ async def test_the_deadline_is_enforced_when_the_countdown_process_is_killed(tmp
         alice_on_second = Agent(second.url, alice.keys)
         try:
             ledger = await alice_on_second.ledger()
-            assert ledger["balance_cents"] == 350 and [e["kind"] for e in ledger["entries"]] == ["capture"]
+            assert ledger["balance_cents"] == 175 and [e["kind"] for e in ledger["entries"]] == ["capture"]
         finally:
             await alice_on_second.close()
     finally:
         await alice.close()
+        await bob.close()
         first.close()
         second.close()
         if redis is not None:
@@ -141,13 +146,20 @@ async def test_a_human_peeks_from_the_terminal_while_agents_talk(tmp_path: Path)
 
 
 async def test_listen_refuse_peeks_refuses_from_the_terminal(tmp_path: Path) -> None:
-    server = ServerProcess(store=f"file://{tmp_path}/data", env=FAST_PEEKS, log_path=tmp_path / "server.log").start()
+    # No debts on this server: bob's refusals need a card, and the CLI says so before refusing anything.
+    server = ServerProcess(store=f"file://{tmp_path}/data", env={**FAST_PEEKS, "AGENTCHAT_REFUSAL_DEBT_LIMIT_CENTS": "0"},
+                           log_path=tmp_path / "server.log").start()
     bob_key = tmp_path / "bob.key"
     listener: subprocess.Popen[str] | None = None
     alice = Agent(server.url, crypto.AgentKeys.generate())
     try:
         bob_did = run_cli("keygen", server=server.url, key=bob_key).stdout.strip()
         assert run_cli("register", "bob", server=server.url, key=bob_key).returncode == 0
+        unfunded = subprocess.run([sys.executable, "-m", "agentchat", "listen", "--refuse-peeks", "--server",
+                                   server.url, "--key", str(bob_key)], cwd=REPO, capture_output=True, text=True,
+                                  timeout=30)
+        assert unfunded.returncode == 2, unfunded.stderr
+        assert "not funded" in unfunded.stderr and "agentchat card" in unfunded.stderr
         card = run_cli("card", server=server.url, key=bob_key)  # a dev card on file pays bob's refusal fee
         assert (card.returncode, card.stdout.strip()) == (0, "dev card"), card.stderr
         await alice.register("alice")
@@ -156,6 +168,8 @@ async def test_listen_refuse_peeks_refuses_from_the_terminal(tmp_path: Path) -> 
             [sys.executable, "-m", "agentchat", "listen", "--refuse-peeks", "--server", server.url,
              "--key", str(bob_key)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert listener.stderr is not None
+        said = await asyncio.to_thread(listener.stderr.readline)
+        assert "charged to your card on file (dev card)" in said, said
         line = await asyncio.to_thread(listener.stderr.readline)
         assert "refusing peeks" in line
         peek = run_cli_peek(server.url, channel)

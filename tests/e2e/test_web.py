@@ -302,3 +302,103 @@ async def test_the_page_crypto_reproduces_the_protocol_vectors(server: ServerPro
     policy = response.headers["content-security-policy"]
     assert "default-src 'self'" in policy and "stripe" not in policy
     page.assert_local_only()
+
+
+async def test_a_channel_with_no_agent_online_says_why_it_cannot_be_peeked(server: ServerProcess, browser: Any) -> None:
+    alice = await agent(server, "alice")
+    try:
+        channel = await alice.create_channel([], name="asleep")  # alice never connects
+        page = await open_page(browser, server, DESKTOP, path=f"/#/c/{channel}")
+        ui = page.page
+        notice = ui.locator("#peek-offline")
+        await notice.wait_for(timeout=10000)
+        assert "No agent of this channel is online" in await notice.inner_text()
+        assert not await ui.get_by_role("button", name="Peek for $5").is_visible()
+        await page.shot("peek-no-agent-online")
+        await alice.connect()  # an agent comes online: the page offers the peek
+        await ui.get_by_role("button", name="Peek for $5").wait_for(timeout=10000)
+        assert not await notice.is_visible()
+        page.assert_local_only()
+    finally:
+        await alice.close()
+
+
+async def test_the_peeker_withdraws_during_the_countdown(patient_server: ServerProcess, browser: Any) -> None:
+    server = patient_server
+    alice = await agent(server, "alice")
+    try:
+        channel = await alice.create_channel([], name="withdrawn")
+        await alice.connect()
+        page = await open_page(browser, server, DESKTOP, path=f"/#/c/{channel}")
+        ui = page.page
+        await ui.get_by_role("button", name="Peek for $5").click()
+        await ui.get_by_role("button", name="Confirm payment of $5").click()
+        await ui.locator('#peek[data-state="countdown"]').wait_for(timeout=15000)
+        await ui.get_by_role("button", name="Withdraw (you are not charged)").click()
+        await ui.locator('#peek[data-state="withdrawn"]').wait_for(timeout=15000)
+        outcome = await ui.locator("#peek-outcome").inner_text()
+        assert "You withdrew the peek." in outcome and "you were not charged" in outcome
+        while True:  # the agents are told
+            event = await asyncio.wait_for(alice.events.get(), 10)
+            if event.get("type") == "peek" and event["peek"]["state"] == "withdrawn":
+                break
+        await page.shot("peek-withdrawn")
+        page.assert_local_only()
+    finally:
+        await alice.close()
+
+
+async def test_no_key_in_time_releases_the_hold_and_says_so(tmp_path: Path, browser: Any) -> None:
+    env = {**PEEKS, "AGENTCHAT_PEEK_GRANT_WAIT_SECONDS": "1"}
+    server = ServerProcess(store=f"file://{tmp_path}/data", env=env, log_path=tmp_path / "server.log").start()
+    alice = await agent(server, "alice")
+
+    async def never_hands_over(view: dict[str, Any]) -> None:  # an agent whose client keeps the key
+        return None
+
+    alice._grant_peek = never_hands_over  # type: ignore[method-assign]
+    try:
+        channel = await alice.create_channel([], name="keyless")
+        await alice.connect()
+        page = await open_page(browser, server, DESKTOP, path=f"/#/c/{channel}")
+        ui = page.page
+        await ui.get_by_role("button", name="Peek for $5").click()
+        await ui.get_by_role("button", name="Confirm payment of $5").click()
+        await ui.locator('#peek[data-state="awaiting_key"]').wait_for(timeout=15000)
+        assert "you are charged only once one has" in await ui.locator("#peek-status").inner_text()
+        await page.shot("peek-awaiting-key")
+        await ui.locator('#peek[data-state="no_key"]').wait_for(timeout=15000)
+        outcome = await ui.locator("#peek-outcome").inner_text()
+        assert "No agent handed over the channel key in time." in outcome and "you were not charged" in outcome
+        assert (await alice.ledger())["balance_cents"] == 0
+        await page.shot("peek-no-key")
+        page.assert_local_only()
+    finally:
+        await alice.close()
+        server.close()
+
+
+async def test_an_agent_with_no_money_still_refuses(patient_server: ServerProcess, browser: Any) -> None:
+    """No earnings, no card: the refusal counts (its fee becomes the agent's debt) and the page says
+    refused, never "nobody refused"."""
+    server = patient_server
+    alice = await agent(server, "alice", peek_policy=False)
+    try:
+        channel = await alice.create_channel([], name="broke")
+        await alice.connect()
+        page = await open_page(browser, server, DESKTOP, path=f"/#/c/{channel}")
+        ui = page.page
+        await ui.get_by_role("button", name="Peek for $5").click()
+        await ui.get_by_role("button", name="Confirm payment of $5").click()
+        await ui.locator('#peek[data-state="refused"]').wait_for(timeout=15000)
+        outcome = await ui.locator("#peek-outcome").inner_text()
+        assert "Refused" in outcome and "You were not charged." in outcome
+        for _ in range(50):
+            if (await alice.ledger())["balance_cents"] == -100:  # the refusal fee, owed
+                break
+            await asyncio.sleep(0.1)
+        assert (await alice.ledger())["balance_cents"] == -100
+        await page.shot("peek-refused-with-debt")
+        page.assert_local_only()
+    finally:
+        await alice.close()

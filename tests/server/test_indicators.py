@@ -12,16 +12,19 @@ from typing import Any
 
 import orjson
 import pytest
+from websockets.frames import Frame, Opcode
 from agentchat.config import load_settings
 from agentchat.core.indicators import MINUTE_MS
 from agentchat.server.app import build_app
 from agentchat.server.indicators import UPDATE_INTERVAL
-from agentchat.server.keys import INDICATORS
+from agentchat.server.appkeys import INDICATORS
 from tests.conftest import RestAgent
+from tests.server.peek_agents import go_online
 from tests.server.test_frames_conformance import Socket, kind, open_socket
 from tests.server.test_openapi import Api
 from tests.server.test_peeks import open_peek, wait_state
 from tests.server.test_rest import create_channel, envelope
+from tests.server.websocket.test_websocket_layer import RawConnection
 from tests.services import redis_server  # noqa: F401  (fixture)
 from tests.unit.test_protocol import FRAMES, SERVER_FRAME, assert_valid, validator_for
 
@@ -176,6 +179,23 @@ async def test_public_socket_takes_only_watching_and_ping(client) -> None:
     assert any(f.get("code") == "rate_limited" for f in socket.frames)
 
 
+async def test_a_flood_read_in_one_go_gets_its_rate_limited_errors_before_the_1008(client) -> None:
+    """A loaded server reads a whole flood in one read and handles it in one turn of its loop: the
+    error frames queued for it must go out before the close frame, not be dropped by it (the cause of
+    the occasional failure of the test above under load)."""
+    conn = await RawConnection.open(client)
+    try:
+        assert (await conn.upgrade("/api/v1/indicators/ws"))[0] == 101
+        conn.writer.write(b"".join(Frame(Opcode.TEXT, orjson.dumps({"type": "ping", "ref": f"f{i}"})).serialize(mask=True)
+                                   for i in range(100)))
+        code, reason = await conn.close_frame()
+        assert (code, reason) == (1008, "rate_limited")
+        assert any(f.get("code") == "rate_limited" for f in conn.frames)
+        assert any(f.get("type") == "pong" for f in conn.frames)
+    finally:
+        conn.close()
+
+
 async def test_agents_online_and_the_agents_socket_can_watch(client, make_agent) -> None:
     alice, bob, carol = await make_agent("alice"), await make_agent("bob"), await make_agent("carol")
     channel, key = await create_channel(alice, [bob, carol])
@@ -287,6 +307,7 @@ async def test_peeks_active_and_total(aiohttp_client, tmp_path: Path) -> None:
     client = await aiohttp_client(build_app(settings))
     alice = await RestAgent(client, "alice").register()
     channel, _ = await create_channel(alice, [])
+    online = await go_online(client, alice)  # a peek needs a member online to hand over the key
     watcher = await public_socket(client)
     await watcher.send({"type": "watch_indicators", "channels": [channel]})
     body, auth = await open_peek(client, channel)
@@ -301,6 +322,7 @@ async def test_peeks_active_and_total(aiohttp_client, tmp_path: Path) -> None:
         c["channel"] == channel and c["peeks"] == {"total": 1, "active": 0} for c in f.get("channels", ())))
     pushed = updates_for(watcher, channel)
     assert any(u["peeks"]["active"] == 1 for u in pushed) and pushed[-1]["peeks"] == {"total": 1, "active": 0}
+    await online.close()
 
 
 # ------------------------------------------------------------------------------ the page

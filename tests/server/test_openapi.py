@@ -243,7 +243,7 @@ async def test_auth_rate_limit_answers_429_with_retry_after(aiohttp_client, tmp_
 @pytest.mark.parametrize("scope", ["agent", "peek"])
 async def test_agent_only_routes_refuse_peek_tokens_as_documented(client, make_agent, scope) -> None:
     """A peek token (scope peek) is valid but may not use agent routes: 403, which is documented."""
-    from agentchat.server.keys import TOKENS
+    from agentchat.server.appkeys import TOKENS
 
     api = Api(client)
     agent = await make_agent("alice")

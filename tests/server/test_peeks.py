@@ -5,6 +5,7 @@ money (``ledger_checked``)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,10 @@ from agentchat import crypto
 from agentchat.config import Settings, load_settings
 from agentchat.core import ledger as money
 from agentchat.server.app import build_app
-from agentchat.server.keys import LEDGER, PEEKS
-from agentchat.server.peeks import balance_holds_key
+from agentchat.server.appkeys import LEDGER, PEEKS
+from agentchat.store.keys import balance_holds
 from tests.conftest import RestAgent
+from tests.server.peek_agents import go_online
 from tests.server.test_rest import create_channel, envelope
 from tests.server.test_ws import hello, receive_frames
 from tests.unit.test_protocol import SERVER_FRAME, assert_valid, openapi_pointer
@@ -149,6 +151,7 @@ async def test_peek_countdown_capture_split_and_end(aiohttp_client: Any, tmp_pat
     client = await aiohttp_client(build_app(fast(tmp_path)))
     agents = [await RestAgent(client, name).register() for name in ("alice", "bob", "carol")]
     channel, _ = await create_channel(agents[0], agents[1:])
+    online = await go_online(client, agents[0])
     opened, auth = await open_peek(client, channel)
     peek = opened["peek"]
     assert peek["state"] == "awaiting_payment" and peek["channel"] == channel
@@ -163,7 +166,7 @@ async def test_peek_countdown_capture_split_and_end(aiohttp_client: Any, tmp_pat
     assert before * 1000 + 500 <= body["peek"]["deadline"] <= time.time() * 1000 + 700
 
     active = await wait_state(client, peek["id"], auth, "active")
-    assert active["grants"] == []  # nobody's client is connected to grant a key
+    assert [g["epoch"] for g in active["grants"]] == [1] and online.granted == [peek["id"]]
     ledger = await check_ledger(client.server.app, lambda l: l.transaction(f"capture/{peek['id']}"))
     assert ledger.balance(money.PLATFORM) == 150 and ledger.balance(money.EXTERNAL) == -500
     shares = sorted([(a.did, await balance(a)) for a in agents])
@@ -179,6 +182,7 @@ async def test_operator_revenue_needs_the_operator_token(aiohttp_client: Any, tm
     client = await aiohttp_client(build_app(fast(tmp_path)))
     alice = await RestAgent(client, "alice").register()
     channel, _ = await create_channel(alice, [])
+    await go_online(client, alice)
     opened, auth = await open_peek(client, channel)
     await call(client, "POST", f"/api/v1/peeks/{opened['peek']['id']}/confirm", auth)
     await wait_state(client, opened["peek"]["id"], auth, "active")
@@ -208,6 +212,7 @@ async def test_refusal_is_paid_from_earnings_and_the_peeker_pays_nothing(client:
     app = client.server.app
     # Give alice earnings: a peek of a channel of hers alone, captured.
     solo, _ = await create_channel(alice, [])
+    await go_online(client, alice)
     opened, auth = await open_peek(client, solo)
     await call(client, "POST", f"/api/v1/peeks/{opened['peek']['id']}/confirm", auth)
     service = app[PEEKS]
@@ -247,13 +252,18 @@ async def test_refusals_at_once_spend_an_agents_earnings_only_as_far_as_they_go(
     alice, bob = await RestAgent(client, "alice").register(), await RestAgent(client, "bob").register()
     app = client.server.app
     service = app[PEEKS]
+    # No debts here: earnings, then the card (debts: test_refusals_become_a_debt_up_to_the_limit).
+    service.refusals.settings = dataclasses.replace(service.settings, refusal_debt_limit_cents=0)
     solo, _ = await create_channel(alice, [])  # earnings: 350 cents from a peek of her own channel
+    await go_online(client, alice, grant=False)
     opened, auth = await open_peek(client, solo)
     solo_peek = opened["peek"]["id"]
     await call(client, "POST", f"/api/v1/peeks/{solo_peek}/confirm", auth)
     service.clock = lambda: time.time() + 31
     try:
         await service.scan()
+        await wait_state(client, solo_peek, auth, "awaiting_key")
+        await grant_now(client, alice, solo_peek)
     finally:
         service.clock = time.time
     await check_ledger(app, lambda l: l.balance(money.agent_account(alice.did)) == 350)
@@ -266,7 +276,7 @@ async def test_refusals_at_once_spend_an_agents_earnings_only_as_far_as_they_go(
         peeks.append(opened["peek"]["id"])
     # A hold left behind (a process stopped between settling a refusal and dropping its hold) for a
     # peek that owes nothing: not counted.
-    await service.store.put(balance_holds_key(alice.did), orjson.dumps({"peeks": {solo_peek: 300}}))
+    await service.store.put(balance_holds(alice.did), orjson.dumps({"peeks": {solo_peek: 300}}))
     # Five refusals at the same moment, a fee of 100 cents each: the balance pays for three.
     answers = await asyncio.gather(*(call(client, "POST", f"/api/v1/peeks/{peek_id}/refuse", alice.auth)
                                      for peek_id in peeks))
@@ -275,7 +285,7 @@ async def test_refusals_at_once_spend_an_agents_earnings_only_as_far_as_they_go(
     assert sorted(body["error"]["code"] for status, body in answers if status != 200) == ["refusal_unfunded"] * 2
     await check_ledger(app, lambda l: all(l.transaction(f"refusal_fee/{peek_id}") for peek_id in refused))
     assert await balance(alice) == 50  # never below zero
-    held = await service.store.get(balance_holds_key(alice.did))
+    held = await service.store.get(balance_holds(alice.did))
     assert held is not None and orjson.loads(held.data) == {"peeks": {}}  # settled: nothing set aside
 
     await fund_with_dev_card(alice)  # the rest are paid by card, the balance untouched
@@ -287,15 +297,34 @@ async def test_refusals_at_once_spend_an_agents_earnings_only_as_far_as_they_go(
     assert await balance(alice) == 50
 
 
-async def test_refusal_without_earnings_or_card_is_rejected_before_the_deadline(client: Any, ledger_checked: Any) -> None:
+async def test_refusals_become_a_debt_up_to_the_limit_then_need_a_card(client: Any, ledger_checked: Any) -> None:
+    """With no earnings and no card a refusal still stops the peek: its fee becomes a debt, paid first
+    from later earnings, up to the limit (300 cents by default). Past it the agent was told in advance
+    (the funding view) and the refusal is rejected before the deadline."""
     alice, bob = await RestAgent(client, "alice").register(), await RestAgent(client, "bob").register()
     channel, _ = await create_channel(alice, [bob])
+    await go_online(client, alice)
+    status, view = await bob.call("GET", "/api/v1/agents/me/peek-policy")
+    assert status == 200 and view["funded"] and view["refusals_as_debt"] == 3 and view["choice"] == "allow", view
+    documented("/api/v1/agents/me/peek-policy", "get", "200", view)
+    assert "debt" in view["message"] and "agentchat card" in view["message"]
+    for expected_balance in (-100, -200, -300):
+        opened, auth = await open_peek(client, channel)
+        await call(client, "POST", f"/api/v1/peeks/{opened['peek']['id']}/confirm", auth)
+        status, body = await call(client, "POST", f"/api/v1/peeks/{opened['peek']['id']}/refuse", bob.auth)
+        assert status == 200 and body["peek"]["state"] == "refused", body
+        await check_ledger(client.server.app, lambda l, b=expected_balance: l.balance(money.agent_account(bob.did)) == b)
+    status, view = await bob.call("GET", "/api/v1/agents/me/peek-policy")
+    assert not view["funded"] and "not funded" in view["message"] and "agentchat card" in view["message"]
+    status, body = await bob.call("PUT", "/api/v1/agents/me/peek-policy", json={"choice": "refuse"})
+    assert (status, body["error"]["code"]) == (409, "refusal_unfunded")  # a standing refusal that would not hold
+
     opened, auth = await open_peek(client, channel)
     peek_id = opened["peek"]["id"]
     await call(client, "POST", f"/api/v1/peeks/{peek_id}/confirm", auth)
     status, body = await call(client, "POST", f"/api/v1/peeks/{peek_id}/refuse", bob.auth)
     assert (status, body["error"]["code"]) == (409, "refusal_unfunded"), body
-    assert "card on file" in body["error"]["message"]
+    assert "card on file" in body["error"]["message"] and "agentchat card" in body["error"]["message"]
     assert (await wait_state(client, peek_id, auth, "countdown"))["peek"]["refused_by"] is None
 
     # A card that declines does not fund it either; a working one does.
@@ -308,9 +337,25 @@ async def test_refusal_without_earnings_or_card_is_rejected_before_the_deadline(
     assert status == 200 and body["peek"]["state"] == "refused", body
     ledger = await check_ledger(client.server.app, lambda l: l.transaction(f"refusal_fee/{peek_id}"))
     status, body = await bob.call("GET", "/api/v1/agents/me/ledger")
-    assert body["balance_cents"] == 0 and body["card"] == {"provider": "dev", "label": "dev card"}
+    assert body["balance_cents"] == -300 and body["card"] == {"provider": "dev", "label": "dev card"}
     assert ledger.transaction(f"refusal_fee/{peek_id}")  # the card paid: external -100, platform +100
-    assert ledger.balance(money.PLATFORM) == 100 and ledger.balance(money.EXTERNAL) == -100
+    assert ledger.balance(money.PLATFORM) == 400 and ledger.balance(money.EXTERNAL) == -100
+    status, body = await bob.call("PUT", "/api/v1/agents/me/peek-policy", json={"choice": "refuse"})
+    assert status == 200 and body["choice"] == "refuse" and body["funded"], body
+    documented("/api/v1/agents/me/peek-policy", "put", "200", body)
+
+    # Later earnings pay the debt first: a peek allowed (bob back to allow) with alice and bob.
+    status, body = await bob.call("PUT", "/api/v1/agents/me/peek-policy", json={"choice": "allow"})
+    assert status == 200 and body["choice"] == "allow"
+    opened, auth = await open_peek(client, channel)
+    await call(client, "POST", f"/api/v1/peeks/{opened['peek']['id']}/confirm", auth)
+    client.server.app[PEEKS].clock = lambda: time.time() + 31
+    try:
+        await client.server.app[PEEKS].scan()
+    finally:
+        client.server.app[PEEKS].clock = time.time
+    await wait_state(client, opened["peek"]["id"], auth, "active")
+    await check_ledger(client.server.app, lambda l: l.balance(money.agent_account(bob.did)) == -300 + 175)
     status, _ = await bob.call("DELETE", "/api/v1/agents/me/card")
     assert status == 200 and (await bob.call("GET", "/api/v1/agents/me/ledger"))[1]["card"] is None
 
@@ -321,6 +366,7 @@ async def test_refusal_by_a_non_member_and_of_an_active_peek_are_refused(aiohttp
     channel, _ = await create_channel(alice, [])
     await fund_with_dev_card(eve)
     await fund_with_dev_card(alice)
+    await go_online(client, alice)
     opened, auth = await open_peek(client, channel)
     peek_id = opened["peek"]["id"]
     await call(client, "POST", f"/api/v1/peeks/{peek_id}/confirm", auth)
@@ -344,6 +390,7 @@ async def test_paying_twice_declines_cancel_and_expiry(aiohttp_client: Any, tmp_
     client = await aiohttp_client(build_app(fast(tmp_path, peek_payment_timeout_seconds=0.5)))
     alice = await RestAgent(client, "alice").register()
     channel, _ = await create_channel(alice, [])
+    await go_online(client, alice)
 
     opened, auth = await open_peek(client, channel)
     peek_id = opened["peek"]["id"]
@@ -352,9 +399,9 @@ async def test_paying_twice_declines_cancel_and_expiry(aiohttp_client: Any, tmp_
     assert all(body["error"]["code"] == "peek_state" for status, body in results if status == 409)
     status, body = await call(client, "POST", f"/api/v1/peeks/{peek_id}/confirm", auth)
     assert (status, body["error"]["code"]) == (409, "peek_state") and "already paid" in body["error"]["message"]
-    status, body = await call(client, "POST", f"/api/v1/peeks/{peek_id}/cancel", auth)
-    assert (status, body["error"]["code"]) == (409, "peek_state")  # the agents have been asked
     await wait_state(client, peek_id, auth, "active")
+    status, body = await call(client, "POST", f"/api/v1/peeks/{peek_id}/cancel", auth)
+    assert (status, body["error"]["code"]) == (409, "peek_state")  # paid for and read: too late
 
     declined, auth2 = await open_peek(client, channel)
     status, body = await call(client, "POST", f"/api/v1/peeks/{declined['peek']['id']}/confirm", auth2,
@@ -405,6 +452,7 @@ async def test_a_peek_token_reads_only_its_own_peek_and_channel_and_only_while_a
     status, _ = await alice.call("POST", f"/api/v1/channels/{channel}/messages",
                                  json={"client_id": "m1", "envelope": envelope(alice, channel, key, "hi", "m1")})
     assert status == 201
+    await go_online(client, alice, epoch_key=key)
     opened, auth = await open_peek(client, channel)
     peek_id = opened["peek"]["id"]
     second, auth2 = await open_peek(client, channel)
@@ -448,10 +496,30 @@ async def test_a_peek_token_reads_only_its_own_peek_and_channel_and_only_while_a
 # ------------------------------------------------------------------------------ the socket
 
 
-async def test_at_the_deadline_agents_hear_the_outcome_before_the_capture_and_then_active(
+async def grant_now(client: Any, agent: RestAgent, peek_id: str, epoch_key: bytes | None = None) -> dict[str, Any]:
+    """``agent`` hands the peek the channel key over a socket of its own; the answer frame."""
+    status, body = await agent.call("GET", f"/api/v1/peeks/{peek_id}")
+    assert status == 200, body
+    view = body["peek"]
+    status, meta = await agent.call("GET", f"/api/v1/channels/{view['channel']}")
+    wrapped = crypto.wrap_epoch_key(epoch_key or crypto.new_epoch_key(), crypto.b64d(view["peeker_public_key"]),
+                                    channel=view["channel"], epoch=meta["epoch"], recipient="peek:" + peek_id)
+    ws = await hello(client, agent.token)
+    try:
+        await ws.send_str(orjson.dumps({"type": "grant_key", "ref": "g", "peek": peek_id, "epoch": meta["epoch"],
+                                        "wrapped_key": wrapped}).decode())
+        while True:
+            frame = (await frames_of(ws, 1))[0]
+            if frame.get("ref") == "g":
+                return frame
+    finally:
+        await ws.close()
+
+
+async def test_at_the_deadline_agents_hear_the_outcome_then_a_key_is_kept_then_active(
         aiohttp_client: Any, tmp_path: Path) -> None:
-    """Nobody refuses: the countdown's outcome (``capturing``) reaches the agents as soon as it is
-    stored, each frame carrying the peek as it was stored, then ``active`` once the price is taken."""
+    """Nobody refuses: the countdown's outcome (``awaiting_key``) reaches the agents as soon as it is
+    stored; a member's grant moves the peek to ``capturing``, then ``active`` once the price is taken."""
     client = await aiohttp_client(build_app(fast(tmp_path)))
     alice, bob = await RestAgent(client, "alice").register(), await RestAgent(client, "bob").register()
     channel, _ = await create_channel(alice, [bob])
@@ -459,10 +527,14 @@ async def test_at_the_deadline_agents_hear_the_outcome_before_the_capture_and_th
     opened, auth = await open_peek(client, channel)
     peek_id = opened["peek"]["id"]
     await call(client, "POST", f"/api/v1/peeks/{peek_id}/confirm", auth)
-    request, decided, active = await frames_of(alice_ws, 3)
+    request, decided = await frames_of(alice_ws, 2)
     assert request["type"] == "peek_request" and request["peek"] == peek_id
-    assert decided["type"] == "peek" and decided["peek"]["state"] == "capturing"
+    assert decided["type"] == "peek" and decided["peek"]["state"] == "awaiting_key"
     assert decided["peek"]["updated_at"] >= request["deadline"]
+    assert (await wait_state(client, peek_id, auth, "awaiting_key")).get("grants") is None
+    await grant_now(client, alice, peek_id)
+    capturing, active = await frames_of(alice_ws, 2)
+    assert capturing["type"] == "peek" and capturing["peek"]["state"] == "capturing"
     assert active["type"] == "peek" and active["peek"]["state"] == "active"
     assert active["peek"]["activated_at"] >= decided["peek"]["updated_at"]
     # An agent whose socket opens now hears of the active peek it may grant a key to.

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agentchat.core import ledger as money
-from agentchat.payments.ledger import LedgerStore, entry_key
+from agentchat.payments.ledger import LedgerStore
+from agentchat.store import keys as store_keys
 from agentchat.store.instrumented import CountingStore
 from agentchat.store.local import LocalStore
 
@@ -111,7 +112,7 @@ async def test_a_replay_writes_only_the_index_entries_a_crash_left_out(tmp_path:
         entries = money.split_capture(PEEKS[0], 500, DIDS[:3], created_at=1.0)
         await durable.record(entries)
         lost = entries[1]
-        await store.delete(entry_key(lost))  # as if the process died before writing it
+        await store.delete(store_keys.ledger_entry(lost.account, lost.txn_id))  # as if the process died before writing it
         ops.clear()
         assert await durable.record(entries) == []
         assert ops["put"] == 2  # the transaction's create-if-absent (refused) and the missing entry

@@ -13,10 +13,11 @@ from agentchat.config import load_settings
 from agentchat.core.peek import PeekState
 from agentchat.errors import AgentChatError
 from agentchat.server.app import build_app
-from agentchat.server.keys import LEDGER, PEEKS
-from agentchat.server.peeks import refusal_key
+from agentchat.server.appkeys import LEDGER, PEEKS
+from agentchat.store.keys import peek_refusal
 from tests.conftest import RestAgent
-from tests.server.test_peeks import call, check_ledger, fund_with_dev_card, open_peek
+from tests.server.peek_agents import go_online
+from tests.server.test_peeks import call, check_ledger, fund_with_dev_card, grant_now, open_peek
 from tests.server.test_rest import create_channel
 
 
@@ -37,6 +38,7 @@ async def test_refusal_against_the_deadline_with_an_injected_clock(aiohttp_clien
     alice = await RestAgent(a, "alice").register()
     channel, _ = await create_channel(alice, [])
     await fund_with_dev_card(alice)
+    await go_online(a, alice, grant=False)
     service_a, service_b = a.server.app[PEEKS], b.server.app[PEEKS]
     outcomes: Counter[str] = Counter()
     for run in range(40):
@@ -49,7 +51,7 @@ async def test_refusal_against_the_deadline_with_an_injected_clock(aiohttp_clien
         service_b.clock = lambda: deadline
 
         async def drive_b(steps: int = run % 8, after_fee: bool = bool(run % 2)) -> None:
-            while after_fee and await service_a.store.get(refusal_key(peek_id, alice.did)) is None:
+            while after_fee and await service_a.store.get(peek_refusal(peek_id, alice.did)) is None:
                 await asyncio.sleep(0)
             for _ in range(steps):
                 await asyncio.sleep(0)
@@ -57,9 +59,11 @@ async def test_refusal_against_the_deadline_with_an_injected_clock(aiohttp_clien
 
         refusal, _ = await asyncio.gather(service_a.refuse(peek_id, alice.did), drive_b(), return_exceptions=True)
         service_a.clock = service_b.clock = time.time
-        final = await service_b.load(peek_id)
+        if (await service_b.load(peek_id)).state is PeekState.AWAITING_KEY:  # the deadline won: hand the key
+            await grant_now(a, alice, peek_id)
         ledger = await check_ledger(a.server.app, lambda l: bool(l.transaction(f"capture/{peek_id}")
                                                                  or l.transaction(f"refusal_fee/{peek_id}")))
+        final = await service_b.load(peek_id)
         captured, fee = ledger.transaction(f"capture/{peek_id}"), ledger.transaction(f"refusal_fee/{peek_id}")
         if isinstance(refusal, AgentChatError):
             assert refusal.code == "peek_state", refusal
@@ -82,6 +86,7 @@ async def test_refusal_over_http_at_the_real_deadline(aiohttp_client: Any, tmp_p
     alice = await RestAgent(a, "alice").register()
     channel, _ = await create_channel(alice, [])
     await fund_with_dev_card(alice)
+    await go_online(a, alice)  # hands over the key when the deadline wins
     alice_on_b = {"Authorization": f"Bearer {alice.token}"}
     outcomes: Counter[str] = Counter()
     for run in range(12):
@@ -99,7 +104,7 @@ async def test_refusal_over_http_at_the_real_deadline(aiohttp_client: Any, tmp_p
             assert ledger.transaction(f"refusal_fee/{peek_id}") and not ledger.transaction(f"capture/{peek_id}")
         else:
             assert (status, body["error"]["code"]) == (409, "peek_state"), body
-            assert final.state in (PeekState.CAPTURING, PeekState.ACTIVE)
+            assert final.state in (PeekState.AWAITING_KEY, PeekState.CAPTURING, PeekState.ACTIVE)
             assert not ledger.transaction(f"refusal_fee/{peek_id}")
         outcomes[final.state] += 1
     ledger = await b.server.app[LEDGER].audit()

@@ -4,6 +4,7 @@ rotate the epoch by themselves, the peeker decrypts what they say, and the serve
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,10 @@ import pytest
 
 from agentchat import crypto
 from agentchat.client import Agent
+from agentchat.client.agent import AgentChatClientError
 from agentchat.client.peeker import PeekEvent, Peeker
 from agentchat.config import Settings, load_settings
+from agentchat.server.appkeys import PEEKS
 from tests.server.test_peeks import check_ledger
 
 
@@ -138,23 +141,40 @@ async def test_policies_refuse_automatically_or_decide_per_request(client: Any, 
         await chooser.close()
 
 
-async def test_an_unfunded_automatic_refusal_is_reported_and_the_peek_goes_on(client: Any, sdk_agents: Any) -> None:
+async def test_an_sdk_refusal_with_no_money_still_stops_the_peek_and_past_the_limit_it_does_not_start(
+        client: Any, sdk_agents: Any) -> None:
+    """An agent with no earnings and no card refuses: the fee becomes a debt and the peek is refused.
+    At the debt limit the SDK refuses to start refusing and says how to fund it."""
     alice = await sdk_agents("alice")
-    broke = Agent(server_url(client), crypto.AgentKeys.generate(), peek_policy=False)
+    keys = crypto.AgentKeys.generate()
+    broke = Agent(server_url(client), keys, peek_policy=False)
     await broke.register("broke")
     try:
         channel = await alice.create_channel([broke.did])
-        await broke.connect()
+        funding = await broke.refusal_funding()
+        assert funding["funded"] and funding["refusals_as_debt"] == 3 and "debt" in funding["message"]
+        await broke.connect()  # funded (as a debt): sets the standing choice
+        assert (await broke.refusal_funding())["choice"] == "refuse"
+        await alice.connect()
         async with Peeker(server_url(client)) as peeker:
             await peeker.open(channel)
             await peeker.confirm()
-            failure = None
-            while failure is None or failure.get("type") != "peek_refusal_failed":
-                failure = await asyncio.wait_for(broke.events.get(), 5)
-            assert failure["code"] == "refusal_unfunded"
 
-            async def active() -> bool:
-                return (await peeker.state())["state"] == "active"
-            await wait_for(active)
+            async def refused() -> bool:
+                return (await peeker.state())["state"] == "refused"
+            await wait_for(refused)
+
+        async def in_debt() -> bool:  # the fee follows the refusal into the ledger
+            return (await broke.ledger())["balance_cents"] == -100
+        await wait_for(in_debt)
     finally:
         await broke.close()
+    service = client.server.app[PEEKS]
+    service.refusals.settings = dataclasses.replace(service.settings, refusal_debt_limit_cents=100)
+    again = Agent(server_url(client), keys, peek_policy=False)
+    try:
+        with pytest.raises(AgentChatClientError) as caught:
+            await again.connect()
+        assert caught.value.code == "refusal_unfunded" and "agentchat card" in caught.value.message
+    finally:
+        await again.close()

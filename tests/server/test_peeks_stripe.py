@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,8 +15,9 @@ import stripe
 
 from agentchat.config import Settings, load_settings
 from agentchat.core import ledger as money
-from agentchat.server.keys import PEEKS
+from agentchat.server.appkeys import PEEKS
 from tests.conftest import RestAgent
+from tests.server.peek_agents import go_online
 from tests.server.test_peeks import call, check_ledger, open_peek, wait_state
 from tests.server.test_rest import create_channel
 from tests.stripe_service import SECRET_KEY, LocalStripe, sign_webhook, stripe_server  # noqa: F401
@@ -74,6 +76,7 @@ async def put_card_on_file(agent: RestAgent, browser: Any, method: str = "pm_car
 async def test_a_paid_peek_is_captured_at_the_deadline_and_split(client: Any, browser: Any) -> None:
     alice, bob = await RestAgent(client, "alice").register(), await RestAgent(client, "bob").register()
     channel, _ = await create_channel(alice, [bob])
+    await go_online(client, alice)
     opened, auth = await open_peek(client, channel)
     peek_id, payment = opened["peek"]["id"], opened["payment"]
     assert payment["provider"] == "stripe" and payment["client_secret"].startswith(payment["payment_intent"])
@@ -107,6 +110,7 @@ async def test_a_paid_peek_is_captured_at_the_deadline_and_split(client: Any, br
 async def test_webhooks_bad_signatures_and_events_out_of_order(client: Any, browser: Any) -> None:
     alice = await RestAgent(client, "alice").register()
     channel, _ = await create_channel(alice, [])
+    await go_online(client, alice)
     opened, auth = await open_peek(client, channel)
     peek_id, ref = opened["peek"]["id"], opened["payment"]["payment_intent"]
     pending = await intent(browser, ref)
@@ -146,6 +150,7 @@ async def test_webhooks_bad_signatures_and_events_out_of_order(client: Any, brow
 async def test_confirm_reads_stripe_and_a_declined_card_fails_the_peek(client: Any, browser: Any) -> None:
     alice = await RestAgent(client, "alice").register()
     channel, _ = await create_channel(alice, [])
+    await go_online(client, alice)
     opened, auth = await open_peek(client, channel)
     peek_id, ref = opened["peek"]["id"], opened["payment"]["payment_intent"]
     status, body = await call(client, "POST", f"/api/v1/peeks/{peek_id}/confirm", auth)
@@ -173,10 +178,13 @@ async def test_confirm_reads_stripe_and_a_declined_card_fails_the_peek(client: A
 async def test_refusal_fee_from_a_card_on_file_and_the_peeker_is_released(client: Any, browser: Any) -> None:
     alice, bob = await RestAgent(client, "alice").register(), await RestAgent(client, "bob").register()
     channel, _ = await create_channel(alice, [bob])
+    await go_online(client, alice)
     opened, auth = await open_peek(client, channel)
     peek_id, ref = opened["peek"]["id"], opened["payment"]["payment_intent"]
     await pay(browser, ref)
     await call(client, "POST", f"/api/v1/peeks/{peek_id}/confirm", auth)
+    service = client.server.app[PEEKS]  # no debts: the card or nothing
+    service.refusals.settings = dataclasses.replace(service.settings, refusal_debt_limit_cents=0)
 
     status, body = await call(client, "POST", f"/api/v1/peeks/{peek_id}/refuse", bob.auth)
     assert (status, body["error"]["code"]) == (409, "refusal_unfunded")

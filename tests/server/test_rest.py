@@ -305,7 +305,7 @@ async def test_rate_limits_behind_a_trusted_proxy_use_the_forwarded_address(aioh
 
 async def test_health_is_503_naming_the_failing_component(client) -> None:
     from agentchat.errors import error
-    from agentchat.server.keys import BUS, STORE
+    from agentchat.server.appkeys import BUS, STORE
 
     async def broken(*args, **kwargs):
         raise error("store_unavailable")

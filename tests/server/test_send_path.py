@@ -9,7 +9,7 @@ from typing import Any
 
 from agentchat.config import load_settings
 from agentchat.server.app import build_app
-from agentchat.server.keys import HUB
+from agentchat.server.appkeys import HUB
 from tests.conftest import RestAgent
 from tests.server.test_rest import create_channel, envelope
 

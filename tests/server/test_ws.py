@@ -245,7 +245,7 @@ async def test_a_flooding_socket_gets_rate_limited_then_closed(aiohttp_client, t
 
 async def test_a_silent_socket_is_pinged_then_dropped_and_an_answering_one_stays(aiohttp_client, tmp_path,
                                                                                 monkeypatch) -> None:
-    from agentchat.server import ws as ws_module
+    from agentchat.server import agent_socket as ws_module
     from tests.conftest import RestAgent
 
     monkeypatch.setattr(ws_module, "HEARTBEAT_TICK", 0.02)

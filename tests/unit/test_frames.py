@@ -1,4 +1,4 @@
-"""The frame codec, without an event loop: bytes in, frames or errors out."""
+"""The JSON frame codec, without an event loop: bytes in, frames or errors out."""
 
 from __future__ import annotations
 

@@ -24,7 +24,9 @@ from agentchat.core.peek import (
     CaptureSucceeded,
     ChargeRefusalFee,
     DeadlineReached,
+    DeliverGrants,
     Event,
+    KeyGranted,
     NotifyAgents,
     NotifyPeeker,
     PaymentAuthorized,
@@ -46,6 +48,8 @@ from agentchat.errors import Conflict
 T0 = 1_700_000_000.0
 AUTH_AT = T0 + 5.0
 DEADLINE = AUTH_AT + 60.0
+GRANTED_AT = DEADLINE + 1.0
+KEY_DEADLINE = DEADLINE + 30.0
 ACTIVE_AT = DEADLINE + 2.0
 ENDS_AT = ACTIVE_AT + 600.0
 KEY = "bW9jay14MjU1MTktcHVibGljLWtleS0zMi1ieXRlcyE="
@@ -61,8 +65,12 @@ def counting_down() -> Peek:
     return step(opened(), PaymentAuthorized("pi_1"), AUTH_AT).peek
 
 
-def capturing() -> Peek:
+def awaiting_key() -> Peek:
     return step(counting_down(), DeadlineReached(), DEADLINE).peek
+
+
+def capturing() -> Peek:
+    return step(awaiting_key(), KeyGranted(AGENT), GRANTED_AT).peek
 
 
 def active() -> Peek:
@@ -74,6 +82,7 @@ def reach(state: PeekState) -> Peek:
     paths: dict[PeekState, Callable[[], Peek]] = {
         S.AWAITING_PAYMENT: opened,
         S.COUNTDOWN: counting_down,
+        S.AWAITING_KEY: awaiting_key,
         S.CAPTURING: capturing,
         S.ACTIVE: active,
         S.ENDED: lambda: step(active(), TimeUp(), ENDS_AT).peek,
@@ -81,6 +90,8 @@ def reach(state: PeekState) -> Peek:
         S.PAYMENT_FAILED: lambda: step(opened(), PaymentFailed("card declined"), T0 + 1).peek,
         S.CANCELED: lambda: step(opened(), Cancel(), T0 + 1).peek,
         S.EXPIRED: lambda: step(opened(), DeadlineReached(), T0 + 900).peek,
+        S.WITHDRAWN: lambda: step(counting_down(), Cancel(), AUTH_AT + 1).peek,
+        S.NO_KEY: lambda: step(awaiting_key(), DeadlineReached(), KEY_DEADLINE).peek,
     }
     peek = paths[state]()
     assert peek.state is state
@@ -93,6 +104,7 @@ SAMPLE_EVENTS: dict[type[Event], Event] = {
     Cancel: Cancel(),
     Refuse: Refuse(AGENT),
     DeadlineReached: DeadlineReached(),
+    KeyGranted: KeyGranted(AGENT),
     CaptureSucceeded: CaptureSucceeded(),
     CaptureFailed: CaptureFailed(),
     TimeUp: TimeUp(),
@@ -120,7 +132,8 @@ def test_open_uses_the_settings_passed_in() -> None:
     ).peek
     peek = step(peek, PaymentAuthorized("pi_1"), T0 + 1).peek
     assert peek.deadline == T0 + 31
-    peek = step(step(peek, DeadlineReached(), T0 + 31).peek, CaptureSucceeded(), T0 + 32).peek
+    peek = step(step(peek, DeadlineReached(), T0 + 31).peek, KeyGranted(AGENT), T0 + 31.5).peek
+    peek = step(peek, CaptureSucceeded(), T0 + 32).peek
     assert peek.ends_at == T0 + 152
     assert peek.price_cents == 700
 
@@ -192,8 +205,21 @@ def test_refusal_cancels_the_payment_and_charges_the_agent() -> None:
     )
 
 
-def test_deadline_without_refusal_captures() -> None:
+def test_deadline_without_refusal_asks_for_the_key_and_takes_nothing_yet() -> None:
     peek, effects = step(counting_down(), DeadlineReached(), DEADLINE)
+    assert peek.state is S.AWAITING_KEY
+    assert peek.key_deadline == KEY_DEADLINE
+    assert effects == (
+        RequestGrant("pk_1", "ch_1", KEY),
+        NotifyAgents("pk_1", "ch_1", S.AWAITING_KEY),
+        NotifyPeeker("pk_1", S.AWAITING_KEY),
+        ArmTimer("pk_1", KEY_DEADLINE),
+    )
+    assert not any(isinstance(e, CapturePayment) for e in effects)
+
+
+def test_a_kept_grant_captures() -> None:
+    peek, effects = step(awaiting_key(), KeyGranted(AGENT), GRANTED_AT)
     assert peek.state is S.CAPTURING
     assert effects == (
         NotifyAgents("pk_1", "ch_1", S.CAPTURING),
@@ -202,13 +228,80 @@ def test_deadline_without_refusal_captures() -> None:
     )
 
 
+def test_no_key_in_time_releases_the_hold() -> None:
+    with pytest.raises(Conflict):
+        step(awaiting_key(), DeadlineReached(), KEY_DEADLINE - 0.001)
+    peek, effects = step(awaiting_key(), DeadlineReached(), KEY_DEADLINE)
+    assert peek.state is S.NO_KEY and peek.state.terminal
+    assert "key" in (peek.failure_reason or "")
+    assert effects == (
+        CancelPayment("pk_1", "pi_1"),
+        NotifyAgents("pk_1", "ch_1", S.NO_KEY),
+        NotifyPeeker("pk_1", S.NO_KEY),
+    )
+
+
+def test_peeker_withdraws_during_the_countdown() -> None:
+    peek, effects = step(counting_down(), Cancel(), AUTH_AT + 10)
+    assert peek.state is S.WITHDRAWN and peek.state.terminal
+    assert effects == (
+        CancelPayment("pk_1", "pi_1"),
+        NotifyAgents("pk_1", "ch_1", S.WITHDRAWN),
+        NotifyPeeker("pk_1", S.WITHDRAWN),
+    )
+
+
+def test_withdrawal_at_the_deadline_loses_to_it() -> None:
+    with pytest.raises(Conflict) as caught:
+        step(counting_down(), Cancel(), DEADLINE)
+    assert "countdown is over" in caught.value.message
+
+
+@given(offset=st.floats(min_value=-5.0, max_value=5.0))
+def test_withdrawal_refusal_and_deadline_give_one_outcome(offset: float) -> None:
+    """Whichever of the three is applied first to the stored peek, the others then fail by state."""
+    now = DEADLINE + offset
+    start = counting_down()
+    for first in (Cancel(), Refuse(AGENT), DeadlineReached()):
+        try:
+            won = step(start, first, now).peek
+        except Conflict:
+            continue
+        for other in (Cancel(), Refuse(AGENT)):
+            if type(other) is not type(first):
+                with pytest.raises(Conflict):
+                    step(won, other, now)
+
+
+def test_members_are_fixed_when_the_countdown_starts() -> None:
+    peek = step(opened(), PaymentAuthorized("pi_1", ("did:b", "did:a", "did:b")), AUTH_AT).peek
+    assert peek.members == ("did:a", "did:b")
+    later = step(step(step(peek, DeadlineReached(), DEADLINE).peek, KeyGranted(AGENT), GRANTED_AT).peek,
+                 CaptureSucceeded(), ACTIVE_AT)
+    assert later.effects[0] == SplitCapture("pk_1", "ch_1", 500, ("did:a", "did:b"))
+
+
+def test_a_peek_stored_before_the_new_fields_still_loads() -> None:
+    """Bytes in the layout peeks were stored in before grant waits and fixed members."""
+    raw = orjson.loads(counting_down().to_bytes())
+    for added in ("grant_wait_seconds", "key_deadline", "members"):
+        del raw[added]
+    old = Peek.from_bytes(orjson.dumps(raw))
+    assert old.members is None and old.grant_wait_seconds == 30.0
+    assert step(old, DeadlineReached(), DEADLINE).peek.state is S.AWAITING_KEY
+    raw["state"], raw["version"] = "capturing", 3  # a capture today's code left in flight
+    captured = step(Peek.from_bytes(orjson.dumps(raw)), CaptureSucceeded(), ACTIVE_AT)
+    assert captured.peek.state is S.ACTIVE
+    assert captured.effects[0] == SplitCapture("pk_1", "ch_1", 500, None)
+
+
 def test_capture_activates_the_peek() -> None:
     peek, effects = step(capturing(), CaptureSucceeded(), ACTIVE_AT)
     assert peek.state is S.ACTIVE
     assert (peek.activated_at, peek.ends_at) == (ACTIVE_AT, ENDS_AT)
     assert effects == (
-        SplitCapture("pk_1", "ch_1", 500),
-        RequestGrant("pk_1", "ch_1", KEY),
+        SplitCapture("pk_1", "ch_1", 500, ()),
+        DeliverGrants("pk_1"),
         NotifyAgents("pk_1", "ch_1", S.ACTIVE),
         NotifyPeeker("pk_1", S.ACTIVE),
         ArmTimer("pk_1", ENDS_AT),
@@ -242,6 +335,7 @@ def test_every_transition_increments_the_version_and_keeps_the_rest() -> None:
     path: list[tuple[Event, float]] = [
         (PaymentAuthorized("pi_1"), AUTH_AT),
         (DeadlineReached(), DEADLINE),
+        (KeyGranted(AGENT), GRANTED_AT),
         (CaptureSucceeded(), ACTIVE_AT),
         (TimeUp(), ENDS_AT),
     ]
@@ -280,7 +374,7 @@ def test_illegal_transition_is_a_peek_state_conflict(state: PeekState, event_typ
 
 def test_nothing_leaves_a_terminal_state() -> None:
     terminal = {s for s in PeekState if s.terminal}
-    assert terminal == {S.ENDED, S.REFUSED, S.PAYMENT_FAILED, S.CANCELED, S.EXPIRED}
+    assert terminal == {S.ENDED, S.REFUSED, S.PAYMENT_FAILED, S.CANCELED, S.EXPIRED, S.WITHDRAWN, S.NO_KEY}
     assert not any(state in terminal for state, _ in TRANSITIONS)
 
 
@@ -293,7 +387,7 @@ def test_user_facing_sentences() -> None:
     assert "not authorised" in message(opened(), Refuse(AGENT), T0)
     assert "refusal window has closed" in message(capturing(), Refuse(AGENT), DEADLINE)
     assert "it is refused" in message(reach(S.REFUSED), Refuse(AGENT), AUTH_AT + 2)
-    assert "countdown has started" in message(counting_down(), Cancel(), AUTH_AT)
+    assert "countdown is over" in message(capturing(), Cancel(), DEADLINE)
 
 
 def test_events_reject_empty_identifiers() -> None:
@@ -329,7 +423,7 @@ def test_refusal_and_deadline_are_never_both_accepted(offset: float) -> None:
     for event in events:
         with contextlib.suppress(Conflict):
             outcomes.append(step(peek, event, now).peek.state)
-    assert outcomes == ([S.REFUSED] if now < DEADLINE else [S.CAPTURING])
+    assert outcomes == ([S.REFUSED] if now < DEADLINE else [S.AWAITING_KEY])
 
 
 def test_payment_expiry_boundary() -> None:
@@ -418,8 +512,8 @@ def test_round_trip_is_exact_for_any_values(
     )
     now = created
     states = [peek]
-    path: tuple[Event, ...] = (PaymentAuthorized(text), DeadlineReached(), CaptureSucceeded())
-    for event, gap in zip(path, gaps, strict=True):
+    path: tuple[Event, ...] = (PaymentAuthorized(text), DeadlineReached(), KeyGranted(text), CaptureSucceeded())
+    for event, gap in zip(path, [*gaps, 0.0], strict=True):
         now = max(now + gap, peek.wake_at or now)
         peek = step(peek, event, now).peek
         states.append(peek)
@@ -435,6 +529,7 @@ def test_every_transition_changes_the_bytes() -> None:
     path: list[tuple[Event, float]] = [
         (PaymentAuthorized("pi_1"), AUTH_AT),
         (DeadlineReached(), DEADLINE),
+        (KeyGranted(AGENT), GRANTED_AT),
         (CaptureSucceeded(), ACTIVE_AT),
         (TimeUp(), ENDS_AT),
     ]
@@ -489,6 +584,6 @@ def test_protocol_state_table_matches_the_code() -> None:
         event = next(SAMPLE_EVENTS[t] for t in EVENT_TYPES if t.name == event_name)
         peek = reach(state)
         due = peek.wake_at if peek.wake_at is not None else peek.updated_at + 1
-        effects = step(peek, event, due if event_name != "refuse" else peek.updated_at + 1).effects
+        effects = step(peek, event, due if event_name not in ("refuse", "cancel") else peek.updated_at + 1).effects
         actual[(str(state), event_name)] = (str(next_state), [type(e).__name__ for e in effects])
     assert documented == actual

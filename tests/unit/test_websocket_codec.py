@@ -13,7 +13,7 @@ import pytest
 from websockets.frames import Close, Frame, Opcode
 from websockets.streams import StreamReader
 
-from agentchat.core import websocket as ws
+from agentchat.core import rfc6455 as ws
 
 MASK = b"\x37\xfa\x21\x3d"
 SAMPLE_KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 section 1.3
@@ -180,9 +180,20 @@ def test_switching_protocols_is_a_complete_101_response() -> None:
 # -- client frames in, cross-checked with the websockets serializer -----------------------------------
 
 
+def _random_text(size: int) -> bytes:
+    """``size`` bytes of valid UTF-8 (text messages must be), 1- to 4-byte characters mixed."""
+    rng = random.Random(size)
+    out = bytearray()
+    while len(out) < size:
+        char = chr(rng.choice((rng.randrange(0x20, 0x7F), rng.randrange(0xA0, 0xD800),
+                               rng.randrange(0x10000, 0x110000)))).encode()
+        out += char if len(out) + len(char) <= size else b"a" * (size - len(out))
+    return bytes(out)
+
+
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 200_000])
 def test_text_frame_of_every_length_class_is_read(size: int) -> None:
-    data = random.Random(size).randbytes(size)
+    data = _random_text(size)
     parser = ws.FrameParser(1 << 20)
     assert parser.feed(client_frame(Opcode.TEXT, data)) == [(ws.OP_TEXT, data)]
 
@@ -255,7 +266,7 @@ def test_same_stream_in_random_splits_gives_the_same_output(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(5))
 def test_splits_inside_headers_of_every_length_class(seed: int) -> None:
     sizes = [0, 5, 125, 126, 300, 65535, 65536, 70_000]
-    frames = [client_frame(Opcode.TEXT, bytes([n % 251]) * n) for n in sizes]
+    frames = [client_frame(Opcode.TEXT, bytes([n % 128]) * n) for n in sizes]
     stream = b"".join(frames)
     rng = random.Random(seed)
     # One cut inside every frame's header (the first 14 bytes), plus random cuts elsewhere.
@@ -264,7 +275,7 @@ def test_splits_inside_headers_of_every_length_class(seed: int) -> None:
         cuts.add(offset + rng.randint(1, min(13, len(frame) - 1)))
         offset += len(frame)
     cuts |= set(rng.sample(range(1, len(stream)), 40))
-    assert feed_in_pieces(stream, sorted(cuts)) == [(ws.OP_TEXT, bytes([n % 251]) * n) for n in sizes]
+    assert feed_in_pieces(stream, sorted(cuts)) == [(ws.OP_TEXT, bytes([n % 128]) * n) for n in sizes]
 
 
 def test_header_in_one_chunk_then_payload_in_several_chunks_loses_nothing() -> None:
@@ -516,3 +527,53 @@ def test_server_frames_are_read_back_by_the_parser_once_masked() -> None:
         parsed = parse_server_frame(frame)
         masked = Frame(parsed.opcode, parsed.data, parsed.fin).serialize(mask=True)
         assert ws.FrameParser(1 << 20).feed(masked) == [(int(parsed.opcode), bytes(parsed.data))]
+
+
+# -- UTF-8 of text messages, fragment limit, messages before a violation ---------------------------------
+
+
+@pytest.mark.parametrize("bad", [b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf", b"\xe2\x82"])
+def test_text_message_that_is_not_utf8_is_1007(bad: bytes) -> None:
+    assert violation(client_frame(Opcode.TEXT, b"ok " + bad)).close_code == 1007
+
+
+def test_binary_message_is_not_checked_for_utf8() -> None:
+    assert ws.FrameParser(4096).feed(client_frame(Opcode.BINARY, b"\xff\xfe")) == [(ws.OP_BINARY, b"\xff\xfe")]
+
+
+def test_fragmented_text_fails_at_the_fragment_with_the_bad_byte_not_at_the_end() -> None:
+    parser = ws.FrameParser(4096)
+    assert parser.feed(client_frame(Opcode.TEXT, "caf".encode(), fin=False)) == []
+    with pytest.raises(ws.ProtocolViolation) as err:
+        parser.feed(client_frame(Opcode.CONT, b"\xc3\x28", fin=False))  # the message is not over yet
+    assert err.value.close_code == 1007
+
+
+def test_fragmented_text_may_split_a_character_but_may_not_end_inside_one() -> None:
+    data = "é€𝄞".encode()
+    parser = ws.FrameParser(4096)
+    stream = b"".join(client_frame(Opcode.TEXT if i == 0 else Opcode.CONT, data[i:i + 1], fin=i == len(data) - 1)
+                      for i in range(len(data)))
+    assert parser.feed(stream) == [(ws.OP_TEXT, data)]
+    truncated = client_frame(Opcode.TEXT, data[:1], fin=False) + client_frame(Opcode.CONT, data[1:3])  # é, half a €
+    assert violation(truncated).close_code == 1007
+
+
+def test_a_message_in_more_than_max_fragments_is_1009_and_at_the_limit_is_read() -> None:
+    limit = ws.FrameParser.MAX_FRAGMENTS
+    first = client_frame(Opcode.BINARY, b"a", fin=False)
+    empty = client_frame(Opcode.CONT, b"", fin=False)
+    last = client_frame(Opcode.CONT, b"z")
+    assert ws.FrameParser(4096).feed(first + empty * (limit - 2) + last) == [(ws.OP_BINARY, b"az")]
+    assert violation(first + empty * (limit - 1) + last).close_code == 1009
+
+
+def test_messages_before_a_violation_are_carried_by_it_and_nothing_is_read_after() -> None:
+    parser = ws.FrameParser(4096)
+    stream = (client_frame(Opcode.TEXT, b"one") + client_frame(Opcode.PING, b"p")
+              + Frame(Opcode.TEXT, b"unmasked").serialize(mask=False))
+    with pytest.raises(ws.ProtocolViolation) as err:
+        parser.feed(stream)
+    assert err.value.messages == [(ws.OP_TEXT, b"one"), (ws.OP_PING, b"p")]
+    assert err.value.fail_frame() == (ws.OP_FAIL, b"\x03\xea" + err.value.reason.encode())
+    assert parser.feed(client_frame(Opcode.TEXT, b"after")) == []

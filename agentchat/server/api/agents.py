@@ -8,9 +8,11 @@ import time
 from aiohttp import web
 
 from agentchat import crypto
+from agentchat.bus import keys as bus_keys
 from agentchat.errors import error
 from agentchat.server.http import agent_did, json_response, rate_limit, read_json, require_str
-from agentchat.server.keys import BUS, RECORDS, SETTINGS, TOKENS
+from agentchat.server.appkeys import BUS, RECORDS, SETTINGS, STORE, TOKENS
+from agentchat.store import keys as store_keys
 
 routes = web.RouteTableDef()
 
@@ -44,6 +46,8 @@ async def register(request: web.Request) -> web.Response:
     if not crypto.verify_signature(keys.signing_key, signature,
                                    crypto.registration_message(name, keys, timestamp)):
         raise error("bad_signature", "the registration signature does not verify with the signing key")
+    if await request.app[STORE].get(store_keys.agent_tombstone(keys.did)) is not None:
+        raise error("agent_deleted", f"the account of {keys.did} was deleted; make new keys")
     now = int(time.time() * 1000)
     record = await request.app[RECORDS].put_agent(
         {"did": keys.did, "name": name, "keys": keys.to_wire(), "created_at": now, "updated_at": now}
@@ -102,10 +106,12 @@ async def challenge(request: web.Request) -> web.Response:
     body = await read_json(request, frozenset({"did"}))
     did = _did_field(body)
     if await request.app[RECORDS].get_agent(did) is None:
+        if await request.app[STORE].get(store_keys.agent_tombstone(did)) is not None:
+            raise error("agent_deleted", f"the account of {did} was deleted")
         raise error("agent_not_found", f"no agent {did}")
     nonce = secrets.token_urlsafe(32)
     ttl = settings.challenge_ttl_seconds
-    await request.app[BUS].set("challenge:" + nonce, did.encode(), ttl)
+    await request.app[BUS].set(bus_keys.auth_challenge(nonce), did.encode(), ttl)
     return json_response({"challenge": nonce, "expires_at": int((time.time() + ttl) * 1000)})
 
 
@@ -118,7 +124,7 @@ async def login(request: web.Request) -> web.Response:
     nonce = require_str(body, "challenge", 128)
     signature = _signature(body)
     # take(): single use, even when two logins race with the same challenge.
-    owner = await request.app[BUS].take("challenge:" + nonce)
+    owner = await request.app[BUS].take(bus_keys.auth_challenge(nonce))
     if owner is None or owner.decode() != did:
         raise error("challenge_invalid")
     record = await request.app[RECORDS].get_agent(did)

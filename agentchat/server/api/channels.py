@@ -18,7 +18,7 @@ from agentchat import crypto
 from agentchat.core import frames
 from agentchat.errors import error
 from agentchat.server.http import agent_did, json_response, principal, query_int, read_json
-from agentchat.server.keys import HISTORY, HUB, RECORDS, SETTINGS
+from agentchat.server.appkeys import HISTORY, HUB, RECORDS, SETTINGS
 from agentchat.store.records import Record
 
 routes = web.RouteTableDef()
@@ -81,8 +81,8 @@ async def create_channel(request: web.Request) -> web.Response:
     if len(members) > limits.max_channel_members:
         raise error("invalid_field", f"a channel has at most {limits.max_channel_members} members")
     records = request.app[RECORDS]
-    for member in members:
-        if member != did and await records.get_agent(member) is None:
+    for member in members:  # the creator too: a token may outlive its deleted account
+        if await records.get_agent(member) is None:
             raise error("agent_not_found", f"no agent {member}")
     epoch_keys = _check_keys_cover(body.get("epoch_keys"), members)
     now = int(time.time() * 1000)
@@ -265,5 +265,6 @@ async def get_messages(request: web.Request) -> web.Response:
     for message in messages:
         del message["type"]
     next_after = messages[-1]["seq"] if messages else after
+    # first_available > after + 1: the messages in between expired (retention), not a gap.
     return json_response({"channel": channel, "messages": messages, "next_after": next_after,
-                          "has_more": has_more})
+                          "has_more": has_more, "first_available": room.first_available})

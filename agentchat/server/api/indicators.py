@@ -8,7 +8,6 @@ peekers' sockets (``/api/v1/ws``) may send ``watch_indicators`` too; the public 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -17,12 +16,11 @@ from agentchat.core.indicators import SORTS
 from agentchat.core.ratelimit import TokenBucket
 from agentchat.errors import AgentChatError, error
 from agentchat.server.http import json_response, query_int, rate_limit
-from agentchat.server.indicators import IndicatorService, peeks_from
-from agentchat.server.keys import BUS, HUB, INDICATORS, METRICS, PEEKS, RECORDS, SESSIONS, SETTINGS, STORE
+from agentchat.server.appkeys import INDICATORS, METRICS, SESSIONS, SETTINGS
 from agentchat.server.session import CLOSE_GOING_AWAY, CLOSE_POLICY, Session, SessionSocket
 from agentchat.server.tokens import Principal
-from agentchat.server.websocket import upgrade_within_aiohttp
-from agentchat.server.ws import _guess_ref as guess_ref
+from agentchat.server.connections import upgrade_within_aiohttp
+from agentchat.server.agent_socket import _guess_ref as guess_ref
 
 routes = web.RouteTableDef()
 
@@ -36,17 +34,6 @@ SOCKET_MAX_FRAME_BYTES = 64 * 1024
 PAGE_MAX = 100
 PUBLIC = Principal(scope="public", subject="public")
 
-
-async def indicators_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Started after the hub and the peek service, closed before them."""
-    service = IndicatorService(bus=app[BUS], hub=app[HUB], records=app[RECORDS], store=app[STORE])
-    service.active_peeks = peeks_from(app[PEEKS])
-    app[INDICATORS] = service
-    await service.start()
-    try:
-        yield
-    finally:
-        await service.close()
 
 
 @routes.get("/api/v1/indicators")
@@ -78,7 +65,7 @@ class IndicatorsSocket(SessionSocket):
 
     def opened(self) -> None:
         session = self.session = Session(self, PUBLIC, self.app[SETTINGS].limits.send_queue_max, self.app[METRICS])
-        session.silent_ticks = 0  # the heartbeat of server/ws.py watches it
+        session.silent_ticks = 0  # the heartbeat of server/agent_socket.py watches it
         self.app[SESSIONS].add(session)
 
     def lost(self) -> None:
@@ -108,7 +95,7 @@ class IndicatorsSocket(SessionSocket):
         except AgentChatError as exc:
             session.push(frames.error_frame(exc.to_wire(), ref or guess_ref(data)))
             if self._refused > SOCKET_FRAMES_PER_SECOND * 4:
-                session.close_soon(CLOSE_POLICY, "rate_limited")
+                session.close_soon(CLOSE_POLICY, "rate_limited", flush=True)
 
 
 @routes.get("/api/v1/indicators/ws")
@@ -127,4 +114,4 @@ async def channel_indicators(request: web.Request) -> web.Response:
     return json_response(item.to_wire())
 
 
-__all__ = ["IndicatorService", "indicators_ctx", "routes"]
+__all__ = ["routes"]

@@ -13,7 +13,6 @@ import hmac
 import re
 import secrets
 from collections import defaultdict
-from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -23,12 +22,10 @@ from agentchat.core import frames
 from agentchat.core import ledger as money
 from agentchat.core.peek import PeekState
 from agentchat.errors import error
-from agentchat.payments import provider_from_settings
-from agentchat.payments.ledger import LedgerStore
 from agentchat.server.http import (agent_did, bearer_token, json_response, principal, rate_limit, read_json,
                                    require_str)
-from agentchat.server.keys import BUS, HUB, LEDGER, PAYMENTS, PEEKS, RECORDS, SETTINGS, STORE, TOKENS
-from agentchat.server.peeks import PeekService, peek_view
+from agentchat.server.appkeys import INDICATORS, LEDGER, PAYMENTS, PEEKS, RECORDS, SETTINGS, STORE, TOKENS
+from agentchat.server.peeks import peek_view
 from agentchat.server.tokens import Principal
 
 routes = web.RouteTableDef()
@@ -36,24 +33,6 @@ routes = web.RouteTableDef()
 # A peek token outlives the longest peek by this margin.
 TOKEN_MARGIN_SECONDS = 300
 EVENT_ID_RE = re.compile(r"^[A-Za-z0-9_]{1,200}$")
-
-
-async def peeks_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Payments, the ledger and the peek service; started after the hub, closed before it."""
-    settings = app[SETTINGS]
-    payments = provider_from_settings(settings)
-    await payments.start()
-    app[PAYMENTS] = payments
-    app[LEDGER] = LedgerStore(app[STORE])
-    service = PeekService(settings=settings, store=app[STORE], bus=app[BUS], hub=app[HUB], records=app[RECORDS],
-                          payments=payments, ledger=app[LEDGER])
-    app[PEEKS] = service
-    await service.start()
-    try:
-        yield
-    finally:
-        await service.close()
-        await payments.close()
 
 
 def _peek_id(request: web.Request) -> str:
@@ -88,7 +67,8 @@ async def open_peek(request: web.Request) -> web.Response:
     body = await read_json(request, frozenset({"channel", "peeker_public_key"}))
     channel = frames.check_channel_id(body.get("channel"))
     key = _public_key(body)
-    peek, hold = await request.app[PEEKS].open(channel, key)
+    shown = request.app[INDICATORS].view(channel)
+    peek, hold = await request.app[PEEKS].open(channel, key, agents_online=shown.agents_online if shown else 0)
     ttl = int(peek.payment_expires_at - peek.created_at + peek.refusal_window_seconds + peek.duration_seconds
               + TOKEN_MARGIN_SECONDS)
     token, expires_at = request.app[TOKENS].issue("peek", peek.id, channel=channel, ttl=ttl)
@@ -136,6 +116,8 @@ async def confirm_payment(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/peeks/{peek}/cancel")
 async def cancel_peek(request: web.Request) -> web.Response:
+    """The peeker withdraws: before the countdown (``canceled``) or during it (``withdrawn``); either
+    way the hold is released."""
     peek_id = _peek_id(request)
     _peeker(request, peek_id)
     peek = await request.app[PEEKS].cancel(peek_id)
@@ -198,12 +180,30 @@ def _entry_view(entry: money.Entry) -> dict[str, Any]:
 async def my_ledger(request: web.Request) -> web.Response:
     did = agent_did(request)
     entries = await request.app[LEDGER].entries(money.agent_account(did))
-    card = await request.app[PEEKS].card(did)
+    card = await request.app[PEEKS].refusals.card(did)
     return json_response({
         "did": did, "balance_cents": sum(e.amount_cents for e in entries),
         "entries": [_entry_view(e) for e in entries],
         "card": {"provider": card.provider, "label": card.label} if card else None,
     })
+
+
+@routes.get("/api/v1/agents/me/peek-policy")
+async def peek_policy(request: web.Request) -> web.Response:
+    """The agent's standing choice and what its next refusals would cost and who would pay, said in
+    advance (the SDK and ``agentchat listen --refuse-peeks`` read it before they refuse)."""
+    did = agent_did(request)
+    return json_response(await request.app[PEEKS].refusals.funding(did))
+
+
+@routes.put("/api/v1/agents/me/peek-policy")
+async def set_peek_policy(request: web.Request) -> web.Response:
+    """Keep the agent's standing choice (``allow`` or ``refuse``), applied by the server when a
+    countdown starts, online or not. A standing refusal that would not be funded is ``refusal_unfunded``."""
+    did = agent_did(request)
+    body = await read_json(request, frozenset({"choice"}))
+    choice = require_str(body, "choice", 16)
+    return json_response(await request.app[PEEKS].refusals.set_choice(did, choice))
 
 
 @routes.post("/api/v1/agents/me/card")
@@ -220,14 +220,14 @@ async def confirm_card(request: web.Request) -> web.Response:
     body = await read_json(request, frozenset({"setup", "card"}))
     setup = require_str(body, "setup", 128)
     card = await request.app[PAYMENTS].card_saved(did, setup, body)
-    await request.app[PEEKS].save_card(did, card)
+    await request.app[PEEKS].refusals.save_card(did, card)
     return json_response({"card": {"provider": card.provider, "label": card.label}})
 
 
 @routes.delete("/api/v1/agents/me/card")
 async def remove_card(request: web.Request) -> web.Response:
     did = agent_did(request)
-    await request.app[PEEKS].remove_card(did)
+    await request.app[PEEKS].refusals.remove_card(did)
     return json_response({"card": None})
 
 
@@ -259,4 +259,4 @@ async def revenue(request: web.Request) -> web.Response:
     })
 
 
-__all__ = ["peeks_ctx", "routes"]
+__all__ = ["routes"]

@@ -8,8 +8,8 @@ const data = document.body.dataset;
 const PRICE_CENTS = Number(data.priceCents) || 500;
 const WINDOW_SECONDS = Number(data.refusalWindow) || 60;
 const DURATION_SECONDS = Number(data.duration) || 600;
-const TERMINAL = new Set(["ended", "refused", "payment_failed", "canceled", "expired"]);
-const STATE_ORDER = ["awaiting_payment", "countdown", "capturing", "active"];
+const TERMINAL = new Set(["ended", "refused", "payment_failed", "canceled", "withdrawn", "expired", "no_key"]);
+const STATE_ORDER = ["awaiting_payment", "countdown", "awaiting_key", "capturing", "active"];
 // How far along a peek is: its states only move forward, every terminal state being the last.
 const stateRank = (state) => (TERMINAL.has(state) ? STATE_ORDER.length : STATE_ORDER.indexOf(state));
 const STRIPE_JS = "https://js.stripe.com/v3/";
@@ -285,6 +285,10 @@ async function showChannel(channel) {
 function showChannelStats() {
   const item = channels.get(current.channel);
   if (!item) return;
+  // Nobody online could hand over the key: say so instead of offering a peek that would be refused.
+  const offline = item.agents_online === 0;
+  $("peek-offline").hidden = !offline;
+  $("peek-start").hidden = offline;
   $("channel-title").textContent = channelName(item);
   document.title = `${channelName(item)} — AgentChat`;
   statsList($("channel-stats"), item);
@@ -401,6 +405,9 @@ const OUTCOMES = {
   refused: ["Refused: an agent declined this peek.", "You were not charged.", false],
   payment_failed: ["The payment did not go through.", "You were not charged.", false],
   canceled: ["Peek canceled.", "You were not charged.", false],
+  withdrawn: ["You withdrew the peek.", "The hold on your payment was released: you were not charged. The agents were told.", false],
+  no_key: ["No agent handed over the channel key in time.",
+    "Nobody refused, but without the key there was nothing to read, so the hold on your payment was released: you were not charged.", false],
   expired: ["The payment was not completed in time.", "You were not charged.", false],
   ended: ["The peek has ended.", "Your access to this channel is over; the agents have moved to a new key.", true],
 };
@@ -496,11 +503,18 @@ class Peek {
       showParts("peek-countdown");
       $("countdown-bar").max = view.refusal_window_seconds;
       if (!this.ticked) this.tick(Math.ceil(view.refusal_window_seconds));
-      setPeekStatus("Paid: the agents are being asked. They can still refuse.");
+      $("peek-withdraw").hidden = false;
+      setPeekStatus("Paid: the agents are being asked. They can still refuse, and you can still withdraw.");
+    } else if (view.state === "awaiting_key") {
+      showParts("peek-countdown");
+      this.tick(0);
+      $("peek-withdraw").hidden = true;
+      setPeekStatus("Nobody refused. Waiting for an agent to hand over the channel key; you are charged only once one has.");
     } else if (view.state === "capturing") {
       showParts("peek-countdown");
       this.tick(0);
-      setPeekStatus("Nobody refused. Taking the payment…");
+      $("peek-withdraw").hidden = true;
+      setPeekStatus("An agent handed over the key. Taking the payment…");
     } else if (view.state === "active") {
       showParts("peek-active");
       setPeekStatus("Nobody refused: you are reading the channel live.");
@@ -652,7 +666,8 @@ async function cancelPeek() {
     const answer = await api("POST", `/api/v1/peeks/${canceling.id}/cancel`, { token: canceling.token });
     canceling.setState(answer.peek);
   } catch (err) {
-    setPeekStatus(`The peek could not be canceled: ${err.message}`, true);
+    if (err.code === "peek_state") return; // decided first (a refusal, or the deadline): the socket tells which
+    setPeekStatus(`The peek could not be ${canceling.state === "countdown" ? "withdrawn" : "canceled"}: ${err.message}`, true);
   }
 }
 
@@ -707,6 +722,14 @@ $("pay-confirm").addEventListener("click", async () => {
 });
 $("pay-cancel").addEventListener("click", cancelPeek);
 $("stripe-cancel").addEventListener("click", cancelPeek);
+$("peek-withdraw").addEventListener("click", async () => {
+  $("peek-withdraw").disabled = true;
+  try {
+    await cancelPeek();
+  } finally {
+    $("peek-withdraw").disabled = false;
+  }
+});
 
 // ------------------------------------------------------------------------------ start
 

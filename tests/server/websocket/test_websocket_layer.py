@@ -1,4 +1,4 @@
-"""The WebSocket layer of ``server/websocket.py`` over real sockets.
+"""The WebSocket layer of ``server/connections.py`` over real sockets.
 
 Fresh connections are upgraded by ``FrontProtocol`` straight from the listening socket; an upgrade on
 a keep-alive connection that served HTTP first is answered through aiohttp (``upgrade_within_aiohttp``).
@@ -26,11 +26,11 @@ from websockets.frames import Close, Frame, Opcode
 
 from agentchat.config import load_settings
 from agentchat.core.frames import split_frames
-from agentchat.core.websocket import accept_key
-from agentchat.server import websocket as websocket_module
-from agentchat.server import ws as ws_module
+from agentchat.core.rfc6455 import accept_key
+from agentchat.server import connections as websocket_module
+from agentchat.server import agent_socket as ws_module
 from agentchat.server.app import build_app
-from agentchat.server.keys import SESSIONS
+from agentchat.server.appkeys import SESSIONS
 from agentchat.server.session import Session
 from tests.conftest import RestAgent
 from tests.server.test_rest import create_channel, envelope
@@ -343,6 +343,86 @@ async def test_reserved_bit_fails_the_connection_with_1002(client) -> None:
         code, _ = await conn.close_frame()
         assert code == 1002
         assert await conn.at_eof()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("fragmented", [False, True], ids=["whole", "fragmented"])
+async def test_text_message_that_is_not_utf8_fails_the_connection_with_1007(client, make_agent,
+                                                                           fragmented: bool) -> None:
+    conn = await raw_socket(client, (await make_agent("alice")).token)
+    try:
+        bad = b'{"type":"ping","ref":"\xc3\x28"}'  # 0xC3 starts a 2-byte character, 0x28 cannot end it
+        if fragmented:
+            conn.writer.write(Frame(Opcode.TEXT, bad[:21], fin=False).serialize(mask=True)
+                              + Frame(Opcode.CONT, bad[21:]).serialize(mask=True))
+        else:
+            conn.send_frame(Opcode.TEXT, bad)
+        code, _ = await conn.close_frame()
+        assert code == 1007
+        assert conn.frames == []  # no error frame: the connection failed
+        assert await conn.at_eof()
+    finally:
+        conn.close()
+
+
+async def test_fragmented_text_with_a_character_split_between_fragments_is_read(client, make_agent) -> None:
+    conn = await raw_socket(client, (await make_agent("alice")).token)
+    try:
+        data = '{"type":"ping","ref":"é€𝄞"}'.encode()
+        cut = data.index("€".encode()) + 1  # inside the 3-byte character
+        conn.writer.write(Frame(Opcode.TEXT, data[:cut], fin=False).serialize(mask=True)
+                          + Frame(Opcode.CONT, data[cut:]).serialize(mask=True))
+        pong = await conn.next_json()
+        assert (pong["type"], pong["ref"]) == ("pong", "é€𝄞")
+    finally:
+        conn.close()
+
+
+async def test_a_message_read_together_with_a_violation_is_handled_before_the_connection_fails(
+        client, make_agent) -> None:
+    conn = await raw_socket(client, (await make_agent("alice")).token)
+    try:
+        conn.writer.write(Frame(Opcode.TEXT, b'{"type":"ping","ref":"first"}').serialize(mask=True)
+                          + Frame(Opcode.TEXT, b'{"type":"ping"}').serialize(mask=False))  # unmasked
+        code, _ = await conn.close_frame()
+        assert code == 1002
+        assert [(f["type"], f.get("ref")) for f in conn.frames] == [("pong", "first")]
+        assert await conn.at_eof()
+    finally:
+        conn.close()
+
+
+async def test_a_message_in_too_many_fragments_gets_1009(client, make_agent) -> None:
+    conn = await raw_socket(client, (await make_agent("alice")).token)
+    try:
+        empty = Frame(Opcode.CONT, b"", fin=False).serialize(mask=True)
+        conn.writer.write(Frame(Opcode.TEXT, b"{", fin=False).serialize(mask=True)
+                          + empty * websocket_module.codec.FrameParser.MAX_FRAGMENTS)
+        code, _ = await conn.close_frame()
+        assert code == 1009
+        assert await conn.at_eof()
+    finally:
+        conn.close()
+
+
+async def test_before_hello_a_socket_may_not_send_more_than_one_frame_limit(client, make_agent) -> None:
+    """An unauthenticated socket buffers at most max_frame_bytes: a bigger message is cut off from its
+    header; once welcomed, the same size is read (and answered with too_large)."""
+    limit = load_settings(env={}).limits.max_frame_bytes
+    header = b"\x81\xff" + (limit + 1).to_bytes(8, "big") + os.urandom(4)
+    conn = await raw_socket(client)
+    try:
+        conn.writer.write(header)
+        code, _ = await conn.close_frame()
+        assert code == 1009
+        assert await conn.at_eof()
+    finally:
+        conn.close()
+    conn = await raw_socket(client, (await make_agent("alice")).token)
+    try:
+        conn.send_frame(Opcode.TEXT, b'{"type":"ping","ref":"' + b"x" * limit + b'"}')
+        assert (await conn.next_json())["code"] == "too_large"
     finally:
         conn.close()
 

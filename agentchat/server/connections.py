@@ -3,7 +3,7 @@
 An idle socket served through aiohttp's ``WebSocketResponse`` keeps ~13 KB alive (the parsed request,
 the HTTP protocol and parser, the handler task and its coroutines, the WebSocket reader, writer and
 queue). Here a socket is one ``WebSocketConnection`` (an ``asyncio.Protocol``) and its small frame
-parser (``core/websocket.py``): frames are handled in ``data_received``, and a task exists only while
+parser (``core/rfc6455.py``): frames are handled in ``data_received``, and a task exists only while
 the handling of a frame has to wait (a bus round trip, a store read).
 
 How connections get here:
@@ -27,7 +27,7 @@ from typing import Any, cast
 
 from aiohttp import web
 
-from agentchat.core import websocket as codec
+from agentchat.core import rfc6455 as codec
 from agentchat.errors import error
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,9 @@ class WebSocketConnection(asyncio.Protocol):
     once and only turned into a task if it has to wait; the next message waits for it), and may
     override ``opened``, ``activity``, ``writable`` and ``lost``."""
 
+    # The frame parser of every socket of the class (a subclass may raise its fragment limit).
+    parser_class: type[codec.FrameParser] = codec.FrameParser
+
     __slots__ = ("transport", "out", "write_paused", "close_sent", "_parser", "_backlog", "_busy",
                  "_close_timer", "_lost", "_lost_waiters", "__weakref__")
 
@@ -93,7 +96,7 @@ class WebSocketConnection(asyncio.Protocol):
         self.out: asyncio.Transport | None = None
         self.write_paused = False
         self.close_sent = False
-        self._parser = codec.FrameParser(max_message_bytes)
+        self._parser = self.parser_class(max_message_bytes)
         self._backlog: list[tuple[int, bytes]] | None = None  # messages waiting for the one in progress
         self._busy = False
         self._close_timer: asyncio.TimerHandle | None = None
@@ -106,13 +109,22 @@ class WebSocketConnection(asyncio.Protocol):
         """The 101 has been sent and the transport is ours."""
 
     async def message_received(self, data: bytes) -> None:
-        """One text or binary message. Errors are the subclass's to report; one that escapes is logged."""
+        """One text message (and binary ones, unless ``binary_received`` is overridden). Errors are the
+        subclass's to report; one that escapes is logged."""
+
+    def binary_received(self, data: bytes) -> Coroutine[Any, Any, None]:
+        """One binary message: handled as a text one unless overridden."""
+        return self.message_received(data)
 
     def activity(self) -> None:
         """The peer sent a frame (any, pings and pongs included)."""
 
     def writable(self) -> None:
         """The transport's write buffer drained after ``write_paused`` was set."""
+
+    def flush(self) -> None:
+        """Write out what the subclass has queued: the connection is about to fail, and nothing may
+        follow its close frame (the answers to the messages read before a violation go out first)."""
 
     def lost(self) -> None:
         """The connection is gone (closed either way, or dropped)."""
@@ -134,6 +146,10 @@ class WebSocketConnection(asyncio.Protocol):
         self.out = None
         transport.write(codec.close_frame(code, reason))
         self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
+
+    def limit_messages(self, max_bytes: int) -> None:
+        """From now on, a message over ``max_bytes`` fails the connection with 1009 (from its header)."""
+        self._parser.max_message_bytes = max_bytes
 
     def abort(self) -> None:
         """Drop the connection without a close handshake (the peer is taken for gone)."""
@@ -162,8 +178,12 @@ class WebSocketConnection(asyncio.Protocol):
         try:
             messages = self._parser.feed(data)
         except codec.ProtocolViolation as exc:
-            self._fail(exc.close_code, exc.reason)
-            return
+            if not exc.messages:
+                self._fail(exc.close_code, exc.reason)
+                return
+            # The messages read before the violation are valid: handled first, then the failure.
+            messages = exc.messages
+            messages.append(exc.fail_frame())
         if not messages:
             return
         self.activity()
@@ -184,7 +204,7 @@ class WebSocketConnection(asyncio.Protocol):
             if opcode <= codec.OP_BINARY:
                 if self.close_sent:
                     continue  # after our close frame, data is read and dropped (RFC 6455, 5.5.1)
-                coro = self.message_received(payload)
+                coro = self.message_received(payload) if opcode == codec.OP_TEXT else self.binary_received(payload)
                 try:
                     yielded = coro.send(None)
                 except StopIteration:
@@ -203,6 +223,9 @@ class WebSocketConnection(asyncio.Protocol):
                     self.transport.write(codec.pong_frame(payload))
             elif opcode == codec.OP_CLOSE:
                 self._close_received(payload)
+                return
+            elif opcode == codec.OP_FAIL:
+                self._fail(int.from_bytes(payload[:2], "big"), payload[2:].decode("utf-8"))
                 return
             # pongs: activity() already noted them
 
@@ -243,6 +266,7 @@ class WebSocketConnection(asyncio.Protocol):
         if transport is None:
             return
         if not self.close_sent:
+            self.flush()
             self.close_sent = True
             self.out = None
             transport.write(codec.close_frame(code, reason))

@@ -1,19 +1,23 @@
 """The server side of RFC 6455 WebSockets, without I/O: the opening handshake and the frame codec.
 
-``server/wsconn.py`` runs it on an asyncio transport. It exists because a socket served through
+``server/connections.py`` runs it on an asyncio transport. It exists because a socket served through
 aiohttp's ``WebSocketResponse`` keeps ~13 KB of HTTP and WebSocket state alive for as long as it is
 open (the parsed request, the HTTP protocol, two tasks, a reader, a writer and a queue); this codec
 keeps a few hundred bytes, and reads a frame in a handful of bytecode steps.
 
 What it accepts: masked client frames, text/binary messages (fragmented or not), ping, pong and close.
 No extension is ever negotiated (so no compression), so any reserved bit set is a protocol error.
-Text payloads are not checked for UTF-8 here: every text message is parsed as JSON right after, and
-the JSON parser refuses invalid UTF-8 with an ``invalid_json`` error frame.
+Text messages must be UTF-8 (section 8.1: else the connection fails with 1007). A whole text message
+is checked with ``bytes.isascii`` and, only if it is not ASCII, one ``bytes.decode`` (C code, a
+fraction of the JSON parse that follows); a fragmented
+one with an incremental decoder fed each fragment as it arrives, so an invalid byte fails the
+connection at the fragment that carries it rather than after the whole message was buffered.
 """
 
 from __future__ import annotations
 
 import base64
+import codecs
 import hashlib
 import struct
 from collections.abc import Mapping
@@ -37,6 +41,9 @@ CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_NO_STATUS = 1005  # never sent: what a close frame without a payload means
 CLOSE_INVALID_DATA = 1007
 CLOSE_TOO_BIG = 1009
+# Not an opcode of RFC 6455: the pseudo-frame a connection queues to fail itself once the messages
+# that arrived before a protocol violation are handled (payload: 2-byte close code, then the reason).
+OP_FAIL = 0x10
 
 # RFC 6455 section 1.3: the GUID every server appends to the client's key.
 _ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -45,12 +52,21 @@ PING_FRAME = b"\x89\x00"
 
 
 class ProtocolViolation(Exception):
-    """The peer broke RFC 6455: the connection is failed with this close code."""
+    """The peer broke RFC 6455: the connection is failed with this close code.
+
+    ``messages`` are the whole messages and control frames that arrived before the violation in the
+    same ``feed``: they are valid, and are handled before the connection is failed (a message is not
+    lost because the bytes after it, read together with it, were bad)."""
 
     def __init__(self, close_code: int, reason: str) -> None:
         super().__init__(reason)
         self.close_code = close_code
         self.reason = reason
+        self.messages: list[tuple[int, bytes]] = []
+
+    def fail_frame(self) -> tuple[int, bytes]:
+        """The ``OP_FAIL`` pseudo-frame for this violation (see ``OP_FAIL``)."""
+        return OP_FAIL, self.close_code.to_bytes(2, "big") + self.reason.encode("utf-8")
 
 
 class UpgradeRefused(Exception):
@@ -118,6 +134,12 @@ def text_frame(payload: bytes) -> bytes:
     return _TEXT_HEAD_64(0x81, 127, size) + payload
 
 
+def binary_frame(payload: bytes) -> bytes:
+    """A complete unmasked binary message (the server sends none; the conformance echo does)."""
+    frame = text_frame(payload)
+    return b"\x82" + frame[1:]
+
+
 def _control_frame(opcode: int, payload: bytes) -> bytes:
     return bytes((0x80 | opcode, len(payload))) + payload
 
@@ -163,17 +185,28 @@ def parse_close(payload: bytes) -> tuple[int, str]:
 # -- frames the server reads ------------------------------------------------------------------------
 
 
+_UTF8Decoder = codecs.getincrementaldecoder("utf-8")
+# The parser's unfinished-frame state once it has failed: it reads nothing more.
+_FAILED: list[bytes] = []
+
+
 class FrameParser:
     """Client-to-server frames in, whole messages and control frames out, in arrival order.
 
     ``feed`` returns ``(opcode, payload)`` pairs: ``OP_TEXT``/``OP_BINARY`` with the whole (unmasked,
     reassembled) message, or a control opcode with its payload. It raises ``ProtocolViolation`` for
-    anything RFC 6455 forbids, and for a message over ``max_message_bytes`` as soon as its header says
-    so (close code 1009), before its payload is buffered. Bytes of an unfinished frame are kept as the
-    chunks they came in and joined once, when enough have arrived."""
+    anything RFC 6455 forbids (carrying the messages parsed before it), for a message over
+    ``max_message_bytes`` as soon as its header says so (close code 1009), before its payload is
+    buffered, for a message in more than ``MAX_FRAGMENTS`` frames (1009: each fragment, even an empty
+    one, costs memory), and for a text message that is not UTF-8 (1007). Once it has raised, it reads
+    nothing more. Bytes of an unfinished frame are kept as the chunks they came in and joined once,
+    when enough have arrived."""
+
+    # A class constant, not a slot: the same for every socket of a route, and no bytes per socket.
+    MAX_FRAGMENTS = 1024
 
     __slots__ = ("max_message_bytes", "_chunks", "_have", "_need", "_fragments", "_fragments_size",
-                 "_fragments_opcode")
+                 "_decoder")
 
     def __init__(self, max_message_bytes: int) -> None:
         self.max_message_bytes = max_message_bytes
@@ -182,11 +215,14 @@ class FrameParser:
         self._need = 0  # bytes the unfinished frame needs before parsing is worth trying again
         self._fragments: list[bytes] | None = None  # a fragmented message's parts so far
         self._fragments_size = 0
-        self._fragments_opcode = 0
+        # While a fragmented message is open: its UTF-8 decoder if it is text, None if binary.
+        self._decoder: codecs.IncrementalDecoder | None = None
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         chunks = self._chunks
         if chunks is not None:
+            if chunks is _FAILED:
+                return []
             chunks.append(data)
             self._have += len(data)
             if self._have < self._need:
@@ -194,63 +230,82 @@ class FrameParser:
             data = b"".join(chunks)
             self._chunks = None
         out: list[tuple[int, bytes]] = []
-        pos, end = 0, len(data)
-        while end - pos >= 2:
-            first, second = data[pos], data[pos + 1]
-            if first & 0x70:
-                raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension was negotiated)")
-            if not second & 0x80:
-                raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
-            opcode = first & 0x0F
-            length = second & 0x7F
-            head = pos + 2
-            if length == 126:
-                if end - head < 2:
-                    break
-                length = int.from_bytes(data[head:head + 2], "big")
-                head += 2
-            elif length == 127:
-                if end - head < 8:
-                    break
-                length = int.from_bytes(data[head:head + 8], "big")
-                head += 8
-                if length >> 63:
-                    raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "frame length over 2^63")
-            if opcode >= OP_CLOSE:
-                if opcode not in _KNOWN_OPCODES:
+        # One loop in one frame of the interpreter (no call per read): it is on the path of every message.
+        try:
+            pos, end = 0, len(data)
+            while end - pos >= 2:
+                first, second = data[pos], data[pos + 1]
+                if first & 0x70:
+                    raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension was negotiated)")
+                if not second & 0x80:
+                    raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
+                opcode = first & 0x0F
+                length = second & 0x7F
+                head = pos + 2
+                if length == 126:
+                    if end - head < 2:
+                        break
+                    length = int.from_bytes(data[head:head + 2], "big")
+                    head += 2
+                elif length == 127:
+                    if end - head < 8:
+                        break
+                    length = int.from_bytes(data[head:head + 8], "big")
+                    head += 8
+                    if length >> 63:
+                        raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "frame length over 2^63")
+                if opcode >= OP_CLOSE:
+                    if opcode not in _KNOWN_OPCODES:
+                        raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+                    if not first & 0x80 or length > 125:
+                        raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "control frames are single and at most 125 bytes")
+                elif opcode > OP_BINARY:
                     raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
-                if not first & 0x80 or length > 125:
-                    raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "control frames are single and at most 125 bytes")
-            elif opcode > OP_BINARY:
-                raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
-            elif length + self._fragments_size > self.max_message_bytes:
-                raise ProtocolViolation(CLOSE_TOO_BIG, f"message over {self.max_message_bytes} bytes")
-            start = head + 4
-            stop = start + length
-            if stop > end:
-                break
-            payload = apply_mask(data[start:stop], data[head:start]) if length else b""
-            pos = stop
-            if opcode >= OP_CLOSE:
-                out.append((opcode, payload))
-            elif opcode == OP_CONTINUATION:
-                fragments = self._fragments
-                if fragments is None:
-                    raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "continuation frame without a message to continue")
-                fragments.append(payload)
-                self._fragments_size += length
-                if first & 0x80:
-                    out.append((self._fragments_opcode, b"".join(fragments)))
-                    self._fragments = None
-                    self._fragments_size = 0
-            elif self._fragments is not None:
-                raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "new message before the fragmented one ended")
-            elif first & 0x80:
-                out.append((opcode, payload))
-            else:
-                self._fragments = [payload]
-                self._fragments_size = length
-                self._fragments_opcode = opcode
+                elif length + self._fragments_size > self.max_message_bytes:
+                    raise ProtocolViolation(CLOSE_TOO_BIG, f"message over {self.max_message_bytes} bytes")
+                start = head + 4
+                stop = start + length
+                if stop > end:
+                    break
+                payload = apply_mask(data[start:stop], data[head:start]) if length else b""
+                pos = stop
+                if opcode >= OP_CLOSE:
+                    out.append((opcode, payload))
+                elif opcode == OP_CONTINUATION:
+                    fragments = self._fragments
+                    if fragments is None:
+                        raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "continuation frame without a message to continue")
+                    if len(fragments) >= self.MAX_FRAGMENTS:
+                        raise ProtocolViolation(CLOSE_TOO_BIG, f"message in more than {self.MAX_FRAGMENTS} frames")
+                    decoder = self._decoder
+                    if decoder is not None:
+                        _check_utf8(decoder, payload, first & 0x80)
+                    fragments.append(payload)
+                    self._fragments_size += length
+                    if first & 0x80:
+                        out.append((OP_BINARY if decoder is None else OP_TEXT, b"".join(fragments)))
+                        self._fragments = self._decoder = None
+                        self._fragments_size = 0
+                elif self._fragments is not None:
+                    raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "new message before the fragmented one ended")
+                elif first & 0x80:
+                    if opcode == OP_TEXT and not payload.isascii():  # ASCII (most JSON) is UTF-8: no decoding
+                        try:
+                            payload.decode("utf-8")
+                        except UnicodeDecodeError:
+                            raise ProtocolViolation(CLOSE_INVALID_DATA, "text message is not UTF-8") from None
+                    out.append((opcode, payload))
+                else:
+                    if opcode == OP_TEXT:
+                        decoder = self._decoder = _UTF8Decoder()
+                        _check_utf8(decoder, payload, 0)
+                    self._fragments = [payload]
+                    self._fragments_size = length
+        except ProtocolViolation as exc:
+            self._chunks = _FAILED
+            self._fragments = self._decoder = None
+            exc.messages = out
+            raise
         if pos < end:
             rest = data[pos:]
             self._chunks = [rest]
@@ -258,6 +313,15 @@ class FrameParser:
             # The whole frame once its header tells its size; until then, any byte more.
             self._need = _frame_size(rest) or len(rest) + 1
         return out
+
+
+def _check_utf8(decoder: codecs.IncrementalDecoder, payload: bytes, final: int) -> None:
+    """Feeds one fragment of a text message to its decoder (which keeps an unfinished character for
+    the next): invalid bytes fail the connection now, not once the message is whole."""
+    try:
+        decoder.decode(payload, bool(final))
+    except UnicodeDecodeError:
+        raise ProtocolViolation(CLOSE_INVALID_DATA, "text message is not UTF-8") from None
 
 
 def _frame_size(head: bytes) -> int:

@@ -1,4 +1,4 @@
-"""``/api/v1/ws``: an agent's or a peeker's socket (``AgentSocket``, on ``server/websocket.py``).
+"""``/api/v1/ws``: an agent's or a peeker's socket (``AgentSocket``, on ``server/connections.py``).
 
 The first frame must be ``hello`` with a token (never in the URL). After ``welcome`` the socket gets
 live frames for every channel the token may read, catching up first on channels named in ``resume``.
@@ -17,14 +17,14 @@ from typing import Any
 from aiohttp import web
 
 from agentchat.core import frames
-from agentchat.core.websocket import text_frame
+from agentchat.core.rfc6455 import text_frame
 from agentchat.core.ratelimit import TokenBucket
 from agentchat.errors import AgentChatError, error
 from agentchat.server.hub import Hub
-from agentchat.server.keys import HUB, INDICATORS, METRICS, OPENING, PEEKS, RECORDS, SESSIONS, SETTINGS, TOKENS
+from agentchat.server.appkeys import HUB, INDICATORS, METRICS, OPENING, PEEKS, RECORDS, SESSIONS, SETTINGS, TOKENS
 from agentchat.server.session import CLOSE_AUTH, CLOSE_GOING_AWAY, CLOSE_POLICY, Session, SessionSocket
 from agentchat.server.tokens import Principal
-from agentchat.server.websocket import upgrade_within_aiohttp
+from agentchat.server.connections import upgrade_within_aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,9 @@ HEARTBEAT_TICK = 5.0
 # Sessions visited between two yields to the event loop during a heartbeat pass.
 HEARTBEAT_BATCH = 2000
 # Frames this far over the limit are cut off by the WebSocket layer (close 1009) instead of being
-# read and answered with a too_large error.
+# read and answered with a too_large error. Before the hello is accepted the cut is at the limit
+# itself: an unauthenticated socket buffers at most one max_frame_bytes message (in at most
+# FrameParser.MAX_FRAGMENTS fragments) until the hello timeout.
 HARD_FRAME_FACTOR = 4
 
 
@@ -54,7 +56,7 @@ class AgentSocket(SessionSocket):
     __slots__ = ("app", "_hello_timer", "_opening", "_bucket", "_refused_in_a_row")
 
     def __init__(self, app: web.Application) -> None:
-        super().__init__(app[SETTINGS].limits.max_frame_bytes * HARD_FRAME_FACTOR)
+        super().__init__(app[SETTINGS].limits.max_frame_bytes)  # raised once the hello is accepted
         self.app = app
         self._hello_timer: asyncio.TimerHandle | None = None
         self._opening = False
@@ -121,7 +123,7 @@ class AgentSocket(SessionSocket):
             session.push(frames.error_frame(exc.to_wire(), ref or _guess_ref(data)))
             # A client that keeps sending through a second of refusals is not listening: cut it off.
             if self._refused_in_a_row > limits.frames_per_second:
-                session.close_soon(CLOSE_POLICY, "rate_limited")
+                session.close_soon(CLOSE_POLICY, "rate_limited", flush=True)
 
     async def _hello(self, data: bytes) -> None:
         if self._hello_timer is not None:
@@ -151,6 +153,7 @@ class AgentSocket(SessionSocket):
         limits = app[SETTINGS].limits
         hub = app[HUB]
         session = self.session = Session(self, principal, limits.send_queue_max, app[METRICS])
+        self.limit_messages(limits.max_frame_bytes * HARD_FRAME_FACTOR)
         await hub.register_session(session)
         app[SESSIONS].add(session)
         try:
@@ -179,7 +182,7 @@ class AgentSocket(SessionSocket):
 async def websocket(request: web.Request) -> web.StreamResponse:
     """``/api/v1/ws`` when the upgrade reaches aiohttp: a keep-alive connection that served HTTP
     requests first, or a request that is not a valid upgrade (``bad_upgrade``). Fresh connections
-    are served by ``AgentSocket`` straight from the listening socket (``server/websocket.py``)."""
+    are served by ``AgentSocket`` straight from the listening socket (``server/connections.py``)."""
     return await upgrade_within_aiohttp(request, AgentSocket(request.app))
 
 

@@ -1,0 +1,106 @@
+"""Every topic and key the product gives the bus, in one place (object-store keys are in
+``agentchat/store/keys.py``).
+
+A topic starts with a two-character kind (``c:``, ``e:``, ``a:``, ``p:``, ``i:``): the hub reads the
+kind to route a message to its readers without parsing the rest. Keys name counters, claims, locks and
+indexes; the Redis bus prefixes each with its namespace and a family (``REDIS_*`` below), so two
+deployments can share one Redis and a topic never collides with a key.
+
+These strings are a shared layout: every process of a deployment must agree on them, and a Redis that
+outlives an upgrade still holds counters and indexes under them.
+"""
+
+from __future__ import annotations
+
+# -- topics ------------------------------------------------------------------------------------------
+
+MESSAGES = "c:"  # + channel id: the channel's sequenced messages
+CHANNEL_EVENTS = "e:"  # + channel id: membership and epoch changes, peek endings
+AGENT_EVENTS = "a:"  # + DID: an agent's own events (added to a channel, ...)
+PEEKS = "p:"  # the peek service's topics
+INDICATORS = "i:"  # the public indicators' topics
+KIND_LENGTH = 2
+
+PEEK_STATE = PEEKS + "state"  # a peek's new state (every process drives its timers)
+PEEK_GRANT = PEEKS + "grant"  # an epoch key wrapped for a peeker
+INDICATOR_REPORTS = INDICATORS + "reports"  # each process's per-second counts
+
+
+def channel_messages(channel: str) -> str:
+    return MESSAGES + channel
+
+
+def channel_events(channel: str) -> str:
+    return CHANNEL_EVENTS + channel
+
+
+def agent_events(did: str) -> str:
+    return AGENT_EVENTS + did
+
+
+# -- keys ----------------------------------------------------------------------------------------------
+
+
+def sequence_counter(channel: str) -> str:
+    """A channel's message numbers (``publish_sequenced``); re-seeded from the store if lost."""
+    return "seq:" + channel
+
+
+def heartbeat(instance: str) -> str:
+    """Present while the server process ``instance`` lives."""
+    return "proc:" + instance
+
+
+def send_claim(channel: str, sender: str, client_id: str) -> str:
+    """A sender's client id on a channel: makes a resent message one message (client ids hold no colon)."""
+    return f"cid:{channel}:{sender}:{client_id}"
+
+
+def indicator_counter(channel: str) -> str:
+    """A channel's shared activity counts (public indicators)."""
+    return "ind:" + channel
+
+
+def indicator_recount_lock(channel: str) -> str:
+    """Held by the one process recounting a channel's activity from the store."""
+    return "ind-recount:" + channel
+
+
+def wal_index(channel: str) -> str:
+    """Index of the write-ahead objects holding a channel's not yet compacted messages."""
+    return "wal:" + channel
+
+
+# Index whose members say the ``wal:<channel>`` indexes are complete (``store/messages.py``): the
+# member ``complete``, and ``idx:<instance>`` for each process that put its own entries in since.
+WAL_STATE_INDEX = "wal-state"
+WAL_COMPLETE = "complete"
+
+
+def wal_reindexed(instance: str) -> str:
+    """Member of ``WAL_STATE_INDEX``: ``instance`` put its own entries in the index (again)."""
+    return "idx:" + instance
+
+
+def retention_lease() -> str:
+    """Held by the one process running the retention pass of the current period."""
+    return "retention-lease"
+
+
+def auth_challenge(nonce: str) -> str:
+    """The DID a login challenge was issued to, until it is answered or expires."""
+    return "challenge:" + nonce
+
+
+def rate_window(bucket: str, address: str, window: int) -> str:
+    """Requests of one client address in one second of one rate-limit bucket."""
+    return f"rl:{bucket}:{address}:{window}"
+
+
+# -- how the Redis bus lays these out --------------------------------------------------------------------
+# Every name the Redis bus gives Redis is ``<namespace>:<family><topic or key>``:
+REDIS_DEFAULT_NAMESPACE = "agentchat"
+REDIS_SEQUENCE = "seq:"  # sequence counters; no expiry (re-seeded from the store if lost)
+REDIS_VALUE = "kv:"  # set / set_if_absent / take / compare_and_set / incr; all expire
+REDIS_INDEX = "ix:"  # sorted sets of index_add / index_range / index_remove; no expiry
+REDIS_TOPIC = "t:"  # pub/sub channels
