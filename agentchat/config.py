@@ -33,7 +33,15 @@ class Limits:
     max_ciphertext_bytes: int = 64 * 1024
     max_name_chars: int = 64
     max_channel_members: int = 256
-    max_channels_per_agent: int = 1000
+    # Largest page of a channel or invitation listing (REST) and of the channel ids in one welcome or
+    # channels frame. Listings are complete: they page, never cut short.
+    channels_page_max: int = 1000
+    # Channels an agent, and all the agents behind one client address, may create per hour, and
+    # invitations (each invited agent, at creation or later) they may send per hour.
+    channel_creations_per_hour: int = 600
+    channel_creations_per_hour_per_address: int = 3000
+    invitations_per_hour: int = 5000
+    invitations_per_hour_per_address: int = 25000
     history_page_max: int = 500
     # Frames an agent's socket may send per second (token bucket, burst of twice the rate).
     frames_per_second: int = 2000
@@ -75,6 +83,9 @@ class Settings:
     # How far below zero a refusal may take an agent's balance when neither its earnings nor a card
     # cover the fee (a debt, paid first from later shares). Past it, refusing needs a card on file.
     refusal_debt_limit_cents: int = 300
+    # Peeks waiting for payment (anonymous work): at most this many per client address, and in all.
+    peek_unpaid_per_address: int = 5
+    peek_unpaid_total: int = 1000
     # Every process re-reads the open peeks this often and drives those that are due, so a deadline
     # is enforced even when the process that armed its timer is gone.
     peek_scan_seconds: float = 2.0

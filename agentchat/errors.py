@@ -9,6 +9,7 @@ client as an ``error`` frame with the same fields (and the ``ref`` of the frame 
      ├── Unauthenticated      401   missing, forged or expired token; bad challenge or signature
      ├── Forbidden            403   authenticated but not allowed (not a member, wrong scope)
      ├── NotFound             404   unknown DID, channel, peek
+ ├── MethodNotAllowed     405   the route exists, the method does not (the answer lists the others)
      ├── Conflict             409   state does not allow it (already registered, peek not refusable)
      │    └── Pending         409   an earlier attempt is still in progress; retry shortly
      ├── PayloadTooLarge      413   body or frame over its limit
@@ -61,6 +62,10 @@ class NotFound(AgentChatError):
     status = 404
 
 
+class MethodNotAllowed(AgentChatError):
+    status = 405
+
+
 class Conflict(AgentChatError):
     status = 409
 
@@ -100,7 +105,9 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     "unknown_frame": (InvalidInput, "The frame's type is not one the server accepts."),
     "bad_signature": (InvalidInput, "A signature in the request does not verify."),
     "stale_request": (InvalidInput, "The signed timestamp is too far from the server's clock."),
+    "request_replayed": (InvalidInput, "This signed request was already used; sign a new one."),
     "bad_upgrade": (InvalidInput, "A WebSocket route was requested without a valid WebSocket upgrade."),
+    "bad_request": (InvalidInput, "The HTTP request itself is malformed (its request line, a header, its length)."),
     # 401
     "auth_required": (Unauthenticated, "The request needs a bearer token (or the socket a hello frame)."),
     "token_invalid": (Unauthenticated, "The token is malformed, forged or revoked."),
@@ -109,12 +116,17 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     # 403
     "not_member": (Forbidden, "The agent is not a member of the channel."),
     "forbidden": (Forbidden, "The caller may not do this."),
+    "invitation_refused": (Forbidden, "The invited agent blocks the inviter: it takes no invitations from it."),
+    "channel_unlisted": (Forbidden, "The channel's owner keeps it unlisted: no public indicators, no peeks."),
     # 404
     "not_found": (NotFound, "No such route."),
     "agent_not_found": (NotFound, "No agent has this DID."),
     "channel_not_found": (NotFound, "No channel has this id."),
     "key_not_found": (NotFound, "There is no wrapped key for the caller in this epoch."),
     "peek_not_found": (NotFound, "No peek has this id."),
+    "invitation_not_found": (NotFound, "The agent has no pending invitation to this channel."),
+    # 405
+    "method_not_allowed": (MethodNotAllowed, "The route does not take this method; the Allow header lists those it takes."),
     # 409
     "already_registered": (Conflict, "This DID is registered with other keys."),
     "agent_deleted": (Conflict, "This DID's account was deleted; it can never be registered again."),
@@ -129,10 +141,14 @@ CODES: dict[str, tuple[type[AgentChatError], str]] = {
     "too_large": (PayloadTooLarge, "The body or frame is larger than the server accepts."),
     # 429
     "rate_limited": (RateLimited, "Too many requests; slow down and retry."),
+    "too_many_channels": (RateLimited, "This agent or address created too many channels in the last hour; retry later."),
+    "too_many_invitations": (RateLimited, "This agent or address sent too many invitations in the last hour; retry later."),
+    "too_many_unpaid_peeks": (RateLimited, "This address has too many peeks waiting for payment; pay or cancel one first."),
     # 503
     "store_unavailable": (Unavailable, "Storage is failing or saturated; the message was not stored."),
     "bus_unavailable": (Unavailable, "The message bus is unreachable."),
     "payments_unavailable": (Unavailable, "The payment provider is unreachable."),
+    "peeks_busy": (Unavailable, "Too many peeks are waiting for payment on this server; retry in a few minutes."),
     "shutting_down": (Unavailable, "The server is shutting down; reconnect."),
     # 500
     "internal": (InternalError, "An unexpected error on the server; it has been logged."),

@@ -194,6 +194,9 @@ async def setup_agentchat(base: str, fixture: Fixture | None, *, extra_agents: i
                 async with limit:
                     await create_channel(http, base, tokens[creator], channel,
                                          [fixture.agents[i].keys for i in info["members"]], info["epoch_key"])
+                for invited in info["members"][1:]:  # the others were invited: they accept
+                    async with limit:
+                        await post_json(http, f"{base}/api/v1/invitations/{channel}/accept", {}, tokens[invited])
 
             await asyncio.gather(*(make(c, info) for c, info in fixture.channels.items()))
         extra = list(await asyncio.gather(*(reg(crypto.AgentKeys.generate(), f"idle-{i}")

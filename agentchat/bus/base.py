@@ -81,6 +81,11 @@ class Bus(Protocol):
     async def seed_sequence(self, counter: str, floor: int) -> None:
         """Make the counter at least ``floor``, so the next number handed out is above it."""
 
+    async def read_counters(self, counters: Sequence[str]) -> list[int | None]:
+        """The current value of each counter (``None``: the bus does not know it), in one step (one
+        round trip where the bus has round trips). Channel membership versions are counters raised
+        with ``seed_sequence`` and compared with this (server/membership.py)."""
+
     async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bytes | None:
         """Store ``value`` unless ``key`` exists. Returns ``None`` if stored, else the existing value."""
 
@@ -99,8 +104,9 @@ class Bus(Protocol):
     async def compare_and_set(self, key: str, expected: bytes | None, new: bytes, ttl: float) -> bool:
         """Set ``key`` to ``new`` only if its value is ``expected`` (``None``: absent). True if set."""
 
-    async def incr(self, key: str, ttl: float) -> int:
-        """Add one to an integer counter, creating it (expiring after ``ttl``) if absent; the new value."""
+    async def incr(self, key: str, ttl: float, amount: int = 1) -> int:
+        """Add ``amount`` (one by default) to an integer counter, creating it (expiring after ``ttl``)
+        if absent; the new value."""
 
     async def index_add(self, items: Sequence[tuple[str, str, int]]) -> None:
         """For each ``(index, member, score)``, put ``member`` in ``index`` with ``score`` (replacing

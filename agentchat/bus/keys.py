@@ -24,6 +24,7 @@ KIND_LENGTH = 2
 PEEK_STATE = PEEKS + "state"  # a peek's new state (every process drives its timers)
 PEEK_GRANT = PEEKS + "grant"  # an epoch key wrapped for a peeker
 INDICATOR_REPORTS = INDICATORS + "reports"  # each process's per-second counts
+INDICATOR_LISTING = INDICATORS + "listing"  # a channel was listed or unlisted (body: its id)
 
 
 def channel_messages(channel: str) -> str:
@@ -44,6 +45,17 @@ def agent_events(did: str) -> str:
 def sequence_counter(channel: str) -> str:
     """A channel's message numbers (``publish_sequenced``); re-seeded from the store if lost."""
     return "seq:" + channel
+
+
+def membership_version(channel: str) -> str:
+    """The newest membership version of a channel any process wrote (a counter raised before the
+    record is stored; server/membership.py); re-seeded from the store if lost."""
+    return "mv:" + channel
+
+
+def quota_window(kind: str, who: str, window: int) -> str:
+    """Channel creations or invitations (``kind``) of one agent or address (``who``) in one hour."""
+    return f"quota:{kind}:{who}:{window}"
 
 
 def heartbeat(instance: str) -> str:
@@ -90,6 +102,17 @@ def retention_lease() -> str:
 def auth_challenge(nonce: str) -> str:
     """The DID a login challenge was issued to, until it is answered or expires."""
     return "challenge:" + nonce
+
+
+UNPAID_PEEKS = "peeks-unpaid"  # index: peeks awaiting payment, scored by payment_expires_at (ms)
+
+
+def unpaid_peeks(address_tag: str = "") -> str:
+    """The index of peeks awaiting payment: all of them, or those opened from one address (by its tag)."""
+    return f"{UNPAID_PEEKS}/{address_tag}" if address_tag else UNPAID_PEEKS
+def registration_used(signature_digest: str) -> str:
+    """A registration signature already accepted, for as long as its timestamp could still pass."""
+    return "registered:" + signature_digest
 
 
 def rate_window(bucket: str, address: str, window: int) -> str:

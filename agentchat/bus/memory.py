@@ -230,6 +230,10 @@ class MemoryBus:
         if current is None or current < floor:
             counters[counter] = floor
 
+    async def read_counters(self, counters: Sequence[str]) -> list[int | None]:
+        known = self._broker.counters
+        return [known.get(counter) for counter in counters]
+
     # -- values --------------------------------------------------------------------------------
 
     async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bytes | None:
@@ -274,14 +278,14 @@ class MemoryBus:
         self._broker.store(key, new, now + ttl)
         return True
 
-    async def incr(self, key: str, ttl: float) -> int:
+    async def incr(self, key: str, ttl: float, amount: int = 1) -> int:
         _check_ttl(ttl)
         now = time.monotonic()
         entry = self._broker.live(key, now)
         if entry is None:
-            self._broker.store(key, 1, now + ttl)
-            return 1
-        value = int(entry[0]) + 1  # like Redis INCR, a non-integer value is an error
+            self._broker.store(key, amount, now + ttl)
+            return amount
+        value = int(entry[0]) + amount  # like Redis INCR, a non-integer value is an error
         self._broker.store(key, value, entry[1])
         return value
 

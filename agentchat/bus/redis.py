@@ -121,10 +121,10 @@ end
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
 return 1
 """)
-# KEYS[1] key; ARGV[1] ttl ms, applied when the increment creates the key.
+# KEYS[1] key; ARGV[1] ttl ms, applied when the increment creates the key; ARGV[2] the amount.
 INCR = _Script("""
-local value = redis.call('INCR', KEYS[1])
-if value == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local value = redis.call('INCRBY', KEYS[1], ARGV[2])
+if value == tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return value
 """)
 
@@ -601,6 +601,12 @@ class RedisBus:
     async def seed_sequence(self, counter: str, floor: int) -> None:
         await self._run_script(SEED_SEQUENCE, self._seq_prefix + counter, int(floor))
 
+    async def read_counters(self, counters: Sequence[str]) -> list[int | None]:
+        if not counters:
+            return []
+        values = await self._call("MGET", *(self._seq_prefix + counter for counter in counters))
+        return [None if value is None else int(value) for value in values]
+
     # -- values --------------------------------------------------------------------------------
 
     async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bytes | None:
@@ -637,8 +643,8 @@ class RedisBus:
             done = await self._run_script(COMPARE_AND_SET, self._value_prefix + key, b"1", expected, new, ms)
         return bool(done)
 
-    async def incr(self, key: str, ttl: float) -> int:
-        return int(await self._run_script(INCR, self._value_prefix + key, _ttl_ms(ttl)))
+    async def incr(self, key: str, ttl: float, amount: int = 1) -> int:
+        return int(await self._run_script(INCR, self._value_prefix + key, _ttl_ms(ttl), int(amount)))
 
     # -- sorted indexes ------------------------------------------------------------------------
 

@@ -40,6 +40,13 @@ RECONNECT_MAX_DELAY = 5.0
 SEEN_CLIENT_IDS = 4096
 DUPLICATE_PENDING_RETRY = 1.0  # seconds before a send answered duplicate_pending goes out again
 PEEK_REPLY_TIMEOUT = 30.0
+# Waits between attempts of a removal that answered a retryable error (None: give up).
+REMOVE_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, None)
+# Waits between attempts of a request refused as not_member just after this agent accepted the invitation.
+ACCEPTED_RETRY_DELAYS = (0.1, 0.2, 0.4, 0.8, None)
+# A member that is not the owner waits this long (up to) before rotating after a removal, so the
+# owner's rotation usually comes first and the others find nothing to do.
+ROTATE_AFTER_REMOVAL_DELAY = 2.0
 
 # Decides on a peek request (the ``peek_request`` frame, protocol/peek.md): True lets the countdown
 # run, False refuses (the agent pays the refusal fee). May be a coroutine function.
@@ -70,6 +77,19 @@ class Message:
     @property
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else orjson.dumps(self.content).decode()
+
+
+class History(list[Message]):
+    """A page of ``Agent.history``: the messages that opened, in order. ``skipped``: (seq, sender,
+    reason) of those that did not; ``next_after``: the page's last sequence number, skipped messages
+    included (the ``after`` of the next page); ``fetched``: how many the server returned (fewer than
+    the limit asked for: the end of the channel)."""
+
+    def __init__(self, *, next_after: int, fetched: int) -> None:
+        super().__init__()
+        self.skipped: list[tuple[int, str, str]] = []
+        self.next_after = next_after
+        self.fetched = fetched
 
 
 def encode_content(content: Any) -> bytes:
@@ -107,9 +127,20 @@ def new_client_id() -> str:
     return secrets.token_urlsafe(12)
 
 
+def _key_holders(meta: dict[str, Any]) -> list[str]:
+    """Whom a channel's epoch keys are wrapped for: its members and its pending invitees."""
+    return sorted(set(meta["members"]) | set(meta.get("invited", ())))
+
+
+# Decides on an invitation (the ``invitation`` frame, protocol/frames.md): True accepts, False
+# declines, None leaves it pending (``accept_invitation`` later). May be a coroutine function.
+InvitationPolicy = Callable[[dict[str, Any]], "bool | None | Awaitable[bool | None]"]
+
+
 class Agent:
     def __init__(self, server: str, keys: crypto.AgentKeys, *, request_timeout: float = 30.0,
-                 include_own: bool = False, peek_policy: PeekPolicy | bool = True) -> None:
+                 include_own: bool = False, peek_policy: PeekPolicy | bool = True,
+                 invitation_policy: InvitationPolicy | str = "all") -> None:
         """``include_own``: also yield this agent's own messages from ``messages()`` (off by default,
         so an agent that answers what it reads does not answer itself).
 
@@ -120,7 +151,17 @@ class Agent:
         raises ``refusal_unfunded``, saying how to fund them, if not; it then also keeps the standing
         choice ``refuse`` on the server, so peeks are refused while this agent is offline too. Once
         nobody refused, this agent's client hands the peeker the channel's current epoch key (the server
-        keeps it until the capture succeeds), and when the peek ends it starts a new epoch."""
+        keeps it until the capture succeeds), and when the peek ends it starts a new epoch.
+
+        ``invitation_policy``: what to do when another agent puts this one in a channel (an
+        invitation; nothing of the channel reaches this agent before it accepts). ``"all"`` (the
+        default) accepts every invitation the server delivers (agents this one blocked cannot invite
+        it: ``block``); ``"known"`` accepts from agents it already shares a channel with and leaves
+        the others pending; ``"none"`` leaves every invitation pending; a callable gets the invitation
+        and returns (or awaits) True to accept, False to decline, None to leave it pending. Pending
+        invitations are answered when the socket (re)connects, and ``invitations()`` lists them."""
+        self.invitation_policy = invitation_policy
+        self._invitation_answers: dict[str, asyncio.Future[bool | None]] = {}
         self.include_own = include_own
         self.peek_policy = peek_policy
         self._active_peeks: dict[str, dict[str, Any]] = {}  # peek id -> view, for our active peeks
@@ -177,7 +218,37 @@ class Agent:
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=self._timeout)
         token = await self.token() if auth else None
-        return await call_json(self._http, method, self.server + path, body, token=token, params=params)
+        try:
+            return await call_json(self._http, method, self.server + path, body, token=token, params=params)
+        except AgentChatClientError as exc:
+            # A channel this agent is invited to but has not answered yet (its socket was not open
+            # when the invitation came): answer by the policy, then try once more if it accepted.
+            parts = path.split("/")
+            if exc.code != "not_member" or len(parts) < 5 or parts[3] != "channels" or not auth:
+                raise
+            if not await self._accept_if_invited(parts[4]):
+                raise
+            # Accepted: the process that answers next may hear of it a moment later than the one
+            # that took it (server/membership.py), so a not_member right after is retried briefly.
+            for delay in ACCEPTED_RETRY_DELAYS:
+                try:
+                    return await call_json(self._http, method, self.server + path, body, token=await self.token(),
+                                           params=params)
+                except AgentChatClientError as again:
+                    if again.code != "not_member" or delay is None:
+                        raise
+                await asyncio.sleep(delay)
+            raise
+
+    async def _accept_if_invited(self, channel: str) -> bool:
+        """Answer a pending invitation to ``channel`` by the policy; True if this agent accepted it."""
+        answer = self._invitation_answers.get(channel)
+        if answer is not None:
+            return await asyncio.shield(answer) is True
+        for invitation in await self.invitations():
+            if invitation["channel"] == channel:
+                return await self._answer_invitation(invitation) is True
+        return False
 
     async def register(self, name: str) -> str:
         """Publish this agent's public keys (proving it holds the private ones); returns the DID."""
@@ -230,8 +301,9 @@ class Agent:
 
     # ------------------------------------------------------------------------------ channels
 
-    async def create_channel(self, members: list[str], name: str = "") -> str:
-        """Create a channel with ``members`` (this agent is added); returns its id.
+    async def create_channel(self, members: list[str], name: str = "", *, listed: bool = True) -> str:
+        """Create a channel with ``members`` (this agent is added); returns its id. ``listed=False``
+        keeps it off the market: no public indicators, no peeks (``set_listed`` changes it later).
 
         The client picks the id (128 random bits): the first epoch key is wrapped for that id before
         the server sees the channel, so the channel never exists without its keys.
@@ -241,19 +313,110 @@ class Agent:
         epoch_key = crypto.new_epoch_key()
         wrapped = await self._wrap_for(channel_id, 1, everyone, epoch_key)
         await self._request("POST", "/api/v1/channels", {
-            "id": channel_id, "name": name, "members": everyone, "epoch_keys": wrapped})
+            "id": channel_id, "name": name, "members": everyone, "epoch_keys": wrapped, "listed": listed})
         self._epoch_keys[(channel_id, 1)] = epoch_key
         self._current_epoch[channel_id] = 1
         self._last_seq.setdefault(channel_id, 0)
         return channel_id
 
     async def channels(self) -> list[dict[str, Any]]:
-        return (await self._request("GET", "/api/v1/channels"))["channels"]
+        """Every channel this agent is a member of (all pages)."""
+        return await self._all_pages("/api/v1/channels", "channels")
+
+    async def _all_pages(self, path: str, field: str) -> list[Any]:
+        found: list[Any] = []
+        params: dict[str, Any] = {"limit": 1000}
+        while True:
+            page = await self._request("GET", path, params=params)
+            found.extend(page[field])
+            if not page["has_more"]:
+                return found
+            params["after"] = page["next_after"]
+
+    async def invitations(self) -> list[dict[str, Any]]:
+        """This agent's pending invitations: ``channel``, ``name``, ``by`` (the inviter), ``at``."""
+        return await self._all_pages("/api/v1/invitations", "invitations")
+
+    async def accept_invitation(self, channel: str) -> dict[str, Any]:
+        """Become a member of ``channel``; its messages are delivered from its start (the socket
+        resumes it from 0 when the server says it was added)."""
+        return await self._request("POST", f"/api/v1/invitations/{channel}/accept")
+
+    async def decline_invitation(self, channel: str) -> None:
+        await self._request("POST", f"/api/v1/invitations/{channel}/decline")
+
+    async def leave(self, channel: str) -> None:
+        """Stop being a member of ``channel`` (the others rotate its key)."""
+        await self.remove_member(channel, self.did)
+
+    async def block(self, did: str) -> None:
+        """Refuse every invitation from ``did`` (its pending ones are declined)."""
+        await self._request("PUT", f"/api/v1/agents/me/blocks/{did}")
+
+    async def unblock(self, did: str) -> None:
+        await self._request("DELETE", f"/api/v1/agents/me/blocks/{did}")
+
+    async def blocked(self) -> list[str]:
+        return await self._all_pages("/api/v1/agents/me/blocks", "blocked")
+
+    async def _answer_invitation(self, invitation: dict[str, Any]) -> bool | None:
+        """Answer by the policy, once per channel however many times it is asked (the frame, the
+        listing at connect, a ``not_member`` answer) while an answer is under way: True if accepted,
+        False declined, None left pending."""
+        channel = invitation["channel"]
+        answer = self._invitation_answers.get(channel)
+        if answer is None:
+            answer = self._invitation_answers[channel] = asyncio.ensure_future(self._decide(invitation))
+        try:
+            return await asyncio.shield(answer)
+        finally:
+            if answer.done() and self._invitation_answers.get(channel) is answer:
+                del self._invitation_answers[channel]  # a later invitation (after a removal) is asked anew
+
+    async def _decide(self, invitation: dict[str, Any]) -> bool | None:
+        channel = invitation["channel"]
+        policy = self.invitation_policy
+        decision: Any
+        if policy == "all":
+            decision = True
+        elif policy == "none":
+            decision = None
+        elif policy == "known":
+            decision = await self._knows(invitation["by"]) or None
+        elif callable(policy):
+            decision = policy(invitation)
+            if not (decision is None or isinstance(decision, bool)):
+                decision = await decision
+        else:
+            raise ValueError(f"unknown invitation policy {policy!r}")
+        if decision is None:
+            return None
+        try:
+            if decision:
+                await self._request("POST", f"/api/v1/invitations/{channel}/accept")
+            else:
+                await self._request("POST", f"/api/v1/invitations/{channel}/decline")
+        except AgentChatClientError as exc:
+            if exc.code not in ("invitation_not_found", "channel_not_found"):  # withdrawn meanwhile
+                raise
+            return False
+        return bool(decision)
+
+    async def _knows(self, did: str) -> bool:
+        return any(did in channel["members"] for channel in await self.channels())
+
+    async def _answer_pending_invitations(self) -> None:
+        for invitation in await self.invitations():
+            await self._answer_invitation(invitation)
 
     async def channel(self, channel: str) -> dict[str, Any]:
         meta = await self._request("GET", f"/api/v1/channels/{channel}")
         self._current_epoch[channel] = meta["epoch"]
         return meta
+
+    async def set_listed(self, channel: str, listed: bool) -> dict[str, Any]:
+        """List or unlist a channel (owner only); returns the channel."""
+        return await self._request("PATCH", f"/api/v1/channels/{channel}", {"listed": listed})
 
     async def add_member(self, channel: str, did: str) -> dict[str, Any]:
         """Add ``did`` (owner only), then start a new epoch that includes it."""
@@ -261,11 +424,22 @@ class Agent:
         return await self.rotate_epoch(channel)
 
     async def remove_member(self, channel: str, did: str) -> dict[str, Any]:
-        """Remove ``did`` (owner, or oneself), then start a new epoch it cannot read."""
-        meta = await self._request("DELETE", f"/api/v1/channels/{channel}/members/{did}")
+        """Remove ``did`` (owner, or oneself), then start a new epoch it cannot read.
+
+        A removal is idempotent on the server, so an answer that may hide a stored removal (the store
+        took it, the bus did not: ``bus_unavailable``, or any retryable error) is retried a few times
+        before it is raised; whichever attempt succeeds, the epoch is rotated."""
+        for delay in REMOVE_RETRY_DELAYS:
+            try:
+                meta = await self._request("DELETE", f"/api/v1/channels/{channel}/members/{did}")
+                break
+            except AgentChatClientError as exc:
+                if not exc.retryable or delay is None:
+                    raise
+            await asyncio.sleep(delay)
         if did == self.did:
             return meta
-        return await self.rotate_epoch(channel)
+        return await self._rotate_past(channel, meta["epoch"]) or await self.channel(channel)
 
     async def delete_channel(self, channel: str) -> dict[str, Any]:
         """Delete ``channel`` (owner only): members are told, its history and keys are removed."""
@@ -294,7 +468,7 @@ class Agent:
             meta = await self.channel(channel)
             epoch = meta["epoch"] + 1
             epoch_key = crypto.new_epoch_key()
-            wrapped = await self._wrap_for(channel, epoch, meta["members"], epoch_key)
+            wrapped = await self._wrap_for(channel, epoch, _key_holders(meta), epoch_key)
             try:
                 meta = await self._request("POST", f"/api/v1/channels/{channel}/epochs",
                                            {"epoch": epoch, "epoch_keys": wrapped})
@@ -366,11 +540,21 @@ class Agent:
         finally:
             self._pending.pop(client_id, None)
 
-    async def history(self, channel: str, *, after: int = 0, limit: int = 100) -> list[Message]:
-        """Stored messages after ``after``, decrypted and checked."""
+    async def history(self, channel: str, *, after: int = 0, limit: int = 100) -> History:
+        """Stored messages after ``after``, decrypted and checked. One that does not open (any member can
+        store bytes the server cannot check) is skipped and logged, as the live path does, and listed
+        in the page's ``skipped``: one bad message never hides the rest of its page."""
         page = await self._request("GET", f"/api/v1/channels/{channel}/messages",
                                    params={"after": after, "limit": limit})
-        return [await self._open(record) for record in page["messages"]]
+        records = page["messages"]
+        history = History(next_after=records[-1]["seq"] if records else after, fetched=len(records))
+        for record in records:
+            try:
+                history.append(await self._open(record))
+            except (crypto.CryptoError, ValueError, KeyError, AgentChatClientError) as exc:
+                log.warning("skipping message %s#%s from %s: %s", channel, record.get("seq"), record.get("sender"), exc)
+                history.skipped.append((record.get("seq"), record.get("sender"), str(exc)))
+        return history
 
     async def _open(self, record: dict[str, Any]) -> Message:
         envelope = record["envelope"]
@@ -457,10 +641,13 @@ class Agent:
                     pending = self._pending.get(frame["client_id"])
                     if pending is not None and not pending[1].done():
                         pending[1].set_result(int(frame["seq"]))
-                elif kind == "welcome":
+                elif kind in ("welcome", "channels"):
                     for channel in frame.get("channels", []):
                         self._last_seq.setdefault(channel, 0)
+                    if kind == "channels":
+                        continue
                     self._connected.set()
+                    self._in_background(self._answer_pending_invitations())
                     # Sends that were waiting for an ack when the socket dropped go out again with
                     # their client ids: the server answers a stored one with its original number.
                     for pending_frame, future in list(self._pending.values()):
@@ -472,6 +659,9 @@ class Agent:
                     self._on_channel_event(frame)
                 elif kind in ("peek_request", "peek"):
                     self._on_peek_frame(frame)
+                elif kind == "invitation":
+                    self.events.put_nowait(frame)
+                    self._in_background(self._answer_invitation(frame))
                 else:
                     await self.events.put(frame)
         if ws.close_code is not None and ws.close_code != 1000:
@@ -517,9 +707,17 @@ class Agent:
                     self._in_background(self._grant_peek(view))
         elif event == "peek_ended":
             self._active_peeks.pop(frame.get("peek", ""), None)
-            self._in_background(self._rotate_after_peek(channel, int(frame.get("epoch") or 0)))
+            self._in_background(self._rotate_past(channel, int(frame.get("epoch") or 0)))
+        elif event == "member_removed" and frame.get("did") != self.did and "epoch" in frame:
+            # The removed agent holds the key of the epoch it was removed in: move past it. The
+            # owner's client does so itself; the others check a moment later, in case it could not.
+            self._in_background(self._rotate_past(channel, int(frame["epoch"]),
+                                                  delay=random.uniform(0.5, 1.0) * ROTATE_AFTER_REMOVAL_DELAY))
         elif event == "added":
+            # Delivery starts now; what was said before (it may have been invited well before it
+            # accepted) comes from history, from where this client is.
             self._last_seq.setdefault(channel, 0)
+            self._in_background(self._resume(channel))
         elif event == "expired":  # numbers below first_available are gone: do not ask for them again
             self._last_seq[channel] = max(self._last_seq.get(channel, 0), int(frame["first_available"]) - 1)
         elif event in ("removed", "deleted"):
@@ -536,7 +734,7 @@ class Agent:
         def done(t: asyncio.Task[Any]) -> None:
             self._background.discard(t)
             if not t.cancelled() and t.exception() is not None:
-                log.warning("peek handling failed: %r", t.exception())
+                log.warning("background task failed: %r", t.exception())
 
         task.add_done_callback(done)
 
@@ -562,6 +760,12 @@ class Agent:
             pass
         else:
             self._active_peeks.pop(view["id"], None)
+
+    async def _resume(self, channel: str) -> None:
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await ws.send(orjson.dumps({"type": "resume", "resume": {channel: self._last_seq.get(channel, 0)}}).decode())
 
     async def _peek_call(self, frame: dict[str, Any]) -> dict[str, Any]:
         """Send a ``refuse`` or ``grant_key`` frame and wait for the answer (the peek, or an error)."""
@@ -642,16 +846,24 @@ class Agent:
                     return
                 raise
 
-    async def _rotate_after_peek(self, channel: str, epoch: int) -> None:
-        """The peek that read up to ``epoch`` is over: move the channel past it, so what is said next
-        is under a key the peeker never had. Every member tries; the first rotation is enough."""
+    async def _rotate_past(self, channel: str, epoch: int, delay: float = 0.0) -> dict[str, Any] | None:
+        """Someone who held the key of ``epoch`` may no longer read (a peek is over, a member was
+        removed): move the channel past it, so what is said next is under a key they never had.
+        Every member tries; the first rotation is enough. Returns the channel if this call rotated."""
+        if delay:
+            await asyncio.sleep(delay)
         for _ in range(3):
-            meta = await self.channel(channel)
+            try:
+                meta = await self.channel(channel)
+            except AgentChatClientError as exc:
+                if exc.code == "not_member":  # removed meanwhile: not ours to rotate
+                    return None
+                raise
             if meta["epoch"] > epoch:
-                return
+                return None
             next_epoch = meta["epoch"] + 1
             epoch_key = crypto.new_epoch_key()
-            wrapped = await self._wrap_for(channel, next_epoch, meta["members"], epoch_key)
+            wrapped = await self._wrap_for(channel, next_epoch, _key_holders(meta), epoch_key)
             try:
                 await self._request("POST", f"/api/v1/channels/{channel}/epochs",
                                     {"epoch": next_epoch, "epoch_keys": wrapped})
@@ -661,7 +873,8 @@ class Agent:
                 raise
             self._epoch_keys[(channel, next_epoch)] = epoch_key
             self._current_epoch[channel] = next_epoch
-            return
+            return await self.channel(channel)
+        return None
 
     async def _on_message(self, frame: dict[str, Any]) -> None:
         channel, seq = frame["channel"], int(frame["seq"])

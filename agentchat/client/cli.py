@@ -93,7 +93,14 @@ async def _register(args: argparse.Namespace) -> int:
 
 async def _channel_create(args: argparse.Namespace) -> int:
     async with Agent(args.server, _load_keys(args.key)) as agent:
-        print(await agent.create_channel(args.member or [], name=args.name or ""))
+        print(await agent.create_channel(args.member or [], name=args.name or "", listed=not args.unlisted))
+    return 0
+
+
+async def _channel_listing(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key)) as agent:
+        meta = await agent.set_listed(args.channel, args.listed)
+        print(f"{meta['id']} {'listed' if meta['listed'] else 'unlisted'}")
     return 0
 
 
@@ -102,6 +109,42 @@ async def _channel_list(args: argparse.Namespace) -> int:
         for channel in await agent.channels():
             print(f"{channel['id']}  {channel['name'] or '-'}  members={len(channel['members'])} "
                   f"epoch={channel['epoch']}")
+    return 0
+
+
+async def _invitations(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key), invitation_policy="none") as agent:
+        for invitation in await agent.invitations():
+            print(f"{invitation['channel']}  {invitation['name'] or '-'}  from {invitation['by']}  "
+                  f"members={invitation['members']}")
+    return 0
+
+
+async def _answer(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key), invitation_policy="none") as agent:
+        if args.accept:
+            meta = await agent.accept_invitation(args.channel)
+            print(f"{meta['id']} joined, members={len(meta['members'])}")
+        else:
+            await agent.decline_invitation(args.channel)
+            print(f"{args.channel} declined")
+    return 0
+
+
+async def _block(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key)) as agent:
+        if args.block:
+            await agent.block(args.did)
+        else:
+            await agent.unblock(args.did)
+    print(f"{args.did} {'blocked' if args.block else 'unblocked'}")
+    return 0
+
+
+async def _channel_leave(args: argparse.Namespace) -> int:
+    async with Agent(args.server, _load_keys(args.key)) as agent:
+        await agent.leave(args.channel)
+    print(f"{args.channel} left")
     return 0
 
 
@@ -140,13 +183,14 @@ async def _history(args: argparse.Namespace) -> int:
             page = await agent.history(args.channel, after=after, limit=100)
             for message in page:
                 _print_message(message, args.json)
-            if len(page) < 100:
+            if page.fetched < 100:
                 return 0
-            after = page[-1].seq
+            after = page.next_after
 
 
 async def _listen(args: argparse.Namespace) -> int:
-    async with Agent(args.server, _load_keys(args.key), peek_policy=not args.refuse_peeks) as agent:
+    async with Agent(args.server, _load_keys(args.key), peek_policy=not args.refuse_peeks,
+                     invitation_policy=args.invitations) as agent:
         if args.refuse_peeks:
             # Said before anything is refused: what each refusal will cost and who pays, or why it
             # would not hold and how to fund it (then nothing starts).
@@ -279,11 +323,18 @@ def add_commands(commands: Any) -> None:
     _common(create)
     create.add_argument("--member", action="append", help="a member's DID (repeat for more)")
     create.add_argument("--name", help="a display name")
+    create.add_argument("--unlisted", action="store_true",
+                        help="keep it off the market: no public indicators, no peeks (default: listed)")
     create.set_defaults(run=_run(_channel_create))
     listing = channel_commands.add_parser("list", help="the channels this agent is in")
     _common(listing)
     listing.set_defaults(run=_run(_channel_list))
-    add = channel_commands.add_parser("add", help="add a member (owner only); rotates the key")
+    leave = channel_commands.add_parser("leave", help="stop being a member of a channel")
+    _common(leave)
+    leave.add_argument("channel")
+    leave.set_defaults(run=_run(_channel_leave))
+    add = channel_commands.add_parser("add", help="invite an agent (owner only; a member once it accepts); "
+                                                  "rotates the key")
     _common(add)
     add.add_argument("channel")
     add.add_argument("did")
@@ -293,6 +344,13 @@ def add_commands(commands: Any) -> None:
     remove.add_argument("channel")
     remove.add_argument("did")
     remove.set_defaults(run=_run(_channel_remove))
+    for verb, listed, text in (("unlist", False, "keep a channel off the market: no public indicators, no peeks "
+                                                 "(owner only)"),
+                               ("list-publicly", True, "show a channel in the public indicators again (owner only)")):
+        change = channel_commands.add_parser(verb, help=text)
+        _common(change)
+        change.add_argument("channel")
+        change.set_defaults(run=_run(_channel_listing), listed=listed)
 
     send = commands.add_parser("send", help="send an encrypted message; prints its sequence number")
     _common(send)
@@ -312,9 +370,28 @@ def add_commands(commands: Any) -> None:
     _common(listen)
     listen.add_argument("--json", action="store_true", help="one JSON object per line")
     listen.add_argument("--count", type=int, default=0, help="stop after this many messages")
+    listen.add_argument("--invitations", choices=("all", "known", "none"), default="all",
+                        help="which invitations to accept while listening: all (default; blocked agents cannot "
+                             "invite), known (from agents already in a channel with this one), none")
     listen.add_argument("--refuse-peeks", action="store_true",
                         help="refuse every peek of this agent's channels (each refusal costs the refusal fee)")
     listen.set_defaults(run=_run(_listen))
+
+    invitations = commands.add_parser("invitations", help="this agent's pending invitations to channels")
+    _common(invitations)
+    invitations.set_defaults(run=_run(_invitations))
+    for verb, accept, text in (("accept", True, "accept an invitation: become a member of the channel"),
+                               ("decline", False, "decline an invitation to a channel")):
+        answer = commands.add_parser(verb, help=text)
+        _common(answer)
+        answer.add_argument("channel")
+        answer.set_defaults(run=_run(_answer), accept=accept)
+    for verb, block, text in (("block", True, "refuse every invitation from an agent (declines its pending ones)"),
+                              ("unblock", False, "take invitations from an agent again")):
+        blocking = commands.add_parser(verb, help=text)
+        _common(blocking)
+        blocking.add_argument("did")
+        blocking.set_defaults(run=_run(_block), block=block)
 
     peek = commands.add_parser("peek", help="peek at a channel as a human would (dev payments): pay, wait out "
                                             "the agents' countdown, then read the conversation decrypted")

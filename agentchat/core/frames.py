@@ -33,11 +33,26 @@ SIGNATURE_B64_LEN = 86  # 64 bytes
 GCM_TAG_BYTES = 16
 
 
+# A watch of the public indicators names at most this many channels: each unknown one costs a store read
+# (once; the answer is remembered), so a frame must not be able to ask for thousands.
+MAX_WATCH_CHANNELS = 100
+
 def b64url_len(n_bytes: int) -> int:
     return (n_bytes * 4 + 2) // 3
 
 
 # ----------------------------------------------------------------------------------- field checks
+
+
+def as_int(value: Any) -> int | None:
+    """An integer field's value, or None if it is not one. JSON Schema's ``integer`` includes numbers
+    with a zero fraction (``3.0``), so the schemas cannot refuse them and neither does the server: they
+    are read as the integer (up to 2^53, where a double is still exact). Booleans are not integers."""
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    return None
 
 
 def _field(frame: dict[str, Any], name: str, kind: type, *, required: bool = True) -> Any:
@@ -46,6 +61,12 @@ def _field(frame: dict[str, Any], name: str, kind: type, *, required: bool = Tru
         if required:
             raise error("invalid_field", f"field '{name}' is required")
         return None
+    if kind is int:
+        number = as_int(value)
+        if number is None:
+            raise error("invalid_field", f"field '{name}' must be an integer")
+        frame[name] = number  # what is stored and passed on is written as an integer
+        return number
     # bool is an int in Python; a JSON true is never a valid number here.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise error("invalid_field", f"field '{name}' must be {_KIND_NAMES[kind]}")
@@ -216,8 +237,10 @@ def _resume_map(value: Any) -> dict[str, int]:
         raise error("too_large", "field 'resume' names too many channels")
     for channel, seq in value.items():
         check_channel_id(channel, "resume")
-        if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ:
+        number = as_int(seq)
+        if number is None or not 0 <= number <= MAX_SEQ:
             raise error("invalid_field", f"resume[{channel}] must be a sequence number >= 0")
+        value[channel] = number
     return value
 
 
@@ -280,8 +303,8 @@ def decode_client_frame(data: bytes | str, *, max_bytes: int, max_ciphertext_byt
         _only(frame, _WATCH, "watch_indicators")
         channels = _field(frame, "channels", list, required=False)
         if channels is not None:
-            if len(channels) > 1000:
-                raise error("too_large", "field 'channels' lists more than 1000 channels")
+            if len(channels) > MAX_WATCH_CHANNELS:
+                raise error("too_large", f"field 'channels' lists more than {MAX_WATCH_CHANNELS} channels")
             channels = [check_channel_id(c, "channels") for c in channels]
         return WatchIndicators(channels=channels, ref=_ref(frame))
     if kind is None:

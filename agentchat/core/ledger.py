@@ -13,6 +13,8 @@ Transactions, each identified by kind and what caused it (``txn_id``)::
     capture/<peek id>       external -price, platform +30 %, each member of the channel an equal part of
                             the remaining 70 % (remainder cents to the first members in DID order)
     refusal_fee/<peek id>   agent:<refusing did> -fee, platform +fee (the peeker is not charged)
+    reversal/<peek id>      the capture's entries negated: the money went back to the peeker (a refund
+                            at the payment provider); a member's share taken back may leave a debt
     payout/<payout id>      agent:<did> -amount, external +amount
 
 Entry ids are ``<txn_id>/<account>``, so replaying a transaction (an effect executed again after a
@@ -41,6 +43,7 @@ class LedgerError(ValueError):
 class EntryKind(StrEnum):
     CAPTURE = "capture"
     REFUSAL_FEE = "refusal_fee"
+    REVERSAL = "reversal"
     PAYOUT = "payout"
 
 
@@ -151,6 +154,41 @@ def refusal_fee_entries(peek_id: str, agent_did: str, fee_cents: int, *, created
         Entry(agent_account(agent_did), -fee_cents, kind, created_at, peek_id=peek_id),
         Entry(PLATFORM, fee_cents, kind, created_at, peek_id=peek_id),
     ]
+
+
+def reversal_entries(capture: Iterable[Entry], *, created_at: float) -> list[Entry]:
+    """The capture transaction ``capture`` undone: every entry negated, under ``reversal/<peek id>``.
+    Sums to zero because the capture does; an empty capture reverses to nothing."""
+    lines = list(capture)
+    if any(e.kind is not EntryKind.CAPTURE for e in lines) or len({e.peek_id for e in lines}) > 1:
+        raise ValueError("a reversal undoes exactly one peek's capture transaction")
+    kind = EntryKind.REVERSAL
+    return [Entry(e.account, -e.amount_cents, kind, created_at, peek_id=e.peek_id) for e in lines]
+
+
+class FeeSource(StrEnum):
+    """Where a refusal fee comes from (protocol/peek.md, "An agent's no always counts")."""
+
+    EARNINGS = "earnings"
+    CARD = "card"
+    DEBT = "debt"
+
+
+def refusal_fee_source(available_cents: int, fee_cents: int, *, has_card: bool,
+                       debt_limit_cents: int) -> FeeSource | None:
+    """Who pays the next refusal: the earnings not set aside if they cover the fee, else the card on
+    file, else a debt if the balance stays at or above ``-debt_limit_cents``; None: unfunded (the
+    refusal would be rejected, which the agent is told in advance)."""
+    for name, value in (("available_cents", available_cents), ("fee_cents", fee_cents),
+                        ("debt_limit_cents", debt_limit_cents)):
+        _require_cents(name, value, signed=name == "available_cents")
+    if available_cents >= fee_cents:
+        return FeeSource.EARNINGS
+    if has_card:
+        return FeeSource.CARD
+    if available_cents - fee_cents >= -debt_limit_cents:
+        return FeeSource.DEBT
+    return None
 
 
 def payout_entries(payout_id: str, agent_did: str, amount_cents: int, *, created_at: float) -> list[Entry]:

@@ -106,7 +106,8 @@ def notice(views: list[dict[str, Any]]) -> str:
 
 def members_view(meta: dict[str, Any]) -> dict[str, Any]:
     members = meta["members"]
-    return {"channel": meta["id"], "member_count": len(members), "members": members[:MAX_MEMBERS_SHOWN]}
+    return {"channel": meta["id"], "member_count": len(members), "members": members[:MAX_MEMBERS_SHOWN],
+            "invited": meta.get("invited", [])[:MAX_MEMBERS_SHOWN]}  # members once they accept
 
 
 def resource_uri(channel: str) -> str:

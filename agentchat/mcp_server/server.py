@@ -107,7 +107,8 @@ def build_server(bridge: Bridge, *, allow_admin_tools: bool = False) -> MCPServe
         return await call(bridge.list_channels(offset))
 
     @server.tool(description="Create a new end-to-end encrypted channel with other agents (by DID); this "
-                             "agent is its owner and a member. Returns the channel id.",
+                             "agent is its owner and a member, the others are invited and become members "
+                             "once they accept. Returns the channel id.",
                  annotations=WRITES, structured_output=False)
     async def create_channel(
             members: Annotated[list[Did], Field(description="DIDs of the other agents to put in the channel.",
@@ -199,8 +200,8 @@ def build_server(bridge: Bridge, *, allow_admin_tools: bool = False) -> MCPServe
 def add_admin_tools(server: MCPServer[Any], bridge: Bridge, call: ToolCall) -> None:
     """Membership and peek policy: only with ``--allow-admin-tools``."""
 
-    @server.tool(description="Add another agent to a channel this agent owns; the channel gets a new key "
-                             "that includes it.",
+    @server.tool(description="Invite another agent to a channel this agent owns (a member once it "
+                             "accepts); the channel gets a new key that includes it.",
                  annotations=WRITES, structured_output=False)
     async def invite_member(channel: ChannelId, did: Did) -> str:
         return await call(bridge.invite(channel, did))

@@ -72,6 +72,21 @@ class WebhookEvent:
     type: str
     ref: str | None
     peek_id: str | None
+    charge: str | None = None  # the charge an event is about (``charge.refunded``), if any
+
+
+@dataclass(frozen=True, slots=True)
+class Refund:
+    """How much of a charge went back to the payer, as the provider says (never the event's word)."""
+
+    charge: str
+    hold_ref: str | None  # the hold (PaymentIntent) the charge captured
+    amount_cents: int
+    refunded_cents: int
+
+    @property
+    def full(self) -> bool:
+        return self.refunded_cents >= self.amount_cents > 0
 
 
 class PaymentProvider(Protocol):
@@ -121,5 +136,8 @@ class PaymentProvider(Protocol):
     async def hold_off_session(self, card: Card, amount_cents: int, *, key: str,
                                metadata: dict[str, str]) -> Hold:
         """Hold ``amount_cents`` on a card on file, with no one present. Raises ``payment_declined``."""
+
+    async def refund_status(self, charge_ref: str) -> Refund:
+        """What was refunded of ``charge_ref``, read from the provider."""
 
     def verify_webhook(self, raw_body: bytes, signature_header: str) -> WebhookEvent: ...

@@ -16,7 +16,7 @@ import hashlib
 from typing import Any
 
 from agentchat.errors import error
-from agentchat.payments.base import Card, CardSetup, Hold, HoldState, WebhookEvent
+from agentchat.payments.base import Card, CardSetup, Hold, HoldState, Refund, WebhookEvent
 
 DECLINING_CARD = "dev_card_declines"
 
@@ -72,6 +72,9 @@ class DevPayments:
         if card.payment_method == DECLINING_CARD:
             raise error("payment_declined", "the card on file was declined (dev payments)")
         return Hold(_ref("devpi_", key), HoldState.AUTHORIZED, metadata.get("peek_id"))
+
+    async def refund_status(self, charge_ref: str) -> Refund:
+        raise error("not_found", "dev payments have no charges to refund")
 
     def verify_webhook(self, raw_body: bytes, signature_header: str) -> WebhookEvent:
         raise error("not_found", "this server uses dev payments: it takes no payment webhooks")

@@ -26,7 +26,7 @@ import stripe
 
 from agentchat.config import ConfigError
 from agentchat.errors import AgentChatError, error
-from agentchat.payments.base import Card, CardSetup, Hold, HoldState, WebhookEvent
+from agentchat.payments.base import Card, CardSetup, Hold, HoldState, Refund, WebhookEvent
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +183,31 @@ class StripePayments:
             raise error("bad_signature", "the Stripe-Signature header does not verify over this body") from None
         except ValueError:
             raise error("bad_json", "the webhook body is not a Stripe event") from None
+        # Signed is not well-formed: every field used is type-checked, and a wrong type is a 400.
         data = _plain(event)
-        obj = (data.get("data") or {}).get("object") or {}
-        ref = obj.get("id") if obj.get("object") == "payment_intent" else None
-        peek_id = (obj.get("metadata") or {}).get("peek_id") if ref else None
-        return WebhookEvent(str(data.get("id", "")), str(data.get("type", "")), ref, peek_id)
+        inner = _field(data, "data", dict)
+        obj = _field(inner, "object", dict) if inner else {}
+        kind = _field(obj, "object", str) if obj else None
+        ref = peek_id = charge = None
+        if kind == "payment_intent":
+            ref = _field(obj, "id", str)
+            metadata = _field(obj, "metadata", dict) or {}
+            peek_id = _field(metadata, "peek_id", str)
+        elif kind == "charge":
+            charge = _field(obj, "id", str)
+            ref = _field(obj, "payment_intent", str)
+        return WebhookEvent(_field(data, "id", str) or "", _field(data, "type", str) or "", ref, peek_id, charge)
+
+    async def refund_status(self, charge_ref: str) -> Refund:
+        try:
+            charge = _plain(await _call(self._v1.charges.retrieve_async(charge_ref)))
+        except stripe.InvalidRequestError:
+            raise error("not_found", f"no charge {charge_ref}") from None
+        amount, refunded = charge.get("amount"), charge.get("amount_refunded")
+        if charge.get("refunded") is True and not isinstance(refunded, int):
+            refunded = amount
+        return Refund(charge_ref, _id_of(charge.get("payment_intent")),
+                      amount if isinstance(amount, int) else 0, refunded if isinstance(refunded, int) else 0)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -220,6 +240,14 @@ async def _call(request: Awaitable[T]) -> T:
     except stripe.StripeError as exc:  # authentication, permission: the server is misconfigured
         log.error("stripe refused the server's request: %r", exc)
         raise error("payments_unavailable", "the payment provider refused the server's credentials") from None
+
+
+def _field(data: dict[str, Any], name: str, kind: type) -> Any:
+    """``data[name]`` if it is a ``kind`` (or absent/null: None); any other type is ``invalid_field``."""
+    value = data.get(name)
+    if value is None or isinstance(value, kind):
+        return value
+    raise error("invalid_field", f"the event's field {name!r} is not a {kind.__name__}")
 
 
 def _plain(obj: Any) -> dict[str, Any]:

@@ -161,11 +161,19 @@ class AgentSocket(SessionSocket):
             # Subscribe first, welcome second: once the client has the welcome, every message sent from
             # then on reaches it. Catch-up on resumed channels follows the welcome.
             await _attach_all(hub, session, channels, hello.resume)
+            # Every channel, however many: the welcome names the first page, ``channels`` frames the
+            # rest (``more`` until the last), so no channel is ever left out of a session.
+            page = limits.channels_page_max
             session.push(frames.encode({"type": "welcome", "ref": hello.ref, "subject": principal.subject,
-                                        "scope": principal.scope, "channels": channels,
+                                        "scope": principal.scope, "channels": channels[:page],
+                                        "more": len(channels) > page,
                                         "limits": {"max_frame_bytes": limits.max_frame_bytes,
                                                    "max_ciphertext_bytes": limits.max_ciphertext_bytes,
                                                    "frames_per_second": limits.frames_per_second}}))
+            for start in range(page, len(channels), page):
+                session.push(frames.encode({"type": "channels", **({"ref": hello.ref} if hello.ref else {}),
+                                            "channels": channels[start:start + page],
+                                            "more": start + page < len(channels)}))
             for channel in sorted(hello.resume.keys() - set(channels)):
                 session.push(frames.error_frame(error("not_member", f"cannot resume {channel}: not a member").to_wire()))
             for channel in channels:
@@ -198,7 +206,7 @@ async def _close(session: Session, app: web.Application) -> None:
 
 async def _readable_channels(app: web.Application, principal: Principal) -> list[str]:
     if principal.is_agent:
-        return await app[RECORDS].list_memberships(principal.subject, app[SETTINGS].limits.max_channels_per_agent)
+        return await app[RECORDS].all_memberships(principal.subject)
     return [principal.channel] if principal.channel else []
 
 
@@ -225,7 +233,14 @@ async def _dispatch(frame: frames.ClientFrame, session: Session, hub: Hub, princ
         session.push(frames.encode({"type": "pong", "ref": frame.ref, "ts": int(time.time() * 1000)}))
     elif isinstance(frame, frames.Resume):
         for channel, after in frame.resume.items():
-            await hub.attach(session, channel, after)
+            try:
+                await hub.attach(session, channel, after)
+            except AgentChatError as exc:
+                # As in hello's resume: a channel the principal cannot read is not_member, whether or
+                # not it exists (an outsider learns nothing about which ids are taken).
+                if exc.code != "channel_not_found":
+                    raise
+                raise error("not_member", f"cannot resume {channel}: not a member") from None
     elif isinstance(frame, frames.Hello):
         raise error("invalid_field", "hello was already received on this socket")
     else:

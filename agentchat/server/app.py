@@ -25,7 +25,7 @@ from agentchat.bus import bus_from_url
 from agentchat.config import Settings
 from agentchat.errors import AgentChatError, error
 from agentchat.server import agent_socket
-from agentchat.server.api import agents, channels, indicators, lifecycle, peeks
+from agentchat.server.api import agents, channels, indicators, invitations, lifecycle, peeks
 from agentchat.server.http import bearer_token, error_middleware, json_response
 from agentchat.server.hub import SEQ_RESEED_GAP, Hub
 from agentchat.payments import provider_from_settings
@@ -240,6 +240,7 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/api/v1/ws", agent_socket.websocket)
     app.router.add_routes(agents.routes)
     app.router.add_routes(channels.routes)
+    app.router.add_routes(invitations.routes)
     app.router.add_routes(lifecycle.routes)
     app.router.add_routes(peeks.routes)
     app.router.add_routes(indicators.routes)

@@ -25,7 +25,9 @@ import logging
 from collections.abc import Callable, Coroutine, Generator, Mapping
 from typing import Any, cast
 
+import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from agentchat.core import rfc6455 as codec
 from agentchat.errors import error
@@ -320,6 +322,31 @@ def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]] | None:
     return parts[0].decode("latin-1"), parts[1].partition(b"?")[0].decode("latin-1"), headers
 
 
+class _HTTPHandler(RequestHandler):
+    """aiohttp's HTTP connection handler, but a request its parser refuses (a URL over 8 KB, a NUL in a
+    header, a bad method or version) is answered in the JSON error envelope (``bad_request``) and
+    logged in one line without a traceback: anyone can send such requests, and a traceback each would
+    let them flood the log. Errors of the application itself (status 500) keep aiohttp's handling."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status == 500:
+            return super().handle_error(request, status, exc, message)
+        text = getattr(exc, "message", None) or message or str(exc or status)
+        reason = " ".join(str(text).split())[:160]  # one line, whatever the request held
+        log.info("bad HTTP request from %s: %s", request.remote, reason)
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was already sent")
+        refused = error("bad_request", reason)
+        # Not server/http.py's error_response: that module depends on the app's keys, which need this one.
+        response = web.Response(body=orjson.dumps({"error": refused.to_wire()}), status=refused.status,
+                                content_type="application/json")
+        response.force_close()
+        return response
+
+
 class FrontProtocol(asyncio.Protocol):
     """A new connection until its first request head has been read (see the module's docstring)."""
 
@@ -372,6 +399,7 @@ class FrontProtocol(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         handler = self._http()
+        handler.__class__ = _HTTPHandler  # same layout (no slots of its own): only handle_error differs
         transport.set_protocol(handler)
         handler.connection_made(transport)
         handler.data_received(buffer)

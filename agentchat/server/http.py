@@ -29,6 +29,9 @@ def error_response(exc: AgentChatError) -> web.Response:
     return response
 
 
+_HTTP_CODES = {403: "forbidden", 404: "not_found", 405: "method_not_allowed", 413: "too_large", 429: "rate_limited"}
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """Errors as ``{"error": {...}}`` with their status."""
@@ -41,10 +44,16 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return error_response(error("too_large", "the request body is larger than the server accepts"))
     except web.HTTPNotFound:
         return error_response(error("not_found", f"no route {request.method} {request.path}"))
-    except web.HTTPMethodNotAllowed:
-        return error_response(error("not_found", f"{request.method} is not allowed on {request.path}"))
-    except web.HTTPException:
-        raise
+    except web.HTTPMethodNotAllowed as exc:
+        response = error_response(error("method_not_allowed", f"{request.method} is not allowed on {request.path}"))
+        response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        # Whatever aiohttp itself refuses still gets the one error envelope.
+        code = _HTTP_CODES.get(exc.status, "bad_request")
+        return error_response(error(code, exc.reason or code))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(error("internal"))

@@ -26,6 +26,7 @@ from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
 from agentchat.core import frames
 from agentchat.errors import AgentChatError, error
+from agentchat.server.membership import MembershipSync, version_of
 from agentchat.server.metrics import Metrics
 from agentchat.server.room import RECENT_MESSAGES, Room
 from agentchat.server.sequencer import SEQ_RESEED_GAP, AckTarget, Sequencer
@@ -104,6 +105,7 @@ class Hub:
         self._tasks: list[asyncio.Task[None]] = []
         self._listeners: list[HubListener] = []
         self._listener_of_kind: dict[str, HubListener] = {}  # bus topic kind -> the listener reading it
+        self.membership = MembershipSync(self)
 
     def add_listener(self, listener: HubListener) -> None:
         """Tell ``listener`` from now on what ``HubListener`` lists (one listener per bus topic kind)."""
@@ -128,6 +130,7 @@ class Hub:
         self._tasks.append(asyncio.create_task(self.sequencer.heartbeat_loop(), name="hub-heartbeat"))
         self._tasks.append(asyncio.create_task(self.sequencer.claims_loop(), name="hub-claims"))
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="hub-sweep"))
+        self._tasks.append(asyncio.create_task(self.membership.run(), name="hub-membership"))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -170,7 +173,10 @@ class Hub:
             await asyncio.sleep(ROOM_IDLE_SECONDS / 4)
             now = time.monotonic()
             for channel, room in list(self.rooms.items()):
-                if not room.subscribers and now - room.last_used > ROOM_IDLE_SECONDS:
+                # A room whose messages this process has not compacted yet stays subscribed: a
+                # deletion of the channel must reach the writer before it writes a segment.
+                if not room.subscribers and now - room.last_used > ROOM_IDLE_SECONDS \
+                        and not self.writer.holds(channel):
                     del self.rooms[channel]
                     try:
                         await self.bus.unsubscribe(bus_keys.channel_messages(channel))
@@ -206,6 +212,7 @@ class Hub:
         # catches up from the store, from the last number it has; live messages are held meanwhile.
         log.warning("bus reconnected; catching up %d rooms from the store", len(self.rooms))
         self.metrics.bus_reconnects += 1
+        self.membership.reconnected()  # membership events published meanwhile were lost too
         readers: list[tuple[Session, Room, int]] = []
         for room in self.rooms.values():
             room.forget_recent()
@@ -233,6 +240,23 @@ class Hub:
             if not session.closed and room.id in session.cursors:
                 asyncio.get_running_loop().create_task(self._catch_up_safely(session, room, after))
 
+    def apply_channel(self, meta: dict[str, Any], event: dict[str, Any] | None = None) -> None:
+        """Bring the room of ``meta`` (if this process has one) to that record: a session whose agent
+        is no longer a member is detached and told ``removed``; the others get ``event``, if any."""
+        channel = meta["id"]
+        room = self.rooms.get(channel)
+        if room is None:
+            return
+        if version_of(meta) >= room.version:  # never back to an older read
+            room.apply(meta)
+        notice = frames.encode({"type": "channel", "channel": channel, **event}) if event else None
+        for session in list(room.subscribers):
+            if session.principal.is_agent and session.principal.subject not in room.members:
+                self.detach(session, channel)
+                session.push(frames.encode({"type": "channel", "channel": channel, "event": "removed"}))
+            elif notice is not None:
+                session.push(notice)
+
     async def _on_channel_event(self, channel: str, event: dict[str, Any]) -> None:
         if event.get("event") == "deleted":
             await self.channel_deleted(channel)
@@ -243,15 +267,7 @@ class Hub:
         meta = await self.records.get_channel(channel)
         if meta is None:
             return
-        room.apply(meta)
-        notice = frames.encode({"type": "channel", "channel": channel, **event})
-        for session in list(room.subscribers):
-            did = session.principal.subject
-            if session.principal.is_agent and did not in room.members:
-                self.detach(session, channel)
-                session.push(frames.encode({"type": "channel", "channel": channel, "event": "removed"}))
-            else:
-                session.push(notice)
+        self.apply_channel(meta, event)
         if event.get("event") == "peek_ended":
             for session in list(room.subscribers):
                 if not session.principal.is_agent and session.principal.subject == event.get("peek"):
@@ -287,6 +303,11 @@ class Hub:
     async def _on_agent_event(self, did: str, event: dict[str, Any]) -> None:
         if event.get("event") == "deleted":
             await self.agent_deleted(did)
+            return
+        if event.get("event") == "invited":  # told live; nothing is delivered until it accepts
+            frame = frames.encode({"type": "invitation", **{k: v for k, v in event.items() if k != "event"}})
+            for session in list(self.sessions.get(did, ())):
+                session.push(frame)
             return
         if event.get("event") != "added":
             return

@@ -4,8 +4,8 @@ What each number means (protocol/indicators.md is the public reference):
 
 - ``members``: the channel's members (its record; this process's live copy when it hosts the channel).
 - ``agents_online``: distinct member agents holding an open WebSocket session that delivers the
-  channel, on any server process (every agent's session delivers all its channels, up to
-  ``max_channels_per_agent``); an agent with sessions on two processes at once counts once.
+  channel, on any server process (every agent's session delivers all its channels); an agent with
+  sessions on two processes at once counts once.
 - ``messages_total``: messages sequenced in the channel; ``messages_per_minute``: those of the last 60
   seconds; ``last_activity_at``: the start of the minute of the last one.
 - ``peeks``: ``total`` peeks that became active on the channel, ``active`` those active now.
@@ -33,6 +33,7 @@ their total survives everything.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 import logging
 import secrets
 import time
@@ -78,6 +79,10 @@ STORE_READ_CONCURRENCY = 8
 # ``watch_indicators`` for all channels answers with at most this many (the liveliest); the REST
 # list pages through the rest.
 WATCH_SNAPSHOT_MAX = 100
+# How long a channel id found to exist nowhere is answered "not found" without a store read, and how many
+# such ids are remembered (the oldest forgotten first). A channel created here is forgotten at once.
+UNKNOWN_TTL_SECONDS = 30.0
+UNKNOWN_MAX = 10_000
 
 # (peek id, channel) of every peek active now, as this process knows them.
 ActivePeeks = Callable[[], Iterable[tuple[str, str]]]
@@ -92,6 +97,8 @@ class CatalogEntry:
     name: str
     members: int
     read_at: float
+    # False: the owner keeps the channel off the market (absent from every listing and view).
+    listed: bool = True
 
 
 def indicators_frame(items: Iterable[ChannelIndicators], ref: str | None = None, more: bool | None = None) -> bytes:
@@ -124,6 +131,9 @@ class IndicatorService(HubListenerBase):
         self._listed_at = 0.0
         self._relisting: asyncio.Task[None] | None = None
         self._created: list[str] = []
+        # Channel ids asked for and found to exist nowhere, with when: asked again within
+        # UNKNOWN_TTL_SECONDS they cost no store read (a socket naming junk ids every frame costs one each).
+        self._unknown: OrderedDict[str, float] = OrderedDict()
         self._unsaved: dict[str, dict[int, int]] = {}  # counted here, not yet added to the shared counter
         self._loaded: set[str] = set()  # channels whose shared counter this process has read
         self._loading: dict[str, asyncio.Task[None]] = {}
@@ -146,6 +156,7 @@ class IndicatorService(HubListenerBase):
 
     async def start(self) -> None:
         await self.bus.subscribe(bus_keys.INDICATOR_REPORTS)
+        await self.bus.subscribe(bus_keys.INDICATOR_LISTING)
         self._spawn(self._flush_loop(), "indicators-flush")
         self._spawn(self._catalog_loop(), "indicators-catalog")
 
@@ -447,12 +458,19 @@ class IndicatorService(HubListenerBase):
             if channel in self._catalog:  # deleted (by way of another process)
                 await self.on_channel_deleted(channel)
             return None
-        entry = CatalogEntry(meta.get("name", ""), len(meta["members"]), self.clock())
+        entry = CatalogEntry(meta.get("name", ""), len(meta["members"]), self.clock(), meta.get("listed", True))
+        self._unknown.pop(channel, None)
         old = self._catalog.get(channel)
         self._catalog[channel] = entry
         if old is None or (old.name, old.members) != (entry.name, entry.members):
             self._changed({channel})
         return entry
+
+    async def listing_changed(self, channel: str) -> None:
+        """The owner listed or unlisted ``channel``: every process re-reads it now (the catalog's
+        periodic re-read catches a process that missed this)."""
+        await self._read_meta(channel)
+        await self.bus.publish(bus_keys.INDICATOR_LISTING, channel.encode())
 
     async def channel_ids(self) -> list[str]:
         """Every channel; the list is re-read if it is over ``LIST_FRESH_SECONDS`` old (one store
@@ -462,7 +480,7 @@ class IndicatorService(HubListenerBase):
             if self._relisting is None or self._relisting.done():
                 self._relisting = asyncio.get_running_loop().create_task(self.refresh_catalog(only_new=True))
             await asyncio.shield(self._relisting)
-        return list(self._catalog)
+        return [channel for channel, entry in self._catalog.items() if entry.listed]
 
     # ------------------------------------------------------------------------------ views
 
@@ -473,7 +491,7 @@ class IndicatorService(HubListenerBase):
     def view(self, channel: str) -> ChannelIndicators | None:
         """What the public sees of ``channel`` now, or None if this process does not know it yet."""
         entry = self._catalog.get(channel)
-        if entry is None:
+        if entry is None or not entry.listed:
             return None
         book = self.book
         return ChannelIndicators(
@@ -486,8 +504,17 @@ class IndicatorService(HubListenerBase):
 
     async def get(self, channel: str) -> ChannelIndicators:
         if channel not in self._catalog:
+            seen = self._unknown.get(channel)
+            if seen is not None and self.clock() - seen < UNKNOWN_TTL_SECONDS:
+                raise error("channel_not_found", f"no channel {channel}")
             await self._read_meta(channel)
-        if channel not in self._catalog:
+        entry = self._catalog.get(channel)
+        if entry is None:
+            self._unknown[channel] = self.clock()
+            self._unknown.move_to_end(channel)
+            while len(self._unknown) > UNKNOWN_MAX:
+                self._unknown.popitem(last=False)
+        if entry is None or not entry.listed:  # an unlisted channel is not for the public to know of
             raise error("channel_not_found", f"no channel {channel}")
         await self._load(channel)
         found = self.view(channel)
@@ -506,6 +533,10 @@ class IndicatorService(HubListenerBase):
 
     def on_bus_message(self, topic: str, body: bytes) -> None:
         """``HubListener``: a message on an ``i:...`` topic, from the bus reader: must not block."""
+        if topic == bus_keys.INDICATOR_LISTING[bus_keys.KIND_LENGTH:]:
+            channel = body.decode()
+            self._spawn(self._read_meta(channel), f"indicators-listing-{channel}")
+            return
         try:
             report = Report.from_bytes(body)
         except ValueError as exc:
@@ -536,6 +567,8 @@ class IndicatorService(HubListenerBase):
             items = await self.listing("active")
             self._watch_all.add(session)
             return indicators_frame(items[:WATCH_SNAPSHOT_MAX], ref, more=len(items) > WATCH_SNAPSHOT_MAX)
+        if len(channels) > frames.MAX_WATCH_CHANNELS:  # the frame parser says so too; here for every caller
+            raise error("too_large", f"a watch names at most {frames.MAX_WATCH_CHANNELS} channels")
         wanted = frozenset(channels)
         found: list[ChannelIndicators] = []
         for channel in sorted(wanted):

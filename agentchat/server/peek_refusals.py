@@ -98,7 +98,8 @@ class Refusals:
         card = await self.card(did)
         from_earnings = max(0, available) // fee if fee else 0
         as_debt = max(0, (available + limit) // fee - from_earnings) if fee else 0
-        funded = not fee or card is not None or available + limit >= fee
+        funded = money.refusal_fee_source(available, fee, has_card=card is not None,
+                                          debt_limit_cents=limit) is not None
         if not fee:
             message = "Refusing a peek costs nothing on this server."
         elif available >= fee:

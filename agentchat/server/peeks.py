@@ -38,6 +38,7 @@ and the channel's agents get a ``peek_ended`` channel event, on which the SDK st
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import time
@@ -50,16 +51,18 @@ from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
 from agentchat.config import Settings
 from agentchat.core import frames
-from agentchat.core import ledger as money
 from agentchat.core.peek import (ArmTimer, CancelPayment, CapturePayment, CaptureFailed, CaptureSucceeded,
                                  ChargeRefusalFee, DeadlineReached, Effect, Event, KeyGranted, PaymentAuthorized,
                                  PaymentFailed, Peek, PeekState, Refuse, RevokeAccess, SplitCapture, TimeUp,
-                                 countdown_seconds_left, open_peek, step)
+                                 open_peek, step)
 from agentchat.core.peek import Cancel as CancelPeek
 from agentchat.errors import AgentChatError, error
 from agentchat.payments.base import Hold, HoldState, PaymentProvider
 from agentchat.payments.ledger import LedgerStore
 from agentchat.server.hub import Hub, HubListenerBase
+from agentchat.server.peek_index import CAPTURE_RETRY_SECONDS, EXPIRED_RETENTION_SECONDS, DueIndex, UnpaidCaps
+from agentchat.server.peek_delivery import PeekDelivery, peek_frame, peek_view  # noqa: F401 (peek_view: re-exported)
+from agentchat.server.peek_money import PeekMoney
 from agentchat.server.peek_refusals import Refusals, idempotency_key
 from agentchat.server.session import CLOSE_REMOVED, Session
 from agentchat.server.tokens import Principal
@@ -75,62 +78,12 @@ CAS_ATTEMPTS = 32
 BACKUP_DELAY = 0.25
 TIMER_SLACK = 0.002
 SCAN_TIMEOUT_SECONDS = 30.0
-# A peek found in ``capturing`` for this long gets its capture re-issued (by any process).
-CAPTURE_RETRY_SECONDS = 5.0
-# How long a peeker's socket may take to receive its last frames before it is closed.
-CLOSE_FLUSH_SECONDS = 2.0
-# The states after the countdown that the channel's agents are sent (``peek`` frames).
-STATES_AGENTS_HEAR = frozenset({PeekState.REFUSED, PeekState.AWAITING_KEY, PeekState.CAPTURING, PeekState.ACTIVE,
-                                PeekState.ENDED, PeekState.PAYMENT_FAILED, PeekState.WITHDRAWN, PeekState.NO_KEY})
+# The due scan lists due markers this many at a time, stopping at the first one not yet due.
+DUE_PAGE = 100
 # The states in which a member may hand over the channel key (kept; given to the peeker once active).
 STATES_TAKING_GRANTS = frozenset({PeekState.AWAITING_KEY, PeekState.CAPTURING, PeekState.ACTIVE})
 
 
-
-
-# --- wire shapes -------------------------------------------------------------------------------------
-
-
-def _ms(seconds: float | None) -> int | None:
-    return None if seconds is None else int(round(seconds * 1000))
-
-
-def peek_view(peek: Peek) -> dict[str, Any]:
-    """The peek as clients see it (times in milliseconds since the epoch, money in cents)."""
-    return {
-        "id": peek.id, "channel": peek.channel, "state": str(peek.state),
-        "peeker_public_key": peek.peeker_public_key,
-        "price_cents": peek.price_cents, "refusal_fee_cents": peek.refusal_fee_cents,
-        "refusal_window_seconds": peek.refusal_window_seconds, "duration_seconds": peek.duration_seconds,
-        "created_at": _ms(peek.created_at), "updated_at": _ms(peek.updated_at),
-        "payment_expires_at": _ms(peek.payment_expires_at), "deadline": _ms(peek.deadline),
-        "key_deadline": _ms(peek.key_deadline),
-        "activated_at": _ms(peek.activated_at), "ends_at": _ms(peek.ends_at),
-        "refused_by": peek.refused_by, "failure_reason": peek.failure_reason,
-    }
-
-
-def peek_frame(peek: Peek, ref: str | None = None) -> bytes:
-    frame: dict[str, Any] = {"type": "peek", "peek": peek_view(peek)}
-    if ref is not None:
-        frame["ref"] = ref
-    return frames.encode(frame)
-
-
-def request_frame(peek: Peek) -> bytes:
-    return frames.encode({"type": "peek_request", "peek": peek.id, "channel": peek.channel,
-                          "deadline": _ms(peek.deadline), "peeker_public_key": peek.peeker_public_key,
-                          "price_cents": peek.price_cents, "refusal_fee_cents": peek.refusal_fee_cents})
-
-
-def tick_frame(peek: Peek, seconds_left: int) -> bytes:
-    return frames.encode({"type": "peek_tick", "peek": peek.id, "seconds_left": seconds_left,
-                          "deadline": _ms(peek.deadline)})
-
-
-def grant_frame(grant: dict[str, Any]) -> bytes:
-    return frames.encode({"type": "peek_grant", "peek": grant["peek"], "channel": grant["channel"],
-                          "epoch": grant["epoch"], "wrapped_key": grant["wrapped_key"]})
 
 
 # --- the service -------------------------------------------------------------------------------------
@@ -149,15 +102,16 @@ class PeekService(HubListenerBase):
         self.payments = payments
         self.ledger = ledger
         self.clock = clock
+        self.index = DueIndex(store)
+        self.unpaid = UnpaidCaps(settings=settings, bus=bus, store=store, clock=lambda: self.clock())
         self.refusals = Refusals(settings=settings, store=store, payments=payments, ledger=ledger)
+        self.money = PeekMoney(store=store, payments=payments, ledger=ledger, records=records, clock=clock)
         # Peeks this process knows to be under way (from its own transitions, the bus and the scan).
         self.known: dict[str, Peek] = {}
+        self.delivery = PeekDelivery(hub=hub, store=store, clock=lambda: self.clock(), spawn=self._spawn,
+                                     current=self.known.get)
         self._delivered: dict[str, int] = {}  # peek id -> last version told to local sockets
         self._timers: dict[str, tuple[int, asyncio.TimerHandle]] = {}  # peek id -> (version, timer)
-        self._watchers: dict[str, set[Session]] = {}  # peek id -> the peeker's sockets here
-        self._resume: dict[Session, int] = {}
-        self._tickers: dict[str, asyncio.Task[None]] = {}
-        self._grants_delivered: set[tuple[str, int]] = set()
         self._settled: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._scanner: asyncio.Task[None] | None = None
@@ -169,8 +123,8 @@ class PeekService(HubListenerBase):
         await self.bus.subscribe(bus_keys.PEEK_STATE)
         await self.bus.subscribe(bus_keys.PEEK_GRANT)
         try:
-            await self.scan()
-        except AgentChatError as exc:  # the loop tries again
+            await self.scan_all()
+        except AgentChatError as exc:  # the due scan still runs; the next start tries again
             log.warning("first peek scan failed: %r", exc)
         self._scanner = asyncio.create_task(self._scan_loop(), name="peek-scan")
 
@@ -181,7 +135,7 @@ class PeekService(HubListenerBase):
         for _, handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
-        tasks = [*self._tasks, *self._tickers.values(), *([self._scanner] if self._scanner else [])]
+        tasks = [*self._tasks, *self.delivery.tickers(), *([self._scanner] if self._scanner else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -213,18 +167,18 @@ class PeekService(HubListenerBase):
         return Peek.from_bytes(found.data)
 
     def peek_readable(self, peek_id: str) -> bool:
-        """``HubListener``: whether a peek token may read its channel now: only while its peek is active."""
+        """``HubListener``: whether a peek token may read its channel now: only while its peek is active
+        (and its time is not up, even if the transition to ``ended`` has not reached this process yet)."""
         peek = self.known.get(peek_id)
-        return peek is not None and peek.state is PeekState.ACTIVE
+        return (peek is not None and peek.state is PeekState.ACTIVE
+                and peek.ends_at is not None and self.clock() < peek.ends_at)
 
     async def payment(self, peek_id: str) -> dict[str, Any] | None:
         found = await self.store.get(store_keys.peek_payment(peek_id))
         return None if found is None else orjson.loads(found.data)
 
     async def grants(self, peek_id: str) -> list[dict[str, Any]]:
-        keys = await self.store.list(store_keys.peek_grant_prefix(peek_id), limit=1000)
-        found = await asyncio.gather(*(self.store.get(key) for key in keys))
-        return [orjson.loads(obj.data) for obj in found if obj is not None]
+        return await self.delivery.grants(peek_id)
 
     # ------------------------------------------------------------------------------ what users do
 
@@ -233,13 +187,17 @@ class PeekService(HubListenerBase):
         room = self.hub.rooms.get(channel)
         return room is not None and any(s.principal.is_agent for s in room.subscribers)
 
-    async def open(self, channel: str, peeker_public_key: str, *, agents_online: int = 0) -> tuple[Peek, Hold]:
+    async def open(self, channel: str, peeker_public_key: str, *, agents_online: int = 0,
+                   address: str = "") -> tuple[Peek, Hold]:
         """A human asks to peek: the peek (awaiting payment) and the hold their browser completes.
 
         ``agents_online``: the channel's agents online on any process, by the indicators. With none
         here either, nobody could hand over the key, so the peek is refused before any money is held."""
-        if await self.records.get_channel(channel) is None:
+        meta = await self.records.get_channel(channel)
+        if meta is None:
             raise error("channel_not_found", f"no channel {channel}")
+        if meta.get("listed", True) is False:  # its owner keeps it off the market
+            raise error("channel_unlisted", f"{channel} is unlisted: it cannot be peeked")
         if not agents_online and not self.agents_online_here(channel):
             raise error("no_agent_online", f"No agent of {channel} is online to hand over its key, so it cannot "
                                            "be peeked now; try again when its indicators show an agent online.")
@@ -252,8 +210,11 @@ class PeekService(HubListenerBase):
                            payment_timeout_seconds=float(settings.peek_payment_timeout_seconds),
                            grant_wait_seconds=float(settings.peek_grant_wait_seconds))
         peek = opened.peek
+        tag = hashlib.sha256(address.encode()).hexdigest()[:16]  # the address itself is never stored
+        await self.unpaid.claim(peek, tag)
         await self.store.put(store_keys.peek_open(peek_id), b"")  # first: a stored peek is always found by the scan
         await self.store.put(store_keys.peek(peek_id), peek.to_bytes(), if_none_match=True)
+        await self.index.move(None, peek)
         try:
             hold = await self.payments.authorize(peek_id, peek.price_cents, key=idempotency_key(peek_id, "authorize"))
         except AgentChatError as exc:
@@ -264,7 +225,7 @@ class PeekService(HubListenerBase):
                 pass
             raise
         await self.store.put(store_keys.peek_payment(peek_id), orjson.dumps(
-            {"provider": self.payments.name, "ref": hold.ref, "client": hold.client}))
+            {"provider": self.payments.name, "ref": hold.ref, "client": hold.client, "opened_by": tag}))
         await self._after(peek, [e for e in opened.effects if isinstance(e, ArmTimer)])
         return peek, hold
 
@@ -373,7 +334,7 @@ class PeekService(HubListenerBase):
             # Kept, not handed over: the peeker gets it once the capture succeeded (``_open_channel``).
             return await self._key_kept(peek_id, did)
         if peek.state is PeekState.ACTIVE:  # a new epoch during the peek: the peeker needs it too
-            self._deliver_grant(grant)
+            self.delivery.deliver_grant(grant)
             await self._publish(bus_keys.PEEK_GRANT, orjson.dumps(grant))
         return peek
 
@@ -406,6 +367,10 @@ class PeekService(HubListenerBase):
             except PreconditionFailed:
                 found = None
                 continue
+            try:
+                await self.index.move(peek, transition.peek)
+            except AgentChatError as exc:  # the startup scan re-indexes every open peek
+                log.warning("peek %s: could not index its next due time: %r", peek_id, exc)
             await self._after(transition.peek, transition.effects)
             return transition.peek
         raise error("conflict", "the peek is being changed by others; try again")
@@ -417,14 +382,20 @@ class PeekService(HubListenerBase):
         await self._publish(bus_keys.PEEK_STATE, peek.to_bytes())
         if peek.state is PeekState.COUNTDOWN:
             self._spawn(self._standing_refusals(peek), f"peek-standing-{peek.id}")
+        if peek.version == 2:  # the first transition always leaves awaiting_payment
+            await self.unpaid.release(peek)
         try:
             for effect in effects:
                 await self._execute(peek, effect)
             if peek.state.terminal:
                 await self._finish(peek)
         except AgentChatError as exc:
-            # The scan redoes what is missing (every effect is idempotent).
+            # The scan redoes what is missing (every effect is idempotent): it is due again now.
             log.warning("peek %s (%s): an effect failed, the scan will retry: %r", peek.id, peek.state, exc)
+            try:
+                await self.store.put(store_keys.peek_due(int(self.clock() * 1000), peek.id), b"")
+            except AgentChatError:
+                pass  # the startup scan of the open markers finds it
             return
         # A transition's effects include what its state implies (``_durable_effects``): this
         # process's scan need not redo them.
@@ -434,13 +405,13 @@ class PeekService(HubListenerBase):
         if isinstance(effect, ArmTimer):
             self._arm(peek, effect.at)
         elif isinstance(effect, CancelPayment):
-            await self._cancel_hold(peek)
+            await self.money.cancel_hold(peek)
         elif isinstance(effect, CapturePayment):
             await self._capture(peek)
         elif isinstance(effect, ChargeRefusalFee):
             await self.refusals.settle(peek)
         elif isinstance(effect, SplitCapture):
-            await self._record_split(peek)
+            await self.money.record_split(peek)
         elif isinstance(effect, RevokeAccess):
             await self._revoke(peek)
         # NotifyAgents, NotifyPeeker, RequestGrant, DeliverGrants: the p:state message already told every
@@ -470,24 +441,10 @@ class PeekService(HubListenerBase):
 
     # ------------------------------------------------------------------------------ money
 
-    async def _hold_ref(self, peek: Peek) -> str | None:
-        if peek.payment_ref:
-            return peek.payment_ref
-        record = await self.payment(peek.id)
-        return None if record is None else record["ref"]
-
-    async def _cancel_hold(self, peek: Peek) -> None:
-        ref = await self._hold_ref(peek)
-        if ref is None:
-            return
-        hold = await self.payments.cancel(ref, key=idempotency_key(peek.id, "cancel"))
-        if hold.state is HoldState.CAPTURED:  # never expected: a captured peek is never canceled
-            log.error("peek %s: the hold %s was captured, not released", peek.id, ref)
-
     async def _capture(self, peek: Peek) -> None:
         """Capture the price, then move the peek on. A transient failure leaves it in ``capturing``;
         a timer here and the scan everywhere retry it."""
-        ref = await self._hold_ref(peek)
+        ref = await self.money.hold_ref(peek)
         try:
             if ref is None:
                 raise error("payment_declined", "the peek has no authorised payment")
@@ -503,31 +460,6 @@ class PeekService(HubListenerBase):
         except AgentChatError as exc:
             if exc.code != "peek_state":  # peek_state: another process recorded the result first
                 raise
-
-    async def _record_split(self, peek: Peek) -> None:
-        txn = f"{money.EntryKind.CAPTURE}/{peek.id}"
-        recorded = await self.ledger.transaction(txn)
-        if recorded:
-            await self.ledger.record(recorded)  # repairs the account index
-            return
-        if peek.members is not None:  # fixed when the countdown started
-            members = list(peek.members)
-        else:  # a peek stored before members were kept: those of the channel now, as then
-            meta = await self.records.get_channel(peek.channel)
-            members = sorted(meta["members"]) if meta else []
-        created_at = peek.activated_at or peek.updated_at
-        if members:
-            entries = money.split_capture(peek.id, peek.price_cents, members, created_at=created_at)
-        else:  # nobody left in the channel to share with
-            entries = [money.Entry(money.EXTERNAL, -peek.price_cents, money.EntryKind.CAPTURE, created_at,
-                                   peek_id=peek.id),
-                       money.Entry(money.PLATFORM, peek.price_cents, money.EntryKind.CAPTURE, created_at,
-                                   peek_id=peek.id)]
-        try:
-            await self.ledger.record(entries)
-        except money.LedgerError:
-            # Another process recorded the split first, with the members it saw: that one stands.
-            await self.ledger.record(await self.ledger.transaction(txn))
 
     # ------------------------------------------------------------------------------ access
 
@@ -579,6 +511,14 @@ class PeekService(HubListenerBase):
         hanging, or the effects a crash may have cut short."""
         now = self.clock()
         at = peek.wake_at
+        if peek.state is PeekState.AWAITING_KEY and at is not None and now >= at:
+            # A grant kept just before a crash wins over the grant wait's end: the key was handed over.
+            kept = await self.store.list(store_keys.peek_grant_prefix(peek.id), limit=1)
+            if kept:
+                granted = await self.store.get(kept[0])
+                if granted is not None:
+                    await self._key_kept(peek.id, orjson.loads(granted.data)["granted_by"])
+                    return
         if at is not None and now >= at:
             event: Event = TimeUp() if peek.state is PeekState.ACTIVE else DeadlineReached()
             log.info("peek %s: %s is due (%.3f s late)", peek.id, event.name, now - at)
@@ -610,8 +550,57 @@ class PeekService(HubListenerBase):
             await self._finish(peek)
         self._settled.add((peek.id, peek.version))
 
+    # ------------------------------------------------------------------------------ the due index
+
     async def scan(self) -> None:
-        """Re-read every open peek and drive it; forget peeks that are no longer open."""
+        """Drive the peeks that are due, and only those: list ``peeks-due/`` from the start (keys sort
+        by time) and stop at the first marker not yet due. Idle, that is one small listing per scan
+        whatever the number of open peeks."""
+        now_ms = int(self.clock() * 1000)
+        start_after = ""
+        while True:
+            page = await self.store.list(store_keys.PEEK_DUE_PREFIX, start_after=start_after, limit=DUE_PAGE)
+            for key in page:
+                at_ms, peek_id = store_keys.parse_peek_due(key)
+                if at_ms > now_ms:
+                    return self._prune()
+                try:
+                    await self._drive_due(key, at_ms, peek_id)
+                except AgentChatError as exc:  # its marker stays: the next scan tries again
+                    log.warning("peek %s: scan could not drive it: %r", peek_id, exc)
+            if len(page) < DUE_PAGE:
+                return self._prune()
+            start_after = page[-1]
+
+    async def _drive_due(self, key: str, at_ms: int, peek_id: str) -> None:
+        found = await self.store.get(store_keys.peek(peek_id))
+        if found is None:
+            await self.store.delete(key)
+            return
+        peek = Peek.from_bytes(found.data)
+        self._observe(peek, arm=False)
+        if peek.state is PeekState.EXPIRED and self.clock() >= peek.updated_at + EXPIRED_RETENTION_SECONDS:
+            await self.index.purge(peek)
+            await self.store.delete(key)
+            return
+        await self._drive(peek, found)
+        current = await self.store.get(store_keys.peek(peek_id))
+        due = None if current is None else self.index.due_at(Peek.from_bytes(current.data))
+        if due is None or int(due * 1000) != at_ms:
+            await self.store.delete(key)  # done, or moved to another time by the transition
+            if current is not None and due is not None:
+                await self.store.put(store_keys.peek_due(int(due * 1000), peek_id), b"")
+
+    def _prune(self) -> None:
+        """Forget per-peek notes of peeks this process no longer follows."""
+        self._settled = {(i, v) for i, v in self._settled if i in self.known}
+        self._delivered = {i: v for i, v in self._delivered.items() if i in self.known}
+        self.delivery.prune(set(self.known))
+
+    async def scan_all(self) -> None:
+        """At startup: re-read every open peek (``peeks-open/``), drive it and index its due time. This
+        also indexes peeks stored before the due index existed, and finishes what a process that died
+        left half done; afterwards the periodic scan reads only what is due."""
         open_ids: set[str] = set()
         start_after = ""
         while True:
@@ -633,11 +622,14 @@ class PeekService(HubListenerBase):
                 self._observe(peek, arm=False)
                 if peek_id in open_ids:
                     await self._drive(peek, found)
+                    current = await self.store.get(store_keys.peek(peek_id))
+                    if current is not None:
+                        await self.index.move(None, Peek.from_bytes(current.data))
             except AgentChatError as exc:
                 log.warning("peek %s: scan could not drive it: %r", peek_id, exc)
         self._settled = {(i, v) for i, v in self._settled if i in open_ids}
         self._delivered = {i: v for i, v in self._delivered.items() if i in open_ids or i in self.known}
-        self._grants_delivered = {(i, e) for i, e in self._grants_delivered if i in open_ids}
+        self.delivery.prune(open_ids)
 
     async def _scan_loop(self) -> None:
         # A scan stuck on a backend is abandoned rather than left to hold up every later one.
@@ -669,7 +661,7 @@ class PeekService(HubListenerBase):
             if topic == bus_keys.PEEK_STATE[bus_keys.KIND_LENGTH:]:
                 self._observe(Peek.from_bytes(body))
             elif topic == bus_keys.PEEK_GRANT[bus_keys.KIND_LENGTH:]:
-                self._deliver_grant(orjson.loads(body))
+                self.delivery.deliver_grant(orjson.loads(body))
         except (ValueError, KeyError) as exc:
             log.warning("ignoring a malformed peek message on %s: %r", topic, exc)
 
@@ -689,63 +681,15 @@ class PeekService(HubListenerBase):
         if self._delivered.get(peek.id, 0) >= peek.version:
             return
         self._delivered[peek.id] = peek.version
-        self._deliver(peek)
-
-    def _deliver(self, peek: Peek) -> None:
-        agents_frame: bytes | None = None
-        if peek.state is PeekState.COUNTDOWN:
-            agents_frame = request_frame(peek)
-        elif peek.state in STATES_AGENTS_HEAR and peek.deadline is not None:
-            agents_frame = peek_frame(peek)
-        room = self.hub.rooms.get(peek.channel)
-        if agents_frame is not None and room is not None:
-            for session in list(room.subscribers):
-                if session.principal.is_agent:
-                    session.push(agents_frame)
-        watchers = self._watchers.get(peek.id)
-        if not watchers:
-            return
-        frame = peek_frame(peek)
-        for session in list(watchers):
-            session.push(frame)
-        if peek.state is PeekState.COUNTDOWN:
-            self._start_ticker(peek.id)
-        elif peek.state is PeekState.ACTIVE:
-            for session in list(watchers):
-                self._spawn(self._open_channel(session, peek), f"peek-open-{peek.id}")
-        elif peek.state.terminal:
-            for session in list(watchers):
-                self.hub.detach(session, peek.channel)  # before the hub's own peek_ended handling
-                self._spawn(self._close_peeker(session, peek), f"peek-close-{peek.id}")
-
-    def _deliver_grant(self, grant: dict[str, Any]) -> None:
-        known = self.known.get(grant["peek"])
-        if known is None or known.state is not PeekState.ACTIVE:
-            return  # a key reaches the peeker only once paid for (the active state sends those kept)
-        marker = (grant["peek"], int(grant["epoch"]))
-        if marker in self._grants_delivered:
-            return
-        self._grants_delivered.add(marker)
-        frame = grant_frame(grant)
-        for session in list(self._watchers.get(grant["peek"], ())):
-            session.push(frame)
+        self.delivery.deliver(peek)
 
     async def session_opened(self, session: Session, resume: dict[str, int]) -> None:
         """A socket said hello. A peeker gets its peek's state (and what goes with it); an agent gets
-        the requests of peeks counting down on its channels, and active peeks it may grant keys to."""
-        principal: Principal = session.principal
-        if principal.is_agent:
-            for peek in list(self.known.values()):
-                if peek.channel in session.cursors:
-                    if peek.state is PeekState.COUNTDOWN:
-                        session.push(request_frame(peek))
-                    elif peek.state in (PeekState.AWAITING_KEY, PeekState.CAPTURING, PeekState.ACTIVE):
-                        session.push(peek_frame(peek))
+        the requests of peeks counting down on its channels, and the peeks it may hand a key to."""
+        if session.principal.is_agent:
+            self.delivery.agent_opened(session, list(self.known.values()))
             return
-        peek_id = principal.subject
-        self._watchers.setdefault(peek_id, set()).add(session)
-        if principal.channel:
-            self._resume[session] = resume.get(principal.channel, 0)
+        peek_id = self.delivery.watch(session, resume)
         try:
             peek = await self.load(peek_id)
         except AgentChatError as exc:
@@ -753,23 +697,10 @@ class PeekService(HubListenerBase):
             session.close_soon(CLOSE_REMOVED, exc.code)
             return
         self._observe(peek)
-        session.push(peek_frame(peek))
-        if peek.state is PeekState.COUNTDOWN:
-            self._start_ticker(peek_id)
-        elif peek.state is PeekState.ACTIVE:
-            await self._open_channel(session, peek)
-        elif peek.state.terminal:
-            await self._close_peeker(session, peek)
+        await self.delivery.peeker_ready(session, peek)
 
     def session_closed(self, session: Session) -> None:
-        if session.principal.is_agent:
-            return
-        self._resume.pop(session, None)
-        watchers = self._watchers.get(session.principal.subject)
-        if watchers is not None:
-            watchers.discard(session)
-            if not watchers:
-                del self._watchers[session.principal.subject]
+        self.delivery.session_closed(session)
 
     async def on_frame(self, frame: frames.Refuse | frames.GrantKey, principal: Principal) -> bytes:
         """A ``refuse`` or ``grant_key`` frame from an agent's socket; the answer frame."""
@@ -780,46 +711,3 @@ class PeekService(HubListenerBase):
             peek = await self.grant(frame.peek, did, frame.epoch, frame.wrapped_key)
         return peek_frame(peek, frame.ref)
 
-    async def _open_channel(self, session: Session, peek: Peek) -> None:
-        """The peek is active: the peeker's socket reads the channel (history first) and gets the
-        keys granted so far."""
-        if session.closed:
-            return
-        for grant in sorted(await self.grants(peek.id), key=lambda g: g["epoch"]):
-            self._grants_delivered.add((peek.id, int(grant["epoch"])))
-            session.push(grant_frame(grant))
-        try:
-            await self.hub.attach(session, peek.channel, self._resume.get(session, 0))
-        except AgentChatError as exc:
-            session.push(frames.error_frame(exc.to_wire()))
-
-    async def _close_peeker(self, session: Session, peek: Peek) -> None:
-        try:
-            await asyncio.wait_for(session.wait_drained(), CLOSE_FLUSH_SECONDS)
-        except asyncio.TimeoutError:
-            pass
-        session.close_soon(CLOSE_REMOVED, f"peek_{peek.state}")
-
-    def _start_ticker(self, peek_id: str) -> None:
-        running = self._tickers.get(peek_id)
-        if running is not None and not running.done():
-            return
-        task = asyncio.get_running_loop().create_task(self._tick(peek_id), name=f"peek-tick-{peek_id}")
-        self._tickers[peek_id] = task
-        task.add_done_callback(lambda _: self._tickers.pop(peek_id, None) if self._tickers.get(peek_id) is task else None)
-
-    async def _tick(self, peek_id: str) -> None:
-        """Every whole second of the countdown, the seconds left (server's clock), down to 0."""
-        while True:
-            peek = self.known.get(peek_id)
-            watchers = self._watchers.get(peek_id)
-            if peek is None or peek.state is not PeekState.COUNTDOWN or not watchers or peek.deadline is None:
-                return
-            left = countdown_seconds_left(peek, self.clock())
-            frame = tick_frame(peek, left)
-            for session in list(watchers):
-                session.push(frame)
-            if left == 0:
-                return
-            next_tick = peek.deadline - (left - 1)
-            await asyncio.sleep(max(0.0, next_tick - self.clock()) + 0.001)

@@ -8,6 +8,7 @@ from collections import deque
 from typing import Any
 
 from agentchat.bus import keys as bus_keys
+from agentchat.server.membership import version_of
 from agentchat.server.session import Session
 
 RECENT_MESSAGES = 1024
@@ -16,7 +17,7 @@ RECENT_MESSAGES = 1024
 class Room:
     """A channel with a presence in this process."""
 
-    __slots__ = ("id", "topic", "counter", "members", "epoch", "owner", "subscribers", "recent",
+    __slots__ = ("id", "topic", "counter", "members", "epoch", "owner", "version", "subscribers", "recent",
                  "complete_from", "last_seq", "last_used", "first_available")
 
     def __init__(self, meta: dict[str, Any]) -> None:
@@ -32,9 +33,10 @@ class Room:
         self.apply(meta)
 
     def apply(self, meta: dict[str, Any]) -> None:
-        self.members: frozenset[str] = frozenset(meta["members"])
+        self.members: frozenset[str] = frozenset(meta["members"])  # accepted members only
         self.epoch: int = meta["epoch"]
         self.owner: str = meta["owner"]
+        self.version: int = version_of(meta)  # of the membership (server/membership.py)
         # Lower numbers have expired (retention): history and resume say so rather than skip them.
         self.first_available: int = meta.get("first_available", 1)
 

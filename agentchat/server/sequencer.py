@@ -295,6 +295,8 @@ class Sequencer:
         last = await self.history.last_seq(channel)
         tail = await self.history.read(channel, max(0, last - RECENT_MESSAGES), RECENT_MESSAGES,
                                        other_processes=False)
+        room = await self._room(channel)  # what was stored may all have expired: the numbers below stay used
+        last = max(last, room.first_available - 1)
         await self._set_claims(stored_claims(channel, tail), CLAIM_DONE_TTL)
         floor = last + self.reseed_gap
         await self.bus.seed_sequence(bus_keys.sequence_counter(channel), floor)

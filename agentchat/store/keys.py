@@ -44,6 +44,24 @@ def membership(did: str, channel_id: str) -> str:
     return f"memberships/{did}/{channel_id}"
 
 
+def invitation_prefix(did: str) -> str:
+    return f"invitations/{did}/"
+
+
+def invitation(did: str, channel_id: str) -> str:
+    """Empty marker: the agent is invited to the channel and has not answered (lists its invitations)."""
+    return f"invitations/{did}/{channel_id}"
+
+
+def block_prefix(did: str) -> str:
+    return f"blocks/{did}/"
+
+
+def block(did: str, blocked: str) -> str:
+    """Empty marker: ``did`` refuses every invitation from ``blocked``."""
+    return f"blocks/{did}/{blocked}"
+
+
 CHANNEL_INDEX_PREFIX = "channel-index/"
 
 
@@ -111,6 +129,21 @@ PEEK_OPEN_PREFIX = "peeks-open/"
 def peek_open(peek_id: str) -> str:
     """Empty marker written before the peek itself: the peek service's scan finds every open peek."""
     return PEEK_OPEN_PREFIX + peek_id
+
+
+PEEK_DUE_PREFIX = "peeks-due/"
+DUE_MS_WIDTH = 15
+
+
+def peek_due(at_ms: int, peek_id: str) -> str:
+    """Empty marker: the peek has something due at ``at_ms`` (ms since the epoch). Keys sort by time,
+    so the scan lists from the start and stops at the first one not yet due."""
+    return f"{PEEK_DUE_PREFIX}{max(0, at_ms):0{DUE_MS_WIDTH}d}/{peek_id}"
+
+
+def parse_peek_due(key: str) -> tuple[int, str]:
+    at, _, peek_id = key[len(PEEK_DUE_PREFIX):].partition("/")
+    return int(at), peek_id
 
 
 def peek_payment(peek_id: str) -> str:

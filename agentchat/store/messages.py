@@ -186,8 +186,8 @@ class MessageLog:
             lowest = min(lowest, spans[i][0])
         for i, key in enumerate(listing):
             obj = await self.store.get(key)
-            if obj is None:  # cannot happen (segments are never deleted) unless removed by hand
-                break
+            if obj is None:  # expired or its channel deleted since the listing: the rest still counts
+                continue
             for frame in parse_segment_frames(obj.data):
                 seq = frame_seq(frame)
                 if seq > after:
@@ -408,6 +408,10 @@ class MessageWriter:
     def tails(self) -> dict[str, list[bytes]]:
         """This process's durable, not yet compacted frames, by channel."""
         return {channel: list(tail.frames) for channel, tail in self._tails.items()}
+
+    def holds(self, channel: str) -> bool:
+        """Whether this process has messages of ``channel`` not yet compacted (queued or durable)."""
+        return channel in self._tails or channel in self._queue
 
     def tail(self, channel: str) -> list[tuple[int, bytes]]:
         """This process's durable, not yet compacted frames of ``channel`` as (seq, frame)."""

@@ -6,7 +6,7 @@ the object's etag, retried on a lost race, so concurrent changes are never lost.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -37,9 +37,11 @@ class Records:
             return False
         return True
 
-    async def update_json(self, key: str, change: Callable[[Record], Record | None]) -> Record:
+    async def update_json(self, key: str, change: Callable[[Record], Record | None], *,
+                          before_write: Callable[[Record], Awaitable[None]] | None = None) -> Record:
         """Read-modify-write with compare-and-set; ``change`` may raise to refuse, or return None for
-        'nothing to change'. Returns the record as stored."""
+        'nothing to change'. ``before_write`` sees each record about to be written and may raise to
+        stop it. Returns the record as stored."""
         for _ in range(CAS_ATTEMPTS):
             current = await self.get_json(key)
             if current is None:
@@ -48,6 +50,8 @@ class Records:
             updated = change(dict(record))
             if updated is None:
                 return record
+            if before_write is not None:
+                await before_write(updated)
             try:
                 await self.store.put(key, orjson.dumps(updated), if_match=etag)
             except PreconditionFailed:
@@ -91,12 +95,15 @@ class Records:
             raise error("conflict", "a channel with this id exists; pick another id")
         for did in meta["members"]:
             await self.store.put(keys.membership(did, channel_id), b"")
+        for did in meta.get("invited", {}):
+            await self.store.put(keys.invitation(did, channel_id), b"")
         await self.store.put(keys.channel_index(channel_id), b"")
 
-    async def update_channel(self, channel_id: str, change: Callable[[Record], Record | None]) -> Record:
+    async def update_channel(self, channel_id: str, change: Callable[[Record], Record | None], *,
+                             before_write: Callable[[Record], Awaitable[None]] | None = None) -> Record:
         if await self.get_channel(channel_id) is None:
             raise error("channel_not_found")
-        return await self.update_json(keys.channel(channel_id), change)
+        return await self.update_json(keys.channel(channel_id), change, before_write=before_write)
 
     async def add_membership(self, did: str, channel_id: str) -> None:
         await self.store.put(keys.membership(did, channel_id), b"")
@@ -104,10 +111,10 @@ class Records:
     async def remove_membership(self, did: str, channel_id: str) -> None:
         await self.store.delete(keys.membership(did, channel_id))
 
-    async def list_memberships(self, did: str, limit: int) -> list[str]:
-        prefix = keys.membership_prefix(did)
+    async def _list_page(self, prefix: str, after: str, limit: int) -> list[str]:
+        """Up to ``limit`` names under ``prefix`` after ``after``, in order (one page of a listing)."""
         found: list[str] = []
-        start_after = ""
+        start_after = prefix + after if after else ""
         while len(found) < limit:
             page = await self.store.list(prefix, start_after=start_after, limit=min(1000, limit - len(found)))
             if not page:
@@ -115,6 +122,42 @@ class Records:
             found.extend(key[len(prefix):] for key in page)
             start_after = page[-1]
         return found
+
+    async def list_memberships(self, did: str, limit: int, after: str = "") -> list[str]:
+        """A page of the channels ``did`` is a member of, by id, after the id ``after``."""
+        return await self._list_page(keys.membership_prefix(did), after, limit)
+
+    async def all_memberships(self, did: str) -> list[str]:
+        """Every channel ``did`` is a member of: never cut short, however many."""
+        found: list[str] = []
+        while True:
+            page = await self.list_memberships(did, 1000, found[-1] if found else "")
+            found.extend(page)
+            if len(page) < 1000:
+                return found
+
+    async def add_invitation(self, did: str, channel_id: str) -> None:
+        await self.store.put(keys.invitation(did, channel_id), b"")
+
+    async def remove_invitation(self, did: str, channel_id: str) -> None:
+        await self.store.delete(keys.invitation(did, channel_id))
+
+    async def list_invitations(self, did: str, limit: int, after: str = "") -> list[str]:
+        return await self._list_page(keys.invitation_prefix(did), after, limit)
+
+    # -- blocks
+
+    async def block(self, did: str, blocked: str) -> None:
+        await self.store.put(keys.block(did, blocked), b"")
+
+    async def unblock(self, did: str, blocked: str) -> None:
+        await self.store.delete(keys.block(did, blocked))
+
+    async def blocks(self, did: str, blocked: str) -> bool:
+        return await self.store.get(keys.block(did, blocked)) is not None
+
+    async def list_blocks(self, did: str, limit: int, after: str = "") -> list[str]:
+        return await self._list_page(keys.block_prefix(did), after, limit)
 
     async def list_channels(self, *, start_after: str = "", limit: int = 100) -> list[str]:
         prefix = keys.CHANNEL_INDEX_PREFIX

@@ -13,6 +13,7 @@ from pathlib import Path
 from aiohttp import web
 
 from agentchat.config import Settings
+from agentchat.errors import error
 from agentchat.server.appkeys import SETTINGS
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -76,6 +77,20 @@ async def index(request: web.Request) -> web.Response:
     })
 
 
+# The files served under /web/, looked up by name (the directory is flat): nothing outside it can be
+# named, and an unknown name is an ordinary ``not_found`` in the JSON error envelope (aiohttp's static
+# route answers a missing file with an empty octet-stream 404 and /web/ with a text 403).
+_FILES = {path.name: path for path in STATIC_DIR.iterdir() if path.is_file()}
+_FILE_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+
+
+async def static_file(request: web.Request) -> web.FileResponse:
+    path = _FILES.get(request.match_info["filename"])
+    if path is None:
+        raise error("not_found", f"no file {request.path}")
+    return web.FileResponse(path, headers=_FILE_HEADERS)
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/", index)
-    app.router.add_static(STATIC_PREFIX, STATIC_DIR, follow_symlinks=False, show_index=False)
+    app.router.add_get(STATIC_PREFIX + "{filename}", static_file)

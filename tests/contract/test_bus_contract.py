@@ -149,6 +149,18 @@ async def test_seed_sequence_only_raises_the_counter(nodes: tuple[Node, Node]) -
     assert await a.bus.publish_sequenced("t", "zero", b"x") == 1
 
 
+async def test_read_counters_sees_every_process_s_raises_in_one_call(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    assert await a.bus.read_counters([]) == []
+    assert await a.bus.read_counters(["mv:x", "mv:y"]) == [None, None]
+    await a.bus.seed_sequence("mv:x", 3)
+    await b.bus.seed_sequence("mv:x", 2)  # a raise only: the higher value stays
+    await b.bus.seed_sequence("mv:y", 0)
+    assert await b.bus.read_counters(["mv:x", "mv:y", "mv:z"]) == [3, 0, None]
+    await a.bus.publish_sequenced("t", "mv:y", b"x")
+    assert await a.bus.read_counters(["mv:y"]) == [1]
+
+
 async def test_sequenced_publishes_are_delivered_in_order_across_processes(
     make_node: NodeMaker,
 ) -> None:
@@ -261,6 +273,13 @@ async def test_incr_counts_across_processes(nodes: tuple[Node, Node]) -> None:
     results = await asyncio.gather(*((a if i % 2 else b).bus.incr("hits", ttl=30) for i in range(100)))
     assert sorted(results) == list(range(1, 101))
     assert await a.bus.get("hits") == b"100"
+
+
+async def test_incr_by_an_amount(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    assert await a.bus.incr("weighted", ttl=30, amount=5) == 5
+    assert await b.bus.incr("weighted", ttl=30, amount=3) == 8
+    assert await b.bus.incr("weighted", ttl=30) == 9
 
 
 # -- expiry -------------------------------------------------------------------------------------

@@ -361,3 +361,28 @@ async def test_recovery_hands_every_message_over_before_deleting_its_objects(mak
         assert await survivor.store.list(keys.wal_prefix(dead.instance)) == []
     finally:
         await survivor.writer.close()
+
+
+async def test_a_segment_expired_between_listing_and_reading_leaves_the_rest_readable(
+        make_process: ProcessMaker) -> None:
+    writer_proc = await make_process()
+    await writer_proc.store_messages("ch_x", [1, 2, 3])
+    await writer_proc.writer.compact(["ch_x"])
+    await writer_proc.store_messages("ch_x", [4, 5, 6])
+    await writer_proc.writer.compact(["ch_x"])
+    oldest = keys.segment("ch_x", 1, 3)
+    store = writer_proc.store
+
+    class ExpiresWhileRead:
+        """The store as a reader sees it while the retention pass deletes the oldest segment."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        async def get(self, key: str) -> Any:
+            if key == oldest:
+                await store.delete(key)
+            return await store.get(key)
+
+    log = MessageLog(ExpiresWhileRead(), writer_proc.bus)  # type: ignore[arg-type]
+    assert seqs(await log.read("ch_x", 0, 100)) == [4, 5, 6]

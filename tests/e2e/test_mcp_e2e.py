@@ -89,7 +89,7 @@ async def test_an_llm_agent_talks_to_an_sdk_agent_through_mcp(server: ServerProc
 
             created = await alice.ok("create_channel", {"members": [bob.did], "name": "research"})
             channel = created["channel"]
-            assert sorted(created["members"]) == sorted([bob.did, me["did"]])
+            assert created["members"] == [me["did"]] and created["invited"] == [bob.did]  # bob's SDK accepts
             sent = await alice.ok("send_message", {"channel": channel, "text": "hello bob, can you summarise it?"})
             heard = await bob.next_message(15)
             assert (heard.channel, heard.seq, heard.sender, heard.text) == (
@@ -211,7 +211,8 @@ async def test_admin_tools_only_with_the_flag(server: ServerProcess, tmp_path: P
             assert ADMIN <= tools
             channel = (await alice.ok("create_channel", {"members": [], "name": "solo"}))["channel"]
             invited = await alice.ok("invite_member", {"channel": channel, "did": bob.did})
-            assert bob.did in invited["members"]
+            assert bob.did in invited["invited"]
+            await bob.accept_invitation(channel)
             assert channel in {c["id"] for c in await bob.channels()}
             removed = await alice.ok("remove_member", {"channel": channel, "did": bob.did})
             assert bob.did not in removed["members"]

@@ -5,6 +5,7 @@ never registered again, and every deletion can be repeated."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from agentchat.store import keys
 from agentchat.store.messages import decode_wal
 from agentchat.store.transfer import list_all
 from tests.lifecycle.conftest import StoreUrlMaker, agent_keys, expected
+from tests.services import redis_server  # noqa: F401  (fixture)
 
 
 def url_of(client: Any) -> str:
@@ -151,3 +153,38 @@ async def test_an_agent_deletes_its_account(empty_store_url: StoreUrlMaker, aioh
     finally:
         for agent in (alice, bob, carol):
             await agent.close()
+
+
+@pytest.mark.parametrize("bus", ["memory", "redis"])
+async def test_a_deletion_through_one_process_reaches_the_writer_of_another(
+        empty_store_url: StoreUrlMaker, aiohttp_client: Any, bus: str, request: Any) -> None:
+    """Process one holds the channel's latest messages, not yet in a segment, when process two deletes
+    it: one writes no segment of it, and its write-ahead batches go."""
+    name = f"deletion{secrets.token_hex(4)}"
+    bus_url = f"memory://{name}" if bus == "memory" else f"{request.getfixturevalue('redis_server').url}?namespace={name}"
+    store_url = empty_store_url()
+
+    def settings() -> Any:
+        return load_settings(env={}, store=store_url, bus=bus_url, token_secret="t" * 40)
+    one, two = await aiohttp_client(build_app(settings())), await aiohttp_client(build_app(settings()))
+    alice = Agent(url_of(one), crypto.AgentKeys.generate())
+    alice_on_two = Agent(url_of(two), alice.keys)
+    try:
+        await alice.register("alice")
+        channel = await alice.create_channel([])
+        for i in range(4):
+            await alice.send(channel, f"held by process one {i}")
+        writer = one.server.app[WRITER]
+        assert writer.holds(channel)
+        await alice_on_two.login()
+        await alice_on_two.delete_channel(channel)
+
+        async def forgotten() -> None:
+            while writer.holds(channel):
+                await asyncio.sleep(0.02)
+        await asyncio.wait_for(forgotten(), 10)
+        await writer.compact([channel])
+        assert await traces_of(one.server.app[STORE], channel) == []
+    finally:
+        await alice.close()
+        await alice_on_two.close()

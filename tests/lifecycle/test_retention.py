@@ -103,6 +103,15 @@ async def test_the_compactor_runs_the_server_default(empty_store_url: StoreUrlMa
         assert await app[STORE].list(keys.segment_prefix(channel)) == []
     finally:
         await alice.close()
+    # A clean restart with every stored message expired: numbering goes on above the expired ones.
+    await client.close()
+    client = await aiohttp_client(build_app(settings))
+    alice = Agent(url_of(client), alice.keys)
+    try:
+        await alice.login()
+        assert await alice.send(channel, "after the restart") > sent[-1]
+    finally:
+        await alice.close()
 
 
 def test_retention_settings_are_checked() -> None:

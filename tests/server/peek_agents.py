@@ -15,7 +15,7 @@ from aiohttp import WSMsgType
 from agentchat import crypto
 from agentchat.core.frames import split_frames
 from tests.conftest import RestAgent
-from tests.server.test_ws import hello
+from tests.server.test_ws import _leftover, hello
 
 
 class OnlineAgent:
@@ -42,15 +42,19 @@ class OnlineAgent:
             await self.ws.close()
 
     async def _read(self) -> None:
+        waiting = _leftover.pop(id(self.ws), [])  # frames that came in the welcome's message
         while True:
-            msg = await self.ws.receive()
-            if msg.type != WSMsgType.TEXT:
-                return
-            for frame in split_frames(msg.data):
+            if not waiting:
+                msg = await self.ws.receive()
+                if msg.type != WSMsgType.TEXT:
+                    return
+                waiting = split_frames(msg.data)
+            for frame in waiting:
                 self.frames.append(frame)
                 view = frame.get("peek") if frame.get("type") == "peek" and "ref" not in frame else None
                 if self.grant and isinstance(view, dict) and view["state"] == "awaiting_key":
                     await self._grant(view)
+            waiting = []
 
     async def _grant(self, view: dict[str, Any]) -> None:
         status, meta = await self.agent.call("GET", f"/api/v1/channels/{view['channel']}")

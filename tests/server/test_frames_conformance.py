@@ -98,8 +98,12 @@ async def test_every_frame_of_a_session_matches_its_schema(client, make_agent) -
     await ws_bob.wait_for(kind("error", code="unknown_frame", ref="t"))
     await ws_bob.wait_for(kind("error", code="invalid_field", ref="bad"))
 
-    # channel events: added / member_added, epoch, removed / member_removed
+    # invitation; channel events: member_invited, added / member_added, epoch, removed / member_removed
     status, _ = await alice.call("POST", f"/api/v1/channels/{channel}/members", json={"did": carol.did})
+    assert status == 200
+    await ws_carol.wait_for(kind("invitation", channel=channel, by=alice.did))
+    await ws_bob.wait_for(kind("channel", event="member_invited", did=carol.did))
+    status, _ = await carol.call("POST", f"/api/v1/invitations/{channel}/accept")
     assert status == 200
     await ws_carol.wait_for(kind("channel", event="added", channel=channel))
     await ws_bob.wait_for(kind("channel", event="member_added", did=carol.did))

@@ -354,3 +354,34 @@ def test_stripe_js_is_allowed_only_when_stripe_payments_have_a_publishable_key(t
     assert "js.stripe.com" not in content_security_policy(False)
     assert "script-src 'self' https://js.stripe.com" in content_security_policy(True)
     assert 'data-payments="stripe"' in render_index(stripe) and 'data-payments="dev"' in render_index(dev)
+
+
+async def test_a_watch_names_at_most_100_channels_and_unknown_ids_cost_one_read(client, make_agent) -> None:
+    """A socket naming junk channel ids frame after frame: each id is read from the store once, then
+    answered from memory; a watch of more than 100 channels is too large."""
+    alice = await make_agent("alice")
+    known, _ = await create_channel(alice, [])
+    records = client.server.app[INDICATORS].records
+    reads: list[str] = []
+    real = records.get_channel
+
+    async def counted(channel: str) -> Any:
+        reads.append(channel)
+        return await real(channel)
+
+    records.get_channel = counted  # type: ignore[method-assign]
+    junk = [f"ch_{secrets.token_urlsafe(15)}" for _ in range(99)]
+    watcher = await public_socket(client)
+    for n in range(5):
+        await watcher.send({"type": "watch_indicators", "ref": f"w{n}", "channels": [known, *junk]})
+        answer = await watcher.wait_for(kind("indicators", ref=f"w{n}"))
+        assert [c["channel"] for c in answer["channels"]] == [known]
+    assert len([r for r in reads if r in junk]) == 99  # once each, not once per frame
+    await watcher.send({"type": "watch_indicators", "ref": "big", "channels": [known, *junk, "ch_" + "z" * 20]})
+    assert (await watcher.wait_for(kind("error", ref="big")))["code"] == "too_large"
+    # A channel created after it was asked for shows at once.
+    records.get_channel = real  # type: ignore[method-assign]
+    fresh, _ = await create_channel(alice, [])
+    await watcher.send({"type": "watch_indicators", "ref": "fresh", "channels": [fresh]})
+    answer = await watcher.wait_for(kind("indicators", ref="fresh"))
+    assert [c["channel"] for c in answer["channels"]] == [fresh]

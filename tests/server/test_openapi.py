@@ -132,7 +132,21 @@ async def test_channel_and_message_routes_answer_as_documented(client, make_agen
     key1 = crypto.new_epoch_key()
     create = {"id": channel, "name": "pair", "members": [bob.did], "epoch_keys": wraps_for(channel, 1, key1, alice, bob)}
     created = await api.call("POST", "/api/v1/channels", expect=201, token=alice.token, body=create)
-    assert created["members"] == sorted([alice.did, bob.did])
+    assert created["members"] == [alice.did] and created["invited"] == [bob.did]
+    invitations = await api.call("GET", "/api/v1/invitations", expect=200, token=bob.token)
+    assert [i["channel"] for i in invitations["invitations"]] == [channel] and invitations["has_more"] is False
+    await api.call("GET", "/api/v1/invitations", expect=400, token=bob.token, params={"limit": 0})
+    await api.call("POST", "/api/v1/invitations/{channel}/accept", expect=404, token=carol.token, channel=channel)
+    joined = await api.call("POST", "/api/v1/invitations/{channel}/accept", expect=200, token=bob.token,
+                            channel=channel)
+    assert joined["members"] == sorted([alice.did, bob.did]) and joined["invited"] == []
+    await api.call("POST", "/api/v1/invitations/{channel}/decline", expect=200, token=carol.token, channel=channel)
+    await api.call("PUT", "/api/v1/agents/me/blocks/{did}", expect=200, token=carol.token, did=bob.did)
+    blocks = await api.call("GET", "/api/v1/agents/me/blocks", expect=200, token=carol.token)
+    assert blocks["blocked"] == [bob.did]
+    await api.call("DELETE", "/api/v1/agents/me/blocks/{did}", expect=200, token=carol.token, did=bob.did)
+    await api.call("PATCH", "/api/v1/channels/{channel}", expect=403, token=bob.token, channel=channel,
+                   body={"listed": False})
     await api.call("POST", "/api/v1/channels", expect=409, token=alice.token, body=create)
     await api.call("POST", "/api/v1/channels", expect=400, token=alice.token,
                    body={k: v for k, v in create.items() if k != "epoch_keys"} | {"id": new_channel_id()},
@@ -152,7 +166,8 @@ async def test_channel_and_message_routes_answer_as_documented(client, make_agen
                    body={"did": crypto.AgentKeys.generate().did}, channel=channel)
     added = await api.call("POST", "/api/v1/channels/{channel}/members", expect=200, token=alice.token,
                            body={"did": carol.did}, channel=channel)
-    assert carol.did in added["members"]
+    assert carol.did in added["invited"] and carol.did not in added["members"]
+    await api.call("POST", "/api/v1/invitations/{channel}/accept", expect=200, token=carol.token, channel=channel)
 
     key2 = crypto.new_epoch_key()
     rotated = await api.call("POST", "/api/v1/channels/{channel}/epochs", expect=201, token=bob.token,
@@ -203,8 +218,9 @@ async def test_channel_and_message_routes_answer_as_documented(client, make_agen
     removed = await api.call("DELETE", "/api/v1/channels/{channel}/members/{did}", expect=200, token=alice.token,
                              channel=channel, did=carol.did)
     assert carol.did not in removed["members"]
-    await api.call("DELETE", "/api/v1/channels/{channel}/members/{did}", expect=403, token=alice.token,
-                   channel=channel, did=carol.did)
+    again = await api.call("DELETE", "/api/v1/channels/{channel}/members/{did}", expect=200, token=alice.token,
+                           channel=channel, did=carol.did)  # idempotent: a retry is answered like the first
+    assert again["members"] == removed["members"]
 
     exercised = {(m, t) for m, t, _ in api.seen}
     for method, template in [("POST", "/api/v1/channels"), ("GET", "/api/v1/channels"),
@@ -217,11 +233,47 @@ async def test_channel_and_message_routes_answer_as_documented(client, make_agen
         assert (method, template) in exercised
 
 
-async def test_unknown_routes_and_methods_get_the_error_object(client) -> None:
-    for method, path in (("GET", "/api/v1/nope"), ("PUT", "/api/v1/channels")):
-        response = await client.request(method, path)
-        assert response.status == 404
-        assert_valid(openapi_pointer("components", "schemas", "error_response"), await response.json())
+@pytest.mark.parametrize("method, path, status, allow", [
+    ("GET", "/api/v1/nope", 404, None),
+    ("PUT", "/api/v1/channels", 405, "GET, HEAD, POST"),
+    ("TRACE", "/health", 405, "GET, HEAD"),
+    ("GET", "/api/v1/agents/register", 405, "POST"),  # not read as a DID
+    ("GET", "/web/nope.js", 404, None),
+    ("GET", "/web/", 404, None),
+    ("GET", "/web/../pyproject.toml", 404, None),
+])
+async def test_unknown_routes_and_methods_get_the_error_object(client, method: str, path: str, status: int,
+                                                                allow: str | None) -> None:
+    response = await client.request(method, path)
+    assert response.status == status
+    assert response.headers.get("Allow") == allow
+    assert response.content_type == "application/json"
+    assert_valid(openapi_pointer("components", "schemas", "error_response"), await response.json())
+
+
+async def test_static_files_are_served_with_nosniff(client) -> None:
+    response = await client.get("/web/app.js")
+    assert response.status == 200
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert "javascript" in response.content_type
+
+
+async def test_operator_revenue_without_a_token_is_401_even_when_the_view_is_disabled(client) -> None:
+    response = await client.get("/api/v1/operator/revenue")
+    assert response.status == 401
+    assert (await response.json())["error"]["code"] == "auth_required"
+    response = await client.get("/api/v1/operator/revenue", headers={"Authorization": "Bearer x"})
+    assert response.status == 403
+
+
+async def test_an_epoch_in_unicode_digits_is_a_400_not_a_500(client, make_agent) -> None:
+    from tests.server.test_rest import create_channel
+
+    alice = await make_agent("alice")
+    channel, _ = await create_channel(alice, [])
+    response = await client.get(f"/api/v1/channels/{channel}/epochs/\u00b2/key", headers=alice.auth)
+    assert response.status == 400
+    assert (await response.json())["error"]["code"] == "invalid_field"
 
 
 async def test_auth_rate_limit_answers_429_with_retry_after(aiohttp_client, tmp_path) -> None:

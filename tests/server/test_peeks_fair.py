@@ -5,6 +5,7 @@ online to hand over. Dev payments; the ledger is checked after each test."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import orjson
 from aiohttp import WSMsgType
 
 from agentchat.core import ledger as money
+from agentchat.core.peek import PeekState
 from agentchat.errors import error
 from agentchat.server.app import build_app
 from agentchat.server.appkeys import PEEKS, RECORDS
@@ -189,4 +191,120 @@ async def test_a_standing_refusal_holds_while_the_agent_is_offline(aiohttp_clien
     assert ledger.balance(money.PLATFORM) == 100 and not ledger.transaction(f"capture/{peek_id}")
     status, body = await bob.call("PUT", "/api/v1/agents/me/peek-policy", json={"choice": "maybe"})
     assert (status, body["error"]["code"]) == (400, "invalid_field")
+    await online.close()
+
+
+async def test_unpaid_peeks_are_capped_per_address_and_in_all(aiohttp_client: Any, tmp_path: Path) -> None:
+    client = await aiohttp_client(build_app(fast(tmp_path, peek_unpaid_per_address=3, peek_unpaid_total=4,
+                                                           trusted_proxies=1)))
+    alice = await RestAgent(client, "alice").register()
+    channel, _ = await create_channel(alice, [])
+    online = await go_online(client, alice)
+    opened = [await open_peek(client, channel) for _ in range(3)]
+    response = await client.post("/api/v1/peeks", json={"channel": channel, "peeker_public_key": "B" * 42 + "E"})
+    body = await response.json()
+    assert (response.status, body["error"]["code"]) == (429, "too_many_unpaid_peeks")
+    # Paying for one (or canceling it) frees its place.
+    first, auth = opened[0]
+    await call(client, "POST", f"/api/v1/peeks/{first['peek']['id']}/confirm", auth)
+    second, auth2 = opened[1]
+    await call(client, "POST", f"/api/v1/peeks/{second['peek']['id']}/cancel", auth2)
+    await open_peek(client, channel)
+    await open_peek(client, channel)
+    # Another address: the per-address cap is its own, the total cap is shared (3 unpaid so far).
+    other = {"X-Forwarded-For": "203.0.113.9"}
+    response = await client.post("/api/v1/peeks", json={"channel": channel, "peeker_public_key": "B" * 42 + "E"},
+                                 headers=other)
+    assert response.status == 201, await response.json()
+    response = await client.post("/api/v1/peeks", json={"channel": channel, "peeker_public_key": "B" * 42 + "E"},
+                                 headers=other)
+    body = await response.json()
+    assert (response.status, body["error"]["code"]) == (503, "peeks_busy")
+    await online.close()
+
+
+async def test_the_periodic_scan_reads_only_what_is_due(aiohttp_client: Any, tmp_path: Path) -> None:
+    client = await aiohttp_client(build_app(fast(tmp_path, peek_scan_seconds=3600.0, peek_unpaid_per_address=50)))
+    alice = await RestAgent(client, "alice").register()
+    channel, _ = await create_channel(alice, [])
+    online = await go_online(client, alice)
+    opened = [await open_peek(client, channel) for _ in range(20)]  # awaiting payment: due in 900 s
+    service = client.server.app[PEEKS]
+    store = service.store
+    calls: list[tuple[str, str]] = []
+    real_get, real_list = store.get, store.list
+
+    async def get(key: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(("get", key))
+        return await real_get(key, *args, **kwargs)
+
+    async def listing(prefix: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(("list", prefix))
+        return await real_list(prefix, *args, **kwargs)
+
+    store.get, store.list = get, listing  # type: ignore[method-assign]
+    try:
+        await service.scan()
+        assert calls == [("list", "peeks-due/")]  # one listing, no peek read
+        calls.clear()
+        expiring, auth = opened[0]
+        service.clock = lambda: time.time() + 901  # every payment window has passed
+        try:
+            await service.scan()
+        finally:
+            service.clock = time.time
+        assert len([c for c in calls if c == ("get", f"peeks/{expiring['peek']['id']}.json")]) >= 1
+    finally:
+        store.get, store.list = real_get, real_list  # type: ignore[method-assign]
+    assert (await wait_state(client, expiring["peek"]["id"], auth, "expired"))["peek"]["state"] == "expired"
+    await online.close()
+
+
+async def test_an_expired_peek_is_deleted_after_a_while(aiohttp_client: Any, tmp_path: Path) -> None:
+    client = await aiohttp_client(build_app(fast(tmp_path, peek_payment_timeout_seconds=0.3)))
+    alice = await RestAgent(client, "alice").register()
+    channel, _ = await create_channel(alice, [])
+    online = await go_online(client, alice)
+    opened, auth = await open_peek(client, channel)
+    peek_id = opened["peek"]["id"]
+    await wait_state(client, peek_id, auth, "expired")
+    service = client.server.app[PEEKS]
+    service.clock = lambda: time.time() + 601
+    try:
+        await service.scan()
+    finally:
+        service.clock = time.time
+    status, body = await call(client, "GET", f"/api/v1/peeks/{peek_id}", auth)
+    assert (status, body["error"]["code"]) == (404, "peek_not_found")
+    left = [key for prefix in ("peeks/", "peek-payments/", "peeks-open/", "peeks-due/")
+            for key in await service.store.list(prefix, limit=1000) if peek_id in key]
+    assert left == []
+    await online.close()
+
+
+async def test_a_peek_stored_by_the_previous_layout_is_driven_after_a_restart(aiohttp_client: Any,
+                                                                               tmp_path: Path) -> None:
+    """A countdown stored before grant waits, fixed members and due markers existed (only its open
+    marker): a restarted server indexes it, drives it past its deadline and splits as before."""
+    settings = fast(tmp_path)
+    first = await aiohttp_client(build_app(settings))
+    alice = await RestAgent(first, "alice").register()
+    channel, _ = await create_channel(alice, [])
+    store = first.server.app[PEEKS].store
+    now = time.time()
+    old = {"id": "pk_" + "o" * 22, "channel": channel, "peeker_public_key": "A" * 42 + "E", "price_cents": 500,
+           "refusal_fee_cents": 100, "refusal_window_seconds": 0.6, "duration_seconds": 30.0, "state": "countdown",
+           "version": 2, "created_at": now - 5, "updated_at": now - 2, "payment_expires_at": now + 895,
+           "deadline": now - 1.4, "activated_at": None, "ends_at": None, "refused_by": None,
+           "payment_ref": "devpi_" + "o" * 22, "failure_reason": None}
+    await store.put(f"peeks-open/{old['id']}", b"")
+    await store.put(f"peeks/{old['id']}.json", orjson.dumps(old))
+    await store.put(f"peek-payments/{old['id']}.json", orjson.dumps(
+        {"provider": "dev", "ref": old["payment_ref"], "client": {}}))
+    second = await aiohttp_client(build_app(settings))  # a process starting on the same store
+    online = await go_online(second, alice)
+    peek = await second.server.app[PEEKS].load(old["id"])
+    assert peek.state in (PeekState.AWAITING_KEY, PeekState.CAPTURING, PeekState.ACTIVE) and peek.members is None
+    ledger = await check_ledger(second.server.app, lambda l: l.transaction(f"capture/{old['id']}"))
+    assert ledger.balance(money.agent_account(alice.did)) == 350  # the channel's members at capture, as before
     await online.close()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Bare functions are deprecated:De
 def settings(tmp_path: Path, stripe_server: LocalStripe) -> Settings:  # noqa: F811
     return load_settings(env={}, store=f"file://{tmp_path}/data", token_secret="t" * 40, payments="stripe://",
                          peek_refusal_window_seconds=30.0, peek_duration_seconds=30.0, peek_scan_seconds=0.2,
-                         **stripe_server.settings())
+                         operator_token="operator-secret", **stripe_server.settings())
 
 
 @pytest.fixture
@@ -251,3 +252,85 @@ async def test_every_call_that_moves_money_carries_an_idempotency_key_from_the_p
                      (f"payment_intents/{held.ref}/capture", f"agentchat-peek-{peek_id}-capture"),
                      ("payment_intents", f"agentchat-peek-{peek_id}x-authorize"),
                      (f"payment_intents/{other.ref}/cancel", f"agentchat-peek-{peek_id}x-cancel")]
+
+
+async def test_a_signed_body_arriving_in_two_writes_verifies(client: Any) -> None:
+    """A 6 KB event sent in two TCP writes: the server reads the whole body before verifying it."""
+    event = {"id": "evt_two_writes", "object": "event", "type": "customer.updated", "created": int(time.time()),
+             "data": {"object": {"object": "customer", "id": "cus_x", "description": "x" * 6000}}}
+    body = orjson.dumps(event)
+    head = (f"POST /api/v1/webhooks/stripe HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Stripe-Signature: {sign_webhook(body)}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(head.encode() + body[:1000])
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the handler is already reading when the rest arrives
+    writer.write(body[1000:])
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert b" 200 " in status_line, answer[:300]
+    assert b'"received":true' in rest
+
+
+async def test_a_signed_event_with_fields_of_the_wrong_type_is_a_400(client: Any) -> None:
+    for obj in ({"object": "payment_intent", "id": "pi_x", "metadata": {"peek_id": 7}},
+                {"object": "payment_intent", "id": ["pi_x"], "metadata": {}},
+                {"object": "payment_intent", "id": "pi_x", "metadata": "peek"},
+                {"object": "charge", "id": "ch_x", "payment_intent": {"id": 1}}):
+        status, body = await post_event(client, "payment_intent.succeeded", obj)
+        assert (status, body["error"]["code"]) == (400, "invalid_field"), (obj, body)
+    status, body = await post_event(client, "payment_intent.succeeded", {"object": "payment_intent"},
+                                     event_id=12345)  # type: ignore[arg-type]
+    assert (status, body["error"]["code"]) == (400, "invalid_field")
+
+
+async def test_wrong_operator_tokens_are_rate_limited(client: Any) -> None:
+    codes = []
+    for attempt in range(12):
+        status, body = await call(client, "GET", "/api/v1/operator/revenue",
+                                  {"Authorization": f"Bearer guess-{attempt}"})
+        codes.append(body["error"]["code"])
+    assert codes[:10] == ["token_invalid"] * 10 and codes[10:] == ["rate_limited"] * 2
+    status, body = await call(client, "GET", "/api/v1/operator/revenue", {"Authorization": "Bearer operator-secret"})
+    assert (status, body["error"]["code"]) == (429, "rate_limited")  # even the right one, for a minute
+
+
+async def test_a_refund_at_stripe_reverses_the_peeks_capture_in_the_ledger(client: Any, browser: Any) -> None:
+    alice, bob = await RestAgent(client, "alice").register(), await RestAgent(client, "bob").register()
+    channel, _ = await create_channel(alice, [bob])
+    await go_online(client, alice)
+    opened, auth = await open_peek(client, channel)
+    peek_id, ref = opened["peek"]["id"], opened["payment"]["payment_intent"]
+    await pay(browser, ref)
+    await call(client, "POST", f"/api/v1/peeks/{peek_id}/confirm", auth)
+    service = client.server.app[PEEKS]
+    service.clock = lambda: time.time() + 31
+    try:
+        await service.scan()
+    finally:
+        service.clock = time.time
+    await wait_state(client, peek_id, auth, "active")
+    await check_ledger(client.server.app, lambda l: l.transaction(f"capture/{peek_id}"))
+    captured = await intent(browser, ref)
+    charge = (captured.get("latest_charge") or (captured.get("charges") or {}).get("data", [{}])[0].get("id"))
+    charge = charge["id"] if isinstance(charge, dict) else charge
+    assert charge, captured
+
+    # A partial refund leaves the ledger alone; a forged event about it moves nothing either.
+    await browser.refunds.create_async({"charge": charge, "amount": 100})
+    charge_obj = {"object": "charge", "id": charge, "payment_intent": ref}
+    status, body = await post_event(client, "charge.refunded", charge_obj)
+    assert status == 200, body
+    ledger = await check_ledger(client.server.app)
+    assert not ledger.transaction(f"reversal/{peek_id}")
+    # Refunded in full in the dashboard: the capture is reversed, every balance back where it was.
+    await browser.refunds.create_async({"charge": charge, "amount": 400})
+    for event_id in ("evt_refund_1", "evt_refund_1", "evt_refund_2"):  # replays and repeats: once
+        status, body = await post_event(client, "charge.refunded", charge_obj, event_id=event_id)
+        assert status == 200, body
+    ledger = await check_ledger(client.server.app, lambda l: l.transaction(f"reversal/{peek_id}"))
+    assert ledger.balance(money.PLATFORM) == 0 and ledger.balance(money.EXTERNAL) == 0
+    assert all(ledger.balance(money.agent_account(a.did)) == 0 for a in (alice, bob))
+    assert len(ledger.transaction(f"reversal/{peek_id}")) == len(ledger.transaction(f"capture/{peek_id}"))

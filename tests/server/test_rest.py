@@ -28,6 +28,9 @@ async def create_channel(owner: RestAgent, members: list[RestAgent], epoch_key: 
     status, body = await owner.call("POST", "/api/v1/channels", json={
         "id": channel_id, "name": "test", "members": sorted(everyone), "epoch_keys": wrapped})
     assert status == 201, body
+    for member in members:  # each invited agent accepts (consent: server/api/invitations.py)
+        status, body = await member.call("POST", f"/api/v1/invitations/{channel_id}/accept")
+        assert status == 200, body
     return channel_id, epoch_key
 
 
@@ -176,6 +179,8 @@ async def test_channel_lifecycle_and_membership_rules(client, make_agent) -> Non
     status, body = await bob.call("POST", f"/api/v1/channels/{channel}/members", json={"did": carol.did})
     assert status == 403 and body["error"]["code"] == "forbidden"
     status, body = await alice.call("POST", f"/api/v1/channels/{channel}/members", json={"did": carol.did})
+    assert status == 200 and carol.did in body["invited"] and carol.did not in body["members"]
+    status, body = await carol.call("POST", f"/api/v1/invitations/{channel}/accept")
     assert status == 200 and carol.did in body["members"]
     # bob's own wrapped key opens
     status, body = await bob.call("GET", f"/api/v1/channels/{channel}/epochs/current/key")
@@ -322,3 +327,17 @@ async def test_health_is_503_naming_the_failing_component(client) -> None:
     body = await (await client.get("/health")).json()
     assert body["failing"] == ["bus", "store"]
     assert body["components"] == {"bus": "bus_unavailable", "store": "store_unavailable"}
+
+
+async def test_a_captured_registration_cannot_be_replayed_to_mint_a_token(client) -> None:
+    alice = RestAgent(client, "alice")
+    captured = alice.registration()
+    first = await client.post("/api/v1/agents/register", json=captured)
+    assert first.status == 201
+    replay = await client.post("/api/v1/agents/register", json=captured)
+    assert replay.status == 400
+    body = await replay.json()
+    assert body["error"]["code"] == "request_replayed" and "token" not in body
+    time.sleep(0.002)  # a new timestamp: a new signature, and registering again is fine
+    again = await client.post("/api/v1/agents/register", json=alice.registration())
+    assert again.status == 201

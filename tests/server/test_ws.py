@@ -311,3 +311,24 @@ def test_heartbeat_pings_a_silent_session_then_drops_it() -> None:
     assert transport.written == [PING_FRAME, PING_FRAME] and not transport.aborted
     session.heartbeat(2, 4)
     assert transport.aborted and session.closed
+
+
+async def test_history_skips_and_lists_an_undecryptable_message_and_pages_on_past_it(client, sdk_agents) -> None:
+    """Any member can store an envelope the server cannot check (it never decrypts): the SDK's history
+    skips it, as the live path does, instead of failing the whole page."""
+    alice, bob = await sdk_agents("alice"), await sdk_agents("bob")
+    channel = await alice.create_channel([bob.did])
+    await alice.send(channel, "first")
+    # bob posts an envelope whose ciphertext is not what the epoch key opens (a valid shape)
+    bad = crypto.seal(crypto.new_epoch_key(), b'{"kind":"text","body":"x"}', channel=channel, epoch=1,
+                      sender=bob.did, client_id="garbage", signer=bob.keys)
+    response = await client.post(f"/api/v1/channels/{channel}/messages", json={"client_id": "garbage", "envelope": bad},
+                                 headers={"Authorization": "Bearer " + await bob.token()})
+    assert response.status in (200, 201), await response.text()
+    await alice.send(channel, "third")
+    page = await alice.history(channel, limit=10)
+    assert [m.text for m in page] == ["first", "third"]
+    assert [(seq, sender) for seq, sender, _ in page.skipped] == [(2, bob.did)]
+    assert (page.next_after, page.fetched) == (3, 3)
+    last = await alice.history(channel, after=1, limit=1)  # a page of only the bad one still pages on
+    assert (list(last), last.next_after, last.fetched) == ([], 2, 1)

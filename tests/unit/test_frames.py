@@ -86,3 +86,17 @@ def test_ack_prefix_gives_the_same_bytes_as_encoding_the_frame(ref: str | None) 
         frame["ref"] = ref
     built = frames.ack_prefix(frame["channel"], frame["client_id"], ref) + b"%d}" % 12345
     assert orjson.loads(built) == frame
+
+
+@pytest.mark.parametrize("value, expected", [(3, 3), (3.0, 3), (-0.0, 0), (2.0**53, 2**53), (2.5, None),
+                                             (2.0**60, None), (True, None), ("3", None), (None, None)])
+def test_integers_may_be_written_with_a_zero_fraction(value: object, expected: int | None) -> None:
+    result = frames.as_int(value)
+    assert result == expected and (result is None or type(result) is int)
+
+
+def test_an_envelope_epoch_written_as_1_0_is_read_and_passed_on_as_1() -> None:
+    frame = frames.decode_client_frame(orjson.dumps({"type": "send", "channel": "ch_" + "a" * 16, "client_id": "c",
+                                                     "envelope": {**ENVELOPE, "epoch": 1.0}}), max_bytes=1 << 20,
+                                       max_ciphertext_bytes=1 << 16)
+    assert type(frame.envelope["epoch"]) is int and frame.envelope["epoch"] == 1

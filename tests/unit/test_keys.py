@@ -26,6 +26,8 @@ def test_store_layout_is_unchanged() -> None:
     assert store_keys.balance_holds(DID) == f"balance-holds/{DID}.json"
     assert store_keys.card(DID) == f"cards/{DID}.json"
     assert store_keys.peek_choice(DID) == f"peek-choices/{DID}.json"
+    assert store_keys.peek_due(1_700_000_000_123, "pk_1") == "peeks-due/001700000000123/pk_1"
+    assert store_keys.parse_peek_due("peeks-due/001700000000123/pk_1") == (1_700_000_000_123, "pk_1")
     assert store_keys.ledger_txn("capture/pk_1") == "ledger/txns/capture/pk_1.json"
     assert store_keys.ledger_entry("platform", "capture/pk_1") == "ledger/accounts/platform/capture/pk_1"
     assert store_keys.channel_tombstone("ch_1") == "tombstones/channels/ch_1"
@@ -42,6 +44,9 @@ def test_bus_layout_is_unchanged() -> None:
     assert (bus_keys.PEEK_STATE, bus_keys.PEEK_GRANT, bus_keys.INDICATOR_REPORTS) == ("p:state", "p:grant", "i:reports")
     assert bus_keys.sequence_counter("ch_1") == "seq:ch_1"
     assert bus_keys.heartbeat("i1") == "proc:i1"
+    assert bus_keys.membership_version("ch_1") == "mv:ch_1"
+    assert bus_keys.quota_window("creations", "agent:" + DID, 7) == f"quota:creations:agent:{DID}:7"
+    assert bus_keys.INDICATOR_LISTING == "i:listing"
     assert bus_keys.send_claim("ch_1", DID, "c1") == f"cid:ch_1:{DID}:c1"
     assert bus_keys.indicator_counter("ch_1") == "ind:ch_1"
     assert bus_keys.indicator_recount_lock("ch_1") == "ind-recount:ch_1"
@@ -50,6 +55,7 @@ def test_bus_layout_is_unchanged() -> None:
     assert bus_keys.auth_challenge("n1") == "challenge:n1"
     assert bus_keys.retention_lease() == "retention-lease"
     assert bus_keys.rate_window("send", "127.0.0.1", 5) == "rl:send:127.0.0.1:5"
+    assert bus_keys.registration_used("ab12") == "registered:ab12"
     assert (bus_keys.REDIS_SEQUENCE, bus_keys.REDIS_VALUE, bus_keys.REDIS_INDEX, bus_keys.REDIS_TOPIC) == ("seq:", "kv:", "ix:", "t:")
 
 

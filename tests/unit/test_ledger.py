@@ -15,9 +15,12 @@ from agentchat.core.ledger import (
     EntryKind,
     Ledger,
     LedgerError,
+    FeeSource,
     agent_account,
     payout_entries,
     refusal_fee_entries,
+    refusal_fee_source,
+    reversal_entries,
     split_amount,
     split_capture,
 )
@@ -208,6 +211,7 @@ operations = st.lists(
         st.tuples(st.just("capture"), st.integers(0, 99), amounts, member_lists.map(lambda m: m[:8])),
         st.tuples(st.just("fee"), st.integers(0, 99), st.integers(0, 10_000), dids),
         st.tuples(st.just("payout"), st.integers(0, 99), st.integers(1, 10**6), dids),
+        st.tuples(st.just("reversal"), st.integers(0, 99), st.just(0), st.just(None)),
     ),
     max_size=40,
 )
@@ -223,6 +227,8 @@ def test_the_ledger_always_balances(ops: list[tuple[str, int, int, object]]) -> 
             entries = split_capture(f"pk_{ref}", amount, who, created_at=1.0)  # type: ignore[arg-type]
         elif kind == "fee":
             entries = refusal_fee_entries(f"pk_{ref}", who, amount, created_at=1.0)  # type: ignore[arg-type]
+        elif kind == "reversal":  # a refund at the provider undoes a recorded capture, if there is one
+            entries = reversal_entries(ledger.transaction(f"capture/pk_{ref}"), created_at=2.0)
         else:
             entries = payout_entries(f"po_{ref}", who, amount, created_at=1.0)  # type: ignore[arg-type]
         txn = entries[0].txn_id if entries else None
@@ -246,3 +252,96 @@ def test_the_ledger_always_balances(ops: list[tuple[str, int, int, object]]) -> 
 
 def _amounts(entries: list[Entry]) -> dict[str, int]:
     return {e.entry_id: e.amount_cents for e in entries}
+
+
+# --- reversals, debts and fixed shares ---------------------------------------------------------------
+
+
+@given(amount=amounts, members=member_lists)
+def test_a_reversal_undoes_a_capture_and_only_once(amount: int, members: list[str]) -> None:
+    ledger = Ledger(split_capture("pk_1", amount, members, created_at=1.0))
+    reversal = reversal_entries(ledger.transaction("capture/pk_1"), created_at=2.0)
+    ledger.append(reversal)
+    ledger.append(reversal)  # a replayed refund event
+    ledger.check_balanced()
+    assert all(balance == 0 for balance in ledger.balances().values())
+    assert {e.txn_id for e in reversal} <= {"reversal/pk_1"}
+    if reversal:
+        changed = [Entry(e.account, e.amount_cents + (1 if i == 0 else -1), e.kind, e.created_at, peek_id=e.peek_id)
+                   for i, e in enumerate(reversal)]
+        if len(changed) > 1:
+            with pytest.raises(LedgerError):  # the same reversal with other amounts
+                ledger.append(changed)
+
+
+def test_a_reversal_takes_only_one_captures_entries() -> None:
+    with pytest.raises(ValueError):
+        reversal_entries(refusal_fee_entries("pk_1", A, 100, created_at=1.0), created_at=2.0)
+    with pytest.raises(ValueError):
+        reversal_entries([*split_capture("pk_1", 500, [A], created_at=1.0),
+                          *split_capture("pk_2", 500, [A], created_at=1.0)], created_at=2.0)
+
+
+def test_who_pays_a_refusal() -> None:
+    assert refusal_fee_source(100, 100, has_card=False, debt_limit_cents=0) is FeeSource.EARNINGS
+    assert refusal_fee_source(99, 100, has_card=True, debt_limit_cents=300) is FeeSource.CARD
+    assert refusal_fee_source(-200, 100, has_card=False, debt_limit_cents=300) is FeeSource.DEBT
+    assert refusal_fee_source(-201, 100, has_card=False, debt_limit_cents=300) is None
+    assert refusal_fee_source(0, 100, has_card=False, debt_limit_cents=0) is None
+    with pytest.raises(TypeError):
+        refusal_fee_source(0, 1.0, has_card=False, debt_limit_cents=0)  # type: ignore[arg-type]
+
+
+@settings(max_examples=200)
+@given(limit=st.integers(0, 1_000), fee=st.integers(1, 300), card=st.booleans(),
+       ops=st.lists(st.one_of(st.tuples(st.just("refuse"), st.integers(0, 0)),
+                              st.tuples(st.just("earn"), st.integers(1, 2_000))), max_size=40))
+def test_debts_stay_within_the_limit_and_later_earnings_pay_them_first(
+        limit: int, fee: int, card: bool, ops: list[tuple[str, int]]) -> None:
+    """One agent refusing and earning: a refusal is funded (earnings, card, or debt within the limit)
+    or unfunded, never silently half-done; a debt never passes the limit; a later share goes first to
+    the debt (the balance simply rises by it); the ledger balances throughout."""
+    ledger = Ledger()
+    account = agent_account(A)
+    for n, (kind, amount) in enumerate(ops):
+        before = ledger.balance(account)
+        if kind == "earn":
+            ledger.append(split_capture(f"pk_{n}", amount, [A], created_at=float(n)))
+            assert ledger.balance(account) == before + split_amount(amount, [A])[account]
+        else:
+            source = refusal_fee_source(before, fee, has_card=card, debt_limit_cents=limit)
+            if source is None:
+                assert not card and before - fee < -limit
+                continue
+            if source is FeeSource.CARD:  # the card pays: the money comes from outside the ledger
+                ledger.append([Entry(EXTERNAL, -fee, EntryKind.REFUSAL_FEE, float(n), peek_id=f"pk_{n}"),
+                               Entry(PLATFORM, fee, EntryKind.REFUSAL_FEE, float(n), peek_id=f"pk_{n}")])
+                assert ledger.balance(account) == before
+            else:
+                ledger.append(refusal_fee_entries(f"pk_{n}", A, fee, created_at=float(n)))
+                assert ledger.balance(account) == before - fee
+        assert ledger.balance(account) >= -limit
+        ledger.check_balanced()
+        assert sum(ledger.balances().values()) == 0
+
+
+@given(at_start=member_lists.map(lambda m: m[:6]), joined=member_lists.map(lambda m: m[:6]),
+       amount=st.integers(0, 10_000))
+def test_shares_go_to_the_members_of_the_countdowns_start(at_start: list[str], joined: list[str], amount: int) -> None:
+    """Whoever joins or leaves after the countdown starts, the capture is split among the members the
+    peek recorded then: joiners get nothing, leavers keep their share, and the split balances."""
+    from agentchat.core.peek import CaptureSucceeded, DeadlineReached, KeyGranted, PaymentAuthorized, open_peek, step
+
+    peek = open_peek("pk_1", "ch_1", "key", 0.0, price_cents=amount).peek
+    peek = step(peek, PaymentAuthorized("pi_1", tuple(at_start)), 1.0).peek
+    peek = step(peek, DeadlineReached(), 61.0).peek
+    peek = step(peek, KeyGranted(at_start[0]), 62.0).peek
+    split = step(peek, CaptureSucceeded(), 63.0).effects[0]
+    assert split.members == tuple(sorted(at_start))  # type: ignore[union-attr]
+    ledger = Ledger(split_capture("pk_1", amount, split.members, created_at=63.0))  # type: ignore[union-attr,arg-type]
+    ledger.check_balanced()
+    assert sum(ledger.balances().values()) == 0
+    for did in set(joined) - set(at_start):
+        assert ledger.balance(agent_account(did)) == 0
+    shares = [ledger.balance(agent_account(did)) for did in at_start]
+    assert max(shares) - min(shares) <= 1

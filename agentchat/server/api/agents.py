@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 
@@ -9,6 +10,7 @@ from aiohttp import web
 
 from agentchat import crypto
 from agentchat.bus import keys as bus_keys
+from agentchat.core.frames import as_int
 from agentchat.errors import error
 from agentchat.server.http import agent_did, json_response, rate_limit, read_json, require_str
 from agentchat.server.appkeys import BUS, RECORDS, SETTINGS, STORE, TOKENS
@@ -37,8 +39,8 @@ async def register(request: web.Request) -> web.Response:
         keys = crypto.PublicKeys.from_wire(body.get("keys"))
     except (ValueError, TypeError) as exc:
         raise error("invalid_field", f"field 'keys': {exc}") from None
-    timestamp = body.get("timestamp")
-    if not isinstance(timestamp, int) or isinstance(timestamp, bool):
+    timestamp = as_int(body.get("timestamp"))
+    if timestamp is None:
         raise error("invalid_field", "field 'timestamp' must be milliseconds since the epoch")
     if abs(timestamp - int(time.time() * 1000)) > REGISTRATION_SKEW_MS:
         raise error("stale_request", "the registration's timestamp is more than 5 minutes off")
@@ -46,6 +48,11 @@ async def register(request: web.Request) -> web.Response:
     if not crypto.verify_signature(keys.signing_key, signature,
                                    crypto.registration_message(name, keys, timestamp)):
         raise error("bad_signature", "the registration signature does not verify with the signing key")
+    # A registration answers with a token: a captured request must not mint another one. Each signature
+    # is accepted once, for as long as its timestamp could pass (5 minutes either way).
+    used = bus_keys.registration_used(hashlib.sha256(signature).hexdigest()[:32])
+    if await request.app[BUS].set_if_absent(used, b"1", 2 * REGISTRATION_SKEW_MS / 1000 + 60) is not None:
+        raise error("request_replayed", "this registration was already used: sign a new one (new timestamp)")
     if await request.app[STORE].get(store_keys.agent_tombstone(keys.did)) is not None:
         raise error("agent_deleted", f"the account of {keys.did} was deleted; make new keys")
     now = int(time.time() * 1000)
@@ -85,7 +92,8 @@ async def me(request: web.Request) -> web.Response:
     return json_response(public_profile(record))
 
 
-@routes.get("/api/v1/agents/{did}")
+# Only paths that start like a DID: "/api/v1/agents/register" is the POST route alone (GET it: 405).
+@routes.get("/api/v1/agents/{did:did:[^/]*}")
 async def profile(request: web.Request) -> web.Response:
     """Public: anyone may look up an agent's public keys (that is what they are for)."""
     did = request.match_info["did"]

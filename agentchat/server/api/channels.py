@@ -1,8 +1,12 @@
-"""Channels: create, list, read, change members, rotate epoch keys; and the REST message routes.
+"""Channels: create, list, read, invite and remove members, rotate epoch keys; and the REST message
+routes.
 
 Who may do what: any agent creates a channel (and owns it); members read it, rotate its epoch and
-send; the owner adds and removes members; any member may remove itself (if the owner leaves, the
-member with the lowest DID becomes owner).
+send; the owner invites and removes members; any member may remove itself (if the owner leaves, the
+member with the lowest DID becomes owner). Nobody is made a member without consent: the agents named
+at creation, or added later, are *invited* (``invited`` in the record) until they accept
+(server/api/invitations.py). A pending invitee reads nothing and counts for nothing (shares, peeks,
+indicators), but epoch keys are wrapped for it too, so it can read from the moment it accepts.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import orjson
 from aiohttp import web
 
 from agentchat import crypto
+from agentchat.bus import keys as bus_keys
 from agentchat.core import frames
 from agentchat.errors import error
-from agentchat.server.http import agent_did, json_response, principal, query_int, read_json
-from agentchat.server.appkeys import HISTORY, HUB, RECORDS, SETTINGS
+from agentchat.server.http import agent_did, client_address, json_response, principal, query_int, read_json
+from agentchat.server.appkeys import HISTORY, HUB, INDICATORS, RECORDS, SETTINGS
+from agentchat.server.membership import membership_counter, remember_removed, version_of
 from agentchat.store.records import Record
 
 routes = web.RouteTableDef()
@@ -28,7 +34,50 @@ REST_ACK_TIMEOUT = 30.0
 
 
 def channel_view(meta: Record) -> dict[str, Any]:
-    return {key: meta[key] for key in ("id", "name", "owner", "members", "epoch", "created_at")}
+    view = {key: meta[key] for key in ("id", "name", "owner", "members", "epoch", "created_at")}
+    view["invited"] = sorted(meta.get("invited", {}))
+    view["listed"] = meta.get("listed", True)
+    return view
+
+
+def key_holders(meta: Record) -> set[str]:
+    """Whom an epoch's keys are wrapped for: the members and the pending invitees."""
+    return set(meta["members"]) | set(meta.get("invited", {}))
+
+
+async def charge_quota(request: web.Request, did: str, kind: str, amount: int) -> None:
+    """Count ``amount`` channel creations or invitations against the caller's hourly allowances, per
+    agent and per client address (fixed one-hour windows shared by every process through the bus)."""
+    limits = request.app[SETTINGS].limits
+    per_agent, per_address, code = {
+        "creations": (limits.channel_creations_per_hour, limits.channel_creations_per_hour_per_address,
+                      "too_many_channels"),
+        "invitations": (limits.invitations_per_hour, limits.invitations_per_hour_per_address,
+                        "too_many_invitations"),
+    }[kind]
+    if amount <= 0:
+        return
+    bus = request.app[HUB].bus
+    window = int(time.time()) // 3600
+    if await bus.incr(bus_keys.quota_window(kind, "agent:" + did, window), 3600.0, amount) > per_agent:
+        raise error(code, f"more than {per_agent} {kind} per hour from this agent")
+    address = client_address(request)
+    if await bus.incr(bus_keys.quota_window(kind, "address:" + address, window), 3600.0, amount) > per_address:
+        raise error(code, f"more than {per_address} {kind} per hour from this address")
+
+
+async def check_invitable(request: web.Request, inviter: str, invitee: str) -> None:
+    records = request.app[RECORDS]
+    if await records.get_agent(invitee) is None:
+        raise error("agent_not_found", f"no agent {invitee}")
+    if await records.blocks(invitee, inviter):
+        raise error("invitation_refused", f"{invitee} takes no invitations from you")
+
+
+def _check_listed(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise error("invalid_field", "field 'listed' must be true or false")
+    return value
 
 
 def _check_did(value: Any, what: str) -> str:
@@ -68,7 +117,7 @@ async def _member_channel(request: web.Request, did: str) -> Record:
 async def create_channel(request: web.Request) -> web.Response:
     did = agent_did(request)
     limits = request.app[SETTINGS].limits
-    body = await read_json(request, frozenset({"id", "name", "members", "epoch_keys"}))
+    body = await read_json(request, frozenset({"id", "name", "members", "epoch_keys", "listed"}))
     # The creator picks the id, because the first epoch's keys are wrapped for it (protocol/crypto.md).
     channel_id = frames.check_channel_id(body.get("id"), "id")
     name = body.get("name", "")
@@ -81,31 +130,59 @@ async def create_channel(request: web.Request) -> web.Response:
     if len(members) > limits.max_channel_members:
         raise error("invalid_field", f"a channel has at most {limits.max_channel_members} members")
     records = request.app[RECORDS]
-    for member in members:  # the creator too: a token may outlive its deleted account
-        if await records.get_agent(member) is None:
-            raise error("agent_not_found", f"no agent {member}")
+    if await records.get_agent(did) is None:  # a token may outlive its deleted account
+        raise error("agent_not_found", f"no agent {did}")
+    invitees = sorted(members - {did})
+    for invitee in invitees:
+        await check_invitable(request, did, invitee)
     epoch_keys = _check_keys_cover(body.get("epoch_keys"), members)
+    listed = _check_listed(body.get("listed", True))
+    await charge_quota(request, did, "creations", 1)
+    await charge_quota(request, did, "invitations", len(invitees))
     now = int(time.time() * 1000)
-    meta = {"id": channel_id, "name": name, "owner": did, "members": sorted(members), "epoch": 1,
+    meta = {"id": channel_id, "name": name, "owner": did, "members": [did], "epoch": 1, "version": 1,
+            "invited": {invitee: {"by": did, "at": now} for invitee in invitees},
             "created_at": now, "updated_at": now}
+    if not listed:
+        meta["listed"] = False
     await records.create_channel(meta, {"channel": channel_id, "epoch": 1, "created_by": did,
                                         "created_at": now, "keys": epoch_keys})
     hub = request.app[HUB]
     await hub.seed_new_channel(channel_id)
-    for member in members:
-        await hub.publish_agent_event(member, {"event": "added", "channel": channel_id})
+    await hub.bus.seed_sequence(membership_counter(channel_id), 1)
+    await hub.publish_agent_event(did, {"event": "added", "channel": channel_id})
+    for invitee in invitees:
+        await hub.publish_agent_event(invitee, invitation_event(meta, invitee))
     return json_response(channel_view(meta), 201)
+
+
+def invitation_event(meta: Record, invitee: str) -> dict[str, Any]:
+    """What an invited agent's sockets are told (the ``invitation`` frame, without its type)."""
+    invite = meta["invited"][invitee]
+    return {"event": "invited", "channel": meta["id"], "name": meta["name"], "by": invite["by"],
+            "at": invite["at"], "members": len(meta["members"])}
 
 
 @routes.get("/api/v1/channels")
 async def list_channels(request: web.Request) -> web.Response:
+    """A page of the caller's channels, by id: ``after`` the last id of the previous page; the listing
+    is complete (``has_more`` until the last page), never cut short."""
     did = agent_did(request)
-    limit = request.app[SETTINGS].limits.max_channels_per_agent
+    page_max = request.app[SETTINGS].limits.channels_page_max
+    after = _check_after(request)
+    limit = query_int(request, "limit", min(100, page_max), 1, page_max)
     records = request.app[RECORDS]
-    ids = await records.list_memberships(did, limit)
+    ids = await records.list_memberships(did, limit + 1, after)
+    has_more = len(ids) > limit
+    ids = ids[:limit]
     metas = await asyncio.gather(*(records.get_channel(channel_id) for channel_id in ids))
     views = [channel_view(meta) for meta in metas if meta is not None and did in meta["members"]]
-    return json_response({"channels": views})
+    return json_response({"channels": views, "next_after": ids[-1] if ids else after, "has_more": has_more})
+
+
+def _check_after(request: web.Request) -> str:
+    after = request.query.get("after", "")
+    return frames.check_channel_id(after, "query parameter 'after'") if after else ""
 
 
 @routes.get("/api/v1/channels/{channel}")
@@ -114,55 +191,105 @@ async def get_channel(request: web.Request) -> web.Response:
     return json_response(channel_view(meta))
 
 
+@routes.patch("/api/v1/channels/{channel}")
+async def change_channel(request: web.Request) -> web.Response:
+    """The owner lists or unlists the channel. Unlisted: absent from the public indicators and the
+    page, and no peek can be opened on it (``channel_unlisted``)."""
+    did = agent_did(request)
+    meta = await _member_channel(request, did)
+    body = await read_json(request, frozenset({"listed"}))
+    listed = _check_listed(body.get("listed"))
+
+    def change(current: Record) -> Record | None:
+        if current["owner"] != did:
+            raise error("forbidden", "only the channel's owner lists or unlists it")
+        if current.get("listed", True) == listed:
+            return None
+        return {**current, "listed": listed, "updated_at": int(time.time() * 1000)}
+
+    updated = await request.app[RECORDS].update_channel(meta["id"], change)
+    await request.app[INDICATORS].listing_changed(meta["id"])
+    return json_response(channel_view(updated))
+
+
 @routes.post("/api/v1/channels/{channel}/members")
 async def add_member(request: web.Request) -> web.Response:
     did = agent_did(request)
     meta = await _member_channel(request, did)
     body = await read_json(request, frozenset({"did"}))
     new_member = _check_did(body.get("did"), "field 'did'")
-    records = request.app[RECORDS]
-    if await records.get_agent(new_member) is None:
-        raise error("agent_not_found", f"no agent {new_member}")
+    if meta["owner"] != did:
+        raise error("forbidden", "only the channel's owner invites members")
+    if new_member in key_holders(meta):
+        return json_response(channel_view(meta))  # already in, or invited: nothing to do
+    await charge_quota(request, did, "invitations", 1)
+    await check_invitable(request, did, new_member)
     limit = request.app[SETTINGS].limits.max_channel_members
 
-    def add(current: Record) -> Record | None:
+    def invite(current: Record) -> Record | None:
         if current["owner"] != did:
-            raise error("forbidden", "only the channel's owner adds members")
-        if new_member in current["members"]:
+            raise error("forbidden", "only the channel's owner invites members")
+        if new_member in key_holders(current):
             return None
-        if len(current["members"]) >= limit:
-            raise error("invalid_field", f"a channel has at most {limit} members")
-        return {**current, "members": sorted([*current["members"], new_member]),
-                "updated_at": int(time.time() * 1000)}
+        if len(key_holders(current)) >= limit:
+            raise error("invalid_field", f"a channel has at most {limit} members and invited agents")
+        removed = {k: v for k, v in current.get("removed", {}).items() if k != new_member}
+        invited = {**current.get("invited", {}), new_member: {"by": did, "at": int(time.time() * 1000)}}
+        return {**current, "invited": invited, "removed": removed}
 
-    updated = await records.update_channel(meta["id"], add)
-    await records.add_membership(new_member, meta["id"])
     hub = request.app[HUB]
-    await hub.publish_channel_event(meta["id"], {"event": "member_added", "did": new_member})
-    await hub.publish_agent_event(new_member, {"event": "added", "channel": meta["id"]})
+    updated = await hub.membership.write(meta["id"], invite)
+    if new_member in updated.get("invited", {}):
+        await request.app[RECORDS].add_invitation(new_member, meta["id"])
+        await hub.publish_channel_event(meta["id"], {"event": "member_invited", "did": new_member})
+        await hub.publish_agent_event(new_member, invitation_event(updated, new_member))
     return json_response(channel_view(updated))
 
 
 @routes.delete("/api/v1/channels/{channel}/members/{did}")
 async def remove_member(request: web.Request) -> web.Response:
+    """Remove a member (the owner), or leave (any member). Idempotent: a removal that is already
+    stored answers as the first one did and publishes its event again, so a client that got an error
+    the first time (the store took it, the bus did not) still learns that it happened and rotates the
+    epoch. Enforced on every process once stored (server/membership.py)."""
     did = agent_did(request)
-    meta = await _member_channel(request, did)
+    channel_id = frames.check_channel_id(request.match_info["channel"], "channel id")
     leaving = _check_did(request.match_info["did"], "the DID in the path")
+    records = request.app[RECORDS]
+    meta = await records.get_channel(channel_id)
+    if meta is None:
+        raise error("channel_not_found", f"no channel {channel_id}")
+    if did not in key_holders(meta) and not (leaving == did and did in meta.get("removed", {})):
+        raise error("not_member", f"not a member of {channel_id}")
 
     def remove(current: Record) -> Record | None:
         if leaving != did and current["owner"] != did:
             raise error("forbidden", "only the owner removes other members; a member may remove itself")
+        if leaving in current.get("invited", {}):  # an invitation withdrawn, or declined by the invitee
+            invited = {k: v for k, v in current["invited"].items() if k != leaving}
+            return {**current, "invited": invited, "removed": remember_removed(current, leaving)}
         if leaving not in current["members"]:
-            raise error("not_member", f"{leaving} is not a member")
+            return None  # already removed (a retry), or never a member
         members = [m for m in current["members"] if m != leaving]
         owner = current["owner"] if current["owner"] != leaving else (members[0] if members else "")
-        return {**current, "members": members, "owner": owner, "updated_at": int(time.time() * 1000)}
+        return {**current, "members": members, "owner": owner, "removed": remember_removed(current, leaving)}
 
-    records = request.app[RECORDS]
-    updated = await records.update_channel(meta["id"], remove)
-    await records.remove_membership(leaving, meta["id"])
-    await request.app[HUB].publish_channel_event(meta["id"], {"event": "member_removed", "did": leaving})
+    hub = request.app[HUB]
+    updated = await hub.membership.write(channel_id, remove)
+    await records.remove_membership(leaving, channel_id)
+    await records.remove_invitation(leaving, channel_id)
+    await announce_removal(request, updated, leaving)
     return json_response(channel_view(updated))
+
+
+async def announce_removal(request: web.Request, meta: Record, did: str) -> None:
+    """Tell the channel that ``did`` went (left, removed, or its invitation ended), with the epoch
+    it held a key of, so the members rotate past it; again on every retry, as long as the record
+    remembers it."""
+    removed_at = meta.get("removed", {}).get(did)
+    if removed_at is not None:
+        await request.app[HUB].publish_channel_event(meta["id"], {"event": "member_removed", "did": did,
+                                                                  "epoch": removed_at, "version": version_of(meta)})
 
 
 @routes.post("/api/v1/channels/{channel}/epochs")
@@ -172,12 +299,12 @@ async def rotate_epoch(request: web.Request) -> web.Response:
     did = agent_did(request)
     meta = await _member_channel(request, did)
     body = await read_json(request, frozenset({"epoch", "epoch_keys"}))
-    epoch = body.get("epoch")
-    if not isinstance(epoch, int) or isinstance(epoch, bool):
+    epoch = frames.as_int(body.get("epoch"))
+    if epoch is None:
         raise error("invalid_field", "field 'epoch' must be the next epoch number")
     if epoch != meta["epoch"] + 1:
         raise error("conflict", f"the next epoch of this channel is {meta['epoch'] + 1}")
-    epoch_keys = _check_keys_cover(body.get("epoch_keys"), set(meta["members"]))
+    epoch_keys = _check_keys_cover(body.get("epoch_keys"), key_holders(meta))
     records = request.app[RECORDS]
     created = await records.put_epoch(meta["id"], {"channel": meta["id"], "epoch": epoch, "created_by": did,
                                                    "created_at": int(time.time() * 1000), "keys": epoch_keys})
@@ -204,8 +331,8 @@ async def epoch_key(request: web.Request) -> web.Response:
     raw = request.match_info["epoch"]
     if raw == "current":
         epoch = meta["epoch"]
-    elif raw.isdigit() and len(raw) < 10:
-        epoch = int(raw)
+    elif raw.isascii() and raw.isdigit() and len(raw) <= 10 and int(raw) <= frames.MAX_EPOCH:
+        epoch = int(raw)  # (isdigit() alone takes "²" and "٣")
     else:
         raise error("invalid_field", "epoch must be a number or 'current'")
     record = await request.app[RECORDS].get_epoch(meta["id"], epoch)

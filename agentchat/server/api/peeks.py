@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import re
+import time
 import secrets
 from collections import defaultdict
 from typing import Any
@@ -18,13 +19,14 @@ from typing import Any
 from aiohttp import web
 
 from agentchat import crypto
+from agentchat.bus import keys as bus_keys
 from agentchat.core import frames
 from agentchat.core import ledger as money
 from agentchat.core.peek import PeekState
 from agentchat.errors import error
-from agentchat.server.http import (agent_did, bearer_token, json_response, principal, rate_limit, read_json,
-                                   require_str)
-from agentchat.server.appkeys import INDICATORS, LEDGER, PAYMENTS, PEEKS, RECORDS, SETTINGS, STORE, TOKENS
+from agentchat.server.http import (agent_did, bearer_token, client_address, json_response, principal, rate_limit,
+                                   read_json, require_str)
+from agentchat.server.appkeys import BUS, INDICATORS, LEDGER, PAYMENTS, PEEKS, RECORDS, SETTINGS, STORE, TOKENS
 from agentchat.server.peeks import peek_view
 from agentchat.server.tokens import Principal
 
@@ -33,6 +35,25 @@ routes = web.RouteTableDef()
 # A peek token outlives the longest peek by this margin.
 TOKEN_MARGIN_SECONDS = 300
 EVENT_ID_RE = re.compile(r"^[A-Za-z0-9_]{1,200}$")
+# Stripe events after which the captured money is no longer the platform's: the peek's capture is reversed.
+REVERSING_EVENTS = frozenset({"charge.refunded"})
+# Wrong operator tokens an address may present per minute before it is refused without a comparison.
+OPERATOR_FAILURES_PER_MINUTE = 10
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole raw body, however many TCP writes it arrived in, or ``too_large`` past ``limit``
+    (``content.read(n)`` returns what has arrived so far, not ``n`` bytes)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.read(limit + 1 - size)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise error("too_large", f"the body is over {limit} bytes")
 
 
 def _peek_id(request: web.Request) -> str:
@@ -68,7 +89,8 @@ async def open_peek(request: web.Request) -> web.Response:
     channel = frames.check_channel_id(body.get("channel"))
     key = _public_key(body)
     shown = request.app[INDICATORS].view(channel)
-    peek, hold = await request.app[PEEKS].open(channel, key, agents_online=shown.agents_online if shown else 0)
+    peek, hold = await request.app[PEEKS].open(channel, key, agents_online=shown.agents_online if shown else 0,
+                                               address=client_address(request))
     ttl = int(peek.payment_expires_at - peek.created_at + peek.refusal_window_seconds + peek.duration_seconds
               + TOKEN_MARGIN_SECONDS)
     token, expires_at = request.app[TOKENS].issue("peek", peek.id, channel=channel, ttl=ttl)
@@ -141,9 +163,7 @@ async def stripe_webhook(request: web.Request) -> web.Response:
     """Stripe's events: the signature is checked over the raw body, events are handled once by id,
     and the PaymentIntent is read back from Stripe, so their order does not matter."""
     limit = request.app[SETTINGS].limits.max_body_bytes
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise error("too_large", f"the body is over {limit} bytes")
+    raw = await read_body(request, limit)
     signature = request.headers.get("Stripe-Signature", "")
     if not signature:
         raise error("bad_signature", "the Stripe-Signature header is missing")
@@ -155,7 +175,11 @@ async def stripe_webhook(request: web.Request) -> web.Response:
     if await store.get(seen_key) is not None:
         return json_response({"received": True, "duplicate": True})
     state = None
-    if event.ref and event.peek_id and frames.PEEK_ID_RE.match(event.peek_id):
+    if event.charge and event.type in REVERSING_EVENTS:
+        # Money given back at Stripe (a refund from the dashboard): the ledger gives it back too.
+        peek = await request.app[PEEKS].money.refunded(event.charge)
+        state = str(peek.state) if peek else None
+    elif event.ref and event.peek_id and frames.PEEK_ID_RE.match(event.peek_id):
         peek = await request.app[PEEKS].reconcile(event.peek_id, event.ref)
         state = str(peek.state) if peek else None
     # Marked only once handled: if handling failed, Stripe's retry handles it again.
@@ -237,10 +261,17 @@ async def remove_card(request: web.Request) -> web.Response:
 @routes.get("/api/v1/operator/revenue")
 async def revenue(request: web.Request) -> web.Response:
     """The platform's revenue and what it owes agents, recomputed from the whole ledger."""
+    token = bearer_token(request)  # none: 401, whether or not the view is enabled
     expected = request.app[SETTINGS].operator_token
     if not expected:
         raise error("forbidden", "the operator view is disabled: set AGENTCHAT_OPERATOR_TOKEN")
-    if not hmac.compare_digest(bearer_token(request).encode(), expected.encode()):
+    # Guessing is bounded: past a few wrong tokens a minute, an address is refused before any comparison.
+    failures = bus_keys.rate_window("operator-failures", client_address(request), int(time.time() // 60))
+    bus = request.app[BUS]
+    if int(await bus.get(failures) or 0) >= OPERATOR_FAILURES_PER_MINUTE:
+        raise error("rate_limited", "too many wrong operator tokens from this address; try again in a minute")
+    if not hmac.compare_digest(token.encode(), expected.encode()):
+        await bus.incr(failures, 120.0)
         raise error("token_invalid", "this is not the operator's token")
     ledger = await request.app[LEDGER].audit()  # raises if it does not balance
     balances = ledger.balances()

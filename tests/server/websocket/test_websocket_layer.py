@@ -680,3 +680,38 @@ async def test_a_reader_that_never_reads_is_closed_4008_and_the_others_keep_gett
         alice_conn.close()
         slow_conn.close()
         fast_conn.close()
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /health?" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # a URL over aiohttp's 8 KB line
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX-Nul: a\x00b\r\n\r\n",
+], ids=["long-url", "nul-in-header"])
+async def test_a_request_the_http_parser_refuses_gets_the_error_object_and_one_log_line(
+        client, caplog, request_bytes: bytes) -> None:
+    conn = await RawConnection.open(client)
+    try:
+        with caplog.at_level("DEBUG"):
+            conn.writer.write(request_bytes)
+            status, headers, body = await conn.response()
+        assert status == 400
+        assert headers["content-type"].startswith("application/json")
+        assert orjson.loads(body)["error"]["code"] == "bad_request"
+    finally:
+        conn.close()
+    records = [r for r in caplog.records if "bad HTTP request" in r.getMessage()]
+    assert len(records) == 1 and records[0].exc_info is None and "\n" not in records[0].getMessage()
+    assert not any(r.exc_info for r in caplog.records)
+
+
+async def test_resume_of_a_channel_that_does_not_exist_is_not_member_like_one_of_someone_else(
+        client, make_agent) -> None:
+    alice, bob = await make_agent("alice"), await make_agent("bob")
+    theirs, _ = await create_channel(bob, [])
+    conn = await raw_socket(client, alice.token)
+    try:
+        for channel in ("ch_" + "n" * 22, theirs):
+            conn.send_json({"type": "resume", "ref": channel, "resume": {channel: 0}})
+            answer = await conn.next_json()
+            assert (answer["type"], answer["code"], answer["ref"]) == ("error", "not_member", channel)
+    finally:
+        conn.close()
