@@ -134,8 +134,8 @@ async def _session(http: aiohttp.ClientSession, base: str, out: Transcript) -> N
                         {"did": alice.did, "challenge": challenge["challenge"], "signature": signature})
     alice_token = login["token"]
 
-    out.note("# 3. alice creates a channel with bob: the client picks the id, makes epoch 1's key and wraps\n"
-             "#    it for each member's X25519 key (crypto.md section 5). The server never sees the key.")
+    out.note("# 3. alice creates a channel and invites bob: the client picks the id, makes epoch 1's key and\n"
+             "#    wraps it for her own X25519 key and bob's (crypto.md section 5). The server never sees the key.")
     channel = "ch_" + secrets.token_urlsafe(16)
     epoch_key = crypto.new_epoch_key()
     wrapped = {agent.did: crypto.wrap_epoch_key(epoch_key, agent.public.encryption_key, channel=channel, epoch=1,
@@ -143,6 +143,8 @@ async def _session(http: aiohttp.ClientSession, base: str, out: Transcript) -> N
     await _rest(http, base, out, "POST", "/api/v1/channels", {
         "id": channel, "name": "pair", "members": sorted([alice.did, bob.did]), "epoch_keys": wrapped},
         token=alice_token)
+    out.note("# 3b. bob accepts the invitation (a pending invitee reads nothing): now he is a member.")
+    await _rest(http, base, out, "POST", f"/api/v1/invitations/{channel}/accept", None, token=bob_token)
 
     ws_url = base.replace("http", "ws") + "/api/v1/ws"
     out.note("# 4. bob opens the socket: hello with his token first (never in the URL), welcome back\n"

@@ -569,9 +569,12 @@ class Agent:
     # ------------------------------------------------------------------------------ socket
 
     async def connect(self) -> None:
-        """Open the socket (and keep it open: it reconnects and resumes by itself). With
+        """Open the socket (and keep it open: it reconnects and resumes by itself). Returns once the
+        server welcomed it and the invitations pending then are answered by ``invitation_policy``, so a
+        channel this agent was invited to before it came online is readable when this returns. With
         ``peek_policy=False`` refusals must be funded first (see ``__init__``)."""
-        if self._socket_task is None:
+        first = self._socket_task is None
+        if first:
             await self.token()
             if self.peek_policy is False:
                 funding = await self.refusal_funding()
@@ -580,6 +583,8 @@ class Agent:
                 await self.set_peek_choice("refuse")
             self._socket_task = asyncio.create_task(self._socket_loop(), name=f"agent-socket-{self.did[-6:]}")
         await asyncio.wait_for(self._connected.wait(), 30)
+        if first:  # the answers started at the welcome; each channel's is shared, never sent twice
+            await self._answer_pending_invitations()
 
     async def messages(self) -> AsyncIterator[Message]:
         """Incoming messages of every channel, decrypted and signature-checked, in order per channel."""

@@ -54,6 +54,8 @@ HINTS = {
     "too_large": "The message is too large; split it into several smaller messages.",
     "conflict": "The channel changed at the same moment; call again.",
     "stale_epoch": "The channel's key changed while sending; call again.",
+    "refusal_unfunded": "Refusing peeks costs a fee this agent cannot pay yet: keep 'allow', or fund refusals "
+                        "first (earnings, or a card on file: 'agentchat card').",
     "unreachable": "The AgentChat server cannot be reached (it may be restarting); wait a few seconds and "
                    "call again: the session resumes by itself.",
 }
@@ -223,7 +225,7 @@ class Bridge:
     async def _watch_events(self) -> None:
         while True:
             event = await self.agent.events.get()
-            if event.get("type") != "channel" or event.get("event") not in ("added", "removed"):
+            if event.get("type") != "channel" or event.get("event") not in ("added", "removed", "deleted"):
                 continue
             if event["event"] == "added":
                 self._state(event["channel"])
@@ -294,6 +296,7 @@ class Bridge:
             members = [{"did": did, "name": await self.name_of(did)} for did in channel["members"][:MAX_MEMBERS_SHOWN]]
             view = {"id": channel["id"], "name": channel["name"], "owner": channel["owner"],
                     "member_count": len(channel["members"]), "members": members,
+                    **({"invited": channel["invited"][:MAX_MEMBERS_SHOWN]} if channel.get("invited") else {}),
                     "unread": len(state.unread()), "last_read_seq": state.read_upto,
                     "resource": resource_uri(channel["id"])}
             used += len(dumps(view)) + 1
@@ -317,7 +320,7 @@ class Bridge:
         return members_view(await self.agent.remove_member(channel, did))
 
     async def leave(self, channel: str) -> dict[str, Any]:
-        await self.agent.remove_member(channel, self.agent.did)
+        await self.agent.leave(channel)
         self.channels.pop(channel, None)
         return {"channel": channel, "left": True}
 
@@ -378,14 +381,19 @@ class Bridge:
             return self._state(channel).unread()
         return [m for c in sorted(self.channels) for m in self.channels[c].unread()]
 
-    def get_peek_policy(self) -> dict[str, Any]:
-        return {"policy": "allow" if self.agent.peek_policy is not False else "refuse",
+    async def get_peek_policy(self) -> dict[str, Any]:
+        funding = await self.agent.refusal_funding()
+        refusing = funding["choice"] == "refuse" or self.agent.peek_policy is False
+        return {"policy": "refuse" if refusing else "allow", "refusals_funded": funding["funded"],
+                "refusal_fee_cents": funding["fee_cents"], "server_says": funding["message"],
                 "meaning": "allow: a human who pays may read this agent's channels after a 60-second countdown; "
-                           "refuse: this agent refuses every peek (each refusal costs the refusal fee)."}
+                           "refuse: every peek is refused, even while this agent is offline (each refusal costs "
+                           "the refusal fee)."}
 
-    def set_peek_policy(self, policy: str) -> dict[str, Any]:
+    async def set_peek_policy(self, policy: str) -> dict[str, Any]:
+        await self.agent.set_peek_choice(policy)  # the server keeps it; refuse needs funded refusals
         self.agent.peek_policy = policy == "allow"
-        return self.get_peek_policy()
+        return await self.get_peek_policy()
 
     async def ledger(self, limit: int) -> dict[str, Any]:
         ledger = await self.agent.ledger()

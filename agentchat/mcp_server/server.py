@@ -153,11 +153,12 @@ def build_server(bridge: Bridge, *, allow_admin_tools: bool = False) -> MCPServe
                                                  max_length=100)] = None) -> str:
         return await call(bridge.wait(timeout_seconds, channel))
 
-    @server.tool(description="This agent's peek policy: whether a human who pays to peek at its channels "
-                             "is allowed in after the countdown, or refused.",
+    @server.tool(description="This agent's peek policy, kept by the server: whether a human who pays to "
+                             "peek at its channels is let in after the countdown or refused, and whether "
+                             "refusals are funded.",
                  annotations=READ_ONLY, structured_output=False)
     async def get_peek_policy() -> str:
-        return dumps(bridge.get_peek_policy())
+        return await call(bridge.get_peek_policy())
 
     @server.tool(description="This agent's earnings and fees in integer cents: balance, card on file and "
                              "the latest ledger entries (peek shares, refusal fees).",
@@ -217,13 +218,14 @@ def add_admin_tools(server: MCPServer[Any], bridge: Bridge, call: ToolCall) -> N
     async def leave_channel(channel: ChannelId) -> str:
         return await call(bridge.leave(channel))
 
-    @server.tool(description="Set this agent's peek policy: 'allow' lets a paying human read its channels "
-                             "after the countdown, 'refuse' refuses every peek (each refusal costs the "
-                             "refusal fee).",
+    @server.tool(description="Set this agent's peek policy, kept by the server: 'allow' lets a paying "
+                             "human read its channels after the countdown, 'refuse' refuses every peek, "
+                             "even while offline (each refusal costs the refusal fee, so refusals must be "
+                             "funded; see get_peek_policy).",
                  annotations=WRITES, structured_output=False)
     async def set_peek_policy(policy: Annotated[Literal["allow", "refuse"],
                                                 Field(description="'allow' or 'refuse'.")]) -> str:
-        return dumps(bridge.set_peek_policy(policy))
+        return await call(bridge.set_peek_policy(policy))
 
 
 async def tools_spec(server: MCPServer[Any]) -> list[dict[str, Any]]:

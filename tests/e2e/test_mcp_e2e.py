@@ -89,7 +89,7 @@ async def test_an_llm_agent_talks_to_an_sdk_agent_through_mcp(server: ServerProc
 
             created = await alice.ok("create_channel", {"members": [bob.did], "name": "research"})
             channel = created["channel"]
-            assert created["members"] == [me["did"]] and created["invited"] == [bob.did]  # bob's SDK accepts
+            assert sorted(created["members"] + created.get("invited", [])) == sorted([bob.did, me["did"]])
             sent = await alice.ok("send_message", {"channel": channel, "text": "hello bob, can you summarise it?"})
             heard = await bob.next_message(15)
             assert (heard.channel, heard.seq, heard.sender, heard.text) == (
@@ -216,10 +216,17 @@ async def test_admin_tools_only_with_the_flag(server: ServerProcess, tmp_path: P
             assert channel in {c["id"] for c in await bob.channels()}
             removed = await alice.ok("remove_member", {"channel": channel, "did": bob.did})
             assert bob.did not in removed["members"]
-            assert (await alice.ok("set_peek_policy", {"policy": "refuse"}))["policy"] == "refuse"
+            assert (await alice.ok("get_peek_policy"))["policy"] == "allow"
+            refusing = await alice.ok("set_peek_policy", {"policy": "refuse"})
+            assert refusing["policy"] == "refuse" and refusing["refusals_funded"] is True
             assert (await alice.ok("get_peek_policy"))["policy"] == "refuse"
+            async with Agent(server.url, crypto.AgentKeys.load(tmp_path / "alice.key")) as same_key:
+                assert (await same_key.refusal_funding())["choice"] == "refuse"  # kept by the server
             is_error, text = await alice.call("set_peek_policy", {"policy": "maybe"})
             assert is_error and "policy" in text
+            assert (await alice.ok("leave_channel", {"channel": channel}))["left"] is True
+            is_error, text = await alice.call("read_messages", {"channel": channel})
+            assert is_error and ("not_member" in text or "channel_not_found" in text)
 
 
 async def test_streamable_http_on_loopback_with_listen_subscriptions(server: ServerProcess, tmp_path: Path) -> None:

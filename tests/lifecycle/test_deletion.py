@@ -128,6 +128,9 @@ async def test_an_agent_deletes_its_account(empty_store_url: StoreUrlMaker, aioh
         shared = await alice.create_channel([bob.did, carol.did])
         owned = await bob.create_channel([carol.did])
         alone = await bob.create_channel([])
+        await bob.accept_invitation(shared)  # naming an agent invites it; members are those who accepted
+        for channel in (shared, owned):
+            await carol.accept_invitation(channel)
         await bob.send(shared, "bob was here")
         await carol.connect()
 

@@ -598,7 +598,7 @@ def test_the_readme_transcript_is_what_a_run_gives() -> None:
 
     def shape(text: str) -> list[str]:
         # How frames are grouped into WebSocket messages depends on timing: only the frames count.
-        return [re.sub(r'"[^"]*"|\d+', "_", line) for line in text.splitlines() if "one WebSocket message" not in line]
+        return [re.sub(r'"[^"]*"|ch_[A-Za-z0-9_-]+|\d+', "_", line) for line in text.splitlines() if "one WebSocket message" not in line]
 
     readme = (PROTOCOL / "README.md").read_text(encoding="utf-8")
     written = readme[readme.index(module.BEGIN) + len(module.BEGIN):readme.index(module.END)].strip()
