@@ -443,7 +443,8 @@ async def kill(m: Matrix, process: int) -> float:
 
 
 async def restart(m: Matrix, process: int) -> None:
-    await asyncio.to_thread(m.cluster.processes[process].start)
+    # A new process first recovers the dead one's batches (read one by one): slow on a loaded machine.
+    await asyncio.to_thread(m.cluster.processes[process].start, 120.0)
 
 
 def assert_row(row: dict[str, object], *, readers: bool = False) -> None:
