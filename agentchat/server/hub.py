@@ -158,6 +158,7 @@ class Hub:
             self.rooms[channel] = room
             await self.bus.subscribe(bus_keys.channel_messages(channel))
             await self.bus.subscribe(bus_keys.channel_events(channel))
+            await self._live_from_now(room)
             future.set_result(room)
             return room
         except BaseException as exc:
@@ -167,6 +168,19 @@ class Hub:
             raise
         finally:
             del self._room_loading[channel]
+
+    async def _live_from_now(self, room: Room) -> None:
+        """The room was just subscribed: every number above the channel's counter now reaches it
+        live, so its recent buffer is complete from the next one. Without this a catch-up that
+        found the store empty (another process numbered a message before this subscription and
+        has not stored it yet) took the store's end for the channel's and let the next live
+        message skip the one still being stored."""
+        try:
+            (counter,) = await self.bus.read_counters([room.counter])
+        except AgentChatError:
+            return  # complete from the first live message, as before
+        if counter is not None and not room.complete_from:
+            room.complete_from = counter + 1
 
     async def _sweep_loop(self) -> None:
         while True:
