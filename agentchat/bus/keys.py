@@ -83,6 +83,17 @@ def wal_index(channel: str) -> str:
     return "wal:" + channel
 
 
+# Index whose members say the ``wal:<channel>`` indexes are complete (``store/messages.py``): the
+# member ``complete``, and ``idx:<instance>`` for each process that put its own entries in since.
+WAL_STATE_INDEX = "wal-state"
+WAL_COMPLETE = "complete"
+
+
+def wal_reindexed(instance: str) -> str:
+    """Member of ``WAL_STATE_INDEX``: ``instance`` put its own entries in the index (again)."""
+    return "idx:" + instance
+
+
 def retention_lease() -> str:
     """Held by the one process running the retention pass of the current period."""
     return "retention-lease"

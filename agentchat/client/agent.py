@@ -41,6 +41,7 @@ TOKEN_REFRESH_MARGIN = 60.0  # seconds before expiry when a new token is fetched
 RECONNECT_BASE_DELAY = 0.1
 RECONNECT_MAX_DELAY = 5.0
 SEEN_CLIENT_IDS = 4096
+DUPLICATE_PENDING_RETRY = 1.0  # seconds before a send answered duplicate_pending goes out again
 PEEK_REPLY_TIMEOUT = 30.0
 # Waits between attempts of a removal that answered a retryable error (None: give up).
 REMOVE_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, None)
@@ -755,12 +756,23 @@ class Agent:
         if pending is not None:
             if not pending[1].done():
                 if err.code == "duplicate_pending":
-                    return  # the first attempt is still being stored; its ack will come
+                    # The first attempt is still being stored. Its ack goes to the socket that sent
+                    # it, which may be gone (the socket before a reconnect, or a process that died
+                    # holding it): ask again in a moment rather than wait for an ack that may not come.
+                    self._in_background(self._send_again_later(ref))
+                    return
                 pending[1].set_exception(err)
             return
         if err.code in ("token_invalid", "token_expired", "auth_required"):
             raise err
         log.warning("server error: %s", err)
+
+    async def _send_again_later(self, client_id: str) -> None:
+        await asyncio.sleep(DUPLICATE_PENDING_RETRY)
+        pending, ws = self._pending.get(client_id), self._ws
+        if pending is not None and not pending[1].done() and ws is not None:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await ws.send(orjson.dumps(pending[0]).decode())
 
     def _on_channel_event(self, frame: dict[str, Any]) -> None:
         channel = frame["channel"]

@@ -86,7 +86,7 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
     writer.retention = RetentionPolicy(settings, app[RECORDS], bus, hub, instance)
     await hub.start()
     # Recovers what stopped processes left in write-ahead objects before anything is served.
-    await writer.start(hub.is_alive)
+    await writer.start(hub.is_alive, hub.sequencer.record_recovered)
     log.debug("agentchat ready: bus=%s store=%s payments=%s", _scheme(settings.bus), _scheme(settings.store),
              _scheme(settings.payments))
     try:

@@ -1,8 +1,7 @@
-"""The hub: this process's view of live channels, and the one path every message takes.
+"""The hub: this process's view of live channels, and the fan-out every message takes.
 
-Send: check membership and epoch → ``bus.claim_and_publish``: claim the client id (idempotency), take
-the next number and fan out live to every process, in number order, in one bus call → queue for group
-commit → ``ack_to.acked(ack_note, seq)`` once the batch holding it is stored.
+The sequencer (``server/sequencer.py``) numbers a sent message, publishes it and acks it once stored;
+the hub delivers what the bus carries to this process's sockets and catches readers up from the store.
 
 Bus topics: ``c:<channel>`` carries messages, ``e:<channel>`` channel events (membership, epoch),
 ``a:<did>`` events for one agent (added to a channel). A process subscribes to a channel's topics while
@@ -19,7 +18,6 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import deque
 from typing import Any, Protocol
 
 import orjson
@@ -29,44 +27,20 @@ from agentchat.bus.base import Bus
 from agentchat.core import frames
 from agentchat.errors import AgentChatError, error
 from agentchat.server.membership import MembershipSync, version_of
-from agentchat.server.metrics import LATENCY_SAMPLE_EVERY, Metrics
+from agentchat.server.metrics import Metrics
+from agentchat.server.room import RECENT_MESSAGES, Room
+from agentchat.server.sequencer import SEQ_RESEED_GAP, AckTarget, Sequencer
 from agentchat.server.session import CLOSE_REMOVED, Cursor, Session
 from agentchat.store.messages import MessageLog, MessageWriter, frame_seq
 from agentchat.store.records import Records
 
 log = logging.getLogger(__name__)
 
-RECENT_MESSAGES = 1024
+__all__ = ["AckTarget", "Hub", "HubListener", "HubListenerBase", "RECENT_MESSAGES", "Room", "SEQ_RESEED_GAP"]
+
 ROOM_IDLE_SECONDS = 60.0
 HISTORY_PAGE = 500
-# A claimed client id expires if its message is never stored (the process died holding it).
-CLAIM_PENDING_TTL = 30.0
-# How long a stored message's client id is remembered for idempotent retries. Retries come within
-# seconds of a reconnect; every remembered id costs the bus (Redis, or this process's memory) about
-# 150-250 bytes, so at 10,000 messages/s a day's worth would be ~150 GB and ten minutes' ~1.5 GB.
-CLAIM_DONE_TTL = 10 * 60.0
-# When the bus has forgotten a channel's counter, it restarts this far above the highest stored
-# number, skipping every number that could have been handed out but not yet stored (at most the
-# writers' pending limit per process), so no number is ever reused.
-SEQ_RESEED_GAP = 1 << 20
-# A claimed client id whose message is not stored yet: b"p:" + the claiming process's instance id.
-PENDING = b"p:"
-# Every process refreshes its heartbeat key this often (a third of its lifetime); a claim whose
-# process has no heartbeat belongs to a dead process.
-HEARTBEAT_TTL = 3.0
 GAP_FILL_TRIES = 4
-# Acks sent per event-loop turn when a stored batch releases many at once.
-ACKS_PER_TURN = 64
-
-
-class AckTarget(Protocol):
-    """Who is told that a sent message is stored: a socket (``Session``) or a waiting REST request."""
-
-    def acked(self, note: bytes, seq: int) -> None:
-        """The message numbered ``seq`` is stored; ``note`` is what the sender gave ``Hub.send``."""
-
-
-StoredClaim = tuple[str, int, AckTarget, bytes]  # (claim, seq, ack_to, ack_note)
 
 
 class HubListener(Protocol):
@@ -115,73 +89,6 @@ class HubListenerBase:
         return self.peek_readable(peek_id)
 
 
-def _claim_sender(done: StoredClaim) -> str:
-    """``cid:<channel>:<sender>`` of a stored claim (client ids hold no colon)."""
-    return done[0].rpartition(":")[0]
-
-
-class Room:
-    """A channel with a presence in this process."""
-
-    __slots__ = ("id", "topic", "counter", "members", "epoch", "owner", "version", "subscribers", "recent",
-                 "complete_from", "last_seq", "last_used", "first_available")
-
-    def __init__(self, meta: dict[str, Any]) -> None:
-        self.id: str = meta["id"]
-        self.topic = bus_keys.channel_messages(self.id)
-        self.counter = bus_keys.sequence_counter(self.id)
-        self.subscribers: set[Session] = set()
-        self.recent: deque[tuple[int, bytes]] = deque(maxlen=RECENT_MESSAGES)
-        # Every message numbered complete_from or above is in ``recent`` (0: nothing seen live yet).
-        self.complete_from = 0
-        self.last_seq = 0
-        self.last_used = time.monotonic()
-        self.apply(meta)
-
-    def apply(self, meta: dict[str, Any]) -> None:
-        self.members: frozenset[str] = frozenset(meta["members"])  # accepted members only
-        self.epoch: int = meta["epoch"]
-        self.owner: str = meta["owner"]
-        self.version: int = version_of(meta)  # of the membership (server/membership.py)
-        # Lower numbers have expired (retention): history and resume say so rather than skip them.
-        self.first_available: int = meta.get("first_available", 1)
-
-    def on_message(self, seq: int, frame: bytes) -> None:
-        if seq <= self.last_seq:
-            return
-        self.last_seq = seq
-        recent = self.recent
-        if len(recent) == RECENT_MESSAGES:
-            recent.popleft()
-            self.complete_from = recent[0][0]
-        recent.append((seq, frame))
-        if not self.complete_from:
-            self.complete_from = seq
-        channel = self.id
-        for session in self.subscribers:
-            session.offer(channel, seq, frame)
-
-    def frame(self, seq: int, body: bytes) -> bytes:
-        """The message frame of ``seq``: the one fanned out here if the bus delivered it already (the
-        in-process bus delivers before ``publish`` returns, Redis usually after), else a new one."""
-        for held_seq, frame in reversed(self.recent):
-            if held_seq == seq:
-                return frame
-            if held_seq < seq:
-                break
-        return frames.message_frame(seq, body)
-
-    def forget_recent(self) -> None:
-        self.recent.clear()
-        self.complete_from = 0
-
-    def recent_after(self, after: int) -> list[bytes] | None:
-        """Frames numbered above ``after`` if the recent buffer holds all of them, else None."""
-        if not self.complete_from or after + 1 < self.complete_from:
-            return None
-        return [frame for seq, frame in self.recent if seq > after]
-
-
 class Hub:
     def __init__(self, bus: Bus, records: Records, history: MessageLog, writer: MessageWriter,
                  *, metrics: Metrics, send_queue_max: int, instance: str = "", gap_fill_wait: float = 0.0,
@@ -190,9 +97,7 @@ class Hub:
         ``GAP_FILL_TRIES`` times) for numbers another process has sent but not yet stored; 0 for one
         process, where every such number is in this process's recent buffer."""
         self.gap_fill_wait = gap_fill_wait
-        self.reseed_gap = reseed_gap
         self.instance = instance or secrets.token_hex(8)  # this process, in claims and heartbeats
-        self._pending_mark = PENDING + self.instance.encode()
         self.bus = bus
         self.records = records
         self.history = history
@@ -202,16 +107,11 @@ class Hub:
         self.rooms: dict[str, Room] = {}
         self._room_loading: dict[str, asyncio.Future[Room]] = {}
         self.sessions: dict[str, set[Session]] = {}
-        self._claims_done: list[StoredClaim] = []
-        self._on_durable = self._durable  # one bound method for every message, not one per message
-        self._probes: dict[tuple[str, int], float] = {}  # sampled sends awaiting local fan-out
-        self._claims_wake = asyncio.Event()
+        self.sequencer = Sequencer(bus, history, writer, metrics=metrics, instance=self.instance,
+                                   reseed_gap=reseed_gap, room=self.room)
         self._tasks: list[asyncio.Task[None]] = []
         self._listeners: list[HubListener] = []
         self._listener_of_kind: dict[str, HubListener] = {}  # bus topic kind -> the listener reading it
-        # Messages sequenced here per (channel, second of their ``ts``) since the indicators last took
-        # them (server/indicators.py).
-        self.sequenced: dict[tuple[str, int], int] = {}
         self.membership = MembershipSync(self)
 
     def add_listener(self, listener: HubListener) -> None:
@@ -233,9 +133,9 @@ class Hub:
 
     async def start(self) -> None:
         await self.bus.start(self._on_bus, self._on_bus_reconnect)
-        await self.bus.set(bus_keys.heartbeat(self.instance), b"1", HEARTBEAT_TTL)
-        self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="hub-heartbeat"))
-        self._tasks.append(asyncio.create_task(self._claims_loop(), name="hub-claims"))
+        await self.sequencer.write_heartbeat()
+        self._tasks.append(asyncio.create_task(self.sequencer.heartbeat_loop(), name="hub-heartbeat"))
+        self._tasks.append(asyncio.create_task(self.sequencer.claims_loop(), name="hub-claims"))
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="hub-sweep"))
         self._tasks.append(asyncio.create_task(self.membership.run(), name="hub-membership"))
 
@@ -265,6 +165,7 @@ class Hub:
             self.rooms[channel] = room
             await self.bus.subscribe(bus_keys.channel_messages(channel))
             await self.bus.subscribe(bus_keys.channel_events(channel))
+            await self._live_from_now(room)
             future.set_result(room)
             return room
         except BaseException as exc:
@@ -274,6 +175,19 @@ class Hub:
             raise
         finally:
             del self._room_loading[channel]
+
+    async def _live_from_now(self, room: Room) -> None:
+        """The room was just subscribed: every number above the channel's counter now reaches it
+        live, so its recent buffer is complete from the next one. Without this a catch-up that
+        found the store empty (another process numbered a message before this subscription and
+        has not stored it yet) took the store's end for the channel's and let the next live
+        message skip the one still being stored."""
+        try:
+            (counter,) = await self.bus.read_counters([room.counter])
+        except AgentChatError:
+            return  # complete from the first live message, as before
+        if counter is not None and not room.complete_from:
+            room.complete_from = counter + 1
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -300,8 +214,9 @@ class Hub:
             if room is not None:
                 self.metrics.messages_fanned_out += 1
                 room.on_message(seq, frames.message_frame(seq, body))
-                if self._probes:
-                    started = self._probes.pop((room.id, seq), None)
+                probes = self.sequencer.probes
+                if probes:
+                    started = probes.pop((room.id, seq), None)
                     if started is not None:
                         self.metrics.fanout_latency.observe(time.perf_counter() - started)
         elif kind == bus_keys.CHANNEL_EVENTS:
@@ -330,12 +245,16 @@ class Hub:
         asyncio.get_running_loop().create_task(self._after_reconnect(readers))
 
     async def _after_reconnect(self, readers: list[tuple[Session, Room, int]]) -> None:
-        # The bus may have lost the index of stored but not yet compacted messages: put ours back,
-        # and (several processes) give the others as long to do the same before reading it.
+        # The bus may have lost everything: our heartbeat and claims go back first (retries stay
+        # idempotent), then the index of stored but not yet compacted messages is made complete
+        # (ours re-added, dead processes' recovered; reads wait for it), and (several processes) the
+        # others get as long to do the same before local readers catch up.
         try:
+            await self.sequencer.restore_claims()
             await self.writer.reindex()
+            await self.writer.ensure_index()
         except AgentChatError as exc:
-            log.warning("could not re-index stored messages after the bus came back: %r", exc)
+            log.warning("could not restore claims and the index after the bus came back: %r", exc)
         if self.gap_fill_wait:
             await asyncio.sleep(self.gap_fill_wait * GAP_FILL_TRIES)
         for session, room, after in readers:
@@ -572,159 +491,19 @@ class Hub:
 
     async def send(self, sender: str, channel: str, client_id: str, envelope: dict[str, Any],
                    ack_to: AckTarget, ack_note: bytes = b"") -> None:
-        """Sequence, fan out and store one message; ``ack_to.acked(ack_note, seq)`` runs once it is
-        durable (at once for a retry of a stored message). Raises before anything is published if it
-        cannot be taken. An object and a note rather than a callback: a closure per message would
-        live until its batch is stored, and the garbage collector visits every such survivor."""
-        room = self.rooms.get(channel) or await self.room(channel)
-        if sender not in room.members:
-            raise error("not_member", f"not a member of {channel}")
-        if envelope["epoch"] != room.epoch:
-            raise error("stale_epoch", f"channel {channel} is at epoch {room.epoch}; fetch its key and re-encrypt")
-        claim = bus_keys.send_claim(channel, sender, client_id)
-        if not self.writer.has_room():
-            previous = await self.bus.get(claim)
-            if previous is not None and not previous.startswith(PENDING):
-                ack_to.acked(ack_note, int(previous))  # a retry of a stored message needs no room
-                return
-            raise error("store_unavailable", "too many messages are waiting to be stored; retry shortly")
-        ts_ms = int(time.time() * 1000)
-        body = frames.message_body(channel, sender, client_id, ts_ms, envelope)
-        started = time.perf_counter()
-        # The claim (idempotency) and the number are one bus call. If that call fails ambiguously the
-        # claim may be left pending under this process's mark: retries get duplicate_pending until it
-        # expires (CLAIM_PENDING_TTL), never a second number for a stored message.
-        outcome = await self.bus.claim_and_publish(claim, self._pending_mark, CLAIM_PENDING_TTL, room.topic,
-                                                   room.counter, body)
-        if outcome is None:  # the bus forgot the channel's counter
-            outcome = await self._reseed_and_claim(claim, room, body)
-        if isinstance(outcome, bytes):
-            if not outcome.startswith(PENDING):
-                ack_to.acked(ack_note, int(outcome))
-                return
-            if not await self._take_over_claim(claim, outcome):
-                raise error("duplicate_pending")
-            try:
-                seq = await self._publish(channel, body)
-            except BaseException:
-                await self._release_claim(claim)
-                raise
-        else:
-            seq = outcome
-        room.last_used = time.monotonic()
-        self.metrics.messages_in += 1
-        sequenced, counted = self.sequenced, (channel, ts_ms // 1000)
-        sequenced[counted] = sequenced.get(counted, 0) + 1
-        if self.metrics.messages_in % LATENCY_SAMPLE_EVERY == 0:
-            if room.last_seq >= seq:  # the bus fanned it out locally before publish returned
-                self.metrics.fanout_latency.observe(time.perf_counter() - started)
-            elif len(self._probes) < 1000:
-                self._probes[(channel, seq)] = started
-        self.writer.add(channel, seq, room.frame(seq, body), self._on_durable, (claim, ack_to, ack_note))
-
-    def _durable(self, stored_seq: int, note: tuple[str, AckTarget, bytes]) -> None:
-        # The ack waits until the claim records the number: a retry that reaches another process
-        # after this one dies must find the stored message, not a stale claim.
-        claim, ack_to, ack_note = note
-        self._claims_done.append((claim, stored_seq, ack_to, ack_note))
-        self._claims_wake.set()
+        """``Sequencer.send``: sequence, fan out and store one message, ack it once stored."""
+        await self.sequencer.send(sender, channel, client_id, envelope, ack_to, ack_note)
 
     def take_sequenced(self) -> dict[tuple[str, int], int]:
-        """Per (channel, second), the messages sequenced here since the last call (the indicators'
-        counts; the second is that of the messages' ``ts``)."""
-        taken, self.sequenced = self.sequenced, {}
-        return taken
-
-    async def _take_over_claim(self, claim: str, previous: bytes) -> bool:
-        """A claim still pending from a process that died (no heartbeat) will never be stored by it:
-        take it over so the retry goes through now rather than when the claim expires."""
-        owner = previous[len(PENDING):]
-        if owner == self.instance.encode() or await self.bus.get(bus_keys.heartbeat(owner.decode())) is not None:
-            return False
-        return await self.bus.compare_and_set(claim, previous, self._pending_mark, CLAIM_PENDING_TTL)
+        return self.sequencer.take_sequenced()
 
     async def is_alive(self, instance: str) -> bool:
-        """Whether the process ``instance`` still writes its heartbeat."""
-        return await self.bus.get(bus_keys.heartbeat(instance)) is not None
-
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            try:
-                await self.bus.set(bus_keys.heartbeat(self.instance), b"1", HEARTBEAT_TTL)
-            except AgentChatError:
-                log.warning("could not write this process's heartbeat to the bus")
-            await asyncio.sleep(HEARTBEAT_TTL / 3)
-
-    async def _release_claim(self, claim: str) -> None:
-        try:
-            await self.bus.delete(claim)
-        except AgentChatError:
-            pass
-
-    async def _reseed_and_claim(self, claim: str, room: Room, body: bytes) -> int | bytes:
-        await self._reseed(room.id)
-        outcome = await self.bus.claim_and_publish(claim, self._pending_mark, CLAIM_PENDING_TTL, room.topic,
-                                                   room.counter, body)
-        if outcome is None:
-            raise error("bus_unavailable", "the bus lost the channel's counter twice; retry")
-        return outcome
-
-    async def _publish(self, channel: str, body: bytes) -> int:
-        seq = await self.bus.publish_sequenced(bus_keys.channel_messages(channel), bus_keys.sequence_counter(channel), body)
-        if seq is None:
-            await self._reseed(channel)
-            seq = await self.bus.publish_sequenced(bus_keys.channel_messages(channel), bus_keys.sequence_counter(channel), body)
-            if seq is None:
-                raise error("bus_unavailable", "the bus lost the channel's counter twice; retry")
-        return seq
-
-    async def _reseed(self, channel: str) -> None:
-        """The bus forgot this channel's counter: restart it above anything ever handed out, and
-        remember the client ids of the latest stored messages so retries stay idempotent."""
-        tail = await self.history.tail(channel, RECENT_MESSAGES)
-        last = frame_seq(tail[-1]) if tail else 0
-        room = self.rooms.get(channel)
-        if room is not None:  # what was stored may all have expired: the numbers below stay used
-            last = max(last, room.first_available - 1)
-        floor = last + self.reseed_gap
-        for frame in tail:
-            record = orjson.loads(frame)
-            await self.bus.set_if_absent(bus_keys.send_claim(channel, record["sender"], record["client_id"]),
-                                         str(record["seq"]).encode(), CLAIM_DONE_TTL)
-        await self.bus.seed_sequence(bus_keys.sequence_counter(channel), floor)
-        log.info("re-seeded the counter of %s at %d", channel, floor)
-
-    async def seed_new_channel(self, channel: str) -> None:
-        await self.bus.seed_sequence(bus_keys.sequence_counter(channel), 0)
-        for listener in list(self._listeners):
-            await listener.on_channel_created(channel)
-
-    async def _claims_loop(self) -> None:
-        while True:
-            await self._claims_wake.wait()
-            self._claims_wake.clear()
-            await self.flush_claims()
+        return await self.sequencer.is_alive(instance)
 
     async def flush_claims(self) -> None:
-        """Record the numbers of stored messages in their claims, then ack them (all at once)."""
-        done, self._claims_done = self._claims_done, []
-        if not done:
-            return
-        try:
-            await self.bus.set_many([(claim, str(seq).encode()) for claim, seq, _, _ in done], CLAIM_DONE_TTL)
-        except AgentChatError:
-            # The messages are stored whatever happens here; if the bus lost the claims too, a
-            # retry finds them again through the store (see _reseed).
-            log.warning("could not record %d stored client ids on the bus", len(done))
-        # One sender's acks next to each other (a stable sort: still in number order): the acks that
-        # go out in one event-loop turn then reach few sockets, in few writes, instead of one write
-        # to each of ACKS_PER_TURN senders.
-        done.sort(key=_claim_sender)
-        for i, (_, seq, ack_to, ack_note) in enumerate(done, 1):
-            try:
-                ack_to.acked(ack_note, seq)
-            except Exception:
-                log.exception("ack callback failed")
-            if i % ACKS_PER_TURN == 0 and i < len(done):
-                # A batch can hold thousands of acks: let the deliveries waiting behind them go first.
-                await asyncio.sleep(0)
+        await self.sequencer.flush_claims(final=True)
+
+    async def seed_new_channel(self, channel: str) -> None:
+        await self.sequencer.seed_new_channel(channel)
+        for listener in list(self._listeners):
+            await listener.on_channel_created(channel)

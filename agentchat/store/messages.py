@@ -28,8 +28,18 @@ deletes an object.
 
 Recovery: a process that dies leaves write-ahead objects behind. Every process, at start and every
 ``RECOVERY_SECONDS``, lists ``wal/`` and for the objects of an instance with no heartbeat writes what
-no segment holds yet, then deletes them. If the bus forgets the index (a Redis restart without
-persistence), each process re-adds its own entries on reconnect (``reindex``).
+no segment holds yet, tells ``on_recovered`` (which records the messages' client ids), then deletes
+them. A retry of a dead process's pending claim recovers that process at once (``recover_instance``).
+
+A complete index: the bus index ``wal-state`` holds the member ``complete`` while ``wal:<channel>``
+names every write-ahead object not yet compacted. A Redis restart without persistence loses both.
+Readers that find ``complete`` missing first run ``ensure_index`` (once per process at a time): add
+this process's own entries again (``reindex``, which also adds ``idx:<instance>``), recover every other
+instance's objects unless that instance has re-indexed itself since, then add ``complete``. Recovering
+the objects of a live process that had not re-indexed yet is harmless: its messages go to segments (a
+reader keeps one of each number), and the entries it adds later for deleted objects are dropped by
+readers. So a read never misses an acknowledged message, not even right after the bus lost its index
+while a process was dead.
 """
 
 from __future__ import annotations
@@ -65,10 +75,15 @@ class Retention(Protocol):
 # Called with a stored message's number and the ``note`` given to ``add`` with it.
 OnDurable = Callable[[int, Any], None]
 IsAlive = Callable[[str], Awaitable[bool]]
+# Called with a dead process's stored frames by channel, before its write-ahead objects are deleted.
+OnRecovered = Callable[[dict[str, list[bytes]]], Awaitable[None]]
 
 # Write-ahead objects of other processes kept decoded for readers (they never change once written).
 WAL_CACHE_OBJECTS = 32
 RECOVERY_SECONDS = 30.0
+RECOVERED_MEMO_SECONDS = 10.0
+# How long ``ensure_index`` waits for live processes to re-index themselves (a heartbeat and a half).
+REINDEX_WAIT_SECONDS = 1.5
 COMPACT_CHECK_SECONDS = 1.0
 # The background compactor writes one channel's segment at a time, and after each one pauses for as
 # long as writing its bytes at this rate would take. Under an even load every channel's tail fills up
@@ -120,7 +135,8 @@ async def put_until_stored(store: ObjectStore, key: str, data: bytes, on_failure
     """Create ``key`` with ``data``, retrying with backoff and jitter until it is stored. Keys and
     contents are fixed before the first attempt, so an attempt that was stored before its answer was
     lost shows up as ``PreconditionFailed`` on the retry: the same bytes are there."""
-    backoff = Backoff(0.05, 5.0)
+    # At most about a second between tries: the backlog goes out soon after storage is back.
+    backoff = Backoff(0.05, 1.0)
     while True:
         try:
             await store.put(key, data, if_none_match=True)
@@ -142,14 +158,18 @@ class MessageLog:
         self.writer = writer  # this process's writer: its tails are read from memory
         self._wal_cache: OrderedDict[str, dict[str, list[bytes]]] = OrderedDict()
 
-    async def read(self, channel: str, after: int, limit: int) -> list[bytes]:
+    async def read(self, channel: str, after: int, limit: int, *, other_processes: bool = True) -> list[bytes]:
         """Stored ``message`` frames with ``seq > after``, in order, at most ``limit``.
+        ``other_processes=False`` leaves out other processes' write-ahead objects (no store reads
+        for them; used where each process contributes its own part, see ``Sequencer.reseed``).
 
         Segments of one channel written by different processes can interleave in number (process A
         stores 101 and 103, B stores 102), so a frame is returned only once no unread segment could
         hold a smaller number.
         """
-        collected = await self._wal_frames(channel, after)
+        if other_processes:
+            await self.ensure_complete()
+        collected = await self._wal_frames(channel, after, other_processes)
         listing = await self._list(channel, after, max_keys=LIST_PAGE)
         if len(listing) == LIST_PAGE:
             # Segments beyond this page may hold numbers below the write-ahead ones: leave those out.
@@ -175,9 +195,20 @@ class MessageLog:
                 break
         return [collected[seq] for seq in sorted(collected)[:limit]]
 
-    async def _wal_frames(self, channel: str, after: int) -> dict[int, bytes]:
+    async def ensure_complete(self) -> None:
+        """Make sure the bus index names every stored, not yet compacted message before it is read
+        (after a Redis restart it may not: see ``MessageWriter.ensure_index``)."""
+        state = await self.bus.index_range(bus_keys.WAL_STATE_INDEX, 0)
+        if any(member == bus_keys.WAL_COMPLETE for member, _ in state):
+            return
+        if self.writer is None:
+            log.warning("the write-ahead index is incomplete and this reader cannot complete it")
+            return
+        await self.writer.ensure_index()
+
+    async def _wal_frames(self, channel: str, after: int, other_processes: bool = True) -> dict[int, bytes]:
         """Frames above ``after`` that are durable but not yet in a segment (any process's)."""
-        entries = await self.bus.index_range(bus_keys.wal_index(channel), after + 1)
+        entries = await self.bus.index_range(bus_keys.wal_index(channel), after + 1) if other_processes else []
         found: dict[int, bytes] = {}
         own_prefix = self.writer.wal_prefix if self.writer is not None else None
         gone: list[tuple[str, str]] = []
@@ -233,10 +264,10 @@ class MessageLog:
             highest = max(highest, *(keys.parse_segment(key)[1] for key in page))
         return highest
 
-    async def tail(self, channel: str, count: int) -> list[bytes]:
+    async def tail(self, channel: str, count: int, *, other_processes: bool = True) -> list[bytes]:
         """The last ``count`` or so stored frames (used to rebuild idempotency after a bus restart)."""
         last = await self.last_seq(channel)
-        return await self.read(channel, max(0, last - count), count)
+        return await self.read(channel, max(0, last - count), count, other_processes=other_processes)
 
 
 @dataclass(slots=True)
@@ -306,6 +337,7 @@ class MessageWriter:
         self.tails_max = tails_max
         self.on_flush = on_flush
         self._queue: dict[str, _Pending] = {}
+        self._writing: dict[str, _Pending] = {}  # the batch being written
         self._queued = 0
         self._in_flight = 0
         self._oldest = 0.0
@@ -327,6 +359,10 @@ class MessageWriter:
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
         self._is_alive: IsAlive | None = None
+        self._on_recovered: OnRecovered | None = None
+        self._ensuring: asyncio.Future[None] | None = None
+        self._recovering: dict[str, asyncio.Future[None]] = {}
+        self._recovered: dict[str, float] = {}  # dead instance -> when all its objects were recovered
         self.stats = WriterStats()
         self.healthy = True
 
@@ -356,6 +392,17 @@ class MessageWriter:
         if self._queued >= self.max_messages or self._queued == 1:
             self._wake.set()
 
+    def waiting_notes(self) -> list[Any]:
+        """The notes of every message queued or being written (not yet durable)."""
+        notes = [note for pending in self._queue.values() for note in pending.notes]
+        for pending in self._writing.values():
+            notes.extend(pending.notes)
+        return notes
+
+    def tails(self) -> dict[str, list[bytes]]:
+        """This process's durable, not yet compacted frames, by channel."""
+        return {channel: list(tail.frames) for channel, tail in self._tails.items()}
+
     def holds(self, channel: str) -> bool:
         """Whether this process has messages of ``channel`` not yet compacted (queued or durable)."""
         return channel in self._tails or channel in self._queue
@@ -367,10 +414,13 @@ class MessageWriter:
 
     # ------------------------------------------------------------------------------ lifecycle
 
-    async def start(self, is_alive: IsAlive) -> None:
+    async def start(self, is_alive: IsAlive, on_recovered: OnRecovered | None = None) -> None:
         """Recover what dead processes left (before anything is served), then start writing.
-        ``is_alive(instance)`` tells whether another process is still running."""
+        ``is_alive(instance)`` tells whether another process is still running; ``on_recovered`` is
+        given every message recovered from a dead process before its objects are deleted."""
         self._is_alive = is_alive
+        self._on_recovered = on_recovered
+        await self.ensure_index()
         await self.recover()
         self._flusher = asyncio.create_task(self._flush_loop(), name="message-writer")
         self._tasks.append(asyncio.create_task(self._compact_loop(), name="message-compactor"))
@@ -412,8 +462,10 @@ class MessageWriter:
             self._queue = {}
             count, self._queued = self._queued, 0
             self._in_flight = count
+            self._writing = batch
             await self._write_batch(batch, count)
             self._in_flight = 0
+            self._writing = {}
             for pending in batch.values():
                 for seq, on_durable, note in zip(pending.seqs, pending.callbacks, pending.notes):
                     if on_durable is not None:
@@ -444,12 +496,16 @@ class MessageWriter:
         await put_until_stored(self.store, key, encode_wal(sections), failed)
         self.healthy = True
         # Indexed before the acks: a reader on another process, asked right after the ack, finds it.
+        # Until the bus takes the entries the acks wait (acknowledged means readable everywhere).
         entries = [(bus_keys.wal_index(channel), key, pending.seqs[-1]) for channel, pending in batch.items()]
-        try:
-            await self.bus.index_add(entries)
-        except AgentChatError as exc:
-            # Stored all the same; the index is rebuilt when the bus comes back (reindex).
-            log.warning("could not index %s on the bus: %r", key, exc)
+        backoff = Backoff(0.05, 2.0)
+        while True:
+            try:
+                await self.bus.index_add(entries)
+                break
+            except AgentChatError as exc:
+                log.warning("could not index %s on the bus: %r; retrying", key, exc)
+                await asyncio.sleep(backoff.next_delay())
         for channel, pending in batch.items():
             tail = self._tails.get(channel)
             if tail is None:
@@ -470,12 +526,59 @@ class MessageWriter:
             self.on_flush(count, self.stats.last_flush_seconds)
 
     async def reindex(self) -> None:
-        """Add this process's index entries again (after the bus may have lost them)."""
+        """Add this process's index entries again (after the bus may have lost them), and say so in
+        ``bus_keys.WAL_STATE_INDEX`` in the same step."""
         entries = [(bus_keys.wal_index(channel), key, last)
                    for channel, tail in self._tails.items() for key, last in tail.objects]
+        await self.bus.index_add([*entries, (bus_keys.WAL_STATE_INDEX, bus_keys.wal_reindexed(self.instance), 0)])
         if entries:
-            await self.bus.index_add(entries)
             log.info("re-indexed %d write-ahead entries", len(entries))
+
+    async def indexed(self) -> bool:
+        """Whether the bus still knows that this process's entries are in the index (False after
+        a Redis restart without persistence)."""
+        state = await self.bus.index_range(bus_keys.WAL_STATE_INDEX, 0)
+        return any(member == bus_keys.wal_reindexed(self.instance) for member, _ in state)
+
+    async def ensure_index(self) -> None:
+        """Make the bus index complete if it is not (it was lost with a Redis restart): re-index this
+        process's objects, recover those of every instance that has not re-indexed its own, then mark
+        the index complete. One run at a time per process; concurrent callers wait for it."""
+        if self._ensuring is not None:
+            return await asyncio.shield(self._ensuring)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ensuring = future
+        try:
+            await self._ensure_index()
+            future.set_result(None)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            self._ensuring = None
+
+    async def _ensure_index(self) -> None:
+        state = {member for member, _ in await self.bus.index_range(bus_keys.WAL_STATE_INDEX, 0)}
+        if bus_keys.WAL_COMPLETE in state:
+            return
+        await self.reindex()
+        by_instance = await self._list_wal(keys.WAL_PREFIX)
+        # Live processes notice the loss within a heartbeat and re-index themselves (far cheaper than
+        # recovering their objects): give them that long before treating the rest as dead.
+        deadline = time.monotonic() + REINDEX_WAIT_SECONDS
+        while True:
+            state = {member for member, _ in await self.bus.index_range(bus_keys.WAL_STATE_INDEX, 0)}
+            others = [instance for instance in by_instance
+                      if instance != self.instance and bus_keys.wal_reindexed(instance) not in state]
+            if not others or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.1)
+        for instance in others:
+            await self.recover_instance(instance, by_instance[instance])
+        await self.bus.index_add([(bus_keys.WAL_STATE_INDEX, bus_keys.WAL_COMPLETE, 0)])
+        log.warning("the bus had lost the write-ahead index: re-indexed, recovered %d instances' objects",
+                    len(others))
 
     # ------------------------------------------------------------------------------ compaction
 
@@ -647,13 +750,52 @@ class MessageWriter:
         """Store in segments what dead processes left in write-ahead objects only, then delete those."""
         if self._is_alive is None:
             return
-        by_instance: dict[str, list[str]] = {}
-        for key in await list_all(self.store, keys.WAL_PREFIX):
-            by_instance.setdefault(keys.parse_wal(key)[0], []).append(key)
+        by_instance = await self._list_wal(keys.WAL_PREFIX)
         for instance, wal_keys in by_instance.items():
             if instance == self.instance or await self._is_alive(instance):
                 continue
-            await self._recover_instance(instance, wal_keys)
+            await self.recover_instance(instance, wal_keys)
+
+    async def _list_wal(self, prefix: str) -> dict[str, list[str]]:
+        by_instance: dict[str, list[str]] = {}
+        for key in await list_all(self.store, prefix):
+            by_instance.setdefault(keys.parse_wal(key)[0], []).append(key)
+        return by_instance
+
+    async def recover_instance(self, instance: str, wal_keys: list[str] | None = None, *,
+                               dead: bool = False) -> None:
+        """Recover ``instance``'s write-ahead objects (``wal_keys``, or all of them, listed). When
+        this returns, every message of theirs is in a segment and ``on_recovered`` has had it.
+        ``dead``: the instance is known to be dead, so once recovered it has no objects: calls in the
+        next ``RECOVERED_MEMO_SECONDS`` return at once (a burst of retries after a crash lists its
+        objects once). One recovery per instance at a time."""
+        if instance == self.instance:
+            return
+        recovered_at = self._recovered.get(instance)
+        if recovered_at is not None and time.monotonic() - recovered_at < RECOVERED_MEMO_SECONDS:
+            return
+        running = self._recovering.get(instance)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._recovering[instance] = future
+        try:
+            if wal_keys is None:
+                wal_keys = (await self._list_wal(keys.wal_prefix(instance))).get(instance, [])
+            if wal_keys:
+                await self._recover_instance(instance, wal_keys)
+            if dead:
+                now = time.monotonic()
+                self._recovered = {other: at for other, at in self._recovered.items()
+                                   if now - at < RECOVERED_MEMO_SECONDS}
+                self._recovered[instance] = now
+            future.set_result(None)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()
+            raise
+        finally:
+            del self._recovering[instance]
 
     async def _recover_instance(self, instance: str, wal_keys: list[str]) -> None:
         by_channel: dict[str, dict[int, bytes]] = {}
@@ -667,6 +809,7 @@ class MessageWriter:
                 for frame in frames:
                     found[frame_seq(frame)] = frame
                 entries.append((bus_keys.wal_index(channel), key))
+        recovered = {channel: dict(found) for channel, found in by_channel.items()}
         written = 0
         for channel, found in by_channel.items():
             if channel in self._forgotten or await self.store.get(keys.channel_tombstone(channel)) is not None:
@@ -678,6 +821,11 @@ class MessageWriter:
                 await put_until_stored(self.store, keys.segment(channel, ordered[0], ordered[-1]),
                                        b"\n".join(found[seq] for seq in ordered), lambda: None)
                 written += len(found)
+        if self._on_recovered is not None:
+            # Before the objects go: a retry of one of these messages must find its number (the
+            # claim says it) rather than get a second one. If this fails, the objects stay.
+            await self._on_recovered({channel: [frame for _, frame in sorted(found.items())]
+                                      for channel, found in recovered.items()})
         try:
             await self.bus.index_remove(entries)
         except AgentChatError as exc:

@@ -314,6 +314,55 @@ async def test_stale_index_entries_are_dropped_by_readers(make_process: ProcessM
     assert await proc.bus.index_range(wal_index("ch_s"), 0) == []
 
 
+async def forget_index(bus: Bus, channels: list[str]) -> None:
+    """What a Redis restart without persistence does to the write-ahead index (and its state)."""
+    from agentchat.bus.keys import WAL_STATE_INDEX
+
+    for index in [*(wal_index(channel) for channel in channels), WAL_STATE_INDEX]:
+        entries = await bus.index_range(index, 0)
+        await bus.index_remove([(index, member) for member, _ in entries])
+
+
+async def test_a_read_after_the_bus_lost_the_index_while_a_process_was_dead_misses_nothing(
+        make_process: ProcessMaker) -> None:
+    dead = await make_process()
+    survivor = await make_process(alive=lambda instance: instance != dead.instance)
+    await survivor.store_messages("ch_lost", [1, 3])
+    await dead.store_messages("ch_lost", [2, 4])  # acked, in write-ahead objects only
+    dead.kill()
+    await forget_index(survivor.bus, ["ch_lost"])
+    # Not the periodic recovery, not a reconnect: the read itself finds the index incomplete.
+    assert seqs(await survivor.log.read("ch_lost", 0, 100)) == [1, 2, 3, 4]
+    assert await survivor.store.list(keys.wal_prefix(dead.instance)) == []  # recovered into segments
+    assert seqs(await survivor.log.read("ch_lost", 1, 2)) == [2, 3]
+
+
+async def test_recovery_hands_every_message_over_before_deleting_its_objects(make_process: ProcessMaker) -> None:
+    dead = await make_process()
+    await dead.store_messages("ch_h", [1, 2])
+    await dead.writer.compact(["ch_h"])
+    await dead.store_messages("ch_h", [3])
+    await dead.store_messages("ch_k", [7])
+    dead.kill()
+    handed: dict[str, list[int]] = {}
+    survivor = await make_process(alive=lambda instance: instance != dead.instance, start=False)
+
+    async def on_recovered(found: dict[str, list[bytes]]) -> None:
+        assert await survivor.store.list(keys.wal_prefix(dead.instance))  # the objects are still there
+        for channel, frames_ in found.items():
+            handed.setdefault(channel, []).extend(frame_seq(frame) for frame in frames_)
+
+    async def is_alive(instance: str) -> bool:
+        return instance != dead.instance
+
+    await survivor.writer.start(is_alive, on_recovered)
+    try:
+        assert handed == {"ch_h": [3], "ch_k": [7]}
+        assert await survivor.store.list(keys.wal_prefix(dead.instance)) == []
+    finally:
+        await survivor.writer.close()
+
+
 async def test_a_segment_expired_between_listing_and_reading_leaves_the_rest_readable(
         make_process: ProcessMaker) -> None:
     writer_proc = await make_process()

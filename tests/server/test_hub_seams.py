@@ -4,15 +4,18 @@ not depend on when the bus delivers it here."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from agentchat.bus import keys as bus_keys
-from agentchat.bus.memory import MemoryBus
+from agentchat.bus.memory import MemoryBroker, MemoryBus
 from agentchat.core import frames
 from agentchat.server.hub import Hub, HubListenerBase, Room
 from agentchat.server.metrics import Metrics
+from agentchat.server.session import Session
+from agentchat.store.messages import frame_seq
 
 
 class Recorder(HubListenerBase):
@@ -77,3 +80,72 @@ def test_the_stored_frame_is_the_fanned_out_one_whenever_the_bus_delivered_it() 
     room.on_message(8, b"frame 8")  # a later message delivered before the sender's publish returned
     assert room.frame(7, b"{}") == b"frame 7"
     assert room.frame(9, b'{"x":1}') == frames.message_frame(9, b'{"x":1}')  # not delivered here yet
+
+
+class _Records:
+    async def get_channel(self, channel: str) -> dict[str, Any]:
+        return {"id": channel, "members": ["did:a"], "epoch": 1, "owner": "did:a"}
+
+
+class _LateStore:
+    """History whose first read misses a message that is stored just after (another process's batch)."""
+
+    def __init__(self, late: list[bytes]) -> None:
+        self.stored: list[bytes] = []
+        self.late = late
+
+    async def read(self, channel: str, after: int, limit: int, **_: Any) -> list[bytes]:
+        found = [frame for frame in self.stored if frame_seq(frame) > after][:limit]
+        self.stored += self.late
+        self.late = []
+        return found
+
+
+class _Reader:
+    """What ``Hub.attach`` needs of a session; the frames it was given, in order."""
+
+    queue_max = 100
+    closed = False
+    offer = Session.offer
+
+    def __init__(self) -> None:
+        self.principal = SimpleNamespace(is_agent=True, subject="did:a")
+        self.cursors: dict[str, Any] = {}
+        self.frames: list[bytes] = []
+
+    def push(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+    def backlog(self) -> int:
+        return 0
+
+    def close_soon(self, code: int, reason: str) -> None:
+        raise AssertionError(f"closed: {reason}")
+
+
+async def test_a_reader_that_joins_while_another_process_stores_a_message_gets_it_before_later_ones() -> None:
+    """Another process numbered message 1 before this process subscribed to the channel and stores
+    it a moment after this process's first store read: the reader resuming from 0 gets 1, then 2
+    live (before: only 2; the catch-up took the empty store for the end of the channel)."""
+    broker = MemoryBroker()
+    here, there = MemoryBus(broker), MemoryBus(broker)
+    await there.start(lambda topic, seq, body: None)
+    channel = "ch_1"
+    topic, counter = bus_keys.channel_messages(channel), bus_keys.sequence_counter(channel)
+    body = b'{"channel":"ch_1"}'
+    await there.seed_sequence(counter, 0)
+    assert await there.publish_sequenced(topic, counter, body) == 1  # not stored yet
+    history = _LateStore([frames.message_frame(1, body)])
+    hub = Hub(here, _Records(), history, None, metrics=Metrics(), send_queue_max=10,  # type: ignore[arg-type]
+              gap_fill_wait=0.05)
+    await here.start(hub._on_bus)
+    reader = _Reader()
+    try:
+        await hub.attach(reader, channel, resume_after=0)  # type: ignore[arg-type]
+        assert await there.publish_sequenced(topic, counter, body) == 2
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert [frame_seq(frame) for frame in reader.frames] == [1, 2]
+    finally:
+        await here.close()
+        await there.close()

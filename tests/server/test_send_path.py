@@ -9,7 +9,7 @@ from typing import Any
 
 from agentchat.config import load_settings
 from agentchat.server.app import build_app
-from agentchat.server.appkeys import HUB
+from agentchat.server.appkeys import HUB, METRICS
 from tests.conftest import RestAgent
 from tests.server.test_rest import create_channel, envelope
 
@@ -75,3 +75,29 @@ async def test_a_message_waiting_for_storage_keeps_about_one_object_alive(aiohtt
         await asyncio.sleep(0.01)
     assert acks.seqs == list(range(1, count + 2))  # every message acked once, in number order
     assert acks.notes == [b"n%d" % i for i in range(count + 1)]  # each with its sender's note
+
+
+async def test_sends_after_the_bus_forgot_the_counter_share_one_reseed(aiohttp_client, tmp_path: Path) -> None:
+    # A Redis restart under load: every send finds the channel's counter gone. One re-seed (reading
+    # the store once) serves them all, and their claims still hold a number each.
+    settings = load_settings(env={}, store=f"file://{tmp_path}/data", token_secret="t" * 40)
+    client = await aiohttp_client(build_app(settings))
+    alice = await RestAgent(client, "alice").register()
+    channel, key = await create_channel(alice, [])
+    hub = client.server.app[HUB]
+    acks = Acks()
+    for i in range(5):
+        await hub.send(alice.did, channel, f"s{i}", envelope(alice, channel, key, "before", f"s{i}"), acks)
+    hub.bus._broker.counters.clear()  # what a restart without persistence does to the counters
+    store_ops = client.server.app[METRICS].store_ops
+    before = sum(store_ops.values())
+    sealed = [envelope(alice, channel, key, f"after {i}", f"a{i}") for i in range(40)]
+    await asyncio.gather(*(hub.send(alice.did, channel, f"a{i}", sealed[i], acks) for i in range(40)))
+    reads = sum(store_ops.values()) - before
+    assert reads <= 10, f"{reads} storage operations for 40 sends after the counter was lost"
+    assert hub.sequencer.reseeds == 1
+    for _ in range(500):
+        if len(acks.seqs) == 45:
+            break
+        await asyncio.sleep(0.01)
+    assert len(set(acks.seqs)) == 45 and min(acks.seqs[5:]) > max(acks.seqs[:5])

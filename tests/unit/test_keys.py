@@ -51,6 +51,7 @@ def test_bus_layout_is_unchanged() -> None:
     assert bus_keys.indicator_counter("ch_1") == "ind:ch_1"
     assert bus_keys.indicator_recount_lock("ch_1") == "ind-recount:ch_1"
     assert bus_keys.wal_index("ch_1") == "wal:ch_1"
+    assert (bus_keys.WAL_STATE_INDEX, bus_keys.WAL_COMPLETE, bus_keys.wal_reindexed("i1")) == ("wal-state", "complete", "idx:i1")
     assert bus_keys.auth_challenge("n1") == "challenge:n1"
     assert bus_keys.retention_lease() == "retention-lease"
     assert bus_keys.rate_window("send", "127.0.0.1", 5) == "rl:send:127.0.0.1:5"
