@@ -114,7 +114,7 @@ async def generate(work: Path) -> dict[str, Any]:
     return {
         "channel": channel, "name": "upgrade-v1", "owner": meta["owner"], "members": meta["members"],
         "epoch": meta["epoch"], "history": history, "ledgers": ledgers,
-        "agents": {name: {"did": k.did, "key_file": f"{NAME}-keys/{name}.key"} for name, k in keys.items()},
+        "agents": {name: {"did": k.did} for name, k in keys.items()},
     }, keys
 
 
@@ -129,11 +129,14 @@ def main() -> int:
             dest = target / path.relative_to(source)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, dest)
-    key_dir = HERE / f"{NAME}-keys"
-    shutil.rmtree(key_dir, ignore_errors=True)
-    key_dir.mkdir()
+    # The test agents' keys, in one JSON file rather than key files (the repository keeps none).
+    identities: dict[str, Any] = {"about": f"Throwaway test agents of tests/data/{NAME} (made by make_store_v1.py); "
+                                           "never real keys. Tests write each to a 0600 key file.", "agents": {}}
     for name, k in keys.items():
-        k.save(key_dir / f"{name}.key")
+        k.save(work_keys := Path(tempfile.mkdtemp()) / "agent.key")
+        identities["agents"][name] = json.loads(work_keys.read_text())
+        shutil.rmtree(work_keys.parent)
+    (HERE / f"{NAME}-identities.json").write_text(json.dumps(identities, indent=1, sort_keys=True) + "\n")
     (HERE / f"{NAME}.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
     print(f"wrote {target} ({len(store_files(target))} objects) and {NAME}.json")
     return 0

@@ -25,11 +25,13 @@ def expected(name: str) -> dict[str, Any]:
 
 
 def agent_keys(name: str, agent: str, tmp_path: Path) -> crypto.AgentKeys:
-    """The key file as checked in (git does not keep its 0600 mode: restored on a copy)."""
-    copy = tmp_path / f"{agent}.key"
-    shutil.copyfile(DATA / f"{name}-keys" / f"{agent}.key", copy)
-    copy.chmod(0o600)
-    return crypto.AgentKeys.load(copy)
+    """A test agent of store ``name``, loaded from a 0600 key file written from the checked-in
+    identities (the repository keeps no key files)."""
+    identities = json.loads((DATA / f"{name}-identities.json").read_text())
+    key_file = tmp_path / f"{agent}.key"
+    key_file.write_text(json.dumps(identities["agents"][agent]))
+    key_file.chmod(0o600)
+    return crypto.AgentKeys.load(key_file)
 
 
 StoreUrlMaker = Callable[[], str]
