@@ -537,13 +537,17 @@ class RedisBus:
                 if handler is not None:
                     deliver(handler, topic, reply[2])
             elif kind == b"subscribe":
-                waiters = self._waiters.get(reply[1])
-                if waiters:
-                    waiter = waiters.popleft()
-                    if not waiters:
-                        del self._waiters[reply[1]]
-                    if not waiter.done():
-                        waiter.set_result(None)
+                self._subscription_confirmed(reply[1])
+
+    def _subscription_confirmed(self, channel: bytes) -> None:
+        """A (S)SUBSCRIBE confirmation of ``channel`` came: the oldest waiter for it is done."""
+        waiters = self._waiters.get(channel)
+        if waiters:
+            waiter = waiters.popleft()
+            if not waiters:
+                del self._waiters[channel]
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _expect(self, channel: bytes) -> asyncio.Future[None]:
         """A future resolved by the next SUBSCRIBE confirmation of ``channel``."""

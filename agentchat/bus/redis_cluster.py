@@ -448,13 +448,7 @@ class RedisClusterBus(RedisBus):
                 if handler is not None:
                     deliver(handler, topic, reply[2])
             elif kind == b"ssubscribe":
-                waiters = self._waiters.get(reply[1])
-                if waiters:
-                    waiter = waiters.popleft()
-                    if not waiters:
-                        del self._waiters[reply[1]]
-                    if not waiter.done():
-                        waiter.set_result(None)
+                self._subscription_confirmed(reply[1])
             elif kind == b"sunsubscribe" and reply[1] in channel_topics:
                 # Not asked for: this master lost the slot (failover, resharding). Start over.
                 raise ConnectionError(f"the shard dropped {reply[1]!r}")
