@@ -651,9 +651,10 @@ async def sessions_across_processes(options: Options) -> dict[str, Any]:
     redis = servers.RedisServer(servers.free_port(), workdir / "redis", options.server_cpus).start()
     procs: list[servers.ServerProcess] = []
     try:
+        secret = {"AGENTCHAT_TOKEN_SECRET": secrets.token_hex(32)}  # shared: every process signs alike
         for i in range(n):
             procs.append(servers.agentchat_server(workdir, options.server_cpus, bus=redis.url,
-                                                  store=workdir / "store", tag=f"agentchat-{i}").start())
+                                                  store=workdir / "store", tag=f"agentchat-{i}", env=secret).start())
         progress.update(0.0, "registering agents")
         _, tokens = await fixtures.setup_agentchat(procs[0].http_base, None,
                                                    extra_agents=min(sessions, options.idle_agents))

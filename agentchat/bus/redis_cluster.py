@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 SLOTS = 16384
 REDIRECTS = 8  # MOVED/TRYAGAIN retries of one command before giving up
+READ_RETRIES = 3  # retries of a read after a broken connection (then bus_unavailable: the caller retries)
 
 
 class _FencedScript(_Script):
@@ -140,6 +141,10 @@ def _parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str]:
     host, port = addresses[0]
     netloc = (userinfo + "@" if userinfo else "") + f"{host}:{port}"
     return addresses, urlunsplit(("redis", netloc, "/0", parts.query, ""))
+
+
+# Commands that change nothing: safe to ask again after a connection broke mid-call.
+_READS = frozenset({"GET", "MGET", "HGET", "ZRANGEBYSCORE", "PING", "CLUSTER"})
 
 
 def _key_of(args: tuple[Any, ...]) -> Any:
@@ -241,7 +246,11 @@ class _ClusterCommands:
             except _CONNECTION_ERRORS:
                 self._ids.pop(address, None)  # it may come back as another node
                 self._forget_soon()
-                raise
+                # A read is asked again of the slot's master as the cluster now names it (a failover
+                # promoted a replica); anything else may have run before the connection broke.
+                if script is not None or args[0] not in _READS or attempt >= READ_RETRIES:
+                    raise
+                await asyncio.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable")
 
     def _forget_soon(self) -> None:

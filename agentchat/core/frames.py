@@ -29,6 +29,9 @@ B64URL_RE = re.compile(r"^[A-Za-z0-9_-]*\Z")
 CLOSE_AUTH = 4001  # no valid token, or a first frame that is not a valid hello
 CLOSE_REMOVED = 4003  # the token's access ended (a peek's time is up, removed from the channel)
 CLOSE_SLOW_CONSUMER = 4008  # the socket's send queue overflowed
+# RFC 6455's registered "try again later": the server could not bring the socket's catch-up to the
+# live stream (the store or the bus stayed away); the client reconnects and resumes from what it has.
+CLOSE_TRY_AGAIN = 1013
 
 MAX_EPOCH = 2**31 - 1
 MAX_SEQ = 2**63 - 1

@@ -25,6 +25,7 @@ import orjson
 from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
 from agentchat.core import frames
+from agentchat.core.backoff import Backoff
 from agentchat.errors import AgentChatError, error
 from agentchat.server.membership import MembershipSync, version_of
 from agentchat.server.metrics import Metrics
@@ -41,6 +42,9 @@ __all__ = ["AckTarget", "Hub", "HubListener", "HubListenerBase", "RECENT_MESSAGE
 ROOM_IDLE_SECONDS = 60.0
 HISTORY_PAGE = 500
 GAP_FILL_TRIES = 4
+# How long a catch-up keeps retrying a store or bus that answers "unavailable" (a failover, a
+# restart) before it hands the reader back to its client (close 1013: reconnect and resume).
+CATCH_UP_PATIENCE = 30.0
 
 
 class HubListener(Protocol):
@@ -435,13 +439,28 @@ class Hub:
             room.last_used = time.monotonic()
 
     async def _catch_up_safely(self, session: Session, room: Room, after: int) -> None:
-        try:
-            await self._catch_up(session, room, after)
-        except AgentChatError as exc:
-            session.push(frames.error_frame(exc.to_wire()))
-            cursor = session.cursors.get(room.id)
-            if cursor is not None:
-                cursor.catching_up = False
+        """``_catch_up``, retried while the store or bus is briefly away. Live messages stay held
+        meanwhile; a reader is never let go on with a hole in its stream: if the catch-up cannot
+        finish, the socket is closed (1013) and its client resumes from the last number it got."""
+        backoff = Backoff(0.1, 2.0)
+        deadline = time.monotonic() + CATCH_UP_PATIENCE
+        while True:
+            try:
+                await self._catch_up(session, room, after)
+                return
+            except AgentChatError as exc:
+                cursor = session.cursors.get(room.id)
+                if session.closed or cursor is None:
+                    return
+                if exc.retryable and time.monotonic() < deadline:
+                    log.info("catch-up of %s stalled (%s); retrying", room.id, exc.code)
+                    after = cursor.last
+                    await asyncio.sleep(backoff.next_delay())
+                    continue
+                log.warning("catch-up of %s failed (%s); the reader reconnects and resumes", room.id, exc.code)
+                session.push(frames.error_frame(exc.to_wire()))
+                session.close_soon(frames.CLOSE_TRY_AGAIN, "catch_up_failed", flush=True)
+                return
 
     async def _catch_up(self, session: Session, room: Room, after: int) -> None:
         cursor = session.cursors.get(room.id)

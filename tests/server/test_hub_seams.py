@@ -7,11 +7,14 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
+import orjson
 import pytest
 
 from agentchat.bus import keys as bus_keys
 from agentchat.bus.memory import MemoryBroker, MemoryBus
 from agentchat.core import frames
+from agentchat.errors import error
+from agentchat.server import hub as hub_module
 from agentchat.server.hub import Hub, HubListenerBase, Room
 from agentchat.server.metrics import Metrics
 from agentchat.server.session import Session
@@ -149,3 +152,67 @@ async def test_a_reader_that_joins_while_another_process_stores_a_message_gets_i
     finally:
         await here.close()
         await there.close()
+
+
+class _AwayStore:
+    """History that answers store_unavailable ``failures`` times (a failover), then reads normally."""
+
+    def __init__(self, stored: list[bytes], failures: int) -> None:
+        self.stored = stored
+        self.failures = failures
+
+    async def read(self, channel: str, after: int, limit: int, **_: Any) -> list[bytes]:
+        if self.failures:
+            self.failures -= 1
+            raise error("store_unavailable", "the store is away")
+        return [frame for frame in self.stored if frame_seq(frame) > after][:limit]
+
+
+class _ClosingReader(_Reader):
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed_with: tuple[int, str] | None = None
+
+    def close_soon(self, code: int, reason: str, *, flush: bool = False) -> None:
+        self.closed_with = (code, reason)
+        self.closed = True
+
+
+async def _resume_against(history: Any, reader: _Reader, live: int) -> None:
+    bus = MemoryBus(MemoryBroker())
+    channel = "ch_1"
+    topic, counter = bus_keys.channel_messages(channel), bus_keys.sequence_counter(channel)
+    await bus.seed_sequence(counter, len(getattr(history, "stored", [])))
+    hub = Hub(bus, _Records(), history, None, metrics=Metrics(), send_queue_max=10)  # type: ignore[arg-type]
+    await bus.start(hub._on_bus)
+    try:
+        attaching = asyncio.create_task(hub.attach(reader, channel, resume_after=0))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        for _ in range(live):  # numbered while the catch-up is stalled: held, then sent in order
+            await bus.publish_sequenced(topic, counter, b'{"channel":"ch_1"}')
+        await attaching
+    finally:
+        await bus.close()
+
+
+async def test_a_catch_up_that_meets_a_store_away_for_a_moment_retries_and_leaves_no_hole() -> None:
+    """The store answers store_unavailable twice (a failover) while a reader resumes: the catch-up is
+    tried again, and the reader gets the stored messages, then the ones held live, once each, in
+    order (before: an error frame, and the held messages were never sent)."""
+    stored = [frames.message_frame(seq, b'{"channel":"ch_1"}') for seq in (1, 2, 3)]
+    reader = _Reader()
+    await _resume_against(_AwayStore(stored, failures=2), reader, live=2)
+    assert [frame_seq(frame) for frame in reader.frames] == [1, 2, 3, 4, 5]
+
+
+async def test_a_catch_up_that_cannot_finish_hands_the_reader_back_to_its_client(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store stays away past the catch-up's patience: the socket is closed with 1013 (reconnect and
+    resume from the last number got) instead of going on live with a hole behind it."""
+    monkeypatch.setattr(hub_module, "CATCH_UP_PATIENCE", 0.3)
+    reader = _ClosingReader()
+    stored = [frames.message_frame(1, b'{"channel":"ch_1"}')]
+    await _resume_against(_AwayStore(stored, failures=10**6), reader, live=0)
+    assert reader.closed_with == (1013, "catch_up_failed")
+    errors = [orjson.loads(frame) for frame in reader.frames]
+    assert errors and errors[-1]["type"] == "error" and errors[-1]["code"] == "store_unavailable"
