@@ -18,7 +18,7 @@ answer "unknown counter" on a mismatch. The caller then re-seeds from the store,
 restart (the hub re-seeds above the last stored number plus a gap), and the seed takes the new owner.
 An acknowledged message is stored, so it is never numbered again.
 
-Commands are pipelined per master (``_Commands``); a ``MOVED``/``ASK``/``TRYAGAIN``/``CLUSTERDOWN``
+Commands are pipelined per master (``CommandLink``); a ``MOVED``/``ASK``/``TRYAGAIN``/``CLUSTERDOWN``
 reply (the command did not run) refreshes the slot map and retries; a broken connection is reported as
 ``bus_unavailable`` and never retried (a sequenced publish may have run).
 
@@ -34,7 +34,7 @@ import logging
 import math
 import random
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,15 +44,9 @@ from redis.exceptions import ResponseError
 
 from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import BusHandler
-from agentchat.bus.redis import (
-    _CONNECTION_ERRORS,
-    RECONNECT_BASE,
-    RedisBus,
-    _Commands,
-    _ConnectionLost,
-    _Script,
-    deliver,
-)
+from agentchat.bus.redis import RedisBus
+from agentchat.bus.redis_link import CONNECTION_ERRORS, CommandLink, Script
+from agentchat.bus.redis_pubsub import RECONNECT_BASE, PubSub, deliver
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +55,7 @@ REDIRECTS = 8  # MOVED/TRYAGAIN retries of one command before giving up
 READ_RETRIES = 3  # retries of a read after a broken connection (then bus_unavailable: the caller retries)
 
 
-class _FencedScript(_Script):
+class _FencedScript(Script):
     """A script whose last argument is the id of the node it runs on (appended by the router)."""
 
 
@@ -167,15 +161,15 @@ class _ClusterCommands:
         self._seeds = seeds
         self._timeout = timeout
         self._slots: list[tuple[str, int] | None] = [None] * SLOTS
-        self._links: dict[tuple[str, int], _Commands] = {}
+        self._links: dict[tuple[str, int], CommandLink] = {}
         self._ids: dict[tuple[str, int], bytes] = {}
         self._refreshing: asyncio.Lock | None = None
 
-    def _link(self, address: tuple[str, int]) -> _Commands:
+    def _link(self, address: tuple[str, int]) -> CommandLink:
         link = self._links.get(address)
         if link is None:
             location = f"redis://{address[0]}:{address[1]}"
-            link = self._links[address] = _Commands(lambda: self._bus._node_connection(address), location,
+            link = self._links[address] = CommandLink(lambda: self._bus._node_connection(address), location,
                                                      self._timeout)
         return link
 
@@ -194,7 +188,7 @@ class _ClusterCommands:
             for address in [*self.masters(), *self._seeds]:
                 try:
                     reply = await self._link(address).execute("CLUSTER", "SLOTS")
-                except (*_CONNECTION_ERRORS, ResponseError) as exc:
+                except (*CONNECTION_ERRORS, ResponseError) as exc:
                     last = exc
                     continue
                 slots: list[tuple[str, int] | None] = [None] * SLOTS
@@ -215,10 +209,10 @@ class _ClusterCommands:
     async def execute(self, *args: Any) -> Any:
         return await self._routed(None, args)
 
-    async def script(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
+    async def script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         return await self._routed(script, ("EVALSHA", script.sha, len(keys), *keys, *args))
 
-    async def _routed(self, script: _Script | None, args: tuple[Any, ...]) -> Any:
+    async def _routed(self, script: Script | None, args: tuple[Any, ...]) -> Any:
         key = _key_of(args)
         for attempt in range(REDIRECTS):
             address = self.owner(key) if key is not None else next(iter(self.masters()), None)
@@ -243,7 +237,7 @@ class _ClusterCommands:
                 if reason in ("TRYAGAIN", "CLUSTERDOWN"):
                     await asyncio.sleep(0.05 * 2**attempt)
                 await self.refresh()
-            except _CONNECTION_ERRORS:
+            except CONNECTION_ERRORS:
                 self._ids.pop(address, None)  # it may come back as another node
                 self._forget_soon()
                 # A read is asked again of the slot's master as the cluster now names it (a failover
@@ -276,8 +270,7 @@ class RedisClusterBus(RedisBus):
         self.location = "redis+cluster://" + ",".join(f"{h}:{p}" for h, p in seeds) + "/"
         self._commands = _ClusterCommands(self, seeds, self._command_timeout)  # type: ignore[assignment]
         self._cluster: _ClusterCommands = self._commands  # type: ignore[assignment]
-        self._shards: dict[tuple[str, int], AbstractConnection] = {}
-        self._rebuild = asyncio.Event()
+        self._pubsub = _ClusterPubSub(self, self._cluster)
 
     @classmethod
     def from_url(cls, url: str) -> RedisClusterBus:
@@ -344,18 +337,35 @@ class RedisClusterBus(RedisBus):
             groups[_slot(name(item[0]))].append(item)
         await asyncio.gather(*(call(group) for group in groups.values()))
 
-    # -- pub/sub: one connection per master, sharded channels ------------------------------------
-
     async def start(self, handler: BusHandler, on_reconnect: Callable[[], None] | None = None) -> None:
-        if self._reader is not None:
+        if self._pubsub.started:
             raise RuntimeError("RedisClusterBus.start() called twice")
+        await self._pubsub.start(handler, on_reconnect, lambda: self._commands.execute("PING"))
+
+
+class _ClusterPubSub(PubSub):
+    """One pub/sub connection per master, on sharded channels (SSUBSCRIBE / SPUBLISH)."""
+
+    _subscribe_command = "SSUBSCRIBE"
+    _unsubscribe_command = "SUNSUBSCRIBE"
+
+    def __init__(self, bus: RedisClusterBus, cluster: _ClusterCommands) -> None:
+        super().__init__(bus._connect, bus.location, bus._unavailable, reconnect_max_delay=bus._reconnect_max_delay,
+                         command_timeout=bus._command_timeout, health_interval=bus._health_interval)
+        self._bus = bus
+        self._cluster = cluster
+        self._shards: dict[tuple[str, int], AbstractConnection] = {}
+        self._rebuild = asyncio.Event()
+
+    async def start(self, handler: BusHandler, on_reconnect: Callable[[], None] | None,
+                    ping: Callable[[], Awaitable[object]]) -> None:
         self._handler = handler
         self._on_reconnect = on_reconnect
         try:
             await self._cluster.refresh()
-            await self._commands.execute("PING")
+            await ping()
             await self._open_shards()
-        except _CONNECTION_ERRORS as exc:
+        except CONNECTION_ERRORS as exc:
             await self._close_shards()
             raise self._unavailable(exc) from exc
         self._reader = asyncio.create_task(self._run_cluster(), name=f"redis-bus-reader {self.location}")
@@ -368,7 +378,7 @@ class RedisClusterBus(RedisBus):
         shards: dict[tuple[str, int], AbstractConnection] = {}
         try:
             for address in self._cluster.masters():
-                conn = self._node_connection(address)
+                conn = self._bus._node_connection(address)
                 shards[address] = conn
                 await asyncio.wait_for(conn.connect(), self._command_timeout)
         except BaseException:
@@ -394,7 +404,7 @@ class RedisClusterBus(RedisBus):
                 try:
                     await self._cluster.refresh()
                     await self._open_shards()
-                except _CONNECTION_ERRORS as exc:
+                except CONNECTION_ERRORS as exc:
                     log.warning("bus: cannot reconnect to %s (attempt %d): %s", self.location, attempt, exc)
                     continue
             readers = [asyncio.create_task(self._serve_shard(conn)) for conn in self._shards.values()]
@@ -417,12 +427,7 @@ class RedisClusterBus(RedisBus):
                 for task in [*readers, rebuild]:
                     task.cancel()
                 await asyncio.gather(*readers, rebuild, return_exceptions=True)
-                for waiters in self._waiters.values():
-                    for waiter in waiters:
-                        if not waiter.done():
-                            waiter.set_exception(_ConnectionLost())
-                            waiter.exception()
-                self._waiters.clear()
+                self._drop_waiters()
                 await self._close_shards()
             first = False
 
@@ -462,34 +467,8 @@ class RedisClusterBus(RedisBus):
                 # Not asked for: this master lost the slot (failover, resharding). Start over.
                 raise ConnectionError(f"the shard dropped {reply[1]!r}")
 
-    async def subscribe(self, topic: str) -> None:
-        if self._reader is None:
-            raise RuntimeError("call start() before subscribe()")
-        channel = self._channel(topic)
-        if channel in self._channels:
-            pending = self._waiters.get(channel)
-            if pending:
-                await self._confirmed(pending[-1])
-            return
-        self._channels[channel] = topic
+    def _connection_of(self, channel: bytes, restore: bool = True) -> AbstractConnection | None:
         conn = self._shards.get(self._cluster.owner(channel))  # type: ignore[arg-type]
-        if conn is None:  # disconnected, or the slot map changed: the rebuild subscribes it
+        if conn is None and restore:  # disconnected, or the slot map changed: the rebuild subscribes it
             self._rebuild.set()
-            return
-        confirmed = self._expect(channel)
-        try:
-            await conn.send_command("SSUBSCRIBE", channel)
-        except _CONNECTION_ERRORS:
-            return
-        await self._confirmed(confirmed)
-
-    async def unsubscribe(self, topic: str) -> None:
-        channel = self._channel(topic)
-        if self._channels.pop(channel, None) is None:
-            return
-        conn = self._shards.get(self._cluster.owner(channel))  # type: ignore[arg-type]
-        if conn is not None:
-            try:
-                await conn.send_command("SUNSUBSCRIBE", channel)
-            except _CONNECTION_ERRORS:
-                pass
+        return conn
