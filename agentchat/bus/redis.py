@@ -6,11 +6,11 @@ connection, pipelined (``CommandLink``, bus/redis_link.py). This module holds th
 
 ``publish_sequenced`` is one Lua script: INCR the counter and PUBLISH ``b"<seq>:" + body`` in the same
 atomic step, so the order of the numbers is the order in which Redis delivers the messages, to every
-process. ``publish`` sends ``b"0:" + body``. ``claim_and_publish`` calls of one event-loop turn on one
-channel are one script call (``CLAIM_AND_PUBLISH_MANY``) and one pub/sub message, ``b"*"`` then per
-message ``b"<seq>:<length>:" + body`` (every process of a deployment must read this: upgrade them
-together). Profiled on the multiprocess bench, the command connection's writes (one system call per
-turn, loopback TCP charged to the writer) and the per-message pub/sub replies dominated the bus's share.
+process. ``publish`` sends ``b"0:" + body``. ``claim_and_publish`` calls go in rounds, one on its way
+at a time per process: a round is one script call (``CLAIM_AND_PUBLISH_MANY``) and one pub/sub message
+per channel, ``b"*"`` then per message ``b"<seq>:<length>:" + body`` (every process of a deployment
+must read this: upgrade them together). Replies on both connections are parsed in C as they arrive
+(``RespProtocol``), not one awaited ``read_response`` per reply.
 
 If the pub/sub connection breaks, the reader reconnects with exponential backoff and full jitter,
 subscribes again to every topic, then calls ``on_reconnect``; messages published in between are lost
@@ -67,7 +67,7 @@ local seq = redis.call('INCR', KEYS[2])
 redis.call('PUBLISH', ARGV[3], string.format('%d:', seq) .. ARGV[4])
 return {1, seq}
 """)
-# The claims and publishes of one event-loop turn on one channel, as one call and one message.
+# The claims and publishes of one round (see claim_and_publish) on one channel, as one call and one message.
 # KEYS[1] counter, KEYS[1 + i] claim i; ARGV[1] ttl ms, ARGV[2] channel, ARGV[2 + 2i - 1] mark i,
 # ARGV[2 + 2i] body i. Each item as CLAIM_AND_PUBLISH, in order: {1, seq}, {0, value} or {2}. The
 # published messages go out as one pub/sub message: b"*" then, per message, b"<seq>:<length>:" + body.
@@ -185,7 +185,7 @@ class RedisBus:
     _claim_and_publish = CLAIM_AND_PUBLISH
     _seed_sequence = SEED_SEQUENCE
     _claim_and_publish_many = CLAIM_AND_PUBLISH_MANY
-    _batch_sends = True  # claim_and_publish: one script call per channel and event-loop turn
+    _batch_sends = True  # claim_and_publish: one script call per channel and round
 
     def __init__(
         self,
@@ -217,7 +217,11 @@ class RedisBus:
         self._index_prefix = f"{namespace}:{bus_keys.REDIS_INDEX}"
         self._topic_prefix = f"{namespace}:{bus_keys.REDIS_TOPIC}"
         self._background: set[asyncio.Task[None]] = set()
+        # claim_and_publish: sends waiting per (topic, counter, ttl ms); whether a round is on its way
         self._send_batches: dict[tuple[str, str, int], list[tuple[str, bytes, bytes, asyncio.Future[Any]]]] = {}
+        self._sending = False
+        self._flush_scheduled = False
+        self._closing = False
 
     def _make_pubsub(self) -> PubSub:
         return PubSub(self._connect, self.location, self._unavailable, reconnect_max_delay=self._reconnect_max_delay,
@@ -238,6 +242,7 @@ class RedisBus:
         await self._pubsub.start(handler, on_reconnect, lambda: self._commands.execute("PING"))
 
     async def close(self) -> None:
+        self._closing = True
         await self._pubsub.close()
         for task in list(self._background):
             task.cancel()
@@ -315,27 +320,53 @@ class RedisBus:
     ) -> int | bytes | None:
         if not self._batch_sends:
             return await self._claim_and_publish_one(claim, mark, ttl, topic, counter, body)
-        # Sends of one event-loop turn on one channel become one script call and one pub/sub message
-        # (see CLAIM_AND_PUBLISH_MANY): a round trip, a script run and a delivery per channel rather
-        # than per message, on this process, on Redis and on every subscribed process.
+        # The sends of one channel become one script call and one pub/sub message (see
+        # CLAIM_AND_PUBLISH_MANY): a round trip, a script run and a delivery per batch rather than per
+        # message, on this process, on Redis and on every subscribed process. The process has one
+        # round of these calls on its way at a time: sends that come meanwhile wait for its answers
+        # and go together, so under load a round holds what arrived during a round trip (idle, a
+        # send leaves at the end of its event-loop turn). Fewer, fuller rounds are fewer pub/sub
+        # pushes, and each wakes the subscribed processes once for more messages, which they then
+        # write to each socket together. A channel's calls keep the order of its sends.
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        batch = self._send_batches.get((topic, counter, _ttl_ms(ttl)))
+        key = (topic, counter, _ttl_ms(ttl))
+        batch = self._send_batches.get(key)
         if batch is None:
-            batch = self._send_batches[(topic, counter, _ttl_ms(ttl))] = []
-            if len(self._send_batches) == 1:
+            batch = self._send_batches[key] = []
+            if not self._sending and not self._flush_scheduled:
+                self._flush_scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush_sends)
         batch.append((self._value_name(claim), mark, body, future))
         return await future
 
     def _flush_sends(self) -> None:
+        self._flush_scheduled = False
+        if self._sending or not self._send_batches:
+            return
         batches, self._send_batches = self._send_batches, {}
-        for (topic, counter, ttl_ms), items in batches.items():
-            task = asyncio.create_task(self._send_batch(topic, counter, ttl_ms, items))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        self._sending = True
+        task = asyncio.create_task(self._send_round(batches))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
-    async def _send_batch(self, topic: str, counter: str, ttl_ms: int,
-                          items: list[tuple[str, bytes, bytes, asyncio.Future[Any]]]) -> None:
+    async def _send_round(self, batches: dict[tuple[str, str, int],
+                                              list[tuple[str, bytes, bytes, asyncio.Future[Any]]]]) -> None:
+        try:
+            await asyncio.gather(*(self._send_claims(key, items) for key, items in batches.items()))
+        finally:
+            self._sending = False
+            if self._closing:
+                waiting, self._send_batches = self._send_batches, {}
+                for items in waiting.values():
+                    for _, _, _, future in items:
+                        if not future.done():
+                            future.set_exception(self._unavailable(RuntimeError("the bus is closing")))
+            else:
+                self._flush_sends()  # what came while this round was on its way
+
+    async def _send_claims(self, key: tuple[str, str, int],
+                           items: list[tuple[str, bytes, bytes, asyncio.Future[Any]]]) -> None:
+        topic, counter, ttl_ms = key
         keys = [self._seq_name(counter), *(claim for claim, _, _, _ in items)]
         args: list[Any] = [ttl_ms, self._topic_name(topic)]
         for _, mark, body, _ in items:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -46,7 +45,7 @@ from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import BusHandler
 from agentchat.bus.redis import RedisBus
 from agentchat.bus.redis_link import CONNECTION_ERRORS, CommandLink, Script
-from agentchat.bus.redis_pubsub import RECONNECT_BASE, PubSub, deliver
+from agentchat.bus.redis_pubsub import RECONNECT_BASE, PubSub, PubSubStream, deliver
 
 log = logging.getLogger(__name__)
 
@@ -381,8 +380,10 @@ class _ClusterPubSub(PubSub):
                 conn = self._bus._node_connection(address)
                 shards[address] = conn
                 await asyncio.wait_for(conn.connect(), self._command_timeout)
+                self._streams[id(conn)] = PubSubStream(conn, self._reply)
         except BaseException:
             for conn in shards.values():
+                self._streams.pop(id(conn), None)
                 await conn.disconnect(nowait=True)
             raise
         self._shards = shards
@@ -390,6 +391,7 @@ class _ClusterPubSub(PubSub):
     async def _close_shards(self) -> None:
         shards, self._shards = self._shards, {}
         for conn in shards.values():
+            self._streams.pop(id(conn), None)
             await conn.disconnect(nowait=True)
 
     async def _run_cluster(self) -> None:
@@ -407,7 +409,7 @@ class _ClusterPubSub(PubSub):
                 except CONNECTION_ERRORS as exc:
                     log.warning("bus: cannot reconnect to %s (attempt %d): %s", self.location, attempt, exc)
                     continue
-            readers = [asyncio.create_task(self._serve_shard(conn)) for conn in self._shards.values()]
+            readers = [asyncio.create_task(self._serve(conn)) for conn in self._shards.values()]
             rebuild = asyncio.create_task(self._rebuild.wait())
             try:
                 if not first:
@@ -446,26 +448,24 @@ class _ClusterPubSub(PubSub):
         await asyncio.wait_for(asyncio.gather(*restored), self._command_timeout)
         self._announce()
 
-    async def _serve_shard(self, conn: AbstractConnection) -> None:
-        channel_topics = self._channels
-        while True:
-            reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
-            self._received += 1
-            if not isinstance(reply, list):
-                continue
-            kind = reply[0]
-            if kind == b"smessage":
-                topic = channel_topics.get(reply[1])
-                if topic is None:
-                    continue
-                handler = self._handler
-                if handler is not None:
-                    deliver(handler, topic, reply[2])
-            elif kind == b"ssubscribe":
-                self._subscription_confirmed(reply[1])
-            elif kind == b"sunsubscribe" and reply[1] in channel_topics:
-                # Not asked for: this master lost the slot (failover, resharding). Start over.
-                raise ConnectionError(f"the shard dropped {reply[1]!r}")
+    def _reply(self, reply: Any) -> None:
+        self._received += 1
+        if type(reply) is not list:
+            return
+        kind = reply[0]
+        if kind == b"smessage":
+            topic = self._channels.get(reply[1])
+            if topic is None:
+                return
+            handler = self._handler
+            if handler is not None:
+                deliver(handler, topic, reply[2])
+        elif kind == b"ssubscribe":
+            self._subscription_confirmed(reply[1])
+        elif kind == b"sunsubscribe" and reply[1] in self._channels:
+            # Not asked for: this master lost the slot (failover, resharding). Start over (raised
+            # here, it ends this connection, and the reader makes them all again).
+            raise ConnectionError(f"the shard dropped {reply[1]!r}")
 
     def _connection_of(self, channel: bytes, restore: bool = True) -> AbstractConnection | None:
         conn = self._shards.get(self._cluster.owner(channel))  # type: ignore[arg-type]

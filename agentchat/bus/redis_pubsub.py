@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections import deque
 from collections.abc import Awaitable, Callable
+
+from typing import Any
 
 from redis.asyncio.connection import AbstractConnection
 
 from agentchat.bus.base import BusHandler
-from agentchat.bus.redis_link import CONNECTION_ERRORS
+from agentchat.bus.redis_link import CONNECTION_ERRORS, RespProtocol
 from agentchat.core.backoff import Backoff
 from agentchat.errors import AgentChatError
 
@@ -58,6 +59,23 @@ class ConnectionLost(Exception):
     """Resolves subscribe waiters when the pub/sub connection goes: the topic is restored later."""
 
 
+class PubSubStream(RespProtocol):
+    """A pub/sub connection's replies, each handed to ``on_reply`` as it is parsed; ``ended`` fails
+    with the reason once the connection is gone."""
+
+    def __init__(self, conn: AbstractConnection, on_reply: Callable[[Any], None]) -> None:
+        super().__init__()
+        self.conn = conn
+        self.reply = on_reply  # type: ignore[method-assign]
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.attach(conn)
+
+    def lost(self, exc: BaseException) -> None:
+        if not self.ended.done():
+            self.ended.set_exception(exc)
+            self.ended.exception()  # retrieved: nobody may be waiting any more
+
+
 class PubSub:
     """The subscribed topics of one process and the connection that carries them."""
 
@@ -87,6 +105,7 @@ class PubSub:
         self._conn: AbstractConnection | None = None  # the pub/sub connection while it is up
         self._reader: asyncio.Task[None] | None = None
         self._received = 0  # replies read on the pub/sub connection (for the health check)
+        self._streams: dict[int, PubSubStream] = {}  # by id() of each open connection: its reader
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -100,12 +119,13 @@ class PubSub:
         self._handler = handler
         self._on_reconnect = on_reconnect
         try:
-            conn = await self._connect()
+            conn = await self._open()
         except CONNECTION_ERRORS as exc:
             raise self._unavailable(exc) from exc
         try:
             await ping()
         except CONNECTION_ERRORS as exc:
+            self._streams.pop(id(conn), None)
             await conn.disconnect(nowait=True)
             raise self._unavailable(exc) from exc
         self._conn = conn  # nothing is subscribed yet: subscribe() sends on it from now on
@@ -131,7 +151,7 @@ class PubSub:
             if conn is None:
                 await asyncio.sleep(backoff.next_delay())
                 try:
-                    conn = await self._connect()
+                    conn = await self._open()
                 except CONNECTION_ERRORS as exc:
                     log.warning("bus: cannot reconnect to %s (attempt %d): %s", self.location, backoff.attempts, exc)
                     continue
@@ -150,6 +170,7 @@ class PubSub:
                 self._conn = None
                 watchdog.cancel()
                 self._drop_waiters()
+                self._streams.pop(id(conn), None)
                 await conn.disconnect(nowait=True)
             conn = None
             reconnected = True
@@ -177,23 +198,30 @@ class PubSub:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    async def _open(self) -> AbstractConnection:
+        """A new pub/sub connection, read from now on (before anything is sent on it)."""
+        conn = await self._connect()
+        self._streams[id(conn)] = PubSubStream(conn, self._reply)
+        return conn
+
     async def _serve(self, conn: AbstractConnection) -> None:
-        channel_topics = self._channels
-        while True:
-            reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
-            self._received += 1
-            if not isinstance(reply, list):
-                continue  # +PONG while nothing is subscribed
-            kind = reply[0]
-            if kind == b"message":
-                topic = channel_topics.get(reply[1])
-                if topic is None:
-                    continue  # unsubscribed while the message was on its way
-                handler = self._handler
-                if handler is not None:
-                    deliver(handler, topic, reply[2])
-            elif kind == b"subscribe":
-                self._subscription_confirmed(reply[1])
+        """Until the connection ends (raising why): its replies go to ``_reply`` as they come."""
+        await self._streams[id(conn)].ended
+
+    def _reply(self, reply: Any) -> None:
+        self._received += 1
+        if type(reply) is not list:
+            return  # +PONG while nothing is subscribed
+        kind = reply[0]
+        if kind == b"message":
+            topic = self._channels.get(reply[1])
+            if topic is None:
+                return  # unsubscribed while the message was on its way
+            handler = self._handler
+            if handler is not None:
+                deliver(handler, topic, reply[2])
+        elif kind == b"subscribe":
+            self._subscription_confirmed(reply[1])
 
     def _subscription_confirmed(self, channel: bytes) -> None:
         """A (S)SUBSCRIBE confirmation of ``channel`` came: the oldest waiter for it is done."""

@@ -228,3 +228,42 @@ async def test_sends_of_one_turn_on_one_channel_are_one_call_and_one_message(red
     finally:
         await sender.close()
         await reader.close()
+
+
+async def test_sends_that_come_while_a_round_is_on_its_way_go_together(redis_proc: RedisProcess) -> None:
+    """Efficiency under load: while a process's sends wait for Redis, the sends of the next event-loop
+    turns wait for them and then go as one script run and one pub/sub message, in order."""
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    sender, reader, received = RedisBus(f"{redis_proc.url}?namespace={namespace}"), RedisBus(
+        f"{redis_proc.url}?namespace={namespace}"), Recorder()
+    await sender.start(Recorder())
+    await reader.start(received)
+    try:
+        await reader.subscribe("c:one")
+        await sender.seed_sequence("seq:one", 0)
+
+        async def evalsha_calls() -> int:
+            info = (await sender._call("INFO", "commandstats")).decode()
+            line = next(line for line in info.splitlines() if line.startswith("cmdstat_evalsha:"))
+            return int(line.split("calls=")[1].split(",")[0])
+
+        await sender.claim_and_publish("cid:one:s:first", b"p", 30, "c:one", "seq:one", b"m")  # loads it
+        before = await evalsha_calls()
+        redis_proc.pause()  # the first round stays on its way
+        try:
+            sends = [asyncio.create_task(sender.claim_and_publish("cid:one:s:0", b"p", 30, "c:one", "seq:one", b"m"))]
+            for i in range(1, 6):
+                for _ in range(3):
+                    await asyncio.sleep(0)  # each in a later event-loop turn
+                sends.append(asyncio.create_task(
+                    sender.claim_and_publish(f"cid:one:s:{i}", b"p", 30, "c:one", "seq:one", b"m")))
+            await asyncio.sleep(0.1)
+        finally:
+            redis_proc.resume()
+        assert await asyncio.gather(*sends) == [2, 3, 4, 5, 6, 7]
+        assert await evalsha_calls() - before == 2
+        await received.wait_count("c:one", 7)
+        assert [seq for seq, _ in received.on("c:one")] == list(range(1, 8))
+    finally:
+        await sender.close()
+        await reader.close()
