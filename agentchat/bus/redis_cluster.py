@@ -39,7 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio.connection import AbstractConnection
 from redis.cluster import key_slot
-from redis.exceptions import ResponseError
+from redis.exceptions import AskError, ClusterDownError, ResponseError, TryAgainError
 
 from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import BusHandler
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 SLOTS = 16384
 REDIRECTS = 8  # MOVED/TRYAGAIN retries of one command before giving up
+_REDIRECTS = (AskError, TryAgainError, ClusterDownError)  # the command did not run (MovedError is an AskError)
 READ_RETRIES = 3  # retries of a read after a broken connection (then bus_unavailable: the caller retries)
 
 
@@ -229,11 +230,11 @@ class _ClusterCommands:
                 return await self._link(address).script(script, list(call[3:3 + int(call[2])]),
                                                         list(call[3 + int(call[2]):]))
             except ResponseError as exc:
-                reason = str(exc).split(" ", 1)[0]
-                if reason not in ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN") or attempt == REDIRECTS - 1:
+                # redis-py's classes for MOVED/ASK, TRYAGAIN, CLUSTERDOWN (their text drops the code)
+                if not isinstance(exc, _REDIRECTS) or attempt == REDIRECTS - 1:
                     raise
                 # Not run: the slot moved (failover, resharding) or is briefly unserved.
-                if reason in ("TRYAGAIN", "CLUSTERDOWN"):
+                if isinstance(exc, (TryAgainError, ClusterDownError)):
                     await asyncio.sleep(0.05 * 2**attempt)
                 await self.refresh()
             except CONNECTION_ERRORS:

@@ -72,6 +72,26 @@ async def test_a_channel_s_topic_counter_and_claim_must_be_one_channel(redis_clu
         await bus.close()
 
 
+@pytest.mark.slow
+async def test_a_stale_slot_map_follows_the_moved_answer(redis_cluster: RedisCluster) -> None:
+    """After a resharding or a failover the bus may ask the wrong master: it is told MOVED (the
+    command did not run), reads the slot map again and asks the right one, instead of failing."""
+    bus = RedisClusterBus(f"{redis_cluster.url}?namespace=t{uuid.uuid4().hex[:12]}")
+    await bus.start(Recorder())
+    try:
+        await bus.set("proc:p1", b"alive", 30)
+        await bus.seed_sequence("seq:ch_m", 0)
+        router = bus._cluster
+        right = router.owner(bus._value_name("proc:p1"))
+        wrong = next(address for address in router.masters() if address != right)
+        router._slots = [wrong] * len(router._slots)  # as if every slot had moved there
+        assert await bus.get("proc:p1") == b"alive"
+        router._slots = [wrong] * len(router._slots)
+        assert await bus.publish_sequenced("c:ch_m", "seq:ch_m", b"x") == 1
+    finally:
+        await bus.close()
+
+
 @pytest.fixture
 def replicated_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
     cluster = RedisCluster(tmp_path / "cluster", masters=3, replicas=1)
