@@ -19,25 +19,26 @@ import contextlib
 import logging
 import random
 import secrets
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-import aiohttp
 import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection
 
 from agentchat import crypto
+# History, NameCache, call_json, display_name, short_did and decode_content are imported from here by
+# the CLI, the peeker and the tests: this module stays the SDK's front door.
+from agentchat.client.messages import (History, Message, decode_content, display_name, encode_content,  # noqa: F401
+                                       new_client_id, short_did)
+from agentchat.client.rest import AgentChatClientError, NameCache, RestSession, call_json  # noqa: F401
 from agentchat.core.backoff import Backoff
 from agentchat.core.frames import split_frames
 from agentchat.core.rfc6455 import CLOSE_NORMAL
 
 log = logging.getLogger(__name__)
 
-TOKEN_REFRESH_MARGIN = 60.0  # seconds before expiry when a new token is fetched
 RECONNECT_BASE_DELAY = 0.1
 RECONNECT_MAX_DELAY = 5.0
 SEEN_CLIENT_IDS = 4096
@@ -45,8 +46,6 @@ DUPLICATE_PENDING_RETRY = 1.0  # seconds before a send answered duplicate_pendin
 PEEK_REPLY_TIMEOUT = 30.0
 # Waits between attempts of a removal that answered a retryable error (None: give up).
 REMOVE_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, None)
-# Waits between attempts of a request refused as not_member just after this agent accepted the invitation.
-ACCEPTED_RETRY_DELAYS = (0.1, 0.2, 0.4, 0.8, None)
 # A member that is not the owner waits this long (up to) before rotating after a removal, so the
 # owner's rotation usually comes first and the others find nothing to do.
 ROTATE_AFTER_REMOVAL_DELAY = 2.0
@@ -54,122 +53,6 @@ ROTATE_AFTER_REMOVAL_DELAY = 2.0
 # Decides on a peek request (the ``peek_request`` frame, protocol/peek.md): True lets the countdown
 # run, False refuses (the agent pays the refusal fee). May be a coroutine function.
 PeekPolicy = Callable[[dict[str, Any]], "bool | Awaitable[bool]"]
-
-
-class AgentChatClientError(Exception):
-    """An error the server answered with: ``code`` is the stable wire code (protocol/errors.md)."""
-
-    def __init__(self, code: str, message: str, retryable: bool = False, status: int | None = None) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.retryable = retryable
-        self.status = status
-
-
-def short_did(did: str) -> str:
-    """The end of a DID, enough to tell apart two agents that share a name: ``…jbRxyY``.
-
-    Every Ed25519 DID starts ``did:agentchat:z6Mk``, so the start tells nothing; the page shows the
-    same six characters."""
-    return "…" + did[-6:]
-
-
-def display_name(name: str, did: str) -> str:
-    """How a person reads a sender: ``alice (…jbRxyY)``; the short DID alone when the name is unknown."""
-    return f"{name} ({short_did(did)})" if name else short_did(did)
-
-
-@dataclass(frozen=True)
-class Message:
-    channel: str
-    seq: int
-    sender: str
-    client_id: str
-    ts: int
-    content: Any  # str for text messages, any JSON value for JSON ones
-    kind: str  # "text" or "json"
-    # The name the sender registered under ("" if it could not be looked up). Names are labels, not
-    # identities: two agents may share one; ``sender`` (the DID) is who signed the message.
-    sender_name: str = ""
-
-    @property
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else orjson.dumps(self.content).decode()
-
-    @property
-    def sender_label(self) -> str:
-        """``alice (…jbRxyY)``: the name next to a short DID."""
-        return display_name(self.sender_name, self.sender)
-
-
-class NameCache:
-    """Agents' registered names by DID, looked up once each from the public profile route."""
-
-    def __init__(self) -> None:
-        self._names: dict[str, str] = {}
-
-    def remember(self, did: str, name: str) -> None:
-        self._names[did] = name
-
-    async def name_of(self, http: aiohttp.ClientSession, server: str, did: str) -> str:
-        name = self._names.get(did)
-        if name is None:
-            try:
-                profile = await call_json(http, "GET", f"{server}/api/v1/agents/{did}")
-                name = str(profile.get("name", ""))
-            except (AgentChatClientError, aiohttp.ClientError, asyncio.TimeoutError):
-                return ""  # shown as the short DID; asked again next time
-            self._names[did] = name
-        return name
-
-
-class History(list[Message]):
-    """A page of ``Agent.history``: the messages that opened, in order. ``skipped``: (seq, sender,
-    reason) of those that did not; ``next_after``: the page's last sequence number, skipped messages
-    included (the ``after`` of the next page); ``fetched``: how many the server returned (fewer than
-    the limit asked for: the end of the channel)."""
-
-    def __init__(self, *, next_after: int, fetched: int) -> None:
-        super().__init__()
-        self.skipped: list[tuple[int, str, str]] = []
-        self.next_after = next_after
-        self.fetched = fetched
-
-
-def encode_content(content: Any) -> bytes:
-    """The plaintext inside an envelope (protocol/messages.md): a small JSON object."""
-    if isinstance(content, str):
-        return orjson.dumps({"kind": "text", "body": content})
-    return orjson.dumps({"kind": "json", "body": content})
-
-
-def decode_content(plaintext: bytes) -> tuple[str, Any]:
-    data = orjson.loads(plaintext)
-    if not isinstance(data, dict) or data.get("kind") not in ("text", "json"):
-        raise crypto.CryptoError("plaintext is not an AgentChat content object")
-    return data["kind"], data.get("body")
-
-
-async def call_json(http: aiohttp.ClientSession, method: str, url: str, body: Any = None, *,
-                    token: str | None = None, params: dict[str, Any] | None = None) -> Any:
-    """One REST call: JSON in and out; an error answer raises ``AgentChatClientError`` with its code."""
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = "Bearer " + token
-    data = orjson.dumps(body) if body is not None else None
-    async with http.request(method, url, data=data, headers=headers, params=params) as response:
-        raw = await response.read()
-    payload = orjson.loads(raw) if raw else None
-    if response.status >= 400:
-        err = (payload or {}).get("error", {}) if isinstance(payload, dict) else {}
-        raise AgentChatClientError(err.get("code", "http_error"), err.get("message", raw.decode()[:200]),
-                                   bool(err.get("retryable")), response.status)
-    return payload
-
-
-def new_client_id() -> str:
-    return secrets.token_urlsafe(12)
 
 
 def _key_holders(meta: dict[str, Any]) -> list[str]:
@@ -216,10 +99,8 @@ class Agent:
         self.server = server.rstrip("/")
         self.keys = keys
         self.did = keys.did
-        self._http: aiohttp.ClientSession | None = None
-        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
-        self._token: str | None = None
-        self._token_expires = 0.0
+        self._rest = RestSession(self.server, keys, request_timeout=request_timeout)
+        self._rest.on_not_member = self._accept_if_invited
         self._epoch_keys: dict[tuple[str, int], bytes] = {}
         self._current_epoch: dict[str, int] = {}
         self._last_seq: dict[str, int] = {}
@@ -235,7 +116,6 @@ class Agent:
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.reconnects = 0
         self._lost = False  # the socket dropped and has not been welcomed back yet
-        self._names = NameCache()
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -255,8 +135,7 @@ class Agent:
                 await self._socket_task
         if self._ws is not None:
             await self._ws.close()
-        if self._http is not None:
-            await self._http.close()
+        await self._rest.close()
         for _, future in self._pending.values():
             if not future.done():
                 future.set_exception(AgentChatClientError("closed", "the agent was closed"))
@@ -265,30 +144,7 @@ class Agent:
 
     async def _request(self, method: str, path: str, body: Any = None, *, auth: bool = True,
                        params: dict[str, Any] | None = None) -> Any:
-        if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=self._timeout)
-        token = await self.token() if auth else None
-        try:
-            return await call_json(self._http, method, self.server + path, body, token=token, params=params)
-        except AgentChatClientError as exc:
-            # A channel this agent is invited to but has not answered yet (its socket was not open
-            # when the invitation came): answer by the policy, then try once more if it accepted.
-            parts = path.split("/")
-            if exc.code != "not_member" or len(parts) < 5 or parts[3] != "channels" or not auth:
-                raise
-            if not await self._accept_if_invited(parts[4]):
-                raise
-            # Accepted: the process that answers next may hear of it a moment later than the one
-            # that took it (server/membership.py), so a not_member right after is retried briefly.
-            for delay in ACCEPTED_RETRY_DELAYS:
-                try:
-                    return await call_json(self._http, method, self.server + path, body, token=await self.token(),
-                                           params=params)
-                except AgentChatClientError as again:
-                    if again.code != "not_member" or delay is None:
-                        raise
-                await asyncio.sleep(delay)
-            raise
+        return await self._rest.request(method, path, body, auth=auth, params=params)
 
     async def _accept_if_invited(self, channel: str) -> bool:
         """Answer a pending invitation to ``channel`` by the policy; True if this agent accepted it."""
@@ -305,47 +161,21 @@ class Agent:
 
         Registering again under the same name is harmless. Under another name the server answers
         ``name_mismatch`` unless ``rename`` is true: a name never changes by accident."""
-        timestamp = int(time.time() * 1000)
-        message = crypto.registration_message(name, self.keys.public, timestamp)
-        body: dict[str, Any] = {"name": name, "keys": self.keys.public.to_wire(), "timestamp": timestamp,
-                                "signature": crypto.b64e(self.keys.sign(message))}
-        if rename:
-            body["rename"] = True
-        result = await self._request("POST", "/api/v1/agents/register", body, auth=False)
-        self._set_token(result["token"], result["expires_at"])
-        self._names.remember(result["did"], result["agent"]["name"])
-        return result["did"]
+        return (await self._rest.register(name, rename=rename))["did"]
 
     async def name_of(self, did: str) -> str:
         """The name ``did`` registered under ("" if it cannot be looked up now)."""
-        if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=self._timeout)
-        return await self._names.name_of(self._http, self.server, did)
+        return await self._rest.name_of(did)
 
     async def login(self) -> str:
-        challenge = await self._request("POST", "/api/v1/auth/challenge", {"did": self.did}, auth=False)
-        signature = self.keys.sign(crypto.login_message(self.did, challenge["challenge"]))
-        result = await self._request("POST", "/api/v1/auth/login", {
-            "did": self.did, "challenge": challenge["challenge"], "signature": crypto.b64e(signature),
-        }, auth=False)
-        self._set_token(result["token"], result["expires_at"])
-        return result["token"]
-
-    def _set_token(self, token: str, expires_at_ms: int) -> None:
-        self._token = token
-        self._token_expires = expires_at_ms / 1000
+        return await self._rest.login()
 
     async def token(self) -> str:
         """A valid session token, logging in again shortly before the current one expires."""
-        if self._token is None or time.time() > self._token_expires - TOKEN_REFRESH_MARGIN:
-            await self.login()
-        assert self._token is not None
-        return self._token
+        return await self._rest.token()
 
     async def profile(self, did: str) -> dict[str, Any]:
-        profile = await self._request("GET", f"/api/v1/agents/{did}", auth=False)
-        self._names.remember(did, profile["name"])
-        return profile
+        return await self._rest.profile(did)
 
     async def _encryption_key_of(self, did: str) -> bytes:
         """A member's X25519 key, checked against its DID: the server cannot substitute its own."""
@@ -384,21 +214,11 @@ class Agent:
 
     async def channels(self) -> list[dict[str, Any]]:
         """Every channel this agent is a member of (all pages)."""
-        return await self._all_pages("/api/v1/channels", "channels")
-
-    async def _all_pages(self, path: str, field: str) -> list[Any]:
-        found: list[Any] = []
-        params: dict[str, Any] = {"limit": 1000}
-        while True:
-            page = await self._request("GET", path, params=params)
-            found.extend(page[field])
-            if not page["has_more"]:
-                return found
-            params["after"] = page["next_after"]
+        return await self._rest.all_pages("/api/v1/channels", "channels")
 
     async def invitations(self) -> list[dict[str, Any]]:
         """This agent's pending invitations: ``channel``, ``name``, ``by`` (the inviter), ``at``."""
-        return await self._all_pages("/api/v1/invitations", "invitations")
+        return await self._rest.all_pages("/api/v1/invitations", "invitations")
 
     async def accept_invitation(self, channel: str) -> dict[str, Any]:
         """Become a member of ``channel``; its messages are delivered from its start (the socket
@@ -420,7 +240,7 @@ class Agent:
         await self._request("DELETE", f"/api/v1/agents/me/blocks/{did}")
 
     async def blocked(self) -> list[str]:
-        return await self._all_pages("/api/v1/agents/me/blocks", "blocked")
+        return await self._rest.all_pages("/api/v1/agents/me/blocks", "blocked")
 
     async def _answer_invitation(self, invitation: dict[str, Any]) -> bool | None:
         """Answer by the policy, once per channel however many times it is asked (the frame, the
@@ -687,7 +507,7 @@ class Agent:
                 raise
             except AgentChatClientError as exc:
                 if exc.code in ("token_invalid", "token_expired", "auth_required"):
-                    self._token = None
+                    self._rest.forget_token()
                 log.info("socket refused: %s", exc)
             except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as exc:
                 log.info("socket lost: %r", exc)
