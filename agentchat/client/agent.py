@@ -28,8 +28,9 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from agentchat import crypto
-# History, NameCache, call_json, display_name, short_did and decode_content are imported from here by
-# the CLI, the peeker and the tests: this module stays the SDK's front door.
+from agentchat.client.channel_keys import ChannelKeys
+# History, NameCache, call_json, display_name, short_did, decode_content and encode_content are imported
+# from here by the CLI, the peeker, the bench and the tests: this module stays the SDK's front door.
 from agentchat.client.messages import (History, Message, decode_content, display_name, encode_content,  # noqa: F401
                                        new_client_id, short_did)
 from agentchat.client.rest import AgentChatClientError, NameCache, RestSession, call_json  # noqa: F401
@@ -53,11 +54,6 @@ ROTATE_AFTER_REMOVAL_DELAY = 2.0
 # Decides on a peek request (the ``peek_request`` frame, protocol/peek.md): True lets the countdown
 # run, False refuses (the agent pays the refusal fee). May be a coroutine function.
 PeekPolicy = Callable[[dict[str, Any]], "bool | Awaitable[bool]"]
-
-
-def _key_holders(meta: dict[str, Any]) -> list[str]:
-    """Whom a channel's epoch keys are wrapped for: its members and its pending invitees."""
-    return sorted(set(meta["members"]) | set(meta.get("invited", ())))
 
 
 # Decides on an invitation (the ``invitation`` frame, protocol/frames.md): True accepts, False
@@ -101,8 +97,7 @@ class Agent:
         self.did = keys.did
         self._rest = RestSession(self.server, keys, request_timeout=request_timeout)
         self._rest.on_not_member = self._accept_if_invited
-        self._epoch_keys: dict[tuple[str, int], bytes] = {}
-        self._current_epoch: dict[str, int] = {}
+        self._keys = ChannelKeys(self._rest, keys)
         self._last_seq: dict[str, int] = {}
         self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._inbox: asyncio.Queue[Message | AgentChatClientError] = asyncio.Queue()
@@ -177,21 +172,6 @@ class Agent:
     async def profile(self, did: str) -> dict[str, Any]:
         return await self._rest.profile(did)
 
-    async def _encryption_key_of(self, did: str) -> bytes:
-        """A member's X25519 key, checked against its DID: the server cannot substitute its own."""
-        profile = await self.profile(did)
-        keys = crypto.PublicKeys.from_wire(profile["keys"])
-        if keys.did != did:
-            raise crypto.CryptoError(f"the server returned keys that do not belong to {did}")
-        return keys.encryption_key
-
-    async def _wrap_for(self, channel: str, epoch: int, members: list[str], epoch_key: bytes) -> dict[str, Any]:
-        wrapped = {}
-        for member in members:
-            public = await self._encryption_key_of(member)
-            wrapped[member] = crypto.wrap_epoch_key(epoch_key, public, channel=channel, epoch=epoch, recipient=member)
-        return wrapped
-
     # ------------------------------------------------------------------------------ channels
 
     async def create_channel(self, members: list[str], name: str = "", *, listed: bool = True) -> str:
@@ -204,11 +184,10 @@ class Agent:
         everyone = sorted(set(members) | {self.did})
         channel_id = "ch_" + secrets.token_urlsafe(16)
         epoch_key = crypto.new_epoch_key()
-        wrapped = await self._wrap_for(channel_id, 1, everyone, epoch_key)
+        wrapped = await self._keys.wrap_for(channel_id, 1, everyone, epoch_key)
         await self._request("POST", "/api/v1/channels", {
             "id": channel_id, "name": name, "members": everyone, "epoch_keys": wrapped, "listed": listed})
-        self._epoch_keys[(channel_id, 1)] = epoch_key
-        self._current_epoch[channel_id] = 1
+        self._keys.adopt(channel_id, 1, epoch_key)
         self._last_seq.setdefault(channel_id, 0)
         return channel_id
 
@@ -293,9 +272,7 @@ class Agent:
             await self._answer_invitation(invitation)
 
     async def channel(self, channel: str) -> dict[str, Any]:
-        meta = await self._request("GET", f"/api/v1/channels/{channel}")
-        self._current_epoch[channel] = meta["epoch"]
-        return meta
+        return await self._keys.channel(channel)
 
     async def set_listed(self, channel: str, listed: bool) -> dict[str, Any]:
         """List or unlist a channel (owner only); returns the channel."""
@@ -322,13 +299,13 @@ class Agent:
             await asyncio.sleep(delay)
         if did == self.did:
             return meta
-        return await self._rotate_past(channel, meta["epoch"]) or await self.channel(channel)
+        return await self._keys.rotate_past(channel, meta["epoch"]) or await self.channel(channel)
 
     async def delete_channel(self, channel: str) -> dict[str, Any]:
         """Delete ``channel`` (owner only): members are told, its history and keys are removed."""
         answer = await self._request("DELETE", f"/api/v1/channels/{channel}")
         self._last_seq.pop(channel, None)
-        self._current_epoch.pop(channel, None)
+        self._keys.forget_epoch(channel)
         return answer
 
     async def retention(self, channel: str) -> dict[str, Any]:
@@ -347,45 +324,12 @@ class Agent:
 
     async def rotate_epoch(self, channel: str) -> dict[str, Any]:
         """New epoch key for the current members. If another member rotated first, use theirs."""
-        for _ in range(5):
-            meta = await self.channel(channel)
-            epoch = meta["epoch"] + 1
-            epoch_key = crypto.new_epoch_key()
-            wrapped = await self._wrap_for(channel, epoch, _key_holders(meta), epoch_key)
-            try:
-                meta = await self._request("POST", f"/api/v1/channels/{channel}/epochs",
-                                           {"epoch": epoch, "epoch_keys": wrapped})
-            except AgentChatClientError as exc:
-                if exc.code == "conflict":
-                    continue
-                raise
-            self._epoch_keys[(channel, epoch)] = epoch_key
-            self._current_epoch[channel] = epoch
-            return meta
-        raise AgentChatClientError("conflict", "could not rotate the epoch: others keep rotating it")
+        return await self._keys.rotate_epoch(channel)
 
     async def epoch_key(self, channel: str, epoch: int) -> bytes:
-        key = self._epoch_keys.get((channel, epoch))
-        if key is None:
-            found = await self._request("GET", f"/api/v1/channels/{channel}/epochs/{epoch}/key")
-            key = crypto.unwrap_epoch_key(found["wrapped_key"], self.keys.encryption_private_key,
-                                          channel=channel, epoch=epoch, recipient=self.did)
-            self._epoch_keys[(channel, epoch)] = key
-        return key
-
-    async def _current(self, channel: str) -> int:
-        epoch = self._current_epoch.get(channel)
-        if epoch is None:
-            epoch = (await self.channel(channel))["epoch"]
-        return epoch
+        return await self._keys.epoch_key(channel, epoch)
 
     # ------------------------------------------------------------------------------ messages
-
-    async def _seal(self, channel: str, content: Any, client_id: str) -> dict[str, Any]:
-        epoch = await self._current(channel)
-        key = await self.epoch_key(channel, epoch)
-        return crypto.seal(key, encode_content(content), channel=channel, epoch=epoch, sender=self.did,
-                           client_id=client_id, signer=self.keys)
 
     async def send(self, channel: str, content: Any, *, client_id: str | None = None) -> int:
         """Encrypt and send text (str) or any JSON value; returns the sequence number once stored.
@@ -395,7 +339,7 @@ class Agent:
         """
         client_id = client_id or new_client_id()
         for _ in range(3):
-            envelope = await self._seal(channel, content, client_id)
+            envelope = await self._keys.seal(channel, content, client_id)
             try:
                 if self._socket_task is not None and not self._closing:
                     return await self._send_over_socket(channel, client_id, envelope)
@@ -405,7 +349,7 @@ class Agent:
             except AgentChatClientError as exc:
                 if exc.code != "stale_epoch":
                     raise
-                self._current_epoch.pop(channel, None)
+                self._keys.forget_epoch(channel)
         raise AgentChatClientError("stale_epoch", "the channel's epoch kept changing")
 
     async def _send_over_socket(self, channel: str, client_id: str, envelope: dict[str, Any]) -> int:
@@ -433,21 +377,11 @@ class Agent:
         history = History(next_after=records[-1]["seq"] if records else after, fetched=len(records))
         for record in records:
             try:
-                history.append(await self._open(record))
+                history.append(await self._keys.open(record))
             except (crypto.CryptoError, ValueError, KeyError, AgentChatClientError) as exc:
                 log.warning("skipping message %s#%s from %s: %s", channel, record.get("seq"), record.get("sender"), exc)
                 history.skipped.append((record.get("seq"), record.get("sender"), str(exc)))
         return history
-
-    async def _open(self, record: dict[str, Any]) -> Message:
-        envelope = record["envelope"]
-        key = await self.epoch_key(record["channel"], envelope["epoch"])
-        plaintext = crypto.open_envelope(
-            envelope, key, channel=record["channel"], sender=record["sender"], client_id=record["client_id"],
-            sender_signing_key=crypto.signing_key_from_did(record["sender"]))
-        kind, content = decode_content(plaintext)
-        return Message(record["channel"], record["seq"], record["sender"], record["client_id"], record["ts"],
-                       content, kind, await self.name_of(record["sender"]))
 
     # ------------------------------------------------------------------------------ socket
 
@@ -598,17 +532,17 @@ class Agent:
         channel = frame["channel"]
         event = frame.get("event")
         if event == "epoch":
-            self._current_epoch[channel] = int(frame["epoch"])
+            self._keys.epoch_changed(channel, int(frame["epoch"]))
             for view in list(self._active_peeks.values()):
                 if view["channel"] == channel:  # an active peek reads the new epoch too
                     self._in_background(self._grant_peek(view))
         elif event == "peek_ended":
             self._active_peeks.pop(frame.get("peek", ""), None)
-            self._in_background(self._rotate_past(channel, int(frame.get("epoch") or 0)))
+            self._in_background(self._keys.rotate_past(channel, int(frame.get("epoch") or 0)))
         elif event == "member_removed" and frame.get("did") != self.did and "epoch" in frame:
             # The removed agent holds the key of the epoch it was removed in: move past it. The
             # owner's client does so itself; the others check a moment later, in case it could not.
-            self._in_background(self._rotate_past(channel, int(frame["epoch"]),
+            self._in_background(self._keys.rotate_past(channel, int(frame["epoch"]),
                                                   delay=random.uniform(0.5, 1.0) * ROTATE_AFTER_REMOVAL_DELAY))
         elif event == "added":
             # Delivery starts now; what was said before (it may have been invited well before it
@@ -619,7 +553,7 @@ class Agent:
             self._last_seq[channel] = max(self._last_seq.get(channel, 0), int(frame["first_available"]) - 1)
         elif event in ("removed", "deleted"):
             self._last_seq.pop(channel, None)
-            self._current_epoch.pop(channel, None)
+            self._keys.forget_epoch(channel)
         self.events.put_nowait(frame)
 
     # ------------------------------------------------------------------------------ peeks
@@ -750,8 +684,8 @@ class Agent:
         channel, peek_id = view["channel"], view["id"]
         peeker_key = crypto.b64d(view["peeker_public_key"])
         for _ in range(3):
-            epoch = (await self.channel(channel))["epoch"]
-            key = await self.epoch_key(channel, epoch)
+            epoch = (await self._keys.channel(channel))["epoch"]
+            key = await self._keys.epoch_key(channel, epoch)
             wrapped = crypto.wrap_epoch_key(key, peeker_key, channel=channel, epoch=epoch, recipient="peek:" + peek_id)
             try:
                 await self._peek_call({"type": "grant_key", "peek": peek_id, "epoch": epoch, "wrapped_key": wrapped})
@@ -762,36 +696,6 @@ class Agent:
                 if exc.code == "peek_state":  # over already
                     return
                 raise
-
-    async def _rotate_past(self, channel: str, epoch: int, delay: float = 0.0) -> dict[str, Any] | None:
-        """Someone who held the key of ``epoch`` may no longer read (a peek is over, a member was
-        removed): move the channel past it, so what is said next is under a key they never had.
-        Every member tries; the first rotation is enough. Returns the channel if this call rotated."""
-        if delay:
-            await asyncio.sleep(delay)
-        for _ in range(3):
-            try:
-                meta = await self.channel(channel)
-            except AgentChatClientError as exc:
-                if exc.code == "not_member":  # removed meanwhile: not ours to rotate
-                    return None
-                raise
-            if meta["epoch"] > epoch:
-                return None
-            next_epoch = meta["epoch"] + 1
-            epoch_key = crypto.new_epoch_key()
-            wrapped = await self._wrap_for(channel, next_epoch, _key_holders(meta), epoch_key)
-            try:
-                await self._request("POST", f"/api/v1/channels/{channel}/epochs",
-                                    {"epoch": next_epoch, "epoch_keys": wrapped})
-            except AgentChatClientError as exc:
-                if exc.code == "conflict":
-                    continue
-                raise
-            self._epoch_keys[(channel, next_epoch)] = epoch_key
-            self._current_epoch[channel] = next_epoch
-            return await self.channel(channel)
-        return None
 
     async def _on_message(self, frame: dict[str, Any]) -> None:
         channel, seq = frame["channel"], int(frame["seq"])
@@ -807,7 +711,7 @@ class Agent:
         if frame["sender"] == self.did and not self.include_own:
             return
         try:
-            message = await self._open(frame)
+            message = await self._keys.open(frame)
         except (crypto.CryptoError, ValueError, AgentChatClientError) as exc:
             log.warning("dropping message %s#%d from %s: %s", channel, seq, frame.get("sender"), exc)
             return
