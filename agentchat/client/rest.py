@@ -16,6 +16,7 @@ from agentchat import crypto
 TOKEN_REFRESH_MARGIN = 60.0  # seconds before expiry when a new token is fetched
 # Waits between attempts of a request refused as not_member just after this agent accepted the invitation.
 ACCEPTED_RETRY_DELAYS = (0.1, 0.2, 0.4, 0.8, None)
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
 class AgentChatClientError(Exception):
@@ -29,6 +30,12 @@ class AgentChatClientError(Exception):
         self.status = status
 
 
+def is_idempotent(method: str, body: Any) -> bool:
+    """Whether sending this request twice does what sending it once does: an idempotent method
+    (RFC 9110, 9.2.2), or a body the server de-duplicates by its ``client_id`` (a message)."""
+    return method in IDEMPOTENT_METHODS or (isinstance(body, dict) and "client_id" in body)
+
+
 async def call_json(http: aiohttp.ClientSession, method: str, url: str, body: Any = None, *,
                     token: str | None = None, params: dict[str, Any] | None = None) -> Any:
     """One REST call: JSON in and out; an error answer raises ``AgentChatClientError`` with its code."""
@@ -36,8 +43,17 @@ async def call_json(http: aiohttp.ClientSession, method: str, url: str, body: An
     if token is not None:
         headers["Authorization"] = "Bearer " + token
     data = orjson.dumps(body) if body is not None else None
-    async with http.request(method, url, data=data, headers=headers, params=params) as response:
-        raw = await response.read()
+    for attempt in (1, 2):
+        try:
+            async with http.request(method, url, data=data, headers=headers, params=params) as response:
+                raw = await response.read()
+            break
+        except aiohttp.ServerDisconnectedError:
+            # A keep-alive connection from the pool that the server closed (it restarted, or a proxy
+            # dropped it) fails on first use, before or after the server saw the request. aiohttp
+            # drops that connection, so the request goes once more on a fresh one if that is safe.
+            if attempt == 2 or not is_idempotent(method, body):
+                raise
     payload = orjson.loads(raw) if raw else None
     if response.status >= 400:
         err = (payload or {}).get("error", {}) if isinstance(payload, dict) else {}
