@@ -64,8 +64,9 @@ class Cursor:
 
 
 class Session:
-    """An idle session holds no task, no event and no frame; and no ``__weakref__`` slot (nothing refers
-    to a session weakly) nor the heartbeat's count (the connection's sans-I/O state keeps it)."""
+    """An idle session holds no task, no event, no frame and no queue; nor a ``__weakref__`` slot
+    (nothing refers to a session weakly) or the heartbeat's count (the connection's sans-I/O state
+    keeps it)."""
 
     __slots__ = ("connection", "principal", "queue_max", "cursors", "_queue", "_drain_waiters", "_closed",
                  "_close_with", "_metrics", "_dirty")
@@ -79,9 +80,10 @@ class Session:
         self.principal = principal
         self.queue_max = queue_max
         self.cursors: dict[str, Cursor] = {}
-        # A list, emptied by each flush: an empty deque would hold a 624-byte block for as long as the
-        # socket is open, an empty list holds nothing but itself.
-        self._queue: list[bytes] = []
+        # None while empty (as an idle session's is): the first frame queued makes a list, and each flush
+        # hands its frames to the transport and drops it. An empty list would cost every idle session
+        # 56 bytes (an empty deque a 624-byte block); the list made per flush comes off the free list.
+        self._queue: list[bytes] | None = None
         self._drain_waiters: list[asyncio.Future[None]] | None = None
         self._closed = False
         self._close_with: tuple[int, str] | None = None
@@ -96,10 +98,13 @@ class Session:
         if self._closed:
             return
         queue = self._queue
-        if len(queue) >= self.queue_max:
+        if queue is None:
+            self._queue = [frame]
+        elif len(queue) >= self.queue_max:
             self.close_soon(CLOSE_SLOW_CONSUMER, "slow_consumer")
             return
-        queue.append(frame)
+        else:
+            queue.append(frame)
         if not self._dirty:
             self._schedule_flush()
 
@@ -126,7 +131,7 @@ class Session:
         transport = self.connection.out
         if transport is None:  # write buffer full (the connection calls again once drained), or closing
             if self.connection.closing:  # nothing more may follow a close frame
-                queue.clear()
+                self._queue = None
                 self._wake_drain_waiters()
             return
         count = len(queue)
@@ -138,7 +143,7 @@ class Session:
                 end = _coalesce_end(queue, start)
                 transport.write(text_frame(b"\n".join(queue[start:end])))
                 start = end
-        queue.clear()
+        self._queue = None
         if self._metrics is not None:
             self._metrics.frames_out += count
         if self._drain_waiters is not None:
@@ -166,7 +171,7 @@ class Session:
         self.push(frame)
 
     def backlog(self) -> int:
-        return len(self._queue)
+        return len(self._queue) if self._queue is not None else 0
 
     async def wait_drained(self) -> None:
         """Return once every queued frame has been handed to the socket (or the session closed)."""
@@ -190,7 +195,7 @@ class Session:
             self._flush()
         self._closed = True
         self._close_with = (code, reason)
-        self._queue.clear()
+        self._queue = None
         self._wake_drain_waiters()
         self.connection.close(code, reason)
 
@@ -202,14 +207,14 @@ class Session:
             return
         if self.connection.heartbeat(ping_at, drop_at):
             self._closed = True
-            self._queue.clear()
+            self._queue = None
             self._wake_drain_waiters()
 
     async def aclose(self, code: int = CLOSE_GOING_AWAY, reason: str = "") -> None:
         """Close now (the close handshake finishes on its own); a reason given earlier by
         ``close_soon`` wins over this one."""
         self._closed = True
-        self._queue.clear()
+        self._queue = None
         self._wake_drain_waiters()
         code, reason = self._close_with or (code, reason)
         self.connection.close(code, reason)
