@@ -99,12 +99,12 @@ class Session:
             return
         queue = self._queue
         if queue is None:
-            self._queue = [frame]
+            # Not ``[frame]``: that list holds one item and grows (a realloc) at the second frame.
+            queue = self._queue = []
         elif len(queue) >= self.queue_max:
             self.close_soon(CLOSE_SLOW_CONSUMER, "slow_consumer")
             return
-        else:
-            queue.append(frame)
+        queue.append(frame)
         if not self._dirty:
             self._schedule_flush()
 
