@@ -1,5 +1,6 @@
 """The server side of RFC 6455 WebSockets, without I/O: the opening handshake, the frame codec and
-one connection's state (``ServerConnection``: the close handshake, the pong to a ping).
+one connection's state (``ServerConnection``: the close handshake, the pong to a ping, and the
+keepalive: when a silent peer gets a ping and when it is taken for gone).
 
 ``server/connections.py`` runs it on an asyncio transport. It exists because a socket served through
 aiohttp's ``WebSocketResponse`` keeps ~13 KB of HTTP and WebSocket state alive for as long as it is
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import enum
 import hashlib
 import struct
 from collections.abc import Mapping
@@ -207,14 +209,14 @@ class FrameParser:
     # A class constant, not a slot: the same for every socket of a route, and no bytes per socket.
     MAX_FRAGMENTS = 1024
 
-    __slots__ = ("max_message_bytes", "_chunks", "_have", "_need", "_fragments", "_fragments_size",
-                 "_decoder")
+    __slots__ = ("max_message_bytes", "_chunks", "_need", "_fragments", "_fragments_size", "_decoder")
 
     def __init__(self, max_message_bytes: int) -> None:
         self.max_message_bytes = max_message_bytes
         self._chunks: list[bytes] | None = None  # an unfinished frame's bytes, while there is one
-        self._have = 0
-        self._need = 0  # bytes the unfinished frame needs before parsing is worth trying again
+        # Bytes still missing before parsing the unfinished frame is worth trying again (a countdown, not
+        # a second count of the bytes held: one slot less on every socket).
+        self._need = 0
         self._fragments: list[bytes] | None = None  # a fragmented message's parts so far
         self._fragments_size = 0
         # While a fragmented message is open: its UTF-8 decoder if it is text, None if binary.
@@ -226,8 +228,8 @@ class FrameParser:
             if chunks is _FAILED:
                 return []
             chunks.append(data)
-            self._have += len(data)
-            if self._have < self._need:
+            self._need -= len(data)
+            if self._need > 0:
                 return []
             data = b"".join(chunks)
             self._chunks = None
@@ -311,9 +313,8 @@ class FrameParser:
         if pos < end:
             rest = data[pos:]
             self._chunks = [rest]
-            self._have = len(rest)
             # The whole frame once its header tells its size; until then, any byte more.
-            self._need = _frame_size(rest) or len(rest) + 1
+            self._need = (_frame_size(rest) or len(rest) + 1) - len(rest)
         return out
 
 
@@ -342,11 +343,32 @@ def _frame_size(head: bytes) -> int:
 
 # How long a close handshake the server started may take: then the connection is dropped.
 CLOSE_TIMEOUT = 5.0
+# A peer that has sent nothing for PING_AFTER_SECONDS gets a ping; if it then sends nothing (not even
+# the pong) for PONG_WAIT_SECONDS it is taken for gone (protocol/frames.md, "Ping").
+PING_AFTER_SECONDS = 30.0
+PONG_WAIT_SECONDS = 15.0
+
+
+class Keepalive(enum.Enum):
+    """What one heartbeat tick (``ServerConnection.tick``) asks of the transport adapter."""
+
+    WAIT = "wait"  # nothing
+    PING = "ping"  # write ``PING_FRAME``
+    DROP = "drop"  # drop the connection without a close handshake (the peer sees 1006)
+
+
+def heartbeat_ticks(tick_seconds: float) -> tuple[int, int]:
+    """``(ping_at, drop_at)`` for ``ServerConnection.tick`` when the heartbeat ticks every
+    ``tick_seconds``: the ping one tick later than the silence alone says (a tick can come just after
+    the peer's last frame, and the peer is owed ``PING_AFTER_SECONDS`` of silence before it), the drop
+    ``PONG_WAIT_SECONDS`` after the ping."""
+    ping_at = round(PING_AFTER_SECONDS / tick_seconds) + 1
+    return ping_at, ping_at + round(PONG_WAIT_SECONDS / tick_seconds)
 
 
 class ServerConnection(FrameParser):
     """One connection's state on the server side, without I/O: the frame parser plus the close
-    handshake (RFC 6455, sections 5.5.1 and 7).
+    handshake (RFC 6455, sections 5.5.1 and 7) and the keepalive.
 
     The transport adapter (``server/connections.py``) feeds it what happened (bytes read with
     ``feed``, a close or ping frame read, the application's wish to close or to fail the connection)
@@ -355,14 +377,47 @@ class ServerConnection(FrameParser):
     after ``receive_close`` and ``fail`` it closes the TCP connection (the server closes first,
     section 7.1.1). Once ``close_sent``, messages read are dropped and nothing more may be written.
 
-    One object per socket with the parser (a subclass, so no object more and one slot: an idle socket
+    Keepalive: the clock is a tick, injected by whoever calls ``tick`` (the server's one heartbeat
+    task, every few seconds for every socket, so that an idle socket holds no timer). After
+    ``watch``, the adapter calls ``heard`` whenever ``feed`` returned frames (any frame is a sign of
+    life, pongs included) and does what ``tick`` returns.
+
+    One object per socket with the parser (a subclass, so no object more and two slots: an idle socket
     stays small)."""
 
-    __slots__ = ("close_sent",)
+    __slots__ = ("close_sent", "silent_ticks")
 
     def __init__(self, max_message_bytes: int) -> None:
         super().__init__(max_message_bytes)
         self.close_sent = False
+        # Ticks since the peer last sent a frame; None while the keepalive does not watch it (before
+        # ``watch``, and once it said ``DROP``). Small ints: no object per socket.
+        self.silent_ticks: int | None = None
+
+    def watch(self) -> None:
+        """From now on ``tick`` counts the peer's silence (the server starts once a session is open)."""
+        self.silent_ticks = 0
+
+    def heard(self) -> None:
+        """The peer sent a frame (call it once per ``feed`` that returned any)."""
+        if self.silent_ticks is not None:
+            self.silent_ticks = 0
+
+    def tick(self, ping_at: int, drop_at: int) -> Keepalive:
+        """One tick of the heartbeat's clock (``heartbeat_ticks`` gives ``ping_at`` and ``drop_at``):
+        ``PING`` once the peer has been silent ``ping_at`` ticks (unless the close frame is sent:
+        nothing may follow it), ``DROP`` at ``drop_at`` (then it is watched no more), else ``WAIT``."""
+        ticks = self.silent_ticks
+        if ticks is None:
+            return Keepalive.WAIT
+        ticks += 1
+        if ticks >= drop_at:
+            self.silent_ticks = None
+            return Keepalive.DROP
+        self.silent_ticks = ticks
+        if ticks == ping_at and not self.close_sent:
+            return Keepalive.PING
+        return Keepalive.WAIT
 
     def send_close(self, code: int, reason: str = "") -> bytes | None:
         """The server starts the close handshake: the close frame, or None if one was sent already."""

@@ -9,6 +9,7 @@ hello, a flood, or a full queue closes it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from agentchat.core import frames
+from agentchat.core import frames, rfc6455
 from agentchat.core.frames import CLOSE_AUTH
 from agentchat.core.rfc6455 import CLOSE_GOING_AWAY, CLOSE_POLICY, text_frame
 from agentchat.core.ratelimit import TokenBucket
@@ -30,11 +31,10 @@ from agentchat.server.connections import upgrade_within_aiohttp
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
-# A socket that has sent nothing for HEARTBEAT_SECONDS gets a WebSocket ping; if it still sends nothing
-# for PONG_WAIT_SECONDS it is dropped. One task looks at every socket each HEARTBEAT_TICK seconds, so
-# an idle socket holds no timer of its own (aiohttp's per-socket heartbeat keeps one or two, ~1 KB).
-HEARTBEAT_SECONDS = 30.0
-PONG_WAIT_SECONDS = 15.0
+# A socket that has sent nothing for a while gets a WebSocket ping, and is dropped if it still sends
+# nothing (the timings and the decision: ``core/rfc6455.py``, ``ServerConnection.tick``). One task
+# ticks every socket each HEARTBEAT_TICK seconds, so an idle socket holds no timer of its own
+# (aiohttp's per-socket heartbeat keeps one or two, ~1 KB).
 HEARTBEAT_TICK = 5.0
 # Sessions visited between two yields to the event loop during a heartbeat pass.
 HEARTBEAT_BATCH = 2000
@@ -43,6 +43,12 @@ HEARTBEAT_BATCH = 2000
 # itself: an unauthenticated socket buffers at most one max_frame_bytes message (in at most
 # FrameParser.MAX_FRAGMENTS fragments) until the hello timeout.
 HARD_FRAME_FACTOR = 4
+
+
+@functools.cache
+def _hard_frame_bytes(max_frame_bytes: int) -> int:
+    # One int object shared by every socket of a server, not one of 32 bytes per socket.
+    return max_frame_bytes * HARD_FRAME_FACTOR
 
 
 class AgentSocket(SessionSocket):
@@ -154,7 +160,7 @@ class AgentSocket(SessionSocket):
         limits = app[SETTINGS].limits
         hub = app[HUB]
         session = self.session = Session(self, principal, limits.send_queue_max, app[METRICS])
-        self.limit_messages(limits.max_frame_bytes * HARD_FRAME_FACTOR)
+        self.limit_messages(_hard_frame_bytes(limits.max_frame_bytes))
         await hub.register_session(session)
         app[SESSIONS].add(session)
         try:
@@ -192,7 +198,7 @@ class AgentSocket(SessionSocket):
         except BaseException:
             await _close(session, app)
             raise
-        session.silent_ticks = 0  # from now on the heartbeat watches this socket
+        self.keep_alive()  # from now on the heartbeat watches this socket
         app[OPENING].discard(self)
 
 
@@ -257,7 +263,7 @@ async def _dispatch(frame: frames.ClientFrame, session: Session, hub: Hub, princ
 
 
 async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The one heartbeat of every socket served here (see ``HEARTBEAT_SECONDS``)."""
+    """The one heartbeat of every socket served here (see ``HEARTBEAT_TICK``)."""
     task = asyncio.create_task(_heartbeat(app[SESSIONS]), name="ws-heartbeat")
     try:
         yield
@@ -269,8 +275,7 @@ async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _heartbeat(sessions: set[Session]) -> None:
     while True:
         await asyncio.sleep(HEARTBEAT_TICK)
-        ping_at = round(HEARTBEAT_SECONDS / HEARTBEAT_TICK) + 1  # silent for at least HEARTBEAT_SECONDS
-        drop_at = ping_at + round(PONG_WAIT_SECONDS / HEARTBEAT_TICK)
+        ping_at, drop_at = rfc6455.heartbeat_ticks(HEARTBEAT_TICK)
         watched = list(sessions)
         for start in range(0, len(watched), HEARTBEAT_BATCH):
             if start:

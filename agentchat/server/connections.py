@@ -64,7 +64,8 @@ def forwarded_address(peer: str | None, x_forwarded_for: str, hops: int) -> str:
 
 
 class AddressLimit:
-    """Open WebSocket connections per client address, at most ``per_address`` (0: no cap).
+    """Open WebSocket connections per client address, at most ``per_address`` (0: no cap, and then
+    nothing is counted: a count nobody checks would cost every socket memory).
 
     Only WebSockets are counted: they are what stays open. A connection that has not sent its first
     request head is closed after ``HEAD_TIMEOUT``, an idle HTTP keep-alive one after
@@ -75,22 +76,40 @@ class AddressLimit:
     def __init__(self, per_address: int, hops: int) -> None:
         self.per_address = per_address
         self.hops = hops  # trusted proxies in front (``Settings.trusted_proxies``)
-        self.open: dict[str, int] = {}
+        self.open: dict[str, AddressCount] = {}
 
-    def take(self, address: str) -> bool:
-        """Count one more connection of ``address``; False (nothing counted) when it is at the cap."""
-        count = self.open.get(address, 0)
-        if self.per_address and count >= self.per_address:
-            return False
-        self.open[address] = count + 1
-        return True
+    def take(self, address: str) -> AddressCount | None:
+        """Count one more connection of ``address``: the count it gives back when it closes (shared by
+        every connection of the address); None (nothing counted) when the address is at the cap."""
+        count = self.open.get(address)
+        if count is None:
+            count = self.open[address] = AddressCount(self, address)
+        elif self.per_address and count.open >= self.per_address:
+            return None
+        count.open += 1
+        return count
 
-    def give_back(self, address: str) -> None:
-        count = self.open.get(address, 0) - 1
-        if count > 0:
-            self.open[address] = count
-        else:
-            self.open.pop(address, None)
+
+class AddressCount:
+    """The open connections of one address. Each of them holds this one object (a slot, 8 bytes), not
+    a tuple and a string of its own (~120 bytes on every socket)."""
+
+    __slots__ = ("limit", "address", "open")
+
+    def __init__(self, limit: AddressLimit, address: str) -> None:
+        self.limit = limit
+        self.address = address
+        self.open = 0
+
+    def give_back(self) -> None:
+        """One of the address's connections is gone."""
+        self.open -= 1
+        if self.open <= 0 and self.limit.open.get(self.address) is self:
+            del self.limit.open[self.address]
+
+
+def _capped(limit: AddressLimit | None) -> AddressLimit | None:
+    return limit if limit is not None and limit.per_address else None
 
 
 ADDRESS_LIMIT = web.AppKey("address_limit", AddressLimit)
@@ -131,28 +150,32 @@ class _Continue:
 class WebSocketConnection(asyncio.Protocol):
     """One upgraded socket. Subclasses handle messages in ``message_received`` (a coroutine, run at
     once and only turned into a task if it has to wait; the next message waits for it), and may
-    override ``opened``, ``activity``, ``writable`` and ``lost``."""
+    override ``opened``, ``writable``, ``flush`` and ``lost``.
 
-    # The sans-I/O state (frame parser and close handshake) of every socket of the class (a subclass
-    # may raise its fragment limit).
+    Every idle socket holds one of these, so each slot is 8 bytes times the sockets: no
+    ``__weakref__`` (nothing refers to a socket weakly), nothing that another slot already says
+    (``write_paused``), nothing shared by every socket of a route."""
+
+    # The sans-I/O state (frame parser, close handshake, keepalive) of every socket of the class (a
+    # subclass may raise its fragment limit).
     parser_class: type[codec.ServerConnection] = codec.ServerConnection
 
-    __slots__ = ("transport", "out", "write_paused", "_parser", "_backlog", "_busy",
-                 "_close_timer", "_lost", "_lost_waiters", "_counted", "__weakref__")
+    __slots__ = ("transport", "out", "_parser", "_backlog", "_close_timer", "_lost", "_lost_waiters",
+                 "_counted")
 
     def __init__(self, max_message_bytes: int) -> None:
         self.transport: asyncio.Transport | None = None
         # The transport while messages may be written to it now; None while its write buffer is full,
         # once a close frame is sent and once it is gone (one test on the path of every delivery).
         self.out: asyncio.Transport | None = None
-        self.write_paused = False
         self._parser = self.parser_class(max_message_bytes)
-        self._backlog: list[tuple[int, bytes]] | None = None  # messages waiting for the one in progress
-        self._busy = False
+        # While a message's handling waits (a task finishes it): the messages read since, in order (a
+        # list, often empty); None while no handling waits.
+        self._backlog: list[tuple[int, bytes]] | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._lost = False
         self._lost_waiters: list[asyncio.Future[None]] | None = None
-        self._counted: tuple[AddressLimit, str] | None = None  # given back when the connection is lost
+        self._counted: AddressCount | None = None  # given back when the connection is lost
 
     # -- for subclasses ------------------------------------------------------------------------------
 
@@ -167,11 +190,8 @@ class WebSocketConnection(asyncio.Protocol):
         """One binary message: handled as a text one unless overridden."""
         return self.message_received(data)
 
-    def activity(self) -> None:
-        """The peer sent a frame (any, pings and pongs included)."""
-
     def writable(self) -> None:
-        """The transport's write buffer drained after ``write_paused`` was set."""
+        """The transport's write buffer drained after it was over its mark (``write_paused``)."""
 
     def flush(self) -> None:
         """Write out what the subclass has queued: the connection is about to fail, and nothing may
@@ -186,6 +206,35 @@ class WebSocketConnection(asyncio.Protocol):
     def closing(self) -> bool:
         """No more messages go out: a close frame was sent, or the connection is gone."""
         return self._parser.close_sent or self._lost
+
+    @property
+    def write_paused(self) -> bool:
+        """The transport's write buffer is over its high mark (``WRITE_BUFFER_HIGH``) until it drains:
+        what is queued waits (``writable`` is called then)."""
+        return self.out is None and self.transport is not None and not self.closing
+
+    def keep_alive(self) -> None:
+        """From now on the heartbeat watches the peer (``heartbeat``): pinged when silent, dropped when
+        it does not answer."""
+        self._parser.watch()
+
+    def heartbeat(self, ping_at: int, drop_at: int) -> bool:
+        """One tick of the heartbeat (``codec.heartbeat_ticks``): the ping or the drop the connection's
+        state asks for. True when the connection was dropped (its peer taken for gone: no close
+        handshake, the peer sees 1006)."""
+        action = self._parser.tick(ping_at, drop_at)
+        if action is codec.Keepalive.WAIT:
+            return False
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        if action is codec.Keepalive.DROP:
+            transport.abort()
+            return True
+        # Written as is, between two whole messages like every other write to the transport (none is
+        # ever written in parts), so the ping needs no task or coroutine.
+        transport.write(codec.PING_FRAME)
+        return False
 
     def close(self, code: int, reason: str = "") -> None:
         """Start the close handshake; the transport is closed when the peer answers (or after
@@ -228,8 +277,9 @@ class WebSocketConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._lost:
             return
+        state = self._parser
         try:
-            messages = self._parser.feed(data)
+            messages = state.feed(data)
         except codec.ProtocolViolation as exc:
             if not exc.messages:
                 self._fail(exc.close_code, exc.reason)
@@ -239,11 +289,9 @@ class WebSocketConnection(asyncio.Protocol):
             messages.append(exc.fail_frame())
         if not messages:
             return
-        self.activity()
-        if self._busy:
-            backlog = self._backlog
-            if backlog is None:
-                backlog = self._backlog = []
+        state.heard()
+        backlog = self._backlog
+        if backlog is not None:  # they wait for the message being handled
             backlog.extend(messages)
             if len(backlog) > BACKLOG_MAX and self.transport is not None:
                 self.transport.pause_reading()
@@ -266,10 +314,7 @@ class WebSocketConnection(asyncio.Protocol):
                 except Exception:
                     log.exception("socket message handler failed")
                     continue
-                self._busy = True
-                rest = messages[index + 1:]
-                if rest:
-                    self._backlog = rest
+                self._backlog = messages[index + 1:]
                 asyncio.get_running_loop().create_task(self._finish(coro, yielded))
                 return
             if opcode == codec.OP_PING:
@@ -282,7 +327,7 @@ class WebSocketConnection(asyncio.Protocol):
             elif opcode == codec.OP_FAIL:
                 self._fail(int.from_bytes(payload[:2], "big"), payload[2:].decode("utf-8"))
                 return
-            # pongs: activity() already noted them
+            # pongs: heard() in data_received already noted them
 
     async def _finish(self, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
         try:
@@ -291,10 +336,9 @@ class WebSocketConnection(asyncio.Protocol):
             raise
         except Exception:
             log.exception("socket message handler failed")
-        self._busy = False
         backlog = self._backlog
+        self._backlog = None
         if backlog:
-            self._backlog = None
             if len(backlog) > BACKLOG_MAX and self.transport is not None and not self._lost:
                 self.transport.resume_reading()  # paused by data_received
             self._run(backlog)
@@ -328,11 +372,9 @@ class WebSocketConnection(asyncio.Protocol):
         transport.close()
 
     def pause_writing(self) -> None:
-        self.write_paused = True
         self.out = None
 
     def resume_writing(self) -> None:
-        self.write_paused = False
         if not self.closing:
             self.out = self.transport
         self.writable()
@@ -344,9 +386,8 @@ class WebSocketConnection(asyncio.Protocol):
         self._lost = True
         self.out = None
         if self._counted is not None:
-            limit, address = self._counted
+            self._counted.give_back()
             self._counted = None
-            limit.give_back(address)
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
@@ -449,17 +490,18 @@ class FrontProtocol(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         limit = self._limit
+        counted = None
         if limit is not None:
             peer = transport.get_extra_info("peername")
-            address = forwarded_address(peer[0] if peer else None, request[2].get("x-forwarded-for", ""), limit.hops)
-            if not limit.take(address):
+            counted = limit.take(forwarded_address(peer[0] if peer else None,
+                                                   request[2].get("x-forwarded-for", ""), limit.hops))
+            if counted is None:
                 self._hand_to_http(buffer)  # upgrade_within_aiohttp refuses it with rate_limited
                 return
         self._stop_timer()
         transport.write(codec.switching_protocols(accept))
         connection = factory()
-        if limit is not None:
-            connection._counted = (limit, address)
+        connection._counted = counted
         transport.set_protocol(connection)
         connection.connection_made(transport)
         rest = buffer[end + 4:]
@@ -521,7 +563,8 @@ class AgentChatRunner(web.AppRunner):
         if self._front is None:
             app = self.app
             routes = {path: _bind(make, app) for path, make in app.get(WEBSOCKET_ROUTES, {}).items()}
-            self._front = _FrontFactory(http, routes, app.get(ADDRESS_LIMIT), app.get(ALLOWED_ORIGINS, frozenset()))
+            self._front = _FrontFactory(http, routes, _capped(app.get(ADDRESS_LIMIT)),
+                                        app.get(ALLOWED_ORIGINS, frozenset()))
         return self._front
 
 
@@ -540,26 +583,27 @@ async def upgrade_within_aiohttp(request: web.Request, connection: WebSocketConn
     if not upgrade_allowed(origin, request.headers.get("Host"), request.app.get(ALLOWED_ORIGINS, frozenset())):
         # A page on another site may not act through its visitor's browser (AGENTCHAT_CORS_ORIGINS).
         raise error("forbidden", f"origin {origin} may not open this socket")
-    limit = request.app.get(ADDRESS_LIMIT)
+    limit = _capped(request.app.get(ADDRESS_LIMIT))
+    counted = None
     if limit is not None:
-        address = forwarded_address(request.remote, request.headers.get("X-Forwarded-For", ""), limit.hops)
-        if not limit.take(address):
+        counted = limit.take(forwarded_address(request.remote, request.headers.get("X-Forwarded-For", ""),
+                                               limit.hops))
+        if counted is None:
             raise error("rate_limited", f"more than {limit.per_address} open sockets from this address")
     response = web.StreamResponse(status=101, headers={"Upgrade": "websocket", "Connection": "Upgrade",
                                                        "Sec-WebSocket-Accept": accept})
     try:
         await response.prepare(request)
     except BaseException:
-        if limit is not None:
-            limit.give_back(address)
+        if counted is not None:
+            counted.give_back()
         raise
     transport = request.transport
     if transport is None or transport.is_closing():
-        if limit is not None:
-            limit.give_back(address)
+        if counted is not None:
+            counted.give_back()
         return response
-    if limit is not None:
-        connection._counted = (limit, address)
+    connection._counted = counted
     http = transport.get_protocol()
     transport.set_protocol(connection)
     connection.connection_made(transport)

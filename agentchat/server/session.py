@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 # CLOSE_REMOVED is imported from here by the hub and the peek service.
 from agentchat.core.frames import CLOSE_AUTH, CLOSE_REMOVED, CLOSE_SLOW_CONSUMER  # noqa: F401
-from agentchat.core.rfc6455 import CLOSE_GOING_AWAY, CLOSE_POLICY, PING_FRAME, text_frame  # noqa: F401
+from agentchat.core.rfc6455 import CLOSE_GOING_AWAY, CLOSE_POLICY, text_frame  # noqa: F401
 from agentchat.server.tokens import Principal
 from agentchat.server.connections import WebSocketConnection
 
@@ -64,10 +64,12 @@ class Cursor:
 
 
 class Session:
-    """An idle session holds no task, no event and no frame."""
+    """An idle session holds no task, no event, no frame and no queue; nor a ``__weakref__`` slot
+    (nothing refers to a session weakly) or the heartbeat's count (the connection's sans-I/O state
+    keeps it)."""
 
-    __slots__ = ("connection", "principal", "queue_max", "cursors", "silent_ticks", "_queue",
-                 "_drain_waiters", "_closed", "_close_with", "_metrics", "_dirty", "__weakref__")
+    __slots__ = ("connection", "principal", "queue_max", "cursors", "_queue", "_drain_waiters", "_closed",
+                 "_close_with", "_metrics", "_dirty")
 
     def __init__(self, connection: WebSocketConnection, principal: Principal, queue_max: int,
                  metrics: Metrics | None = None) -> None:
@@ -78,11 +80,10 @@ class Session:
         self.principal = principal
         self.queue_max = queue_max
         self.cursors: dict[str, Cursor] = {}
-        # Heartbeat ticks since the client last sent anything; None: the heartbeat does not watch it.
-        self.silent_ticks: int | None = None
-        # A list, emptied by each flush: an empty deque would hold a 624-byte block for as long as the
-        # socket is open, an empty list holds nothing but itself.
-        self._queue: list[bytes] = []
+        # None while empty (as an idle session's is): the first frame queued makes a list, and each flush
+        # hands its frames to the transport and drops it. An empty list would cost every idle session
+        # 56 bytes (an empty deque a 624-byte block); the list made per flush comes off the free list.
+        self._queue: list[bytes] | None = None
         self._drain_waiters: list[asyncio.Future[None]] | None = None
         self._closed = False
         self._close_with: tuple[int, str] | None = None
@@ -97,7 +98,10 @@ class Session:
         if self._closed:
             return
         queue = self._queue
-        if len(queue) >= self.queue_max:
+        if queue is None:
+            # Not ``[frame]``: that list holds one item and grows (a realloc) at the second frame.
+            queue = self._queue = []
+        elif len(queue) >= self.queue_max:
             self.close_soon(CLOSE_SLOW_CONSUMER, "slow_consumer")
             return
         queue.append(frame)
@@ -127,7 +131,7 @@ class Session:
         transport = self.connection.out
         if transport is None:  # write buffer full (the connection calls again once drained), or closing
             if self.connection.closing:  # nothing more may follow a close frame
-                queue.clear()
+                self._queue = None
                 self._wake_drain_waiters()
             return
         count = len(queue)
@@ -139,7 +143,7 @@ class Session:
                 end = _coalesce_end(queue, start)
                 transport.write(text_frame(b"\n".join(queue[start:end])))
                 start = end
-        queue.clear()
+        self._queue = None
         if self._metrics is not None:
             self._metrics.frames_out += count
         if self._drain_waiters is not None:
@@ -167,7 +171,7 @@ class Session:
         self.push(frame)
 
     def backlog(self) -> int:
-        return len(self._queue)
+        return len(self._queue) if self._queue is not None else 0
 
     async def wait_drained(self) -> None:
         """Return once every queued frame has been handed to the socket (or the session closed)."""
@@ -191,39 +195,26 @@ class Session:
             self._flush()
         self._closed = True
         self._close_with = (code, reason)
-        self._queue.clear()
+        self._queue = None
         self._wake_drain_waiters()
         self.connection.close(code, reason)
 
     def heartbeat(self, ping_at: int, drop_at: int) -> None:
-        """One tick of the heartbeat (``server/agent_socket.py``): after ``ping_at`` ticks without a frame from
-        the client it gets a ping; after ``drop_at`` its peer is taken for gone and the connection is
-        dropped without a close handshake (a lost connection, 1006). The socket's reader resets
-        ``silent_ticks`` on every frame, pongs included."""
-        ticks = self.silent_ticks
-        if ticks is None or self._closed:
+        """One tick of the heartbeat (``server/agent_socket.py``) for a session that is still open: the
+        connection pings a silent client or drops one that stayed silent (``core/rfc6455.py`` decides
+        which); a dropped one's queue goes with it."""
+        if self._closed:
             return
-        ticks += 1
-        self.silent_ticks = ticks
-        connection = self.connection
-        transport = connection.transport
-        if transport is None or transport.is_closing():
-            return
-        if ticks >= drop_at:
+        if self.connection.heartbeat(ping_at, drop_at):
             self._closed = True
-            self._queue.clear()
+            self._queue = None
             self._wake_drain_waiters()
-            transport.abort()
-        elif ticks == ping_at and not connection.closing:
-            # Written as is, between two whole messages like every other write to the transport (none
-            # is ever written in parts), so the ping needs no task or coroutine.
-            transport.write(PING_FRAME)
 
     async def aclose(self, code: int = CLOSE_GOING_AWAY, reason: str = "") -> None:
         """Close now (the close handshake finishes on its own); a reason given earlier by
         ``close_soon`` wins over this one."""
         self._closed = True
-        self._queue.clear()
+        self._queue = None
         self._wake_drain_waiters()
         code, reason = self._close_with or (code, reason)
         self.connection.close(code, reason)
@@ -238,18 +229,14 @@ class Session:
 
 
 class SessionSocket(WebSocketConnection):
-    """A connection whose outgoing side is a ``Session`` (once it has one): every frame from the peer
-    counts as a sign of life for the heartbeat, and a drained write buffer sends what is queued."""
+    """A connection whose outgoing side is a ``Session`` (once it has one): a drained write buffer
+    sends what is queued."""
 
     __slots__ = ("session",)
 
     def __init__(self, max_message_bytes: int) -> None:
         super().__init__(max_message_bytes)
         self.session: Session | None = None
-
-    def activity(self) -> None:
-        if self.session is not None:
-            self.session.silent_ticks = 0
 
     def flush(self) -> None:
         if self.session is not None and not self.session.closed:

@@ -84,3 +84,26 @@ async def test_an_idle_keep_alive_connection_is_closed(aiohttp_client: Any, tmp_
         assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server, not by this test
     finally:
         writer.close()
+
+
+async def test_the_sockets_of_one_address_share_one_count_and_nothing_is_counted_without_a_cap(
+        aiohttp_client: Any, tmp_path: Path) -> None:
+    """Each open socket holds a reference to its address's one count, not a copy of the address (an
+    idle socket's bytes are the server's memory per session); with no cap nothing is counted."""
+    capped = await aiohttp_client(build_app(_settings(tmp_path / "capped", max_connections_per_address=5)))
+    limit = capped.app[connections.ADDRESS_LIMIT]
+    sockets = [await capped.ws_connect("/api/v1/ws") for _ in range(3)]
+    assert [(address, count.open) for address, count in limit.open.items()] == [("127.0.0.1", 3)]
+    for socket in sockets:
+        await socket.close()
+    for _ in range(100):  # the server sees the closes a moment later
+        if not limit.open:
+            break
+        await asyncio.sleep(0.05)
+    assert limit.open == {}
+
+    uncapped = await aiohttp_client(build_app(_settings(tmp_path / "uncapped", max_connections_per_address=0)))
+    sockets = [await uncapped.ws_connect("/api/v1/ws") for _ in range(3)]
+    assert uncapped.app[connections.ADDRESS_LIMIT].open == {}
+    for socket in sockets:
+        await socket.close()

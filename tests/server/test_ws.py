@@ -250,12 +250,13 @@ async def test_a_flooding_socket_gets_rate_limited_then_closed(aiohttp_client, t
 
 async def test_a_silent_socket_is_pinged_then_dropped_and_an_answering_one_stays(aiohttp_client, tmp_path,
                                                                                 monkeypatch) -> None:
+    from agentchat.core import rfc6455
     from agentchat.server import agent_socket as ws_module
     from tests.conftest import RestAgent
 
     monkeypatch.setattr(ws_module, "HEARTBEAT_TICK", 0.02)
-    monkeypatch.setattr(ws_module, "HEARTBEAT_SECONDS", 0.1)
-    monkeypatch.setattr(ws_module, "PONG_WAIT_SECONDS", 0.1)
+    monkeypatch.setattr(rfc6455, "PING_AFTER_SECONDS", 0.1)
+    monkeypatch.setattr(rfc6455, "PONG_WAIT_SECONDS", 0.1)
     settings = load_settings(env={}, store=f"file://{tmp_path}/data", token_secret="t" * 40)
     client = await aiohttp_client(build_app(settings))
     alice = await RestAgent(client, "alice").register()
@@ -276,14 +277,21 @@ async def test_a_silent_socket_is_pinged_then_dropped_and_an_answering_one_stays
     assert dropped.type in (WSMsgType.CLOSED, WSMsgType.ERROR)
 
 
-def test_heartbeat_pings_a_silent_session_then_drops_it() -> None:
-    from agentchat.server.session import PING_FRAME, Session
+def test_heartbeat_pings_a_silent_session_then_drops_it_and_a_frame_read_counts_as_an_answer() -> None:
+    """The server half of the heartbeat, without an event loop: the session's connection writes the
+    ping its sans-I/O state asks for, any frame read restarts the count, and a drop aborts the
+    transport and closes the session (its queue goes with it)."""
+    from agentchat.core.rfc6455 import PING_FRAME
+    from agentchat.server.session import Session, SessionSocket
     from agentchat.server.tokens import Principal
 
     class Transport:
         def __init__(self) -> None:
             self.written: list[bytes] = []
             self.aborted = False
+
+        def set_write_buffer_limits(self, high: int) -> None:
+            pass
 
         def write(self, data: bytes) -> None:
             self.written.append(data)
@@ -294,28 +302,26 @@ def test_heartbeat_pings_a_silent_session_then_drops_it() -> None:
         def abort(self) -> None:
             self.aborted = True
 
-    class Connection:
-        closing = False
-
-        def __init__(self, transport: Transport) -> None:
-            self.transport = transport
-
     transport = Transport()
-    session = Session(Connection(transport), Principal("agent", "did:key:z"), 10, None)  # type: ignore[arg-type]
+    socket = SessionSocket(4096)
+    socket.connection_made(transport)  # type: ignore[arg-type]
+    session = socket.session = Session(socket, Principal("agent", "did:key:z"), 10, None)
     for _ in range(5):
         session.heartbeat(2, 4)
     assert transport.written == [] and not transport.aborted  # not watched until welcomed
-    session.silent_ticks = 0
+    socket.keep_alive()
     session.heartbeat(2, 4)
     assert transport.written == []
     session.heartbeat(2, 4)
     assert transport.written == [PING_FRAME]
-    session.silent_ticks = 0  # the pong (any frame) came back
+    socket.data_received(b"\x8a\x80" + b"\x00" * 4)  # the pong (any frame) came back, masked
     for _ in range(3):
         session.heartbeat(2, 4)
     assert transport.written == [PING_FRAME, PING_FRAME] and not transport.aborted
     session.heartbeat(2, 4)
     assert transport.aborted and session.closed
+    session.heartbeat(2, 4)
+    assert transport.written == [PING_FRAME, PING_FRAME]
 
 
 async def test_history_skips_and_lists_an_undecryptable_message_and_pages_on_past_it(client, sdk_agents) -> None:
@@ -338,3 +344,22 @@ async def test_history_skips_and_lists_an_undecryptable_message_and_pages_on_pas
     assert (page.next_after, page.fetched) == (3, 3)
     last = await alice.history(channel, after=1, limit=1)  # a page of only the bad one still pages on
     assert (list(last), last.next_after, last.fetched) == ([], 2, 1)
+
+
+def test_an_idle_sessions_own_objects_keep_their_size(tmp_path) -> None:
+    """What one idle session adds to the server's memory, besides the transport (bench: ``python -m
+    bench run idle``): every slot on these objects is 8 bytes per open socket, and their blocks come in
+    16-byte steps. A new slot belongs in the shared state, not on each socket (or raise these with
+    the idle figure in the commit)."""
+    import sys
+
+    from agentchat.core.rfc6455 import ServerConnection
+    from agentchat.server.agent_socket import AgentSocket
+    from agentchat.server.session import Session
+    from agentchat.server.tokens import Principal
+
+    socket = AgentSocket(build_app(load_settings(env={}, store=f"file://{tmp_path}/data", token_secret="t" * 40)))
+    session = Session(socket, Principal("agent", "did:key:z"), 10, None)
+    assert sys.getsizeof(socket) <= 144
+    assert sys.getsizeof(session) <= 112
+    assert sys.getsizeof(socket._parser) <= 96 and isinstance(socket._parser, ServerConnection)

@@ -66,7 +66,7 @@ class IndicatorsSocket(SessionSocket):
 
     def opened(self) -> None:
         session = self.session = Session(self, PUBLIC, self.app[SETTINGS].limits.send_queue_max, self.app[METRICS])
-        session.silent_ticks = 0  # the heartbeat of server/agent_socket.py watches it
+        self.keep_alive()  # the heartbeat of server/agent_socket.py watches it
         self.app[SESSIONS].add(session)
 
     def lost(self) -> None:
