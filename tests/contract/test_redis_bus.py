@@ -208,72 +208,69 @@ async def test_a_hung_redis_times_out_then_recovers(redis_proc: RedisProcess) ->
         await bus.close()
 
 
-async def test_sends_of_one_turn_on_one_channel_are_one_call_and_one_message(redis_proc: RedisProcess) -> None:
+@pytest.fixture
+async def sender_and_reader(redis_proc: RedisProcess) -> AsyncIterator[tuple[RedisBus, Recorder]]:
+    """A bus that sends on channel ``one`` (counter seeded) and the messages another bus receives."""
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    sender, reader, received = RedisBus(f"{redis_proc.url}?namespace={namespace}"), RedisBus(
+        f"{redis_proc.url}?namespace={namespace}"), Recorder()
+    await sender.start(Recorder())
+    await reader.start(received)
+    try:
+        await reader.subscribe("c:one")
+        await sender.seed_sequence("seq:one", 0)
+        yield sender, received
+    finally:
+        await sender.close()
+        await reader.close()
+
+
+async def call_counts(bus: RedisBus) -> tuple[int, int]:
+    """Script runs and PUBLISH calls Redis has served so far."""
+    info = (await bus._call("INFO", "commandstats")).decode()
+    calls = {line.split(":")[0]: int(line.split("calls=")[1].split(",")[0])
+             for line in info.splitlines() if line.startswith("cmdstat_")}
+    return calls.get("cmdstat_evalsha", 0), calls.get("cmdstat_publish", 0)
+
+
+async def test_sends_of_one_turn_on_one_channel_are_one_call_and_one_message(
+    sender_and_reader: tuple[RedisBus, Recorder]
+) -> None:
     """Efficiency: 50 concurrent sends on one channel cost Redis one script run and one pub/sub
     message, not 50 of each (the readers still get 50 messages)."""
-    namespace = f"t{uuid.uuid4().hex[:12]}"
-    sender, reader, received = RedisBus(f"{redis_proc.url}?namespace={namespace}"), RedisBus(
-        f"{redis_proc.url}?namespace={namespace}"), Recorder()
-    await sender.start(Recorder())
-    await reader.start(received)
-    try:
-        await reader.subscribe("c:one")
-        await sender.seed_sequence("seq:one", 0)
-
-        async def counts() -> tuple[int, int]:
-            info = (await sender._call("INFO", "commandstats")).decode()
-            calls = {line.split(":")[0]: int(line.split("calls=")[1].split(",")[0])
-                     for line in info.splitlines() if line.startswith("cmdstat_")}
-            return calls.get("cmdstat_evalsha", 0), calls.get("cmdstat_publish", 0)
-
-        await sender.claim_and_publish("cid:one:s:first", b"p", 30, "c:one", "seq:one", b"m")  # loads it
-        evalsha_before, publish_before = await counts()
-        await asyncio.gather(*(sender.claim_and_publish(f"cid:one:s:{i}", b"p", 30, "c:one", "seq:one", b"m")
-                               for i in range(50)))
-        evalsha_after, publish_after = await counts()
-        await received.wait_count("c:one", 51)
-        assert evalsha_after - evalsha_before == 1
-        assert publish_after - publish_before == 1
-        assert [seq for seq, _ in received.on("c:one")] == list(range(1, 52))
-    finally:
-        await sender.close()
-        await reader.close()
+    sender, received = sender_and_reader
+    await sender.claim_and_publish("cid:one:s:first", b"p", 30, "c:one", "seq:one", b"m")  # loads it
+    evalsha_before, publish_before = await call_counts(sender)
+    await asyncio.gather(*(sender.claim_and_publish(f"cid:one:s:{i}", b"p", 30, "c:one", "seq:one", b"m")
+                           for i in range(50)))
+    evalsha_after, publish_after = await call_counts(sender)
+    await received.wait_count("c:one", 51)
+    assert evalsha_after - evalsha_before == 1
+    assert publish_after - publish_before == 1
+    assert [seq for seq, _ in received.on("c:one")] == list(range(1, 52))
 
 
-async def test_sends_that_come_while_a_round_is_on_its_way_go_together(redis_proc: RedisProcess) -> None:
+async def test_sends_that_come_while_a_round_is_on_its_way_go_together(
+    redis_proc: RedisProcess, sender_and_reader: tuple[RedisBus, Recorder]
+) -> None:
     """Efficiency under load: while a process's sends wait for Redis, the sends of the next event-loop
     turns wait for them and then go as one script run and one pub/sub message, in order."""
-    namespace = f"t{uuid.uuid4().hex[:12]}"
-    sender, reader, received = RedisBus(f"{redis_proc.url}?namespace={namespace}"), RedisBus(
-        f"{redis_proc.url}?namespace={namespace}"), Recorder()
-    await sender.start(Recorder())
-    await reader.start(received)
+    sender, received = sender_and_reader
+    await sender.claim_and_publish("cid:one:s:first", b"p", 30, "c:one", "seq:one", b"m")  # loads it
+    before, _ = await call_counts(sender)
+    redis_proc.pause()  # the first round stays on its way
     try:
-        await reader.subscribe("c:one")
-        await sender.seed_sequence("seq:one", 0)
-
-        async def evalsha_calls() -> int:
-            info = (await sender._call("INFO", "commandstats")).decode()
-            line = next(line for line in info.splitlines() if line.startswith("cmdstat_evalsha:"))
-            return int(line.split("calls=")[1].split(",")[0])
-
-        await sender.claim_and_publish("cid:one:s:first", b"p", 30, "c:one", "seq:one", b"m")  # loads it
-        before = await evalsha_calls()
-        redis_proc.pause()  # the first round stays on its way
-        try:
-            sends = [asyncio.create_task(sender.claim_and_publish("cid:one:s:0", b"p", 30, "c:one", "seq:one", b"m"))]
-            for i in range(1, 6):
-                for _ in range(3):
-                    await asyncio.sleep(0)  # each in a later event-loop turn
-                sends.append(asyncio.create_task(
-                    sender.claim_and_publish(f"cid:one:s:{i}", b"p", 30, "c:one", "seq:one", b"m")))
-            await asyncio.sleep(0.1)
-        finally:
-            redis_proc.resume()
-        assert await asyncio.gather(*sends) == [2, 3, 4, 5, 6, 7]
-        assert await evalsha_calls() - before == 2
-        await received.wait_count("c:one", 7)
-        assert [seq for seq, _ in received.on("c:one")] == list(range(1, 8))
+        sends = [asyncio.create_task(sender.claim_and_publish("cid:one:s:0", b"p", 30, "c:one", "seq:one", b"m"))]
+        for i in range(1, 6):
+            for _ in range(3):
+                await asyncio.sleep(0)  # each in a later event-loop turn
+            sends.append(asyncio.create_task(
+                sender.claim_and_publish(f"cid:one:s:{i}", b"p", 30, "c:one", "seq:one", b"m")))
+        await asyncio.sleep(0.1)
     finally:
-        await sender.close()
-        await reader.close()
+        redis_proc.resume()
+    assert await asyncio.gather(*sends) == [2, 3, 4, 5, 6, 7]
+    after, _ = await call_counts(sender)
+    assert after - before == 2
+    await received.wait_count("c:one", 7)
+    assert [seq for seq, _ in received.on("c:one")] == list(range(1, 8))
