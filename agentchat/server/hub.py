@@ -256,7 +256,7 @@ class Hub:
         try:
             await self.sequencer.restore_claims()
             await self.writer.reindex()
-            await self.writer.ensure_index()
+            await self.writer.recovery.ensure_index()
         except AgentChatError as exc:
             log.warning("could not restore claims and the index after the bus came back: %r", exc)
         if self.gap_fill_wait:

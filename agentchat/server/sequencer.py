@@ -9,7 +9,7 @@ A claim is ``p:<instance>`` while its message waits for storage, then the stored
 client id under exactly one number, whatever fails:
 
 - A claim left pending by a process that died (no heartbeat) is resolved from that process's
-  write-ahead objects first (``MessageWriter.recover_instance``: the recovery records the number of
+  write-ahead objects first (``WriteAheadRecovery.recover_instance``: the recovery records the number of
   every message it finds there); only a message they do not hold is taken over and numbered anew.
 - When the bus forgets a channel's counter (a Redis restart without persistence), one re-seed per
   channel and process (concurrent sends wait for it) restarts it above every number that could have
@@ -219,7 +219,7 @@ class Sequencer:
                 raise error("duplicate_pending")
             # The owner died. If its write-ahead batch holds the message, it is stored: recovering
             # that process records the number in the claim. Only then is the claim free to take.
-            await self.writer.recover_instance(owner, dead=True)
+            await self.writer.recovery.recover_instance(owner, dead=True)
             current = await self.bus.get(claim)
             if current == previous:
                 if await self.bus.compare_and_set(claim, previous, self._pending_mark, CLAIM_PENDING_TTL):
