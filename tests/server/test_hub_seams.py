@@ -14,7 +14,7 @@ from agentchat.bus import keys as bus_keys
 from agentchat.bus.memory import MemoryBroker, MemoryBus
 from agentchat.core import frames
 from agentchat.errors import error
-from agentchat.server import hub as hub_module
+from agentchat.server import catch_up as catch_up_module
 from agentchat.server.hub import Hub, HubListenerBase, Room
 from agentchat.server.metrics import Metrics
 from agentchat.server.session import Session
@@ -209,7 +209,7 @@ async def test_a_catch_up_that_cannot_finish_hands_the_reader_back_to_its_client
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The store stays away past the catch-up's patience: the socket is closed with 1013 (reconnect and
     resume from the last number got) instead of going on live with a hole behind it."""
-    monkeypatch.setattr(hub_module, "CATCH_UP_PATIENCE", 0.3)
+    monkeypatch.setattr(catch_up_module, "CATCH_UP_PATIENCE", 0.3)
     reader = _ClosingReader()
     stored = [frames.message_frame(1, b'{"channel":"ch_1"}')]
     await _resume_against(_AwayStore(stored, failures=10**6), reader, live=0)
