@@ -346,6 +346,14 @@ class MessageWriter:
             notes.extend(pending.notes)
         return notes
 
+    def waiting_numbers(self) -> dict[str, list[int]]:
+        """The numbers of every message queued or being written (not yet durable), by channel."""
+        numbers: dict[str, list[int]] = {}
+        for batch in (self._writing, self._queue):
+            for channel, pending in batch.items():
+                numbers.setdefault(channel, []).extend(pending.seqs)
+        return numbers
+
     def tails(self) -> dict[str, list[bytes]]:
         """This process's durable, not yet compacted frames, by channel."""
         return {channel: list(tail.frames) for channel, tail in self._tails.items()}
