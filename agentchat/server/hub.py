@@ -266,6 +266,9 @@ class Hub:
         if event.get("event") == "deleted":
             await self.channel_deleted(channel)
             return
+        if event.get("event") == "gap":
+            self._on_gaps(channel, event["seqs"])
+            return
         room = self.rooms.get(channel)
         if room is None:
             return
@@ -277,6 +280,17 @@ class Hub:
             for session in list(room.subscribers):
                 if not session.principal.is_agent and session.principal.subject == event.get("peek"):
                     session.close_soon(CLOSE_REMOVED, "peek_ended")
+
+    def _on_gaps(self, channel: str, seqs: list[int]) -> None:
+        """Numbers of ``channel`` that were handed out (maybe delivered live) will never be stored
+        (``store/recovery.py``): every local reader gets a ``gap`` frame for each, whatever it got."""
+        room = self.rooms.get(channel)
+        if room is None:
+            return
+        gap_frames = room.retract(seqs, int(time.time() * 1000))
+        for session in list(room.subscribers):
+            for frame in gap_frames:
+                session.push(frame)
 
     async def channel_deleted(self, channel: str) -> None:
         """The channel is gone (deleted by its owner): its readers here are told and detached, this

@@ -84,9 +84,11 @@ def _claim_sender(done: StoredClaim) -> str:
 
 
 def stored_claims(channel: str, stored: Iterable[bytes]) -> list[tuple[str, bytes]]:
-    """(claim, number) of stored ``message`` frames of ``channel``."""
+    """(claim, number) of stored ``message`` frames of ``channel`` (``gap`` frames have no claim)."""
     claims = []
     for frame in stored:
+        if frames.is_gap(frame):
+            continue
         record = orjson.loads(frame)
         claims.append((bus_keys.send_claim(channel, record["sender"], record["client_id"]), str(record["seq"]).encode()))
     return claims

@@ -21,8 +21,9 @@ def parse_segment_frames(data: bytes) -> list[bytes]:
 
 
 def frame_seq(frame: bytes) -> int:
-    # Frames start with b'{"type":"message","seq":<n>,' (frames.message_frame).
-    start = 24
+    # Frames start with b'{"type":"message","seq":<n>,' (frames.message_frame) or, in history, with
+    # b'{"type":"gap","seq":<n>,' (frames.gap_frame).
+    start = 24 if frame[9] == 0x6D else 20  # b"m"essage or b"g"ap
     return int(frame[start:frame.index(b",", start)])
 
 
