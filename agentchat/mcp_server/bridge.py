@@ -1,8 +1,8 @@
 """What the MCP tools do, over one SDK ``Agent``, with no MCP import (so it is tested without the SDK).
 
-The bridge keeps, per channel, what arrived on the live socket and how far this MCP session has read,
-turns SDK answers into small JSON-ready dicts with a bounded size, and marks every message's content
-as data from another agent. Errors become ``ToolFailure``: the server's code and a sentence an LLM can
+The bridge's live state (``live.py``) keeps, per channel, what arrived on the live socket and how far
+this MCP session has read. The tools turn SDK answers into small JSON-ready dicts with a bounded size,
+and mark every message's content as data from another agent. Errors become ``ToolFailure``: the server's code and a sentence an LLM can
 act on.
 """
 
@@ -12,16 +12,14 @@ import asyncio
 import contextlib
 import datetime
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-import aiohttp
 import orjson
 
 from agentchat import crypto
 from agentchat.client.agent import Agent, AgentChatClientError, Message
+from agentchat.mcp_server.live import UNREACHABLE, BridgeListener, ChannelState, LiveState
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +35,6 @@ SKIPPED = ("Some stored messages could not be opened (undecryptable, or a failed
            "not shown: 'skipped' lists them; their content is unknown.")
 # Skipped messages listed one by one in an answer (the count is always complete).
 MAX_SKIPPED_SHOWN = 20
-# Messages kept per channel from the live socket for wait_for_messages and the channel resources.
-LIVE_BUFFER = 200
 MAX_MEMBERS_SHOWN = 20
 RESOURCE_PREFIX = "agentchat://channels/"
 
@@ -110,11 +106,6 @@ def explain(exc: Exception) -> ToolFailure:
     raise exc
 
 
-# What a request to a server that is down or restarting raises.
-UNREACHABLE = (OSError, asyncio.TimeoutError, aiohttp.ClientError)
-RETRY_MAX_DELAY = 10.0
-
-
 def dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
@@ -149,28 +140,6 @@ def resource_uri(channel: str) -> str:
     return RESOURCE_PREFIX + channel
 
 
-@dataclass
-class ChannelState:
-    live: deque[Message] = field(default_factory=lambda: deque(maxlen=LIVE_BUFFER))
-    read_upto: int = 0  # the highest seq this MCP session has returned for the channel
-    latest: int = 0  # the highest seq known to exist
-    overflowed: bool = False  # unread messages fell out of ``live``: read_messages has them
-
-    def unread(self) -> list[Message]:
-        return [m for m in self.live if m.seq > self.read_upto]
-
-
-class BridgeListener(Protocol):
-    """Told what changed, to notify MCP clients (``server.py``: resource subscribers). Called on the
-    bridge's task; an exception is logged and does not stop the bridge."""
-
-    async def channel_updated(self, channel: str) -> None:
-        """A message was stored in ``channel`` (its history resource changed)."""
-
-    async def channels_changed(self) -> None:
-        """This agent joined or left a channel (the list of resources changed)."""
-
-
 class Bridge:
     def __init__(self, agent: Agent, *, invitations: str = "known") -> None:
         """``invitations``: which invitations are accepted without asking (``INVITATION_POLICIES``);
@@ -179,125 +148,28 @@ class Bridge:
         if invitations not in INVITATION_POLICIES:
             raise ValueError(f"unknown invitation policy {invitations!r}")
         self.agent = agent
-        self.invitation_policy = invitations
-        # The SDK asks its documented policy hook about every invitation (when it arrives, and again
-        # at each reconnect while it is pending): the bridge answers, and keeps the ones left pending.
-        agent.invitation_policy = self._on_invitation
-        self.invitations: dict[str, dict[str, Any]] = {}  # channel -> the invitation, while pending
-        self._reported: set[str] = set()  # channels whose invitation a wait has shown already
-        self.channels: dict[str, ChannelState] = {}
+        self.live = LiveState(agent, invitations=invitations)
         self._names: dict[str, str] = {}
-        self._arrival = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._listeners: list[BridgeListener] = []
+
+    # The session's lifetime and what it keeps are the live state's (live.py).
 
     def add_listener(self, listener: BridgeListener) -> None:
-        self._listeners.append(listener)
-
-    # ---------------------------------------------------------------------------- lifecycle
+        self.live.add_listener(listener)
 
     async def start(self, sign_in: Callable[[], Awaitable[None]]) -> None:
-        """Sign in (``sign_in``: log in, or register on the first run), open the socket and follow it.
-        If the server cannot be reached, keep trying in the background and serve meanwhile: the tools
-        answer ``unreachable`` until it is back. Other errors (a key the server does not know) raise."""
-        try:
-            await self._bring_up(sign_in)
-        except UNREACHABLE as exc:
-            log.warning("%s cannot be reached (%r); trying again in the background", self.agent.server, exc)
-            self._tasks.append(asyncio.create_task(self._retry(sign_in), name="mcp-bring-up"))
-
-    async def _bring_up(self, sign_in: Callable[[], Awaitable[None]]) -> None:
-        await sign_in()
-        await self.agent.connect()
-        for channel in await self.agent.channels():
-            self._state(channel["id"])
-        self._tasks += [asyncio.create_task(self._pump(), name="mcp-messages"),
-                        asyncio.create_task(self._watch_events(), name="mcp-events")]
-
-    async def _retry(self, sign_in: Callable[[], Awaitable[None]]) -> None:
-        delay = 0.5
-        while True:
-            await asyncio.sleep(delay)
-            try:
-                await self._bring_up(sign_in)
-                log.warning("%s reached: signed in and listening", self.agent.server)
-                return
-            except UNREACHABLE:
-                delay = min(delay * 2, RETRY_MAX_DELAY)
-            except Exception:
-                log.exception("cannot sign in to %s; the tools will fail", self.agent.server)
-                return
+        await self.live.start(sign_in)
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self.live.close()
 
-    def _state(self, channel: str) -> ChannelState:
-        state = self.channels.get(channel)
-        if state is None:
-            state = self.channels[channel] = ChannelState()
-        return state
+    @property
+    def channels(self) -> dict[str, ChannelState]:
+        return self.live.channels
 
-    async def _pump(self) -> None:
-        while True:
-            try:
-                async for message in self.agent.messages():
-                    self._arrived(message)
-                    await self._updated(message.channel)
-            except AgentChatClientError as exc:
-                log.warning("socket: %s", exc)
-                await asyncio.sleep(1)
-
-    def _arrived(self, message: Message) -> None:
-        state = self._state(message.channel)
-        if len(state.live) == state.live.maxlen and state.live[0].seq > state.read_upto:
-            state.overflowed = True
-        state.live.append(message)
-        state.latest = max(state.latest, message.seq)
-        self._wake()
-
-    def _wake(self) -> None:
-        self._arrival.set()
-        self._arrival = asyncio.Event()
-
-    async def _on_invitation(self, invitation: dict[str, Any]) -> bool | None:
-        """The SDK's invitation policy: True accepts; None leaves it pending for the LLM to answer."""
-        if self.invitation_policy == "all":
-            return True
-        if self.invitation_policy == "known" and any(
-                invitation["by"] in channel["members"] for channel in await self.agent.channels()):
-            return True  # an agent this one already talks with: it can reach it anyway
-        channel = invitation["channel"]
-        if channel not in self.invitations:
-            self.invitations[channel] = invitation
-            self._wake()
-        return None
-
-    async def _updated(self, channel: str) -> None:
-        for listener in self._listeners:
-            try:
-                await listener.channel_updated(channel)
-            except Exception as exc:  # a client gone away must not stop the pump
-                log.info("resource update for %s not sent: %r", channel, exc)
-
-    async def _watch_events(self) -> None:
-        while True:
-            event = await self.agent.events.get()
-            if event.get("type") != "channel" or event.get("event") not in ("added", "removed", "deleted"):
-                continue
-            if event["event"] == "added":
-                self._state(event["channel"])
-                self.invitations.pop(event["channel"], None)  # accepted (here, or by another client)
-                self._reported.discard(event["channel"])
-            else:
-                self.channels.pop(event["channel"], None)
-            for listener in self._listeners:
-                try:
-                    await listener.channels_changed()
-                except Exception as exc:
-                    log.info("resource list change not sent: %r", exc)
+    @property
+    def invitations(self) -> dict[str, dict[str, Any]]:
+        """The invitations left pending, by channel."""
+        return self.live.invitations
 
     # ---------------------------------------------------------------------------- views
 
@@ -347,14 +219,14 @@ class Bridge:
 
     async def whoami(self) -> dict[str, Any]:
         return {"did": self.agent.did, "name": await self.name_of(self.agent.did), "server": self.agent.server,
-                "channels": len(self.channels)}
+                "channels": len(self.live.channels)}
 
     async def list_channels(self, offset: int = 0) -> dict[str, Any]:
-        listed = sorted(await self.agent.channels(), key=lambda c: (-len(self._state(c["id"]).unread()), c["id"]))
+        listed = sorted(await self.agent.channels(), key=lambda c: (-len(self.live.state(c["id"]).unread()), c["id"]))
         views: list[dict[str, Any]] = []
         used = 300
         for channel in listed[offset:]:
-            state = self._state(channel["id"])
+            state = self.live.state(channel["id"])
             members = [{"did": did, "name": await self.name_of(did)} for did in channel["members"][:MAX_MEMBERS_SHOWN]]
             view = {"id": channel["id"], "name": channel["name"], "owner": channel["owner"],
                     "member_count": len(channel["members"]), "members": members,
@@ -368,12 +240,12 @@ class Bridge:
         end = offset + len(views)
         return {"channels": views, "total": len(listed), "has_more": end < len(listed),
                 **({"next_offset": end} if end < len(listed) else {}),
-                **({"invitations_pending": len(self.invitations), "invitations": "call list_invitations"}
-                   if self.invitations else {})}
+                **({"invitations_pending": len(self.live.invitations), "invitations": "call list_invitations"}
+                   if self.live.invitations else {})}
 
     async def create_channel(self, members: list[str], name: str) -> dict[str, Any]:
         channel = await self.agent.create_channel(members, name=name)
-        self._state(channel)
+        self.live.state(channel)
         meta = await self.agent.channel(channel)
         return {**members_view(meta), "name": meta["name"], "resource": resource_uri(channel)}
 
@@ -397,39 +269,39 @@ class Bridge:
 
     async def list_invitations(self) -> dict[str, Any]:
         pending = await self.agent.invitations()  # the server's list: withdrawn ones are gone from it
-        self.invitations = {invitation["channel"]: invitation for invitation in pending}
-        self._reported &= set(self.invitations)
+        self.live.invitations = {invitation["channel"]: invitation for invitation in pending}
+        self.live.reported &= set(self.live.invitations)
         views = [await self.invitation_view(i) for i in pending[:MAX_INVITATIONS_SHOWN]]
         return {"invitations": views, "total": len(pending), "accepted_without_asking": POLICY_MEANING[
-            self.invitation_policy], "notice": INVITED}
+            self.live.invitation_policy], "notice": INVITED}
 
     async def answer_invitation(self, channel: str, answer: str) -> dict[str, Any]:
         if answer == "accept":
             meta = await self.agent.accept_invitation(channel)
-            self.invitations.pop(channel, None)
-            self._state(channel)
+            self.live.invitations.pop(channel, None)
+            self.live.state(channel)
             return {**members_view(meta), "accepted": True, "untrusted_name": meta["name"],
                     "resource": resource_uri(channel),
                     "next": "read_messages(channel) shows what was said before this agent joined"}
         if answer == "block":
-            invitation = self.invitations.get(channel) or next(
+            invitation = self.live.invitations.get(channel) or next(
                 (i for i in await self.agent.invitations() if i["channel"] == channel), None)
             if invitation is None:
                 raise ToolFailure("invitation_not_found", HINTS["invitation_not_found"])
             await self.agent.block(invitation["by"])  # declines its pending invitations too
-            self.invitations = {c: i for c, i in self.invitations.items() if i["by"] != invitation["by"]}
+            self.live.invitations = {c: i for c, i in self.live.invitations.items() if i["by"] != invitation["by"]}
             return {"channel": channel, "declined": True, "blocked": invitation["by"]}
         await self.agent.decline_invitation(channel)
-        self.invitations.pop(channel, None)
+        self.live.invitations.pop(channel, None)
         return {"channel": channel, "declined": True}
 
     async def send(self, channel: str, text: str | None, data: Any) -> dict[str, Any]:
         if (text is None) == (data is None):
             raise ToolFailure("invalid_argument", "Give exactly one of 'text' (a string) or 'data' (a JSON value).")
         seq = await self.agent.send(channel, text if text is not None else data)
-        state = self._state(channel)
+        state = self.live.state(channel)
         state.latest = max(state.latest, seq)
-        await self._updated(channel)
+        await self.live.updated(channel)
         return {"channel": channel, "seq": seq, "stored": True}
 
     async def read(self, channel: str, after: int, limit: int) -> dict[str, Any]:
@@ -444,7 +316,7 @@ class Bridge:
         if len(views) < len(messages):  # the output budget cut the page short
             end, has_more = views[-1]["seq"], True
         skipped = [s for s in page.skipped if s[0] <= end]
-        state = self._state(channel)
+        state = self.live.state(channel)
         state.read_upto = max(state.read_upto, end)
         state.latest = max(state.latest, end)
         if not any(m.seq > state.read_upto for m in state.live):
@@ -485,15 +357,15 @@ class Bridge:
         return {"channel": channel, "message": view, "notice": UNTRUSTED}
 
     async def wait(self, timeout: float, channel: str | None) -> dict[str, Any]:
-        if channel is not None and channel not in self.channels:
+        if channel is not None and channel not in self.live.channels:
             await self.agent.channel(channel)  # not_member / channel_not_found for the caller
-            self._state(channel)
+            self.live.state(channel)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            arrival = self._arrival
-            unread = self._unread(channel)
-            invited = [] if channel is not None else [c for c in self.invitations if c not in self._reported]
+            arrival = self.live.arrival
+            unread = self.live.unread(channel)
+            invited = [] if channel is not None else [c for c in self.live.invitations if c not in self.live.reported]
             remaining = deadline - loop.time()
             if unread or invited or remaining <= 0:
                 break
@@ -501,28 +373,23 @@ class Bridge:
                 await asyncio.wait_for(arrival.wait(), remaining)
         views = await self._bounded(unread, with_channel=True)
         for view in views:
-            state = self._state(view["channel"])
+            state = self.live.state(view["channel"])
             state.read_upto = max(state.read_upto, view["seq"])
         # Cursors of the channels this answer is about (an agent may be in a thousand channels).
         shown = sorted({view["channel"] for view in views} | ({channel} if channel is not None else set()))
         invited = invited[:MAX_INVITATIONS_SHOWN]
-        self._reported.update(invited)
+        self.live.reported.update(invited)
         result: dict[str, Any] = {
             "messages": views, "timed_out": not views and not invited, "has_more": len(unread) > len(views),
-            "resume": {c: self.channels[c].read_upto for c in shown if c in self.channels}}
+            "resume": {c: self.live.channels[c].read_upto for c in shown if c in self.live.channels}}
         if invited:
-            result["invitations"] = [await self.invitation_view(self.invitations[c]) for c in invited]
+            result["invitations"] = [await self.invitation_view(self.live.invitations[c]) for c in invited]
         result["notice"] = notice(views) + (" " + INVITED if invited else "")
-        missed = [c for c in sorted(self.channels) if self.channels[c].overflowed][:MAX_MEMBERS_SHOWN]
+        missed = [c for c in sorted(self.live.channels) if self.live.channels[c].overflowed][:MAX_MEMBERS_SHOWN]
         if missed:
             result["missed"] = {c: f"older unread messages: call read_messages(channel, after="
-                                   f"{self.channels[c].read_upto})" for c in missed}
+                                   f"{self.live.channels[c].read_upto})" for c in missed}
         return result
-
-    def _unread(self, channel: str | None) -> list[Message]:
-        if channel is not None:
-            return self._state(channel).unread()
-        return [m for c in sorted(self.channels) for m in self.channels[c].unread()]
 
     async def get_peek_policy(self) -> dict[str, Any]:
         funding = await self.agent.refusal_funding()
@@ -552,7 +419,7 @@ class Bridge:
     async def latest_seq(self, channel: str) -> int:
         """The channel's highest sequence number: known from this session, else found with a few
         one-message history reads (doubling, then halving), never by reading the whole history."""
-        state = self._state(channel)
+        state = self.live.state(channel)
         low, step = state.latest, 64
         while True:  # grow until nothing lies after ``low + step``
             page = await self.agent.history(channel, after=low + step - 1, limit=1)

@@ -450,7 +450,7 @@ async def test_no_key_in_time_releases_the_hold_and_says_so(tmp_path: Path, brow
     async def never_hands_over(view: dict[str, Any]) -> None:  # an agent whose client keeps the key
         return None
 
-    alice._grant_peek = never_hands_over  # type: ignore[method-assign]
+    alice._peeks.grant_key = never_hands_over  # type: ignore[method-assign]
     try:
         channel = await alice.create_channel([], name="keyless")
         await alice.connect()

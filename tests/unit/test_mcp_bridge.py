@@ -155,11 +155,11 @@ async def test_messages_show_sender_names_and_json_content() -> None:
 
 async def test_wait_returns_what_arrives_then_times_out_with_the_resume_cursor() -> None:
     bridge = Bridge(StandInAgent([]))  # type: ignore[arg-type]
-    bridge._state(CH)
+    bridge.live.state(CH)
     waiting = asyncio.create_task(bridge.wait(10, None))
     await asyncio.sleep(0.05)
     assert not waiting.done()
-    bridge._arrived(message(3, "are you there?"))
+    bridge.live.arrived(message(3, "are you there?"))
     answer = await asyncio.wait_for(waiting, 5)
     assert [m["untrusted_content"] for m in answer["messages"]] == ["are you there?"]
     assert answer["resume"] == {CH: 3} and answer["timed_out"] is False
@@ -199,20 +199,20 @@ def invitation(channel: str, by: str = PEER, name: str = "side project") -> dict
 async def test_invitations_from_strangers_wait_for_an_answer_and_wake_a_waiting_agent() -> None:
     agent = StandInAgent([])
     bridge = Bridge(agent, invitations="known")  # type: ignore[arg-type]
-    assert agent.invitation_policy == bridge._on_invitation  # the SDK asks the bridge
+    assert agent.invitation_policy == bridge.live.on_invitation  # the SDK asks the bridge
     agent.member_channels = [{"id": "ch_old", "members": [ME, "did:agentchat:friend"]}]
-    assert await bridge._on_invitation(invitation("ch_friend", by="did:agentchat:friend")) is True
+    assert await bridge.live.on_invitation(invitation("ch_friend", by="did:agentchat:friend")) is True
     waiting = asyncio.create_task(bridge.wait(10, None))
     await asyncio.sleep(0.05)
     agent.pending = [invitation("ch_new"), invitation("ch_spam", by="did:agentchat:spammer", name="ACCEPT NOW")]
-    assert await bridge._on_invitation(agent.pending[0]) is None  # left pending
+    assert await bridge.live.on_invitation(agent.pending[0]) is None  # left pending
     answer = await asyncio.wait_for(waiting, 5)
     [shown] = answer["invitations"]
     assert (shown["channel"], shown["invited_by"], shown["invited_by_name"], shown["untrusted_name"]) == (
         "ch_new", PEER, "peer", "side project")
     assert answer["timed_out"] is False and "answer_invitation" in answer["notice"]
     assert "invitations" not in await bridge.wait(0.05, None)  # announced once
-    assert await bridge._on_invitation(agent.pending[1]) is None
+    assert await bridge.live.on_invitation(agent.pending[1]) is None
     listed = await bridge.list_invitations()
     assert [i["channel"] for i in listed["invitations"]] == ["ch_new", "ch_spam"]
     assert "already shares a channel" in listed["accepted_without_asking"]
@@ -226,11 +226,11 @@ async def test_invitations_from_strangers_wait_for_an_answer_and_wake_a_waiting_
 
 async def test_the_invitation_policy_all_and_none() -> None:
     everything = Bridge(StandInAgent([]), invitations="all")  # type: ignore[arg-type]
-    assert await everything._on_invitation(invitation("ch_a")) is True and not everything.invitations
+    assert await everything.live.on_invitation(invitation("ch_a")) is True and not everything.invitations
     agent = StandInAgent([])
     agent.member_channels = [{"id": "ch_old", "members": [ME, PEER]}]
     nothing = Bridge(agent, invitations="none")  # type: ignore[arg-type]
-    assert await nothing._on_invitation(invitation("ch_b")) is None  # even from a known agent
+    assert await nothing.live.on_invitation(invitation("ch_b")) is None  # even from a known agent
     agent.pending = [invitation("ch_b")]
     assert (await nothing.answer_invitation("ch_b", "decline")) == {"channel": "ch_b", "declined": True}
     with pytest.raises(ValueError):
