@@ -607,3 +607,77 @@ async def test_kill_9_then_redis_restart_leaves_no_acked_message_unreadable(matr
     await m.wait_for_acks(fault)
     await restart(m, 1)
     assert_row(await m.check("kill -9 then Redis restart", m.recovery(fault)), readers=False)
+
+
+async def next_event(agent: Agent, kind: str, timeout: float = 30.0) -> dict:
+    """The agent's next event of type ``kind`` (others are passed over)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        event = await asyncio.wait_for(agent.events.get(), max(0.1, deadline - time.monotonic()))
+        if event.get("type") == kind:
+            return event
+
+
+async def test_a_number_delivered_live_but_never_stored_reaches_every_reader_as_a_gap(
+        tmp_path: Path, redis: RedisProcess, s3: S3Server) -> None:
+    """Alice's process numbers her message N and fans it out (bob, on another process, gets it live),
+    but its store is unreachable, and it is killed (-9) before storing N. Once alice's client sends
+    it again through the other process, that process recovers the dead one: bob is told N is a gap
+    (he got it live: retracted) and gets the message again under its new number; history lists N
+    as a gap; a client resuming from before N gets the gap, never waits for N. Before: N was simply
+    missing from history and resume, and nothing told bob."""
+    endpoint = urlsplit(s3.endpoint)
+    proxy = FaultProxy(endpoint.hostname, endpoint.port).start()
+    store = s3.url(s3.create_bucket())
+    env = {"AGENTCHAT_LOG_LEVEL": "INFO"}
+    doomed = ServerProcess(store=store.replace(s3.endpoint, f"http://127.0.0.1:{proxy.port}"), bus=redis.url,
+                           env=env, log_path=tmp_path / "server0.log").start()
+    survivor = ServerProcess(store=store, bus=redis.url, env=env, log_path=tmp_path / "server1.log").start()
+    agents: list[Agent] = []
+    try:
+        alice, bob = Agent(doomed.url, crypto.AgentKeys.generate()), Agent(survivor.url, crypto.AgentKeys.generate())
+        agents += [alice, bob]
+        await alice.register("alice")
+        await bob.register("bob")
+        channel = await alice.create_channel([bob.did])
+        await alice.connect()
+        await bob.connect()
+        before = await alice.send(channel, "stored")
+        assert (await bob.next_message(10)).seq == before
+        proxy.set_mode("refuse")  # alice's process can no longer store anything
+        sending = asyncio.create_task(alice.send(channel, "lost?", client_id="lost-1"))
+        live = await bob.next_message(10)
+        assert live.text == "lost?"
+        gap = live.seq
+        doomed.kill()
+        sending.cancel()
+        # Alice's client sends it again through the other process (as after a reconnect elsewhere).
+        alice_again = Agent(survivor.url, alice.keys)
+        agents.append(alice_again)
+        await alice_again.connect()
+        renumbered = await asyncio.wait_for(alice_again.send(channel, "lost?", client_id="lost-1"), 60)
+        assert renumbered > gap
+        told = await next_event(bob, "gap")
+        assert told == {"type": "gap", "channel": channel, "seq": gap, "retracted": True,
+                        "sender": alice.did, "client_id": "lost-1"}
+        again = await bob.next_message(10)
+        assert (again.seq, again.text) == (renumbered, "lost?")  # the message itself, once more, for good
+        page = await bob.history(channel)
+        assert [m.seq for m in page] == [before, renumbered]
+        assert page.gaps == [gap]
+        # A client that resumes from before N: the gap in its place, then the message; nothing waited for.
+        carol_view = Agent(survivor.url, bob.keys)
+        agents.append(carol_view)
+        carol_view._last_seq.update({channel: before})
+        await carol_view.connect()
+        told = await next_event(carol_view, "gap")
+        assert (told["seq"], told["retracted"]) == (gap, False)
+        assert (await carol_view.next_message(10)).seq == renumbered
+        assert carol_view.last_seq[channel] == renumbered
+    finally:
+        for agent in agents:
+            with contextlib.suppress(Exception):
+                await agent.close()
+        doomed.close()
+        survivor.close()
+        proxy.close()
