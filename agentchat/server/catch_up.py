@@ -3,6 +3,12 @@
 A reader that resumes (``Hub.attach`` with ``resume_after``) or whose process lost the bus for a moment
 (``after_reconnect``) gets every number after its last one from the store, then from the room's recent
 buffer, then the live messages held back meanwhile: no gap and no duplicate at the seam.
+
+A number missing from the store may still be on its way there: another process handed it out and
+its group commit has not stored it yet. Such a number is in that process's in-flight index
+(``bus_keys.in_flight``), so with several processes the catch-up waits for every missing number that
+is in flight until it is stored or, if its process died, declared a gap (it recovers that process
+itself); a number in flight nowhere was never handed out or is settled, and is not waited for.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import asyncio
 import logging
 import time
 
+from agentchat.bus import keys as bus_keys
 from agentchat.core import frames
 from agentchat.core.backoff import Backoff
 from agentchat.errors import AgentChatError
@@ -26,6 +33,9 @@ GAP_FILL_TRIES = 4
 # How long a catch-up keeps retrying a store or bus that answers "unavailable" (a failover, a
 # restart) before it hands the reader back to its client (close 1013: reconnect and resume).
 CATCH_UP_PATIENCE = 30.0
+# How long a catch-up waits for numbers another live process has in flight (its store may be away);
+# then it goes on without them, as with burned numbers.
+IN_FLIGHT_PATIENCE = 10.0
 
 
 class CatchUp:
@@ -92,8 +102,11 @@ class CatchUp:
                                         "first_available": room.first_available}))
         recent = room.recent_after(cursor.last)
         gap_fill_tries = GAP_FILL_TRIES if self.gap_fill_wait else 0
+        settle_until = time.monotonic() + IN_FLIGHT_PATIENCE
         while recent is None:
             page = await self.history.read(room.id, cursor.last, HISTORY_PAGE)
+            if self.gap_fill_wait and await self._waits_in_flight(room, cursor.last, page, settle_until):
+                continue
             if not page:
                 if gap_fill_tries and room.complete_from and cursor.last + 1 < room.complete_from:
                     # Numbers between the store's end and the first one this process saw live may
@@ -124,3 +137,31 @@ class CatchUp:
             if seq > cursor.last:
                 cursor.last = seq
                 session.push(frame)
+
+    async def _waits_in_flight(self, room: Room, after: int, page: list[bytes], until: float) -> bool:
+        """Whether a number missing from ``page`` (stored frames above ``after``), below its end or
+        below the first number this process saw live, is still in flight somewhere: then, after a
+        pause, the page is read again."""
+        below = frame_seq(page[-1]) if page else room.complete_from
+        if below <= after + 1 or time.monotonic() >= until:
+            return False
+        if page and len(page) == below - after:
+            return False  # no number missing
+        present = {frame_seq(frame) for frame in page}
+        if not await self._settle_in_flight(room.id, after, below, present):
+            return False
+        await asyncio.sleep(self.gap_fill_wait)
+        return True
+
+    async def _settle_in_flight(self, channel: str, after: int, below: int, present: set[int]) -> bool:
+        """Whether some process has a number between ``after`` and ``below`` (not in ``present``) in
+        flight. A dead process's are settled here (recovered: stored, or declared gaps)."""
+        bus = self.sequencer.bus
+        for instance, _ in await bus.index_range(bus_keys.IN_FLIGHT_PROCESSES, 0):
+            numbers = await bus.index_range(bus_keys.in_flight(channel, instance), after + 1)
+            if not any(seq < below and seq not in present for _, seq in numbers):
+                continue
+            if instance != self.sequencer.instance and not await self.sequencer.is_alive(instance):
+                await self.writer.recovery.recover_instance(instance, dead=True)
+            return True
+        return False

@@ -104,9 +104,9 @@ async def full_history(agent: Agent, channel: str) -> list[int]:
     while True:
         page = await agent.history(channel, after=after, limit=500)
         seqs += [m.seq for m in page]
-        if len(page) < 500:
+        if page.fetched < 500:  # messages and gaps count towards a page
             return seqs
-        after = page[-1].seq
+        after = page.next_after
 
 
 async def test_agents_on_different_processes_talk_in_order_and_resume_elsewhere(cluster_factory) -> None:
@@ -417,9 +417,9 @@ class Matrix:
                     page = await reader._request("GET", f"/api/v1/channels/{channel}/messages",
                                                  params={"after": after, "limit": 500})
                     records += [(m["seq"], m["sender"], m["client_id"]) for m in page["messages"]]
-                    if len(page["messages"]) < 500:
+                    if not page["has_more"]:
                         break
-                    after = page["messages"][-1]["seq"]
+                    after = page["next_after"]
             found.append(records)
         return found
 

@@ -216,3 +216,48 @@ async def test_a_catch_up_that_cannot_finish_hands_the_reader_back_to_its_client
     assert reader.closed_with == (1013, "catch_up_failed")
     errors = [orjson.loads(frame) for frame in reader.frames]
     assert errors and errors[-1]["type"] == "error" and errors[-1]["code"] == "store_unavailable"
+
+
+class _SlowStore:
+    """History whose first ``misses`` reads come before the group commit of message 1 landed."""
+
+    def __init__(self, frame: bytes, misses: int) -> None:
+        self.frame = frame
+        self.misses = misses
+
+    async def read(self, channel: str, after: int, limit: int, **_: Any) -> list[bytes]:
+        if self.misses:
+            self.misses -= 1
+            return []
+        return [self.frame] if after < 1 else []
+
+
+async def test_a_resume_waits_for_a_number_still_in_flight_on_a_live_process_however_long_its_store_takes() -> None:
+    """Another live process numbered message 1 (in flight, not stored) and stores it only after a dozen
+    store reads of the catch-up, longer than the fixed wait for other processes' group commits: the
+    reader still gets 1 before 2 (before: it gave up after four tries and never got 1)."""
+    broker = MemoryBroker()
+    here, there = MemoryBus(broker), MemoryBus(broker)
+    await there.start(lambda topic, seq, body: None)
+    channel = "ch_1"
+    topic, counter = bus_keys.channel_messages(channel), bus_keys.sequence_counter(channel)
+    body = b'{"channel":"ch_1"}'
+    await there.seed_sequence(counter, 0)
+    await there.set(bus_keys.heartbeat("there"), b"1", 60)
+    await there.index_add([(bus_keys.IN_FLIGHT_PROCESSES, "there", 0)])
+    assert await there.claim_and_publish("cid:ch_1:s:1", b"p:there", 60, topic, counter, body,
+                                         in_flight=bus_keys.in_flight(channel, "there")) == 1
+    history = _SlowStore(frames.message_frame(1, body), misses=12)
+    hub = Hub(here, _Records(), history, None, metrics=Metrics(), send_queue_max=10,  # type: ignore[arg-type]
+              gap_fill_wait=0.02)
+    await here.start(hub._on_bus)
+    reader = _Reader()
+    try:
+        attaching = asyncio.create_task(hub.attach(reader, channel, resume_after=0))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        assert await there.publish_sequenced(topic, counter, body) == 2
+        await asyncio.wait_for(attaching, 10)
+        assert [frame_seq(frame) for frame in reader.frames] == [1, 2]
+    finally:
+        await here.close()
+        await there.close()
