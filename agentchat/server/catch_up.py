@@ -8,7 +8,8 @@ A number missing from the store may still be on its way there: another process h
 its group commit has not stored it yet. Such a number is in that process's in-flight index
 (``bus_keys.in_flight``), so with several processes the catch-up waits for every missing number that
 is in flight until it is stored or, if its process died, declared a gap (it recovers that process
-itself); a number in flight nowhere was never handed out or is settled, and is not waited for.
+itself), for at most ``IN_FLIGHT_PATIENCE`` while that process still looks alive; a number in flight
+nowhere was never handed out or is settled, and is not waited for.
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ GAP_FILL_TRIES = 4
 # How long a catch-up keeps retrying a store or bus that answers "unavailable" (a failover, a
 # restart) before it hands the reader back to its client (close 1013: reconnect and resume).
 CATCH_UP_PATIENCE = 30.0
-# How long a catch-up waits for numbers another live process has in flight (its store may be away);
-# then it goes on without them, as with burned numbers.
-IN_FLIGHT_PATIENCE = 10.0
+# How long a catch-up waits for numbers another process has in flight while that process still has a
+# heartbeat: its group commit lands within a batch's wait and a store write; then the catch-up goes on
+# without them, as with burned numbers. Short, because a resume in a socket's hello holds the socket's
+# other frames (its sends) meanwhile, and a process just killed keeps its heartbeat for up to 3 s: its
+# numbers then reach the reader as gap frames, live, once it is recovered.
+IN_FLIGHT_PATIENCE = 1.0
 
 
 class CatchUp:

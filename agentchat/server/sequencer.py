@@ -316,10 +316,16 @@ class Sequencer:
         pending = [(note[0], self._pending_mark) for note in self.writer.waiting_notes() if note is not None]
         await self._set_claims(pending, CLAIM_PENDING_TTL)
         restored = len(pending)
-        self._in_flight.clear()  # the lists of channels went too
-        for channel, seqs in self.writer.waiting_numbers().items():
-            in_flight = await self._list_channel(channel)
-            await self.bus.index_add([(in_flight, str(seq), seq) for seq in seqs])
+        # The in-flight records and the list of their channels went too: back in one call (the
+        # channels stay known here, so stored numbers are still cleared from their records).
+        waiting = self.writer.waiting_numbers()
+        channels = self._in_flight.keys() | waiting.keys()
+        self._in_flight.update((channel, bus_keys.in_flight(channel, self.instance)) for channel in channels)
+        records = [(bus_keys.IN_FLIGHT_PROCESSES, self.instance, 0),
+                   *((bus_keys.in_flight_channels(self.instance), channel, 0) for channel in channels),
+                   *((self._in_flight[channel], str(seq), seq) for channel, seqs in waiting.items() for seq in seqs)]
+        for start in range(0, len(records), CLAIMS_PER_CALL):
+            await self.bus.index_add(records[start:start + CLAIMS_PER_CALL])
         for channel, stored in self.writer.tails().items():
             for start in range(0, len(stored), CLAIMS_PER_CALL):
                 await self._set_claims(stored_claims(channel, stored[start:start + CLAIMS_PER_CALL]), CLAIM_DONE_TTL)

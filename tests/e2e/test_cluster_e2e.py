@@ -98,6 +98,13 @@ async def send_until_acked(agent: Agent, channel: str, text: str, client_id: str
             await asyncio.sleep(0.1)
 
 
+def move_agent(agent: Agent, url: str) -> None:
+    """Point the agent's REST calls and its socket's next reconnect at another process (as a load
+    balancer would). The SDK's parts keep the address they were made with, so each is told."""
+    agent.server = agent._rest.server = url
+    agent._socket._url = url.replace("http://", "ws://", 1) + "/api/v1/ws"
+
+
 async def full_history(agent: Agent, channel: str) -> list[int]:
     seqs: list[int] = []
     after = 0
@@ -378,7 +385,7 @@ class Matrix:
         for i, home in enumerate(self.home):
             if home == process:
                 self.home[i] = (process + 1) % 3
-                self.agents[i].server = self.cluster.url(self.home[i])
+                move_agent(self.agents[i], self.cluster.url(self.home[i]))
 
     def recovery(self, since: float) -> tuple[float, float]:
         """Per agent, how long after ``since`` its first send started after ``since`` was acked:
