@@ -295,3 +295,40 @@ async def test_a_member_whose_process_hears_of_its_join_late_still_gets_what_was
                                                                            ("message", None, 1)]
     finally:
         await bus.close()
+
+
+async def test_a_resume_settles_a_number_a_dead_process_left_in_flight_and_gets_its_gap() -> None:
+    """Process "gone" numbered 1 and died before storing it (no heartbeat): the catch-up recovers that
+    process itself, which declares 1 a gap, and the reader gets the gap before 2, without waiting."""
+    broker = MemoryBroker()
+    here, gone = MemoryBus(broker), MemoryBus(broker)
+    channel = "ch_1"
+    topic, counter = bus_keys.channel_messages(channel), bus_keys.sequence_counter(channel)
+    body = b'{"channel":"ch_1"}'
+    await gone.seed_sequence(counter, 0)
+    await gone.index_add([(bus_keys.IN_FLIGHT_PROCESSES, "gone", 0)])
+    assert await gone.claim_and_publish("cid:ch_1:s:1", b"p:gone", 60, topic, counter, body,
+                                        in_flight=bus_keys.in_flight(channel, "gone")) == 1
+    stored: list[bytes] = []
+    recovered: list[str] = []
+
+    async def recover_instance(instance: str, *, dead: bool) -> None:
+        assert dead
+        recovered.append(instance)
+        stored.append(frames.gap_frame(channel, 1, 5))  # what WriteAheadRecovery stores
+        await gone.index_remove([(bus_keys.in_flight(channel, "gone"), "1")])
+
+    writer = SimpleNamespace(recovery=SimpleNamespace(recover_instance=recover_instance))
+    hub = Hub(here, _Records(), _AwayStore(stored, failures=0), writer, metrics=Metrics(),  # type: ignore[arg-type]
+              send_queue_max=10, gap_fill_wait=0.02)
+    await here.start(hub._on_bus)
+    reader = _Reader()
+    try:
+        attaching = asyncio.create_task(hub.attach(reader, channel, resume_after=0))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        assert await here.publish_sequenced(topic, counter, body) == 2
+        await asyncio.wait_for(attaching, 10)
+        assert recovered == ["gone"]
+        assert [(frames.is_gap(frame), frame_seq(frame)) for frame in reader.frames] == [(True, 1), (False, 2)]
+    finally:
+        await here.close()
