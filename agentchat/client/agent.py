@@ -327,7 +327,9 @@ class Agent:
         page = await self._request("GET", f"/api/v1/channels/{channel}/messages",
                                    params={"after": after, "limit": limit})
         records = page["messages"]
-        history = History(next_after=records[-1]["seq"] if records else after, fetched=len(records))
+        history = History(next_after=page.get("next_after", records[-1]["seq"] if records else after),
+                          fetched=len(records) + len(page.get("gaps", ())))
+        history.gaps = list(page.get("gaps", ()))
         for record in records:
             try:
                 history.append(await self._keys.open(record))

@@ -226,9 +226,9 @@ async def test_sends_of_one_turn_on_one_channel_are_one_call_and_one_message(red
                      for line in info.splitlines() if line.startswith("cmdstat_")}
             return calls.get("cmdstat_evalsha", 0), calls.get("cmdstat_publish", 0)
 
-        await sender.claim_and_publish("cid:one:s:first", b"p", 30, "c:one", "seq:one", b"m")  # loads it
+        await sender.claim_and_publish("cid:one:s:first", b"p", 30, "c:one", "seq:one", b"m", in_flight="inflight:one:s")  # loads it
         evalsha_before, publish_before = await counts()
-        await asyncio.gather(*(sender.claim_and_publish(f"cid:one:s:{i}", b"p", 30, "c:one", "seq:one", b"m")
+        await asyncio.gather(*(sender.claim_and_publish(f"cid:one:s:{i}", b"p", 30, "c:one", "seq:one", b"m", in_flight="inflight:one:s")
                                for i in range(50)))
         evalsha_after, publish_after = await counts()
         await received.wait_count("c:one", 51)
