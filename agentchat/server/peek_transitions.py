@@ -164,7 +164,9 @@ class PeekTransitions:
                 return
         if at is not None and now >= at:
             event: Event = TimeUp() if peek.state is PeekState.ACTIVE else DeadlineReached()
-            log.info("peek %s: %s is due (%.3f s late)", peek.id, event.name, now - at)
+            # Every peek passes here once or twice: only a late one is worth an operator's attention.
+            log.log(logging.WARNING if now - at > 1.0 else logging.DEBUG,
+                    "peek %s: %s is due (%.3f s late)", peek.id, event.name, now - at)
             try:
                 await self.apply(peek.id, lambda _: event, found)
             except AgentChatError as exc:

@@ -616,7 +616,7 @@ def test_close_codes_in_the_spec_are_the_codes_the_server_sends() -> None:
     documented = {int(code) for code in re.findall(r"^\| (\d{4}) \|", section, re.M)}
     sent = {rfc6455.CLOSE_GOING_AWAY, rfc6455.CLOSE_POLICY, rfc6455.CLOSE_PROTOCOL_ERROR, rfc6455.CLOSE_TOO_BIG,
             rfc6455.CLOSE_INVALID_DATA,
-            frames.CLOSE_AUTH, frames.CLOSE_REMOVED, frames.CLOSE_SLOW_CONSUMER}
+            frames.CLOSE_AUTH, frames.CLOSE_REMOVED, frames.CLOSE_SLOW_CONSUMER, frames.CLOSE_TRY_AGAIN}
     assert documented == sent
 
 
