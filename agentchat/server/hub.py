@@ -345,13 +345,31 @@ class Hub:
             meta = await self.records.get_channel(channel)
             if meta is not None:
                 self.apply_channel(meta)
+        # Delivery starts after the number the channel had reached when the agent joined, whenever
+        # this process hears of it (an older process's event has no number: live from now).
+        after = event.get("after")
+        resume_after = after if isinstance(after, int) and after >= 0 else None
         for session in list(self.sessions.get(did, ())):
             if channel not in session.cursors:
                 try:
-                    await self.attach(session, channel, resume_after=None)
+                    await self.attach(session, channel, resume_after=resume_after, defer_catch_up=True)
                 except AgentChatError:
                     continue
                 session.push(frames.encode({"type": "channel", "channel": channel, "event": "added"}))
+                if resume_after is not None:
+                    await self.catch_up(session, channel)
+
+    async def announce_joined(self, did: str, channel: str) -> None:
+        """``did`` is a member of ``channel`` now: its sockets, on every process, get every message
+        numbered after this moment, even one sent before their process hears of the join."""
+        try:
+            (after,) = await self.bus.read_counters([bus_keys.sequence_counter(channel)])
+        except AgentChatError:
+            after = None  # its sockets get live delivery from when their process hears of it
+        event: dict[str, Any] = {"event": "added", "channel": channel}
+        if after is not None:
+            event["after"] = after
+        await self.publish_agent_event(did, event)
 
     async def publish_channel_event(self, channel: str, event: dict[str, Any]) -> None:
         await self.bus.publish(bus_keys.channel_events(channel), orjson.dumps(event))

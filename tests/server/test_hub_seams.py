@@ -216,3 +216,37 @@ async def test_a_catch_up_that_cannot_finish_hands_the_reader_back_to_its_client
     assert reader.closed_with == (1013, "catch_up_failed")
     errors = [orjson.loads(frame) for frame in reader.frames]
     assert errors and errors[-1]["type"] == "error" and errors[-1]["code"] == "store_unavailable"
+
+
+async def test_a_member_whose_process_hears_of_its_join_late_still_gets_what_was_sent_since() -> None:
+    """bob accepts an invitation through one process; alice's message 1 is numbered before bob's
+    process hears of the join (another bus topic, another task): bob's socket still gets it, after
+    the ``added`` frame (before: live delivery started when the process heard, and 1 was lost)."""
+    bus = MemoryBus(MemoryBroker())
+    channel = "ch_1"
+    topic, counter = bus_keys.channel_messages(channel), bus_keys.sequence_counter(channel)
+    await bus.seed_sequence(counter, 0)
+    stored: list[bytes] = []
+    hub = Hub(bus, _Records(), _AwayStore(stored, failures=0), None, metrics=Metrics(),  # type: ignore[arg-type]
+              send_queue_max=10)
+    await bus.start(hub._on_bus)
+    published: list[dict[str, Any]] = []
+    real_publish = hub.publish_agent_event
+
+    async def hold(did: str, event: dict[str, Any]) -> None:
+        published.append(event)  # not delivered yet: bob's process hears of it below
+    hub.publish_agent_event = hold  # type: ignore[method-assign]
+    reader = _Reader()
+    try:
+        await hub.register_session(reader)  # type: ignore[arg-type]
+        await hub.announce_joined("did:a", channel)
+        body = b'{"channel":"ch_1"}'
+        await bus.publish_sequenced(topic, counter, body)
+        stored.append(frames.message_frame(1, body))
+        hub.publish_agent_event = real_publish  # type: ignore[method-assign]
+        await hub._on_agent_event("did:a", published[0])
+        got = [orjson.loads(frame) for frame in reader.frames]
+        assert [(f["type"], f.get("event"), f.get("seq")) for f in got] == [("channel", "added", None),
+                                                                           ("message", None, 1)]
+    finally:
+        await bus.close()

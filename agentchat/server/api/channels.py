@@ -150,7 +150,7 @@ async def create_channel(request: web.Request) -> web.Response:
     hub = request.app[HUB]
     await hub.seed_new_channel(channel_id)
     await hub.bus.seed_sequence(membership_counter(channel_id), 1)
-    await hub.publish_agent_event(did, {"event": "added", "channel": channel_id})
+    await hub.announce_joined(did, channel_id)
     for invitee in invitees:
         await hub.publish_agent_event(invitee, invitation_event(meta, invitee))
     return json_response(channel_view(meta), 201)

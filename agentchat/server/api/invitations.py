@@ -83,7 +83,7 @@ async def accept(request: web.Request) -> web.Response:
     await records.add_membership(did, channel)
     await records.remove_invitation(did, channel)
     await hub.publish_channel_event(channel, {"event": "member_added", "did": did})
-    await hub.publish_agent_event(did, {"event": "added", "channel": channel})
+    await hub.announce_joined(did, channel)
     return json_response(channel_view(updated))
 
 
