@@ -43,13 +43,12 @@ FrameHandler = Callable[[dict[str, Any]], None]
 
 
 class SocketSession:
-    def __init__(self, server: str, rest: RestSession, *, did: str, include_own: bool,
+    def __init__(self, rest: RestSession, *, did: str, include_own: bool,
                  open_message: Callable[[dict[str, Any]], Awaitable[Message]],
                  events: asyncio.Queue[dict[str, Any]], background: BackgroundTasks,
                  on_welcome: Callable[[], None]) -> None:
         """``open_message`` decrypts and checks a ``message`` frame; ``on_welcome`` is called each time
         the server welcomes the socket (the first time and after every reconnect)."""
-        self._url = server.replace("https://", "wss://", 1).replace("http://", "ws://", 1) + "/api/v1/ws"
         self._rest = rest
         self._did = did
         self.include_own = include_own
@@ -163,7 +162,7 @@ class SocketSession:
         self._lost = False
         while not self.closing:
             try:
-                async with websockets.connect(self._url, max_size=4 * 1024 * 1024, open_timeout=10) as ws:
+                async with websockets.connect(self._ws_url(), max_size=4 * 1024 * 1024, open_timeout=10) as ws:
                     await ws.send(orjson.dumps({"type": "hello", "token": await self._rest.token(),
                                                 "resume": dict(self.last_seq)}).decode())
                     self.ws = ws
@@ -191,6 +190,11 @@ class SocketSession:
                 return
             self.reconnects += 1
             await asyncio.sleep(backoff.next_delay())
+
+    def _ws_url(self) -> str:
+        """The socket's address, from the REST side's at each connect (``Agent.server`` may change)."""
+        base = self._rest.server.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+        return base + "/api/v1/ws"
 
     async def _dispatch(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
         """Every frame from the server, by its type (protocol/frames.md)."""
