@@ -21,7 +21,7 @@ async def session() -> SocketSession:
     async def open_message(frame: dict[str, Any]) -> Any:
         return frame  # decrypting is not what is tested here
 
-    return SocketSession("http://127.0.0.1:1", None, did="did:me", include_own=False,  # type: ignore[arg-type]
+    return SocketSession(None, did="did:me", include_own=False,  # type: ignore[arg-type]
                          open_message=open_message, events=asyncio.Queue(), background=BackgroundTasks(),
                          on_welcome=lambda: None)
 
