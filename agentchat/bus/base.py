@@ -72,13 +72,16 @@ class Bus(Protocol):
     async def publish_sequenced(self, topic: str, counter: str, body: bytes) -> int | None: ...
 
     async def claim_and_publish(
-        self, claim: str, mark: bytes, ttl: float, topic: str, counter: str, body: bytes
+        self, claim: str, mark: bytes, ttl: float, topic: str, counter: str, body: bytes, *, in_flight: str
     ) -> int | bytes | None:
         """``set_if_absent(claim, mark, ttl)`` and, if that stored it, ``publish_sequenced(topic,
-        counter, body)``, as one atomic step (one round trip): a message's idempotency claim and its
-        number cost one call. Returns the number if published; the claim's existing value (bytes) if
-        it was already there (nothing published); ``None`` if the counter is unknown (nothing claimed
-        or published: re-seed it and call again)."""
+        counter, body)`` and ``index_add([(in_flight, str(seq), seq)])``, as one atomic step (one round
+        trip): a message's idempotency claim, its number and the record that the number is handed out
+        but not stored yet cost one call, and no number reaches a reader without that record. Returns
+        the number if published; the claim's existing value (bytes) if it was already there (nothing
+        published or recorded); ``None`` if the counter is unknown (nothing claimed, published or
+        recorded: re-seed it and call again). ``in_flight`` names the same channel as the rest
+        (``bus_keys.in_flight``)."""
 
     async def seed_sequence(self, counter: str, floor: int) -> None:
         """Make the counter at least ``floor``, so the next number handed out is above it."""

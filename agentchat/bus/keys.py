@@ -78,6 +78,24 @@ def indicator_recount_lock(channel: str) -> str:
     return "ind-recount:" + channel
 
 
+def in_flight(channel: str, instance: str) -> str:
+    """Index of the numbers of ``channel`` that process ``instance`` handed out and has not stored
+    yet (member: the number; score: the number). Added in the same atomic bus step as the number
+    (``claim_and_publish``), removed once the message is stored; what a dead process leaves here and
+    never stored becomes a gap (``store/recovery.py``)."""
+    return f"inflight:{channel}:{instance}"
+
+
+# Index of the processes that may have in-flight numbers (member: the instance id), and per process the
+# index of the channels it numbered messages of (member: the channel id). Written before the process's
+# first number on a channel, so recovery finds every ``in_flight`` index of a dead process.
+IN_FLIGHT_PROCESSES = "inflight-procs"
+
+
+def in_flight_channels(instance: str) -> str:
+    return "inflight-chans:" + instance
+
+
 def wal_index(channel: str) -> str:
     """Index of the write-ahead objects holding a channel's not yet compacted messages."""
     return "wal:" + channel
@@ -123,7 +141,7 @@ def rate_window(bucket: str, address: str, window: int) -> str:
 # Topics and keys that belong to one channel: the channel id follows the prefix, up to the next colon.
 # A Redis Cluster keeps each channel's names in one hash slot by this (``bus/redis_cluster.py``), so a
 # send's claim, counter and topic must all name the same channel.
-_CHANNEL_SCOPED = (MESSAGES, CHANNEL_EVENTS, "seq:", "cid:", "ind:", "ind-recount:", "wal:", "mv:")
+_CHANNEL_SCOPED = (MESSAGES, CHANNEL_EVENTS, "seq:", "cid:", "ind:", "ind-recount:", "wal:", "mv:", "inflight:")
 
 
 def channel_scope(name: str) -> tuple[str, str, str] | None:

@@ -205,7 +205,7 @@ class MemoryBus:
         return seq
 
     async def claim_and_publish(
-        self, claim: str, mark: bytes, ttl: float, topic: str, counter: str, body: bytes
+        self, claim: str, mark: bytes, ttl: float, topic: str, counter: str, body: bytes, *, in_flight: str
     ) -> int | bytes | None:
         _check_ttl(ttl)
         broker = self._broker
@@ -219,6 +219,7 @@ class MemoryBus:
         broker.store(claim, mark, now + ttl)
         seq += 1
         broker.counters[counter] = seq
+        broker.indexes.setdefault(in_flight, {})[str(seq)] = seq
         subscribers = broker.topics.get(topic)
         if subscribers:
             broker.deliver(subscribers, topic, seq, body)

@@ -56,34 +56,38 @@ local seq = redis.call('INCR', KEYS[1])
 redis.call('PUBLISH', ARGV[1], string.format('%d:', seq) .. ARGV[2])
 return seq
 """)
-# KEYS[1] claim, KEYS[2] counter; ARGV[1] mark, ARGV[2] ttl ms, ARGV[3] channel, ARGV[4] body.
-# {1, seq} if claimed and published, {0, value} if the claim exists, {2} if the counter is unknown.
+# KEYS[1] claim, KEYS[2] counter, KEYS[3] in-flight index; ARGV[1] mark, ARGV[2] ttl ms, ARGV[3] channel,
+# ARGV[4] body. {1, seq} if claimed, published and recorded in flight, {0, value} if the claim exists,
+# {2} if the counter is unknown.
 CLAIM_AND_PUBLISH = Script("""
 local current = redis.call('GET', KEYS[1])
 if current then return {0, current} end
 if redis.call('EXISTS', KEYS[2]) == 0 then return {2} end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local seq = redis.call('INCR', KEYS[2])
+redis.call('ZADD', KEYS[3], seq, string.format('%d', seq))
 redis.call('PUBLISH', ARGV[3], string.format('%d:', seq) .. ARGV[4])
 return {1, seq}
 """)
 # The claims and publishes of one round (see claim_and_publish) on one channel, as one call and one message.
-# KEYS[1] counter, KEYS[1 + i] claim i; ARGV[1] ttl ms, ARGV[2] channel, ARGV[2 + 2i - 1] mark i,
-# ARGV[2 + 2i] body i. Each item as CLAIM_AND_PUBLISH, in order: {1, seq}, {0, value} or {2}. The
-# published messages go out as one pub/sub message: b"*" then, per message, b"<seq>:<length>:" + body.
+# KEYS[1] counter, KEYS[2] in-flight index, KEYS[2 + i] claim i; ARGV[1] ttl ms, ARGV[2] channel,
+# ARGV[2i + 1] mark i, ARGV[2i + 2] body i. Each item as CLAIM_AND_PUBLISH, in order: {1, seq}, {0, value}
+# or {2}. The published messages go out as one pub/sub message: b"*" then, per message,
+# b"<seq>:<length>:" + body.
 CLAIM_AND_PUBLISH_MANY = Script("""
 local known = redis.call('EXISTS', KEYS[1]) == 1
 local out, parts = {}, {}
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   local current = redis.call('GET', KEYS[i])
   if current then
     out[#out + 1] = {0, current}
   elseif not known then
     out[#out + 1] = {2}
   else
-    redis.call('SET', KEYS[i], ARGV[2 * i - 1], 'PX', ARGV[1])
+    redis.call('SET', KEYS[i], ARGV[2 * i - 3], 'PX', ARGV[1])
     local seq = redis.call('INCR', KEYS[1])
-    local body = ARGV[2 * i]
+    redis.call('ZADD', KEYS[2], seq, string.format('%d', seq))
+    local body = ARGV[2 * i - 2]
     parts[#parts + 1] = string.format('%d:%d:', seq, #body) .. body
     out[#out + 1] = {1, seq}
   end
@@ -217,8 +221,9 @@ class RedisBus:
         self._index_prefix = f"{namespace}:{bus_keys.REDIS_INDEX}"
         self._topic_prefix = f"{namespace}:{bus_keys.REDIS_TOPIC}"
         self._background: set[asyncio.Task[None]] = set()
-        # claim_and_publish: sends waiting per (topic, counter, ttl ms); whether a round is on its way
-        self._send_batches: dict[tuple[str, str, int], list[tuple[str, bytes, bytes, asyncio.Future[Any]]]] = {}
+        # claim_and_publish: sends waiting per (topic, counter, ttl ms, in-flight index); whether a round
+        # is on its way
+        self._send_batches: dict[tuple[str, str, int, str], list[tuple[str, bytes, bytes, asyncio.Future[Any]]]] = {}
         self._sending = False
         self._flush_scheduled = False
         self._closing = False
@@ -316,10 +321,10 @@ class RedisBus:
         return None if seq is None else int(seq)
 
     async def claim_and_publish(
-        self, claim: str, mark: bytes, ttl: float, topic: str, counter: str, body: bytes
+        self, claim: str, mark: bytes, ttl: float, topic: str, counter: str, body: bytes, *, in_flight: str
     ) -> int | bytes | None:
         if not self._batch_sends:
-            return await self._claim_and_publish_one(claim, mark, ttl, topic, counter, body)
+            return await self._claim_and_publish_one(claim, mark, ttl, topic, counter, body, in_flight)
         # The sends of one channel become one script call and one pub/sub message (see
         # CLAIM_AND_PUBLISH_MANY): a round trip, a script run and a delivery per batch rather than per
         # message, on this process, on Redis and on every subscribed process. The process has one
@@ -329,7 +334,7 @@ class RedisBus:
         # pushes, and each wakes the subscribed processes once for more messages, which they then
         # write to each socket together. A channel's calls keep the order of its sends.
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        key = (topic, counter, _ttl_ms(ttl))
+        key = (topic, counter, _ttl_ms(ttl), in_flight)
         batch = self._send_batches.get(key)
         if batch is None:
             batch = self._send_batches[key] = []
@@ -349,7 +354,7 @@ class RedisBus:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _send_round(self, batches: dict[tuple[str, str, int],
+    async def _send_round(self, batches: dict[tuple[str, str, int, str],
                                               list[tuple[str, bytes, bytes, asyncio.Future[Any]]]]) -> None:
         try:
             await asyncio.gather(*(self._send_claims(key, items) for key, items in batches.items()))
@@ -364,10 +369,10 @@ class RedisBus:
             else:
                 self._flush_sends()  # what came while this round was on its way
 
-    async def _send_claims(self, key: tuple[str, str, int],
+    async def _send_claims(self, key: tuple[str, str, int, str],
                            items: list[tuple[str, bytes, bytes, asyncio.Future[Any]]]) -> None:
-        topic, counter, ttl_ms = key
-        keys = [self._seq_name(counter), *(claim for claim, _, _, _ in items)]
+        topic, counter, ttl_ms, in_flight = key
+        keys = [self._seq_name(counter), self._index_name(in_flight), *(claim for claim, _, _, _ in items)]
         args: list[Any] = [ttl_ms, self._topic_name(topic)]
         for _, mark, body, _ in items:
             args += (mark, body)
@@ -387,9 +392,9 @@ class RedisBus:
                 future.set_result(int(reply[1]) if outcome == 1 else bytes(reply[1]) if outcome == 0 else None)
 
     async def _claim_and_publish_one(
-        self, claim: str, mark: bytes, ttl: float, topic: str, counter: str, body: bytes
+        self, claim: str, mark: bytes, ttl: float, topic: str, counter: str, body: bytes, in_flight: str
     ) -> int | bytes | None:
-        keys = [self._value_name(claim), self._seq_name(counter)]
+        keys = [self._value_name(claim), self._seq_name(counter), self._index_name(in_flight)]
         try:
             reply = await self._commands.script(self._claim_and_publish, keys,
                                                 [mark, _ttl_ms(ttl), self._topic_name(topic), body])

@@ -67,14 +67,15 @@ local seq = redis.call('HINCRBY', KEYS[1], 'n', 1)
 redis.call('SPUBLISH', ARGV[1], string.format('%d:', seq) .. ARGV[2])
 return seq
 """)
-# KEYS[1] claim, KEYS[2] counter; ARGV[1] mark, ARGV[2] ttl ms, ARGV[3] channel, ARGV[4] body,
-# ARGV[5] node id. As CLAIM_AND_PUBLISH of the single-Redis bus.
+# KEYS[1] claim, KEYS[2] counter, KEYS[3] in-flight index; ARGV[1] mark, ARGV[2] ttl ms, ARGV[3] channel,
+# ARGV[4] body, ARGV[5] node id. As CLAIM_AND_PUBLISH of the single-Redis bus.
 CLUSTER_CLAIM_AND_PUBLISH = _FencedScript("""
 local current = redis.call('GET', KEYS[1])
 if current then return {0, current} end
 if redis.call('HGET', KEYS[2], 'owner') ~= ARGV[5] then return {2} end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local seq = redis.call('HINCRBY', KEYS[2], 'n', 1)
+redis.call('ZADD', KEYS[3], seq, string.format('%d', seq))
 redis.call('SPUBLISH', ARGV[3], string.format('%d:', seq) .. ARGV[4])
 return {1, seq}
 """)
@@ -82,16 +83,17 @@ return {1, seq}
 CLUSTER_CLAIM_AND_PUBLISH_MANY = _FencedScript("""
 local known = redis.call('HGET', KEYS[1], 'owner') == ARGV[#ARGV]
 local out, parts = {}, {}
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   local current = redis.call('GET', KEYS[i])
   if current then
     out[#out + 1] = {0, current}
   elseif not known then
     out[#out + 1] = {2}
   else
-    redis.call('SET', KEYS[i], ARGV[2 * i - 1], 'PX', ARGV[1])
+    redis.call('SET', KEYS[i], ARGV[2 * i - 3], 'PX', ARGV[1])
     local seq = redis.call('HINCRBY', KEYS[1], 'n', 1)
-    local body = ARGV[2 * i]
+    redis.call('ZADD', KEYS[2], seq, string.format('%d', seq))
+    local body = ARGV[2 * i - 2]
     parts[#parts + 1] = string.format('%d:%d:', seq, #body) .. body
     out[#out + 1] = {1, seq}
   end
@@ -301,10 +303,11 @@ class RedisClusterBus(RedisBus):
         return await super().publish_sequenced(topic, counter, body)
 
     async def claim_and_publish(
-        self, claim: str, mark: bytes, ttl: float, topic: str, counter: str, body: bytes
+        self, claim: str, mark: bytes, ttl: float, topic: str, counter: str, body: bytes, *, in_flight: str
     ) -> int | bytes | None:
-        self._same_slot(self._seq_name(counter), self._topic_name(topic), self._value_name(claim))
-        return await super().claim_and_publish(claim, mark, ttl, topic, counter, body)
+        self._same_slot(self._seq_name(counter), self._topic_name(topic), self._value_name(claim),
+                        self._index_name(in_flight))
+        return await super().claim_and_publish(claim, mark, ttl, topic, counter, body, in_flight=in_flight)
 
     async def read_counters(self, counters: Sequence[str]) -> list[int | None]:
         # One HGET per counter (they live in different slots), pipelined per master. A value read

@@ -79,18 +79,17 @@ class Agent:
         the others pending; ``"none"`` leaves every invitation pending; a callable gets the invitation
         and returns (or awaits) True to accept, False to decline, None to leave it pending. Pending
         invitations are answered when the socket (re)connects, and ``invitations()`` lists them."""
-        self.server = server.rstrip("/")
         self.keys = keys
         self.did = keys.did
         # Channel and peek events, and the socket's own: {"type": "connection", "state": "lost"} when it
         # drops and "restored" once it is back (for callers that tell a person).
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._background = BackgroundTasks()
-        self._rest = RestSession(self.server, keys, request_timeout=request_timeout)
+        self._rest = RestSession(server.rstrip("/"), keys, request_timeout=request_timeout)
         self._keys = ChannelKeys(self._rest, keys)
         self._invitations = InvitationResponder(self._rest, self.events, self._background, invitation_policy)
         self._rest.on_not_member = self._invitations.accept_if_invited
-        self._socket = SocketSession(self.server, self._rest, did=self.did, include_own=include_own,
+        self._socket = SocketSession(self._rest, did=self.did, include_own=include_own,
                                      open_message=self._keys.open, events=self.events, background=self._background,
                                      on_welcome=lambda: self._background.start(self._invitations.answer_pending()))
         self._peeks = PeekResponder(self._rest, self._socket, self._keys, self.events, self._background, peek_policy)
@@ -102,6 +101,16 @@ class Agent:
         })
 
     # Settings a caller may change on a live agent (the MCP bridge does): they live in their part.
+
+    @property
+    def server(self) -> str:
+        return self._rest.server
+
+    @server.setter
+    def server(self, url: str) -> None:
+        """Talk to another address (another process of the same deployment) from the next request
+        and the next reconnect on."""
+        self._rest.server = url.rstrip("/")
 
     @property
     def peek_policy(self) -> PeekPolicy | bool:
@@ -327,7 +336,9 @@ class Agent:
         page = await self._request("GET", f"/api/v1/channels/{channel}/messages",
                                    params={"after": after, "limit": limit})
         records = page["messages"]
-        history = History(next_after=records[-1]["seq"] if records else after, fetched=len(records))
+        history = History(next_after=page.get("next_after", records[-1]["seq"] if records else after),
+                          fetched=len(records) + len(page.get("gaps", ())))
+        history.gaps = list(page.get("gaps", ()))
         for record in records:
             try:
                 history.append(await self._keys.open(record))

@@ -100,19 +100,9 @@ class ChannelKeys:
         """``Agent.rotate_epoch``: a new epoch key for the current members. If another member rotated
         first, use theirs."""
         for _ in range(5):
-            meta = await self.channel(channel)
-            epoch = meta["epoch"] + 1
-            epoch_key = crypto.new_epoch_key()
-            wrapped = await self.wrap_for(channel, epoch, key_holders(meta), epoch_key)
-            try:
-                meta = await self._rest.request("POST", f"/api/v1/channels/{channel}/epochs",
-                                                {"epoch": epoch, "epoch_keys": wrapped})
-            except AgentChatClientError as exc:
-                if exc.code == "conflict":
-                    continue
-                raise
-            self.adopt(channel, epoch, epoch_key)
-            return meta
+            answer = await self._start_next_epoch(channel, await self.channel(channel))
+            if answer is not None:
+                return answer
         raise AgentChatClientError("conflict", "could not rotate the epoch: others keep rotating it")
 
     async def rotate_past(self, channel: str, epoch: int, delay: float = 0.0) -> dict[str, Any] | None:
@@ -130,16 +120,22 @@ class ChannelKeys:
                 raise
             if meta["epoch"] > epoch:
                 return None
-            next_epoch = meta["epoch"] + 1
-            epoch_key = crypto.new_epoch_key()
-            wrapped = await self.wrap_for(channel, next_epoch, key_holders(meta), epoch_key)
-            try:
-                await self._rest.request("POST", f"/api/v1/channels/{channel}/epochs",
-                                         {"epoch": next_epoch, "epoch_keys": wrapped})
-            except AgentChatClientError as exc:
-                if exc.code == "conflict":
-                    continue
-                raise
-            self.adopt(channel, next_epoch, epoch_key)
-            return await self.channel(channel)
+            if await self._start_next_epoch(channel, meta) is not None:
+                return await self.channel(channel)
         return None
+
+    async def _start_next_epoch(self, channel: str, meta: dict[str, Any]) -> dict[str, Any] | None:
+        """Make the key of the epoch after ``meta``'s, wrap it for the channel's key holders and hand
+        it to the server: the server's answer, or None if another member started that epoch first."""
+        epoch = meta["epoch"] + 1
+        epoch_key = crypto.new_epoch_key()
+        wrapped = await self.wrap_for(channel, epoch, key_holders(meta), epoch_key)
+        try:
+            answer = await self._rest.request("POST", f"/api/v1/channels/{channel}/epochs",
+                                              {"epoch": epoch, "epoch_keys": wrapped})
+        except AgentChatClientError as exc:
+            if exc.code == "conflict":
+                return None
+            raise
+        self.adopt(channel, epoch, epoch_key)
+        return answer

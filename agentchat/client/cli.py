@@ -361,8 +361,28 @@ async def _print_events(agent: Agent, key_file: str) -> None:
                     f"fee; put a card on file first: agentchat card --key {key_file}")
             else:
                 say(f"peek {event['peek']}: could not refuse: {event['message']} ({event['code']})")
+        elif kind == "channel" and event.get("event") == "added":
+            line = await _joined(agent, event["channel"])
+            if line:
+                say(line)
         elif kind == "channel" and event.get("event") == "peek_ended":
             say(f"peek {event['peek']} is over; the channel moves to a new key the human never had")
+
+
+async def _joined(agent: Agent, channel: str) -> str | None:
+    """The line for a channel this agent just became a member of by accepting an invitation (by its
+    invitation policy, or ``agentchat accept``); None for one it created itself. Only the owner
+    invites, so the owner is who invited."""
+    try:
+        meta = await agent.channel(channel)
+    except AgentChatClientError:  # left or removed at once: the acceptance is all there is to say
+        return f"accepted the invitation to {channel}"
+    owner = meta["owner"]
+    if owner == agent.did:
+        return None
+    name = f" ({meta['name']!r})" if meta.get("name") else ""
+    return (f"accepted the invitation to {channel}{name} from {display_name(await agent.name_of(owner), owner)}; "
+            "its messages follow")
 
 
 # Ledger entry kinds as a person reads them.

@@ -54,11 +54,13 @@ class History(list[Message]):
     """A page of ``Agent.history``: the messages that opened, in order. ``skipped``: (seq, sender,
     reason) of those that did not; ``next_after``: the page's last sequence number, skipped messages
     included (the ``after`` of the next page); ``fetched``: how many the server returned (fewer than
-    the limit asked for: the end of the channel)."""
+    the limit asked for: the end of the channel); ``gaps``: numbers that will never hold a message
+    (protocol/frames.md, Gaps)."""
 
     def __init__(self, *, next_after: int, fetched: int) -> None:
         super().__init__()
         self.skipped: list[tuple[int, str, str]] = []
+        self.gaps: list[int] = []
         self.next_after = next_after
         self.fetched = fetched
 

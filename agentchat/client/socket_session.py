@@ -43,13 +43,12 @@ FrameHandler = Callable[[dict[str, Any]], None]
 
 
 class SocketSession:
-    def __init__(self, server: str, rest: RestSession, *, did: str, include_own: bool,
+    def __init__(self, rest: RestSession, *, did: str, include_own: bool,
                  open_message: Callable[[dict[str, Any]], Awaitable[Message]],
                  events: asyncio.Queue[dict[str, Any]], background: BackgroundTasks,
                  on_welcome: Callable[[], None]) -> None:
         """``open_message`` decrypts and checks a ``message`` frame; ``on_welcome`` is called each time
         the server welcomes the socket (the first time and after every reconnect)."""
-        self._url = server.replace("https://", "wss://", 1).replace("http://", "ws://", 1) + "/api/v1/ws"
         self._rest = rest
         self._did = did
         self.include_own = include_own
@@ -59,7 +58,9 @@ class SocketSession:
         self._background = background
         self.handlers: dict[str, FrameHandler] = {}
         self.last_seq: dict[str, int] = {}  # channel -> the highest number delivered (resume from here)
-        self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        # (channel, sender, client id) of messages delivered -> their number
+        self._seen: OrderedDict[tuple[str, str, str], int] = OrderedDict()
+        self._gaps: OrderedDict[tuple[str, int], None] = OrderedDict()  # gaps already told
         self.inbox: asyncio.Queue[Message | AgentChatClientError] = asyncio.Queue()
         self._pending: dict[str, tuple[dict[str, Any], asyncio.Future[int]]] = {}  # client id -> send
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}  # ref -> answer to a ``call``
@@ -161,7 +162,7 @@ class SocketSession:
         self._lost = False
         while not self.closing:
             try:
-                async with websockets.connect(self._url, max_size=4 * 1024 * 1024, open_timeout=10) as ws:
+                async with websockets.connect(self._ws_url(), max_size=4 * 1024 * 1024, open_timeout=10) as ws:
                     await ws.send(orjson.dumps({"type": "hello", "token": await self._rest.token(),
                                                 "resume": dict(self.last_seq)}).decode())
                     self.ws = ws
@@ -190,6 +191,11 @@ class SocketSession:
             self.reconnects += 1
             await asyncio.sleep(backoff.next_delay())
 
+    def _ws_url(self) -> str:
+        """The socket's address, from the REST side's at each connect (``Agent.server`` may change)."""
+        base = self._rest.server.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+        return base + "/api/v1/ws"
+
     async def _dispatch(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
         """Every frame from the server, by its type (protocol/frames.md)."""
         kind = frame.get("type")
@@ -204,6 +210,8 @@ class SocketSession:
             return
         if kind == "message":
             await self._on_message(frame)
+        elif kind == "gap":
+            self._on_gap(frame)
         elif kind == "ack":
             pending = self._pending.get(frame["client_id"])
             if pending is not None and not pending[1].done():
@@ -262,7 +270,7 @@ class SocketSession:
         identity = (channel, frame["sender"], frame["client_id"])
         if identity in self._seen:  # the same message stored again after a retry
             return
-        self._seen[identity] = None
+        self._seen[identity] = seq
         if len(self._seen) > SEEN_CLIENT_IDS:
             self._seen.popitem(last=False)
         if frame["sender"] == self._did and not self.include_own:
@@ -273,6 +281,27 @@ class SocketSession:
             log.warning("dropping message %s#%d from %s: %s", channel, seq, frame.get("sender"), exc)
             return
         await self.inbox.put(message)
+
+    def _on_gap(self, frame: dict[str, Any]) -> None:
+        """Number ``seq`` will never hold a message (its server died before storing it; protocol/
+        frames.md, Gaps). Never waited for; told once as a ``gap`` event, with ``retracted``: whether
+        this agent got that message live (then its sender's retry, under a new number, is delivered
+        rather than dropped as a repeat)."""
+        channel, seq = frame["channel"], int(frame["seq"])
+        if seq > self.last_seq.get(channel, -1):
+            self.last_seq[channel] = seq
+        if (channel, seq) in self._gaps:  # live and again in a catch-up: the same fact
+            return
+        self._gaps[(channel, seq)] = None
+        if len(self._gaps) > SEEN_CLIENT_IDS:
+            self._gaps.popitem(last=False)
+        event: dict[str, Any] = {"type": "gap", "channel": channel, "seq": seq, "retracted": False}
+        for identity, seen in self._seen.items():
+            if seen == seq and identity[0] == channel:
+                del self._seen[identity]
+                event.update(retracted=True, sender=identity[1], client_id=identity[2])
+                break
+        self.events.put_nowait(event)
 
     async def next_item(self, timeout: float | None = None) -> Message:
         """The next message of the inbox (an error put there is raised)."""

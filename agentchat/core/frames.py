@@ -378,6 +378,18 @@ def message_frame(seq: int, body: bytes) -> bytes:
     return b'{"type":"message","seq":' + str(seq).encode() + b"," + body[1:]
 
 
+def gap_frame(channel: str, seq: int, ts_ms: int) -> bytes:
+    """Number ``seq`` of ``channel`` was handed out (maybe delivered live) but its message was never
+    stored and never will be (its server process died first). Stored in history where the message
+    would be; ``ts_ms``: when the gap was declared. 'type' then 'seq' first, as in ``message_frame``."""
+    return encode({"type": "gap", "seq": seq, "channel": channel, "ts": ts_ms})
+
+
+def is_gap(frame: bytes) -> bool:
+    """Whether a stored or sent frame is a ``gap`` frame (rather than a ``message``)."""
+    return frame.startswith(b'{"type":"gap"')
+
+
 def split_frames(data: bytes | str) -> list[dict[str, Any]]:
     """Client side: one server WebSocket message -> its frames."""
     if isinstance(data, str):

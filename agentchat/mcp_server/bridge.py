@@ -306,8 +306,9 @@ class Bridge:
 
     async def read(self, channel: str, after: int, limit: int) -> dict[str, Any]:
         page = await self.agent.history(channel, after=after, limit=limit + 1)
-        # The page's records in order, those that did not open (None) included: the first ``limit``.
-        records = sorted([(m.seq, m) for m in page] + [(s[0], None) for s in page.skipped], key=lambda r: r[0])
+        # The page's records in order, those that did not open and gaps (None) included: the first ``limit``.
+        records = sorted([(m.seq, m) for m in page] + [(s[0], None) for s in page.skipped]
+                         + [(seq, None) for seq in page.gaps], key=lambda r: r[0])
         window = records[:limit]
         end = window[-1][0] if window else after  # this answer accounts for every seq up to here
         messages = [m for _, m in window if m is not None]

@@ -1,7 +1,8 @@
 """The hub: this process's view of live channels, and the fan-out every message takes.
 
 The sequencer (``server/sequencer.py``) numbers a sent message, publishes it and acks it once stored;
-the hub delivers what the bus carries to this process's sockets and catches readers up from the store.
+the hub delivers what the bus carries to this process's sockets; ``CatchUp`` (``server/catch_up.py``)
+catches readers up from the store.
 
 Bus topics: ``c:<channel>`` carries messages, ``e:<channel>`` channel events (membership, epoch),
 ``a:<did>`` events for one agent (added to a channel). A process subscribes to a channel's topics while
@@ -25,14 +26,14 @@ import orjson
 from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
 from agentchat.core import frames
-from agentchat.core.backoff import Backoff
 from agentchat.errors import AgentChatError, error
+from agentchat.server.catch_up import CatchUp
 from agentchat.server.membership import MembershipSync, version_of
 from agentchat.server.metrics import Metrics
 from agentchat.server.room import RECENT_MESSAGES, Room
 from agentchat.server.sequencer import SEQ_RESEED_GAP, AckTarget, Sequencer
 from agentchat.server.session import CLOSE_REMOVED, Cursor, Session
-from agentchat.store.messages import MessageLog, MessageWriter, frame_seq
+from agentchat.store.messages import MessageLog, MessageWriter
 from agentchat.store.records import Records
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,6 @@ log = logging.getLogger(__name__)
 __all__ = ["AckTarget", "Hub", "HubListener", "HubListenerBase", "RECENT_MESSAGES", "Room", "SEQ_RESEED_GAP"]
 
 ROOM_IDLE_SECONDS = 60.0
-HISTORY_PAGE = 500
-GAP_FILL_TRIES = 4
-# How long a catch-up keeps retrying a store or bus that answers "unavailable" (a failover, a
-# restart) before it hands the reader back to its client (close 1013: reconnect and resume).
-CATCH_UP_PATIENCE = 30.0
 
 
 class HubListener(Protocol):
@@ -100,7 +96,6 @@ class Hub:
         """``gap_fill_wait``: with several processes, how long a resume waits (up to
         ``GAP_FILL_TRIES`` times) for numbers another process has sent but not yet stored; 0 for one
         process, where every such number is in this process's recent buffer."""
-        self.gap_fill_wait = gap_fill_wait
         self.instance = instance or secrets.token_hex(8)  # this process, in claims and heartbeats
         self.bus = bus
         self.records = records
@@ -117,6 +112,8 @@ class Hub:
         self._listeners: list[HubListener] = []
         self._listener_of_kind: dict[str, HubListener] = {}  # bus topic kind -> the listener reading it
         self.membership = MembershipSync(self)
+        self.catch_ups = CatchUp(history, writer, self.sequencer, send_queue_max=send_queue_max,
+                                 gap_fill_wait=gap_fill_wait)
 
     def add_listener(self, listener: HubListener) -> None:
         """Tell ``listener`` from now on what ``HubListener`` lists (one listener per bus topic kind)."""
@@ -246,24 +243,7 @@ class Hub:
                 if cursor is not None and not cursor.catching_up:
                     cursor.catching_up = True
                     readers.append((session, room, cursor.last))
-        asyncio.get_running_loop().create_task(self._after_reconnect(readers))
-
-    async def _after_reconnect(self, readers: list[tuple[Session, Room, int]]) -> None:
-        # The bus may have lost everything: our heartbeat and claims go back first (retries stay
-        # idempotent), then the index of stored but not yet compacted messages is made complete
-        # (ours re-added, dead processes' recovered; reads wait for it), and (several processes) the
-        # others get as long to do the same before local readers catch up.
-        try:
-            await self.sequencer.restore_claims()
-            await self.writer.reindex()
-            await self.writer.ensure_index()
-        except AgentChatError as exc:
-            log.warning("could not restore claims and the index after the bus came back: %r", exc)
-        if self.gap_fill_wait:
-            await asyncio.sleep(self.gap_fill_wait * GAP_FILL_TRIES)
-        for session, room, after in readers:
-            if not session.closed and room.id in session.cursors:
-                asyncio.get_running_loop().create_task(self._catch_up_safely(session, room, after))
+        asyncio.get_running_loop().create_task(self.catch_ups.after_reconnect(readers))
 
     def apply_channel(self, meta: dict[str, Any], event: dict[str, Any] | None = None) -> None:
         """Bring the room of ``meta`` (if this process has one) to that record: a session whose agent
@@ -286,6 +266,9 @@ class Hub:
         if event.get("event") == "deleted":
             await self.channel_deleted(channel)
             return
+        if event.get("event") == "gap":
+            self._on_gaps(channel, event["seqs"])
+            return
         room = self.rooms.get(channel)
         if room is None:
             return
@@ -297,6 +280,17 @@ class Hub:
             for session in list(room.subscribers):
                 if not session.principal.is_agent and session.principal.subject == event.get("peek"):
                     session.close_soon(CLOSE_REMOVED, "peek_ended")
+
+    def _on_gaps(self, channel: str, seqs: list[int]) -> None:
+        """Numbers of ``channel`` that were handed out (maybe delivered live) will never be stored
+        (``store/recovery.py``): every local reader gets a ``gap`` frame for each, whatever it got."""
+        room = self.rooms.get(channel)
+        if room is None:
+            return
+        gap_frames = room.retract(seqs, int(time.time() * 1000))
+        for session in list(room.subscribers):
+            for frame in gap_frames:
+                session.push(frame)
 
     async def channel_deleted(self, channel: str) -> None:
         """The channel is gone (deleted by its owner): its readers here are told and detached, this
@@ -440,14 +434,14 @@ class Hub:
         session.cursors[channel] = cursor
         room.subscribers.add(session)
         if resume_after is not None and not defer_catch_up:
-            await self._catch_up_safely(session, room, resume_after)
+            await self.catch_ups.run(session, room, resume_after)
 
     async def catch_up(self, session: Session, channel: str) -> None:
         """Run the catch-up that ``attach(..., defer_catch_up=True)`` left pending."""
         room = self.rooms.get(channel)
         cursor = session.cursors.get(channel)
         if room is not None and cursor is not None and cursor.catching_up:
-            await self._catch_up_safely(session, room, cursor.last)
+            await self.catch_ups.run(session, room, cursor.last)
 
     def detach(self, session: Session, channel: str) -> None:
         session.cursors.pop(channel, None)
@@ -455,74 +449,6 @@ class Hub:
         if room is not None:
             room.subscribers.discard(session)
             room.last_used = time.monotonic()
-
-    async def _catch_up_safely(self, session: Session, room: Room, after: int) -> None:
-        """``_catch_up``, retried while the store or bus is briefly away. Live messages stay held
-        meanwhile; a reader is never let go on with a hole in its stream: if the catch-up cannot
-        finish, the socket is closed (1013) and its client resumes from the last number it got."""
-        backoff = Backoff(0.1, 2.0)
-        deadline = time.monotonic() + CATCH_UP_PATIENCE
-        while True:
-            try:
-                await self._catch_up(session, room, after)
-                return
-            except AgentChatError as exc:
-                cursor = session.cursors.get(room.id)
-                if session.closed or cursor is None:
-                    return
-                if exc.retryable and time.monotonic() < deadline:
-                    log.info("catch-up of %s stalled (%s); retrying", room.id, exc.code)
-                    after = cursor.last
-                    await asyncio.sleep(backoff.next_delay())
-                    continue
-                log.warning("catch-up of %s failed (%s); the reader reconnects and resumes", room.id, exc.code)
-                session.push(frames.error_frame(exc.to_wire()))
-                session.close_soon(frames.CLOSE_TRY_AGAIN, "catch_up_failed", flush=True)
-                return
-
-    async def _catch_up(self, session: Session, room: Room, after: int) -> None:
-        cursor = session.cursors.get(room.id)
-        if cursor is None:
-            return
-        cursor.catching_up = True
-        cursor.last = max(cursor.last, after)
-        if room.first_available > cursor.last + 1:
-            session.push(frames.encode({"type": "channel", "channel": room.id, "event": "expired",
-                                        "first_available": room.first_available}))
-        recent = room.recent_after(cursor.last)
-        gap_fill_tries = GAP_FILL_TRIES if self.gap_fill_wait else 0
-        while recent is None:
-            page = await self.history.read(room.id, cursor.last, HISTORY_PAGE)
-            if not page:
-                if gap_fill_tries and room.complete_from and cursor.last + 1 < room.complete_from:
-                    # Numbers between the store's end and the first one this process saw live may
-                    # still sit in another process's group commit: give them a moment to land.
-                    gap_fill_tries -= 1
-                    await asyncio.sleep(self.gap_fill_wait)
-                    continue
-                # The store has nothing more: whatever lies between it and the recent buffer was
-                # never stored (a burned number) and never will be.
-                recent = [frame for seq, frame in room.recent if seq > cursor.last]
-                break
-            for frame in page:
-                cursor.last = frame_seq(frame)
-                session.push(frame)
-            if session.closed:
-                return
-            if session.backlog() > self.send_queue_max // 2:
-                await session.wait_drained()
-            recent = room.recent_after(cursor.last)
-        for frame in recent:
-            seq = frame_seq(frame)
-            if seq > cursor.last:
-                cursor.last = seq
-                session.push(frame)
-        held, cursor.held = cursor.held, []
-        cursor.catching_up = False
-        for seq, frame in held:
-            if seq > cursor.last:
-                cursor.last = seq
-                session.push(frame)
 
     # ------------------------------------------------------------------------------ send
 

@@ -18,6 +18,7 @@ import orjson
 
 from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
+from agentchat.core import frames
 from agentchat.core.indicators import IndicatorBook, SharedCount, coarse_minute_ms, merge_counts
 from agentchat.errors import AgentChatError, error
 from agentchat.store import keys as store_keys
@@ -172,7 +173,8 @@ class SharedCounters:
                 found = await self.store.get(key)
             if found is None:
                 return 0, 0
-            stamps = [ts for ts in (orjson.loads(line)["ts"] for line in parse_segment_frames(found.data))
+            stamps = [ts for ts in (orjson.loads(line)["ts"] for line in parse_segment_frames(found.data)
+                                    if not frames.is_gap(line))  # a gap is no message
                       if ts < before_ms]
             return len(stamps), max(stamps, default=0)
 

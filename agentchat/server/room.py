@@ -66,6 +66,16 @@ class Room:
                 break
         return frames.message_frame(seq, body)
 
+    def retract(self, seqs: list[int], ts_ms: int) -> list[bytes]:
+        """Numbers ``seqs`` will never be stored (a gap): their ``gap`` frames, which also take their
+        place in the recent buffer, so a later catch-up from it gives the gap, not the message."""
+        found = {seq: frames.gap_frame(self.id, seq, ts_ms) for seq in seqs}
+        recent = self.recent
+        for i, (seq, _) in enumerate(recent):
+            if seq in found:
+                recent[i] = (seq, found[seq])
+        return [found[seq] for seq in sorted(found)]
+
     def forget_recent(self) -> None:
         self.recent.clear()
         self.complete_from = 0

@@ -9,7 +9,7 @@ A claim is ``p:<instance>`` while its message waits for storage, then the stored
 client id under exactly one number, whatever fails:
 
 - A claim left pending by a process that died (no heartbeat) is resolved from that process's
-  write-ahead objects first (``MessageWriter.recover_instance``: the recovery records the number of
+  write-ahead objects first (``WriteAheadRecovery.recover_instance``: the recovery records the number of
   every message it finds there); only a message they do not hold is taken over and numbered anew.
 - When the bus forgets a channel's counter (a Redis restart without persistence), one re-seed per
   channel and process (concurrent sends wait for it) restarts it above every number that could have
@@ -17,6 +17,13 @@ client id under exactly one number, whatever fails:
   call. Each process restores the claims of its own not yet compacted and still waiting messages
   itself when the bus comes back (``restore_claims``), from memory: a re-seed reads no other
   process's write-ahead objects.
+
+A number handed out but never stored (its process died first) must not stay a mystery to readers who
+got it live: the same bus call that hands it out records it in the process's in-flight index of the
+channel (``bus_keys.in_flight``); the record goes once the message is stored (with the claims, one call
+per stored batch). Recovering a dead process turns its in-flight numbers that no store holds into gaps
+(``store/recovery.py``). Before its first number on a channel a process names the channel in its list
+(``bus_keys.in_flight_channels``), so recovery finds every such index.
 """
 
 from __future__ import annotations
@@ -77,9 +84,11 @@ def _claim_sender(done: StoredClaim) -> str:
 
 
 def stored_claims(channel: str, stored: Iterable[bytes]) -> list[tuple[str, bytes]]:
-    """(claim, number) of stored ``message`` frames of ``channel``."""
+    """(claim, number) of stored ``message`` frames of ``channel`` (``gap`` frames have no claim)."""
     claims = []
     for frame in stored:
+        if frames.is_gap(frame):
+            continue
         record = orjson.loads(frame)
         claims.append((bus_keys.send_claim(channel, record["sender"], record["client_id"]), str(record["seq"]).encode()))
     return claims
@@ -100,6 +109,7 @@ class Sequencer:
         self._claims_done: list[StoredClaim] = []
         self._on_durable = self._durable  # one bound method for every message, not one per message
         self._claims_wake = asyncio.Event()
+        self._in_flight: dict[str, str] = {}  # channel -> its in-flight index (the channel is listed)
         self._reseeding: dict[str, asyncio.Future[None]] = {}
         self._reseeded_at: dict[str, float] = {}
         self.reseeds = 0  # counters re-seeded by this process (tests and metrics read it)
@@ -186,10 +196,11 @@ class Sequencer:
         The claim (idempotency) and the number are one bus call. If that call fails ambiguously the
         claim may be left pending under this process's mark: retries get duplicate_pending until it
         expires (CLAIM_PENDING_TTL), never a second number for a stored message."""
+        in_flight = self._in_flight.get(room.id) or await self._list_channel(room.id)
         for _ in range(4):
             asked = time.monotonic()
             outcome = await self.bus.claim_and_publish(claim, self._pending_mark, CLAIM_PENDING_TTL, room.topic,
-                                                       room.counter, body)
+                                                       room.counter, body, in_flight=in_flight)
             if outcome is None:  # the bus forgot the channel's counter
                 await self._reseed_since(room.id, asked)
                 continue
@@ -200,16 +211,15 @@ class Sequencer:
                 continue  # the claim went away meanwhile: claim it again
             if isinstance(resolved, bytes):
                 return resolved
-            try:
-                return await self._publish(room, body)
-            except BaseException:
-                await self._release_claim(claim)
-                raise
+            # Taken over from a dead process: let it go and claim it afresh, so the new number is
+            # recorded in flight like any other. A retry elsewhere may claim it in between: then
+            # that one is the message's only number (this call gets duplicate_pending).
+            await self.bus.delete(claim)
         raise error("bus_unavailable", "the bus kept losing the channel's counter or the claim; retry")
 
     async def _resolve_claim(self, claim: str, previous: bytes) -> bytes | bool | None:
         """The claim holds ``previous``. Returns the stored number (bytes) of the message; True if
-        this process took the claim over (the message was never stored: number it now); None if the
+        this process took the claim over (the message was never stored: claim it anew); None if the
         claim is gone. Raises ``duplicate_pending`` while another live process is storing it."""
         while True:
             if not previous.startswith(PENDING):
@@ -219,7 +229,7 @@ class Sequencer:
                 raise error("duplicate_pending")
             # The owner died. If its write-ahead batch holds the message, it is stored: recovering
             # that process records the number in the claim. Only then is the claim free to take.
-            await self.writer.recover_instance(owner, dead=True)
+            await self.writer.recovery.recover_instance(owner, dead=True)
             current = await self.bus.get(claim)
             if current == previous:
                 if await self.bus.compare_and_set(claim, previous, self._pending_mark, CLAIM_PENDING_TTL):
@@ -229,14 +239,13 @@ class Sequencer:
                 return None
             previous = current
 
-    async def _publish(self, room: Room, body: bytes) -> int:
-        for _ in range(2):
-            asked = time.monotonic()
-            seq = await self.bus.publish_sequenced(room.topic, room.counter, body)
-            if seq is not None:
-                return seq
-            await self._reseed_since(room.id, asked)
-        raise error("bus_unavailable", "the bus lost the channel's counter twice; retry")
+    async def _list_channel(self, channel: str) -> str:
+        """Name ``channel`` in this process's list of channels with in-flight numbers (once per
+        channel, and again after the bus lost everything): recovery looks there."""
+        await self.bus.index_add([(bus_keys.IN_FLIGHT_PROCESSES, self.instance, 0),
+                                  (bus_keys.in_flight_channels(self.instance), channel, 0)])
+        in_flight = self._in_flight[channel] = bus_keys.in_flight(channel, self.instance)
+        return in_flight
 
     def _durable(self, stored_seq: int, note: tuple[str, AckTarget, bytes]) -> None:
         # The ack waits until the claim records the number: a retry that reaches another process
@@ -250,12 +259,6 @@ class Sequencer:
         counts; the second is that of the messages' ``ts``)."""
         taken, self.sequenced = self.sequenced, {}
         return taken
-
-    async def _release_claim(self, claim: str) -> None:
-        try:
-            await self.bus.delete(claim)
-        except AgentChatError:
-            pass
 
     # ------------------------------------------------------------------------------ counters
 
@@ -313,6 +316,16 @@ class Sequencer:
         pending = [(note[0], self._pending_mark) for note in self.writer.waiting_notes() if note is not None]
         await self._set_claims(pending, CLAIM_PENDING_TTL)
         restored = len(pending)
+        # The in-flight records and the list of their channels went too: back in one call (the
+        # channels stay known here, so stored numbers are still cleared from their records).
+        waiting = self.writer.waiting_numbers()
+        channels = self._in_flight.keys() | waiting.keys()
+        self._in_flight.update((channel, bus_keys.in_flight(channel, self.instance)) for channel in channels)
+        records = [(bus_keys.IN_FLIGHT_PROCESSES, self.instance, 0),
+                   *((bus_keys.in_flight_channels(self.instance), channel, 0) for channel in channels),
+                   *((self._in_flight[channel], str(seq), seq) for channel, seqs in waiting.items() for seq in seqs)]
+        for start in range(0, len(records), CLAIMS_PER_CALL):
+            await self.bus.index_add(records[start:start + CLAIMS_PER_CALL])
         for channel, stored in self.writer.tails().items():
             for start in range(0, len(stored), CLAIMS_PER_CALL):
                 await self._set_claims(stored_claims(channel, stored[start:start + CLAIMS_PER_CALL]), CLAIM_DONE_TTL)
@@ -330,6 +343,19 @@ class Sequencer:
         for start in range(0, len(claims), CLAIMS_PER_CALL):
             await self.bus.set_many(claims[start:start + CLAIMS_PER_CALL], ttl)
 
+    async def _clear_in_flight(self, done: list[StoredClaim]) -> None:
+        """These numbers are stored: out of the in-flight indexes, in one call. A record that stays
+        (the bus did not take the call) is harmless: recovery finds the number in the store."""
+        stored = []
+        for claim, seq, _, _ in done:
+            in_flight = self._in_flight.get(claim.split(":", 2)[1])
+            if in_flight is not None:
+                stored.append((in_flight, str(seq)))
+        try:
+            await self.bus.index_remove(stored)
+        except AgentChatError:
+            log.warning("could not clear %d stored numbers from the in-flight indexes", len(stored))
+
     async def flush_claims(self, final: bool = False) -> bool:
         """Record the numbers of stored messages in their claims, then ack them (all at once).
         False if the bus did not take the claims: the acks wait for the next try (a retry must find
@@ -344,6 +370,7 @@ class Sequencer:
             if not final:
                 self._claims_done[:0] = done
                 return False
+        await self._clear_in_flight(done)
         # One sender's acks next to each other (a stable sort: still in number order): the acks that
         # go out in one event-loop turn then reach few sockets, in few writes, instead of one write
         # to each of ACKS_PER_TURN senders.

@@ -26,10 +26,11 @@ the segments. A message briefly present in both is taken once. The index is read
 last, so a compaction in between is harmless: it writes the segment before it touches the index or
 deletes an object.
 
-Recovery: a process that dies leaves write-ahead objects behind. Every process, at start and every
-``RECOVERY_SECONDS``, lists ``wal/`` and for the objects of an instance with no heartbeat writes what
-no segment holds yet, tells ``on_recovered`` (which records the messages' client ids), then deletes
-them. A retry of a dead process's pending claim recovers that process at once (``recover_instance``).
+Recovery (``store/recovery.py``, ``MessageWriter.recovery``): a process that dies leaves write-ahead
+objects behind. Every process, at start and every ``RECOVERY_SECONDS``, lists ``wal/`` and for the
+objects of an instance with no heartbeat writes what no segment holds yet, tells ``on_recovered``
+(which records the messages' client ids), then deletes them. A retry of a dead process's pending claim
+recovers that process at once (``recover_instance``).
 
 A complete index: the bus index ``wal-state`` holds the member ``complete`` while ``wal:<channel>``
 names every write-ahead object not yet compacted. A Redis restart without persistence loses both.
@@ -48,7 +49,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -59,9 +60,15 @@ from agentchat.bus.base import Bus
 from agentchat.core.backoff import Backoff
 from agentchat.errors import AgentChatError
 from agentchat.store import keys
-from agentchat.store.base import LIST_PAGE, ObjectStore, PreconditionFailed, list_all, pages
+from agentchat.store.base import LIST_PAGE, ObjectStore, pages
+from agentchat.store.recovery import RECOVERY_SECONDS, IsAlive, OnRecovered, WriteAheadRecovery
+from agentchat.store.segments import decode_wal, encode_wal, frame_seq, parse_segment_frames, put_until_stored
 
 log = logging.getLogger(__name__)
+
+__all__ = ["MessageLog", "MessageWriter", "decode_wal", "encode_wal", "frame_seq", "parse_segment_frames",
+           "put_until_stored"]
+
 
 class Retention(Protocol):
     """Expires old messages from the compactor's loop (``server/retention.py``): ``run`` is called
@@ -74,16 +81,9 @@ class Retention(Protocol):
 
 # Called with a stored message's number and the ``note`` given to ``add`` with it.
 OnDurable = Callable[[int, Any], None]
-IsAlive = Callable[[str], Awaitable[bool]]
-# Called with a dead process's stored frames by channel, before its write-ahead objects are deleted.
-OnRecovered = Callable[[dict[str, list[bytes]]], Awaitable[None]]
 
 # Write-ahead objects of other processes kept decoded for readers (they never change once written).
 WAL_CACHE_OBJECTS = 32
-RECOVERY_SECONDS = 30.0
-RECOVERED_MEMO_SECONDS = 10.0
-# How long ``ensure_index`` waits for live processes to re-index themselves (a heartbeat and a half).
-REINDEX_WAIT_SECONDS = 1.5
 COMPACT_CHECK_SECONDS = 1.0
 # The background compactor writes one channel's segment at a time, and after each one pauses for as
 # long as writing its bytes at this rate would take. Under an even load every channel's tail fills up
@@ -96,57 +96,6 @@ COMPACT_PACE_BYTES_PER_SECOND = 16 * 1024 * 1024
 # (7 ms with the default 100 ms).
 FULL_WAIT_RATE = 2000.0
 RATE_SAMPLE_SECONDS = 0.25
-
-
-def parse_segment_frames(data: bytes) -> list[bytes]:
-    return [line for line in data.split(b"\n") if line]
-
-
-def frame_seq(frame: bytes) -> int:
-    # Frames start with b'{"type":"message","seq":<n>,' (frames.message_frame).
-    start = 24
-    return int(frame[start:frame.index(b",", start)])
-
-
-def encode_wal(sections: dict[str, list[bytes]]) -> bytes:
-    """A write-ahead object: for each channel a line ``#<channel>`` then its frames, one per line.
-    Frames are JSON objects (they start with ``{``), so a ``#`` line cannot be mistaken for one."""
-    lines: list[bytes] = []
-    for channel, frames in sections.items():
-        lines.append(b"#" + channel.encode())
-        lines.extend(frames)
-    return b"\n".join(lines)
-
-
-def decode_wal(data: bytes) -> dict[str, list[bytes]]:
-    sections: dict[str, list[bytes]] = {}
-    current: list[bytes] | None = None
-    for line in data.split(b"\n"):
-        if not line:
-            continue
-        if line[:1] == b"#":
-            current = sections.setdefault(line[1:].decode(), [])
-        elif current is not None:
-            current.append(line)
-    return sections
-
-
-async def put_until_stored(store: ObjectStore, key: str, data: bytes, on_failure: Callable[[], None]) -> None:
-    """Create ``key`` with ``data``, retrying with backoff and jitter until it is stored. Keys and
-    contents are fixed before the first attempt, so an attempt that was stored before its answer was
-    lost shows up as ``PreconditionFailed`` on the retry: the same bytes are there."""
-    # At most about a second between tries: the backlog goes out soon after storage is back.
-    backoff = Backoff(0.05, 1.0)
-    while True:
-        try:
-            await store.put(key, data, if_none_match=True)
-            return
-        except PreconditionFailed:
-            return
-        except Exception as exc:
-            on_failure()
-            log.warning("storing %s failed: %r; retrying", key, exc)
-            await asyncio.sleep(backoff.next_delay())
 
 
 class MessageLog:
@@ -197,14 +146,14 @@ class MessageLog:
 
     async def ensure_complete(self) -> None:
         """Make sure the bus index names every stored, not yet compacted message before it is read
-        (after a Redis restart it may not: see ``MessageWriter.ensure_index``)."""
+        (after a Redis restart it may not: see ``WriteAheadRecovery.ensure_index``)."""
         state = await self.bus.index_range(bus_keys.WAL_STATE_INDEX, 0)
         if any(member == bus_keys.WAL_COMPLETE for member, _ in state):
             return
         if self.writer is None:
             log.warning("the write-ahead index is incomplete and this reader cannot complete it")
             return
-        await self.writer.ensure_index()
+        await self.writer.recovery.ensure_index()
 
     async def _wal_frames(self, channel: str, after: int, other_processes: bool = True) -> dict[int, bytes]:
         """Frames above ``after`` that are durable but not yet in a segment (any process's)."""
@@ -358,12 +307,10 @@ class MessageWriter:
         self._tasks: list[asyncio.Task[None]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
-        self._is_alive: IsAlive | None = None
-        self._on_recovered: OnRecovered | None = None
-        self._ensuring: asyncio.Future[None] | None = None
-        self._recovering: dict[str, asyncio.Future[None]] = {}
-        self._recovered: dict[str, float] = {}  # dead instance -> when all its objects were recovered
         self.stats = WriterStats()
+        self.recovery = WriteAheadRecovery(store, bus, instance=instance, reindex=self.reindex,
+                                           forgotten=self._forgotten.__contains__,
+                                           on_objects_recovered=self._count_recovered)
         self.healthy = True
 
     # ------------------------------------------------------------------------------ queue
@@ -399,6 +346,14 @@ class MessageWriter:
             notes.extend(pending.notes)
         return notes
 
+    def waiting_numbers(self) -> dict[str, list[int]]:
+        """The numbers of every message queued or being written (not yet durable), by channel."""
+        numbers: dict[str, list[int]] = {}
+        for batch in (self._writing, self._queue):
+            for channel, pending in batch.items():
+                numbers.setdefault(channel, []).extend(pending.seqs)
+        return numbers
+
     def tails(self) -> dict[str, list[bytes]]:
         """This process's durable, not yet compacted frames, by channel."""
         return {channel: list(tail.frames) for channel, tail in self._tails.items()}
@@ -418,10 +373,10 @@ class MessageWriter:
         """Recover what dead processes left (before anything is served), then start writing.
         ``is_alive(instance)`` tells whether another process is still running; ``on_recovered`` is
         given every message recovered from a dead process before its objects are deleted."""
-        self._is_alive = is_alive
-        self._on_recovered = on_recovered
-        await self.ensure_index()
-        await self.recover()
+        self.recovery.is_alive = is_alive
+        self.recovery.on_recovered = on_recovered
+        await self.recovery.ensure_index()
+        await self.recovery.recover()
         self._flusher = asyncio.create_task(self._flush_loop(), name="message-writer")
         self._tasks.append(asyncio.create_task(self._compact_loop(), name="message-compactor"))
 
@@ -540,45 +495,8 @@ class MessageWriter:
         state = await self.bus.index_range(bus_keys.WAL_STATE_INDEX, 0)
         return any(member == bus_keys.wal_reindexed(self.instance) for member, _ in state)
 
-    async def ensure_index(self) -> None:
-        """Make the bus index complete if it is not (it was lost with a Redis restart): re-index this
-        process's objects, recover those of every instance that has not re-indexed its own, then mark
-        the index complete. One run at a time per process; concurrent callers wait for it."""
-        if self._ensuring is not None:
-            return await asyncio.shield(self._ensuring)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._ensuring = future
-        try:
-            await self._ensure_index()
-            future.set_result(None)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters re-raise it themselves
-            raise
-        finally:
-            self._ensuring = None
-
-    async def _ensure_index(self) -> None:
-        state = {member for member, _ in await self.bus.index_range(bus_keys.WAL_STATE_INDEX, 0)}
-        if bus_keys.WAL_COMPLETE in state:
-            return
-        await self.reindex()
-        by_instance = await self._list_wal(keys.WAL_PREFIX)
-        # Live processes notice the loss within a heartbeat and re-index themselves (far cheaper than
-        # recovering their objects): give them that long before treating the rest as dead.
-        deadline = time.monotonic() + REINDEX_WAIT_SECONDS
-        while True:
-            state = {member for member, _ in await self.bus.index_range(bus_keys.WAL_STATE_INDEX, 0)}
-            others = [instance for instance in by_instance
-                      if instance != self.instance and bus_keys.wal_reindexed(instance) not in state]
-            if not others or time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(0.1)
-        for instance in others:
-            await self.recover_instance(instance, by_instance[instance])
-        await self.bus.index_add([(bus_keys.WAL_STATE_INDEX, bus_keys.WAL_COMPLETE, 0)])
-        log.warning("the bus had lost the write-ahead index: re-indexed, recovered %d instances' objects",
-                    len(others))
+    def _count_recovered(self, objects: int) -> None:
+        self.stats.objects_recovered += objects
 
     # ------------------------------------------------------------------------------ compaction
 
@@ -594,7 +512,7 @@ class MessageWriter:
                 await self.compact(self._due(), pace_bytes_per_second=COMPACT_PACE_BYTES_PER_SECOND)
                 if time.monotonic() - last_recovery >= RECOVERY_SECONDS:
                     last_recovery = time.monotonic()
-                    await self.recover()
+                    await self.recovery.recover()
                 if self.retention is not None and time.monotonic() - last_expiry >= self.retention.every:
                     last_expiry = time.monotonic()
                     await self.retention.run(self)
@@ -743,106 +661,3 @@ class MessageWriter:
         last_ts = int(orjson.loads(frames[-1])["ts"]) if frames else 0
         self._oldest_kept[channel] = (key, last_ts)
         return last_ts
-
-    # ------------------------------------------------------------------------------ recovery
-
-    async def recover(self) -> None:
-        """Store in segments what dead processes left in write-ahead objects only, then delete those."""
-        if self._is_alive is None:
-            return
-        by_instance = await self._list_wal(keys.WAL_PREFIX)
-        for instance, wal_keys in by_instance.items():
-            if instance == self.instance or await self._is_alive(instance):
-                continue
-            await self.recover_instance(instance, wal_keys)
-
-    async def _list_wal(self, prefix: str) -> dict[str, list[str]]:
-        by_instance: dict[str, list[str]] = {}
-        for key in await list_all(self.store, prefix):
-            by_instance.setdefault(keys.parse_wal(key)[0], []).append(key)
-        return by_instance
-
-    async def recover_instance(self, instance: str, wal_keys: list[str] | None = None, *,
-                               dead: bool = False) -> None:
-        """Recover ``instance``'s write-ahead objects (``wal_keys``, or all of them, listed). When
-        this returns, every message of theirs is in a segment and ``on_recovered`` has had it.
-        ``dead``: the instance is known to be dead, so once recovered it has no objects: calls in the
-        next ``RECOVERED_MEMO_SECONDS`` return at once (a burst of retries after a crash lists its
-        objects once). One recovery per instance at a time."""
-        if instance == self.instance:
-            return
-        recovered_at = self._recovered.get(instance)
-        if recovered_at is not None and time.monotonic() - recovered_at < RECOVERED_MEMO_SECONDS:
-            return
-        running = self._recovering.get(instance)
-        if running is not None:
-            return await asyncio.shield(running)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._recovering[instance] = future
-        try:
-            if wal_keys is None:
-                wal_keys = (await self._list_wal(keys.wal_prefix(instance))).get(instance, [])
-            if wal_keys:
-                await self._recover_instance(instance, wal_keys)
-            if dead:
-                now = time.monotonic()
-                self._recovered = {other: at for other, at in self._recovered.items()
-                                   if now - at < RECOVERED_MEMO_SECONDS}
-                self._recovered[instance] = now
-            future.set_result(None)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()
-            raise
-        finally:
-            del self._recovering[instance]
-
-    async def _recover_instance(self, instance: str, wal_keys: list[str]) -> None:
-        by_channel: dict[str, dict[int, bytes]] = {}
-        entries: list[tuple[str, str]] = []
-        for key in wal_keys:
-            obj = await self.store.get(key)
-            if obj is None:
-                continue
-            for channel, frames in decode_wal(obj.data).items():
-                found = by_channel.setdefault(channel, {})
-                for frame in frames:
-                    found[frame_seq(frame)] = frame
-                entries.append((bus_keys.wal_index(channel), key))
-        recovered = {channel: dict(found) for channel, found in by_channel.items()}
-        written = 0
-        for channel, found in by_channel.items():
-            if channel in self._forgotten or await self.store.get(keys.channel_tombstone(channel)) is not None:
-                continue  # deleted since: its messages go with the batch
-            for seq in await self._stored_among(channel, min(found), max(found)):
-                found.pop(seq, None)
-            if found:
-                ordered = sorted(found)
-                await put_until_stored(self.store, keys.segment(channel, ordered[0], ordered[-1]),
-                                       b"\n".join(found[seq] for seq in ordered), lambda: None)
-                written += len(found)
-        if self._on_recovered is not None:
-            # Before the objects go: a retry of one of these messages must find its number (the
-            # claim says it) rather than get a second one. If this fails, the objects stay.
-            await self._on_recovered({channel: [frame for _, frame in sorted(found.items())]
-                                      for channel, found in recovered.items()})
-        try:
-            await self.bus.index_remove(entries)
-        except AgentChatError as exc:
-            log.warning("could not remove the index entries of a dead process: %r", exc)
-        await self.store.delete_many(wal_keys)
-        self.stats.objects_recovered += len(wal_keys)
-        log.warning("recovered %d write-ahead objects of stopped process %s (%d messages not yet in "
-                    "segments)", len(wal_keys), instance, written)
-
-    async def _stored_among(self, channel: str, first: int, last: int) -> set[int]:
-        """Numbers between ``first`` and ``last`` that segments of ``channel`` already hold."""
-        stored: set[int] = set()
-        async for page in pages(self.store, keys.segment_prefix(channel), start_after=keys.segment_after(channel, first - 1)):
-            for key in page:
-                low, high = keys.parse_segment(key)
-                if low <= last and high >= first:
-                    obj = await self.store.get(key)
-                    if obj is not None:
-                        stored.update(frame_seq(frame) for frame in parse_segment_frames(obj.data))
-        return stored

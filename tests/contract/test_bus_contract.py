@@ -397,22 +397,46 @@ async def test_index_scores_must_be_within_2_pow_53(nodes: tuple[Node, Node]) ->
     assert await bus.index_range("i", 0) == []  # nothing of a refused call was added
 
 
+FLIGHT = "inflight:ch:a"  # process a's numbers of channel ch not stored yet
+
+
 async def test_claim_and_publish(nodes: tuple[Node, Node]) -> None:
     a, b = nodes
     await b.bus.subscribe("c:ch")
     # Unknown counter: nothing claimed, nothing published.
-    assert await a.bus.claim_and_publish("cid:ch:a:1", b"p:a", 30, "c:ch", "seq:ch", b"one") is None
+    assert await a.bus.claim_and_publish("cid:ch:a:1", b"p:a", 30, "c:ch", "seq:ch", b"one", in_flight=FLIGHT) is None
     assert await a.bus.get("cid:ch:a:1") is None
     await a.bus.seed_sequence("seq:ch", 10)
-    assert await a.bus.claim_and_publish("cid:ch:a:1", b"p:a", 30, "c:ch", "seq:ch", b"one") == 11
+    assert await a.bus.claim_and_publish("cid:ch:a:1", b"p:a", 30, "c:ch", "seq:ch", b"one", in_flight=FLIGHT) == 11
     assert await a.bus.get("cid:ch:a:1") == b"p:a"
     await b.received.wait_count("c:ch", 1)
     assert b.received.on("c:ch") == [(11, b"one")]
     # The claim exists (another process, or a retry): its value comes back and nothing is published.
-    assert await b.bus.claim_and_publish("cid:ch:a:1", b"p:b", 30, "c:ch", "seq:ch", b"again") == b"p:a"
-    assert await a.bus.claim_and_publish("cid:ch:a:2", b"p:a", 30, "c:ch", "seq:ch", b"two") == 12
+    assert await b.bus.claim_and_publish("cid:ch:a:1", b"p:b", 30, "c:ch", "seq:ch", b"again", in_flight="inflight:ch:b") == b"p:a"
+    assert await a.bus.claim_and_publish("cid:ch:a:2", b"p:a", 30, "c:ch", "seq:ch", b"two", in_flight=FLIGHT) == 12
     await b.received.wait_count("c:ch", 2)
     assert b.received.on("c:ch") == [(11, b"one"), (12, b"two")]
+
+
+async def test_claim_and_publish_records_each_number_in_flight_in_the_same_step(nodes: tuple[Node, Node]) -> None:
+    """Every number handed out is in the sender's in-flight index when the call returns (any process
+    can read it); a call that hands out no number (unknown counter, existing claim) records nothing."""
+    a, b = nodes
+    assert await a.bus.claim_and_publish("cid:ch:a:1", b"p:a", 30, "c:ch", "seq:ch", b"one", in_flight=FLIGHT) is None
+    assert await b.bus.index_range(FLIGHT, 0) == []
+    await a.bus.seed_sequence("seq:ch", 10)
+    assert await a.bus.claim_and_publish("cid:ch:a:1", b"p:a", 30, "c:ch", "seq:ch", b"one", in_flight=FLIGHT) == 11
+    assert await b.bus.index_range(FLIGHT, 0) == [("11", 11)]
+    assert await b.bus.claim_and_publish("cid:ch:a:1", b"p:b", 30, "c:ch", "seq:ch", b"x",
+                                         in_flight="inflight:ch:b") == b"p:a"
+    assert await b.bus.index_range("inflight:ch:b", 0) == []
+    numbers = await asyncio.gather(*(a.bus.claim_and_publish(f"cid:ch:a:{i}", b"p:a", 30, "c:ch", "seq:ch", b"m",
+                                                             in_flight=FLIGHT) for i in range(2, 40)))
+    assert sorted(numbers) == list(range(12, 50))  # type: ignore[type-var]
+    assert await b.bus.index_range(FLIGHT, 0) == [(str(n), n) for n in range(11, 50)]
+    # Stored: the sender removes them, many in one call.
+    await a.bus.index_remove([(FLIGHT, str(n)) for n in range(11, 49)])
+    assert await b.bus.index_range(FLIGHT, 0) == [("49", 49)]
 
 
 async def test_concurrent_claims_on_one_channel(nodes: tuple[Node, Node]) -> None:
@@ -423,7 +447,8 @@ async def test_concurrent_claims_on_one_channel(nodes: tuple[Node, Node]) -> Non
     await a.bus.seed_sequence("seq:many", 0)
     bodies = [b"", b"*", b"1:2:", b"x" * 3000] + [f"m{i}".encode() for i in range(60)]
     claims = [f"cid:many:s:{i}" for i in range(len(bodies))] + ["cid:many:s:0"]
-    outcomes = await asyncio.gather(*(a.bus.claim_and_publish(claim, b"p:a", 30, "c:many", "seq:many", body)
+    outcomes = await asyncio.gather(*(a.bus.claim_and_publish(claim, b"p:a", 30, "c:many", "seq:many", body,
+                                                            in_flight="inflight:many:a")
                                       for claim, body in zip(claims, bodies + [b"again"])))
     assert outcomes[-1] == b"p:a", "the same client id twice: the second finds the first's claim"
     numbers = outcomes[:-1]

@@ -14,8 +14,10 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import pytest
 
+from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import Bus
 from agentchat.core import frames
 from agentchat.store import keys
@@ -335,6 +337,48 @@ async def test_a_read_after_the_bus_lost_the_index_while_a_process_was_dead_miss
     assert seqs(await survivor.log.read("ch_lost", 0, 100)) == [1, 2, 3, 4]
     assert await survivor.store.list(keys.wal_prefix(dead.instance)) == []  # recovered into segments
     assert seqs(await survivor.log.read("ch_lost", 1, 2)) == [2, 3]
+
+
+async def record_in_flight(proc: Process, channel: str, numbers: list[int]) -> None:
+    """What the sequencer records as it hands numbers out (``claim_and_publish``)."""
+    await proc.bus.index_add([(bus_keys.IN_FLIGHT_PROCESSES, proc.instance, 0),
+                              (bus_keys.in_flight_channels(proc.instance), channel, 0),
+                              *((bus_keys.in_flight(channel, proc.instance), str(n), n) for n in numbers)])
+
+
+async def test_numbers_a_dead_process_handed_out_and_never_stored_become_gaps_in_history(
+        make_process: ProcessMaker) -> None:
+    """Numbers 1-5 went out live; the process stored 1-2 in a segment and 3 in a write-ahead object,
+    then died with 4 and 5 waiting. Recovery stores 3 and declares 4 and 5 gaps: history shows each
+    number once, as a message or a gap (before: 4 and 5 simply missing, nothing saying so)."""
+    dead = await make_process()
+    await record_in_flight(dead, "ch_g", [1, 2, 3, 4, 5])
+    await record_in_flight(dead, "ch_quiet", [9])  # never stored, on a channel it has no object of
+    await dead.store_messages("ch_g", [1, 2])
+    await dead.writer.compact(["ch_g"])
+    await dead.store_messages("ch_g", [3])
+    dead.kill()
+    survivor = await make_process(alive=lambda instance: instance != dead.instance)  # recovers at start
+    found = await survivor.log.read("ch_g", 0, 100)
+    assert seqs(found) == [1, 2, 3, 4, 5]
+    assert [frames.is_gap(frame) for frame in found] == [False, False, False, True, True]
+    assert orjson.loads(found[3]) == {"type": "gap", "seq": 4, "channel": "ch_g", "ts": orjson.loads(found[3])["ts"]}
+    assert [frames.is_gap(frame) for frame in await survivor.log.read("ch_quiet", 0, 100)] == [True]
+    # Settled: nothing left in flight, and a second recovery declares nothing twice.
+    assert await survivor.bus.index_range(bus_keys.in_flight("ch_g", dead.instance), 0) == []
+    assert await survivor.bus.index_range(bus_keys.IN_FLIGHT_PROCESSES, 0) == []
+    await survivor.writer.recovery.recover()
+    assert seqs(await survivor.log.read("ch_g", 0, 100)) == [1, 2, 3, 4, 5]
+
+
+async def test_a_live_process_numbers_in_flight_are_never_gaps(make_process: ProcessMaker) -> None:
+    """Recovery declares gaps only for a process with no heartbeat."""
+    live = await make_process()
+    await record_in_flight(live, "ch_l", [1])
+    other = await make_process()  # believes every process alive
+    await other.writer.recovery.recover()
+    assert await other.log.read("ch_l", 0, 10) == []
+    assert await other.bus.index_range(bus_keys.in_flight("ch_l", live.instance), 0) == [("1", 1)]
 
 
 async def test_recovery_hands_every_message_over_before_deleting_its_objects(make_process: ProcessMaker) -> None:

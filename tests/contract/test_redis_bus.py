@@ -225,6 +225,10 @@ async def sender_and_reader(redis_proc: RedisProcess) -> AsyncIterator[tuple[Red
         await reader.close()
 
 
+async def send_on_one(bus: RedisBus, claim: str) -> int | bytes | None:
+    return await bus.claim_and_publish(claim, b"p", 30, "c:one", "seq:one", b"m", in_flight="inflight:one:s")
+
+
 async def call_counts(bus: RedisBus) -> tuple[int, int]:
     """Script runs and PUBLISH calls Redis has served so far."""
     info = (await bus._call("INFO", "commandstats")).decode()
@@ -239,10 +243,9 @@ async def test_sends_of_one_turn_on_one_channel_are_one_call_and_one_message(
     """Efficiency: 50 concurrent sends on one channel cost Redis one script run and one pub/sub
     message, not 50 of each (the readers still get 50 messages)."""
     sender, received = sender_and_reader
-    await sender.claim_and_publish("cid:one:s:first", b"p", 30, "c:one", "seq:one", b"m")  # loads it
+    await send_on_one(sender, "cid:one:s:first")  # loads it
     evalsha_before, publish_before = await call_counts(sender)
-    await asyncio.gather(*(sender.claim_and_publish(f"cid:one:s:{i}", b"p", 30, "c:one", "seq:one", b"m")
-                           for i in range(50)))
+    await asyncio.gather(*(send_on_one(sender, f"cid:one:s:{i}") for i in range(50)))
     evalsha_after, publish_after = await call_counts(sender)
     await received.wait_count("c:one", 51)
     assert evalsha_after - evalsha_before == 1
@@ -256,16 +259,15 @@ async def test_sends_that_come_while_a_round_is_on_its_way_go_together(
     """Efficiency under load: while a process's sends wait for Redis, the sends of the next event-loop
     turns wait for them and then go as one script run and one pub/sub message, in order."""
     sender, received = sender_and_reader
-    await sender.claim_and_publish("cid:one:s:first", b"p", 30, "c:one", "seq:one", b"m")  # loads it
+    await send_on_one(sender, "cid:one:s:first")  # loads it
     before, _ = await call_counts(sender)
     redis_proc.pause()  # the first round stays on its way
     try:
-        sends = [asyncio.create_task(sender.claim_and_publish("cid:one:s:0", b"p", 30, "c:one", "seq:one", b"m"))]
+        sends = [asyncio.create_task(send_on_one(sender, "cid:one:s:0"))]
         for i in range(1, 6):
             for _ in range(3):
                 await asyncio.sleep(0)  # each in a later event-loop turn
-            sends.append(asyncio.create_task(
-                sender.claim_and_publish(f"cid:one:s:{i}", b"p", 30, "c:one", "seq:one", b"m")))
+            sends.append(asyncio.create_task(send_on_one(sender, f"cid:one:s:{i}")))
         await asyncio.sleep(0.1)
     finally:
         redis_proc.resume()

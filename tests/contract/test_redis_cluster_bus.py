@@ -122,7 +122,8 @@ async def test_a_promoted_replica_with_an_older_counter_hands_out_no_number_twic
         while True:
             try:
                 outcome = await sender.claim_and_publish(bus_keys.send_claim(channel, "s", f"k{i}"), b"p", 30,
-                                                         topic, counter, f"m{i}".encode())
+                                                         topic, counter, f"m{i}".encode(),
+                                                         in_flight=bus_keys.in_flight(channel, "s"))
                 if outcome is None:
                     await sender.seed_sequence(counter, max(stored, default=0))
                     continue

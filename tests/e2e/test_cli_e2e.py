@@ -3,6 +3,7 @@ one line with what to do (never a traceback), its help, and what it and the serv
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -168,3 +170,46 @@ def test_a_first_session_reads_like_it_should(tmp_path: Path) -> None:
     assert "agent registered: robert" not in said and f"agent renamed: bob -> robert {bob_did}" in said
     assert " opened on " in said and ": active: paid, 500 cents captured" in said and "payment_failed" in said
     assert said.rstrip().endswith("stopped")
+
+
+def next_line(stream: IO[str], seconds: float = 30.0) -> str:
+    """The next line a child process writes, within ``seconds`` (a missing line fails the test there
+    rather than hanging it)."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(stream.readline).result(seconds).strip()
+    finally:
+        pool.shutdown(wait=False)  # a read still waiting ends when the process is killed
+
+
+def test_a_listener_says_which_invitations_it_accepted(tmp_path: Path) -> None:
+    """One line on stderr for each invitation a listener accepts, whether it was waiting when the
+    listener started or arrives while it listens; a channel the agent created itself is not one."""
+    server = ServerProcess(store=f"file://{tmp_path}/data", log_path=tmp_path / "server.log").start()
+    listener: subprocess.Popen[str] | None = None
+    try:
+        url, alice, bob = server.url, tmp_path / "alice.key", tmp_path / "bob.key"
+        alice_did = run_cli("keygen", server=url, key=alice).stdout.strip()
+        bob_did = run_cli("keygen", server=url, key=bob).stdout.strip()
+        assert run_cli("register", "alice", server=url, key=alice).returncode == 0
+        assert run_cli("register", "bob", server=url, key=bob).returncode == 0
+        waiting = run_cli("channel", "create", "--member", bob_did, "--name", "plans", server=url, key=alice).stdout.strip()
+        listener = subprocess.Popen([sys.executable, "-m", "agentchat", "listen", "--key", str(bob), "--server", url],
+                                    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert listener.stderr is not None and listener.stdout is not None
+        assert "listening as bob" in next_line(listener.stderr)
+        inviter = f"alice (…{alice_did[-6:]})"
+        assert next_line(listener.stderr) == \
+            f"accepted the invitation to {waiting} ('plans') from {inviter}; its messages follow"
+        assert run_cli("channel", "create", server=url, key=bob).returncode == 0  # bob's own: nothing to say
+        live = run_cli("channel", "create", "--member", bob_did, server=url, key=alice).stdout.strip()
+        assert next_line(listener.stderr) == f"accepted the invitation to {live} from {inviter}; its messages follow"
+        assert run_cli("send", live, "hello", server=url, key=alice).returncode == 0
+        assert next_line(listener.stdout) == f"[{live} #1] {inviter}: hello"
+        listener.send_signal(signal.SIGINT)
+        listener.wait(10)
+        assert "accepted" not in listener.stderr.read(), "one line per invitation"
+    finally:
+        if listener is not None and listener.poll() is None:
+            listener.kill()
+        server.close()

@@ -98,15 +98,22 @@ async def send_until_acked(agent: Agent, channel: str, text: str, client_id: str
             await asyncio.sleep(0.1)
 
 
+def move_agent(agent: Agent, url: str) -> None:
+    """Point the agent's REST calls and its socket's next reconnect at another process (as a load
+    balancer would). The SDK's parts keep the address they were made with, so each is told."""
+    agent.server = agent._rest.server = url
+    agent._socket._url = url.replace("http://", "ws://", 1) + "/api/v1/ws"
+
+
 async def full_history(agent: Agent, channel: str) -> list[int]:
     seqs: list[int] = []
     after = 0
     while True:
         page = await agent.history(channel, after=after, limit=500)
         seqs += [m.seq for m in page]
-        if len(page) < 500:
+        if page.fetched < 500:  # messages and gaps count towards a page
             return seqs
-        after = page[-1].seq
+        after = page.next_after
 
 
 async def test_agents_on_different_processes_talk_in_order_and_resume_elsewhere(cluster_factory) -> None:
@@ -378,7 +385,7 @@ class Matrix:
         for i, home in enumerate(self.home):
             if home == process:
                 self.home[i] = (process + 1) % 3
-                self.agents[i].server = self.cluster.url(self.home[i])
+                move_agent(self.agents[i], self.cluster.url(self.home[i]))
 
     def recovery(self, since: float) -> tuple[float, float]:
         """Per agent, how long after ``since`` its first send started after ``since`` was acked:
@@ -417,9 +424,9 @@ class Matrix:
                     page = await reader._request("GET", f"/api/v1/channels/{channel}/messages",
                                                  params={"after": after, "limit": 500})
                     records += [(m["seq"], m["sender"], m["client_id"]) for m in page["messages"]]
-                    if len(page["messages"]) < 500:
+                    if not page["has_more"]:
                         break
-                    after = page["messages"][-1]["seq"]
+                    after = page["next_after"]
             found.append(records)
         return found
 
@@ -607,3 +614,77 @@ async def test_kill_9_then_redis_restart_leaves_no_acked_message_unreadable(matr
     await m.wait_for_acks(fault)
     await restart(m, 1)
     assert_row(await m.check("kill -9 then Redis restart", m.recovery(fault)), readers=False)
+
+
+async def next_event(agent: Agent, kind: str, timeout: float = 30.0) -> dict:
+    """The agent's next event of type ``kind`` (others are passed over)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        event = await asyncio.wait_for(agent.events.get(), max(0.1, deadline - time.monotonic()))
+        if event.get("type") == kind:
+            return event
+
+
+async def test_a_number_delivered_live_but_never_stored_reaches_every_reader_as_a_gap(
+        tmp_path: Path, redis: RedisProcess, s3: S3Server) -> None:
+    """Alice's process numbers her message N and fans it out (bob, on another process, gets it live),
+    but its store is unreachable, and it is killed (-9) before storing N. Once alice's client sends
+    it again through the other process, that process recovers the dead one: bob is told N is a gap
+    (he got it live: retracted) and gets the message again under its new number; history lists N
+    as a gap; a client resuming from before N gets the gap, never waits for N. Before: N was simply
+    missing from history and resume, and nothing told bob."""
+    endpoint = urlsplit(s3.endpoint)
+    proxy = FaultProxy(endpoint.hostname, endpoint.port).start()
+    store = s3.url(s3.create_bucket())
+    env = {"AGENTCHAT_LOG_LEVEL": "INFO"}
+    doomed = ServerProcess(store=store.replace(s3.endpoint, f"http://127.0.0.1:{proxy.port}"), bus=redis.url,
+                           env=env, log_path=tmp_path / "server0.log").start()
+    survivor = ServerProcess(store=store, bus=redis.url, env=env, log_path=tmp_path / "server1.log").start()
+    agents: list[Agent] = []
+    try:
+        alice, bob = Agent(doomed.url, crypto.AgentKeys.generate()), Agent(survivor.url, crypto.AgentKeys.generate())
+        agents += [alice, bob]
+        await alice.register("alice")
+        await bob.register("bob")
+        channel = await alice.create_channel([bob.did])
+        await alice.connect()
+        await bob.connect()
+        before = await alice.send(channel, "stored")
+        assert (await bob.next_message(10)).seq == before
+        proxy.set_mode("refuse")  # alice's process can no longer store anything
+        sending = asyncio.create_task(alice.send(channel, "lost?", client_id="lost-1"))
+        live = await bob.next_message(10)
+        assert live.text == "lost?"
+        gap = live.seq
+        doomed.kill()
+        sending.cancel()
+        # Alice's client sends it again through the other process (as after a reconnect elsewhere).
+        alice_again = Agent(survivor.url, alice.keys)
+        agents.append(alice_again)
+        await alice_again.connect()
+        renumbered = await asyncio.wait_for(alice_again.send(channel, "lost?", client_id="lost-1"), 60)
+        assert renumbered > gap
+        told = await next_event(bob, "gap")
+        assert told == {"type": "gap", "channel": channel, "seq": gap, "retracted": True,
+                        "sender": alice.did, "client_id": "lost-1"}
+        again = await bob.next_message(10)
+        assert (again.seq, again.text) == (renumbered, "lost?")  # the message itself, once more, for good
+        page = await bob.history(channel)
+        assert [m.seq for m in page] == [before, renumbered]
+        assert page.gaps == [gap]
+        # A client that resumes from before N: the gap in its place, then the message; nothing waited for.
+        carol_view = Agent(survivor.url, bob.keys)
+        agents.append(carol_view)
+        carol_view._last_seq.update({channel: before})
+        await carol_view.connect()
+        told = await next_event(carol_view, "gap")
+        assert (told["seq"], told["retracted"]) == (gap, False)
+        assert (await carol_view.next_message(10)).seq == renumbered
+        assert carol_view.last_seq[channel] == renumbered
+    finally:
+        for agent in agents:
+            with contextlib.suppress(Exception):
+                await agent.close()
+        doomed.close()
+        survivor.close()
+        proxy.close()

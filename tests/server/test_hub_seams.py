@@ -14,7 +14,7 @@ from agentchat.bus import keys as bus_keys
 from agentchat.bus.memory import MemoryBroker, MemoryBus
 from agentchat.core import frames
 from agentchat.errors import error
-from agentchat.server import hub as hub_module
+from agentchat.server import catch_up as catch_up_module
 from agentchat.server.hub import Hub, HubListenerBase, Room
 from agentchat.server.metrics import Metrics
 from agentchat.server.session import Session
@@ -209,13 +209,58 @@ async def test_a_catch_up_that_cannot_finish_hands_the_reader_back_to_its_client
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The store stays away past the catch-up's patience: the socket is closed with 1013 (reconnect and
     resume from the last number got) instead of going on live with a hole behind it."""
-    monkeypatch.setattr(hub_module, "CATCH_UP_PATIENCE", 0.3)
+    monkeypatch.setattr(catch_up_module, "CATCH_UP_PATIENCE", 0.3)
     reader = _ClosingReader()
     stored = [frames.message_frame(1, b'{"channel":"ch_1"}')]
     await _resume_against(_AwayStore(stored, failures=10**6), reader, live=0)
     assert reader.closed_with == (1013, "catch_up_failed")
     errors = [orjson.loads(frame) for frame in reader.frames]
     assert errors and errors[-1]["type"] == "error" and errors[-1]["code"] == "store_unavailable"
+
+
+class _SlowStore:
+    """History whose first ``misses`` reads come before the group commit of message 1 landed."""
+
+    def __init__(self, frame: bytes, misses: int) -> None:
+        self.frame = frame
+        self.misses = misses
+
+    async def read(self, channel: str, after: int, limit: int, **_: Any) -> list[bytes]:
+        if self.misses:
+            self.misses -= 1
+            return []
+        return [self.frame] if after < 1 else []
+
+
+async def test_a_resume_waits_for_a_number_still_in_flight_on_a_live_process_however_long_its_store_takes() -> None:
+    """Another live process numbered message 1 (in flight, not stored) and stores it only after a dozen
+    store reads of the catch-up, longer than the fixed wait for other processes' group commits: the
+    reader still gets 1 before 2 (before: it gave up after four tries and never got 1)."""
+    broker = MemoryBroker()
+    here, there = MemoryBus(broker), MemoryBus(broker)
+    await there.start(lambda topic, seq, body: None)
+    channel = "ch_1"
+    topic, counter = bus_keys.channel_messages(channel), bus_keys.sequence_counter(channel)
+    body = b'{"channel":"ch_1"}'
+    await there.seed_sequence(counter, 0)
+    await there.set(bus_keys.heartbeat("there"), b"1", 60)
+    await there.index_add([(bus_keys.IN_FLIGHT_PROCESSES, "there", 0)])
+    assert await there.claim_and_publish("cid:ch_1:s:1", b"p:there", 60, topic, counter, body,
+                                         in_flight=bus_keys.in_flight(channel, "there")) == 1
+    history = _SlowStore(frames.message_frame(1, body), misses=12)
+    hub = Hub(here, _Records(), history, None, metrics=Metrics(), send_queue_max=10,  # type: ignore[arg-type]
+              gap_fill_wait=0.02)
+    await here.start(hub._on_bus)
+    reader = _Reader()
+    try:
+        attaching = asyncio.create_task(hub.attach(reader, channel, resume_after=0))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        assert await there.publish_sequenced(topic, counter, body) == 2
+        await asyncio.wait_for(attaching, 10)
+        assert [frame_seq(frame) for frame in reader.frames] == [1, 2]
+    finally:
+        await here.close()
+        await there.close()
 
 
 async def test_a_member_whose_process_hears_of_its_join_late_still_gets_what_was_sent_since() -> None:
@@ -250,3 +295,40 @@ async def test_a_member_whose_process_hears_of_its_join_late_still_gets_what_was
                                                                            ("message", None, 1)]
     finally:
         await bus.close()
+
+
+async def test_a_resume_settles_a_number_a_dead_process_left_in_flight_and_gets_its_gap() -> None:
+    """Process "gone" numbered 1 and died before storing it (no heartbeat): the catch-up recovers that
+    process itself, which declares 1 a gap, and the reader gets the gap before 2, without waiting."""
+    broker = MemoryBroker()
+    here, gone = MemoryBus(broker), MemoryBus(broker)
+    channel = "ch_1"
+    topic, counter = bus_keys.channel_messages(channel), bus_keys.sequence_counter(channel)
+    body = b'{"channel":"ch_1"}'
+    await gone.seed_sequence(counter, 0)
+    await gone.index_add([(bus_keys.IN_FLIGHT_PROCESSES, "gone", 0)])
+    assert await gone.claim_and_publish("cid:ch_1:s:1", b"p:gone", 60, topic, counter, body,
+                                        in_flight=bus_keys.in_flight(channel, "gone")) == 1
+    stored: list[bytes] = []
+    recovered: list[str] = []
+
+    async def recover_instance(instance: str, *, dead: bool) -> None:
+        assert dead
+        recovered.append(instance)
+        stored.append(frames.gap_frame(channel, 1, 5))  # what WriteAheadRecovery stores
+        await gone.index_remove([(bus_keys.in_flight(channel, "gone"), "1")])
+
+    writer = SimpleNamespace(recovery=SimpleNamespace(recover_instance=recover_instance))
+    hub = Hub(here, _Records(), _AwayStore(stored, failures=0), writer, metrics=Metrics(),  # type: ignore[arg-type]
+              send_queue_max=10, gap_fill_wait=0.02)
+    await here.start(hub._on_bus)
+    reader = _Reader()
+    try:
+        attaching = asyncio.create_task(hub.attach(reader, channel, resume_after=0))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        assert await here.publish_sequenced(topic, counter, body) == 2
+        await asyncio.wait_for(attaching, 10)
+        assert recovered == ["gone"]
+        assert [(frames.is_gap(frame), frame_seq(frame)) for frame in reader.frames] == [(True, 1), (False, 2)]
+    finally:
+        await here.close()

@@ -10,12 +10,13 @@ import pytest
 from aiohttp import WSMsgType
 
 from agentchat import crypto
-from agentchat.client import AgentChatClientError
+from agentchat.client import Agent, AgentChatClientError
 from agentchat.config import load_settings
 from agentchat.core.frames import split_frames
 from agentchat.server.app import build_app
 from agentchat.server import connections
 from tests.server.test_rest import create_channel, envelope
+from tests.services import free_port
 
 
 _leftover: dict[int, list[dict[str, Any]]] = {}
@@ -177,6 +178,22 @@ async def test_membership_changes_reach_open_sockets(sdk_agents) -> None:
     with pytest.raises(AgentChatClientError) as err:
         await bob.send(channel, "let me back")
     assert err.value.code == "not_member"
+
+
+async def test_sdk_follows_a_new_server_address(sdk_agents) -> None:
+    """``Agent.server`` may be changed on a live agent (to another process of the deployment): the
+    next request and the next connect go to the new address."""
+    alice = await sdk_agents("alice")
+    bob = Agent(f"http://127.0.0.1:{free_port()}", crypto.AgentKeys.generate())  # nothing listens there
+    try:
+        bob.server = alice.server
+        await bob.register("bob")
+        channel = await alice.create_channel([bob.did])
+        await asyncio.wait_for(bob.connect(), 10)
+        await alice.send(channel, "found you")
+        assert (await bob.next_message(5)).text == "found you"
+    finally:
+        await bob.close()
 
 
 async def test_sdk_resumes_after_the_socket_drops(sdk_agents) -> None:

@@ -29,8 +29,10 @@ class StandInAgent:
     server = "http://127.0.0.1:9"
     peek_policy: Any = True
 
-    def __init__(self, stored: list[Message], *, undecryptable: frozenset[int] = frozenset()) -> None:
+    def __init__(self, stored: list[Message], *, undecryptable: frozenset[int] = frozenset(),
+                 gaps: frozenset[int] = frozenset()) -> None:
         self.stored = stored
+        self.gaps = gaps  # numbers that will never hold a message (History.gaps)
         self.undecryptable = undecryptable  # seqs whose envelope does not open, as Agent.history skips them
         self.history_calls = 0
         self.invitation_policy: Any = "all"
@@ -42,8 +44,11 @@ class StandInAgent:
         self.history_calls += 1
         if channel != CH:
             raise AgentChatClientError("not_member", f"not a member of {channel}", status=403)
-        records = [m for m in self.stored if m.seq > after][:limit]
-        page = History(next_after=records[-1].seq if records else after, fetched=len(records))
+        numbers = sorted([m.seq for m in self.stored] + list(self.gaps))
+        taken = [seq for seq in numbers if seq > after][:limit]
+        records = [m for m in self.stored if m.seq in taken]
+        page = History(next_after=taken[-1] if taken else after, fetched=len(taken))
+        page.gaps = [seq for seq in taken if seq in self.gaps]
         for m in records:
             if m.seq in self.undecryptable:
                 page.skipped.append((m.seq, m.sender, "the envelope does not open"))
@@ -235,3 +240,16 @@ async def test_the_invitation_policy_all_and_none() -> None:
     assert (await nothing.answer_invitation("ch_b", "decline")) == {"channel": "ch_b", "declined": True}
     with pytest.raises(ValueError):
         Bridge(StandInAgent([]), invitations="some")  # type: ignore[arg-type]
+
+
+async def test_paging_through_gaps_reaches_the_end() -> None:
+    """Numbers 2 and 3 will never hold a message (gaps): a page of them only still moves next_after on,
+    so a client paging one message at a time reaches the end (before: it asked for the same page again
+    and again)."""
+    agent = StandInAgent([message(1, "m1"), message(4, "m4")], gaps=frozenset({2, 3}))
+    seen, after, has_more, asked = [], 0, True, 0
+    while has_more and asked < 10:
+        page = await Bridge(agent).read(CH, after, 1)  # type: ignore[arg-type]
+        seen += [m["seq"] for m in page["messages"]]
+        after, has_more, asked = page["next_after"], page["has_more"], asked + 1
+    assert (seen, after, has_more) == ([1, 4], 4, False)

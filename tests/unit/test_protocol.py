@@ -31,6 +31,7 @@ from agentchat.config import Limits, load_settings
 from agentchat.core import frames
 from agentchat.errors import CODES, AgentChatError, error
 from agentchat.server.app import build_app
+from agentchat.store.segments import frame_seq
 
 PROTOCOL = Path(__file__).resolve().parents[2] / "protocol"
 FRAMES = PROTOCOL / "frames"
@@ -357,6 +358,14 @@ def test_message_frames_from_the_codec_match_the_schema() -> None:
             assert_valid(SERVER_FRAME, frame)
             record = {k: v for k, v in frame.items() if k != "type"}
             assert_valid(component("message_record"), record)
+
+
+def test_gap_frames_from_the_codec_match_the_schema() -> None:
+    for seq in (1, 42, frames.MAX_SEQ):
+        frame = orjson.loads(frames.gap_frame(CH, seq, 1767225600000))
+        assert_valid(validator_for(FRAMES / "server" / "gap.json"), frame)
+        assert_valid(SERVER_FRAME, frame)
+        assert frame_seq(frames.gap_frame(CH, seq, 1)) == seq and frames.is_gap(frames.gap_frame(CH, seq, 1))
 
 
 def test_error_frames_for_every_code_match_the_schema() -> None:

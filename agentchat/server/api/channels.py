@@ -25,6 +25,7 @@ from agentchat.errors import error
 from agentchat.server.appkeys import HISTORY, HUB, INDICATORS, RECORDS, SETTINGS
 from agentchat.server.http import agent_did, client_address, json_response, path_channel_id, principal, query_int, read_json
 from agentchat.server.membership import announce_removal, membership_counter, remember_removed
+from agentchat.store.messages import frame_seq
 from agentchat.store.records import Record
 
 routes = web.RouteTableDef()
@@ -378,10 +379,15 @@ async def get_messages(request: web.Request) -> web.Response:
     limit = query_int(request, "limit", 100, 1, page_max)
     found = await request.app[HISTORY].read(channel, after, limit + 1)
     has_more = len(found) > limit
-    messages = [orjson.loads(frame) for frame in found[:limit]]
-    for message in messages:
+    messages, gaps = [], []
+    for frame in found[:limit]:
+        if frames.is_gap(frame):  # handed out, never stored (its server process died): never will be
+            gaps.append(frame_seq(frame))
+            continue
+        message = orjson.loads(frame)
         del message["type"]
-    next_after = messages[-1]["seq"] if messages else after
+        messages.append(message)
+    next_after = frame_seq(found[limit - 1 if has_more else -1]) if found else after
     # first_available > after + 1: the messages in between expired (retention), not a gap.
-    return json_response({"channel": channel, "messages": messages, "next_after": next_after,
+    return json_response({"channel": channel, "messages": messages, "gaps": gaps, "next_after": next_after,
                           "has_more": has_more, "first_available": room.first_available})
