@@ -252,7 +252,8 @@ class Hub:
         room = self.rooms.get(channel)
         if room is None:
             return
-        if version_of(meta) >= room.version:  # never back to an older read
+        # Never back to an older read: an epoch change (a rotation) leaves the version as it is.
+        if version_of(meta) >= room.version and meta["epoch"] >= room.epoch:
             room.apply(meta)
         notice = frames.encode({"type": "channel", "channel": channel, **event}) if event else None
         for session in list(room.subscribers):
@@ -455,7 +456,20 @@ class Hub:
     async def send(self, sender: str, channel: str, client_id: str, envelope: dict[str, Any],
                    ack_to: AckTarget, ack_note: bytes = b"") -> None:
         """``Sequencer.send``: sequence, fan out and store one message, ack it once stored."""
-        await self.sequencer.send(sender, channel, client_id, envelope, ack_to, ack_note)
+        try:
+            await self.sequencer.send(sender, channel, client_id, envelope, ack_to, ack_note)
+        except AgentChatError as exc:
+            room = self.rooms.get(channel)
+            if exc.code != "stale_epoch" or room is None or envelope["epoch"] <= room.epoch:
+                raise
+            # The sender knows a newer epoch than this process: the event saying so may have been
+            # lost (a bus blip). Re-read the record once rather than refuse every send until the
+            # next membership change.
+            meta = await self.records.get_channel(channel)
+            if meta is None or meta["epoch"] <= room.epoch:
+                raise
+            self.apply_channel(meta)
+            await self.sequencer.send(sender, channel, client_id, envelope, ack_to, ack_note)
 
     def take_sequenced(self) -> dict[tuple[str, int], int]:
         return self.sequencer.take_sequenced()

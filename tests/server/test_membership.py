@@ -147,3 +147,43 @@ async def test_a_channel_record_in_the_old_layout_is_read_as_accepted_members_at
     assert version_of(await app[RECORDS].get_channel(channel)) == 1
     status, body = await bob.call("GET", f"/api/v1/channels/{channel}/messages")
     assert status == 403
+
+
+async def test_a_process_that_missed_an_epoch_event_takes_the_senders_newer_epoch(client, sdk_agents) -> None:
+    """Another process rotated the channel's epoch and the event never reached this one (a bus blip):
+    a send sealed under the new epoch is taken here after one re-read of the record (before: every
+    send was refused with stale_epoch until the next membership change)."""
+    alice = await sdk_agents("alice")
+    channel = await alice.create_channel([])
+    assert await alice.send(channel, "at epoch 1") == 1
+    hub = client.server.app[HUB]
+    apply_channel, publish = hub.apply_channel, hub.publish_channel_event
+
+    async def lost(channel_id: str, event: dict[str, Any]) -> None:
+        if event.get("event") != "epoch":
+            await publish(channel_id, event)
+    hub.apply_channel = lambda *args, **kwargs: None  # the rotation runs "elsewhere"
+    hub.publish_channel_event = lost
+    try:
+        assert (await alice.rotate_epoch(channel))["epoch"] == 2
+    finally:
+        hub.apply_channel, hub.publish_channel_event = apply_channel, publish
+    assert hub.rooms[channel].epoch == 1  # this process still believes epoch 1
+    assert await alice.send(channel, "at epoch 2") == 2
+    assert hub.rooms[channel].epoch == 2
+    assert [m.text for m in await alice.history(channel)] == ["at epoch 1", "at epoch 2"]
+
+
+async def test_a_late_read_of_the_record_never_takes_a_room_back_to_an_older_epoch(client, sdk_agents) -> None:
+    """A channel event's re-read of the record can finish after a newer one (the epoch changes without
+    a new membership version): the room stays at the newer epoch."""
+    alice = await sdk_agents("alice")
+    channel = await alice.create_channel([])
+    await alice.send(channel, "hello")
+    hub = client.server.app[HUB]
+    old = dict(await client.server.app[RECORDS].get_channel(channel))
+    await alice.rotate_epoch(channel)
+    assert hub.rooms[channel].epoch == 2
+    hub.apply_channel(old)  # the late read
+    assert hub.rooms[channel].epoch == 2
+    assert await alice.send(channel, "still at epoch 2") == 2

@@ -310,7 +310,9 @@ async def rotate_epoch(request: web.Request) -> web.Response:
     updated = await records.update_channel(meta["id"], advance)
     if not created:
         raise error("conflict", f"epoch {epoch} was started by another member; fetch its key")
-    await request.app[HUB].publish_channel_event(meta["id"], {"event": "epoch", "epoch": epoch})
+    hub = request.app[HUB]
+    hub.apply_channel(updated)  # this process at once; the others by the event (or a sender's newer epoch)
+    await hub.publish_channel_event(meta["id"], {"event": "epoch", "epoch": epoch})
     return json_response(channel_view(updated), 201)
 
 
