@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +20,12 @@ from agentchat.server.app import build_app
 from agentchat.server.connections import AgentChatRunner
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Tests press Ctrl-C (send SIGINT) in the CLI and server processes they start. A suite started as a
+# background job of a non-interactive shell inherits SIGINT ignored, and so would those processes (a
+# program started that way keeps ignoring it): give them a terminal's default instead.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
