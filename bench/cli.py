@@ -91,10 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--processes", type=int, default=2, help="load generator processes (default 2)")
     run.add_argument("--server-cpus", type=cpus, default="0", help="taskset list for servers (default 0; none)")
     run.add_argument("--load-cpus", type=cpus, default="1", help="taskset list for the load (default 1; none)")
+    run.add_argument("--redis-cpus", type=cpus, default=None,
+                     help="taskset list for redis-server in the multi-process workloads (default: --server-cpus)")
     run.add_argument("--sessions", type=int, default=5_000, help="idle sessions to hold (default 5000)")
     run.add_argument("--storm-sessions", type=int, default=5_000, help="sessions in the connect storm (default 5000)")
     run.add_argument("--storm-concurrency", type=int, default=200, help="handshakes in flight (default 200)")
     run.add_argument("--mp-processes", type=int, default=2, help="AgentChat processes for multiprocess (default 2)")
+    run.add_argument("--mp-rate", type=int, default=60_000,
+                     help="deliveries/s at which multiprocess compares the Redis bus's CPU per delivery with "
+                          "the in-process bus's (default 60000)")
     run.add_argument("--peeks", type=int, default=20, help="peeks opened in the peek workload (default 20)")
     run.add_argument("--peek-window", type=float, default=60.0,
                      help="refusal window of those peeks in seconds (default 60, the product's)")
@@ -124,8 +129,9 @@ def options_from(args: argparse.Namespace) -> Options:
     return Options(servers=args.server, duration=args.duration, warmup=args.warmup, agents=args.agents,
                    group=args.group, payload=args.payload, window=args.window, paced_rates=args.rate,
                    processes=args.processes, server_cpus=args.server_cpus, load_cpus=args.load_cpus,
+                   redis_cpus=args.redis_cpus,
                    idle_sessions=args.sessions, storm_sessions=args.storm_sessions,
-                   storm_concurrency=args.storm_concurrency, mp_processes=args.mp_processes, pool=args.pool,
+                   storm_concurrency=args.storm_concurrency, mp_processes=args.mp_processes, mp_rate=args.mp_rate, pool=args.pool,
                    url=args.url, profile=args.profile,
                    repeat=max(1, args.repeat), cache=args.cache.resolve(), peeks=args.peeks,
                    peek_window=args.peek_window, peek_rate=args.peek_rate)

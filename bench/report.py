@@ -62,6 +62,22 @@ def _latency(row: Row, key: str) -> Any:
     return (row.get("latency_ms") or {}).get(key)
 
 
+def _pair(first: Any, second: Any, digits: int, between: str = " ") -> str | None:
+    """``first (second)``, or with ``between`` given ``first<between>second``: two numbers in a cell."""
+    if first is None:
+        return None
+    if between == " ":
+        return f"{_num(first, digits)} ({_num(second, digits)})"
+    return f"{_num(first, digits)}{between}{_num(second, digits)}"
+
+
+def _saturated_cpu(row: Row) -> str | None:
+    servers, redis = row.get("server_cpu_ms_per_1000"), row.get("redis_cpu_ms_per_1000")
+    if servers is None:
+        return None
+    return f"{_num(servers, 2)} + {_num(redis, 2)} ({_num(row.get('inprocess_cpu_ms_per_1000'), 2)})"
+
+
 # One table per workload: (title, columns as (header, getter, digits), key metric for the ratio).
 Column = tuple[str, Callable[[Row], Any], int]
 TABLES: dict[str, tuple[str, list[Column], Callable[[Row], Any]]] = {
@@ -106,16 +122,17 @@ TABLES: dict[str, tuple[str, list[Column], Callable[[Row], Any]]] = {
         ("deliveries/s", lambda r: r.get("delivered_per_s"), 0),
     ], lambda r: r.get("ops_per_1000_messages")),
     "multiprocess": ("multi-process (Redis bus)", [
-        ("deliveries/s", lambda r: r.get("delivered_per_s"), 0),
-        ("p50 ms", lambda r: _latency(r, "p50"), 2),
-        ("p99 ms", lambda r: _latency(r, "p99"), 2),
-        ("server CPU", lambda r: r.get("server_cpu"), 2),
-        ("server core busy", lambda r: r.get("server_core_busy"), 2),
-        ("servers CPU ms/1,000", lambda r: r.get("server_cpu_ms_per_1000"), 3),
-        ("redis CPU ms/1,000", lambda r: r.get("redis_cpu_ms_per_1000"), 3),
-        ("in-process CPU ms/1,000", lambda r: r.get("inprocess_cpu_ms_per_1000"), 3),
-        ("efficiency vs in-process", lambda r: r.get("redis_bus_efficiency"), 2),
-    ], lambda r: r.get("delivered_per_s")),
+        ("paced /s", lambda r: r.get("paced_rate"), 0),
+        ("p99 ms (in-process)", lambda r: _pair(r.get("paced_p99_ms"), r.get("paced_inprocess_p99_ms"), 1), 0),
+        ("servers + redis CPU ms/1,000", lambda r: _pair(r.get("paced_server_cpu_ms_per_1000"),
+                                                        r.get("paced_redis_cpu_ms_per_1000"), 2, " + "), 0),
+        ("in-process CPU ms/1,000", lambda r: r.get("paced_inprocess_cpu_ms_per_1000"), 2),
+        ("efficiency at equal load", lambda r: r.get("redis_bus_efficiency"), 2),
+        ("saturated deliveries/s (in-process)", lambda r: _pair(r.get("delivered_per_s"),
+                                                               r.get("inprocess_delivered_per_s"), 0), 0),
+        ("saturated CPU ms/1,000 servers + redis (in-process)", lambda r: _saturated_cpu(r), 0),
+        ("saturated ratio", lambda r: r.get("saturated_efficiency"), 2),
+    ], lambda r: r.get("redis_bus_efficiency")),
     "sessions-mp": ("idle sessions across processes (Redis bus)", [
         ("processes", lambda r: r.get("processes"), 0),
         ("sessions", lambda r: r.get("sessions"), 0),

@@ -52,11 +52,13 @@ class Options:
     processes: int = 2  # load generator processes
     server_cpus: str | None = "0"
     load_cpus: str | None = "1"
+    redis_cpus: str | None = None  # redis-server in the multi-process workloads; None: as server_cpus
     idle_sessions: int = 5_000
     idle_agents: int = 200
     storm_sessions: int = 5_000
     storm_concurrency: int = 200
     mp_processes: int = 2
+    mp_rate: int = 60_000  # deliveries/s at which the multi-process workload compares CPU per delivery
     pool: int = 0  # sealed frames per agent; 0: enough for the duration
     url: str | None = None  # a running server to use instead of starting one
     profile: bool = False  # py-spy the AgentChat server during the measured window
@@ -568,15 +570,59 @@ async def persistence(fixture: fixtures.Fixture, options: Options) -> dict[str, 
 
 
 async def multiprocess(fixture: fixtures.Fixture, options: Options) -> dict[str, Any]:
-    """Saturated fan-out against ``--mp-processes`` AgentChat processes sharing a Redis bus and one
-    store directory; agent i connects to process i mod N, so every channel spans the processes."""
+    """``--mp-processes`` AgentChat processes sharing a Redis bus and one store directory (agent i
+    connects to process i mod N, so every channel spans the processes) against one in-process
+    AgentChat, on the same fan-out, in the same run: first both at the same paced load (``--mp-rate``
+    deliveries/s), then both saturated.
+
+    The efficiency is deliveries per CPU-second (servers and redis-server together) on the Redis bus
+    over the same on the in-process bus, at the paced load: CPU per delivery falls as load rises
+    (more frames per socket write, more messages per store batch, per bus call), so two setups
+    compared at their own saturation differ in load as much as in cost. The saturated ratio is
+    reported beside it: how much more one core carries in-process."""
     n = options.mp_processes
     label = f"agentchat x{n} (redis)"
     progress = Progress(f"multiprocess {label}")
     if not (servers.REPO / "agentchat" / "bus" / "redis.py").exists():
         return {"workload": "multiprocess", "server": label, "note": "not available: no Redis bus"}
+    paced_msgs = options.mp_rate / options.group
+    paced = await _redis_bus_run(fixture, options, n, paced_msgs, progress, "multiprocess-paced")
+    paced_ref = await _inprocess_run(fixture, options, paced_msgs, progress, "multiprocess-reference-paced")
+    row = await _redis_bus_run(fixture, options, n, None, progress, "multiprocess")
+    saturated_ref = await _inprocess_run(fixture, options, None, progress, "multiprocess-reference")
+    row.update({"workload": "multiprocess", "server": label, "processes": n, "paced_rate": options.mp_rate,
+                "inprocess_delivered_per_s": saturated_ref["delivered_per_s"],
+                "inprocess_cpu_ms_per_1000": saturated_ref.get("cpu_ms_per_1000"),
+                "paced_delivered_per_s": paced["delivered_per_s"], "paced_p99_ms": paced["latency_ms"]["p99"],
+                "paced_server_cpu_ms_per_1000": paced.get("server_cpu_ms_per_1000"),
+                "paced_redis_cpu_ms_per_1000": paced.get("redis_cpu_ms_per_1000"),
+                "paced_inprocess_cpu_ms_per_1000": paced_ref.get("cpu_ms_per_1000"),
+                "paced_inprocess_p99_ms": paced_ref["latency_ms"]["p99"]})
+    # deliveries per CPU-second on the Redis bus / the same on the in-process bus
+    row["saturated_efficiency"] = _efficiency(saturated_ref.get("cpu_ms_per_1000"), row)
+    row["redis_bus_efficiency"] = _efficiency(paced_ref.get("cpu_ms_per_1000"), paced)
+    short = [name for name, r in (("the Redis bus", paced), ("in-process", paced_ref))
+             if r["delivered_per_s"] < 0.97 * options.mp_rate]
+    if short:
+        row["note"] = (f"{' and '.join(short)} did not reach the paced {options.mp_rate:,}/s: "
+                       "the efficiency compares unequal loads (lower --mp-rate)")
+    progress.done(f"efficiency {row['redis_bus_efficiency']} at {options.mp_rate:,}/s, "
+                  f"saturated {row['delivered_per_s']:,} vs {row['inprocess_delivered_per_s']:,} deliveries/s "
+                  f"(ratio {row['saturated_efficiency']})")
+    return row
+
+
+def _efficiency(inprocess_cpu: float | None, redis_row: dict[str, Any]) -> float | None:
+    cost = (redis_row.get("server_cpu_ms_per_1000") or 0) + (redis_row.get("redis_cpu_ms_per_1000") or 0)
+    return round(inprocess_cpu / cost, 3) if inprocess_cpu and cost else None
+
+
+async def _redis_bus_run(fixture: fixtures.Fixture, options: Options, n: int, rate_msgs: float | None,
+                         progress: Progress, label: str) -> dict[str, Any]:
+    """One fan-out over ``n`` processes on a fresh Redis: the row, with the CPU per 1,000 deliveries
+    of the servers and of redis-server."""
     workdir = options.workdir / f"multi-{time.monotonic_ns()}"
-    redis = servers.RedisServer(servers.free_port(), workdir / "redis", options.server_cpus).start()
+    redis = servers.RedisServer(servers.free_port(), workdir / "redis", options.redis_cpus or options.server_cpus).start()
     procs: list[servers.ServerProcess] = []
     try:
         secret = {"AGENTCHAT_TOKEN_SECRET": secrets.token_hex(32)}  # shared: every process signs alike
@@ -584,7 +630,7 @@ async def multiprocess(fixture: fixtures.Fixture, options: Options) -> dict[str,
             procs.append(servers.agentchat_server(workdir, options.server_cpus, bus=redis.url,
                                                   store=workdir / "store", tag=f"agentchat-{i}", env=secret).start())
         tokens, _ = await fixtures.setup_agentchat(procs[0].http_base, fixture)
-        jobs = fanout_jobs(fixture, tokens, [p.ws_url for p in procs], options, "agentchat", None)
+        jobs = fanout_jobs(fixture, tokens, [p.ws_url for p in procs], options, "agentchat", rate_msgs)
 
         samples: list[tuple[float, float]] = []  # (servers, redis-server) CPU seconds, window start and end
 
@@ -594,48 +640,39 @@ async def multiprocess(fixture: fixtures.Fixture, options: Options) -> dict[str,
             samples.append(sample)
             return sum(sample)
 
-        row = await drive_fanout(jobs, options, "multiprocess", progress, cpu, procs[0].pid)
+        row = await drive_fanout(jobs, options, label, progress, cpu, procs[0].pid)
     finally:
         for p in procs:
             p.stop()
         redis.stop()
-    row.update({"workload": "multiprocess", "server": label, "processes": n})
     delivered = row["delivered_per_s"] * options.duration
     if len(samples) >= 2 and delivered:
         row["server_cpu_ms_per_1000"] = round((samples[-1][0] - samples[0][0]) * 1e6 / delivered, 3)
         row["redis_cpu_ms_per_1000"] = round((samples[-1][1] - samples[0][1]) * 1e6 / delivered, 3)
-    # The in-process bus on the same fan-out shape, in the same run: the efficiency ratio's reference.
-    inproc = await _inprocess_reference(fixture, options, progress)
-    if inproc and row.get("server_cpu_ms_per_1000") is not None:
-        row["inprocess_cpu_ms_per_1000"] = inproc
-        bus_cost = row["server_cpu_ms_per_1000"] + row["redis_cpu_ms_per_1000"]
-        # deliveries per CPU-second on the Redis bus / the same on the in-process bus
-        row["redis_bus_efficiency"] = round(inproc / bus_cost, 3) if bus_cost else None
-    progress.done(f"{row['delivered_per_s']:,} deliveries/s, p99 {row['latency_ms']['p99']} ms, "
-                  f"efficiency {row.get('redis_bus_efficiency')}")
     return row
 
 
-async def _inprocess_reference(fixture: fixtures.Fixture, options: Options, progress: Progress) -> float | None:
-    """Server CPU ms per 1,000 deliveries of one in-process AgentChat on the same saturated fan-out."""
+async def _inprocess_run(fixture: fixtures.Fixture, options: Options, rate_msgs: float | None,
+                         progress: Progress, label: str) -> dict[str, Any]:
+    """The same fan-out on one in-process AgentChat: the row, with its CPU per 1,000 deliveries."""
     workdir = options.workdir / f"multi-ref-{time.monotonic_ns()}"
     proc = servers.agentchat_server(workdir, options.server_cpus, tag="agentchat-reference").start()
     try:
         tokens, _ = await fixtures.setup_agentchat(proc.http_base, fixture)
-        jobs = fanout_jobs(fixture, tokens, [proc.ws_url], options, "agentchat", None)
+        jobs = fanout_jobs(fixture, tokens, [proc.ws_url], options, "agentchat", rate_msgs)
         samples: list[float] = []
 
         def cpu() -> float:
             samples.append(proc.cpu_seconds())
             return samples[-1]
 
-        row = await drive_fanout(jobs, options, "multiprocess-reference", progress, cpu)
+        row = await drive_fanout(jobs, options, label, progress, cpu, proc.pid)
     finally:
         proc.stop()
     delivered = row["delivered_per_s"] * options.duration
-    if not delivered or len(samples) < 2:
-        return None
-    return round((samples[-1] - samples[0]) * 1e6 / delivered, 3)
+    if delivered and len(samples) >= 2:
+        row["cpu_ms_per_1000"] = round((samples[-1] - samples[0]) * 1e6 / delivered, 3)
+    return row
 
 
 async def sessions_across_processes(options: Options) -> dict[str, Any]:
@@ -648,7 +685,7 @@ async def sessions_across_processes(options: Options) -> dict[str, Any]:
     label = f"agentchat x{n} (redis)"
     progress = Progress(f"sessions {label}")
     workdir = options.workdir / f"sessions-{time.monotonic_ns()}"
-    redis = servers.RedisServer(servers.free_port(), workdir / "redis", options.server_cpus).start()
+    redis = servers.RedisServer(servers.free_port(), workdir / "redis", options.redis_cpus or options.server_cpus).start()
     procs: list[servers.ServerProcess] = []
     try:
         secret = {"AGENTCHAT_TOKEN_SECRET": secrets.token_hex(32)}  # shared: every process signs alike

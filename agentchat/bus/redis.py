@@ -8,8 +8,9 @@ connection, pipelined (``CommandLink``, bus/redis_link.py). This module holds th
 atomic step, so the order of the numbers is the order in which Redis delivers the messages, to every
 process. ``publish`` sends ``b"0:" + body``. ``claim_and_publish`` calls go in rounds, one on its way
 at a time per process: a round is one script call (``CLAIM_AND_PUBLISH_MANY``) and one pub/sub message
-per channel, ``b"*"`` then per message ``b"<seq>:<length>:" + body`` (every process of a deployment
-must read this: upgrade them together). Replies on both connections are parsed in C as they arrive
+per channel, ``b"+<first>:"`` then per message ``b"<length>:" + body`` (numbered from first up), or
+``b"*"`` then per message ``b"<seq>:<length>:" + body`` when some claims of the round already existed
+(every process of a deployment must read these: upgrade them together). Replies on both connections are parsed in C as they arrive
 (``RespProtocol``), not one awaited ``read_response`` per reply.
 
 If the pub/sub connection breaks, the reader reconnects with exponential backoff and full jitter,
@@ -49,6 +50,59 @@ from agentchat.errors import AgentChatError, error
 
 
 # -- Lua: each runs atomically on the server ----------------------------------------------------
+# The body of the batched claim script, shared with the cluster bus (which fences the counter by its
+# master): {known} whether the counter exists, {take} adds ``fresh`` to it and returns the new value.
+_CLAIM_AND_PUBLISH_MANY_BODY = """
+local n = #KEYS - 2
+local claims = {{}}
+for i = 1, n do claims[i] = KEYS[i + 2] end
+local current = redis.call('MGET', unpack(claims))
+local mark, packed = ARGV[3], ARGV[4]
+local out, seen, fresh = {{}}, {{}}, 0
+for i = 1, n do
+  local key = KEYS[i + 2]
+  if current[i] then
+    out[i] = {{0, current[i]}}
+  elseif seen[key] then
+    out[i] = {{0, mark}}
+  else
+    seen[key] = true
+    fresh = fresh + 1
+    out[i] = false
+  end
+end
+if fresh == 0 then return out end
+if not ({known}) then
+  for i = 1, n do if not out[i] then out[i] = {{2}} end end
+  return out
+end
+local first = {take} - fresh + 1
+local scored = {{}}
+for seq = first, first + fresh - 1 do
+  scored[#scored + 1] = seq
+  scored[#scored + 1] = seq
+end
+redis.call('ZADD', KEYS[2], unpack(scored))
+if fresh == n then
+  for i = 1, n do redis.call('SET', KEYS[i + 2], mark, 'PX', ARGV[1]) end
+  redis.call('{publish}', ARGV[2], string.format('+%d:', first) .. packed)
+  return first
+end
+local parts, at, seq = {{}}, 1, first
+for i = 1, n do
+  local colon = string.find(packed, ':', at, true)
+  local stop = colon + tonumber(string.sub(packed, at, colon - 1))
+  if not out[i] then
+    redis.call('SET', KEYS[i + 2], mark, 'PX', ARGV[1])
+    parts[#parts + 1] = string.format('%d:', seq) .. string.sub(packed, at, stop)
+    out[i] = {{1, seq}}
+    seq = seq + 1
+  end
+  at = stop + 1
+end
+redis.call('{publish}', ARGV[2], '*' .. table.concat(parts))
+return out
+"""
 # KEYS[1] counter; ARGV[1] channel, ARGV[2] body. nil if the counter is unknown.
 PUBLISH_SEQUENCED = Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
@@ -56,45 +110,17 @@ local seq = redis.call('INCR', KEYS[1])
 redis.call('PUBLISH', ARGV[1], string.format('%d:', seq) .. ARGV[2])
 return seq
 """)
-# KEYS[1] claim, KEYS[2] counter, KEYS[3] in-flight index; ARGV[1] mark, ARGV[2] ttl ms, ARGV[3] channel,
-# ARGV[4] body. {1, seq} if claimed, published and recorded in flight, {0, value} if the claim exists,
-# {2} if the counter is unknown.
-CLAIM_AND_PUBLISH = Script("""
-local current = redis.call('GET', KEYS[1])
-if current then return {0, current} end
-if redis.call('EXISTS', KEYS[2]) == 0 then return {2} end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-local seq = redis.call('INCR', KEYS[2])
-redis.call('ZADD', KEYS[3], seq, string.format('%d', seq))
-redis.call('PUBLISH', ARGV[3], string.format('%d:', seq) .. ARGV[4])
-return {1, seq}
-""")
 # The claims and publishes of one round (see claim_and_publish) on one channel, as one call and one message.
-# KEYS[1] counter, KEYS[2] in-flight index, KEYS[2 + i] claim i; ARGV[1] ttl ms, ARGV[2] channel,
-# ARGV[2i + 1] mark i, ARGV[2i + 2] body i. Each item as CLAIM_AND_PUBLISH, in order: {1, seq}, {0, value}
-# or {2}. The published messages go out as one pub/sub message: b"*" then, per message,
-# b"<seq>:<length>:" + body.
-CLAIM_AND_PUBLISH_MANY = Script("""
-local known = redis.call('EXISTS', KEYS[1]) == 1
-local out, parts = {}, {}
-for i = 3, #KEYS do
-  local current = redis.call('GET', KEYS[i])
-  if current then
-    out[#out + 1] = {0, current}
-  elseif not known then
-    out[#out + 1] = {2}
-  else
-    redis.call('SET', KEYS[i], ARGV[2 * i - 3], 'PX', ARGV[1])
-    local seq = redis.call('INCR', KEYS[1])
-    redis.call('ZADD', KEYS[2], seq, string.format('%d', seq))
-    local body = ARGV[2 * i - 2]
-    parts[#parts + 1] = string.format('%d:%d:', seq, #body) .. body
-    out[#out + 1] = {1, seq}
-  end
-end
-if #parts > 0 then redis.call('PUBLISH', ARGV[2], '*' .. table.concat(parts)) end
-return out
-""")
+# KEYS[1] counter, KEYS[2] in-flight index, KEYS[2 + i] claim i; ARGV[1] ttl ms, ARGV[2] channel, ARGV[3]
+# the mark of every claim, ARGV[4] the bodies, each as b"<length>:" + body. If every claim is new (the
+# usual case) the reply is the first of their consecutive numbers and the pub/sub message is b"+<first>:"
+# then ARGV[4] as it came: Redis copies the bodies once, builds nothing per message. Otherwise, per item
+# in order: {1, seq} if claimed, published and recorded in flight, {0, value} if the claim exists, {2} if
+# the counter is unknown; the new ones go out as b"*" then, per message, b"<seq>:<length>:" + body. Per round: one MGET, one INCRBY, one ZADD, one PUBLISH; per message
+# only the claim's SET (each claim has its own expiry). A client id twice in one round: the second finds
+# the first's pending mark, as it would one round later.
+CLAIM_AND_PUBLISH_MANY = Script(_CLAIM_AND_PUBLISH_MANY_BODY.format(
+    known="redis.call('EXISTS', KEYS[1]) == 1", take="redis.call('INCRBY', KEYS[1], fresh)", publish="PUBLISH"))
 # KEYS[i] key, ARGV[i] its value; ARGV[#KEYS + 1] ttl ms.
 SET_MANY = Script("""
 local ttl = ARGV[#KEYS + 1]
@@ -106,9 +132,19 @@ INDEX_ADD = Script("""
 for i = 1, #KEYS do redis.call('ZADD', KEYS[i], ARGV[2 * i - 1], ARGV[2 * i]) end
 return #KEYS
 """)
-# KEYS[i] index, ARGV[i] member. Redis deletes a sorted set when its last member goes.
+# KEYS[i] index, ARGV[i] member; one ZREM per run of equal keys (callers put an index's members
+# together). Redis deletes a sorted set when its last member goes.
 INDEX_REMOVE = Script("""
-for i = 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[i]) end
+local i = 1
+while i <= #KEYS do
+  local members, j = {}, i
+  while j <= #KEYS and KEYS[j] == KEYS[i] and #members < 1000 do
+    members[#members + 1] = ARGV[j]
+    j = j + 1
+  end
+  redis.call('ZREM', KEYS[i], unpack(members))
+  i = j
+end
 return #KEYS
 """)
 # KEYS[1] counter; ARGV[1] floor.
@@ -146,6 +182,9 @@ return value
 HEALTH_INTERVAL = 15.0  # seconds of silence on the pub/sub connection before it is sent a PING
 COMMAND_TIMEOUT = 5.0  # seconds for Redis to answer (a command, a PING); then the connection is dropped
 CONNECT_TIMEOUT = 2.0
+# Sends of one channel per script call: Lua's unpack() of a call's claims and numbers stays far below
+# its stack limit (8,000 values).
+SENDS_PER_CALL = 1000
 
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # Options passed through to redis-py besides its own URL parsers (TLS files, client name).
@@ -174,6 +213,12 @@ def _parse_url(url: str) -> tuple[str, str, str]:
     return urlunsplit(parts._replace(query=urlencode(kept))), namespace, location
 
 
+# claim_and_publish: the sends of one call share (topic, counter, ttl ms, in-flight index, mark); each is
+# (claim key, body, the caller's future).
+_SendKey = tuple[str, str, int, str, bytes]
+_Send = tuple[str, bytes, "asyncio.Future[Any]"]
+
+
 def _ttl_ms(ttl: float) -> int:
     if not ttl > 0:
         raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
@@ -186,10 +231,8 @@ class RedisBus:
     # The cluster bus publishes on sharded channels, with counters fenced by their master's id.
     _publish_command = "PUBLISH"
     _publish_sequenced = PUBLISH_SEQUENCED
-    _claim_and_publish = CLAIM_AND_PUBLISH
     _seed_sequence = SEED_SEQUENCE
     _claim_and_publish_many = CLAIM_AND_PUBLISH_MANY
-    _batch_sends = True  # claim_and_publish: one script call per channel and round
 
     def __init__(
         self,
@@ -221,9 +264,8 @@ class RedisBus:
         self._index_prefix = f"{namespace}:{bus_keys.REDIS_INDEX}"
         self._topic_prefix = f"{namespace}:{bus_keys.REDIS_TOPIC}"
         self._background: set[asyncio.Task[None]] = set()
-        # claim_and_publish: sends waiting per (topic, counter, ttl ms, in-flight index); whether a round
-        # is on its way
-        self._send_batches: dict[tuple[str, str, int, str], list[tuple[str, bytes, bytes, asyncio.Future[Any]]]] = {}
+        # claim_and_publish: sends waiting per call key; whether a round is on its way
+        self._send_batches: dict[_SendKey, list[_Send]] = {}
         self._sending = False
         self._flush_scheduled = False
         self._closing = False
@@ -323,8 +365,6 @@ class RedisBus:
     async def claim_and_publish(
         self, claim: str, mark: bytes, ttl: float, topic: str, counter: str, body: bytes, *, in_flight: str
     ) -> int | bytes | None:
-        if not self._batch_sends:
-            return await self._claim_and_publish_one(claim, mark, ttl, topic, counter, body, in_flight)
         # The sends of one channel become one script call and one pub/sub message (see
         # CLAIM_AND_PUBLISH_MANY): a round trip, a script run and a delivery per batch rather than per
         # message, on this process, on Redis and on every subscribed process. The process has one
@@ -334,14 +374,14 @@ class RedisBus:
         # pushes, and each wakes the subscribed processes once for more messages, which they then
         # write to each socket together. A channel's calls keep the order of its sends.
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        key = (topic, counter, _ttl_ms(ttl), in_flight)
+        key = (topic, counter, _ttl_ms(ttl), in_flight, mark)
         batch = self._send_batches.get(key)
         if batch is None:
             batch = self._send_batches[key] = []
             if not self._sending and not self._flush_scheduled:
                 self._flush_scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush_sends)
-        batch.append((self._value_name(claim), mark, body, future))
+        batch.append((self._value_name(claim), body, future))
         return await future
 
     def _flush_sends(self) -> None:
@@ -354,8 +394,7 @@ class RedisBus:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _send_round(self, batches: dict[tuple[str, str, int, str],
-                                              list[tuple[str, bytes, bytes, asyncio.Future[Any]]]]) -> None:
+    async def _send_round(self, batches: dict[_SendKey, list[_Send]]) -> None:
         try:
             await asyncio.gather(*(self._send_claims(key, items) for key, items in batches.items()))
         finally:
@@ -363,49 +402,40 @@ class RedisBus:
             if self._closing:
                 waiting, self._send_batches = self._send_batches, {}
                 for items in waiting.values():
-                    for _, _, _, future in items:
+                    for _, _, future in items:
                         if not future.done():
                             future.set_exception(self._unavailable(RuntimeError("the bus is closing")))
             else:
                 self._flush_sends()  # what came while this round was on its way
 
-    async def _send_claims(self, key: tuple[str, str, int, str],
-                           items: list[tuple[str, bytes, bytes, asyncio.Future[Any]]]) -> None:
-        topic, counter, ttl_ms, in_flight = key
-        keys = [self._seq_name(counter), self._index_name(in_flight), *(claim for claim, _, _, _ in items)]
-        args: list[Any] = [ttl_ms, self._topic_name(topic)]
-        for _, mark, body, _ in items:
-            args += (mark, body)
+    async def _send_claims(self, key: _SendKey, items: list[_Send]) -> None:
+        for start in range(0, len(items), SENDS_PER_CALL):
+            await self._send_claims_call(key, items[start:start + SENDS_PER_CALL])
+
+    async def _send_claims_call(self, key: _SendKey, items: list[_Send]) -> None:
+        topic, counter, ttl_ms, in_flight, mark = key
+        keys = [self._seq_name(counter), self._index_name(in_flight), *(claim for claim, _, _ in items)]
+        packed = b"".join([b"%d:%b" % (len(body), body) for _, body, _ in items])
         try:
-            replies = await self._commands.script(self._claim_and_publish_many, keys, args)
+            reply = await self._commands.script(self._claim_and_publish_many, keys,
+                                                [ttl_ms, self._topic_name(topic), mark, packed])
         except BaseException as exc:
             failure = self._unavailable(exc) if isinstance(exc, CONNECTION_ERRORS) else exc
-            for _, _, _, future in items:
+            for _, _, future in items:
                 if not future.done():
                     future.set_exception(failure)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        for (_, _, _, future), reply in zip(items, replies):
+        if isinstance(reply, int):  # every claim was new: consecutive numbers from reply
+            for seq, (_, _, future) in enumerate(items, reply):
+                if not future.done():
+                    future.set_result(seq)
+            return
+        for (_, _, future), outcome in zip(items, reply):
             if not future.done():
-                outcome = int(reply[0])
-                future.set_result(int(reply[1]) if outcome == 1 else bytes(reply[1]) if outcome == 0 else None)
-
-    async def _claim_and_publish_one(
-        self, claim: str, mark: bytes, ttl: float, topic: str, counter: str, body: bytes, in_flight: str
-    ) -> int | bytes | None:
-        keys = [self._value_name(claim), self._seq_name(counter), self._index_name(in_flight)]
-        try:
-            reply = await self._commands.script(self._claim_and_publish, keys,
-                                                [mark, _ttl_ms(ttl), self._topic_name(topic), body])
-        except CONNECTION_ERRORS as exc:
-            raise self._unavailable(exc) from exc
-        outcome = int(reply[0])
-        if outcome == 1:
-            return int(reply[1])
-        if outcome == 0:
-            return bytes(reply[1])
-        return None
+                kind = int(outcome[0])
+                future.set_result(int(outcome[1]) if kind == 1 else bytes(outcome[1]) if kind == 0 else None)
 
     async def seed_sequence(self, counter: str, floor: int) -> None:
         await self._run_script(self._seed_sequence, self._seq_name(counter), int(floor))

@@ -43,7 +43,7 @@ from redis.exceptions import AskError, ClusterDownError, ResponseError, TryAgain
 
 from agentchat.bus import keys as bus_keys
 from agentchat.bus.base import BusHandler
-from agentchat.bus.redis import RedisBus
+from agentchat.bus.redis import _CLAIM_AND_PUBLISH_MANY_BODY, RedisBus
 from agentchat.bus.redis_link import CONNECTION_ERRORS, CommandLink, Script
 from agentchat.bus.redis_pubsub import RECONNECT_BASE, PubSub, PubSubStream, deliver
 
@@ -67,40 +67,10 @@ local seq = redis.call('HINCRBY', KEYS[1], 'n', 1)
 redis.call('SPUBLISH', ARGV[1], string.format('%d:', seq) .. ARGV[2])
 return seq
 """)
-# KEYS[1] claim, KEYS[2] counter, KEYS[3] in-flight index; ARGV[1] mark, ARGV[2] ttl ms, ARGV[3] channel,
-# ARGV[4] body, ARGV[5] node id. As CLAIM_AND_PUBLISH of the single-Redis bus.
-CLUSTER_CLAIM_AND_PUBLISH = _FencedScript("""
-local current = redis.call('GET', KEYS[1])
-if current then return {0, current} end
-if redis.call('HGET', KEYS[2], 'owner') ~= ARGV[5] then return {2} end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-local seq = redis.call('HINCRBY', KEYS[2], 'n', 1)
-redis.call('ZADD', KEYS[3], seq, string.format('%d', seq))
-redis.call('SPUBLISH', ARGV[3], string.format('%d:', seq) .. ARGV[4])
-return {1, seq}
-""")
 # As CLAIM_AND_PUBLISH_MANY of the single-Redis bus; ARGV[#ARGV] node id.
-CLUSTER_CLAIM_AND_PUBLISH_MANY = _FencedScript("""
-local known = redis.call('HGET', KEYS[1], 'owner') == ARGV[#ARGV]
-local out, parts = {}, {}
-for i = 3, #KEYS do
-  local current = redis.call('GET', KEYS[i])
-  if current then
-    out[#out + 1] = {0, current}
-  elseif not known then
-    out[#out + 1] = {2}
-  else
-    redis.call('SET', KEYS[i], ARGV[2 * i - 3], 'PX', ARGV[1])
-    local seq = redis.call('HINCRBY', KEYS[1], 'n', 1)
-    redis.call('ZADD', KEYS[2], seq, string.format('%d', seq))
-    local body = ARGV[2 * i - 2]
-    parts[#parts + 1] = string.format('%d:%d:', seq, #body) .. body
-    out[#out + 1] = {1, seq}
-  end
-end
-if #parts > 0 then redis.call('SPUBLISH', ARGV[2], '*' .. table.concat(parts)) end
-return out
-""")
+CLUSTER_CLAIM_AND_PUBLISH_MANY = _FencedScript(_CLAIM_AND_PUBLISH_MANY_BODY.format(
+    known="redis.call('HGET', KEYS[1], 'owner') == ARGV[#ARGV]",
+    take="redis.call('HINCRBY', KEYS[1], 'n', fresh)", publish="SPUBLISH"))
 # KEYS[1] counter; ARGV[1] floor, ARGV[2] node id. Never lowers the counter; takes ownership.
 CLUSTER_SEED_SEQUENCE = _FencedScript("""
 local current = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
@@ -262,7 +232,6 @@ class RedisClusterBus(RedisBus):
 
     _publish_command = "SPUBLISH"
     _publish_sequenced = CLUSTER_PUBLISH_SEQUENCED
-    _claim_and_publish = CLUSTER_CLAIM_AND_PUBLISH
     _seed_sequence = CLUSTER_SEED_SEQUENCE
     _claim_and_publish_many = CLUSTER_CLAIM_AND_PUBLISH_MANY
 

@@ -5,8 +5,9 @@ read by one task that hands each message to the handler, and made again (topics 
 Used by the Redis bus (``bus/redis.py``); the cluster bus (``bus/redis_cluster.py``) reads one such
 connection per master with a subclass.
 
-A pub/sub payload is ``b"<seq>:" + body``, or a batch: ``b"*"`` then, per message,
-``b"<seq>:<length>:" + body`` (``deliver``).
+A pub/sub payload is ``b"<seq>:" + body``, or a batch: ``b"+<first>:"`` then, per message numbered
+from first up, ``b"<length>:" + body``; or ``b"*"`` then, per message, ``b"<seq>:<length>:" + body``
+(``deliver``).
 """
 
 from __future__ import annotations
@@ -31,10 +32,22 @@ RECONNECT_BASE = 0.05  # seconds; the n-th attempt waits uniform(0, min(cap, bas
 
 
 def deliver(handler: BusHandler, topic: str, data: bytes) -> None:
-    """Hand one pub/sub payload to ``handler``: ``b"<seq>:" + body``, or a batch (``b"*"`` then, per
-    message, ``b"<seq>:<length>:" + body``) as one call per message, in order. A failing call is
-    logged and the next message still delivered."""
-    if data[:1] != b"*":
+    """Hand one pub/sub payload to ``handler``: ``b"<seq>:" + body``, or a batch as one call per
+    message, in order: ``b"+<first>:"`` then, per message, ``b"<length>:" + body`` (numbered from
+    first up), or ``b"*"`` then, per message, ``b"<seq>:<length>:" + body``. A failing call is logged
+    and the next message still delivered."""
+    kind = data[:1]
+    if kind == b"+":
+        colon = data.index(b":")
+        seq, at, end = int(data[1:colon]), colon + 1, len(data)
+        while at < end:
+            colon = data.index(b":", at)
+            stop = colon + 1 + int(data[at:colon])
+            _call_handler(handler, topic, seq, data[colon + 1 : stop])
+            seq += 1
+            at = stop
+        return
+    if kind != b"*":
         colon = data.find(b":")
         _call_handler(handler, topic, int(data[:colon]), data[colon + 1 :])
         return

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from agentchat import crypto
-from bench import cli, report
+from bench import cli, report, workloads
 from bench.fixture import client_tag, load_or_make, plaintext_of
 from bench.loadgen import client_id_of, socketio_event
 from bench.stalls import Lag, Watch
@@ -422,3 +422,20 @@ def test_progress_never_shows_more_than_100_percent() -> None:
     progress.update(-0.2, "before the start")
     text = out.getvalue()
     assert "100%" in text and "109%" not in text and "-20%" not in text and "  0%" in text
+
+
+def test_the_multiprocess_table_puts_the_equal_load_efficiency_beside_the_saturated_ratio() -> None:
+    """The Redis bus is compared with the in-process bus at the same paced load (the efficiency) and,
+    separately, at each one's saturation: both are shown, neither hidden."""
+    row = {"workload": "multiprocess", "server": "agentchat x2 (redis)", "paced_rate": 60000,
+           "paced_delivered_per_s": 59990, "paced_p99_ms": 13.7, "paced_inprocess_p99_ms": 5.2,
+           "paced_server_cpu_ms_per_1000": 14.1, "paced_redis_cpu_ms_per_1000": 2.55,
+           "paced_inprocess_cpu_ms_per_1000": 12.77, "redis_bus_efficiency": 0.767,
+           "delivered_per_s": 95533, "inprocess_delivered_per_s": 208333, "server_cpu_ms_per_1000": 8.77,
+           "redis_cpu_ms_per_1000": 1.73, "inprocess_cpu_ms_per_1000": 4.72, "saturated_efficiency": 0.45}
+    table = report.render(run_of([row]))
+    line = next(text for text in table.splitlines() if text.startswith("| agentchat x2 (redis)"))
+    assert "| 60,000 | 13.7 (5.2) | 14.10 + 2.55 | 12.77 | 0.77 | 95,533 (208,333) | 8.77 + 1.73 (4.72) | 0.45 |" in line
+    assert "efficiency at equal load" in table and "saturated ratio" in table
+    assert workloads._efficiency(12.77, {"server_cpu_ms_per_1000": 14.1, "redis_cpu_ms_per_1000": 2.55}) == 0.767
+    assert workloads._efficiency(None, {"server_cpu_ms_per_1000": 14.1}) is None

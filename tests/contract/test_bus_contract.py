@@ -455,3 +455,22 @@ async def test_concurrent_claims_on_one_channel(nodes: tuple[Node, Node]) -> Non
     assert sorted(numbers) == list(range(1, len(bodies) + 1))  # type: ignore[type-var]
     await b.received.wait_count("c:many", len(bodies))
     assert b.received.on("c:many") == sorted(zip(numbers, bodies))  # type: ignore[arg-type]
+
+
+async def test_a_round_larger_than_one_script_call(nodes: tuple[Node, Node]) -> None:
+    """More sends of one channel in one turn than one bus call takes (1,000 on Redis, where Lua can unpack at most 8,000 values): every one gets
+    its own number in order, is recorded in flight, and one removal clears them all."""
+    a, b = nodes
+    await b.bus.subscribe("c:big")
+    await a.bus.seed_sequence("seq:big", 0)
+    count = 4_500
+    numbers = await asyncio.gather(*(a.bus.claim_and_publish(f"cid:big:s:{i}", b"p:a", 30, "c:big", "seq:big",
+                                                             str(i).encode(), in_flight="inflight:big:a")
+                                     for i in range(count)))
+    assert numbers == list(range(1, count + 1)), "one channel's calls keep the order of its sends"
+    await b.received.wait_count("c:big", count)
+    assert b.received.on("c:big") == [(i + 1, str(i).encode()) for i in range(count)]
+    assert len(await b.bus.index_range("inflight:big:a", 0)) == count
+    await a.bus.index_remove([("inflight:big:a", str(n)) for n in range(1, count + 1)]
+                             + [("inflight:other:a", "1")])
+    assert await b.bus.index_range("inflight:big:a", 0) == []
