@@ -6,12 +6,20 @@ same contract suite (``tests/contract/test_bus_contract.py``).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 # Called for every message on a subscribed topic, from the bus's own reader; it must not block.
 # ``seq`` is the sequence number given by ``publish_sequenced`` (0 for ``publish``).
 BusHandler = Callable[[str, int, bytes], None]
+
+class PlacedFuture(asyncio.Future):  # type: ignore[type-arg]
+    """What ``claim_and_publish`` waits on once its send has its place in the channel's order (queued
+    for the bus, behind every earlier send of this process): a socket may go on with its next message
+    while this one waits (``server/connections.py``), and the order of the numbers stays the order
+    of the sends."""
+
 
 # Scores of sorted indexes are integers of at most this size: Redis keeps them as doubles.
 MAX_INDEX_SCORE = 2**53

@@ -43,7 +43,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from agentchat.bus import keys as bus_keys
-from agentchat.bus.base import BusHandler, check_index_score
+from agentchat.bus.base import BusHandler, PlacedFuture, check_index_score
 from agentchat.bus.redis_link import CONNECTION_ERRORS, CommandLink, Script
 from agentchat.bus.redis_pubsub import PubSub
 from agentchat.errors import AgentChatError, error
@@ -373,7 +373,7 @@ class RedisBus:
         # send leaves at the end of its event-loop turn). Fewer, fuller rounds are fewer pub/sub
         # pushes, and each wakes the subscribed processes once for more messages, which they then
         # write to each socket together. A channel's calls keep the order of its sends.
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = PlacedFuture()
         key = (topic, counter, _ttl_ms(ttl), in_flight, mark)
         batch = self._send_batches.get(key)
         if batch is None:

@@ -30,6 +30,7 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from agentchat.bus.base import PlacedFuture
 from agentchat.core import rfc6455 as codec
 from agentchat.core.cors import upgrade_allowed
 from agentchat.errors import error
@@ -149,7 +150,8 @@ class _Continue:
 
 class WebSocketConnection(asyncio.Protocol):
     """One upgraded socket. Subclasses handle messages in ``message_received`` (a coroutine, run at
-    once and only turned into a task if it has to wait; the next message waits for it), and may
+    once and only turned into a task if it has to wait; the next message waits for it, unless what it
+    waits on is a ``PlacedFuture``: a send already in its place in the bus's order), and may
     override ``opened``, ``writable``, ``flush`` and ``lost``.
 
     Every idle socket holds one of these, so each slot is 8 bytes times the sockets: no
@@ -314,6 +316,10 @@ class WebSocketConnection(asyncio.Protocol):
                 except Exception:
                     log.exception("socket message handler failed")
                     continue
+                if type(yielded) is PlacedFuture:
+                    # A send queued for the bus in its place: the next message need not wait for it.
+                    asyncio.get_running_loop().create_task(self._finish_placed(coro, yielded))
+                    continue
                 self._backlog = messages[index + 1:]
                 asyncio.get_running_loop().create_task(self._finish(coro, yielded))
                 return
@@ -342,6 +348,14 @@ class WebSocketConnection(asyncio.Protocol):
             if len(backlog) > BACKLOG_MAX and self.transport is not None and not self._lost:
                 self.transport.resume_reading()  # paused by data_received
             self._run(backlog)
+
+    async def _finish_placed(self, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
+        try:
+            await _Continue(coro, yielded)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("socket message handler failed")
 
     def _close_received(self, payload: bytes) -> None:
         transport = self.transport

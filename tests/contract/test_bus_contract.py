@@ -474,3 +474,25 @@ async def test_a_round_larger_than_one_script_call(nodes: tuple[Node, Node]) -> 
     await a.bus.index_remove([("inflight:big:a", str(n)) for n in range(1, count + 1)]
                              + [("inflight:other:a", "1")])
     assert await b.bus.index_range("inflight:big:a", 0) == []
+
+
+async def test_one_round_over_many_channels(nodes: tuple[Node, Node]) -> None:
+    """Sends to many channels in one turn, 1,500 in all: each channel numbers its own in send order, a
+    client id sent twice is claimed once, and every reader gets each channel's messages in order."""
+    a, b = nodes
+    channels = [f"r{i}" for i in range(5)]
+    for channel in channels:
+        await b.bus.subscribe(f"c:{channel}")
+        await a.bus.seed_sequence(f"seq:{channel}", 100)
+    sends = [(channel, i) for i in range(300) for channel in channels]  # interleaved, 1,500 in all
+    outcomes = await asyncio.gather(
+        *(a.bus.claim_and_publish(f"cid:{channel}:s:{i}", b"p:a", 30, f"c:{channel}", f"seq:{channel}",
+                                  f"{channel}-{i}".encode(), in_flight=f"inflight:{channel}:a")
+          for channel, i in sends),
+        a.bus.claim_and_publish("cid:r2:s:7", b"p:a", 30, "c:r2", "seq:r2", b"again", in_flight="inflight:r2:a"))
+    assert outcomes[-1] == b"p:a"
+    for channel in channels:
+        numbers = [n for (ch, _), n in zip(sends, outcomes) if ch == channel]
+        assert numbers == list(range(101, 401)), channel
+        await b.received.wait_count(f"c:{channel}", 300)
+        assert b.received.on(f"c:{channel}") == [(101 + i, f"{channel}-{i}".encode()) for i in range(300)]

@@ -30,7 +30,7 @@ from agentchat.core.rfc6455 import accept_key
 from agentchat.server import connections as websocket_module
 from agentchat.server import agent_socket as ws_module
 from agentchat.server.app import build_app
-from agentchat.server.appkeys import SESSIONS
+from agentchat.server.appkeys import HUB, SESSIONS
 from agentchat.server.session import Session
 from tests.conftest import RestAgent
 from tests.server.test_rest import create_channel, envelope
@@ -715,3 +715,24 @@ async def test_resume_of_a_channel_that_does_not_exist_is_not_member_like_one_of
             assert (answer["type"], answer["code"], answer["ref"]) == ("error", "not_member", channel)
     finally:
         conn.close()
+
+
+async def test_a_burst_of_sends_on_one_socket_shares_redis_round_trips(
+        aiohttp_client, tmp_path: Path, redis_server) -> None:  # noqa: F811
+    """Fifty sends in one write go to Redis together, not one round trip after another (a send already
+    queued for the bus in its place lets the socket's next frame through), and keep their order."""
+    settings = load_settings(env={}, store=f"file://{tmp_path}/data", token_secret="t" * 40,
+                             bus=f"{redis_server.url}?namespace=wslayer{secrets.token_hex(4)}")
+    client = await aiohttp_client(build_app(settings))
+    bus = client.app[HUB].bus
+    rounds = 0
+    send_round = bus._send_round
+
+    async def counted(batches: Any) -> None:
+        nonlocal rounds
+        rounds += 1
+        await send_round(batches)
+
+    bus._send_round = counted
+    await pipelined_sends_are_acked_in_order(client)
+    assert rounds <= 10, f"{rounds} bus round trips for 50 sends of one socket"
