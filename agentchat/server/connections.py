@@ -336,12 +336,7 @@ class WebSocketConnection(asyncio.Protocol):
             # pongs: heard() in data_received already noted them
 
     async def _finish(self, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
-        try:
-            await _Continue(coro, yielded)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("socket message handler failed")
+        await self._finish_placed(coro, yielded)
         backlog = self._backlog
         self._backlog = None
         if backlog:
@@ -350,6 +345,7 @@ class WebSocketConnection(asyncio.Protocol):
             self._run(backlog)
 
     async def _finish_placed(self, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
+        """Run a message's handling to its end; nothing waits for it."""
         try:
             await _Continue(coro, yielded)
         except asyncio.CancelledError:

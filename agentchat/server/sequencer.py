@@ -111,6 +111,7 @@ class Sequencer:
         self._room = room
         self._pending_mark = PENDING + instance.encode()
         self._claims_done: list[StoredClaim] = []
+        self._claiming = 0  # sends between the writer's room check and their number
         self._on_durable = self._durable  # one bound method for every message, not one per message
         self._claims_wake = asyncio.Event()
         self._in_flight: dict[str, str] = {}  # channel -> its in-flight index (the channel is listed)
@@ -170,7 +171,9 @@ class Sequencer:
         if envelope["epoch"] != room.epoch:
             raise error("stale_epoch", f"channel {channel} is at epoch {room.epoch}; fetch its key and re-encrypt")
         claim = bus_keys.send_claim(channel, sender, client_id)
-        if not self.writer.has_room():
+        # Sends still waiting for their number (a socket's next send need not wait for them) will need
+        # room in the writer too: they count against its limit.
+        if not self.writer.has_room(1 + self._claiming):
             previous = await self.bus.get(claim)
             if previous is not None and not previous.startswith(PENDING):
                 ack_to.acked(ack_note, int(previous))  # a retry of a stored message needs no room
@@ -179,7 +182,11 @@ class Sequencer:
         ts_ms = int(time.time() * 1000)
         body = frames.message_body(channel, sender, client_id, ts_ms, envelope)
         started = time.perf_counter()
-        seq = await self._claim_and_publish(claim, room, body)
+        self._claiming += 1
+        try:
+            seq = await self._claim_and_publish(claim, room, body)
+        finally:
+            self._claiming -= 1
         if isinstance(seq, bytes):  # a retry of a stored message
             ack_to.acked(ack_note, int(seq))
             return
