@@ -14,6 +14,7 @@ from typing import Protocol
 # ``seq`` is the sequence number given by ``publish_sequenced`` (0 for ``publish``).
 BusHandler = Callable[[str, int, bytes], None]
 
+
 class PlacedFuture(asyncio.Future):  # type: ignore[type-arg]
     """What ``claim_and_publish`` waits on once its send has its place in the channel's order (queued
     for the bus, behind every earlier send of this process): a socket may go on with its next message

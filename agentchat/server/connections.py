@@ -318,7 +318,7 @@ class WebSocketConnection(asyncio.Protocol):
                     continue
                 if type(yielded) is PlacedFuture:
                     # A send queued for the bus in its place: the next message need not wait for it.
-                    asyncio.get_running_loop().create_task(self._finish_placed(coro, yielded))
+                    asyncio.get_running_loop().create_task(self._complete(coro, yielded))
                     continue
                 self._backlog = messages[index + 1:]
                 asyncio.get_running_loop().create_task(self._finish(coro, yielded))
@@ -336,7 +336,7 @@ class WebSocketConnection(asyncio.Protocol):
             # pongs: heard() in data_received already noted them
 
     async def _finish(self, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
-        await self._finish_placed(coro, yielded)
+        await self._complete(coro, yielded)
         backlog = self._backlog
         self._backlog = None
         if backlog:
@@ -344,8 +344,8 @@ class WebSocketConnection(asyncio.Protocol):
                 self.transport.resume_reading()  # paused by data_received
             self._run(backlog)
 
-    async def _finish_placed(self, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
-        """Run a message's handling to its end; nothing waits for it."""
+    async def _complete(self, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
+        """Run a message's handling, suspended at ``yielded``, to its end (an error is logged)."""
         try:
             await _Continue(coro, yielded)
         except asyncio.CancelledError:
