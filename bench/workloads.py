@@ -622,7 +622,8 @@ async def _redis_bus_run(fixture: fixtures.Fixture, options: Options, n: int, ra
     """One fan-out over ``n`` processes on a fresh Redis: the row, with the CPU per 1,000 deliveries
     of the servers and of redis-server."""
     workdir = options.workdir / f"multi-{time.monotonic_ns()}"
-    redis = servers.RedisServer(servers.free_port(), workdir / "redis", options.redis_cpus or options.server_cpus).start()
+    redis = servers.RedisServer(servers.free_port(), workdir / "redis",
+                                options.redis_cpus or options.server_cpus).start()
     procs: list[servers.ServerProcess] = []
     try:
         secret = {"AGENTCHAT_TOKEN_SECRET": secrets.token_hex(32)}  # shared: every process signs alike
@@ -685,7 +686,8 @@ async def sessions_across_processes(options: Options) -> dict[str, Any]:
     label = f"agentchat x{n} (redis)"
     progress = Progress(f"sessions {label}")
     workdir = options.workdir / f"sessions-{time.monotonic_ns()}"
-    redis = servers.RedisServer(servers.free_port(), workdir / "redis", options.redis_cpus or options.server_cpus).start()
+    redis = servers.RedisServer(servers.free_port(), workdir / "redis",
+                                options.redis_cpus or options.server_cpus).start()
     procs: list[servers.ServerProcess] = []
     try:
         secret = {"AGENTCHAT_TOKEN_SECRET": secrets.token_hex(32)}  # shared: every process signs alike

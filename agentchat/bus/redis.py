@@ -10,8 +10,8 @@ process. ``publish`` sends ``b"0:" + body``. ``claim_and_publish`` calls go in r
 at a time per process: a round is one script call (``CLAIM_AND_PUBLISH_MANY``) and one pub/sub message
 per channel, ``b"+<first>:"`` then per message ``b"<length>:" + body`` (numbered from first up), or
 ``b"*"`` then per message ``b"<seq>:<length>:" + body`` when some claims of the round already existed
-(every process of a deployment must read these: upgrade them together). Replies on both connections are parsed in C as they arrive
-(``RespProtocol``), not one awaited ``read_response`` per reply.
+(every process of a deployment must read these: upgrade them together). Replies on both connections
+are parsed in C as they arrive (``RespProtocol``), not one awaited ``read_response`` per reply.
 
 If the pub/sub connection breaks, the reader reconnects with exponential backoff and full jitter,
 subscribes again to every topic, then calls ``on_reconnect``; messages published in between are lost
@@ -116,8 +116,9 @@ return seq
 # usual case) the reply is the first of their consecutive numbers and the pub/sub message is b"+<first>:"
 # then ARGV[4] as it came: Redis copies the bodies once, builds nothing per message. Otherwise, per item
 # in order: {1, seq} if claimed, published and recorded in flight, {0, value} if the claim exists, {2} if
-# the counter is unknown; the new ones go out as b"*" then, per message, b"<seq>:<length>:" + body. Per round: one MGET, one INCRBY, one ZADD, one PUBLISH; per message
-# only the claim's SET (each claim has its own expiry). A client id twice in one round: the second finds
+# the counter is unknown; the new ones go out as b"*" then, per message, b"<seq>:<length>:" + body.
+# Per round: one MGET, one INCRBY, one ZADD, one PUBLISH; per message only the claim's SET (each claim
+# has its own expiry). A client id twice in one round: the second finds
 # the first's pending mark, as it would one round later.
 CLAIM_AND_PUBLISH_MANY = Script(_CLAIM_AND_PUBLISH_MANY_BODY.format(
     known="redis.call('EXISTS', KEYS[1]) == 1", take="redis.call('INCRBY', KEYS[1], fresh)", publish="PUBLISH"))

@@ -83,10 +83,6 @@ def _claim_sender(done: StoredClaim) -> str:
     return done[0].rpartition(":")[0]
 
 
-def _index_of(record: tuple[str, str]) -> str:
-    return record[0]
-
-
 def stored_claims(channel: str, stored: Iterable[bytes]) -> list[tuple[str, bytes]]:
     """(claim, number) of stored ``message`` frames of ``channel`` (``gap`` frames have no claim)."""
     claims = []
@@ -362,7 +358,7 @@ class Sequencer:
             in_flight = self._in_flight.get(claim.split(":", 2)[1])
             if in_flight is not None:
                 stored.append((in_flight, str(seq)))
-        stored.sort(key=_index_of)  # each index's members together: one removal per index
+        stored.sort()  # each index's members together: one removal per index
         try:
             await self.bus.index_remove(stored)
         except AgentChatError:
